@@ -1,0 +1,131 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// Change the precision of model weights (safetensors files, sharded sets, Hugging Face model
+/// folders) without loading the model, with a plan before every write.
+#[derive(Parser, Debug)]
+#[command(name = "weightcast", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the tensors of a checkpoint: format, counts, bytes, dtypes and metadata.
+    Inspect {
+        /// A .safetensors file, a *.safetensors.index.json or a model folder.
+        path: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cast the floating-point tensors of a checkpoint to another dtype.
+    #[command(after_help = CONVERT_HELP)]
+    Convert(ConvertArgs),
+}
+
+const CONVERT_HELP: &str = "\
+Rules are applied in command-line order; the last rule that matches a tensor decides.
+PATTERN is a glob over dotted name components (`*.layernorm.*` never matches `word_embeddings`),
+`re:REGEX` searched in the full name, or `kind:norm|bias|embedding|1d`.
+Integer and bool tensors are never cast.
+
+Examples:
+  weightcast convert model.safetensors -o model-f16.safetensors --to f16
+  weightcast convert ./llama -o ./llama-bf16 --to bf16 --preset keep-norms --max-shard-size 5GB
+  weightcast convert ./bert -o ./bert-f16 --to f16 --keep 're:pooler' --dry-run";
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// A .safetensors file, a *.safetensors.index.json or a model folder.
+    pub input: PathBuf,
+    /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Target dtype: float16|half|f16|fp16, bfloat16|bf16, float32|f32, float64|f64,
+    /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2.
+    #[arg(long, value_name = "DTYPE")]
+    pub to: Option<String>,
+    /// Leave tensors matching PATTERN as they are.
+    #[arg(long, value_name = "PATTERN")]
+    pub keep: Vec<String>,
+    /// Cast only tensors matching PATTERN (others are kept).
+    #[arg(long, value_name = "PATTERN")]
+    pub only: Vec<String>,
+    /// Cast tensors matching PATTERN to DTYPE (or `keep`).
+    #[arg(long, value_name = "PATTERN=DTYPE")]
+    pub rule: Vec<String>,
+    /// Read rules from a TOML file.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
+    /// Apply a named set of rules: keep-norms, keep-embeddings, keep-t5-wo.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Vec<String>,
+    /// Split the output into shards of at most SIZE (5GB, 500MB, 2GiB), Hub layout.
+    #[arg(long, value_name = "SIZE")]
+    pub max_shard_size: Option<String>,
+    /// Print the plan and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar and no summary line.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Do not fsync the output before renaming it into place.
+    #[arg(long)]
+    pub no_sync: bool,
+}
+
+/// A rule flag with its command-line position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleArg {
+    Keep(String),
+    Only(String),
+    Rule(String),
+    Rules(PathBuf),
+    Preset(String),
+}
+
+/// Parsed arguments plus the rule flags in the order they were given.
+#[derive(Debug)]
+pub struct Args {
+    pub cli: Cli,
+    pub rule_order: Vec<RuleArg>,
+}
+
+pub fn parse() -> Result<Args, clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let rule_order = matches
+        .subcommand_matches("convert")
+        .map(ordered_rules)
+        .unwrap_or_default();
+    Ok(Args { cli, rule_order })
+}
+
+fn ordered_rules(m: &ArgMatches) -> Vec<RuleArg> {
+    let mut all: Vec<(usize, RuleArg)> = Vec::new();
+    let mut take = |id: &str, make: &dyn Fn(String) -> RuleArg| {
+        if let (Some(idx), Some(vals)) = (m.indices_of(id), m.get_raw(id)) {
+            for (i, v) in idx.zip(vals) {
+                all.push((i, make(v.to_string_lossy().into_owned())));
+            }
+        }
+    };
+    take("keep", &RuleArg::Keep);
+    take("only", &RuleArg::Only);
+    take("rule", &RuleArg::Rule);
+    take("rules", &|s| RuleArg::Rules(PathBuf::from(s)));
+    take("preset", &RuleArg::Preset);
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
+}

@@ -1,0 +1,33 @@
+//! The `weightcast` command: a thin layer over the library that owns all output, progress bars,
+//! `--json` and exit codes (0 success, 1 failure, 2 bad usage).
+
+mod cli;
+mod commands;
+mod report;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match cli::parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // clap prints --help/--version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let code = e.exit_code();
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    match commands::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weightcast: error: {e}");
+            if e.downcast_ref::<weightcast::Error>()
+                .is_some_and(|e| e.is_usage())
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Cast kernels: pure functions from little-endian bytes of one float type to another.
+//!
+//! Every conversion is bit-identical to torch's CPU `tensor.to(dtype)`:
+//! - f64 goes through f32 first (torch's `c10::Half(float)`/`BFloat16(float)` constructors do the
+//!   same, so f64 -> f16 is rounded twice, exactly as torch rounds it);
+//! - f16 uses IEEE round-to-nearest-even (F16C on x86 through the `half` crate's slice
+//!   conversions); overflow becomes inf;
+//! - bf16 uses round-to-nearest-even and turns every NaN into `0xFFFF`, as torch's vectorised
+//!   CPU kernel does;
+//! - f8e4m3fn saturates to +-448, f8e5m2 overflows to inf (see [`fp8`]).
+
+pub mod fp8;
+
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+
+/// Elements converted per inner block (kept on the stack).
+const BLOCK: usize = 2048;
+/// Elements per parallel task.
+const PAR_CHUNK: usize = 1 << 16;
+
+/// Why a cast could not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CastError {
+    /// One of the types is not handled by the kernels.
+    #[error("no cast from {0} to {1}")]
+    Unsupported(DType, DType),
+    /// Input and output buffers hold different element counts.
+    #[error("buffer sizes do not match: {0} input bytes, {1} output bytes")]
+    Length(usize, usize),
+}
+
+/// f32 to bf16 bits, torch's round-to-nearest-even with NaN mapped to `0xFFFF`.
+#[inline]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0xFFFF;
+    }
+    let u = x.to_bits();
+    let bias = 0x7FFF + ((u >> 16) & 1);
+    (u.wrapping_add(bias) >> 16) as u16
+}
+
+/// Decodes one element of a castable type to f64 (exact for every type but none is lossy here:
+/// f32 and narrower widen exactly).
+#[inline]
+pub fn decode_f64(dtype: DType, b: &[u8]) -> f64 {
+    match dtype {
+        DType::F64 => f64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+        _ => decode_f32(dtype, b) as f64,
+    }
+}
+
+/// Decodes one element to f32 (f64 is rounded to nearest, as torch does).
+#[inline]
+pub fn decode_f32(dtype: DType, b: &[u8]) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        DType::BF16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
+        DType::F8E4M3 => fp8::e4m3_to_f32(b[0]),
+        DType::F8E5M2 => fp8::e5m2_to_f32(b[0]),
+        DType::F64 => f64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as f32,
+        _ => f32::NAN,
+    }
+}
+
+/// Encodes one f32 into `out` (which holds exactly one element of `dtype`).
+#[inline]
+pub fn encode_f32(dtype: DType, x: f32, out: &mut [u8]) {
+    match dtype {
+        DType::F32 => out.copy_from_slice(&x.to_le_bytes()),
+        DType::F16 => out.copy_from_slice(&f16::from_f32(x).to_bits().to_le_bytes()),
+        DType::BF16 => out.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes()),
+        DType::F8E4M3 => out[0] = fp8::f32_to_e4m3(x),
+        DType::F8E5M2 => out[0] = fp8::f32_to_e5m2(x),
+        DType::F64 => out.copy_from_slice(&(x as f64).to_le_bytes()),
+        _ => {}
+    }
+}
+
+/// Casts `input` (elements of `from`) into `output` (the same count of `to`), on this thread.
+pub fn cast(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), CastError> {
+    check(from, to, input, output)?;
+    let (isz, osz) = (from.bitsize() / 8, to.bitsize() / 8);
+    for (i, o) in input
+        .chunks(BLOCK * isz)
+        .zip(output.chunks_mut(BLOCK * osz))
+    {
+        cast_block(from, to, i, o);
+    }
+    Ok(())
+}
+
+/// Casts like [`cast`], spread over the rayon thread pool.
+pub fn cast_par(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), CastError> {
+    check(from, to, input, output)?;
+    let (isz, osz) = (from.bitsize() / 8, to.bitsize() / 8);
+    input
+        .par_chunks(PAR_CHUNK * isz)
+        .zip(output.par_chunks_mut(PAR_CHUNK * osz))
+        .for_each(|(i, o)| {
+            for (i, o) in i.chunks(BLOCK * isz).zip(o.chunks_mut(BLOCK * osz)) {
+                cast_block(from, to, i, o);
+            }
+        });
+    Ok(())
+}
+
+fn check(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), CastError> {
+    if !(from.is_castable() && to.is_castable()) {
+        return Err(CastError::Unsupported(from, to));
+    }
+    let (isz, osz) = (from.bitsize() / 8, to.bitsize() / 8);
+    if input.len() % isz != 0 || input.len() / isz * osz != output.len() {
+        return Err(CastError::Length(input.len(), output.len()));
+    }
+    Ok(())
+}
+
+/// One block of at most [`BLOCK`] elements.
+fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8]) {
+    if from == to {
+        output.copy_from_slice(input);
+        return;
+    }
+    let isz = from.bitsize() / 8;
+    let n = input.len() / isz;
+    if to == DType::F64 {
+        for (i, o) in input.chunks_exact(isz).zip(output.chunks_exact_mut(8)) {
+            o.copy_from_slice(&decode_f64(from, i).to_le_bytes());
+        }
+        return;
+    }
+    let mut buf = [0f32; BLOCK];
+    let vals = &mut buf[..n];
+    decode_block(from, input, vals);
+    encode_block(to, vals, output);
+}
+
+fn decode_block(from: DType, input: &[u8], vals: &mut [f32]) {
+    match from {
+        DType::F32 => {
+            for (v, b) in vals.iter_mut().zip(input.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::F16 => {
+            let mut bits = [0u16; BLOCK];
+            let bits = &mut bits[..vals.len()];
+            for (v, b) in bits.iter_mut().zip(input.chunks_exact(2)) {
+                *v = u16::from_le_bytes([b[0], b[1]]);
+            }
+            bits.reinterpret_cast::<f16>().convert_to_f32_slice(vals);
+        }
+        DType::BF16 => {
+            for (v, b) in vals.iter_mut().zip(input.chunks_exact(2)) {
+                *v = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        _ => {
+            let isz = from.bitsize() / 8;
+            for (v, b) in vals.iter_mut().zip(input.chunks_exact(isz)) {
+                *v = decode_f32(from, b);
+            }
+        }
+    }
+}
+
+fn encode_block(to: DType, vals: &[f32], output: &mut [u8]) {
+    match to {
+        DType::F32 => {
+            for (v, o) in vals.iter().zip(output.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            let mut halves = [f16::ZERO; BLOCK];
+            let halves = &mut halves[..vals.len()];
+            halves.convert_from_f32_slice(vals);
+            for (h, o) in halves.iter().zip(output.chunks_exact_mut(2)) {
+                o.copy_from_slice(&h.to_bits().to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (v, o) in vals.iter().zip(output.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes());
+            }
+        }
+        _ => {
+            let osz = to.bitsize() / 8;
+            for (v, o) in vals.iter().zip(output.chunks_exact_mut(osz)) {
+                encode_f32(to, *v, o);
+            }
+        }
+    }
+}
+
+/// bf16 value of an f32 (for callers that want the `half` type).
+pub fn to_bf16(x: f32) -> bf16 {
+    bf16::from_bits(f32_to_bf16_bits(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn f32_to_f16_basic() {
+        let input = f32_bytes(&[1.0, 65504.0, 65520.0, -0.0, 1e-8, f32::NAN]);
+        let mut out = vec![0u8; 12];
+        cast(DType::F32, DType::F16, &input, &mut out).unwrap();
+        let bits: Vec<u16> = out
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        assert_eq!(&bits[..5], &[0x3C00, 0x7BFF, 0x7C00, 0x8000, 0x0000]);
+        assert_eq!(bits[5] & 0x7C00, 0x7C00);
+        assert_ne!(bits[5] & 0x03FF, 0);
+    }
+
+    #[test]
+    fn bf16_rounding_and_nan() {
+        assert_eq!(f32_to_bf16_bits(1.0), 0x3F80);
+        // exactly halfway between 1.0 and the next bf16: ties to even (1.0)
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F80_8000)), 0x3F80);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F81_8000)), 0x3F82);
+        assert_eq!(f32_to_bf16_bits(f32::NAN), 0xFFFF);
+        assert_eq!(f32_to_bf16_bits(f32::MAX), 0x7F80, "rounds up to inf");
+    }
+
+    #[test]
+    fn f64_goes_through_f32_like_torch() {
+        // 1 + 2^-11 + 2^-40: nearest f16 is 1+2^-10 directly, but torch rounds to f32 first
+        // (1 + 2^-11 exactly, a tie) and then to even: 1.0.
+        let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        let mut out = [0u8; 2];
+        cast(DType::F64, DType::F16, &x.to_le_bytes(), &mut out).unwrap();
+        assert_eq!(u16::from_le_bytes(out), 0x3C00);
+    }
+
+    #[test]
+    fn widening_is_exact_and_par_matches_serial() {
+        let vals: Vec<f32> = (0..200_000).map(|i| (i as f32 - 1e5) * 0.37).collect();
+        let input = f32_bytes(&vals);
+        for to in [
+            DType::F16,
+            DType::BF16,
+            DType::F8E4M3,
+            DType::F8E5M2,
+            DType::F64,
+        ] {
+            let osz = to.bitsize() / 8;
+            let mut a = vec![0u8; vals.len() * osz];
+            let mut b = vec![0u8; vals.len() * osz];
+            cast(DType::F32, to, &input, &mut a).unwrap();
+            cast_par(DType::F32, to, &input, &mut b).unwrap();
+            assert_eq!(a, b, "{to}");
+        }
+        let mut wide = vec![0u8; vals.len() * 8];
+        cast(DType::F32, DType::F64, &input, &mut wide).unwrap();
+        let mut back = vec![0u8; input.len()];
+        cast(DType::F64, DType::F32, &wide, &mut back).unwrap();
+        assert_eq!(back, input);
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_types() {
+        let mut out = [0u8; 3];
+        assert_eq!(
+            cast(DType::F32, DType::F16, &[0u8; 4], &mut out),
+            Err(CastError::Length(4, 3))
+        );
+        assert!(matches!(
+            cast(DType::I32, DType::F16, &[0u8; 4], &mut [0u8; 2]),
+            Err(CastError::Unsupported(..))
+        ));
+    }
+}

@@ -1,0 +1,127 @@
+//! The in-memory catalogue: every tensor of an input (one file, a sharded set or a model folder),
+//! where its bytes are, and the objects around the tensors (metadata, the folder's other files).
+//! Formats build it; planning and conversion read it. It never holds tensor data.
+
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+
+/// What kind of input the catalogue was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// One `.safetensors` file.
+    Safetensors,
+    /// A `*.safetensors.index.json` and its shards.
+    ShardedSafetensors,
+    /// A Hugging Face model folder.
+    Folder,
+}
+
+impl InputKind {
+    /// A short human name.
+    pub fn describe(self) -> &'static str {
+        match self {
+            InputKind::Safetensors => "safetensors",
+            InputKind::ShardedSafetensors => "sharded safetensors",
+            InputKind::Folder => "model folder (safetensors)",
+        }
+    }
+}
+
+/// One weights file of the input.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Full path.
+    pub path: PathBuf,
+    /// File name as referenced by an index (`model-00001-of-00002.safetensors`).
+    pub name: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// The file's `__metadata__`, in order.
+    pub metadata: Option<Vec<(String, String)>>,
+}
+
+/// One tensor and where its bytes live.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Name.
+    pub name: String,
+    /// Element type as stored.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: Vec<u64>,
+    /// Index into [`Catalogue::files`].
+    pub file: usize,
+    /// Absolute byte offset of the data in that file.
+    pub offset: u64,
+    /// Byte length of the data.
+    pub nbytes: u64,
+}
+
+impl TensorEntry {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// A model folder's files besides the weights.
+#[derive(Debug, Clone, Default)]
+pub struct FolderInfo {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Paths (relative to `dir`) of files that are not weights: copied as they are, except
+    /// `config.json`, whose dtype is updated.
+    pub other_files: Vec<PathBuf>,
+    /// Name of the index file, when the weights are sharded.
+    pub index_name: Option<String>,
+}
+
+/// Everything weightcast knows about an input before touching any tensor data.
+#[derive(Debug, Clone)]
+pub struct Catalogue {
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: InputKind,
+    /// Weights files, in shard order.
+    pub files: Vec<SourceFile>,
+    /// Tensors, file by file in data order.
+    pub tensors: Vec<TensorEntry>,
+    /// The index's `metadata` object for sharded inputs.
+    pub index_metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The folder's other files, for folder inputs.
+    pub folder: Option<FolderInfo>,
+}
+
+impl Catalogue {
+    /// Sum of tensor bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes).sum()
+    }
+
+    /// Sum of element counts.
+    pub fn total_params(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+
+    /// Metadata of the first file (what a single output file keeps).
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        self.files
+            .first()
+            .and_then(|f| f.metadata.clone())
+            .unwrap_or_default()
+    }
+
+    /// Per dtype: (tensors, elements, bytes), in dtype order.
+    pub fn dtype_totals(&self) -> Vec<(DType, u64, u64, u64)> {
+        let mut m = std::collections::BTreeMap::<DType, (u64, u64, u64)>::new();
+        for t in &self.tensors {
+            let e = m.entry(t.dtype).or_default();
+            e.0 += 1;
+            e.1 += t.numel();
+            e.2 += t.nbytes;
+        }
+        m.into_iter().map(|(d, (a, b, c))| (d, a, b, c)).collect()
+    }
+}

@@ -1,0 +1,66 @@
+//! One error type for the library. Every message is a single line that names the file and, where it
+//! applies, the tensor (in backticks) or the byte offset.
+
+use std::path::{Path, PathBuf};
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, always with the path it concerns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system error while reading or writing `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The content of `path` is not what its format requires.
+    #[error("{}: {what}", path.display())]
+    Invalid {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong, naming the tensor or byte offset.
+        what: String,
+    },
+    /// The request cannot be carried out as given (bad rule, bad dtype, output exists, ...).
+    #[error("{0}")]
+    Usage(String),
+    /// A cast would damage values and the policy says to stop.
+    #[error("{0}")]
+    Refused(String),
+    /// The caller asked to stop (Ctrl-C); nothing was written.
+    #[error("interrupted: no output was written")]
+    Interrupted,
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Invalid content in `path`.
+    pub fn invalid(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.as_ref().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    /// A usage error.
+    pub fn usage(what: impl Into<String>) -> Self {
+        Error::Usage(what.into())
+    }
+
+    /// True when the error comes from how the tool was called rather than from the data.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Usage(_))
+    }
+}

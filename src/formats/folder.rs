@@ -1,0 +1,342 @@
+//! Opening an input by its content: a safetensors file, a sharded set behind an index, or a
+//! Hugging Face model folder.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use crate::catalogue::{Catalogue, FolderInfo, InputKind, SourceFile, TensorEntry};
+use crate::error::{Error, Result};
+use crate::formats::safetensors;
+
+/// Largest index JSON read (a Hub index of a 1T-parameter model is a few MB).
+const MAX_INDEX_SIZE: u64 = 64 << 20;
+
+/// Opens `path` (a `.safetensors` file, a `*.safetensors.index.json` or a model folder) and reads
+/// every header. No tensor data is read.
+pub fn open(path: &Path) -> Result<Catalogue> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return open_folder(path);
+    }
+    if is_index_name(path) {
+        let mut cat = open_index(path)?;
+        cat.path = path.to_path_buf();
+        return Ok(cat);
+    }
+    open_file(path)
+}
+
+fn is_index_name(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".index.json"))
+}
+
+/// Opens one safetensors file, telling other formats apart by content.
+pub fn open_file(path: &Path) -> Result<Catalogue> {
+    let (file, sf, header) = read_source(path, file_name(path))?;
+    let tensors = entries(0, &header);
+    let _ = file;
+    Ok(Catalogue {
+        path: path.to_path_buf(),
+        kind: InputKind::Safetensors,
+        files: vec![sf],
+        tensors,
+        index_metadata: None,
+        folder: None,
+    })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn read_source(path: &Path, name: String) -> Result<(File, SourceFile, safetensors::Header)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    sniff_other_formats(path, &file, len)?;
+    let header = safetensors::read_header(path, &file, len)?;
+    let sf = SourceFile {
+        path: path.to_path_buf(),
+        name,
+        len,
+        metadata: header.metadata.clone(),
+    };
+    Ok((file, sf, header))
+}
+
+/// Gives a clear message for files that are weights of another format.
+fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 8];
+    let n = len.min(8) as usize;
+    file.read_exact_at(&mut head[..n], 0)
+        .map_err(|e| Error::io(path, e))?;
+    let head = &head[..n];
+    let what = if head.starts_with(b"PK\x03\x04") {
+        Some("a zip archive (a torch.save checkpoint?)")
+    } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| *p <= 5) {
+        Some("a pickle (a legacy torch.save checkpoint?)")
+    } else if head.starts_with(b"GGUF") {
+        Some("a GGUF file")
+    } else {
+        None
+    };
+    match what {
+        Some(w) => Err(Error::invalid(
+            path,
+            format!("is {w}, not safetensors: PyTorch and other formats are not read yet"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
+    header
+        .tensors
+        .iter()
+        .map(|t| TensorEntry {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            file,
+            offset: header.data_start + t.begin,
+            nbytes: t.end - t.begin,
+        })
+        .collect()
+}
+
+/// Opens a `*.safetensors.index.json` and every shard it names.
+pub fn open_index(index_path: &Path) -> Result<Catalogue> {
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let file = File::open(index_path).map_err(|e| Error::io(index_path, e))?;
+    let mut text = String::new();
+    file.take(MAX_INDEX_SIZE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::invalid(index_path, format!("cannot read index: {e}")))?;
+    if text.len() as u64 > MAX_INDEX_SIZE {
+        return Err(Error::invalid(index_path, "index is larger than 64 MiB"));
+    }
+    if safetensors::is_lfs_pointer(text.as_bytes()) {
+        return Err(Error::invalid(
+            index_path,
+            "is a Git LFS pointer file: fetch the real file (`git lfs pull`) first",
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(index_path, format!("index is not valid JSON: {e}")))?;
+    let weight_map = value
+        .get("weight_map")
+        .and_then(|w| w.as_object())
+        .ok_or_else(|| Error::invalid(index_path, "index has no `weight_map` object"))?;
+    // Shards in order of their names (model-00001-of-..., model-00002-of-...).
+    let mut shard_names: Vec<String> = Vec::new();
+    for (tensor, shard) in weight_map {
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::invalid(
+                index_path,
+                format!("`weight_map` entry for `{tensor}` is not a file name"),
+            )
+        })?;
+        if !shard_names.iter().any(|s| s == shard) {
+            shard_names.push(shard.to_string());
+        }
+    }
+    shard_names.sort();
+    let mut files = Vec::new();
+    let mut tensors: Vec<TensorEntry> = Vec::new();
+    for (i, shard) in shard_names.iter().enumerate() {
+        let rel = safe_relative(index_path, shard)?;
+        let path = dir.join(rel);
+        if !path.exists() {
+            return Err(Error::invalid(
+                index_path,
+                format!(
+                    "shard `{shard}` named by the index is missing ({})",
+                    path.display()
+                ),
+            ));
+        }
+        let (_f, sf, header) = read_source(&path, shard.clone())?;
+        for t in &header.tensors {
+            match weight_map.get(&t.name).and_then(|v| v.as_str()) {
+                Some(s) if s == shard => {}
+                Some(other) => {
+                    return Err(Error::invalid(
+                        &path,
+                        format!(
+                            "tensor `{}` is also in this shard but the index puts it in `{other}`",
+                            t.name
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(Error::invalid(
+                        &path,
+                        format!("tensor `{}` is in this shard but not in the index", t.name),
+                    ))
+                }
+            }
+        }
+        tensors.extend(entries(i, &header));
+        files.push(sf);
+    }
+    // Every tensor the index names must be in its shard.
+    let mut present: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for t in &tensors {
+        present.insert(t.name.as_str());
+    }
+    if let Some((name, shard)) = weight_map
+        .iter()
+        .find(|(n, _)| !present.contains(n.as_str()))
+    {
+        return Err(Error::invalid(
+            index_path,
+            format!(
+                "tensor `{name}` is listed in the index but not found in shard `{}`",
+                shard.as_str().unwrap_or("?")
+            ),
+        ));
+    }
+    Ok(Catalogue {
+        path: index_path.to_path_buf(),
+        kind: InputKind::ShardedSafetensors,
+        files,
+        tensors,
+        index_metadata: value.get("metadata").and_then(|m| m.as_object()).cloned(),
+        folder: None,
+    })
+}
+
+/// A shard name must stay inside the index's folder.
+fn safe_relative(index_path: &Path, name: &str) -> Result<PathBuf> {
+    let p = Path::new(name);
+    if name.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Error::invalid(
+            index_path,
+            format!("shard name `{name}` is not a plain file name in the index's folder"),
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Opens a Hugging Face model folder.
+pub fn open_folder(dir: &Path) -> Result<Catalogue> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        // Follow symbolic links: a Hugging Face cache snapshot links every file to a blob.
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    let indexes: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors.index.json"))
+        .collect();
+    let singles: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    let (mut cat, index_name) = if let Some(index) = pick(&indexes, "model.safetensors.index.json")
+    {
+        (open_index(&dir.join(index))?, Some(index.clone()))
+    } else if let Some(single) = pick(&singles, "model.safetensors") {
+        (open_file(&dir.join(single))?, None)
+    } else if singles.is_empty() {
+        let torch: Vec<&String> = names
+            .iter()
+            .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
+            .collect();
+        let hint = if torch.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (found {}: PyTorch files are not read yet)",
+                torch
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(Error::invalid(
+            dir,
+            format!("no safetensors weights in this folder{hint}"),
+        ));
+    } else {
+        return Err(Error::invalid(
+            dir,
+            format!(
+                "several safetensors files ({}) and no index: pass one file or add an index",
+                singles
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    };
+    let weight_names: std::collections::HashSet<&str> = cat
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(index_name.as_deref())
+        .collect();
+    let mut other_files = Vec::new();
+    collect_other_files(dir, Path::new(""), &weight_names, &mut other_files)?;
+    cat.path = dir.to_path_buf();
+    cat.kind = InputKind::Folder;
+    cat.folder = Some(FolderInfo {
+        dir: dir.to_path_buf(),
+        other_files,
+        index_name,
+    });
+    Ok(cat)
+}
+
+fn pick<'a>(candidates: &[&'a String], preferred: &str) -> Option<&'a String> {
+    candidates
+        .iter()
+        .find(|n| n.as_str() == preferred)
+        .or(if candidates.len() == 1 {
+            candidates.first()
+        } else {
+            None
+        })
+        .copied()
+}
+
+/// Every file below `dir` except the weights, relative to the folder, skipping hidden entries
+/// (`.git`, `.cache`).
+fn collect_other_files(
+    root: &Path,
+    rel: &Path,
+    weights: &std::collections::HashSet<&str>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let dir = root.join(rel);
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::io(&dir, e))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let ft = std::fs::metadata(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        let child = rel.join(&name);
+        if ft.is_dir() {
+            collect_other_files(root, &child, weights, out)?;
+        } else if !(rel.as_os_str().is_empty() && weights.contains(name.as_str())) {
+            out.push(child);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Formats at the edge: each reads its files into a [`Catalogue`](crate::catalogue::Catalogue)
+//! or writes one out.
+
+pub mod folder;
+pub mod safetensors;
+
+pub use folder::open;

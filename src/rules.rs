@@ -1,0 +1,464 @@
+//! Casting rules: which tensors get which dtype.
+//!
+//! Rules are applied in order and the last one that matches a tensor decides. A pattern is
+//! - a glob matched per dotted component: `*.layernorm.*` matches a run of whole components
+//!   anywhere in the name (`encoder.layer.0.layernorm.weight`) and never a part of one
+//!   (`word_embeddings` does not match `wo`); `*` and `?` stay inside a component, `**` spans
+//!   any number of components;
+//! - `re:REGEX`, a regular expression searched in the full name;
+//! - `kind:norm`, `kind:bias`, `kind:embedding` or `kind:1d`, a kind of tensor.
+
+use std::path::Path;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// A kind of tensor recognised by name and shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Normalisation weights and biases (`LayerNorm`, `rms_norm`, `ln_f`, ...).
+    Norm,
+    /// Biases.
+    Bias,
+    /// Token/position embeddings and the output head (`lm_head`, `wte`, ...).
+    Embedding,
+    /// Tensors of at most one dimension: norms, biases, scales.
+    OneD,
+}
+
+impl Kind {
+    fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "norm" | "norms" => Kind::Norm,
+            "bias" | "biases" => Kind::Bias,
+            "embedding" | "embeddings" | "embed" => Kind::Embedding,
+            "1d" | "vector" => Kind::OneD,
+            _ => return None,
+        })
+    }
+
+    /// Whether a tensor of this name and shape is of this kind.
+    pub fn matches(self, name: &str, shape: &[u64]) -> bool {
+        let comps: Vec<String> = name.split('.').map(|c| c.to_ascii_lowercase()).collect();
+        match self {
+            Kind::Norm => comps
+                .iter()
+                .any(|c| c.contains("norm") || c == "ln" || c.starts_with("ln_") || c == "ln_f"),
+            Kind::Bias => comps
+                .last()
+                .is_some_and(|c| c == "bias" || c.ends_with("_bias")),
+            Kind::Embedding => {
+                comps.iter().any(|c| {
+                    c.contains("embed")
+                        || matches!(c.as_str(), "wte" | "wpe" | "lm_head" | "embed_out")
+                }) || comps
+                    .first()
+                    .is_some_and(|c| c == "shared" || c == "output")
+            }
+            Kind::OneD => shape.len() <= 1,
+        }
+    }
+}
+
+/// What selects the tensors a rule applies to.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// A glob over dotted components.
+    Glob(Vec<String>),
+    /// A regular expression (`re:` prefix).
+    Regex(Regex),
+    /// A kind of tensor (`kind:` prefix).
+    Kind(Kind),
+}
+
+impl Selector {
+    /// Parses a pattern as written on the command line or in a rules file.
+    pub fn parse(pattern: &str) -> Result<Selector> {
+        if let Some(re) = pattern.strip_prefix("re:") {
+            return Regex::new(re)
+                .map(Selector::Regex)
+                .map_err(|e| Error::usage(format!("pattern `{pattern}`: invalid regex: {e}")));
+        }
+        if let Some(k) = pattern.strip_prefix("kind:") {
+            return Kind::parse(k).map(Selector::Kind).ok_or_else(|| {
+                Error::usage(format!(
+                    "pattern `{pattern}`: unknown kind `{k}` (use norm, bias, embedding or 1d)"
+                ))
+            });
+        }
+        if pattern.is_empty() || pattern.split('.').any(str::is_empty) {
+            return Err(Error::usage(format!(
+                "pattern `{pattern}`: empty component (write `a.*.b`, not `a..b`)"
+            )));
+        }
+        if pattern.contains(['[', ']', '{', '}']) {
+            return Err(Error::usage(format!(
+                "pattern `{pattern}`: globs take `*`, `?` and `**`; use `re:` for more"
+            )));
+        }
+        Ok(Selector::Glob(
+            pattern.split('.').map(str::to_string).collect(),
+        ))
+    }
+
+    /// Whether the tensor `name` of `shape` is selected.
+    pub fn matches(&self, name: &str, shape: &[u64]) -> bool {
+        match self {
+            Selector::Regex(re) => re.is_match(name),
+            Selector::Kind(k) => k.matches(name, shape),
+            Selector::Glob(pat) => {
+                let comps: Vec<&str> = name.split('.').collect();
+                (0..comps.len()).any(|start| match_run(pat, &comps[start..]))
+            }
+        }
+    }
+}
+
+/// Whether `pat` matches a prefix of `comps` (a run of whole components).
+fn match_run(pat: &[String], comps: &[&str]) -> bool {
+    let Some((first, rest)) = pat.split_first() else {
+        return true;
+    };
+    if first == "**" {
+        return (0..=comps.len()).any(|skip| match_run(rest, &comps[skip..]));
+    }
+    match comps.split_first() {
+        Some((c, more)) => match_component(first.as_bytes(), c.as_bytes()) && match_run(rest, more),
+        None => false,
+    }
+}
+
+/// `*` and `?` wildcard match of one component.
+fn match_component(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// What a rule does to the tensors it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Leave the tensor as it is.
+    Keep,
+    /// Cast to the default target (`--to`).
+    Default,
+    /// Cast to this dtype.
+    To(DType),
+}
+
+/// One rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// What it selects.
+    pub selector: Selector,
+    /// What it does.
+    pub action: Action,
+    /// Where it came from, as shown in the plan (`--keep *.norm.*`, `preset keep-norms`).
+    pub origin: String,
+    /// True for `--only` rules, which make unselected tensors stay as they are.
+    pub only: bool,
+}
+
+/// Named presets.
+pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "keep-norms",
+        "keep 1-D tensors (norms, biases, scales) as they are",
+    ),
+    (
+        "keep-embeddings",
+        "keep token/position embeddings and the output head as they are",
+    ),
+    (
+        "keep-t5-wo",
+        "keep T5's feed-forward output projections (`wo`), which overflow in f16",
+    ),
+];
+
+/// An ordered list of rules.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    /// The rules, in order.
+    pub rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    /// Adds a `--keep PATTERN` rule.
+    pub fn keep(&mut self, pattern: &str, origin: impl Into<String>) -> Result<()> {
+        self.push(pattern, Action::Keep, origin, false)
+    }
+
+    /// Adds an `--only PATTERN` rule.
+    pub fn only(&mut self, pattern: &str, origin: impl Into<String>) -> Result<()> {
+        self.push(pattern, Action::Default, origin, true)
+    }
+
+    /// Adds a `--rule PATTERN=DTYPE` rule (`keep` is accepted as the dtype).
+    pub fn rule(&mut self, spec: &str, origin: impl Into<String>) -> Result<()> {
+        let (pattern, target) = spec.rsplit_once('=').ok_or_else(|| {
+            Error::usage(format!(
+                "rule `{spec}`: expected PATTERN=DTYPE (or PATTERN=keep)"
+            ))
+        })?;
+        let action =
+            parse_target(target).map_err(|e| Error::usage(format!("rule `{spec}`: {e}")))?;
+        self.push(pattern, action, origin, false)
+    }
+
+    /// Adds the rules of a preset.
+    pub fn preset(&mut self, name: &str) -> Result<()> {
+        let origin = format!("preset {name}");
+        match name {
+            "keep-norms" => self.push("kind:1d", Action::Keep, origin, false),
+            "keep-embeddings" => self.push("kind:embedding", Action::Keep, origin, false),
+            "keep-t5-wo" => self.push("**.wo.*", Action::Keep, origin, false),
+            _ => Err(Error::usage(format!(
+                "unknown preset `{name}` (known: {})",
+                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// Adds the rules of a TOML rules file; returns the file's default `to`, if it sets one.
+    ///
+    /// ```toml
+    /// to = "bf16"                 # optional default target
+    /// [[rule]]
+    /// match = "*.layernorm.*"     # glob, re:REGEX or kind:KIND
+    /// keep = true
+    /// [[rule]]
+    /// match = "lm_head"
+    /// to = "f32"
+    /// [[rule]]
+    /// preset = "keep-norms"
+    /// ```
+    pub fn load_file(&mut self, path: &Path) -> Result<Option<DType>> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let file: RulesFile = toml::from_str(&text).map_err(|e| {
+            Error::invalid(
+                path,
+                format!("invalid rules file: {}", one_line(&e.to_string())),
+            )
+        })?;
+        let default = file
+            .to
+            .as_deref()
+            .map(|t| {
+                t.parse::<DType>()
+                    .map_err(|e| Error::invalid(path, e.to_string()))
+            })
+            .transpose()?;
+        for (i, r) in file.rule.iter().enumerate() {
+            let origin = format!("{} rule {}", path.display(), i + 1);
+            let bad = |what: &str| Error::invalid(path, format!("rule {}: {what}", i + 1));
+            match (&r.pattern, &r.preset) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(bad("give exactly one of `match` and `preset`"))
+                }
+                (None, Some(p)) => {
+                    if r.keep.is_some() || r.to.is_some() || r.only.is_some() {
+                        return Err(bad("a preset takes no `keep`, `to` or `only`"));
+                    }
+                    self.preset(p).map_err(|e| bad(&e.to_string()))?;
+                }
+                (Some(pat), None) => {
+                    let (action, only) =
+                        match (r.keep, &r.to, r.only) {
+                            (Some(true), None, None) => (Action::Keep, false),
+                            (None, Some(t), None) => {
+                                (parse_target(t).map_err(|e| bad(&e.to_string()))?, false)
+                            }
+                            (None, None, Some(true)) => (Action::Default, true),
+                            _ => return Err(bad(
+                                "give exactly one of `keep = true`, `to = DTYPE`, `only = true`",
+                            )),
+                        };
+                    self.push(pat, action, origin, only)
+                        .map_err(|e| bad(&e.to_string()))?;
+                }
+            }
+        }
+        Ok(default)
+    }
+
+    fn push(
+        &mut self,
+        pattern: &str,
+        action: Action,
+        origin: impl Into<String>,
+        only: bool,
+    ) -> Result<()> {
+        let selector = Selector::parse(pattern)?;
+        self.rules.push(Rule {
+            selector,
+            action,
+            origin: origin.into(),
+            only,
+        });
+        Ok(())
+    }
+
+    /// The action for a tensor and the index of the rule that decided (None: the default).
+    pub fn decide(&self, name: &str, shape: &[u64]) -> (Action, Option<usize>) {
+        let default = if self.rules.iter().any(|r| r.only) {
+            Action::Keep
+        } else {
+            Action::Default
+        };
+        self.rules
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, r)| r.selector.matches(name, shape))
+            .map(|(i, r)| (r.action, Some(i)))
+            .unwrap_or((default, None))
+    }
+}
+
+fn parse_target(s: &str) -> Result<Action> {
+    if s.trim().eq_ignore_ascii_case("keep") {
+        Ok(Action::Keep)
+    } else {
+        s.parse::<DType>().map(Action::To)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    to: Option<String>,
+    #[serde(default)]
+    rule: Vec<RuleEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    #[serde(rename = "match")]
+    pattern: Option<String>,
+    preset: Option<String>,
+    keep: Option<bool>,
+    to: Option<String>,
+    only: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(p: &str, name: &str) -> bool {
+        Selector::parse(p).unwrap().matches(name, &[4, 4])
+    }
+
+    #[test]
+    fn globs_match_whole_components() {
+        assert!(m("*.layernorm.*", "encoder.layer.0.layernorm.weight"));
+        assert!(!m("*.layernorm.*", "embeddings.word_embeddings.weight"));
+        assert!(m("wo", "encoder.block.0.layer.1.DenseReluDense.wo.weight"));
+        assert!(
+            !m("wo", "shared.word_embeddings.weight"),
+            "the transformers #26589 bug"
+        );
+        assert!(!m("*norm*", "h.0.LayerNorm.bias"), "case-sensitive");
+        assert!(m("*Norm*", "h.0.LayerNorm.bias"));
+        assert!(m("layers.*.mlp", "model.layers.12.mlp.up_proj.weight"));
+        assert!(!m("layers.*.mlp", "model.layers.12.self_attn.mlp"));
+        assert!(m("model.**.weight", "model.layers.0.q.weight"));
+        assert!(m("lm_head.weight", "lm_head.weight"));
+        assert!(m("q?proj", "a.q_proj.weight"));
+    }
+
+    #[test]
+    fn regex_and_kinds() {
+        assert!(m("re:^lm_head", "lm_head.weight"));
+        assert!(!m("re:^lm_head", "x.lm_head.weight"));
+        let norm = Selector::parse("kind:norm").unwrap();
+        assert!(norm.matches("encoder.layer.0.output.LayerNorm.weight", &[384]));
+        assert!(norm.matches("h.0.ln_1.weight", &[768]));
+        assert!(norm.matches("model.layers.0.input_layernorm.weight", &[4096]));
+        assert!(!norm.matches("model.layers.0.mlp.down_proj.weight", &[4, 4]));
+        let emb = Selector::parse("kind:embedding").unwrap();
+        assert!(emb.matches("embeddings.word_embeddings.weight", &[4, 4]));
+        assert!(emb.matches("lm_head.weight", &[4, 4]));
+        assert!(emb.matches("output.weight", &[4, 4]));
+        assert!(!emb.matches("model.layers.0.attn.output.weight", &[4, 4]));
+        let oned = Selector::parse("kind:1d").unwrap();
+        assert!(oned.matches("x.bias", &[4]) && oned.matches("scale", &[]));
+        assert!(!oned.matches("x.weight", &[4, 4]));
+    }
+
+    #[test]
+    fn bad_patterns_are_errors() {
+        for p in ["re:(", "kind:nope", "a..b", "", "a[0]"] {
+            assert!(Selector::parse(p).is_err(), "{p}");
+        }
+    }
+
+    #[test]
+    fn last_match_wins_and_only() {
+        let mut r = RuleSet::default();
+        r.keep("*.LayerNorm.*", "--keep").unwrap();
+        r.rule("encoder.layer.0.**=bf16", "--rule").unwrap();
+        assert_eq!(
+            r.decide("encoder.layer.0.LayerNorm.weight", &[4]).0,
+            Action::To(DType::BF16)
+        );
+        assert_eq!(
+            r.decide("encoder.layer.1.LayerNorm.weight", &[4]).0,
+            Action::Keep
+        );
+        assert_eq!(
+            r.decide("pooler.dense.weight", &[4, 4]),
+            (Action::Default, None)
+        );
+        r.only("pooler.*", "--only").unwrap();
+        assert_eq!(r.decide("x.dense.weight", &[4, 4]), (Action::Keep, None));
+        assert_eq!(r.decide("pooler.dense.weight", &[4, 4]).0, Action::Default);
+    }
+
+    #[test]
+    fn rules_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.toml");
+        std::fs::write(
+            &p,
+            "to = 'bf16'\n[[rule]]\nmatch = 'lm_head'\nto = 'f32'\n[[rule]]\npreset = 'keep-norms'\n",
+        )
+        .unwrap();
+        let mut r = RuleSet::default();
+        assert_eq!(r.load_file(&p).unwrap(), Some(DType::BF16));
+        assert_eq!(r.rules.len(), 2);
+        assert_eq!(
+            r.decide("lm_head.weight", &[2, 2]).0,
+            Action::To(DType::F32)
+        );
+        std::fs::write(&p, "[[rule]]\nmatch = 'x'\nkeep = true\nto = 'f16'\n").unwrap();
+        let err = RuleSet::default().load_file(&p).unwrap_err().to_string();
+        assert!(err.contains("rule 1"), "{err}");
+        std::fs::write(&p, "[[rule]]\nmatch = 'x'\nkep = true\n").unwrap();
+        assert!(RuleSet::default().load_file(&p).is_err());
+    }
+}
