@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -154,6 +154,7 @@ pub fn convert(
                 .into_owned();
             let staging = tempfile::Builder::new()
                 .prefix(&format!(".{name}.weightcast-"))
+                .permissions(std::fs::Permissions::from_mode(0o777))
                 .tempdir_in(&parent)
                 .map_err(|e| Error::io(&parent, e))?;
             for f in &layout.files {
@@ -261,8 +262,10 @@ fn parent_of(p: &Path) -> PathBuf {
 }
 
 fn temp_file(dir: &Path, name: &str) -> Result<tempfile::NamedTempFile> {
+    // Ordinary permissions (0666 less the umask), not the 0600 of a private temp file.
     tempfile::Builder::new()
         .prefix(&format!(".{name}.weightcast-"))
+        .permissions(std::fs::Permissions::from_mode(0o666))
         .tempfile_in(dir)
         .map_err(|e| Error::invalid(dir, format!("cannot create the output here: {e}")))
 }

@@ -96,7 +96,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
     };
     let bytes = (num * mult).round();
-    if !(bytes >= 1.0 && bytes < 1.8e19) {
+    if !(1.0..1.8e19).contains(&bytes) {
         return Err(Error::usage(format!(
             "size `{s}` must be at least one byte"
         )));

@@ -1,0 +1,431 @@
+//! The real `weightcast` binary on bad input and bad usage: one-line errors that name the file,
+//! the tensor or the offset, the documented exit codes, and no output file left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weightcast"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run weightcast")
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+    /// Files in the folder (to check nothing, not even a temp file, was left).
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.0.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// A safetensors file from a header string and `data` bytes of zeros.
+fn raw(header: &str, data: usize) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend(std::iter::repeat_n(0u8, data));
+    v
+}
+
+/// A valid file: `a` F32 [2, 3] and `b` I32 [4].
+fn valid() -> Vec<u8> {
+    let h = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":{"dtype":"I32","shape":[4],"data_offsets":[24,40]}}"#;
+    let mut v = raw(h, 0);
+    for i in 0..6 {
+        v.extend_from_slice(&(i as f32 * 1.5).to_le_bytes());
+    }
+    for i in 0..4i32 {
+        v.extend_from_slice(&i.to_le_bytes());
+    }
+    v
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Converting `input` fails with exit `code`, a single error line containing `want` and the file
+/// name, and no output.
+fn fails(d: &Dir, input: &Path, code: i32, want: &str) {
+    let out = d.s("out.safetensors");
+    let before = d.names();
+    let o = run(&[
+        "convert",
+        input.to_str().unwrap(),
+        "-o",
+        &out,
+        "--to",
+        "f16",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert!(err.contains(want), "expected `{want}` in: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("weightcast: error: "), "{err}");
+    assert_eq!(d.names(), before, "nothing written");
+}
+
+#[test]
+fn converts_a_valid_file() {
+    let d = Dir::new();
+    std::fs::write(d.path("in.safetensors"), valid()).unwrap();
+    let o = run(&[
+        "convert",
+        &d.s("in.safetensors"),
+        "-o",
+        &d.s("out.safetensors"),
+        "--to",
+        "bf16",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty() && o.stderr.is_empty(),
+        "-q prints nothing"
+    );
+    let o = run(&["inspect", &d.s("out.safetensors"), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tensors"][0]["dtype"], "BF16");
+    assert_eq!(v["tensors"][1]["dtype"], "I32", "integers never cast");
+    assert_eq!(v["bytes"], 12 + 16);
+    assert_eq!(d.names(), vec!["in.safetensors", "out.safetensors"]);
+}
+
+#[test]
+fn bad_inputs_get_one_line_errors() {
+    let d = Dir::new();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated",
+            valid()[..valid().len() - 5].to_vec(),
+            "truncated",
+        ),
+        ("short", vec![1, 2, 3], "too short"),
+        (
+            "header-past-end",
+            {
+                let mut v = valid();
+                v[..8].copy_from_slice(&5000u64.to_le_bytes());
+                v
+            },
+            "runs past the end",
+        ),
+        (
+            "huge-header",
+            {
+                let mut v = valid();
+                v[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+                v
+            },
+            "exceeds",
+        ),
+        (
+            "bad-json",
+            raw(r#"{"a":{"dtype":"F32""#, 0),
+            "not valid JSON",
+        ),
+        (
+            "overlap",
+            raw(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                12,
+            ),
+            "tensor `b`",
+        ),
+        (
+            "out-of-range",
+            raw(
+                r#"{"a":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}}"#,
+                8,
+            ),
+            "tensor `a` is cut off",
+        ),
+        (
+            "unknown-dtype",
+            raw(
+                r#"{"a":{"dtype":"Q4_K","shape":[2],"data_offsets":[0,8]}}"#,
+                8,
+            ),
+            "unknown dtype `Q4_K`",
+        ),
+        (
+            "wrong-size",
+            raw(
+                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                8,
+            ),
+            "needs 12 bytes",
+        ),
+        (
+            "trailing",
+            {
+                let mut v = valid();
+                v.extend_from_slice(b"junk");
+                v
+            },
+            "4 unexpected bytes",
+        ),
+        (
+            "lfs",
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 90868376\n".to_vec(),
+            "Git LFS pointer",
+        ),
+        (
+            "zip",
+            b"PK\x03\x04rest-of-a-torch-file".to_vec(),
+            "zip archive",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let p = d.path(&format!("{name}.safetensors"));
+        std::fs::write(&p, bytes).unwrap();
+        fails(&d, &p, 1, want);
+        fails(&d, &p, 1, &format!("{name}.safetensors"));
+        // inspect reports the same
+        let o = run(&["inspect", p.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn sharded_input_errors() {
+    let d = Dir::new();
+    std::fs::write(d.path("model-00001-of-00002.safetensors"), valid()).unwrap();
+    let index = |map: &str| format!(r#"{{"metadata":{{"total_size":40}},"weight_map":{map}}}"#);
+    let idx = d.path("model.safetensors.index.json");
+    std::fs::write(&idx, index(r#"{"a":"model-00001-of-00002.safetensors","b":"model-00001-of-00002.safetensors","c":"model-00002-of-00002.safetensors"}"#)).unwrap();
+    fails(
+        &d,
+        &idx,
+        1,
+        "shard `model-00002-of-00002.safetensors` named by the index is missing",
+    );
+    std::fs::write(&idx, index(r#"{"a":"model-00001-of-00002.safetensors"}"#)).unwrap();
+    fails(
+        &d,
+        &idx,
+        1,
+        "tensor `b` is in this shard but not in the index",
+    );
+    std::fs::write(&idx, index(r#"{"a":"../../etc/passwd"}"#)).unwrap();
+    fails(&d, &idx, 1, "not a plain file name");
+    std::fs::write(&idx, "{not json").unwrap();
+    fails(&d, &idx, 1, "not valid JSON");
+    // a consistent index converts
+    std::fs::write(
+        &idx,
+        index(r#"{"a":"model-00001-of-00002.safetensors","b":"model-00001-of-00002.safetensors"}"#),
+    )
+    .unwrap();
+    let o = run(&[
+        "convert",
+        idx.to_str().unwrap(),
+        "-o",
+        &d.s("o.safetensors"),
+        "--to",
+        "f16",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn output_is_protected() {
+    let d = Dir::new();
+    let inp = d.s("in.safetensors");
+    std::fs::write(&inp, valid()).unwrap();
+    let original = valid();
+    // output == input
+    let o = run(&["convert", &inp, "-o", &inp, "--to", "f16"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("overwrite the input"));
+    let o = run(&["convert", &inp, "-o", &inp, "--to", "f16", "--force"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--force never overwrites the input"
+    );
+    assert_eq!(std::fs::read(&inp).unwrap(), original, "input untouched");
+    // existing output
+    let out = d.s("out.safetensors");
+    std::fs::write(&out, b"precious").unwrap();
+    let o = run(&["convert", &inp, "-o", &out, "--to", "f16"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("already exists (use --force"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let o = run(&["convert", &inp, "-o", &out, "--to", "f16", "--force", "-q"]);
+    assert!(o.status.success());
+    assert_ne!(std::fs::read(&out).unwrap(), b"precious");
+    // an output folder that cannot be written (/proc refuses new files, even for root)
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        "/proc/weightcast-test.safetensors",
+        "--to",
+        "f16",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/proc: cannot create the output here"),
+        "{}",
+        stderr(&o)
+    );
+    // a missing output folder
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &d.s("no/such/dir/x.safetensors"),
+        "--to",
+        "f16",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert_eq!(
+        d.names(),
+        vec!["in.safetensors", "out.safetensors"],
+        "no temp file left"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let d = Dir::new();
+    let inp = d.s("in.safetensors");
+    std::fs::write(&inp, valid()).unwrap();
+    let out = d.s("out.safetensors");
+    let outbin = d.s("out.bin");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["convert", &inp, "-o", &out, "--to", "f17"],
+            "unknown dtype `f17`",
+        ),
+        (vec!["convert", &inp, "-o", &out], "--to DTYPE is required"),
+        (
+            vec!["convert", &inp, "-o", &out, "--to", "int8"],
+            "cannot cast to I8",
+        ),
+        (
+            vec!["convert", &inp, "-o", &out, "--to", "f16", "--keep", "re:("],
+            "invalid regex",
+        ),
+        (
+            vec![
+                "convert", &inp, "-o", &out, "--to", "f16", "--preset", "nope",
+            ],
+            "unknown preset `nope`",
+        ),
+        (
+            vec!["convert", &inp, "-o", &out, "--to", "f16", "--rule", "a.b"],
+            "expected PATTERN=DTYPE",
+        ),
+        (
+            vec![
+                "convert",
+                &inp,
+                "-o",
+                &out,
+                "--to",
+                "f16",
+                "--max-shard-size",
+                "5XB",
+            ],
+            "unknown unit",
+        ),
+        (
+            vec!["convert", &inp, "-o", &outbin, "--to", "f16"],
+            "must end in .safetensors",
+        ),
+        (vec!["convert", &inp, "--bogus"], "unexpected argument"),
+        (vec!["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, want) in cases {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(d.names(), vec!["in.safetensors"]);
+    let o = run(&[
+        "convert",
+        &d.s("missing.safetensors"),
+        "-o",
+        &out,
+        "--to",
+        "f16",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("missing.safetensors: No such file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["--help"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("convert"));
+}
+
+#[test]
+fn rule_order_last_match_wins() {
+    let d = Dir::new();
+    let inp = d.s("in.safetensors");
+    std::fs::write(&inp, valid()).unwrap();
+    let plan = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec![
+            "convert",
+            &inp,
+            "-o",
+            "x.safetensors",
+            "--to",
+            "f16",
+            "--dry-run",
+            "--json",
+        ];
+        a.extend_from_slice(args);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    assert_eq!(
+        plan(&["--keep", "a", "--rule", "a=bf16"])["tensors"][0]["to"],
+        "BF16"
+    );
+    assert_eq!(
+        plan(&["--rule", "a=bf16", "--keep", "a"])["tensors"][0]["to"],
+        "F32"
+    );
+    assert_eq!(plan(&["--only", "zzz"])["tensors"][0]["to"], "F32");
+    let toml = d.path("r.toml");
+    std::fs::write(
+        &toml,
+        "[[rule]]\nmatch = 'zzz'\nto = 'f64'\n[[rule]]\nmatch = 'a'\nto = 'f8e4m3'\n",
+    )
+    .unwrap();
+    let v = plan(&["--rules", toml.to_str().unwrap()]);
+    assert_eq!(v["tensors"][0]["to"], "F8_E4M3");
+    assert!(v["tensors"][0]["rule"].as_str().unwrap().contains("rule 2"));
+    assert!(
+        v["warnings"][0].as_str().unwrap().contains("rule 1"),
+        "zzz matched nothing: {v}"
+    );
+}

