@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::formats::safetensors::{encode_header, OutTensor};
 use crate::output::{check_target, index_json, layout, Layout, OutputFile, Target};
 use crate::plan::Plan;
+use crate::source::Sources;
 
 /// Bytes per chunk buffer (input or output side).
 const CHUNK_BYTES: usize = 8 << 20;
@@ -50,6 +51,49 @@ pub struct Options {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Flush outputs to disk (fsync) before renaming them into place.
     pub sync: bool,
+    /// What to do when finite values would leave the target's range.
+    pub on_overflow: OnOverflow,
+}
+
+/// What to do when a cast would turn finite values into inf (or saturate fp8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnOverflow {
+    /// Stop, list the tensors and write nothing.
+    #[default]
+    Error,
+    /// Leave those tensors in their original dtype (decided before writing; see
+    /// [`crate::analysis`]).
+    Keep,
+    /// Saturate to the largest finite value and report how many were clamped.
+    Clamp,
+    /// Cast exactly as torch does (inf, or saturation for f8e4m3fn) and report the counts.
+    Allow,
+}
+
+impl std::str::FromStr for OnOverflow {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "error" => OnOverflow::Error,
+            "keep" => OnOverflow::Keep,
+            "clamp" => OnOverflow::Clamp,
+            "allow" => OnOverflow::Allow,
+            _ => {
+                return Err(Error::usage(format!(
+                    "--on-overflow `{s}`: use error, keep, clamp or allow"
+                )))
+            }
+        })
+    }
+}
+
+impl Options {
+    fn range(&self) -> cast::Range {
+        match self.on_overflow {
+            OnOverflow::Clamp => cast::Range::Clamp,
+            OnOverflow::Error | OnOverflow::Keep | OnOverflow::Allow => cast::Range::Count,
+        }
+    }
 }
 
 /// What a conversion did.
@@ -71,6 +115,9 @@ pub struct Summary {
     pub config_dtype: Option<DType>,
     /// Things the user should know (unparseable config.json, ...).
     pub warnings: Vec<String>,
+    /// Tensors with values beyond the target's range, and how many: clamped with
+    /// `--on-overflow clamp`, cast to inf (or saturated) as torch does with `allow`.
+    pub overflowed: Vec<(String, u64)>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -98,11 +145,7 @@ pub fn convert(
     let start = Instant::now();
     let (target, layout) = prepare(cat, plan, out, opts)?;
     check_target(cat, &target, &layout, opts.force)?;
-    let sources = cat
-        .files
-        .iter()
-        .map(|f| File::open(&f.path).map_err(|e| Error::io(&f.path, e)))
-        .collect::<Result<Vec<_>>>()?;
+    let sources = Sources::open(cat)?;
     let totals = plan.totals();
     progress.begin(totals.bytes_in, plan.tensors.len());
     let mut summary = Summary {
@@ -114,8 +157,10 @@ pub fn convert(
         files_copied: 0,
         config_dtype: None,
         warnings: vec![],
+        overflowed: vec![],
         elapsed: Duration::ZERO,
     };
+    let mut overflow: Vec<(usize, u64)> = Vec::new();
     let job = Job {
         cat,
         plan,
@@ -129,9 +174,10 @@ pub fn convert(
             let mut staged = Vec::new();
             for f in &layout.files {
                 let tmp = temp_file(&dir, &f.name)?;
-                job.write_file(tmp.as_file(), tmp.path(), f)?;
+                overflow.extend(job.write_file(tmp.as_file(), tmp.path(), f)?);
                 staged.push((tmp, dir.join(&f.name)));
             }
+            job.check_overflow(&overflow, &mut summary)?;
             if let Some(index) = &layout.index {
                 let mut tmp = temp_file(&dir, index)?;
                 let text = index_json(cat, plan, &layout);
@@ -160,9 +206,10 @@ pub fn convert(
             for f in &layout.files {
                 let path = staging.path().join(&f.name);
                 let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-                job.write_file(&file, &path, f)?;
+                overflow.extend(job.write_file(&file, &path, f)?);
                 summary.files.push(dest.join(&f.name));
             }
+            job.check_overflow(&overflow, &mut summary)?;
             if let Some(index) = &layout.index {
                 let path = staging.path().join(index);
                 std::fs::write(&path, index_json(cat, plan, &layout))
@@ -292,16 +339,10 @@ impl Pool {
     }
 }
 
-/// One chunk read from the input.
-struct Chunk {
-    plan_index: usize,
-    data: Vec<u8>,
-}
-
 struct Job<'a> {
     cat: &'a Catalogue,
     plan: &'a Plan,
-    sources: &'a [File],
+    sources: &'a Sources<'a>,
     opts: &'a Options,
     progress: &'a dyn Progress,
 }
@@ -311,6 +352,46 @@ impl Job<'_> {
         match &self.opts.cancel {
             Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted),
             _ => Ok(()),
+        }
+    }
+
+    /// Turns the overflow counts of the written tensors into an error (`--on-overflow error`)
+    /// or the clamp report.
+    fn check_overflow(&self, counts: &[(usize, u64)], summary: &mut Summary) -> Result<()> {
+        let named: Vec<(String, DType, u64)> = counts
+            .iter()
+            .map(|&(i, n)| {
+                let p = &self.plan.tensors[i];
+                (self.cat.tensors[p.tensor].name.clone(), p.to, n)
+            })
+            .collect();
+        match self.opts.on_overflow {
+            OnOverflow::Clamp | OnOverflow::Allow => {
+                summary.overflowed = named.into_iter().map(|(n, _, c)| (n, c)).collect();
+                Ok(())
+            }
+            _ if named.is_empty() => Ok(()),
+            _ => {
+                let total: u64 = named.iter().map(|t| t.2).sum();
+                let list: Vec<String> = named
+                    .iter()
+                    .take(10)
+                    .map(|(n, d, c)| format!("`{n}` ({c} values beyond {d})"))
+                    .collect();
+                let more = if named.len() > 10 {
+                    format!(" and {} more", named.len() - 10)
+                } else {
+                    String::new()
+                };
+                Err(Error::Refused(format!(
+                    "{}: {total} finite values in {} tensor(s) would overflow: {}{more}; nothing \
+                     was written (--on-overflow keep leaves them in their dtype, clamp \
+                     saturates them, allow casts them as torch does)",
+                    self.cat.path.display(),
+                    named.len(),
+                    list.join(", ")
+                )))
+            }
         }
     }
 
@@ -333,7 +414,13 @@ impl Job<'_> {
     }
 
     /// Writes one safetensors file: header, then every tensor streamed through the cast.
-    fn write_file(&self, dst: &File, dst_path: &Path, of: &OutputFile) -> Result<()> {
+    /// Returns, per plan entry with any, the count of values that left the target's range.
+    fn write_file(
+        &self,
+        dst: &File,
+        dst_path: &Path,
+        of: &OutputFile,
+    ) -> Result<Vec<(usize, u64)>> {
         let cat = self.cat;
         let names: Vec<OutTensor<'_>> = of
             .tensors
@@ -368,85 +455,61 @@ impl Job<'_> {
             .write_all(&header)
             .map_err(|e| Error::io(dst_path, e))?;
 
+        // Chunks of this file, in output order. Worker w reads and casts chunks w, w+K, ...;
+        // the writer takes them back in order, so K workers and one writer overlap reading,
+        // casting and writing without any thread waiting on a shared pool.
+        let mut chunks: Vec<(usize, u64, u64)> = Vec::new();
+        for &i in &of.tensors {
+            let nbytes = self.plan.tensors[i].bytes_in;
+            let step = self.chunk_in(i);
+            let mut pos = 0;
+            while pos < nbytes {
+                let n = step.min(nbytes - pos);
+                chunks.push((i, pos, n));
+                pos += n;
+            }
+        }
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
         let pool = Pool(Mutex::new(Vec::new()));
         let stop = AtomicBool::new(false);
-        std::thread::scope(|s| -> Result<()> {
-            let (read_tx, read_rx) = sync_channel::<Result<Chunk>>(DEPTH);
-            let (write_tx, write_rx) = sync_channel::<Vec<u8>>(DEPTH);
-            let pool = &pool;
-            let stop = &stop;
-            s.spawn(move || {
-                for &i in &of.tensors {
-                    let p = &self.plan.tensors[i];
-                    let t = &cat.tensors[p.tensor];
-                    let step = self.chunk_in(i);
-                    let mut pos = 0u64;
-                    while pos < t.nbytes {
+        let chunks = &chunks;
+        let results = std::thread::scope(|s| -> Result<Vec<(usize, u64)>> {
+            let mut receivers = Vec::with_capacity(workers);
+            for w in 0..workers {
+                let (tx, rx) = sync_channel::<Result<(Vec<u8>, u64)>>(DEPTH);
+                receivers.push(rx);
+                let (pool, stop) = (&pool, &stop);
+                s.spawn(move || {
+                    for &(i, pos, n) in chunks.iter().skip(w).step_by(workers) {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let n = step.min(t.nbytes - pos);
-                        let mut buf = pool.get(n as usize);
-                        let src = &cat.files[t.file];
-                        let r = self.sources[t.file]
-                            .read_exact_at(&mut buf, t.offset + pos)
-                            .map_err(|e| {
-                                Error::invalid(
-                                    &src.path,
-                                    format!(
-                                        "tensor `{}`: cannot read {n} bytes at byte {}: {e} \
-                                         (was the file changed while converting?)",
-                                        t.name,
-                                        t.offset + pos
-                                    ),
-                                )
-                            })
-                            .map(|_| Chunk {
-                                plan_index: i,
-                                data: buf,
-                            });
+                        let r = self.read_cast(pool, i, pos, n);
                         let failed = r.is_err();
-                        if read_tx.send(r).is_err() || failed {
+                        if tx.send(r).is_err() || failed {
                             return;
                         }
-                        pos += n;
                     }
-                }
-            });
-            let writer = s.spawn(move || -> Result<()> {
-                let mut out: &File = dst;
-                for buf in write_rx {
-                    if let Err(e) = out.write_all(&buf) {
-                        stop.store(true, Ordering::Relaxed);
-                        return Err(Error::io(dst_path, e));
-                    }
-                    pool.put(buf);
-                }
-                Ok(())
-            });
+                });
+            }
+            let mut out: &File = dst;
+            let mut overflow: Vec<(usize, u64)> = Vec::new();
             let result = (|| -> Result<()> {
-                for chunk in read_rx {
-                    let chunk = chunk?;
+                for (j, &(i, _, n)) in chunks.iter().enumerate() {
                     self.check_cancel()?;
-                    let p = &self.plan.tensors[chunk.plan_index];
-                    let n = chunk.data.len() as u64;
-                    let out = if p.is_cast() {
-                        let isz = p.from.bitsize() / 8;
-                        let osz = p.to.bitsize() / 8;
-                        let mut out = pool.get(chunk.data.len() / isz * osz);
-                        cast::cast_par(p.from, p.to, &chunk.data, &mut out).map_err(|e| {
-                            Error::invalid(
-                                &cat.files[cat.tensors[p.tensor].file].path,
-                                format!("tensor `{}`: {e}", cat.tensors[p.tensor].name),
-                            )
-                        })?;
-                        pool.put(chunk.data);
-                        out
-                    } else {
-                        chunk.data
-                    };
-                    if write_tx.send(out).is_err() {
-                        break;
+                    let (buf, count) = receivers[j % workers]
+                        .recv()
+                        .expect("a worker sends every chunk or an error")?;
+                    out.write_all(&buf).map_err(|e| Error::io(dst_path, e))?;
+                    pool.put(buf);
+                    if count > 0 {
+                        match overflow.last_mut() {
+                            Some((last, c)) if *last == i => *c += count,
+                            _ => overflow.push((i, count)),
+                        }
                     }
                     self.progress.advance(n);
                 }
@@ -454,13 +517,36 @@ impl Job<'_> {
             })();
             if result.is_err() {
                 stop.store(true, Ordering::Relaxed);
+                // Unblock workers waiting to send.
+                drop(receivers);
             }
-            drop(write_tx);
-            let written = writer.join().expect("writer thread");
-            result?;
-            written
+            result.map(|_| overflow)
         })?;
         self.check_cancel()?;
-        self.finish(dst)
+        self.finish(dst)?;
+        Ok(results)
+    }
+
+    /// Reads `n` bytes at `pos` of plan entry `i` and casts them; returns the output bytes and
+    /// the count of values that left the target's range.
+    fn read_cast(&self, pool: &Pool, i: usize, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
+        let p = &self.plan.tensors[i];
+        let t = &self.cat.tensors[p.tensor];
+        let mut buf = pool.get(n as usize);
+        self.sources.read(t, pos, &mut buf)?;
+        if !p.is_cast() {
+            return Ok((buf, 0));
+        }
+        let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
+        let mut out = pool.get(buf.len() / isz * osz);
+        let count =
+            cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()).map_err(|e| {
+                Error::invalid(
+                    &self.cat.files[t.file].path,
+                    format!("tensor `{}`: {e}", t.name),
+                )
+            })?;
+        pool.put(buf);
+        Ok((out, count))
     }
 }

@@ -14,15 +14,19 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod analysis;
 pub mod cast;
 pub mod catalogue;
 pub mod convert;
+pub mod diff;
 pub mod dtype;
 pub mod error;
 pub mod formats;
 pub mod output;
 pub mod plan;
 pub mod rules;
+pub mod source;
+pub mod stats;
 
 pub use catalogue::Catalogue;
 pub use dtype::DType;

@@ -20,9 +20,24 @@ pub struct TensorPlan {
     pub bytes_out: u64,
     /// Why: the rule that decided, or the reason it is left alone.
     pub reason: String,
+    /// Whether the default target (`--to`) chose this dtype, rather than a rule naming one
+    /// (`--auto` picks among candidates only for these).
+    pub by_default: bool,
 }
 
 impl TensorPlan {
+    /// Leaves the tensor in its stored dtype.
+    pub fn keep(&mut self) {
+        self.to = self.from;
+        self.bytes_out = self.bytes_in;
+    }
+
+    /// Casts to `to` instead (`numel` elements).
+    pub fn set_target(&mut self, to: DType, numel: u64) {
+        self.to = to;
+        self.bytes_out = to.bytes_for(numel).unwrap_or(self.bytes_in);
+    }
+
     /// Whether the values change representation.
     pub fn is_cast(&self) -> bool {
         self.from != self.to
@@ -100,6 +115,7 @@ impl Plan {
                     bytes_in: t.nbytes,
                     bytes_out,
                     reason,
+                    by_default: action == Action::Default && t.dtype.is_castable(),
                 }
             })
             .collect();

@@ -429,3 +429,26 @@ fn rule_order_last_match_wins() {
         "zzz matched nothing: {v}"
     );
 }
+
+#[test]
+fn overflow_is_refused_by_default() {
+    let d = Dir::new();
+    // `a` holds 1e5, beyond f16's range.
+    let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut v = raw(h, 0);
+    v.extend_from_slice(&1e5f32.to_le_bytes());
+    v.extend_from_slice(&1.0f32.to_le_bytes());
+    let p = d.path("hot.safetensors");
+    std::fs::write(&p, v).unwrap();
+    fails(&d, &p, 1, "`a` (1 values beyond F16)");
+    let o = run(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        &d.s("b.safetensors"),
+        "--to",
+        "bf16",
+        "-q",
+    ]);
+    assert!(o.status.success(), "bf16 holds 1e5: {}", stderr(&o));
+}

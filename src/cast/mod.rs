@@ -82,32 +82,97 @@ pub fn encode_f32(dtype: DType, x: f32, out: &mut [u8]) {
     }
 }
 
+/// What the kernels do about finite values beyond the target's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// Cast as torch does (inf, or saturation for f8e4m3fn) and count nothing.
+    Ignore,
+    /// Cast as torch does and count the values that left the range.
+    Count,
+    /// Saturate them to the largest finite value of the target, and count them.
+    Clamp,
+}
+
+/// The smallest f32 magnitude that a cast to `to` can no longer represent as a finite value
+/// within rounding: it becomes inf (f16, bf16, f8e5m2) or saturates (f8e4m3fn, beyond the
+/// rounding interval of 448). `inf` for f32 and f64 targets.
+pub fn overflow_threshold(to: DType) -> f32 {
+    match to {
+        DType::F16 => 65520.0,
+        DType::BF16 => f32::from_bits(0x7F7F_8000),
+        DType::F8E5M2 => 61440.0,
+        DType::F8E4M3 => 464.0,
+        _ => f32::INFINITY,
+    }
+}
+
+/// Whether casting the finite-or-not value `x` (already decoded) to `to` leaves the range.
+#[inline]
+pub fn overflows(x: f64, to: DType) -> bool {
+    if !x.is_finite() || to == DType::F64 {
+        return false;
+    }
+    let v = x as f32;
+    v.is_infinite() || v.abs() >= overflow_threshold(to)
+}
+
 /// Casts `input` (elements of `from`) into `output` (the same count of `to`), on this thread.
 pub fn cast(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), CastError> {
-    check(from, to, input, output)?;
-    let (isz, osz) = (from.bitsize() / 8, to.bitsize() / 8);
-    for (i, o) in input
-        .chunks(BLOCK * isz)
-        .zip(output.chunks_mut(BLOCK * osz))
-    {
-        cast_block(from, to, i, o);
-    }
-    Ok(())
+    cast_checked(from, to, input, output, Range::Ignore).map(|_| ())
 }
 
 /// Casts like [`cast`], spread over the rayon thread pool.
 pub fn cast_par(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), CastError> {
+    cast_par_checked(from, to, input, output, Range::Ignore).map(|_| ())
+}
+
+/// Casts on this thread; returns how many finite values left the target's range.
+pub fn cast_checked(
+    from: DType,
+    to: DType,
+    input: &[u8],
+    output: &mut [u8],
+    range: Range,
+) -> Result<u64, CastError> {
     check(from, to, input, output)?;
     let (isz, osz) = (from.bitsize() / 8, to.bitsize() / 8);
-    input
+    Ok(input
+        .chunks(BLOCK * isz)
+        .zip(output.chunks_mut(BLOCK * osz))
+        .map(|(i, o)| cast_block(from, to, i, o, range))
+        .sum())
+}
+
+/// Casts in parallel over the rayon pool; returns how many finite values left the range.
+pub fn cast_par_checked(
+    from: DType,
+    to: DType,
+    input: &[u8],
+    output: &mut [u8],
+    range: Range,
+) -> Result<u64, CastError> {
+    check(from, to, input, output)?;
+    let (isz, osz) = (from.bitsize() / 8, to.bitsize() / 8);
+    Ok(input
         .par_chunks(PAR_CHUNK * isz)
         .zip(output.par_chunks_mut(PAR_CHUNK * osz))
-        .for_each(|(i, o)| {
-            for (i, o) in i.chunks(BLOCK * isz).zip(o.chunks_mut(BLOCK * osz)) {
-                cast_block(from, to, i, o);
-            }
-        });
-    Ok(())
+        .map(|(i, o)| {
+            i.chunks(BLOCK * isz)
+                .zip(o.chunks_mut(BLOCK * osz))
+                .map(|(i, o)| cast_block(from, to, i, o, range))
+                .sum::<u64>()
+        })
+        .sum())
+}
+
+/// Casts and marks, per element, the finite values that left the range (for statistics).
+/// Panics if the buffers do not match (callers size them).
+pub fn cast_flagged(from: DType, to: DType, input: &[u8], output: &mut [u8], flags: &mut [bool]) {
+    cast_checked(from, to, input, output, Range::Ignore).expect("matching buffers");
+    let isz = from.bitsize() / 8;
+    for (f, x) in flags.iter_mut().zip(input.chunks_exact(isz)) {
+        *f = overflows(decode_f64(from, x), to);
+    }
 }
 
 fn check(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), CastError> {
@@ -121,11 +186,12 @@ fn check(from: DType, to: DType, input: &[u8], output: &mut [u8]) -> Result<(), 
     Ok(())
 }
 
-/// One block of at most [`BLOCK`] elements.
-fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8]) {
+/// One block of at most [`BLOCK`] elements; returns the values that left the range (counted
+/// unless `range` is [`Range::Ignore`]).
+fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8], range: Range) -> u64 {
     if from == to {
         output.copy_from_slice(input);
-        return;
+        return 0;
     }
     let isz = from.bitsize() / 8;
     let n = input.len() / isz;
@@ -133,12 +199,39 @@ fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8]) {
         for (i, o) in input.chunks_exact(isz).zip(output.chunks_exact_mut(8)) {
             o.copy_from_slice(&decode_f64(from, i).to_le_bytes());
         }
-        return;
+        return 0;
     }
     let mut buf = [0f32; BLOCK];
     let vals = &mut buf[..n];
-    decode_block(from, input, vals);
+    let mut count = 0u64;
+    let max = to.max_finite().unwrap_or(f64::MAX) as f32;
+    if from == DType::F64 {
+        for (v, b) in vals.iter_mut().zip(input.chunks_exact(8)) {
+            let x = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+            *v = x as f32;
+            if range != Range::Ignore && x.is_finite() && v.is_infinite() {
+                count += 1;
+                if range == Range::Clamp {
+                    *v = max.copysign(*v);
+                }
+            }
+        }
+    } else {
+        decode_block(from, input, vals);
+    }
+    let t = overflow_threshold(to);
+    if range != Range::Ignore && t.is_finite() {
+        // Branch-free so that it vectorises: counting costs next to nothing.
+        let out_of_range = |v: f32| (v.abs() >= t) & (v.abs() < f32::INFINITY);
+        count += vals.iter().map(|&v| out_of_range(v) as u64).sum::<u64>();
+        if range == Range::Clamp && count > 0 {
+            for v in vals.iter_mut().filter(|v| out_of_range(**v)) {
+                *v = max.copysign(*v);
+            }
+        }
+    }
     encode_block(to, vals, output);
+    count
 }
 
 fn decode_block(from: DType, input: &[u8], vals: &mut [f32]) {
@@ -269,6 +362,37 @@ mod tests {
         let mut back = vec![0u8; input.len()];
         cast(DType::F64, DType::F32, &wide, &mut back).unwrap();
         assert_eq!(back, input);
+    }
+
+    #[test]
+    fn counts_and_clamps_overflow() {
+        let input = f32_bytes(&[1e5, -7e4, 65519.0, 1.0, f32::INFINITY]);
+        let mut out = vec![0u8; 10];
+        let n = cast_checked(DType::F32, DType::F16, &input, &mut out, Range::Count).unwrap();
+        assert_eq!(n, 2, "65519 rounds to 65504; inf was already inf");
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x7C00);
+        let n = cast_checked(DType::F32, DType::F16, &input, &mut out, Range::Clamp).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x7BFF, "65504");
+        assert_eq!(u16::from_le_bytes([out[2], out[3]]), 0xFBFF, "-65504");
+        assert_eq!(
+            u16::from_le_bytes([out[8], out[9]]),
+            0x7C00,
+            "inf stays inf"
+        );
+        let big = 1e300f64.to_le_bytes();
+        let mut o = [0u8; 4];
+        assert_eq!(
+            cast_checked(DType::F64, DType::F32, &big, &mut o, Range::Count).unwrap(),
+            1
+        );
+        let mut o = [0u8; 2];
+        assert_eq!(
+            cast_checked(DType::F64, DType::BF16, &big, &mut o, Range::Clamp).unwrap(),
+            1
+        );
+        assert_eq!(u16::from_le_bytes(o), 0x7F7F, "bf16 max");
+        assert!(overflows(1e300, DType::F16) && !overflows(1e300, DType::F64));
     }
 
     #[test]

@@ -71,12 +71,29 @@ fn read_source(path: &Path, name: String) -> Result<(File, SourceFile, safetenso
 /// Gives a clear message for files that are weights of another format.
 fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut head = [0u8; 8];
-    let n = len.min(8) as usize;
+    let mut head = [0u8; 9];
+    let n = len.min(9) as usize;
     file.read_exact_at(&mut head[..n], 0)
         .map_err(|e| Error::io(path, e))?;
     let head = &head[..n];
-    let what = if head.starts_with(b"PK\x03\x04") {
+    match other_format(head, len) {
+        Some(w) => Err(Error::invalid(
+            path,
+            format!("is {w}, not safetensors: PyTorch and other formats are not read yet"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What a file that does not look like safetensors looks like instead, from its first bytes.
+fn other_format(head: &[u8], len: u64) -> Option<&'static str> {
+    if head.len() == 9 {
+        let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        if n <= len.saturating_sub(8) && b"{ \t\r\n".contains(&head[8]) {
+            return None;
+        }
+    }
+    if head.starts_with(b"PK\x03\x04") {
         Some("a zip archive (a torch.save checkpoint?)")
     } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| *p <= 5) {
         Some("a pickle (a legacy torch.save checkpoint?)")
@@ -84,13 +101,6 @@ fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
         Some("a GGUF file")
     } else {
         None
-    };
-    match what {
-        Some(w) => Err(Error::invalid(
-            path,
-            format!("is {w}, not safetensors: PyTorch and other formats are not read yet"),
-        )),
-        None => Ok(()),
     }
 }
 
@@ -339,4 +349,16 @@ fn collect_other_files(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_128_byte_header_is_not_a_pickle() {
+        let mut head = 128u64.to_le_bytes().to_vec();
+        head.push(b'{');
+        assert_eq!(super::other_format(&head, 1000), None);
+        assert!(super::other_format(&[0x80, 2, 0x8a, 0x0a, 0, 0, 0, 0, 0], 1000).is_some());
+        assert!(super::other_format(b"PK\x03\x04\x14\0\0\0\0", 1000).is_some());
+    }
 }

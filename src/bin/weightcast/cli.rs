@@ -26,6 +26,72 @@ pub enum Command {
     /// Cast the floating-point tensors of a checkpoint to another dtype.
     #[command(after_help = CONVERT_HELP)]
     Convert(ConvertArgs),
+    /// Measure what a cast would do to every tensor (overflow, underflow, error) without
+    /// writing anything.
+    Analyze(AnalyzeArgs),
+    /// Compare two checkpoints: missing tensors, dtype and shape changes, error per tensor.
+    /// Exits 1 when a tensor is missing or below --tolerance.
+    Diff(DiffArgs),
+}
+
+/// Casting rules, shared by convert and analyze (applied in command-line order).
+#[derive(clap::Args, Debug)]
+pub struct RuleFlags {
+    /// Leave tensors matching PATTERN as they are.
+    #[arg(long, value_name = "PATTERN")]
+    pub keep: Vec<String>,
+    /// Cast only tensors matching PATTERN (others are kept).
+    #[arg(long, value_name = "PATTERN")]
+    pub only: Vec<String>,
+    /// Cast tensors matching PATTERN to DTYPE (or `keep`).
+    #[arg(long, value_name = "PATTERN=DTYPE")]
+    pub rule: Vec<String>,
+    /// Read rules from a TOML file.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
+    /// Apply a named set of rules: keep-norms, keep-embeddings, keep-t5-wo.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AnalyzeArgs {
+    /// A .safetensors file, a *.safetensors.index.json or a model folder.
+    pub input: PathBuf,
+    /// Target dtype to measure.
+    #[arg(long, value_name = "DTYPE")]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub rules: RuleFlags,
+    /// SNR in dB under which a tensor is called lossy.
+    #[arg(long, value_name = "DB", default_value_t = 40.0)]
+    pub lossy_below: f64,
+    /// Write a self-contained HTML report.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Show every analysed tensor (default: the 25 worst).
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// The reference checkpoint.
+    pub a: PathBuf,
+    /// The checkpoint compared with it.
+    pub b: PathBuf,
+    /// Fail (exit 1) when a common tensor's SNR is below this many dB.
+    #[arg(long, value_name = "SNR_DB")]
+    pub tolerance: Option<f64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Show every tensor (default: changed ones and the 25 worst).
+    #[arg(long)]
+    pub all: bool,
 }
 
 const CONVERT_HELP: &str = "\
@@ -47,24 +113,23 @@ pub struct ConvertArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Target dtype: float16|half|f16|fp16, bfloat16|bf16, float32|f32, float64|f64,
-    /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2.
+    /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2. With --auto, a comma-separated list of
+    /// candidates in order of preference (e.g. f8e4m3,bf16,f16).
     #[arg(long, value_name = "DTYPE")]
     pub to: Option<String>,
-    /// Leave tensors matching PATTERN as they are.
-    #[arg(long, value_name = "PATTERN")]
-    pub keep: Vec<String>,
-    /// Cast only tensors matching PATTERN (others are kept).
-    #[arg(long, value_name = "PATTERN")]
-    pub only: Vec<String>,
-    /// Cast tensors matching PATTERN to DTYPE (or `keep`).
-    #[arg(long, value_name = "PATTERN=DTYPE")]
-    pub rule: Vec<String>,
-    /// Read rules from a TOML file.
-    #[arg(long, value_name = "FILE")]
-    pub rules: Vec<PathBuf>,
-    /// Apply a named set of rules: keep-norms, keep-embeddings, keep-t5-wo.
-    #[arg(long, value_name = "NAME")]
-    pub preset: Vec<String>,
+    #[command(flatten)]
+    pub rules: RuleFlags,
+    /// When finite values would leave the target's range: error (stop, write nothing), keep
+    /// (leave those tensors as they are), clamp (saturate), allow (cast as torch does).
+    #[arg(long, value_name = "POLICY", default_value = "error")]
+    pub on_overflow: String,
+    /// Keep tensors whose non-zero values would flush to zero above this fraction.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_underflow: Option<f64>,
+    /// Per tensor, pick the first --to candidate that keeps the SNR at or above SNR_DB and
+    /// does not overflow.
+    #[arg(long, value_name = "SNR_DB")]
+    pub auto: Option<f64>,
     /// Split the output into shards of at most SIZE (5GB, 500MB, 2GiB), Hub layout.
     #[arg(long, value_name = "SIZE")]
     pub max_shard_size: Option<String>,
@@ -107,6 +172,7 @@ pub fn parse() -> Result<Args, clap::Error> {
     let cli = Cli::from_arg_matches(&matches)?;
     let rule_order = matches
         .subcommand_matches("convert")
+        .or_else(|| matches.subcommand_matches("analyze"))
         .map(ordered_rules)
         .unwrap_or_default();
     Ok(Args { cli, rule_order })

@@ -13,8 +13,12 @@ use weightcast::output::parse_size;
 use weightcast::rules::RuleSet;
 use weightcast::{formats, DType, Error, Plan};
 
-use crate::cli::{Args, Command, ConvertArgs, RuleArg};
-use crate::report;
+use weightcast::analysis;
+use weightcast::convert::OnOverflow;
+use weightcast::stats::Bounds;
+
+use crate::cli::{AnalyzeArgs, Args, Command, ConvertArgs, DiffArgs, RuleArg};
+use crate::{html, report};
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.cli.command {
@@ -31,7 +35,129 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert(c) => convert_cmd(c, &args.rule_order),
+        Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
+        Command::Diff(d) => diff_cmd(d),
     }
+}
+
+/// A progress bar on stderr when it is a terminal and output is for a person.
+fn bar(show: bool, what: &str) -> Bar {
+    let bar = ProgressBar::hidden();
+    if show && std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{what} {{spinner}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+            ))
+            .expect("template")
+            .progress_chars("=> "),
+        );
+    }
+    Bar(bar)
+}
+
+fn single_target(to: Option<&str>, file_to: Option<DType>) -> Result<DType, Error> {
+    let target: DType = match (to, file_to) {
+        (Some(t), _) if t.contains(',') => {
+            return Err(Error::usage(format!(
+                "--to {t}: a list of candidates needs --auto SNR_DB"
+            )))
+        }
+        (Some(t), _) => t.parse()?,
+        (None, Some(d)) => d,
+        (None, None) => return Err(Error::usage("--to DTYPE is required (e.g. --to f16)")),
+    };
+    check_castable(target)?;
+    Ok(target)
+}
+
+fn check_castable(target: DType) -> Result<(), Error> {
+    if target.is_castable() {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "cannot cast to {target}: choose f16, bf16, f32, f64, f8e4m3 or f8e5m2"
+        )))
+    }
+}
+
+fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
+    let (rules, file_to) = build_rules(order)?;
+    let target = single_target(a.to.as_deref(), file_to)?;
+    let cat = formats::open(&a.input)?;
+    let plan = Plan::new(&cat, &rules, target);
+    for w in &plan.warnings {
+        warn(w);
+    }
+    let bounds = Bounds {
+        lossy_below_db: a.lossy_below,
+        ..Bounds::default()
+    };
+    let progress = bar(!a.json, "analyzing");
+    let mut analyses = analysis::analyze(&cat, &plan, &bounds, &progress, None)?;
+    progress.0.finish_and_clear();
+    analysis::worst_first(&mut analyses);
+    if let Some(path) = &a.report {
+        let page = html::analysis_page(&cat, &plan, &analyses);
+        write_atomic(path, page.as_bytes())?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::analysis_json(&cat, &plan, &analyses, &bounds))?
+        );
+    } else {
+        print!("{}", report::analysis_text(&cat, &plan, &analyses, a.all));
+        if let Some(p) = &a.report {
+            println!("report: {}", p.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a small file atomically (temp file beside it, then rename).
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".weightcast-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+fn diff_cmd(d: DiffArgs) -> Result<ExitCode> {
+    let a = formats::open(&d.a)?;
+    let b = formats::open(&d.b)?;
+    let diff = weightcast::diff::diff(&a, &b)?;
+    let failures = report::diff_failures(&diff, d.tolerance);
+    if d.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::diff_json(
+                &d.a,
+                &d.b,
+                &diff,
+                d.tolerance,
+                &failures
+            ))?
+        );
+    } else {
+        print!(
+            "{}",
+            report::diff_text(&diff, d.tolerance, &failures, d.all)
+        );
+    }
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn warn(msg: &str) {
@@ -68,22 +194,63 @@ impl Progress for Bar {
 
 fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let (rules, file_to) = build_rules(order)?;
-    let target: DType = match (&c.to, file_to) {
-        (Some(t), _) => t.parse()?,
-        (None, Some(d)) => d,
-        (None, None) => return Err(Error::usage("--to DTYPE is required (e.g. --to f16)").into()),
-    };
-    if !target.is_castable() {
-        return Err(Error::usage(format!(
-            "cannot cast to {target}: choose f16, bf16, f32, f64, f8e4m3 or f8e5m2"
-        ))
-        .into());
+    let on_overflow: OnOverflow = c.on_overflow.parse()?;
+    if let Some(f) = c.max_underflow {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(Error::usage(format!(
+                "--max-underflow {f}: give a fraction between 0 and 1"
+            ))
+            .into());
+        }
     }
+    let candidates: Vec<DType> = match (c.auto, &c.to) {
+        (Some(_), Some(list)) => list
+            .split(',')
+            .map(|t| {
+                t.parse::<DType>()
+                    .and_then(|d| check_castable(d).map(|_| d))
+            })
+            .collect::<Result<_, _>>()?,
+        (Some(_), None) => {
+            return Err(Error::usage(
+                "--auto needs --to with candidates (e.g. --to f8e4m3,bf16,f16)",
+            )
+            .into())
+        }
+        (None, _) => vec![],
+    };
+    let target = match candidates.first() {
+        Some(&d) => d,
+        None => single_target(c.to.as_deref(), file_to)?,
+    };
     let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
     let cat = formats::open(&c.input)?;
-    let plan = Plan::new(&cat, &rules, target);
+    let mut plan = Plan::new(&cat, &rules, target);
     for w in &plan.warnings {
         warn(w);
+    }
+    let person = !c.quiet && !c.json;
+    if let Some(snr) = c.auto {
+        let progress = bar(person, "choosing");
+        analysis::choose_auto(&cat, &mut plan, &candidates, snr, &progress, None)?;
+        progress.0.finish_and_clear();
+    }
+    if on_overflow == OnOverflow::Keep || c.max_underflow.is_some() {
+        let progress = bar(person, "checking");
+        let analyses = analysis::analyze(&cat, &plan, &Bounds::default(), &progress, None)?;
+        progress.0.finish_and_clear();
+        if on_overflow == OnOverflow::Keep {
+            let n = analysis::keep_overflowing(&mut plan, &analyses);
+            if n > 0 {
+                warn(&format!("{n} tensor(s) kept in their dtype: their values would overflow (--on-overflow keep)"));
+            }
+        }
+        if let Some(f) = c.max_underflow {
+            let n = analysis::keep_underflowing(&mut plan, &analyses, f);
+            if n > 0 {
+                warn(&format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
+            }
+        }
     }
     let cancel = Arc::new(AtomicBool::new(false));
     let opts = Options {
@@ -91,6 +258,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         max_shard_size,
         cancel: Some(cancel.clone()),
         sync: !c.no_sync,
+        on_overflow,
     };
     if c.dry_run {
         let (_, layout) = convert::prepare(&cat, &plan, &c.output, &opts)?;
@@ -114,19 +282,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
             }
         });
     }
-    let show_bar = !c.quiet && !c.json && std::io::stderr().is_terminal();
-    let bar = ProgressBar::hidden();
-    if show_bar {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-    }
-    let progress = Bar(bar);
+    let progress = bar(person, "converting");
     let result = convert::convert(&cat, &plan, &c.output, &opts, &progress);
     progress.0.finish_and_clear();
     let summary = match result {
@@ -139,6 +295,25 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
     };
     for w in &summary.warnings {
         warn(w);
+    }
+    if !summary.overflowed.is_empty() {
+        let total: u64 = summary.overflowed.iter().map(|t| t.1).sum();
+        let what = if on_overflow == OnOverflow::Clamp {
+            "clamped to the largest finite value"
+        } else {
+            "cast out of range as torch does (inf, or fp8 saturation)"
+        };
+        warn(&format!(
+            "{total} values in {} tensor(s) {what}: {}",
+            summary.overflowed.len(),
+            summary
+                .overflowed
+                .iter()
+                .take(5)
+                .map(|(n, c)| format!("`{n}` ({c})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     let secs = summary.elapsed.as_secs_f64();
     let rate = summary.bytes_in as f64 / secs.max(1e-9);
@@ -154,6 +329,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         v["files_copied"] = json!(summary.files_copied);
         v["config_dtype"] = json!(summary.config_dtype.map(|d| d.torch_name()));
         v["seconds"] = json!(secs);
+        v["overflowed"] = json!(summary.overflowed);
         v["input_bytes_per_second"] = json!(rate);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !c.quiet {

@@ -201,3 +201,293 @@ pub fn plan_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> Value {
         "warnings": plan.warnings,
     })
 }
+
+use weightcast::analysis::{totals, TensorAnalysis};
+use weightcast::diff::Diff;
+use weightcast::stats::{verdict, Bounds, ErrorStats, Verdict};
+
+/// SNR as text: `inf` when nothing changed.
+pub fn db(x: f64) -> String {
+    if x.is_infinite() {
+        "inf".into()
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn sci(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
+/// The figures of one stats record as JSON (infinite SNR as null).
+pub fn stats_json(s: &ErrorStats) -> Value {
+    let frac = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+    json!({
+        "count": s.count, "nan_in": s.nan_in, "inf_in": s.inf_in,
+        "min": if s.min.is_finite() { json!(s.min) } else { Value::Null },
+        "max": if s.max.is_finite() { json!(s.max) } else { Value::Null },
+        "max_abs": s.max_abs, "nonzero": s.nonzero,
+        "overflow": s.overflow, "overflow_fraction": frac(s.overflow, s.count),
+        "underflow": s.underflow, "underflow_fraction": s.underflow_fraction(),
+        "subnormal": s.subnormal, "subnormal_fraction": frac(s.subnormal, s.count),
+        "max_abs_err": s.max_abs_err, "max_rel_err": s.max_rel_err,
+        "mean_rel_err": s.mean_rel_err(), "rms_err": s.rms_err(),
+        "snr_db": if s.snr_db().is_finite() { json!(s.snr_db()) } else { Value::Null },
+        "cosine": s.cosine(),
+    })
+}
+
+pub fn analysis_json(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], bounds: &Bounds) -> Value {
+    let t = totals(a);
+    let mut verdicts = serde_json::Map::new();
+    for v in [
+        Verdict::Overflow,
+        Verdict::Underflow,
+        Verdict::Lossy,
+        Verdict::Ok,
+        Verdict::Exact,
+    ] {
+        verdicts.insert(
+            v.as_str().into(),
+            json!(a.iter().filter(|x| x.verdict == v).count()),
+        );
+    }
+    let tot = plan.totals();
+    json!({
+        "input": cat.path,
+        "target": plan.target.torch_name(),
+        "bounds": {"lossy_below_db": bounds.lossy_below_db, "underflow_above": bounds.underflow_above},
+        "tensors": a.iter().map(|x| {
+            let mut v = stats_json(&x.stats);
+            v["name"] = json!(cat.tensors[plan.tensors[x.plan_index].tensor].name);
+            v["from"] = json!(x.from.to_string());
+            v["to"] = json!(x.to.to_string());
+            v["verdict"] = json!(x.verdict.as_str());
+            v
+        }).collect::<Vec<_>>(),
+        "totals": {
+            "analyzed": a.len(),
+            "not_cast": plan.tensors.len() - a.len(),
+            "verdicts": verdicts,
+            "model": stats_json(&t),
+            "model_verdict": verdict(&t, bounds).as_str(),
+            "bytes_before": tot.bytes_in,
+            "bytes_after": tot.bytes_out,
+        },
+        "warnings": plan.warnings,
+    })
+}
+
+pub fn analysis_text(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], all: bool) -> String {
+    let mut rows = vec![[
+        "verdict",
+        "name",
+        "cast",
+        "max|x|",
+        "overflow",
+        "underflow",
+        "subnormal",
+        "max abs err",
+        "max rel err",
+        "mean rel err",
+        "rms err",
+        "SNR dB",
+        "cosine",
+    ]
+    .map(String::from)
+    .to_vec()];
+    let shown = if all { a.len() } else { a.len().min(25) };
+    for x in &a[..shown] {
+        let s = &x.stats;
+        rows.push(vec![
+            x.verdict.as_str().into(),
+            cat.tensors[plan.tensors[x.plan_index].tensor].name.clone(),
+            format!("{}->{}", x.from, x.to),
+            sci(s.max_abs),
+            s.overflow.to_string(),
+            s.underflow.to_string(),
+            s.subnormal.to_string(),
+            sci(s.max_abs_err),
+            sci(s.max_rel_err),
+            sci(s.mean_rel_err()),
+            sci(s.rms_err()),
+            db(s.snr_db()),
+            format!("{:.6}", s.cosine()),
+        ]);
+    }
+    let mut out = table(
+        &rows,
+        &[
+            false, false, false, true, true, true, true, true, true, true, true, true, true,
+        ],
+    );
+    if shown < a.len() {
+        out.push_str(&format!(
+            "... {} more (--all shows every tensor)\n",
+            a.len() - shown
+        ));
+    }
+    let t = totals(a);
+    let count = |v: Verdict| a.iter().filter(|x| x.verdict == v).count();
+    let tot = plan.totals();
+    out.push_str(&format!(
+        "\n{} tensors cast to {} ({} not cast): {} overflow, {} underflow, {} lossy, {} ok, {} exact\n\
+         model: {} values overflow, {} flush to zero, {} subnormal; SNR {} dB, cosine {:.6}; {} -> {}\n",
+        a.len(),
+        plan.target.torch_name(),
+        plan.tensors.len() - a.len(),
+        count(Verdict::Overflow),
+        count(Verdict::Underflow),
+        count(Verdict::Lossy),
+        count(Verdict::Ok),
+        count(Verdict::Exact),
+        t.overflow,
+        t.underflow,
+        t.subnormal,
+        db(t.snr_db()),
+        t.cosine(),
+        bytes(tot.bytes_in),
+        bytes(tot.bytes_out),
+    ));
+    out
+}
+
+/// Why `diff` fails: one line per missing tensor, shape change, or tensor below tolerance.
+pub fn diff_failures(d: &Diff, tolerance: Option<f64>) -> Vec<String> {
+    let mut f: Vec<String> = d
+        .only_a
+        .iter()
+        .map(|n| format!("`{n}` is only in A"))
+        .collect();
+    f.extend(d.only_b.iter().map(|n| format!("`{n}` is only in B")));
+    for c in &d.common {
+        if c.a_shape != c.b_shape {
+            f.push(format!(
+                "`{}` changed shape {} -> {}",
+                c.name,
+                shape(&c.a_shape),
+                shape(&c.b_shape)
+            ));
+        } else if c.identical == Some(false) {
+            f.push(format!("`{}` ({}) differs", c.name, c.a_dtype));
+        } else if let (Some(s), Some(tol)) = (&c.stats, tolerance) {
+            if s.snr_db() < tol || s.overflow > 0 {
+                f.push(format!(
+                    "`{}`: SNR {} dB below {tol} dB",
+                    c.name,
+                    db(s.snr_db())
+                ));
+            }
+        }
+    }
+    f
+}
+
+pub fn diff_json(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    d: &Diff,
+    tolerance: Option<f64>,
+    failures: &[String],
+) -> Value {
+    json!({
+        "a": a, "b": b, "tolerance_db": tolerance,
+        "only_a": d.only_a, "only_b": d.only_b,
+        "common": d.common.iter().map(|c| {
+            let mut v = c.stats.as_ref().map(stats_json).unwrap_or_else(|| json!({}));
+            v["name"] = json!(c.name);
+            v["a_dtype"] = json!(c.a_dtype.to_string());
+            v["b_dtype"] = json!(c.b_dtype.to_string());
+            v["a_shape"] = json!(c.a_shape);
+            v["b_shape"] = json!(c.b_shape);
+            if let Some(i) = c.identical { v["identical"] = json!(i); }
+            v
+        }).collect::<Vec<_>>(),
+        "failures": failures,
+        "ok": failures.is_empty(),
+    })
+}
+
+pub fn diff_text(d: &Diff, tolerance: Option<f64>, failures: &[String], all: bool) -> String {
+    let mut rows = vec![[
+        "name",
+        "A",
+        "B",
+        "max abs err",
+        "max rel err",
+        "rms err",
+        "SNR dB",
+        "cosine",
+    ]
+    .map(String::from)
+    .to_vec()];
+    let mut common: Vec<_> = d.common.iter().collect();
+    common.sort_by(|x, y| {
+        let s = |c: &weightcast::diff::Common| c.stats.map_or(f64::INFINITY, |s| s.snr_db());
+        s(x).total_cmp(&s(y))
+    });
+    let shown = if all {
+        common.len()
+    } else {
+        common.len().min(25)
+    };
+    for c in &common[..shown] {
+        let (a, b) = (
+            format!("{} {}", c.a_dtype, shape(&c.a_shape)),
+            format!("{} {}", c.b_dtype, shape(&c.b_shape)),
+        );
+        match (&c.stats, c.identical) {
+            (Some(s), _) => rows.push(vec![
+                c.name.clone(),
+                a,
+                b,
+                sci(s.max_abs_err),
+                sci(s.max_rel_err),
+                sci(s.rms_err()),
+                db(s.snr_db()),
+                format!("{:.6}", s.cosine()),
+            ]),
+            (None, Some(i)) => rows.push(vec![
+                c.name.clone(),
+                a,
+                b,
+                (if i { "identical" } else { "differs" }).into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
+            (None, None) => rows.push(vec![c.name.clone(), a, b, "not comparable".into()]),
+        }
+    }
+    let mut out = table(&rows, &[false, false, false, true, true, true, true, true]);
+    if shown < common.len() {
+        out.push_str(&format!(
+            "... {} more (--all shows every tensor)\n",
+            common.len() - shown
+        ));
+    }
+    let changed = d.common.iter().filter(|c| c.a_dtype != c.b_dtype).count();
+    out.push_str(&format!(
+        "\n{} common tensors ({} changed dtype), {} only in A, {} only in B{}\n",
+        d.common.len(),
+        changed,
+        d.only_a.len(),
+        d.only_b.len(),
+        tolerance
+            .map(|t| format!(", tolerance {t} dB"))
+            .unwrap_or_default()
+    ));
+    if failures.is_empty() {
+        out.push_str("ok\n");
+    } else {
+        for f in failures {
+            out.push_str(&format!("FAIL {f}\n"));
+        }
+    }
+    out
+}

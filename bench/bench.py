@@ -1,0 +1,144 @@
+"""Benchmark: weightcast against PyTorch, numpy and the machine's limit (dd), in one run.
+
+    .venv/bin/python bench/bench.py [--layers 6] [--runs 3] [--keep]
+
+Generates a Llama-shaped f32 safetensors model (about 1.6 GiB with the default 6 layers) in
+bench-out/, then times each way of casting it to f16 (and bf16), end to end as a user runs it
+(process start, imports, reading, casting, writing), RUNS times each, and reports the median,
+the ratio to dd and to weightcast, and peak RSS. The input stays in the page cache for every
+contender, so this measures the work on top of the disk, which is the same for all.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench-out"
+BIN = ROOT / "target" / "release" / "weightcast"
+PY = sys.executable
+
+TORCH_SCRIPT = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+t = load_file(sys.argv[1])  # memory-mapped read
+t = {k: (v.to(getattr(torch, sys.argv[3])) if v.is_floating_point() else v) for k, v in t.items()}
+save_file(t, sys.argv[2], metadata={"format": "pt"})
+"""
+
+NUMPY_SCRIPT = """
+import sys, numpy as np
+from safetensors.numpy import load_file, save_file
+t = load_file(sys.argv[1])
+t = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v) for k, v in t.items()}
+save_file(t, sys.argv[2], metadata={"format": "pt"})
+"""
+
+
+def generate(path: pathlib.Path, layers: int):
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, inter, vocab = 2048, 5632, 32000
+    g = torch.Generator().manual_seed(0)
+    t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
+                         ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+                         ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)),
+                         ("mlp.down_proj", (hidden, inter))]:
+            t[p + n + ".weight"] = torch.randn(*shape, generator=g) * 0.02
+        t[p + "input_layernorm.weight"] = torch.ones(hidden)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+    t["model.norm.weight"] = torch.ones(hidden)
+    t["lm_head.weight"] = torch.randn(vocab, hidden, generator=g) * 0.02
+    save_file(t, path, metadata={"format": "pt"})
+
+
+def timed(cmd) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one process."""
+    start = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - start
+    err = p.stderr.read().decode()
+    if status != 0:
+        raise SystemExit(f"{cmd} failed: {err}")
+    return wall, ru.ru_maxrss * 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    src = OUT / f"llama-{args.layers}l-f32.safetensors"
+    if not src.exists():
+        print(f"generating {src} ...", file=sys.stderr)
+        generate(src, args.layers)
+    size = src.stat().st_size
+    out = OUT / "out.safetensors"
+    f16_size = None
+
+    def wc(to, *extra):
+        return [str(BIN), "convert", str(src), "-o", str(out), "--to", to, "--force", "-q", *extra]
+
+    contenders = [
+        ("weightcast f32->f16", wc("f16")),
+        ("weightcast f32->f16 --no-sync", wc("f16", "--no-sync")),
+        ("weightcast f32->bf16", wc("bf16")),
+        ("weightcast f32->f16 --preset keep-norms", wc("f16", "--preset", "keep-norms")),
+        ("PyTorch f32->f16 (load_file mmap, .to, save_file)", [PY, "-c", TORCH_SCRIPT, str(src), str(out), "float16"]),
+        ("PyTorch f32->bf16", [PY, "-c", TORCH_SCRIPT, str(src), str(out), "bfloat16"]),
+        ("numpy + safetensors.numpy f32->f16", [PY, "-c", NUMPY_SCRIPT, str(src), str(out)]),
+    ]
+    # Output size of the f16 cast, for dd.
+    subprocess.run(wc("f16"), check=True)
+    f16_size = out.stat().st_size
+    dd = ["dd", f"if={src}", f"of={out}", "bs=8M", f"count={f16_size}", "iflag=count_bytes", "status=none"]
+    contenders += [
+        ("dd, output's size (limit)", dd),
+        ("dd, output's size, conv=fsync (limit with sync)", dd + ["conv=fsync"]),
+    ]
+    results = {}
+    for r in range(args.runs):
+        for name, cmd in contenders:
+            if out.exists():
+                out.unlink()
+            results.setdefault(name, []).append(timed(cmd))
+    med = {n: (statistics.median(w for w, _ in v), max(m for _, m in v)) for n, v in results.items()}
+    dd_t = med["dd, output's size (limit)"][0]
+    dd_sync_t = med["dd, output's size, conv=fsync (limit with sync)"][0]
+    wc_t = med["weightcast f32->f16"][0]
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                         capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"input: {src.name}, {size / 2**30:.2f} GiB f32 ({args.layers} Llama layers, hidden 2048); "
+        f"f16 output {f16_size / 2**30:.2f} GiB; median of {args.runs} runs; {os.cpu_count()} cores, {cpu}",
+        "",
+        "| contender | median s | input GB/s | vs dd | vs dd+fsync | weightcast f16 speedup | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, (t, rss) in med.items():
+        lines.append(
+            f"| {name} | {t:.2f} | {size / t / 1e9:.2f} | {t / dd_t:.2f}x | {t / dd_sync_t:.2f}x | "
+            f"{t / wc_t:.2f}x | {rss / 2**20:.0f} |")
+    print("\n".join(lines))
+    (OUT / "results.json").write_text(json.dumps({n: v for n, v in results.items()}, indent=1))
+    if out.exists():
+        out.unlink()
+    if not args.keep:
+        shutil.rmtree(OUT)
+
+
+if __name__ == "__main__":
+    main()

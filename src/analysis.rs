@@ -1,0 +1,184 @@
+//! Measuring what a planned cast does to every tensor, before anything is written: the pass
+//! behind `analyze`, `--on-overflow keep`, `--max-underflow` and `--auto`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::catalogue::Catalogue;
+use crate::convert::Progress;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::source::Sources;
+use crate::stats::{cast_stats, verdict, Bounds, ErrorStats, Verdict};
+
+/// Bytes read per step.
+const CHUNK: usize = 8 << 20;
+
+/// What a cast does to one tensor.
+#[derive(Debug, Clone)]
+pub struct TensorAnalysis {
+    /// Index into the plan's tensors.
+    pub plan_index: usize,
+    /// Stored dtype.
+    pub from: DType,
+    /// Target measured.
+    pub to: DType,
+    /// The figures.
+    pub stats: ErrorStats,
+    /// The verdict under the bounds used.
+    pub verdict: Verdict,
+}
+
+/// Figures of casting tensor `t` (stored as `from`) to each of `targets`, in one read.
+pub fn measure(
+    sources: &Sources<'_>,
+    cat: &Catalogue,
+    tensor: usize,
+    targets: &[DType],
+    cancel: Option<&AtomicBool>,
+) -> Result<Vec<ErrorStats>> {
+    let t = &cat.tensors[tensor];
+    let mut acc = vec![ErrorStats::default(); targets.len()];
+    let align = (t.dtype.bitsize() / 8).max(1);
+    sources.for_each_chunk(t, CHUNK, align, |chunk| {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
+        for (a, &to) in acc.iter_mut().zip(targets) {
+            *a = a.merge(&cast_stats(t.dtype, to, chunk));
+        }
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
+/// Measures every tensor that `plan` casts, against its planned target.
+pub fn analyze(
+    cat: &Catalogue,
+    plan: &Plan,
+    bounds: &Bounds,
+    progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
+) -> Result<Vec<TensorAnalysis>> {
+    let sources = Sources::open(cat)?;
+    let todo: Vec<usize> = (0..plan.tensors.len())
+        .filter(|&i| plan.tensors[i].is_cast())
+        .collect();
+    progress.begin(
+        todo.iter().map(|&i| plan.tensors[i].bytes_in).sum(),
+        todo.len(),
+    );
+    let mut out = Vec::with_capacity(todo.len());
+    for i in todo {
+        let p = &plan.tensors[i];
+        let stats = measure(&sources, cat, p.tensor, &[p.to], cancel)?[0];
+        out.push(TensorAnalysis {
+            plan_index: i,
+            from: p.from,
+            to: p.to,
+            verdict: verdict(&stats, bounds),
+            stats,
+        });
+        progress.advance(p.bytes_in);
+    }
+    Ok(out)
+}
+
+/// Sorts analyses worst first: by verdict, then by SNR (lowest first).
+pub fn worst_first(a: &mut [TensorAnalysis]) {
+    a.sort_by(|x, y| {
+        x.verdict
+            .cmp(&y.verdict)
+            .then(x.stats.snr_db().total_cmp(&y.stats.snr_db()))
+    });
+}
+
+/// The whole model's figures: every analysed tensor merged.
+pub fn totals(a: &[TensorAnalysis]) -> ErrorStats {
+    a.iter()
+        .fold(ErrorStats::default(), |acc, t| acc.merge(&t.stats))
+}
+
+/// Leaves in their stored dtype the tensors whose cast would overflow (`--on-overflow keep`);
+/// returns how many were kept.
+pub fn keep_overflowing(plan: &mut Plan, analyses: &[TensorAnalysis]) -> usize {
+    let mut n = 0;
+    for a in analyses.iter().filter(|a| a.stats.overflow > 0) {
+        let p = &mut plan.tensors[a.plan_index];
+        p.reason = format!(
+            "kept: {} values would overflow {} (--on-overflow keep)",
+            a.stats.overflow, a.to
+        );
+        p.keep();
+        n += 1;
+    }
+    n
+}
+
+/// Leaves in their stored dtype the tensors that would flush more than `fraction` of their
+/// non-zero values to zero (`--max-underflow`); returns how many were kept.
+pub fn keep_underflowing(plan: &mut Plan, analyses: &[TensorAnalysis], fraction: f64) -> usize {
+    let mut n = 0;
+    for a in analyses
+        .iter()
+        .filter(|a| a.stats.underflow_fraction() > fraction)
+    {
+        let p = &mut plan.tensors[a.plan_index];
+        p.reason = format!(
+            "kept: {:.4}% of non-zero values would flush to zero in {} (--max-underflow {fraction})",
+            100.0 * a.stats.underflow_fraction(),
+            a.to
+        );
+        p.keep();
+        n += 1;
+    }
+    n
+}
+
+/// `--auto SNR_DB`: for each tensor the rules leave to the default target, picks the first of
+/// `candidates` (in preference order) whose cast does not overflow and keeps the SNR at or above
+/// `min_snr_db`; a tensor that no candidate serves stays as it is.
+pub fn choose_auto(
+    cat: &Catalogue,
+    plan: &mut Plan,
+    candidates: &[DType],
+    min_snr_db: f64,
+    progress: &dyn Progress,
+    cancel: Option<&AtomicBool>,
+) -> Result<()> {
+    let sources = Sources::open(cat)?;
+    let todo: Vec<usize> = (0..plan.tensors.len())
+        .filter(|&i| plan.tensors[i].by_default && plan.tensors[i].from.is_castable())
+        .collect();
+    progress.begin(
+        todo.iter().map(|&i| plan.tensors[i].bytes_in).sum(),
+        todo.len(),
+    );
+    for i in todo {
+        let (tensor, from) = (plan.tensors[i].tensor, plan.tensors[i].from);
+        let stats = measure(&sources, cat, tensor, candidates, cancel)?;
+        let pick = candidates
+            .iter()
+            .zip(&stats)
+            .find(|(_, s)| s.overflow == 0 && s.snr_db() >= min_snr_db);
+        let p = &mut plan.tensors[i];
+        match pick {
+            Some((&d, s)) => {
+                p.set_target(d, cat.tensors[tensor].numel());
+                p.reason = format!("--auto {min_snr_db} dB: {d} keeps {:.1} dB", s.snr_db());
+            }
+            None => {
+                p.keep();
+                p.reason = format!(
+                    "--auto {min_snr_db} dB: no candidate does (best {:.1} dB), kept {from}",
+                    stats
+                        .iter()
+                        .map(|s| s.snr_db())
+                        .fold(f64::NEG_INFINITY, f64::max)
+                );
+            }
+        }
+        progress.advance(plan.tensors[i].bytes_in);
+    }
+    Ok(())
+}

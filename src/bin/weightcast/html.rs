@@ -1,0 +1,242 @@
+//! The self-contained HTML report of `analyze --report`: inline SVG charts, no script, no
+//! network.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use weightcast::analysis::{totals, TensorAnalysis};
+use weightcast::catalogue::Catalogue;
+use weightcast::plan::Plan;
+use weightcast::stats::{ErrorStats, Verdict};
+
+use crate::report::{bytes, db};
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The layer number in a tensor name (`model.layers.12.mlp...`, `encoder.layer.3...`, `h.0...`).
+pub fn layer_of(name: &str) -> Option<u64> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        matches!(
+            w[0],
+            "layers" | "layer" | "h" | "blocks" | "block" | "decoder_layers"
+        )
+        .then(|| w[1].parse().ok())
+        .flatten()
+    })
+}
+
+struct Group {
+    label: String,
+    stats: ErrorStats,
+    tensors: usize,
+}
+
+/// Per layer (in depth order; tensors outside numbered layers grouped as "other").
+fn by_layer(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> Vec<Group> {
+    let mut m: BTreeMap<Option<u64>, (ErrorStats, usize)> = BTreeMap::new();
+    for x in a {
+        let name = &cat.tensors[plan.tensors[x.plan_index].tensor].name;
+        let e = m.entry(layer_of(name)).or_default();
+        e.0 = e.0.merge(&x.stats);
+        e.1 += 1;
+    }
+    let mut groups: Vec<Group> = m
+        .iter()
+        .filter_map(|(k, (s, n))| {
+            k.map(|l| Group {
+                label: l.to_string(),
+                stats: *s,
+                tensors: *n,
+            })
+        })
+        .collect();
+    if let Some((s, n)) = m.get(&None) {
+        groups.push(Group {
+            label: "other".into(),
+            stats: *s,
+            tensors: *n,
+        });
+    }
+    groups
+}
+
+/// A bar chart as inline SVG: one bar per group, values `v`, `fmt` for the labels.
+fn bars(
+    title: &str,
+    labels: &[String],
+    v: &[f64],
+    color: &str,
+    fmt: &dyn Fn(f64) -> String,
+) -> String {
+    let (w, h, left, bottom) = (760.0, 220.0, 50.0, 30.0);
+    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    let max = finite.iter().copied().fold(0.0, f64::max).max(1e-12);
+    let n = v.len().max(1) as f64;
+    let bw = (w - left) / n;
+    let mut s = format!(
+        "<figure><figcaption>{}</figcaption><svg viewBox=\"0 0 {w} {}\" width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"{}\">",
+        esc(title), h + bottom, h + bottom, esc(title)
+    );
+    let _ = write!(
+        s,
+        "<line x1=\"{left}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" stroke=\"#999\"/>"
+    );
+    let _ = write!(
+        s,
+        "<text x=\"0\" y=\"12\" font-size=\"11\">{}</text>",
+        esc(&fmt(max))
+    );
+    for (i, (&x, l)) in v.iter().zip(labels).enumerate() {
+        let bh = if x.is_finite() {
+            x / max * (h - 20.0)
+        } else {
+            h - 20.0
+        };
+        let bx = left + i as f64 * bw;
+        let fill = if x.is_finite() { color } else { "#bbb" };
+        let _ = write!(
+            s,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"><title>{}: {}</title></rect>",
+            bx + 1.0, h - bh, (bw - 2.0).max(1.0), bh, esc(l), esc(&fmt(x))
+        );
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{}</text>",
+            bx + bw / 2.0,
+            h + 14.0,
+            esc(l)
+        );
+    }
+    s.push_str("</svg></figure>");
+    s
+}
+
+pub fn analysis_page(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> String {
+    let t = totals(a);
+    let tot = plan.totals();
+    let groups = by_layer(cat, plan, a);
+    let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
+    let count = |v: Verdict| a.iter().filter(|x| x.verdict == v).count();
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>weightcast: {path} to {to}</title>\
+         <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}\
+         table{{border-collapse:collapse}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}}\
+         td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){{text-align:left}}\
+         .overflow{{color:#b00;font-weight:bold}}.underflow{{color:#a60}}.lossy{{color:#a60}}\
+         .cards{{display:flex;gap:1em;flex-wrap:wrap}}.card{{border:1px solid #ccc;border-radius:6px;padding:.6em 1em}}\
+         .card b{{display:block;font-size:20px}}figure{{margin:1em 0}}</style></head><body>\
+         <h1>What casting to {to} does</h1><p>{path}: {n} tensors cast, {k} left as they are.</p>",
+        path = esc(&cat.path.display().to_string()),
+        to = plan.target.torch_name(),
+        n = a.len(),
+        k = plan.tensors.len() - a.len(),
+    );
+    let card = |label: &str, value: String, id: &str| {
+        format!(
+            "<div class=\"card\" id=\"{id}\">{label}<b>{}</b></div>",
+            esc(&value)
+        )
+    };
+    s.push_str("<div class=\"cards\">");
+    s.push_str(&card(
+        "size",
+        format!("{} → {}", bytes(tot.bytes_in), bytes(tot.bytes_out)),
+        "size",
+    ));
+    s.push_str(&card("model SNR", format!("{} dB", db(t.snr_db())), "snr"));
+    s.push_str(&card("cosine", format!("{:.6}", t.cosine()), "cosine"));
+    s.push_str(&card(
+        "values overflowing",
+        t.overflow.to_string(),
+        "overflow",
+    ));
+    s.push_str(&card(
+        "values flushed to zero",
+        t.underflow.to_string(),
+        "underflow",
+    ));
+    s.push_str(&card(
+        "verdicts",
+        format!(
+            "{} overflow · {} underflow · {} lossy · {} ok · {} exact",
+            count(Verdict::Overflow),
+            count(Verdict::Underflow),
+            count(Verdict::Lossy),
+            count(Verdict::Ok),
+            count(Verdict::Exact)
+        ),
+        "verdicts",
+    ));
+    s.push_str("</div><h2>Along the depth of the model</h2>");
+    let snr: Vec<f64> = groups.iter().map(|g| g.stats.snr_db()).collect();
+    s.push_str(&bars(
+        "SNR per layer (dB, higher is better; grey: exact)",
+        &labels,
+        &snr,
+        "#3a7",
+        &|x| db(x),
+    ));
+    let ovf: Vec<f64> = groups.iter().map(|g| g.stats.overflow as f64).collect();
+    s.push_str(&bars(
+        "values overflowing per layer",
+        &labels,
+        &ovf,
+        "#c33",
+        &|x| format!("{x:.0}"),
+    ));
+    let unf: Vec<f64> = groups.iter().map(|g| g.stats.underflow as f64).collect();
+    s.push_str(&bars(
+        "values flushed to zero per layer",
+        &labels,
+        &unf,
+        "#d90",
+        &|x| format!("{x:.0}"),
+    ));
+    s.push_str("<h2>Per layer</h2><table><tr><th>layer</th><th>tensors</th><th>SNR dB</th><th>cosine</th><th>overflow</th><th>underflow</th></tr>");
+    for g in &groups {
+        let _ = write!(
+            s,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.6}</td><td>{}</td><td>{}</td></tr>",
+            esc(&g.label),
+            g.tensors,
+            db(g.stats.snr_db()),
+            g.stats.cosine(),
+            g.stats.overflow,
+            g.stats.underflow
+        );
+    }
+    s.push_str("</table><h2>Worst tensors</h2><table id=\"worst\"><tr><th>verdict</th><th>name</th><th>cast</th><th>max |x|</th><th>overflow</th><th>underflow</th><th>max rel err</th><th>SNR dB</th><th>cosine</th></tr>");
+    for x in a.iter().take(30) {
+        let st = &x.stats;
+        let _ = write!(
+            s,
+            "<tr><td class=\"{v}\">{v}</td><td>{}</td><td>{}→{}</td><td>{:.3e}</td><td>{}</td><td>{}</td><td>{:.3e}</td><td>{}</td><td>{:.6}</td></tr>",
+            esc(&cat.tensors[plan.tensors[x.plan_index].tensor].name),
+            x.from, x.to, st.max_abs, st.overflow, st.underflow, st.max_rel_err, db(st.snr_db()), st.cosine(),
+            v = x.verdict.as_str()
+        );
+    }
+    s.push_str("</table><p>Made by weightcast; figures in float64 against the exact values the cast writes.</p></body></html>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers() {
+        assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some(12));
+        assert_eq!(layer_of("encoder.layer.3.output.dense.weight"), Some(3));
+        assert_eq!(layer_of("transformer.h.0.attn.c_attn.weight"), Some(0));
+        assert_eq!(layer_of("lm_head.weight"), None);
+    }
+}

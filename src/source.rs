@@ -1,0 +1,63 @@
+//! Reading tensor bytes from a catalogue's files with positional reads (no mmap: resident memory
+//! stays bounded by the caller's buffers, whatever the file size).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::catalogue::{Catalogue, TensorEntry};
+use crate::error::{Error, Result};
+
+/// Open handles to every weights file of a catalogue.
+pub struct Sources<'a> {
+    cat: &'a Catalogue,
+    files: Vec<File>,
+}
+
+impl<'a> Sources<'a> {
+    /// Opens every file of `cat` read-only.
+    pub fn open(cat: &'a Catalogue) -> Result<Sources<'a>> {
+        let files = cat
+            .files
+            .iter()
+            .map(|f| File::open(&f.path).map_err(|e| Error::io(&f.path, e)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Sources { cat, files })
+    }
+
+    /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data.
+    pub fn read(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let at = t.offset + pos;
+        self.files[t.file].read_exact_at(buf, at).map_err(|e| {
+            Error::invalid(
+                &self.cat.files[t.file].path,
+                format!(
+                    "tensor `{}`: cannot read {} bytes at byte {at}: {e} (was the file changed \
+                     while reading?)",
+                    t.name,
+                    buf.len()
+                ),
+            )
+        })
+    }
+
+    /// Calls `f` with consecutive chunks of the tensor's data, each a whole number of
+    /// `align`-byte elements and at most about `chunk` bytes.
+    pub fn for_each_chunk(
+        &self,
+        t: &TensorEntry,
+        chunk: usize,
+        align: usize,
+        mut f: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let step = (chunk / align.max(1)).max(1) * align.max(1);
+        let mut buf = vec![0u8; step.min(t.nbytes as usize)];
+        let mut pos = 0u64;
+        while pos < t.nbytes {
+            let n = (step as u64).min(t.nbytes - pos) as usize;
+            self.read(t, pos, &mut buf[..n])?;
+            f(&buf[..n])?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
