@@ -79,12 +79,19 @@ def main():
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
+    ap.add_argument("--generate-only", metavar="PATH")
     args = ap.parse_args()
+    if args.generate_only:
+        generate(pathlib.Path(args.generate_only), args.layers)
+        return
     OUT.mkdir(exist_ok=True)
     src = OUT / f"llama-{args.layers}l-f32.safetensors"
     if not src.exists():
         print(f"generating {src} ...", file=sys.stderr)
-        generate(src, args.layers)
+        # In a child process, so that this one stays small (a forked child starts with its
+        # parent's resident memory, which would show in every peak RSS below).
+        subprocess.run([PY, __file__, "--generate-only", str(src), "--layers", str(args.layers)],
+                       check=True)
     size = src.stat().st_size
     out = OUT / "out.safetensors"
     f16_size = None
@@ -95,6 +102,10 @@ def main():
     contenders = [
         ("weightcast f32->f16", wc("f16")),
         ("weightcast f32->f16 --no-sync", wc("f16", "--no-sync")),
+        ("weightcast f32->f16 --no-sync --on-overflow allow (no checks)", wc("f16", "--no-sync", "--on-overflow", "allow")),
+        ("weightcast f32->f16 --no-sync --on-overflow keep --max-underflow 0.001 (analysis pass + convert)",
+         wc("f16", "--no-sync", "--on-overflow", "keep", "--max-underflow", "0.001")),
+        ("weightcast analyze --to f16 --json", [str(BIN), "analyze", str(src), "--to", "f16", "--json"]),
         ("weightcast f32->bf16", wc("bf16")),
         ("weightcast f32->f16 --preset keep-norms", wc("f16", "--preset", "keep-norms")),
         ("PyTorch f32->f16 (load_file mmap, .to, save_file)", [PY, "-c", TORCH_SCRIPT, str(src), str(out), "float16"]),

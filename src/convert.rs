@@ -66,7 +66,7 @@ pub enum OnOverflow {
     Keep,
     /// Saturate to the largest finite value and report how many were clamped.
     Clamp,
-    /// Cast exactly as torch does (inf, or saturation for f8e4m3fn) and report the counts.
+    /// Cast exactly as torch does (inf, or saturation for f8e4m3fn), without checking.
     Allow,
 }
 
@@ -91,7 +91,8 @@ impl Options {
     fn range(&self) -> cast::Range {
         match self.on_overflow {
             OnOverflow::Clamp => cast::Range::Clamp,
-            OnOverflow::Error | OnOverflow::Keep | OnOverflow::Allow => cast::Range::Count,
+            OnOverflow::Error | OnOverflow::Keep => cast::Range::Count,
+            OnOverflow::Allow => cast::Range::Ignore,
         }
     }
 }
@@ -115,8 +116,7 @@ pub struct Summary {
     pub config_dtype: Option<DType>,
     /// Things the user should know (unparseable config.json, ...).
     pub warnings: Vec<String>,
-    /// Tensors with values beyond the target's range, and how many: clamped with
-    /// `--on-overflow clamp`, cast to inf (or saturated) as torch does with `allow`.
+    /// Tensors with values clamped by `--on-overflow clamp`, and how many.
     pub overflowed: Vec<(String, u64)>,
     /// Wall time.
     pub elapsed: Duration,
@@ -367,6 +367,7 @@ impl Job<'_> {
             .collect();
         match self.opts.on_overflow {
             OnOverflow::Clamp | OnOverflow::Allow => {
+                // `allow` counts nothing (Range::Ignore), so this is the clamp report.
                 summary.overflowed = named.into_iter().map(|(n, _, c)| (n, c)).collect();
                 Ok(())
             }

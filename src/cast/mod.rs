@@ -234,6 +234,17 @@ fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8], range: Ra
     count
 }
 
+/// Decodes little-endian elements of any castable type but f64 into f32 (exact). `vals` holds
+/// `input.len() / element size` values.
+pub fn decode_f32_slice(from: DType, input: &[u8], vals: &mut [f32]) {
+    for (i, v) in input
+        .chunks(BLOCK * (from.bitsize() / 8))
+        .zip(vals.chunks_mut(BLOCK))
+    {
+        decode_block(from, i, v);
+    }
+}
+
 fn decode_block(from: DType, input: &[u8], vals: &mut [f32]) {
     match from {
         DType::F32 => {

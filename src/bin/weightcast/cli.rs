@@ -120,7 +120,8 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub rules: RuleFlags,
     /// When finite values would leave the target's range: error (stop, write nothing), keep
-    /// (leave those tensors as they are), clamp (saturate), allow (cast as torch does).
+    /// (leave those tensors as they are), clamp (saturate), allow (cast as torch does, no
+    /// check).
     #[arg(long, value_name = "POLICY", default_value = "error")]
     pub on_overflow: String,
     /// Keep tensors whose non-zero values would flush to zero above this fraction.

@@ -298,11 +298,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
     }
     if !summary.overflowed.is_empty() {
         let total: u64 = summary.overflowed.iter().map(|t| t.1).sum();
-        let what = if on_overflow == OnOverflow::Clamp {
-            "clamped to the largest finite value"
-        } else {
-            "cast out of range as torch does (inf, or fp8 saturation)"
-        };
+        let what = "clamped to the largest finite value";
         warn(&format!(
             "{total} values in {} tensor(s) {what}: {}",
             summary.overflowed.len(),
