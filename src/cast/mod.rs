@@ -221,9 +221,14 @@ fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8], range: Ra
     }
     let t = overflow_threshold(to);
     if range != Range::Ignore && t.is_finite() {
-        // Branch-free so that it vectorises: counting costs next to nothing.
-        let out_of_range = |v: f32| (v.abs() >= t) & (v.abs() < f32::INFINITY);
-        count += vals.iter().map(|&v| out_of_range(v) as u64).sum::<u64>();
+        // On the bits, branch-free and in 32-bit lanes, so that it vectorises: finite values
+        // at or above the threshold (NaN and inf bits are >= 0x7F80_0000).
+        let tb = t.to_bits();
+        let out_of_range = |v: f32| {
+            let a = v.to_bits() & 0x7FFF_FFFF;
+            (a >= tb) & (a < 0x7F80_0000)
+        };
+        count += vals.iter().map(|&v| out_of_range(v) as u32).sum::<u32>() as u64;
         if range == Range::Clamp && count > 0 {
             for v in vals.iter_mut().filter(|v| out_of_range(**v)) {
                 *v = max.copysign(*v);
