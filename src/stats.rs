@@ -257,7 +257,11 @@ fn cast_stats_generic(from: DType, to: DType, bytes: &[u8]) -> ErrorStats {
             let mut flags = vec![false; chunk.len() / isz];
             cast::cast_flagged(from, to, chunk, &mut out, &mut flags);
             let mut s = ErrorStats::default();
-            for ((i, o), ovf) in chunk.chunks_exact(isz).zip(out.chunks_exact(osz)).zip(&flags) {
+            for ((i, o), ovf) in chunk
+                .chunks_exact(isz)
+                .zip(out.chunks_exact(osz))
+                .zip(&flags)
+            {
                 s.push(cast::decode_f64(from, i), cast::decode_f64(to, o), *ovf, mn);
             }
             s
