@@ -2,6 +2,7 @@
 //! or writes one out.
 
 pub mod folder;
+pub mod pickle;
 pub mod safetensors;
 
 pub use folder::open;

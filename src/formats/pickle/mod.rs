@@ -1,0 +1,172 @@
+//! A pickle engine of our own that never imports or calls anything.
+//!
+//! [`parse`] turns pickle bytes (protocols 0 to 5) into a [`Pickle`]: an arena of [`Node`]s in
+//! which globals are names, REDUCE/NEWOBJ/BUILD results are [`Object`] nodes and persistent ids
+//! stay [`Node::PersId`]. Memo references resolve to the same node id, so shared objects (tied
+//! weights, repeated storages) stay shared and nothing is copied. The parser is iterative (no
+//! recursion on nesting) and every length is checked against the bytes that remain, so a
+//! hostile file gets an error naming the byte offset and opcode, never a hang, a stack overflow
+//! or an allocation sized by an untrusted length.
+
+mod read;
+
+pub use read::{parse, parse_with, Limits, PickleError};
+
+/// Index of a node in [`Pickle::nodes`].
+pub type NodeId = usize;
+
+/// One value of a pickle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    /// `None`.
+    None,
+    /// `True`/`False`.
+    Bool(bool),
+    /// An integer that fits i64.
+    Int(i64),
+    /// A larger integer: little-endian two's complement bytes (LONG1/LONG4).
+    BigInt(Vec<u8>),
+    /// A float.
+    Float(f64),
+    /// `bytes`/`bytearray` (and protocol-0/1 byte strings).
+    Bytes(Vec<u8>),
+    /// `str`.
+    Str(String),
+    /// `list`.
+    List(Vec<NodeId>),
+    /// `tuple`.
+    Tuple(Vec<NodeId>),
+    /// `dict`, in insertion order.
+    Dict(Vec<(NodeId, NodeId)>),
+    /// `set`.
+    Set(Vec<NodeId>),
+    /// `frozenset`.
+    FrozenSet(Vec<NodeId>),
+    /// A global reference (`module.name`), never resolved.
+    Global {
+        /// Module path.
+        module: String,
+        /// Attribute name.
+        name: String,
+    },
+    /// The result of calling something: kept as a description, never executed.
+    Object(Object),
+    /// A persistent id (torch's storage references).
+    PersId(NodeId),
+}
+
+/// How an object would have been made.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Call {
+    /// `REDUCE`: `func(*args)`.
+    Reduce {
+        /// The callable (usually a [`Node::Global`]).
+        func: NodeId,
+        /// The argument tuple.
+        args: NodeId,
+    },
+    /// `NEWOBJ`/`NEWOBJ_EX`: `cls.__new__(cls, *args, **kwargs)`.
+    NewObj {
+        /// The class.
+        cls: NodeId,
+        /// The argument tuple.
+        args: NodeId,
+        /// Keyword arguments (NEWOBJ_EX).
+        kwargs: Option<NodeId>,
+    },
+    /// Protocol 0/1 `INST`/`OBJ`: `cls(*args)`.
+    Inst {
+        /// The class (a [`Node::Global`]).
+        cls: NodeId,
+        /// The arguments.
+        args: Vec<NodeId>,
+    },
+}
+
+/// An object node: the call that makes it plus what later opcodes did to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    /// How it is made.
+    pub call: Call,
+    /// The `BUILD` state (`__setstate__` argument), if any.
+    pub state: Option<NodeId>,
+    /// Items set with SETITEM(S) (an OrderedDict, a defaultdict).
+    pub items: Vec<(NodeId, NodeId)>,
+    /// Items added with APPEND(S).
+    pub appends: Vec<NodeId>,
+}
+
+/// A parsed pickle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pickle {
+    /// Every node.
+    pub nodes: Vec<Node>,
+    /// The value the pickle returns.
+    pub root: NodeId,
+}
+
+impl Pickle {
+    /// The node `id`.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id]
+    }
+
+    /// The string in node `id`, if it is one.
+    pub fn str(&self, id: NodeId) -> Option<&str> {
+        match &self.nodes[id] {
+            Node::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer in node `id`, if it is one (bools count as 0/1).
+    pub fn int(&self, id: NodeId) -> Option<i64> {
+        match &self.nodes[id] {
+            Node::Int(i) => Some(*i),
+            Node::Bool(b) => Some(*b as i64),
+            _ => None,
+        }
+    }
+
+    /// The items of a tuple or list node.
+    pub fn seq(&self, id: NodeId) -> Option<&[NodeId]> {
+        match &self.nodes[id] {
+            Node::Tuple(v) | Node::List(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// `(module, name)` of a global node.
+    pub fn global(&self, id: NodeId) -> Option<(&str, &str)> {
+        match &self.nodes[id] {
+            Node::Global { module, name } => Some((module, name)),
+            _ => None,
+        }
+    }
+
+    /// For an object made by calling a global, that global's `(module, name)`.
+    pub fn callee(&self, id: NodeId) -> Option<(&str, &str)> {
+        match &self.nodes[id] {
+            Node::Object(o) => match o.call {
+                Call::Reduce { func, .. } => self.global(func),
+                Call::NewObj { cls, .. } => self.global(cls),
+                Call::Inst { cls, .. } => self.global(cls),
+            },
+            _ => None,
+        }
+    }
+
+    /// Every global the pickle references, in first-seen order, without duplicates.
+    pub fn globals(&self) -> Vec<(String, String)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if let Node::Global { module, name } = n {
+                if seen.insert((module.as_str(), name.as_str())) {
+                    out.push((module.clone(), name.clone()));
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,862 @@
+//! The pickle parser: a stack machine over the opcodes of protocols 0 to 5 that builds nodes and
+//! never executes anything.
+
+use std::collections::HashMap;
+
+use super::{Call, Node, NodeId, Object, Pickle};
+
+/// Hard limits for untrusted input.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most nodes a pickle may create.
+    pub max_nodes: usize,
+    /// Most values on the stack at once (including those under marks).
+    pub max_stack: usize,
+    /// Most nested marks.
+    pub max_marks: usize,
+    /// Most memo entries.
+    pub max_memo: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_nodes: 50_000_000,
+            max_stack: 10_000_000,
+            max_marks: 100_000,
+            max_memo: 50_000_000,
+        }
+    }
+}
+
+/// Why a pickle could not be parsed: the byte offset, the opcode and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pickle byte {offset}: {opcode}: {what}")]
+pub struct PickleError {
+    /// Offset of the opcode in the pickle.
+    pub offset: usize,
+    /// The opcode's name (or its hex value when unknown).
+    pub opcode: String,
+    /// What is wrong.
+    pub what: String,
+}
+
+/// Parses with the default [`Limits`].
+pub fn parse(data: &[u8]) -> Result<Pickle, PickleError> {
+    parse_with(data, Limits::default())
+}
+
+fn name(op: u8) -> String {
+    let n = match op {
+        b'I' => "INT",
+        b'J' => "BININT",
+        b'K' => "BININT1",
+        b'M' => "BININT2",
+        b'L' => "LONG",
+        0x8A => "LONG1",
+        0x8B => "LONG4",
+        b'S' => "STRING",
+        b'T' => "BINSTRING",
+        b'U' => "SHORT_BINSTRING",
+        b'B' => "BINBYTES",
+        b'C' => "SHORT_BINBYTES",
+        0x8E => "BINBYTES8",
+        0x96 => "BYTEARRAY8",
+        0x97 => "NEXT_BUFFER",
+        0x98 => "READONLY_BUFFER",
+        b'N' => "NONE",
+        0x88 => "NEWTRUE",
+        0x89 => "NEWFALSE",
+        b'V' => "UNICODE",
+        0x8C => "SHORT_BINUNICODE",
+        b'X' => "BINUNICODE",
+        0x8D => "BINUNICODE8",
+        b'F' => "FLOAT",
+        b'G' => "BINFLOAT",
+        b']' => "EMPTY_LIST",
+        b'a' => "APPEND",
+        b'e' => "APPENDS",
+        b'l' => "LIST",
+        b')' => "EMPTY_TUPLE",
+        b't' => "TUPLE",
+        0x85 => "TUPLE1",
+        0x86 => "TUPLE2",
+        0x87 => "TUPLE3",
+        b'}' => "EMPTY_DICT",
+        b'd' => "DICT",
+        b's' => "SETITEM",
+        b'u' => "SETITEMS",
+        0x8F => "EMPTY_SET",
+        0x90 => "ADDITEMS",
+        0x91 => "FROZENSET",
+        b'0' => "POP",
+        b'2' => "DUP",
+        b'(' => "MARK",
+        b'1' => "POP_MARK",
+        b'g' => "GET",
+        b'h' => "BINGET",
+        b'j' => "LONG_BINGET",
+        b'p' => "PUT",
+        b'q' => "BINPUT",
+        b'r' => "LONG_BINPUT",
+        0x94 => "MEMOIZE",
+        0x82 => "EXT1",
+        0x83 => "EXT2",
+        0x84 => "EXT4",
+        b'c' => "GLOBAL",
+        0x93 => "STACK_GLOBAL",
+        b'R' => "REDUCE",
+        b'b' => "BUILD",
+        b'i' => "INST",
+        b'o' => "OBJ",
+        0x81 => "NEWOBJ",
+        0x92 => "NEWOBJ_EX",
+        0x80 => "PROTO",
+        b'.' => "STOP",
+        0x95 => "FRAME",
+        b'P' => "PERSID",
+        b'Q' => "BINPERSID",
+        _ => return format!("unknown opcode {op:#04x}"),
+    };
+    n.to_string()
+}
+
+struct Machine<'a> {
+    data: &'a [u8],
+    pos: usize,
+    op_at: usize,
+    op: u8,
+    limits: Limits,
+    nodes: Vec<Node>,
+    stack: Vec<NodeId>,
+    marks: Vec<usize>,
+    memo: HashMap<u64, NodeId>,
+}
+
+type R<T> = Result<T, PickleError>;
+
+impl<'a> Machine<'a> {
+    fn err<T>(&self, what: impl Into<String>) -> R<T> {
+        Err(PickleError {
+            offset: self.op_at,
+            opcode: name(self.op),
+            what: what.into(),
+        })
+    }
+
+    fn take(&mut self, n: usize) -> R<&'a [u8]> {
+        match self.pos.checked_add(n).filter(|&e| e <= self.data.len()) {
+            Some(end) => {
+                let s = &self.data[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => self.err(format!(
+                "needs {n} bytes but only {} remain (truncated?)",
+                self.data.len() - self.pos
+            )),
+        }
+    }
+
+    fn take_len(&mut self, n: u64) -> R<&'a [u8]> {
+        match usize::try_from(n) {
+            Ok(n) => self.take(n),
+            Err(_) => self.err(format!("length {n} is larger than the input")),
+        }
+    }
+
+    fn u8(&mut self) -> R<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> R<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> R<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn i32(&mut self) -> R<i32> {
+        Ok(i32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> R<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+
+    /// A newline-terminated text argument (protocol 0).
+    fn line(&mut self) -> R<&'a str> {
+        let rest = &self.data[self.pos..];
+        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+            return self.err("argument has no terminating newline (truncated?)");
+        };
+        let s = &rest[..nl];
+        self.pos += nl + 1;
+        match std::str::from_utf8(s) {
+            Ok(s) => Ok(s),
+            Err(_) => self.err("argument is not UTF-8"),
+        }
+    }
+
+    fn utf8(&self, b: &[u8]) -> R<String> {
+        match std::str::from_utf8(b) {
+            Ok(s) => Ok(s.to_string()),
+            Err(e) => self.err(format!(
+                "string is not UTF-8 (at its byte {})",
+                e.valid_up_to()
+            )),
+        }
+    }
+
+    fn push_node(&mut self, n: Node) -> R<NodeId> {
+        if self.nodes.len() >= self.limits.max_nodes {
+            return self.err(format!("more than {} values", self.limits.max_nodes));
+        }
+        self.nodes.push(n);
+        let id = self.nodes.len() - 1;
+        self.push(id)?;
+        Ok(id)
+    }
+
+    fn push(&mut self, id: NodeId) -> R<()> {
+        if self.stack.len() >= self.limits.max_stack {
+            return self.err(format!("stack deeper than {}", self.limits.max_stack));
+        }
+        self.stack.push(id);
+        Ok(())
+    }
+
+    fn pop(&mut self) -> R<NodeId> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return self.err("stack underflow");
+        }
+        Ok(self.stack.pop().expect("checked"))
+    }
+
+    fn top(&self) -> R<NodeId> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return self.err("stack underflow");
+        }
+        Ok(*self.stack.last().expect("checked"))
+    }
+
+    fn pop_mark(&mut self) -> R<Vec<NodeId>> {
+        let Some(m) = self.marks.pop() else {
+            return self.err("no MARK before it");
+        };
+        Ok(self.stack.split_off(m))
+    }
+
+    fn memo_put(&mut self, key: u64) -> R<()> {
+        let id = self.top()?;
+        if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
+            return self.err(format!("more than {} memo entries", self.limits.max_memo));
+        }
+        self.memo.insert(key, id);
+        Ok(())
+    }
+
+    fn memo_get(&mut self, key: u64) -> R<()> {
+        match self.memo.get(&key) {
+            Some(&id) => self.push(id),
+            None => self.err(format!("memo key {key} was never stored")),
+        }
+    }
+
+    fn pairs(&self, items: Vec<NodeId>) -> R<Vec<(NodeId, NodeId)>> {
+        if items.len() % 2 != 0 {
+            return self.err("odd number of items for key/value pairs");
+        }
+        Ok(items.chunks(2).map(|c| (c[0], c[1])).collect())
+    }
+
+    /// Adds items to the dict-like node `target` (SETITEM/SETITEMS).
+    fn set_items(&mut self, target: NodeId, items: Vec<(NodeId, NodeId)>) -> R<()> {
+        match &mut self.nodes[target] {
+            Node::Dict(d) => d.extend(items),
+            Node::Object(o) => o.items.extend(items),
+            _ => return self.err("target is not a dict"),
+        }
+        Ok(())
+    }
+
+    fn append_items(&mut self, target: NodeId, items: Vec<NodeId>) -> R<()> {
+        match &mut self.nodes[target] {
+            Node::List(l) => l.extend(items),
+            Node::Object(o) => o.appends.extend(items),
+            _ => return self.err("target is not a list"),
+        }
+        Ok(())
+    }
+
+    fn object(&mut self, call: Call) -> R<()> {
+        self.push_node(Node::Object(Object {
+            call,
+            state: None,
+            items: vec![],
+            appends: vec![],
+        }))?;
+        Ok(())
+    }
+
+    fn int_text(&self, s: &str) -> R<Node> {
+        let t = s.trim_end_matches('L');
+        match t {
+            "00" => return Ok(Node::Bool(false)),
+            "01" => return Ok(Node::Bool(true)),
+            _ => {}
+        }
+        match t.parse::<i64>() {
+            Ok(i) => Ok(Node::Int(i)),
+            Err(_)
+                if !t.is_empty()
+                    && t.trim_start_matches('-')
+                        .bytes()
+                        .all(|b| b.is_ascii_digit()) =>
+            {
+                // Too large for i64: keep the decimal text as bytes of a big integer is not
+                // needed by any checkpoint; refuse clearly.
+                self.err(format!("integer `{t}` does not fit 64 bits"))
+            }
+            Err(_) => self.err(format!("`{s}` is not an integer")),
+        }
+    }
+
+    fn run(mut self) -> R<Pickle> {
+        loop {
+            self.op_at = self.pos;
+            if self.pos >= self.data.len() {
+                self.op = 0;
+                return Err(PickleError {
+                    offset: self.pos,
+                    opcode: "end of data".into(),
+                    what: "no STOP opcode (truncated?)".into(),
+                });
+            }
+            self.op = self.data[self.pos];
+            self.pos += 1;
+            match self.op {
+                0x80 => {
+                    let p = self.u8()?;
+                    if p > 5 {
+                        return self.err(format!("unsupported protocol {p}"));
+                    }
+                }
+                0x95 => {
+                    self.u64()?;
+                }
+                b'.' => {
+                    let root = self.pop()?;
+                    return Ok(Pickle {
+                        nodes: self.nodes,
+                        root,
+                    });
+                }
+                b'N' => {
+                    self.push_node(Node::None)?;
+                }
+                0x88 => {
+                    self.push_node(Node::Bool(true))?;
+                }
+                0x89 => {
+                    self.push_node(Node::Bool(false))?;
+                }
+                b'J' => {
+                    let v = self.i32()? as i64;
+                    self.push_node(Node::Int(v))?;
+                }
+                b'K' => {
+                    let v = self.u8()? as i64;
+                    self.push_node(Node::Int(v))?;
+                }
+                b'M' => {
+                    let v = self.u16()? as i64;
+                    self.push_node(Node::Int(v))?;
+                }
+                b'I' | b'L' => {
+                    let s = self.line()?;
+                    let n = self.int_text(s)?;
+                    self.push_node(n)?;
+                }
+                0x8A | 0x8B => {
+                    let n = if self.op == 0x8A {
+                        self.u8()? as u64
+                    } else {
+                        let n = self.i32()?;
+                        if n < 0 {
+                            return self.err("negative length");
+                        }
+                        n as u64
+                    };
+                    let b = self.take_len(n)?;
+                    let node = if b.is_empty() {
+                        Node::Int(0)
+                    } else if b.len() <= 8 {
+                        let neg = b[b.len() - 1] & 0x80 != 0;
+                        let mut buf = [if neg { 0xFF } else { 0 }; 8];
+                        buf[..b.len()].copy_from_slice(b);
+                        Node::Int(i64::from_le_bytes(buf))
+                    } else {
+                        Node::BigInt(b.to_vec())
+                    };
+                    self.push_node(node)?;
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take(8)?.try_into().expect("8"));
+                    self.push_node(Node::Float(v))?;
+                }
+                b'F' => {
+                    let s = self.line()?;
+                    match s.trim().parse::<f64>() {
+                        Ok(v) => {
+                            self.push_node(Node::Float(v))?;
+                        }
+                        Err(_) => return self.err(format!("`{s}` is not a float")),
+                    }
+                }
+                b'X' | 0x8C | 0x8D => {
+                    let n = match self.op {
+                        b'X' => self.u32()? as u64,
+                        0x8C => self.u8()? as u64,
+                        _ => self.u64()?,
+                    };
+                    let b = self.take_len(n)?;
+                    let s = self.utf8(b)?;
+                    self.push_node(Node::Str(s))?;
+                }
+                b'V' => {
+                    let s = self.line()?;
+                    let s = unescape_raw_unicode(s);
+                    self.push_node(Node::Str(s))?;
+                }
+                b'B' | b'C' | 0x8E | 0x96 => {
+                    let n = match self.op {
+                        b'B' => self.u32()? as u64,
+                        b'C' => self.u8()? as u64,
+                        _ => self.u64()?,
+                    };
+                    let b = self.take_len(n)?.to_vec();
+                    self.push_node(Node::Bytes(b))?;
+                }
+                b'T' | b'U' => {
+                    let n = if self.op == b'T' {
+                        let n = self.i32()?;
+                        if n < 0 {
+                            return self.err("negative length");
+                        }
+                        n as u64
+                    } else {
+                        self.u8()? as u64
+                    };
+                    let b = self.take_len(n)?.to_vec();
+                    self.push_node(Node::Bytes(b))?;
+                }
+                b'S' => {
+                    let s = self.line()?;
+                    let Some(body) = s
+                        .strip_prefix('\'')
+                        .and_then(|s| s.strip_suffix('\''))
+                        .or_else(|| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
+                    else {
+                        return self.err("STRING argument is not quoted");
+                    };
+                    let b = unescape_bytes(body);
+                    self.push_node(Node::Bytes(b))?;
+                }
+                0x97 | 0x98 => return self.err("out-of-band buffers are not supported"),
+                b']' => {
+                    self.push_node(Node::List(vec![]))?;
+                }
+                b')' => {
+                    self.push_node(Node::Tuple(vec![]))?;
+                }
+                b'}' => {
+                    self.push_node(Node::Dict(vec![]))?;
+                }
+                0x8F => {
+                    self.push_node(Node::Set(vec![]))?;
+                }
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    self.push_node(Node::List(items))?;
+                }
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.push_node(Node::Tuple(items))?;
+                }
+                0x85..=0x87 => {
+                    let n = (self.op - 0x84) as usize;
+                    let mut items = vec![0; n];
+                    for i in (0..n).rev() {
+                        items[i] = self.pop()?;
+                    }
+                    self.push_node(Node::Tuple(items))?;
+                }
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    let pairs = self.pairs(items)?;
+                    self.push_node(Node::Dict(pairs))?;
+                }
+                0x91 => {
+                    let items = self.pop_mark()?;
+                    self.push_node(Node::FrozenSet(items))?;
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    let target = self.top()?;
+                    self.append_items(target, vec![v])?;
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    let target = self.top()?;
+                    self.append_items(target, items)?;
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    let target = self.top()?;
+                    self.set_items(target, vec![(k, v)])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let pairs = self.pairs(items)?;
+                    let target = self.top()?;
+                    self.set_items(target, pairs)?;
+                }
+                0x90 => {
+                    let items = self.pop_mark()?;
+                    let target = self.top()?;
+                    match &mut self.nodes[target] {
+                        Node::Set(s) => s.extend(items),
+                        _ => return self.err("target is not a set"),
+                    }
+                }
+                b'0' => {
+                    self.pop()?;
+                }
+                b'2' => {
+                    let t = self.top()?;
+                    self.push(t)?;
+                }
+                b'(' => {
+                    if self.marks.len() >= self.limits.max_marks {
+                        return self
+                            .err(format!("more than {} nested marks", self.limits.max_marks));
+                    }
+                    self.marks.push(self.stack.len());
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'g' | b'p' => {
+                    let s = self.line()?;
+                    let Ok(k) = s.trim().parse::<u64>() else {
+                        return self.err(format!("`{s}` is not a memo key"));
+                    };
+                    if self.op == b'g' {
+                        self.memo_get(k)?;
+                    } else {
+                        self.memo_put(k)?;
+                    }
+                }
+                b'h' => {
+                    let k = self.u8()? as u64;
+                    self.memo_get(k)?;
+                }
+                b'j' => {
+                    let k = self.u32()? as u64;
+                    self.memo_get(k)?;
+                }
+                b'q' => {
+                    let k = self.u8()? as u64;
+                    self.memo_put(k)?;
+                }
+                b'r' => {
+                    let k = self.u32()? as u64;
+                    self.memo_put(k)?;
+                }
+                0x94 => {
+                    let k = self.memo.len() as u64;
+                    self.memo_put(k)?;
+                }
+                0x82..=0x84 => return self.err("extension registry codes are not supported"),
+                b'c' => {
+                    let module = self.line()?.to_string();
+                    let name = self.line()?.to_string();
+                    self.push_node(Node::Global { module, name })?;
+                }
+                0x93 => {
+                    let n = self.pop()?;
+                    let m = self.pop()?;
+                    let (Node::Str(module), Node::Str(name)) = (&self.nodes[m], &self.nodes[n])
+                    else {
+                        return self.err("module and name must be strings");
+                    };
+                    let g = Node::Global {
+                        module: module.clone(),
+                        name: name.clone(),
+                    };
+                    self.push_node(g)?;
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let func = self.pop()?;
+                    self.object(Call::Reduce { func, args })?;
+                }
+                0x81 => {
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    self.object(Call::NewObj {
+                        cls,
+                        args,
+                        kwargs: None,
+                    })?;
+                }
+                0x92 => {
+                    let kwargs = self.pop()?;
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    self.object(Call::NewObj {
+                        cls,
+                        args,
+                        kwargs: Some(kwargs),
+                    })?;
+                }
+                b'i' => {
+                    let module = self.line()?.to_string();
+                    let name = self.line()?.to_string();
+                    let args = self.pop_mark()?;
+                    if self.nodes.len() >= self.limits.max_nodes {
+                        return self.err("too many values");
+                    }
+                    self.nodes.push(Node::Global { module, name });
+                    let cls = self.nodes.len() - 1;
+                    self.object(Call::Inst { cls, args })?;
+                }
+                b'o' => {
+                    let mut items = self.pop_mark()?;
+                    if items.is_empty() {
+                        return self.err("OBJ needs a class");
+                    }
+                    let cls = items.remove(0);
+                    self.object(Call::Inst { cls, args: items })?;
+                }
+                b'b' => {
+                    let state = self.pop()?;
+                    let target = self.top()?;
+                    match &mut self.nodes[target] {
+                        Node::Object(o) if o.state.is_none() => o.state = Some(state),
+                        Node::Object(_) => return self.err("object already has a state"),
+                        _ => return self.err("BUILD on a value that is not an object"),
+                    }
+                }
+                b'P' => {
+                    let s = self.line()?.to_string();
+                    if self.nodes.len() >= self.limits.max_nodes {
+                        return self.err("too many values");
+                    }
+                    self.nodes.push(Node::Str(s));
+                    let id = self.nodes.len() - 1;
+                    self.push_node(Node::PersId(id))?;
+                }
+                b'Q' => {
+                    let id = self.pop()?;
+                    self.push_node(Node::PersId(id))?;
+                }
+                _ => return self.err("not a pickle opcode"),
+            }
+        }
+    }
+}
+
+/// Parses with explicit limits.
+pub fn parse_with(data: &[u8], limits: Limits) -> Result<Pickle, PickleError> {
+    Machine {
+        data,
+        pos: 0,
+        op_at: 0,
+        op: 0,
+        limits,
+        nodes: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
+}
+
+/// Protocol 0 `UNICODE` arguments use raw-unicode-escape: `\uXXXX` and `\UXXXXXXXX`.
+fn unescape_raw_unicode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' && matches!(chars.peek(), Some('u') | Some('U')) {
+            let n = if chars.next() == Some('u') { 4 } else { 8 };
+            let hex: String = chars.by_ref().take(n).collect();
+            match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                Some(ch) => out.push(ch),
+                None => {
+                    out.push('\\');
+                    out.push_str(&hex);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Python `repr` escapes of protocol 0 `STRING` arguments.
+fn unescape_bytes(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 1 < b.len() {
+            i += 1;
+            match b[i] {
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'r' => out.push(b'\r'),
+                b'\\' => out.push(b'\\'),
+                b'\'' => out.push(b'\''),
+                b'"' => out.push(b'"'),
+                b'x' if i + 2 < b.len() + 1 => {
+                    let hex = std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        Err(_) => out.extend_from_slice(b"\\x"),
+                    }
+                }
+                other => {
+                    out.push(b'\\');
+                    out.push(other);
+                }
+            }
+        } else {
+            out.push(b[i]);
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol2_state_dict_shape() {
+        // collections.OrderedDict() REDUCE, memo, SETITEMS, BUILD
+        let mut p = vec![0x80, 2];
+        p.extend_from_slice(b"ccollections\nOrderedDict\nq\x00)R");
+        p.extend_from_slice(b"q\x01(X\x01\x00\x00\x00aK\x05X\x01\x00\x00\x00bh\x01u}b.");
+        let pk = parse(&p).unwrap();
+        let Node::Object(o) = pk.node(pk.root) else {
+            panic!()
+        };
+        assert_eq!(pk.callee(pk.root), Some(("collections", "OrderedDict")));
+        assert_eq!(o.items.len(), 2);
+        assert_eq!(pk.str(o.items[0].0), Some("a"));
+        assert_eq!(pk.int(o.items[0].1), Some(5));
+        assert_eq!(
+            o.items[1].1, pk.root,
+            "memo reference is the same node, not a copy"
+        );
+        assert!(o.state.is_some());
+    }
+
+    #[test]
+    fn protocol0_text_opcodes() {
+        let p = b"(lp0\nI42\naF1.5\naS'a\\nb'\np1\naVcaf\\u00e9\np2\nag1\naI01\na.";
+        let pk = parse(p).unwrap();
+        let items = pk.seq(pk.root).unwrap();
+        assert_eq!(pk.int(items[0]), Some(42));
+        assert_eq!(pk.node(items[1]), &Node::Float(1.5));
+        assert_eq!(pk.node(items[2]), &Node::Bytes(b"a\nb".to_vec()));
+        assert_eq!(pk.str(items[3]), Some("café"));
+        assert_eq!(items[4], items[2]);
+        assert_eq!(pk.node(items[5]), &Node::Bool(true));
+    }
+
+    #[test]
+    fn errors_name_offset_and_opcode() {
+        let cases: &[(&[u8], &str)] = &[
+            (
+                b"\x80\x02X\xff\xff\xff\x7fabc",
+                "pickle byte 2: BINUNICODE: needs 2147483647 bytes",
+            ),
+            (
+                b"\x80\x02h\x05.",
+                "pickle byte 2: BINGET: memo key 5 was never stored",
+            ),
+            (b"\x80\x02t.", "pickle byte 2: TUPLE: no MARK"),
+            (b"\x80\x02R.", "pickle byte 2: REDUCE: stack underflow"),
+            (b"\x80\x02N", "no STOP"),
+            (b"\x80\x09N.", "unsupported protocol 9"),
+            (b"\x80\x02\xffN.", "pickle byte 2: unknown opcode 0xff"),
+            (b"\x80\x02Nb.", "BUILD"),
+            (b"\x80\x02\x8b\x00\x00\x00\x80.", "negative length"),
+        ];
+        for (p, want) in cases {
+            let e = parse(p).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} !~ {want}");
+        }
+    }
+
+    #[test]
+    fn limits_stop_hostile_input() {
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b'(', 1000));
+        let e = parse_with(
+            &p,
+            Limits {
+                max_marks: 100,
+                ..Limits::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nested marks"), "{e}");
+        // a million DUPs of one value: the stack limit, not memory, stops it
+        let mut p = vec![0x80, 2, b'N'];
+        p.extend(std::iter::repeat_n(b'2', 1_000_000));
+        let e = parse_with(
+            &p,
+            Limits {
+                max_stack: 1000,
+                ..Limits::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stack deeper"), "{e}");
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            let len = (x % 64) as usize;
+            let mut v = vec![0x80, 2];
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.push((x & 0xFF) as u8);
+            }
+            let _ = parse(&v);
+        }
+    }
+
+    #[test]
+    fn long1_and_big_ints() {
+        let p = b"\x80\x02\x8a\x02\xff\x7f\x8a\x01\xff\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x00\x01\x87.";
+        let pk = parse(p).unwrap();
+        let t = pk.seq(pk.root).unwrap();
+        assert_eq!(pk.int(t[0]), Some(0x7fff));
+        assert_eq!(pk.int(t[1]), Some(-1));
+        assert!(matches!(pk.node(t[2]), Node::BigInt(b) if b.len() == 9));
+    }
+}
