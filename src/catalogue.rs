@@ -15,6 +15,10 @@ pub enum InputKind {
     ShardedSafetensors,
     /// A Hugging Face model folder.
     Folder,
+    /// A `torch.save` zip checkpoint.
+    Torch,
+    /// A TorchScript archive (`torch.jit.save`).
+    TorchScript,
 }
 
 impl InputKind {
@@ -24,6 +28,8 @@ impl InputKind {
             InputKind::Safetensors => "safetensors",
             InputKind::ShardedSafetensors => "sharded safetensors",
             InputKind::Folder => "model folder (safetensors)",
+            InputKind::Torch => "PyTorch checkpoint (torch.save zip)",
+            InputKind::TorchScript => "TorchScript archive",
         }
     }
 }
@@ -92,6 +98,10 @@ pub struct Catalogue {
     pub index_metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// The folder's other files, for folder inputs.
     pub folder: Option<FolderInfo>,
+    /// What reading found worth telling (tensors left out, tied tensors, dangerous globals).
+    pub notes: Vec<String>,
+    /// For pickle-based inputs: every global the pickle references, with its class.
+    pub globals: Vec<(String, crate::audit::Class)>,
 }
 
 impl Catalogue {

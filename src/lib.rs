@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod analysis;
+pub mod audit;
 pub mod cast;
 pub mod catalogue;
 pub mod convert;

@@ -29,6 +29,11 @@ impl Target {
             Ok(Target::File(out.to_path_buf()))
         } else if cat.kind == InputKind::Folder {
             Ok(Target::Folder(out.to_path_buf()))
+        } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
+            Err(Error::usage(format!(
+                "{}: writing PyTorch files is not supported yet; write .safetensors instead",
+                out.display()
+            )))
         } else {
             Err(Error::usage(format!(
                 "{}: the output must end in .safetensors or .safetensors.index.json \

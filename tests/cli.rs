@@ -317,6 +317,7 @@ fn usage_errors_exit_2() {
     std::fs::write(&inp, valid()).unwrap();
     let out = d.s("out.safetensors");
     let outbin = d.s("out.bin");
+    let outtxt = d.s("out.txt");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["convert", &inp, "-o", &out, "--to", "f17"],

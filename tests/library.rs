@@ -47,3 +47,48 @@ fn cancelled_conversion_writes_nothing() {
     assert_eq!(n % 8, 0, "header padded to 8 bytes");
     assert_eq!(bytes.len() as u64, 8 + n + s.bytes_out);
 }
+
+/// Thousands of mutated and truncated PyTorch fixtures: the reader answers Ok or a clean error,
+/// never a panic.
+#[test]
+fn mutated_torch_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch");
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut errors = 0;
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "pt") {
+            continue;
+        }
+        let data = std::fs::read(&p).unwrap();
+        let bad = dir.path().join("bad.pt");
+        for cut in (0..data.len()).step_by((data.len() / 40).max(1)) {
+            std::fs::write(&bad, &data[..cut]).unwrap();
+            errors += formats::open(&bad).is_err() as usize;
+        }
+        for _ in 0..300 {
+            let mut b = data.clone();
+            for _ in 0..(next() % 6 + 1) {
+                let i = (next() % b.len() as u64) as usize;
+                b[i] = next() as u8;
+            }
+            std::fs::write(&bad, &b).unwrap();
+            if let Ok(cat) = formats::open(&bad) {
+                // whatever was read must lie inside the file
+                for t in &cat.tensors {
+                    assert!(t.offset + t.nbytes <= b.len() as u64, "{}", t.name);
+                }
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    assert!(errors > 100, "mutations were detected: {errors}");
+}

@@ -12,10 +12,31 @@ use crate::formats::safetensors;
 /// Largest index JSON read (a Hub index of a 1T-parameter model is a few MB).
 const MAX_INDEX_SIZE: u64 = 64 << 20;
 
-/// Opens `path` (a `.safetensors` file, a `*.safetensors.index.json` or a model folder) and reads
-/// every header. No tensor data is read.
+/// Opens `path` (a `.safetensors` file, a `*.safetensors.index.json`, a model folder or a
+/// `torch.save` checkpoint) and reads every header. No tensor data is read.
 pub fn open(path: &Path) -> Result<Catalogue> {
+    open_with(path, None)
+}
+
+/// Like [`open`]; `key` picks the entry of a PyTorch training checkpoint that holds the state
+/// dict (dotted path, e.g. `model_state_dict`).
+pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        let mut head = [0u8; 4];
+        let n = File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .map_err(|e| Error::io(path, e))?;
+        if crate::formats::torch::is_zip(&head[..n]) {
+            return crate::formats::torch::open(path, key);
+        }
+    }
+    if key.is_some() {
+        return Err(Error::usage(format!(
+            "{}: --key applies to PyTorch checkpoints only",
+            path.display()
+        )));
+    }
     if meta.is_dir() {
         return open_folder(path);
     }
@@ -45,6 +66,8 @@ pub fn open_file(path: &Path) -> Result<Catalogue> {
         tensors,
         index_metadata: None,
         folder: None,
+        notes: vec![],
+        globals: vec![],
     })
 }
 
@@ -79,7 +102,7 @@ fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
     match other_format(head, len) {
         Some(w) => Err(Error::invalid(
             path,
-            format!("is {w}, not safetensors: PyTorch and other formats are not read yet"),
+            format!("is {w}: legacy (non-zip) torch.save files and other formats are not read yet"),
         )),
         None => Ok(()),
     }
@@ -94,7 +117,7 @@ fn other_format(head: &[u8], len: u64) -> Option<&'static str> {
         }
     }
     if head.starts_with(b"PK\x03\x04") {
-        Some("a zip archive (a torch.save checkpoint?)")
+        Some("a zip archive that is not a torch.save checkpoint")
     } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| *p <= 5) {
         Some("a pickle (a legacy torch.save checkpoint?)")
     } else if head.starts_with(b"GGUF") {
@@ -218,6 +241,8 @@ pub fn open_index(index_path: &Path) -> Result<Catalogue> {
         tensors,
         index_metadata: value.get("metadata").and_then(|m| m.as_object()).cloned(),
         folder: None,
+        notes: vec![],
+        globals: vec![],
     })
 }
 

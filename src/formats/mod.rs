@@ -4,5 +4,6 @@
 pub mod folder;
 pub mod pickle;
 pub mod safetensors;
+pub mod torch;
 
-pub use folder::open;
+pub use folder::{open, open_with};

@@ -17,9 +17,22 @@ pub struct Cli {
 pub enum Command {
     /// Show the tensors of a checkpoint: format, counts, bytes, dtypes and metadata.
     Inspect {
-        /// A .safetensors file, a *.safetensors.index.json or a model folder.
+        /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
         path: PathBuf,
+        /// For a PyTorch training checkpoint: the entry holding the state dict.
+        #[arg(long, value_name = "PATH")]
+        key: Option<String>,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every global the pickles of PyTorch files reference: allowed by torch's
+    /// weights_only loader, other classes, dangerous. Exits 1 when anything is dangerous.
+    Audit {
+        /// PyTorch files (.pt, .pth, .bin).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -56,8 +69,11 @@ pub struct RuleFlags {
 
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
-    /// A .safetensors file, a *.safetensors.index.json or a model folder.
+    /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
     pub input: PathBuf,
+    /// For a PyTorch training checkpoint: the entry holding the state dict.
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<String>,
     /// Target dtype to measure.
     #[arg(long, value_name = "DTYPE")]
     pub to: Option<String>,
@@ -107,8 +123,12 @@ Examples:
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// A .safetensors file, a *.safetensors.index.json or a model folder.
+    /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
     pub input: PathBuf,
+    /// For a PyTorch training checkpoint: the entry holding the state dict (e.g.
+    /// model_state_dict); found automatically otherwise.
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<String>,
     /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
     #[arg(short, long)]
     pub output: PathBuf,

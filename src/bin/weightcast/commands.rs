@@ -22,8 +22,8 @@ use crate::{html, report};
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.cli.command {
-        Command::Inspect { path, json } => {
-            let cat = formats::open(&path)?;
+        Command::Inspect { path, key, json } => {
+            let cat = open(&path, key.as_deref())?;
             if json {
                 println!(
                     "{}",
@@ -34,6 +34,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit { paths, json } => audit_cmd(&paths, json),
         Command::Convert(c) => convert_cmd(c, &args.rule_order),
         Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
         Command::Diff(d) => diff_cmd(d),
@@ -84,7 +85,7 @@ fn check_castable(target: DType) -> Result<(), Error> {
 fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let (rules, file_to) = build_rules(order)?;
     let target = single_target(a.to.as_deref(), file_to)?;
-    let cat = formats::open(&a.input)?;
+    let cat = open(&a.input, a.key.as_deref())?;
     let plan = Plan::new(&cat, &rules, target);
     for w in &plan.warnings {
         warn(w);
@@ -132,8 +133,8 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
 }
 
 fn diff_cmd(d: DiffArgs) -> Result<ExitCode> {
-    let a = formats::open(&d.a)?;
-    let b = formats::open(&d.b)?;
+    let a = open(&d.a, None)?;
+    let b = open(&d.b, None)?;
     let diff = weightcast::diff::diff(&a, &b)?;
     let failures = report::diff_failures(&diff, d.tolerance);
     if d.json {
@@ -162,6 +163,68 @@ fn diff_cmd(d: DiffArgs) -> Result<ExitCode> {
 
 fn warn(msg: &str) {
     eprintln!("weightcast: warning: {msg}");
+}
+
+/// Opens an input and reports what reading it found (tensors left out, dangerous globals).
+fn open(path: &std::path::Path, key: Option<&str>) -> Result<weightcast::Catalogue, Error> {
+    let cat = formats::open_with(path, key)?;
+    for n in &cat.notes {
+        warn(n);
+    }
+    Ok(cat)
+}
+
+fn audit_cmd(paths: &[std::path::PathBuf], as_json: bool) -> Result<ExitCode> {
+    use weightcast::audit::Class;
+    let mut any_dangerous = false;
+    let mut reports = Vec::new();
+    for p in paths {
+        let ar = weightcast::formats::torch::read_archive(p)?;
+        let mut globals: Vec<(String, Class)> = ar
+            .pickle
+            .globals()
+            .into_iter()
+            .map(|(m, n)| {
+                let c = weightcast::audit::classify(&m, &n);
+                (format!("{m}.{n}"), c)
+            })
+            .collect();
+        globals.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        any_dangerous |= globals.iter().any(|g| g.1 == Class::Dangerous);
+        reports.push((p.clone(), globals));
+    }
+    if as_json {
+        let v: Vec<_> = reports
+            .iter()
+            .map(|(p, g)| {
+                let of = |c: Class| {
+                    g.iter()
+                        .filter(|x| x.1 == c)
+                        .map(|x| x.0.clone())
+                        .collect::<Vec<_>>()
+                };
+                json!({"path": p, "dangerous": of(Class::Dangerous), "other": of(Class::Other),
+                       "allowed": of(Class::Allowed)})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"files": v, "dangerous": any_dangerous}))?
+        );
+    } else {
+        for (p, g) in &reports {
+            let d = g.iter().filter(|x| x.1 == Class::Dangerous).count();
+            println!("{}: {} globals, {} dangerous", p.display(), g.len(), d);
+            for (name, c) in g {
+                println!("  {:<9}  {name}", c.as_str());
+            }
+        }
+    }
+    Ok(if any_dangerous {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Builds the rule set in command-line order; returns it with a default target from a rules
@@ -224,7 +287,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         None => single_target(c.to.as_deref(), file_to)?,
     };
     let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
-    let cat = formats::open(&c.input)?;
+    let cat = open(&c.input, c.key.as_deref())?;
     let mut plan = Plan::new(&cat, &rules, target);
     for w in &plan.warnings {
         warn(w);
