@@ -357,6 +357,10 @@ fn usage_errors_exit_2() {
         ),
         (
             vec!["convert", &inp, "-o", &outbin, "--to", "f16"],
+            "writing PyTorch files is not supported yet",
+        ),
+        (
+            vec!["convert", &inp, "-o", &outtxt, "--to", "f16"],
             "must end in .safetensors",
         ),
         (vec!["convert", &inp, "--bogus"], "unexpected argument"),
