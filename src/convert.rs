@@ -191,6 +191,57 @@ pub fn convert(
                 summary.files.push(dest);
             }
         }
+        Target::Pt(dest) => {
+            let dir = parent_of(dest);
+            let name = dest
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let tmp = temp_file(&dir, &name)?;
+            let stem = dest
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("archive");
+            let pt = crate::formats::torch_write::write_pt(
+                &cat.path,
+                &plan.rules,
+                plan.target,
+                opts.range(),
+                tmp.as_file(),
+                stem,
+                opts.cancel.as_deref(),
+                &|n| progress.advance(n),
+            )?;
+            summary.tensors_cast = pt.tensors_cast;
+            summary.tensors_kept = cat.tensors.len().saturating_sub(pt.tensors_cast);
+            summary.bytes_in = pt.bytes_in;
+            summary.bytes_out = pt.bytes_out;
+            summary.warnings.extend(pt.notes);
+            match opts.on_overflow {
+                OnOverflow::Clamp => summary.overflowed = pt.overflow,
+                OnOverflow::Allow => {}
+                _ if pt.overflow.is_empty() => {}
+                _ => {
+                    let total: u64 = pt.overflow.iter().map(|t| t.1).sum();
+                    return Err(Error::Refused(format!(
+                        "{}: {total} finite values in {} storage(s) would overflow ({}); nothing was \
+                         written (--on-overflow clamp saturates them, allow casts them as torch does)",
+                        cat.path.display(),
+                        pt.overflow.len(),
+                        pt.overflow
+                            .iter()
+                            .take(10)
+                            .map(|(n, c)| format!("`{n}`: {c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+            job.finish(tmp.as_file())?;
+            tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+            summary.files.push(dest.clone());
+        }
         Target::Folder(dest) => {
             let parent = parent_of(dest);
             let name = dest

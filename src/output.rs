@@ -17,6 +17,8 @@ pub enum Target {
     Index(PathBuf),
     /// A model folder: weights plus every other file of the input folder.
     Folder(PathBuf),
+    /// A `torch.save` checkpoint (from a PyTorch input): everything in the input kept.
+    Pt(PathBuf),
 }
 
 impl Target {
@@ -30,10 +32,15 @@ impl Target {
         } else if cat.kind == InputKind::Folder {
             Ok(Target::Folder(out.to_path_buf()))
         } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
-            Err(Error::usage(format!(
-                "{}: writing PyTorch files is not supported yet; write .safetensors instead",
-                out.display()
-            )))
+            if cat.kind == InputKind::Torch {
+                Ok(Target::Pt(out.to_path_buf()))
+            } else {
+                Err(Error::usage(format!(
+                    "{}: writing PyTorch files from {} is not supported yet; write .safetensors instead",
+                    out.display(),
+                    cat.kind.describe()
+                )))
+            }
         } else {
             Err(Error::usage(format!(
                 "{}: the output must end in .safetensors or .safetensors.index.json \
@@ -46,7 +53,7 @@ impl Target {
     /// The path the user named.
     pub fn path(&self) -> &Path {
         match self {
-            Target::File(p) | Target::Index(p) | Target::Folder(p) => p,
+            Target::File(p) | Target::Index(p) | Target::Folder(p) | Target::Pt(p) => p,
         }
     }
 }
@@ -120,7 +127,7 @@ fn stem(target: &Target) -> String {
     match target {
         Target::File(_) => name.trim_end_matches(".safetensors").to_string(),
         Target::Index(_) => name.trim_end_matches(".safetensors.index.json").to_string(),
-        Target::Folder(_) => "model".to_string(),
+        Target::Folder(_) | Target::Pt(_) => "model".to_string(),
     }
 }
 
@@ -137,6 +144,12 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
     let all: Vec<usize> = (0..plan.tensors.len()).collect();
     let bytes_of = |ids: &[usize]| ids.iter().map(|&i| plan.tensors[i].bytes_out).sum::<u64>();
 
+    if matches!(target, Target::Pt(_)) {
+        return Layout {
+            files: vec![],
+            index: None,
+        };
+    }
     let groups: Vec<Vec<usize>> = if let Some(max) = max_shard {
         let mut groups: Vec<Vec<usize>> = vec![];
         let mut size = 0u64;
@@ -156,7 +169,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
         groups
     } else {
         match target {
-            Target::File(_) => vec![all],
+            Target::File(_) | Target::Pt(_) => vec![all],
             Target::Index(_) | Target::Folder(_) => {
                 let mut groups = vec![vec![]; cat.files.len().max(1)];
                 for (i, p) in plan.tensors.iter().enumerate() {
@@ -175,7 +188,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
     let input_index = cat.folder.as_ref().and_then(|f| f.index_name.clone());
     let want_index = match target {
         Target::Index(_) => true,
-        Target::File(_) => n > 1,
+        Target::File(_) | Target::Pt(_) => n > 1,
         Target::Folder(_) if keep_input_names => input_index.is_some(),
         Target::Folder(_) => n > 1,
     };

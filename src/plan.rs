@@ -66,6 +66,8 @@ pub struct Plan {
     pub tensors: Vec<TensorPlan>,
     /// Rules that matched nothing and dtypes that cannot be cast.
     pub warnings: Vec<String>,
+    /// The rules the plan was made with (a .pt output applies them per storage).
+    pub rules: RuleSet,
 }
 
 impl Plan {
@@ -133,6 +135,7 @@ impl Plan {
             target,
             tensors,
             warnings,
+            rules: rules.clone(),
         }
     }
 

@@ -31,7 +31,7 @@ pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             return crate::formats::torch::open(path, key);
         }
     }
-    if key.is_some() {
+    if key.is_some_and(|k| !k.is_empty()) {
         return Err(Error::usage(format!(
             "{}: --key applies to PyTorch checkpoints only",
             path.display()

@@ -5,5 +5,6 @@ pub mod folder;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;
+pub mod torch_write;
 
 pub use folder::{open, open_with};

@@ -163,6 +163,45 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     })
 }
 
+impl Archive {
+    /// Size of record `name` (relative to the prefix), if present.
+    pub fn records_size(&self, name: &str) -> Option<u64> {
+        self.records.get(name).map(|r| r.size)
+    }
+
+    /// (data offset, size) of a stored record.
+    pub fn record(&self, name: &str) -> Option<(u64, u64)> {
+        self.records
+            .get(name)
+            .filter(|r| r.stored)
+            .map(|r| (r.data_start, r.size))
+    }
+
+    /// The storage keys (`data/<key>` records).
+    pub fn data_keys(&self) -> Vec<String> {
+        self.records
+            .keys()
+            .filter_map(|k| k.strip_prefix("data/"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Every tensor below `root` with its `state_dict()`-style name.
+pub fn tensors_in(path: &Path, pk: &Pickle, root: NodeId) -> Result<Vec<(String, NodeId)>> {
+    let mut found = Vec::new();
+    walk(
+        path,
+        pk,
+        root,
+        &mut Vec::new(),
+        &mut found,
+        0,
+        &mut HashSet::new(),
+    )?;
+    Ok(found.into_iter().map(|f| (f.name, f.node)).collect())
+}
+
 /// A tensor found in the pickle.
 #[derive(Debug, Clone)]
 struct Found {
@@ -290,6 +329,9 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
 
 /// The node whose tensors are the state dict, and the entry it came from.
 fn select_root(path: &Path, pk: &Pickle, key: Option<&str>) -> Result<(NodeId, Option<String>)> {
+    if key == Some("") {
+        return Ok((pk.root, None));
+    }
     if let Some(key) = key {
         let mut node = pk.root;
         for part in key.split('.') {
@@ -452,7 +494,7 @@ fn walk(
 }
 
 /// Storage class names (`torch.FloatStorage`, C++ `torch.Float8_e4m3fnStorage`) to dtypes.
-fn storage_dtype(name: &str) -> Option<DType> {
+pub(crate) fn storage_dtype(name: &str) -> Option<DType> {
     Some(match name.strip_suffix("Storage")? {
         "Double" => DType::F64,
         "Float" => DType::F32,

@@ -125,9 +125,9 @@ def test_audit_clean_files():
     assert "torch._utils._rebuild_parameter" in a["files"][0]["allowed"]
 
 
-def test_pt_output_refused_clearly(tmp_path):
-    p = run("convert", FIX / "all_dtypes.pt", "-o", tmp_path / "x.pt", "--to", "f16", check=False)
-    assert p.returncode == 2 and "writing PyTorch files is not supported yet" in p.stderr
+def test_pt_output_from_safetensors_refused_clearly(tmp_path, minilm):
+    p = run("convert", minilm / "model.safetensors", "-o", tmp_path / "x.pt", "--to", "f16", check=False)
+    assert p.returncode == 2 and "writing PyTorch files from safetensors is not supported yet" in p.stderr
 
 
 def test_truncated_and_mutated_checkpoints_error_cleanly(tmp_path):
@@ -152,3 +152,96 @@ def test_truncated_and_mutated_checkpoints_error_cleanly(tmp_path):
         if p.returncode == 1:
             assert len(p.stderr.strip().splitlines()) <= 5
     assert 1 in seen
+
+
+def torch_cast(obj, dtype):
+    """What a user gets with torch: every floating tensor `.to(dtype)`, everything else kept."""
+    if isinstance(obj, torch.nn.Parameter):
+        return torch.nn.Parameter(obj.detach().to(dtype) if obj.is_floating_point() else obj.detach(),
+                                  requires_grad=obj.requires_grad)
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, torch_cast(v, dtype)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(torch_cast(v, dtype) for v in obj)
+    return obj
+
+
+def assert_same_tree(got, want, path="root"):
+    assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and got.shape == want.shape, path
+        assert got.requires_grad == want.requires_grad, path
+        g, w = got.detach().contiguous().reshape(-1), want.detach().contiguous().reshape(-1)
+        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)), path
+    elif isinstance(want, dict):
+        assert list(got) == list(want), path
+        for k in want:
+            assert_same_tree(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_tree(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, path
+
+
+@pytest.mark.parametrize("name", ["all_dtypes.pt", "protocol4.pt", "training.pt", "cuda.pt",
+                                  "param.pt", "tied.pt", "views.pt"])
+@pytest.mark.parametrize("to,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16),
+                                      ("f8e4m3", torch.float8_e4m3fn), ("f32", torch.float32)])
+def test_pt_to_pt_is_torch_load_cast_save(tmp_path, name, to, dtype):
+    out = tmp_path / "out.pt"
+    run("convert", FIX / name, "-o", out, "--to", to, "--on-overflow", "allow")
+    src = torch.load(FIX / name, weights_only=False, map_location="cpu")
+    got = torch.load(out, weights_only=True)
+    assert_same_tree(got, torch_cast(src, dtype))
+    mm = torch.load(out, weights_only=True, mmap=True)
+    assert_same_tree(mm, got)
+    # storages saved on cuda:0 come back as cpu
+    for t in (v for v in (got.values() if isinstance(got, dict) else []) if isinstance(v, torch.Tensor)):
+        assert t.device.type == "cpu"
+
+
+def test_pt_views_stay_views_and_tied_stay_tied(tmp_path):
+    out = tmp_path / "v.pt"
+    run("convert", FIX / "views.pt", "-o", out, "--to", "f16")
+    v = torch.load(out, weights_only=True)
+    ptr = v["whole"].untyped_storage().data_ptr()
+    assert all(v[k].untyped_storage().data_ptr() == ptr for k in ["slice", "row", "transposed"])
+    assert torch.equal(v["transposed"], torch.arange(20.0).view(4, 5).t().half())
+    run("convert", FIX / "tied.pt", "-o", out, "--to", "bf16", "--force")
+    t = torch.load(out, weights_only=True)
+    assert t["embed.weight"].untyped_storage().data_ptr() == t["lm_head.weight"].untyped_storage().data_ptr()
+
+
+def test_pt_modules_and_rules(tmp_path):
+    out = tmp_path / "m.pt"
+    run("convert", FIX / "sequential.pt", "-o", out, "--to", "f16", "--keep", "2.*")
+    m = torch.load(out, weights_only=False)
+    assert isinstance(m, torch.nn.Sequential)
+    assert isinstance(m[0].weight, torch.nn.Parameter) and m[0].weight.requires_grad
+    assert m[0].weight.dtype == torch.float16 and m[2].weight.dtype == torch.float32
+    ref = torch.load(FIX / "sequential.pt", weights_only=False)
+    assert torch.equal(m[0].weight, ref[0].weight.half()) and torch.equal(m[2].bias, ref[2].bias)
+    # a training checkpoint keeps its optimizer state, epoch and vocab
+    run("convert", FIX / "training.pt", "-o", out, "--to", "bf16", "--force")
+    t = torch.load(out, weights_only=True)
+    assert t["epoch"] == 3 and t["vocab"] == {"a": 0, "b": 1}
+    assert t["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16
+    assert t["optimizer"]["param_groups"] == torch.load(FIX / "training.pt")["optimizer"]["param_groups"]
+
+
+def test_pt_refuses_dangerous_and_overflow(tmp_path):
+    out = tmp_path / "x.pt"
+    MARKER.unlink(missing_ok=True)
+    p = run("convert", FIX / "malicious.pt", "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 1 and "dangerous globals (posix.system)" in p.stderr
+    assert not out.exists() and not MARKER.exists()
+    hot = tmp_path / "hot.pt"
+    torch.save({"w": torch.tensor([1.0, 1e6])}, hot)
+    p = run("convert", hot, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 1 and "would overflow" in p.stderr and not out.exists()
+    run("convert", hot, "-o", out, "--to", "f16", "--on-overflow", "clamp")
+    assert torch.load(out)["w"].tolist() == [1.0, 65504.0]

@@ -168,7 +168,14 @@ fn warn(msg: &str) {
 /// Opens an input and reports what reading it found (tensors left out, dangerous globals).
 fn open(path: &std::path::Path, key: Option<&str>) -> Result<weightcast::Catalogue, Error> {
     let cat = formats::open_with(path, key)?;
-    for n in &cat.notes {
+    // With key "" (a .pt output) the whole file is converted storage by storage: views and tied
+    // tensors are kept as they are, so the notes about writing them to safetensors do not apply.
+    let whole = key == Some("");
+    for n in cat
+        .notes
+        .iter()
+        .filter(|n| !whole || n.contains("dangerous"))
+    {
         warn(n);
     }
     Ok(cat)
@@ -287,7 +294,20 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         None => single_target(c.to.as_deref(), file_to)?,
     };
     let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
-    let cat = open(&c.input, c.key.as_deref())?;
+    let pt_out = c
+        .output
+        .extension()
+        .is_some_and(|e| e == "pt" || e == "pth" || e == "bin");
+    if pt_out && (c.auto.is_some() || c.max_underflow.is_some() || on_overflow == OnOverflow::Keep)
+    {
+        return Err(Error::usage(
+            "--auto, --max-underflow and --on-overflow keep are not supported for .pt outputs yet",
+        )
+        .into());
+    }
+    // A .pt output keeps the whole file (optimizer state too), so its plan covers every tensor.
+    let key = c.key.as_deref().or(if pt_out { Some("") } else { None });
+    let cat = open(&c.input, key)?;
     let mut plan = Plan::new(&cat, &rules, target);
     for w in &plan.warnings {
         warn(w);

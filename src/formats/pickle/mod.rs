@@ -9,8 +9,10 @@
 //! or an allocation sized by an untrusted length.
 
 mod read;
+mod write;
 
 pub use read::{parse, parse_with, Limits, PickleError};
+pub use write::{write, WriteError};
 
 /// Index of a node in [`Pickle::nodes`].
 pub type NodeId = usize;

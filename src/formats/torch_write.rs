@@ -1,0 +1,395 @@
+//! Writing a converted `torch.save` checkpoint: the input's pickle with every converted storage's
+//! type (and, between legacy and new dtypes, its rebuild call) rewritten, storages relabelled
+//! `cpu`, and each storage record streamed through the cast kernels into a zip laid out as torch
+//! writes it (stored records, 64-byte aligned), so `torch.load(weights_only=True)` and
+//! `torch.load(mmap=True)` read it.
+//!
+//! Conversion is per storage: every tensor on a storage (views, tied weights) keeps its storage
+//! offset and strides, which count elements and so stay valid in the new dtype: views stay
+//! views. A storage whose tensors the rules would cast to different dtypes is left as it is.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::audit::Class;
+use crate::cast::{self, Range};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::formats::pickle::{self, Call, Node, NodeId, Pickle};
+use crate::formats::torch::{read_archive, tensors_in, Archive};
+use crate::rules::{Action, RuleSet};
+
+/// What writing a .pt did.
+#[derive(Debug, Clone, Default)]
+pub struct PtSummary {
+    /// Storages whose dtype changed.
+    pub storages_cast: usize,
+    /// Storages copied as they were.
+    pub storages_kept: usize,
+    /// Tensors (names) on cast storages.
+    pub tensors_cast: usize,
+    /// Storage bytes read.
+    pub bytes_in: u64,
+    /// Storage bytes written.
+    pub bytes_out: u64,
+    /// Values that left the target's range, per storage key (first tensor name).
+    pub overflow: Vec<(String, u64)>,
+    /// Notes (storages kept because their views disagree, ...).
+    pub notes: Vec<String>,
+}
+
+/// One tensor's rebuild call, unwrapped from Parameter / subclass wrappers.
+struct Core {
+    name: String,
+    /// The object node whose call is `_rebuild_tensor_v2/v3(args)`.
+    obj: NodeId,
+    v3: bool,
+    persid: NodeId,
+    key: String,
+    dtype: DType,
+    shape: Vec<u64>,
+}
+
+fn storage_dtype_name(d: DType) -> Option<&'static str> {
+    Some(match d {
+        DType::F64 => "DoubleStorage",
+        DType::F32 => "FloatStorage",
+        DType::F16 => "HalfStorage",
+        DType::BF16 => "BFloat16Storage",
+        _ => return None,
+    })
+}
+
+/// Finds the core rebuild call of tensor node `id`.
+fn core(pk: &Pickle, id: NodeId, name: &str) -> Option<Core> {
+    let (m, f) = pk.callee(id)?;
+    let Node::Object(o) = pk.node(id) else {
+        return None;
+    };
+    let Call::Reduce { args, .. } = o.call else {
+        return None;
+    };
+    let a = pk.seq(args)?;
+    match (m, f) {
+        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
+            core(pk, *a.first()?, name)
+        }
+        ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor_v3") => {
+            let v3 = f == "_rebuild_tensor_v3";
+            let persid = *a.first()?;
+            let Node::PersId(t) = pk.node(persid) else {
+                return None;
+            };
+            let t = pk.seq(*t)?;
+            let key = match pk.node(*t.get(2)?) {
+                Node::Str(s) => s.clone(),
+                Node::Int(i) => i.to_string(),
+                _ => return None,
+            };
+            let dtype = if v3 {
+                let (_, n) = pk.global(*a.get(6)?)?;
+                DType::ALL.into_iter().find(|d| d.torch_name() == n)?
+            } else {
+                let (_, s) = pk.global(*t.get(1)?)?;
+                crate::formats::torch::storage_dtype(s)?
+            };
+            let shape = pk
+                .seq(*a.get(2)?)
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|&d| pk.int(d))
+                        .map(|d| d.max(0) as u64)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(Core {
+                name: name.to_string(),
+                obj: id,
+                v3,
+                persid,
+                key,
+                dtype,
+                shape,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn add(pk: &mut Pickle, n: Node) -> NodeId {
+    pk.nodes.push(n);
+    pk.nodes.len() - 1
+}
+
+/// Writes the converted checkpoint of `path` into `dst`; `archive_name` is the record prefix
+/// torch uses (the output file's stem).
+#[allow(clippy::too_many_arguments)]
+pub fn write_pt(
+    path: &Path,
+    rules: &RuleSet,
+    target: DType,
+    range: Range,
+    dst: &File,
+    archive_name: &str,
+    cancel: Option<&AtomicBool>,
+    advance: &dyn Fn(u64),
+) -> Result<PtSummary> {
+    let ar: Archive = read_archive(path)?;
+    if ar.torchscript {
+        return Err(Error::usage(format!(
+            "{}: writing a converted TorchScript archive is refused: its code may assume the old dtypes; \
+             extract its tensors to .safetensors instead",
+            path.display()
+        )));
+    }
+    if ar.big_endian {
+        return Err(Error::invalid(
+            path,
+            "big-endian storages are not converted yet",
+        ));
+    }
+    let dangerous: Vec<String> = ar
+        .pickle
+        .globals()
+        .into_iter()
+        .filter(|(m, n)| crate::audit::classify(m, n) == Class::Dangerous)
+        .map(|(m, n)| format!("{m}.{n}"))
+        .collect();
+    if !dangerous.is_empty() {
+        return Err(Error::Refused(format!(
+            "{}: the pickle references dangerous globals ({}); refusing to write it to a .pt. \
+             Extract its tensors to .safetensors instead (that is how to clean such a file)",
+            path.display(),
+            dangerous.join(", ")
+        )));
+    }
+    let mut pk = ar.pickle.clone();
+    let found = tensors_in(path, &pk, pk.root)?;
+    let cores: Vec<Core> = found
+        .iter()
+        .filter_map(|(name, id)| core(&pk, *id, name))
+        .collect();
+    let mut summary = PtSummary::default();
+
+    // Decide per storage.
+    let mut want: BTreeMap<String, Vec<(DType, DType, String)>> = BTreeMap::new(); // key -> (from, to, name)
+    for c in &cores {
+        let to = if c.dtype.is_castable() {
+            match rules.decide(&c.name, &c.shape).0 {
+                Action::Keep => c.dtype,
+                Action::Default => target,
+                Action::To(d) => d,
+            }
+        } else {
+            c.dtype
+        };
+        want.entry(c.key.clone())
+            .or_default()
+            .push((c.dtype, to, c.name.clone()));
+    }
+    let mut decision: HashMap<String, (DType, DType)> = HashMap::new();
+    for (key, v) in &want {
+        let from = v[0].0;
+        let mut tos: Vec<DType> = v.iter().map(|x| x.1).collect();
+        tos.dedup();
+        let to = if tos.len() == 1 && v.iter().all(|x| x.0 == from) {
+            tos[0]
+        } else {
+            summary.notes.push(format!(
+                "storage `{key}` kept as {from}: its tensors ({}) would get different dtypes",
+                v.iter()
+                    .map(|x| format!("`{}`", x.2))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            from
+        };
+        decision.insert(key.clone(), (from, to));
+    }
+
+    // Rewrite the pickle: storage types, rebuild calls, locations.
+    let cpu = add(&mut pk, Node::Str("cpu".into()));
+    let mut new_globals: HashMap<(String, String), NodeId> = HashMap::new();
+    let mut global = |pk: &mut Pickle, m: &str, n: &str| -> NodeId {
+        *new_globals
+            .entry((m.to_string(), n.to_string()))
+            .or_insert_with(|| {
+                add(
+                    pk,
+                    Node::Global {
+                        module: m.into(),
+                        name: n.into(),
+                    },
+                )
+            })
+    };
+    // A tensor object referenced under several names (tied weights) is rewritten once.
+    let mut done = std::collections::HashSet::new();
+    for c in cores.iter().filter(|c| done.insert(c.obj)) {
+        let (from, to) = decision[&c.key];
+        let rec = ar.records_size(&format!("data/{}", c.key)).unwrap_or(0);
+        let elems = rec / (from.bitsize() as u64 / 8).max(1);
+        let Node::PersId(t) = pk.node(c.persid).clone() else {
+            continue;
+        };
+        let mut items = pk.seq(t).map(|s| s.to_vec()).unwrap_or_default();
+        if items.len() < 5 {
+            continue;
+        }
+        items[3] = cpu;
+        let Node::Object(obj) = pk.node(c.obj).clone() else {
+            continue;
+        };
+        let Call::Reduce { args, .. } = obj.call else {
+            continue;
+        };
+        let mut a = pk.seq(args).map(|s| s.to_vec()).unwrap_or_default();
+        let mut v3 = c.v3;
+        if from != to {
+            match storage_dtype_name(to) {
+                Some(sname) => {
+                    items[1] = global(&mut pk, "torch", sname);
+                    items[4] = add(&mut pk, Node::Int(elems as i64));
+                    if v3 {
+                        a.remove(6);
+                        v3 = false;
+                    }
+                }
+                None => {
+                    items[1] = global(&mut pk, "torch.storage", "UntypedStorage");
+                    items[4] = add(
+                        &mut pk,
+                        Node::Int((elems * (to.bitsize() as u64 / 8)) as i64),
+                    );
+                    let d = global(&mut pk, "torch", to.torch_name());
+                    if v3 {
+                        a[6] = d;
+                    } else {
+                        a.insert(6.min(a.len()), d);
+                        v3 = true;
+                    }
+                }
+            }
+        }
+        let new_t = add(&mut pk, Node::Tuple(items));
+        pk.nodes[c.persid] = Node::PersId(new_t);
+        let func = global(
+            &mut pk,
+            "torch._utils",
+            if v3 {
+                "_rebuild_tensor_v3"
+            } else {
+                "_rebuild_tensor_v2"
+            },
+        );
+        let new_args = add(&mut pk, Node::Tuple(a));
+        if let Node::Object(o) = &mut pk.nodes[c.obj] {
+            o.call = Call::Reduce {
+                func,
+                args: new_args,
+            };
+        }
+    }
+    let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(path, e.to_string()))?;
+
+    // The zip, records in torch's order.
+    let src = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, dst));
+    let opts = |size: u64| {
+        zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .with_alignment(64)
+            .large_file(size >= 0xFFFF_FFFF)
+    };
+    let zerr = |e: zip::result::ZipError| Error::invalid("output", format!("writing the zip: {e}"));
+    let ioerr = |e: std::io::Error| Error::invalid("output", format!("writing the zip: {e}"));
+    let small = |zip: &mut zip::ZipWriter<_>, name: &str, body: &[u8]| -> Result<()> {
+        zip.start_file(format!("{archive_name}/{name}"), opts(body.len() as u64))
+            .map_err(zerr)?;
+        zip.write_all(body).map_err(ioerr)
+    };
+    small(&mut zip, "data.pkl", &data_pkl)?;
+    small(&mut zip, ".format_version", b"1")?;
+    small(&mut zip, ".storage_alignment", b"64")?;
+    small(&mut zip, "byteorder", b"little")?;
+    let mut keys: Vec<String> = ar.data_keys();
+    keys.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+    let first_name: HashMap<&str, &str> = cores
+        .iter()
+        .map(|c| (c.key.as_str(), c.name.as_str()))
+        .rev()
+        .collect();
+    const CHUNK: u64 = 8 << 20;
+    for key in &keys {
+        let (data_start, size) = ar.record(&format!("data/{key}")).expect("listed");
+        let (from, to) = decision
+            .get(key.as_str())
+            .copied()
+            .unwrap_or((DType::U8, DType::U8));
+        let (isz, osz) = (
+            (from.bitsize() / 8).max(1) as u64,
+            (to.bitsize() / 8).max(1) as u64,
+        );
+        let out_size = size / isz * osz;
+        zip.start_file(format!("{archive_name}/data/{key}"), opts(out_size))
+            .map_err(zerr)?;
+        let mut pos = 0u64;
+        let step = CHUNK / isz.max(osz) * isz;
+        let mut buf = vec![0u8; step.min(size) as usize];
+        let mut out = Vec::new();
+        let mut over = 0u64;
+        while pos < size {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Interrupted);
+            }
+            let n = step.min(size - pos) as usize;
+            src.read_exact_at(&mut buf[..n], data_start + pos)
+                .map_err(|e| {
+                    Error::invalid(
+                        path,
+                        format!(
+                            "storage `data/{key}`: cannot read at byte {}: {e}",
+                            data_start + pos
+                        ),
+                    )
+                })?;
+            if from != to {
+                out.resize(n / isz as usize * osz as usize, 0);
+                over += cast::cast_par_checked(from, to, &buf[..n], &mut out, range)
+                    .map_err(|e| Error::invalid(path, format!("storage `data/{key}`: {e}")))?;
+                zip.write_all(&out).map_err(ioerr)?;
+            } else {
+                zip.write_all(&buf[..n]).map_err(ioerr)?;
+            }
+            advance(n as u64);
+            pos += n as u64;
+        }
+        if over > 0 {
+            summary.overflow.push((
+                first_name
+                    .get(key.as_str())
+                    .unwrap_or(&key.as_str())
+                    .to_string(),
+                over,
+            ));
+        }
+        if from != to {
+            summary.storages_cast += 1;
+            summary.tensors_cast += cores.iter().filter(|c| &c.key == key).count();
+        } else {
+            summary.storages_kept += 1;
+        }
+        summary.bytes_in += size;
+        summary.bytes_out += out_size;
+    }
+    small(&mut zip, "version", b"3\n")?;
+    let w = zip.finish().map_err(zerr)?;
+    let mut f = w.into_inner().map_err(|e| ioerr(e.into_error()))?;
+    f.flush().map_err(ioerr)?;
+    let _ = f.stream_position();
+    Ok(summary)
+}
