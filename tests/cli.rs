@@ -357,7 +357,7 @@ fn usage_errors_exit_2() {
         ),
         (
             vec!["convert", &inp, "-o", &outbin, "--to", "f16"],
-            "writing PyTorch files is not supported yet",
+            "writing PyTorch files from safetensors is not supported yet",
         ),
         (
             vec!["convert", &inp, "-o", &outtxt, "--to", "f16"],
