@@ -17,6 +17,8 @@ pub enum InputKind {
     Folder,
     /// A `torch.save` zip checkpoint.
     Torch,
+    /// A legacy (torch < 1.6, stacked pickles) `torch.save` checkpoint.
+    TorchLegacy,
     /// A TorchScript archive (`torch.jit.save`).
     TorchScript,
 }
@@ -29,6 +31,7 @@ impl InputKind {
             InputKind::ShardedSafetensors => "sharded safetensors",
             InputKind::Folder => "model folder (safetensors)",
             InputKind::Torch => "PyTorch checkpoint (torch.save zip)",
+            InputKind::TorchLegacy => "PyTorch checkpoint (legacy stacked pickles)",
             InputKind::TorchScript => "TorchScript archive",
         }
     }

@@ -32,7 +32,10 @@ impl Target {
         } else if cat.kind == InputKind::Folder {
             Ok(Target::Folder(out.to_path_buf()))
         } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
-            if cat.kind == InputKind::Torch {
+            if matches!(
+                cat.kind,
+                InputKind::Torch | InputKind::TorchLegacy | InputKind::TorchScript
+            ) {
                 Ok(Target::Pt(out.to_path_buf()))
             } else {
                 Err(Error::usage(format!(

@@ -27,7 +27,8 @@ pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         let n = File::open(path)
             .and_then(|mut f| f.read(&mut head))
             .map_err(|e| Error::io(path, e))?;
-        if crate::formats::torch::is_zip(&head[..n]) {
+        if crate::formats::torch::is_zip(&head[..n]) || crate::formats::torch::is_legacy(&head[..n])
+        {
             return crate::formats::torch::open(path, key);
         }
     }

@@ -54,6 +54,8 @@ pub struct Archive {
     pub big_endian: bool,
     /// A TorchScript archive (`constants.pkl` present).
     pub torchscript: bool,
+    /// A legacy (non-zip) file.
+    pub legacy: bool,
     records: HashMap<String, Record>,
 }
 
@@ -62,9 +64,145 @@ pub fn is_zip(head: &[u8]) -> bool {
     head.starts_with(b"PK\x03\x04")
 }
 
-/// Opens the archive and parses its `data.pkl`.
+/// Whether the file starts like a legacy (non-zip) torch.save file: a pickled magic number.
+pub fn is_legacy(head: &[u8]) -> bool {
+    head.len() >= 3 && head[0] == 0x80 && head[1] <= 5 && head[2] == 0x8A
+}
+
+/// The magic number legacy torch.save files start with, as LONG1 bytes (little-endian).
+const LEGACY_MAGIC: [u8; 10] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19];
+
+/// Reads a legacy torch.save file: magic, protocol version, sys_info, the main pickle, the list
+/// of storage keys, then each storage as an 8-byte element count and its bytes.
+fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Archive> {
+    use std::os::unix::fs::FileExt;
+    // The pickles come first; read a window that grows until they parse.
+    let mut window = (64u64 << 20).min(file_len);
+    let (pickles, mut pos) = loop {
+        let mut buf = vec![0u8; window as usize];
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|e| Error::io(path, e))?;
+        match parse_stack(&buf) {
+            Ok(r) => break r,
+            Err(e) if window < file_len.min(MAX_PICKLE) => {
+                let _ = e;
+                window = (window * 2).min(file_len).min(MAX_PICKLE);
+            }
+            Err(e) => return Err(Error::invalid(path, e)),
+        }
+    };
+    let [magic, proto, sys_info, main, keys] = pickles;
+    match magic.node(magic.root) {
+        Node::BigInt(b) if b.as_slice() == &LEGACY_MAGIC[..] => {}
+        _ => {
+            return Err(Error::invalid(
+                path,
+                "invalid magic number: not a torch.save file",
+            ))
+        }
+    }
+    if proto.int(proto.root) != Some(1001) {
+        return Err(Error::invalid(
+            path,
+            "unsupported legacy protocol version (expected 1001)",
+        ));
+    }
+    let big_endian = dict_get(&sys_info, sys_info.root, "little_endian")
+        .is_some_and(|v| sys_info.node(v) == &Node::Bool(false));
+    // Element size of each storage, from the persistent ids of the main pickle.
+    let mut elsize: HashMap<String, u64> = HashMap::new();
+    for n in &main.nodes {
+        if let Node::PersId(t) = n {
+            let Some(t) = main.seq(*t) else { continue };
+            if t.len() >= 5 && main.str(t[0]) == Some("storage") {
+                let key = match main.node(t[2]) {
+                    Node::Str(s) => s.clone(),
+                    Node::Int(i) => i.to_string(),
+                    _ => continue,
+                };
+                if let Some((_, sname)) = main.global(t[1]) {
+                    let size = storage_dtype(sname)
+                        .map(|d| (d.bitsize() as u64 / 8).max(1))
+                        .unwrap_or(1);
+                    elsize.insert(key, size);
+                }
+            }
+        }
+    }
+    let key_list: Vec<String> = keys
+        .seq(keys.root)
+        .ok_or_else(|| Error::invalid(path, "the storage key list is not a list"))?
+        .iter()
+        .map(|&k| {
+            keys.str(k)
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid(path, "a storage key is not a string"))
+        })
+        .collect::<Result<_>>()?;
+    let mut records = HashMap::new();
+    for key in key_list {
+        let mut count = [0u8; 8];
+        file.read_exact_at(&mut count, pos as u64).map_err(|_| {
+            Error::invalid(path, format!("storage `{key}`: the file ends at byte {file_len} before its size (truncated?)"))
+        })?;
+        let count = u64::from_le_bytes(count);
+        let size = count
+            .checked_mul(*elsize.get(&key).unwrap_or(&1))
+            .filter(|s| (pos as u64 + 8).checked_add(*s).is_some_and(|e| e <= file_len))
+            .ok_or_else(|| {
+                Error::invalid(path, format!("storage `{key}` at byte {pos}: {count} elements run past the end of the file (truncated?)"))
+            })?;
+        records.insert(
+            format!("data/{key}"),
+            Record {
+                data_start: pos as u64 + 8,
+                size,
+                stored: true,
+            },
+        );
+        pos += 8 + size as usize;
+    }
+    Ok(Archive {
+        pickle: main,
+        prefix: String::new(),
+        big_endian,
+        torchscript: false,
+        legacy: true,
+        records,
+    })
+}
+
+/// The five stacked pickles of a legacy file and where the raw storages begin.
+fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> {
+    let mut pos = 0;
+    let mut out = Vec::with_capacity(5);
+    for what in [
+        "magic number",
+        "protocol version",
+        "sys_info",
+        "main pickle",
+        "storage keys",
+    ] {
+        let (p, n) = pickle::parse_prefix(&buf[pos..], pickle::Limits::default())
+            .map_err(|e| format!("{what} (from byte {pos}): {e}"))?;
+        out.push(p);
+        pos += n;
+    }
+    Ok((out.try_into().expect("five pickles"), pos))
+}
+
+/// Opens the archive and parses its `data.pkl` (or a legacy file's stacked pickles).
 pub fn read_archive(path: &Path) -> Result<Archive> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    {
+        use std::os::unix::fs::FileExt;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut head = [0u8; 3];
+        let n = file.read_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
+        if is_legacy(&head[..n]) {
+            return read_legacy(path, &file, len);
+        }
+    }
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| Error::invalid(path, format!("not a readable zip archive: {e}")))?;
@@ -159,6 +297,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
         prefix,
         big_endian,
         torchscript,
+        legacy: false,
         records,
     })
 }
@@ -304,6 +443,8 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         path: path.to_path_buf(),
         kind: if ar.torchscript {
             InputKind::TorchScript
+        } else if ar.legacy {
+            InputKind::TorchLegacy
         } else {
             InputKind::Torch
         },
@@ -590,6 +731,9 @@ fn storage_view(
     let pid = pk.seq(*pid).ok_or("storage id is not a tuple")?;
     if pid.len() < 5 || pk.str(pid[0]) != Some("storage") {
         return Err("storage id is not (\"storage\", type, key, location, numel)".into());
+    }
+    if pid.len() > 5 && pk.node(pid[5]) != &Node::None {
+        return Err("legacy storage views (pre-1.0 files) are not read".into());
     }
     let (smod, sname) = pk.global(pid[1]).ok_or("storage type is not a global")?;
     let key = match pk.node(pid[2]) {

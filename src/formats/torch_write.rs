@@ -241,6 +241,8 @@ pub fn write_pt(
             continue;
         }
         items[3] = cpu;
+        // A legacy file's 6-tuple (with view metadata) becomes the zip format's 5-tuple.
+        items.truncate(5);
         let Node::Object(obj) = pk.node(c.obj).clone() else {
             continue;
         };

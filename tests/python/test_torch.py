@@ -55,7 +55,7 @@ def same(got, want):
 
 
 @pytest.mark.parametrize("name", ["all_dtypes.pt", "protocol4.pt", "cuda.pt", "param.pt",
-                                  "sequential.pt", "custom_module.pt"])
+                                  "sequential.pt", "custom_module.pt", "legacy.pt"])
 @pytest.mark.parametrize("to,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_pt_to_safetensors_matches_torch(tmp_path, name, to, dtype):
     out = tmp_path / "o.safetensors"
@@ -188,7 +188,8 @@ def assert_same_tree(got, want, path="root"):
 
 
 @pytest.mark.parametrize("name", ["all_dtypes.pt", "protocol4.pt", "training.pt", "cuda.pt",
-                                  "param.pt", "tied.pt", "views.pt"])
+                                  "param.pt", "tied.pt", "views.pt", "legacy.pt",
+                                  "legacy_training.pt"])
 @pytest.mark.parametrize("to,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16),
                                       ("f8e4m3", torch.float8_e4m3fn), ("f32", torch.float32)])
 def test_pt_to_pt_is_torch_load_cast_save(tmp_path, name, to, dtype):
@@ -245,3 +246,39 @@ def test_pt_refuses_dangerous_and_overflow(tmp_path):
     assert p.returncode == 1 and "would overflow" in p.stderr and not out.exists()
     run("convert", hot, "-o", out, "--to", "f16", "--on-overflow", "clamp")
     assert torch.load(out)["w"].tolist() == [1.0, 65504.0]
+
+
+def test_legacy_is_told_by_content(tmp_path):
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes((FIX / "legacy.pt").read_bytes())
+    p = run("inspect", renamed, "--json")
+    assert json.loads(p.stdout)["format"] == "PyTorch checkpoint (legacy stacked pickles)"
+
+
+def test_quantized_and_sparse_left_untouched(tmp_path):
+    out = tmp_path / "o.safetensors"
+    p = run("convert", FIX / "quant_sparse.pt", "-o", out, "--to", "f16")
+    assert "`q` left out: quantized" in p.stderr and "`sparse` left out: sparse" in p.stderr
+    assert set(load_file(out)) == {"dense"}
+    pt = tmp_path / "o.pt"
+    run("convert", FIX / "quant_sparse.pt", "-o", pt, "--to", "f16")
+    src = torch.load(FIX / "quant_sparse.pt", weights_only=True)
+    got = torch.load(pt, weights_only=True)
+    assert got["q"].is_quantized and torch.equal(got["q"].int_repr(), src["q"].int_repr())
+    assert got["sparse"].is_sparse and torch.equal(got["sparse"].to_dense(), src["sparse"].to_dense())
+    assert torch.equal(got["dense"], src["dense"].half())
+
+
+def test_torchscript_read_only(tmp_path):
+    p = run("inspect", FIX / "scripted.pt", "--json")
+    v = json.loads(p.stdout)
+    assert v["format"] == "TorchScript archive"
+    assert [t["name"] for t in v["tensors"]] == ["0.weight", "0.bias"]
+    out = tmp_path / "o.safetensors"
+    run("convert", FIX / "scripted.pt", "-o", out, "--to", "f16")
+    m = torch.jit.load(FIX / "scripted.pt")
+    got = load_file(out)
+    assert torch.equal(got["0.weight"], m.state_dict()["0.weight"].half())
+    p = run("convert", FIX / "scripted.pt", "-o", tmp_path / "o.pt", "--to", "f16", check=False)
+    assert p.returncode == 2 and "TorchScript" in p.stderr and "refused" in p.stderr
+    assert not (tmp_path / "o.pt").exists()

@@ -11,7 +11,7 @@
 mod read;
 mod write;
 
-pub use read::{parse, parse_with, Limits, PickleError};
+pub use read::{parse, parse_prefix, parse_with, Limits, PickleError};
 pub use write::{write, WriteError};
 
 /// Index of a node in [`Pickle::nodes`].

@@ -321,7 +321,7 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn run(mut self) -> R<Pickle> {
+    fn run(mut self) -> R<(Pickle, usize)> {
         loop {
             self.op_at = self.pos;
             if self.pos >= self.data.len() {
@@ -346,10 +346,14 @@ impl<'a> Machine<'a> {
                 }
                 b'.' => {
                     let root = self.pop()?;
-                    return Ok(Pickle {
-                        nodes: self.nodes,
-                        root,
-                    });
+                    let end = self.pos;
+                    return Ok((
+                        Pickle {
+                            nodes: self.nodes,
+                            root,
+                        },
+                        end,
+                    ));
                 }
                 b'N' => {
                     self.push_node(Node::None)?;
@@ -670,6 +674,12 @@ impl<'a> Machine<'a> {
 
 /// Parses with explicit limits.
 pub fn parse_with(data: &[u8], limits: Limits) -> Result<Pickle, PickleError> {
+    parse_prefix(data, limits).map(|(p, _)| p)
+}
+
+/// Parses the pickle at the start of `data` and returns it with the number of bytes it took
+/// (legacy torch files stack several pickles and raw data in one file).
+pub fn parse_prefix(data: &[u8], limits: Limits) -> Result<(Pickle, usize), PickleError> {
     Machine {
         data,
         pos: 0,
