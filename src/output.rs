@@ -200,7 +200,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
         .enumerate()
         .map(|(i, ids)| {
             let name = match target {
-                _ if keep_input_names => cat.files[i].name.clone(),
+                _ if keep_input_names => safetensors_name(&cat.files[i].name),
                 _ if want_index => shard_name(i, n),
                 Target::File(p) => p
                     .file_name()
@@ -222,10 +222,28 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned(),
-        Target::Folder(_) if keep_input_names => input_index.unwrap_or(index_name),
+        Target::Folder(_) if keep_input_names => input_index
+            .map(|n| safetensors_name(&n))
+            .unwrap_or(index_name),
         _ => index_name,
     });
     Layout { files, index }
+}
+
+/// The safetensors name of an input weights file, as the Hub's convert script names them:
+/// `pytorch_model-00001-of-00002.bin` -> `model-00001-of-00002.safetensors`,
+/// `pytorch_model.bin.index.json` -> `model.safetensors.index.json`.
+fn safetensors_name(name: &str) -> String {
+    let n = name.strip_prefix("pytorch_").unwrap_or(name);
+    if let Some(stem) = n.strip_suffix(".bin.index.json") {
+        return format!("{stem}.safetensors.index.json");
+    }
+    for ext in [".bin", ".pt", ".pth"] {
+        if let Some(stem) = n.strip_suffix(ext) {
+            return format!("{stem}.safetensors");
+        }
+    }
+    name.to_string()
 }
 
 /// The Hub's index JSON: `metadata.total_size` (sum of tensor bytes) and a sorted `weight_map`.

@@ -284,26 +284,37 @@ pub fn open_folder(dir: &Path) -> Result<Catalogue> {
     } else if let Some(single) = pick(&singles, "model.safetensors") {
         (open_file(&dir.join(single))?, None)
     } else if singles.is_empty() {
+        let bin_indexes: Vec<&String> = names
+            .iter()
+            .filter(|n| n.ends_with(".bin.index.json"))
+            .collect();
         let torch: Vec<&String> = names
             .iter()
             .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
             .collect();
-        let hint = if torch.is_empty() {
-            String::new()
+        if let Some(index) = pick(&bin_indexes, "pytorch_model.bin.index.json") {
+            (open_torch_index(&dir.join(index))?, Some(index.clone()))
+        } else if let Some(single) = pick(&torch, "pytorch_model.bin") {
+            let mut c = crate::formats::torch::open(&dir.join(single), None)?;
+            c.files[0].name = single.clone();
+            (c, None)
         } else {
-            format!(
-                " (found {}: PyTorch files are not read yet)",
-                torch
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        return Err(Error::invalid(
-            dir,
-            format!("no safetensors weights in this folder{hint}"),
-        ));
+            return Err(Error::invalid(
+                dir,
+                if torch.is_empty() {
+                    "no weights in this folder (no .safetensors, no pytorch_model.bin)".to_string()
+                } else {
+                    format!(
+                        "several PyTorch files ({}) and no index: pass one file",
+                        torch
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+            ));
+        }
     } else {
         return Err(Error::invalid(
             dir,
@@ -332,6 +343,60 @@ pub fn open_folder(dir: &Path) -> Result<Catalogue> {
         other_files,
         index_name,
     });
+    Ok(cat)
+}
+
+/// Opens `pytorch_model.bin.index.json` and its `.bin` shards (torch.save files).
+fn open_torch_index(index_path: &Path) -> Result<Catalogue> {
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(index_path, format!("index is not valid JSON: {e}")))?;
+    let weight_map = value
+        .get("weight_map")
+        .and_then(|w| w.as_object())
+        .ok_or_else(|| Error::invalid(index_path, "index has no `weight_map` object"))?;
+    let mut shards: Vec<String> = weight_map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    let mut cat: Option<Catalogue> = None;
+    for (i, shard) in shards.iter().enumerate() {
+        let path = dir.join(safe_relative(index_path, shard)?);
+        if !path.exists() {
+            return Err(Error::invalid(
+                index_path,
+                format!("shard `{shard}` named by the index is missing"),
+            ));
+        }
+        let mut c = crate::formats::torch::open(&path, None)?;
+        c.files[0].name = shard.clone();
+        for t in &mut c.tensors {
+            t.file = i;
+        }
+        match &mut cat {
+            None => cat = Some(c),
+            Some(all) => {
+                all.files.extend(c.files);
+                all.tensors.extend(c.tensors);
+                all.notes.extend(c.notes);
+                all.globals.extend(c.globals);
+            }
+        }
+    }
+    let mut cat = cat.ok_or_else(|| Error::invalid(index_path, "the index names no shard"))?;
+    let present: std::collections::HashSet<&str> =
+        cat.tensors.iter().map(|t| t.name.as_str()).collect();
+    if let Some(missing) = weight_map.keys().find(|k| !present.contains(k.as_str())) {
+        return Err(Error::invalid(
+            index_path,
+            format!("tensor `{missing}` is listed in the index but not found in its shard"),
+        ));
+    }
+    cat.path = index_path.to_path_buf();
+    cat.index_metadata = value.get("metadata").and_then(|m| m.as_object()).cloned();
     Ok(cat)
 }
 

@@ -282,3 +282,44 @@ def test_torchscript_read_only(tmp_path):
     p = run("convert", FIX / "scripted.pt", "-o", tmp_path / "o.pt", "--to", "f16", check=False)
     assert p.returncode == 2 and "TorchScript" in p.stderr and "refused" in p.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_hf_folder_with_pytorch_bins(minilm, tmp_path):
+    """A Hub folder with pytorch_model.bin (single, then sharded + index) converts to a
+    safetensors folder named as the Hub's convert script names it."""
+    sd = load_file(minilm / "model.safetensors")
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save(sd, single / "pytorch_model.bin")
+    (single / "config.json").write_text((minilm / "config.json").read_text())
+    (single / "vocab.txt").write_text((minilm / "vocab.txt").read_text())
+    out = tmp_path / "single-f16"
+    run("convert", single, "-o", out, "--to", "f16")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    same(load_file(out / "model.safetensors"), expect(sd, torch.float16))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = list(sd)
+    half = len(names) // 2
+    parts = {"pytorch_model-00001-of-00002.bin": names[:half], "pytorch_model-00002-of-00002.bin": names[half:]}
+    weight_map = {}
+    for fname, keys in parts.items():
+        torch.save({k: sd[k] for k in keys}, sharded / fname)
+        weight_map.update({k: fname for k in keys})
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    (sharded / "config.json").write_text((minilm / "config.json").read_text())
+    out = tmp_path / "sharded-bf16"
+    run("convert", sharded, "-o", out, "--to", "bf16")
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json"], files
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    merged = {}
+    for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]:
+        merged.update(load_file(out / f))
+    same(merged, expect(sd, torch.bfloat16))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
