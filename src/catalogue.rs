@@ -126,6 +126,26 @@ impl Catalogue {
             .unwrap_or_default()
     }
 
+    /// Removes `prefix` from tensor names (`module.` of DataParallel); returns how many were
+    /// renamed. Two tensors ending with the same name are an error.
+    pub fn strip_prefix(&mut self, prefix: &str) -> crate::error::Result<usize> {
+        let mut n = 0;
+        let mut seen = std::collections::HashSet::new();
+        for t in &mut self.tensors {
+            if let Some(s) = t.name.strip_prefix(prefix) {
+                t.name = s.to_string();
+                n += 1;
+            }
+            if !seen.insert(t.name.clone()) {
+                return Err(crate::error::Error::usage(format!(
+                    "--strip-prefix {prefix}: two tensors would be named `{}`",
+                    t.name
+                )));
+            }
+        }
+        Ok(n)
+    }
+
     /// Per dtype: (tensors, elements, bytes), in dtype order.
     pub fn dtype_totals(&self) -> Vec<(DType, u64, u64, u64)> {
         let mut m = std::collections::BTreeMap::<DType, (u64, u64, u64)>::new();

@@ -53,6 +53,8 @@ pub struct Options {
     pub sync: bool,
     /// What to do when finite values would leave the target's range.
     pub on_overflow: OnOverflow,
+    /// Inference export for .pt outputs (`--inference`, `--key`, `--strip-prefix`).
+    pub pt_export: crate::formats::torch_write::PtExport,
 }
 
 /// What to do when a cast would turn finite values into inf (or saturate fp8).
@@ -208,6 +210,7 @@ pub fn convert(
                 &plan.rules,
                 plan.target,
                 opts.range(),
+                &opts.pt_export,
                 tmp.as_file(),
                 stem,
                 opts.cancel.as_deref(),

@@ -360,8 +360,14 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let mut notes = Vec::new();
     let (root, prefix) = select_root(path, pk, key)?;
     if let Some(p) = &prefix {
+        let dropped = dropped_entries(&ar, p);
         notes.push(format!(
-            "tensors taken from the entry `{p}` (use --key to choose another)"
+            "tensors taken from the entry `{p}` (use --key to choose another){}",
+            if dropped.is_empty() {
+                String::new()
+            } else {
+                format!("; left out: {}", describe_dropped(&dropped))
+            }
         ));
     }
     let mut found = Vec::new();
@@ -468,8 +474,60 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     })
 }
 
+/// The top-level entries of a checkpoint other than `kept`: (name, tensors, tensor bytes).
+pub fn dropped_entries(ar: &Archive, kept: &str) -> Vec<(String, usize, u64)> {
+    let pk = &ar.pickle;
+    let first = kept.split('.').next().unwrap_or(kept);
+    let Some(items) = dict_items(pk, pk.root) else {
+        return vec![];
+    };
+    items
+        .iter()
+        .filter_map(|&(k, v)| {
+            let name = key_text(pk, k)?;
+            if name == first {
+                return None;
+            }
+            let mut found = Vec::new();
+            let _ = walk(
+                Path::new(""),
+                pk,
+                v,
+                &mut Vec::new(),
+                &mut found,
+                0,
+                &mut HashSet::new(),
+            );
+            let bytes = found
+                .iter()
+                .filter_map(|f| tensor_entry(ar, f.node).ok())
+                .map(|(_, _, _, n)| n)
+                .sum();
+            Some((name, found.len(), bytes))
+        })
+        .collect()
+}
+
+/// "`optimizer` (8 tensors, 1234 bytes), `epoch`".
+pub fn describe_dropped(d: &[(String, usize, u64)]) -> String {
+    d.iter()
+        .map(|(n, t, b)| {
+            if *t > 0 {
+                format!("`{n}` ({t} tensors, {b} bytes)")
+            } else {
+                format!("`{n}`")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The node whose tensors are the state dict, and the entry it came from.
-fn select_root(path: &Path, pk: &Pickle, key: Option<&str>) -> Result<(NodeId, Option<String>)> {
+pub fn select_root(
+    path: &Path,
+    pk: &Pickle,
+    key: Option<&str>,
+) -> Result<(NodeId, Option<String>)> {
     if key == Some("") {
         return Ok((pk.root, None));
     }

@@ -120,9 +120,161 @@ fn core(pk: &Pickle, id: NodeId, name: &str) -> Option<Core> {
     }
 }
 
+/// Storage keys of every persistent id reachable from the root.
+fn referenced_keys(pk: &Pickle) -> std::collections::HashSet<String> {
+    let mut seen = vec![false; pk.nodes.len()];
+    let mut stack = vec![pk.root];
+    let mut keys = std::collections::HashSet::new();
+    while let Some(id) = stack.pop() {
+        if std::mem::replace(&mut seen[id], true) {
+            continue;
+        }
+        let n = &pk.nodes[id];
+        if let Node::PersId(t) = n {
+            if let Some(t) = pk.seq(*t) {
+                if let Some(k) = t.get(2).and_then(|&k| match pk.node(k) {
+                    Node::Str(s) => Some(s.clone()),
+                    Node::Int(i) => Some(i.to_string()),
+                    _ => None,
+                }) {
+                    keys.insert(k);
+                }
+            }
+        }
+        stack.extend(pickle_children(n));
+    }
+    keys
+}
+
+fn pickle_children(n: &Node) -> Vec<NodeId> {
+    match n {
+        Node::List(v) | Node::Tuple(v) | Node::Set(v) | Node::FrozenSet(v) => v.clone(),
+        Node::Dict(d) => d.iter().flat_map(|&(k, v)| [k, v]).collect(),
+        Node::PersId(i) => vec![*i],
+        Node::Object(o) => {
+            let mut v = match &o.call {
+                Call::Reduce { func, args } => vec![*func, *args],
+                Call::NewObj { cls, args, kwargs } => {
+                    let mut v = vec![*cls, *args];
+                    v.extend(kwargs);
+                    v
+                }
+                Call::Inst { cls, args } => {
+                    let mut v = vec![*cls];
+                    v.extend(args);
+                    v
+                }
+            };
+            v.extend(o.items.iter().flat_map(|&(k, x)| [k, x]));
+            v.extend(&o.appends);
+            v.extend(o.state);
+            v
+        }
+        _ => vec![],
+    }
+}
+
+/// Sets `requires_grad` to False in every tensor and Parameter rebuild call.
+fn clear_requires_grad(pk: &mut Pickle, found: &[(String, NodeId)]) {
+    let f = add(pk, Node::Bool(false));
+    let mut todo: Vec<NodeId> = found.iter().map(|x| x.1).collect();
+    let mut done = std::collections::HashSet::new();
+    while let Some(id) = todo.pop() {
+        if !done.insert(id) {
+            continue;
+        }
+        let Some((_, func)) = pk.callee(id).map(|(m, n)| (m.to_string(), n.to_string())) else {
+            continue;
+        };
+        let Node::Object(o) = pk.node(id).clone() else {
+            continue;
+        };
+        let Call::Reduce { func: fid, args } = o.call else {
+            continue;
+        };
+        let Some(mut a) = pk.seq(args).map(|s| s.to_vec()) else {
+            continue;
+        };
+        let at = match func.as_str() {
+            "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
+                if let Some(&inner) = a.first() {
+                    todo.push(inner);
+                }
+                1
+            }
+            "_rebuild_tensor_v2" | "_rebuild_tensor_v3" => 4,
+            _ => continue,
+        };
+        if a.len() > at {
+            a[at] = f;
+            let new_args = add(pk, Node::Tuple(a));
+            if let Node::Object(o) = &mut pk.nodes[id] {
+                o.call = Call::Reduce {
+                    func: fid,
+                    args: new_args,
+                };
+            }
+        }
+    }
+}
+
+/// Removes `prefix` from the keys of the root state dict.
+fn strip_prefix(path: &Path, pk: &mut Pickle, prefix: &str) -> Result<()> {
+    let root = pk.root;
+    let items: Vec<(NodeId, NodeId)> = match pk.node(root) {
+        Node::Dict(d) => d.clone(),
+        Node::Object(o) => o.items.clone(),
+        _ => {
+            return Err(Error::usage(format!(
+                "{}: --strip-prefix needs a state dict at the top",
+                path.display()
+            )))
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut renamed = Vec::with_capacity(items.len());
+    for (k, v) in items {
+        let name = pk.str(k).map(str::to_string);
+        let k = match name.as_deref().and_then(|n| n.strip_prefix(prefix)) {
+            Some(stripped) => {
+                let s = stripped.to_string();
+                add(pk, Node::Str(s))
+            }
+            None => k,
+        };
+        if let Some(n) = pk.str(k) {
+            if !seen.insert(n.to_string()) {
+                return Err(Error::usage(format!(
+                    "{}: --strip-prefix {prefix}: two entries would be named `{n}`",
+                    path.display()
+                )));
+            }
+        }
+        renamed.push((k, v));
+    }
+    match &mut pk.nodes[root] {
+        Node::Dict(d) => *d = renamed,
+        Node::Object(o) => o.items = renamed,
+        _ => {}
+    }
+    Ok(())
+}
+
 fn add(pk: &mut Pickle, n: Node) -> NodeId {
     pk.nodes.push(n);
     pk.nodes.len() - 1
+}
+
+/// Inference export options for a .pt output.
+#[derive(Debug, Clone, Default)]
+pub struct PtExport {
+    /// Keep only the model's weights (the state dict entry of a training checkpoint), with
+    /// `requires_grad` cleared.
+    pub inference: bool,
+    /// The entry holding the state dict (`--key`), found automatically otherwise.
+    pub key: Option<String>,
+    /// Remove this prefix from state-dict keys (`module.` from DataParallel).
+    pub strip_prefix: Option<String>,
 }
 
 /// Writes the converted checkpoint of `path` into `dst`; `archive_name` is the record prefix
@@ -133,6 +285,7 @@ pub fn write_pt(
     rules: &RuleSet,
     target: DType,
     range: Range,
+    export: &PtExport,
     dst: &File,
     archive_name: &str,
     cancel: Option<&AtomicBool>,
@@ -168,12 +321,30 @@ pub fn write_pt(
         )));
     }
     let mut pk = ar.pickle.clone();
+    let mut summary = PtSummary::default();
+    if export.inference {
+        let (root, entry) = crate::formats::torch::select_root(path, &pk, export.key.as_deref())?;
+        if let Some(e) = entry {
+            let dropped = crate::formats::torch::dropped_entries(&ar, &e);
+            summary.notes.push(format!(
+                "--inference kept the entry `{e}`; dropped {} ({} tensor bytes saved)",
+                crate::formats::torch::describe_dropped(&dropped),
+                dropped.iter().map(|d| d.2).sum::<u64>()
+            ));
+            pk.root = root;
+        }
+    }
+    if let Some(prefix) = &export.strip_prefix {
+        strip_prefix(path, &mut pk, prefix)?;
+    }
     let found = tensors_in(path, &pk, pk.root)?;
     let cores: Vec<Core> = found
         .iter()
         .filter_map(|(name, id)| core(&pk, *id, name))
         .collect();
-    let mut summary = PtSummary::default();
+    if export.inference {
+        clear_requires_grad(&mut pk, &found);
+    }
 
     // Decide per storage.
     let mut want: BTreeMap<String, Vec<(DType, DType, String)>> = BTreeMap::new(); // key -> (from, to, name)
@@ -318,7 +489,13 @@ pub fn write_pt(
     small(&mut zip, ".format_version", b"1")?;
     small(&mut zip, ".storage_alignment", b"64")?;
     small(&mut zip, "byteorder", b"little")?;
-    let mut keys: Vec<String> = ar.data_keys();
+    // Only the storages the (possibly reduced) pickle still references.
+    let referenced = referenced_keys(&pk);
+    let mut keys: Vec<String> = ar
+        .data_keys()
+        .into_iter()
+        .filter(|k| referenced.contains(k))
+        .collect();
     keys.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
     let first_name: HashMap<&str, &str> = cores
         .iter()

@@ -323,3 +323,29 @@ def test_hf_folder_with_pytorch_bins(minilm, tmp_path):
         merged.update(load_file(out / f))
     same(merged, expect(sd, torch.bfloat16))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+
+
+def test_inference_export_and_strip_prefix(tmp_path):
+    out = tmp_path / "inf.pt"
+    p = run("convert", FIX / "training.pt", "-o", out, "--to", "f16", "--inference")
+    assert "dropped `epoch`, `optimizer` (12 tensors, 480 bytes)" in p.stderr
+    got = torch.load(out, weights_only=True)
+    ref = torch.load(FIX / "training.pt", weights_only=True)["model"]
+    assert_same_tree(got, torch_cast(ref, torch.float16))
+    assert out.stat().st_size < (FIX / "training.pt").stat().st_size
+    # a pickled module: parameters stay Parameters, requires_grad cleared
+    run("convert", FIX / "sequential.pt", "-o", out, "--to", "f16", "--inference", "--force")
+    m = torch.load(out, weights_only=False)
+    assert isinstance(m[0].weight, torch.nn.Parameter) and not m[0].weight.requires_grad
+    # DataParallel prefixes
+    dp = tmp_path / "dp.pt"
+    torch.save({"module.w": torch.ones(2), "module.b": torch.zeros(1)}, dp)
+    run("convert", dp, "-o", out, "--to", "bf16", "--strip-prefix", "module.", "--force")
+    assert list(torch.load(out, weights_only=True)) == ["w", "b"]
+    st = tmp_path / "dp.safetensors"
+    run("convert", dp, "-o", st, "--to", "bf16", "--strip-prefix", "module.")
+    assert sorted(load_file(st)) == ["b", "w"]
+    clash = tmp_path / "clash.pt"
+    torch.save({"module.w": torch.ones(2), "w": torch.ones(2)}, clash)
+    p = run("convert", clash, "-o", tmp_path / "c.safetensors", "--to", "f16", "--strip-prefix", "module.", check=False)
+    assert p.returncode == 2 and "two tensors would be named `w`" in p.stderr

@@ -129,6 +129,13 @@ pub struct ConvertArgs {
     /// model_state_dict); found automatically otherwise.
     #[arg(long, value_name = "PATH")]
     pub key: Option<String>,
+    /// Keep only the model's weights (drop optimizer, scheduler, EMA and other training state,
+    /// with a report) and clear requires_grad.
+    #[arg(long)]
+    pub inference: bool,
+    /// Remove PREFIX from tensor names (e.g. `module.` added by DataParallel).
+    #[arg(long, value_name = "PREFIX")]
+    pub strip_prefix: Option<String>,
     /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
     #[arg(short, long)]
     pub output: PathBuf,

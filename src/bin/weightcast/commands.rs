@@ -305,9 +305,22 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         )
         .into());
     }
-    // A .pt output keeps the whole file (optimizer state too), so its plan covers every tensor.
-    let key = c.key.as_deref().or(if pt_out { Some("") } else { None });
-    let cat = open(&c.input, key)?;
+    // A .pt output keeps the whole file (optimizer state too), so its plan covers every tensor,
+    // unless --inference keeps only the model's weights.
+    let key = c.key.as_deref().or(if pt_out && !c.inference {
+        Some("")
+    } else {
+        None
+    });
+    let mut cat = open(&c.input, key)?;
+    if let Some(p) = &c.strip_prefix {
+        let n = cat.strip_prefix(p)?;
+        if n == 0 {
+            warn(&format!(
+                "--strip-prefix {p}: no tensor name starts with it"
+            ));
+        }
+    }
     let mut plan = Plan::new(&cat, &rules, target);
     for w in &plan.warnings {
         warn(w);
@@ -342,6 +355,11 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         cancel: Some(cancel.clone()),
         sync: !c.no_sync,
         on_overflow,
+        pt_export: weightcast::formats::torch_write::PtExport {
+            inference: c.inference,
+            key: c.key.clone(),
+            strip_prefix: c.strip_prefix.clone(),
+        },
     };
     if c.dry_run {
         let (_, layout) = convert::prepare(&cat, &plan, &c.output, &opts)?;
