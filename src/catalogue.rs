@@ -24,6 +24,14 @@ pub enum InputKind {
 }
 
 impl InputKind {
+    /// A PyTorch file (torch.save zip, legacy, or TorchScript).
+    pub fn is_torch(self) -> bool {
+        matches!(
+            self,
+            InputKind::Torch | InputKind::TorchLegacy | InputKind::TorchScript
+        )
+    }
+
     /// A short human name.
     pub fn describe(self) -> &'static str {
         match self {

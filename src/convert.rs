@@ -205,17 +205,29 @@ pub fn convert(
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .unwrap_or("archive");
-            let pt = crate::formats::torch_write::write_pt(
-                &cat.path,
-                &plan.rules,
-                plan.target,
-                opts.range(),
-                &opts.pt_export,
-                tmp.as_file(),
-                stem,
-                opts.cancel.as_deref(),
-                &|n| progress.advance(n),
-            )?;
+            let pt = if cat.kind.is_torch() {
+                crate::formats::torch_write::write_pt(
+                    &cat.path,
+                    &plan.rules,
+                    plan.target,
+                    opts.range(),
+                    &opts.pt_export,
+                    tmp.as_file(),
+                    stem,
+                    opts.cancel.as_deref(),
+                    &|n| progress.advance(n),
+                )?
+            } else {
+                crate::formats::torch_write::write_pt_from_plan(
+                    cat,
+                    plan,
+                    opts.range(),
+                    tmp.as_file(),
+                    stem,
+                    opts.cancel.as_deref(),
+                    &|n| progress.advance(n),
+                )?
+            };
             summary.tensors_cast = pt.tensors_cast;
             summary.tensors_kept = cat.tensors.len().saturating_sub(pt.tensors_cast);
             summary.bytes_in = pt.bytes_in;

@@ -32,18 +32,7 @@ impl Target {
         } else if cat.kind == InputKind::Folder {
             Ok(Target::Folder(out.to_path_buf()))
         } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
-            if matches!(
-                cat.kind,
-                InputKind::Torch | InputKind::TorchLegacy | InputKind::TorchScript
-            ) {
-                Ok(Target::Pt(out.to_path_buf()))
-            } else {
-                Err(Error::usage(format!(
-                    "{}: writing PyTorch files from {} is not supported yet; write .safetensors instead",
-                    out.display(),
-                    cat.kind.describe()
-                )))
-            }
+            Ok(Target::Pt(out.to_path_buf()))
         } else {
             Err(Error::usage(format!(
                 "{}: the output must end in .safetensors or .safetensors.index.json \

@@ -316,7 +316,6 @@ fn usage_errors_exit_2() {
     let inp = d.s("in.safetensors");
     std::fs::write(&inp, valid()).unwrap();
     let out = d.s("out.safetensors");
-    let outbin = d.s("out.bin");
     let outtxt = d.s("out.txt");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -354,10 +353,6 @@ fn usage_errors_exit_2() {
                 "5XB",
             ],
             "unknown unit",
-        ),
-        (
-            vec!["convert", &inp, "-o", &outbin, "--to", "f16"],
-            "writing PyTorch files from safetensors is not supported yet",
         ),
         (
             vec!["convert", &inp, "-o", &outtxt, "--to", "f16"],

@@ -572,3 +572,232 @@ pub fn write_pt(
     let _ = f.stream_position();
     Ok(summary)
 }
+
+/// Legacy storage class names torch.load maps to dtypes (others use `UntypedStorage` + v3).
+fn legacy_storage(d: DType) -> Option<&'static str> {
+    Some(match d {
+        DType::F64 => "DoubleStorage",
+        DType::F32 => "FloatStorage",
+        DType::F16 => "HalfStorage",
+        DType::BF16 => "BFloat16Storage",
+        DType::I64 => "LongStorage",
+        DType::I32 => "IntStorage",
+        DType::I16 => "ShortStorage",
+        DType::I8 => "CharStorage",
+        DType::U8 => "ByteStorage",
+        DType::Bool => "BoolStorage",
+        DType::C64 => "ComplexFloatStorage",
+        _ => return None,
+    })
+}
+
+/// Writes the tensors of a non-PyTorch catalogue (safetensors) as a `torch.save` state dict
+/// (an OrderedDict of tensors, one storage each), casting as `plan` says.
+#[allow(clippy::too_many_arguments)]
+pub fn write_pt_from_plan(
+    cat: &crate::catalogue::Catalogue,
+    plan: &crate::plan::Plan,
+    range: Range,
+    dst: &File,
+    archive_name: &str,
+    cancel: Option<&AtomicBool>,
+    advance: &dyn Fn(u64),
+) -> Result<PtSummary> {
+    let mut pk = Pickle {
+        nodes: vec![],
+        root: 0,
+    };
+    let od = add(
+        &mut pk,
+        Node::Global {
+            module: "collections".into(),
+            name: "OrderedDict".into(),
+        },
+    );
+    let empty = add(&mut pk, Node::Tuple(vec![]));
+    let storage = add(&mut pk, Node::Str("storage".into()));
+    let cpu = add(&mut pk, Node::Str("cpu".into()));
+    let no = add(&mut pk, Node::Bool(false));
+    let v2 = add(
+        &mut pk,
+        Node::Global {
+            module: "torch._utils".into(),
+            name: "_rebuild_tensor_v2".into(),
+        },
+    );
+    let v3 = add(
+        &mut pk,
+        Node::Global {
+            module: "torch._utils".into(),
+            name: "_rebuild_tensor_v3".into(),
+        },
+    );
+    let untyped = add(
+        &mut pk,
+        Node::Global {
+            module: "torch.storage".into(),
+            name: "UntypedStorage".into(),
+        },
+    );
+    let zero = add(&mut pk, Node::Int(0));
+    let mut items = Vec::new();
+    for (i, p) in plan.tensors.iter().enumerate() {
+        let t = &cat.tensors[p.tensor];
+        let to = p.to;
+        let torch_ok = !matches!(to, DType::F6E2M3 | DType::F6E3M2);
+        if !torch_ok {
+            return Err(Error::usage(format!(
+                "tensor `{}`: torch has no {to} dtype",
+                t.name
+            )));
+        }
+        let key = add(&mut pk, Node::Str(i.to_string()));
+        let numel = t.numel();
+        let (stype, n) = match legacy_storage(to) {
+            Some(s) => (
+                add(
+                    &mut pk,
+                    Node::Global {
+                        module: "torch".into(),
+                        name: s.into(),
+                    },
+                ),
+                numel,
+            ),
+            None => (untyped, p.bytes_out),
+        };
+        let n = add(&mut pk, Node::Int(n as i64));
+        let pid_t = add(&mut pk, Node::Tuple(vec![storage, stype, key, cpu, n]));
+        let pid = add(&mut pk, Node::PersId(pid_t));
+        let dims: Vec<NodeId> = t
+            .shape
+            .iter()
+            .map(|&d| add(&mut pk, Node::Int(d as i64)))
+            .collect();
+        let mut strides = vec![1u64; t.shape.len()];
+        for k in (0..t.shape.len().saturating_sub(1)).rev() {
+            strides[k] = strides[k + 1] * t.shape[k + 1].max(1);
+        }
+        let strides: Vec<NodeId> = strides
+            .iter()
+            .map(|&s| add(&mut pk, Node::Int(s as i64)))
+            .collect();
+        let size = add(&mut pk, Node::Tuple(dims));
+        let stride = add(&mut pk, Node::Tuple(strides));
+        let hooks = add(
+            &mut pk,
+            Node::Object(pickle::Object {
+                call: Call::Reduce {
+                    func: od,
+                    args: empty,
+                },
+                state: None,
+                items: vec![],
+                appends: vec![],
+            }),
+        );
+        let mut args = vec![pid, zero, size, stride, no, hooks];
+        let func = if legacy_storage(to).is_some() {
+            v2
+        } else {
+            args.push(add(
+                &mut pk,
+                Node::Global {
+                    module: "torch".into(),
+                    name: to.torch_name().into(),
+                },
+            ));
+            v3
+        };
+        let args = add(&mut pk, Node::Tuple(args));
+        let tensor = add(
+            &mut pk,
+            Node::Object(pickle::Object {
+                call: Call::Reduce { func, args },
+                state: None,
+                items: vec![],
+                appends: vec![],
+            }),
+        );
+        let name = add(&mut pk, Node::Str(t.name.clone()));
+        items.push((name, tensor));
+    }
+    pk.root = add(
+        &mut pk,
+        Node::Object(pickle::Object {
+            call: Call::Reduce {
+                func: od,
+                args: empty,
+            },
+            state: None,
+            items,
+            appends: vec![],
+        }),
+    );
+    let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(&cat.path, e.to_string()))?;
+    let sources = crate::source::Sources::open(cat)?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, dst));
+    let opts = |size: u64| {
+        zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .with_alignment(64)
+            .large_file(size >= 0xFFFF_FFFF)
+    };
+    let zerr = |e: zip::result::ZipError| Error::invalid("output", format!("writing the zip: {e}"));
+    let ioerr = |e: std::io::Error| Error::invalid("output", format!("writing the zip: {e}"));
+    for (name, body) in [
+        ("data.pkl", &data_pkl[..]),
+        (".format_version", b"1"),
+        (".storage_alignment", b"64"),
+        ("byteorder", b"little"),
+    ] {
+        zip.start_file(format!("{archive_name}/{name}"), opts(body.len() as u64))
+            .map_err(zerr)?;
+        zip.write_all(body).map_err(ioerr)?;
+    }
+    let mut summary = PtSummary::default();
+    let mut out = Vec::new();
+    for (i, p) in plan.tensors.iter().enumerate() {
+        let t = &cat.tensors[p.tensor];
+        zip.start_file(format!("{archive_name}/data/{i}"), opts(p.bytes_out))
+            .map_err(zerr)?;
+        let align = (p.from.bitsize() / 8)
+            .max(1)
+            .max((p.to.bitsize() / 8).max(1));
+        let mut over = 0u64;
+        sources.for_each_chunk(t, 8 << 20, align * (p.from.bitsize() / 8).max(1), |chunk| {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Interrupted);
+            }
+            if p.is_cast() {
+                let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
+                out.resize(chunk.len() / isz * osz, 0);
+                over += cast::cast_par_checked(p.from, p.to, chunk, &mut out, range)
+                    .map_err(|e| Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name)))?;
+                zip.write_all(&out).map_err(ioerr)?;
+            } else {
+                zip.write_all(chunk).map_err(ioerr)?;
+            }
+            advance(chunk.len() as u64);
+            Ok(())
+        })?;
+        if over > 0 {
+            summary.overflow.push((t.name.clone(), over));
+        }
+        if p.is_cast() {
+            summary.storages_cast += 1;
+            summary.tensors_cast += 1;
+        } else {
+            summary.storages_kept += 1;
+        }
+        summary.bytes_in += p.bytes_in;
+        summary.bytes_out += p.bytes_out;
+    }
+    zip.start_file(format!("{archive_name}/version"), opts(2))
+        .map_err(zerr)?;
+    zip.write_all(b"3\n").map_err(ioerr)?;
+    let w = zip.finish().map_err(zerr)?;
+    let mut f = w.into_inner().map_err(|e| ioerr(e.into_error()))?;
+    f.flush().map_err(ioerr)?;
+    Ok(summary)
+}

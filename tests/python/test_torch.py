@@ -125,9 +125,22 @@ def test_audit_clean_files():
     assert "torch._utils._rebuild_parameter" in a["files"][0]["allowed"]
 
 
-def test_pt_output_from_safetensors_refused_clearly(tmp_path, minilm):
-    p = run("convert", minilm / "model.safetensors", "-o", tmp_path / "x.pt", "--to", "f16", check=False)
-    assert p.returncode == 2 and "writing PyTorch files from safetensors is not supported yet" in p.stderr
+def test_safetensors_to_pt(minilm, tmp_path):
+    out = tmp_path / "m.pt"
+    run("convert", minilm / "model.safetensors", "-o", out, "--to", "f16", "--preset", "keep-norms")
+    sd = load_file(minilm / "model.safetensors")
+    want = {k: (v.half() if v.is_floating_point() and v.dim() > 1 else v) for k, v in sd.items()}
+    got = torch.load(out, weights_only=True)
+    assert_same_tree(got, type(got)(want))
+    assert_same_tree(torch.load(out, weights_only=True, mmap=True), got)
+    # every dtype, f8 and uint16 through _rebuild_tensor_v3
+    from safetensors.torch import save_file
+    src = tmp_path / "all.safetensors"
+    save_file(torch.load(FIX / "all_dtypes.pt", weights_only=True), src)
+    run("convert", src, "-o", tmp_path / "all.pt", "--to", "f32", "--on-overflow", "allow")
+    got = torch.load(tmp_path / "all.pt", weights_only=True)
+    want = torch_cast(load_file(src), torch.float32)
+    assert_same_tree(dict(got), want)
 
 
 def test_truncated_and_mutated_checkpoints_error_cleanly(tmp_path):

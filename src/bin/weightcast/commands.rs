@@ -298,13 +298,6 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         .output
         .extension()
         .is_some_and(|e| e == "pt" || e == "pth" || e == "bin");
-    if pt_out && (c.auto.is_some() || c.max_underflow.is_some() || on_overflow == OnOverflow::Keep)
-    {
-        return Err(Error::usage(
-            "--auto, --max-underflow and --on-overflow keep are not supported for .pt outputs yet",
-        )
-        .into());
-    }
     // A .pt output keeps the whole file (optimizer state too), so its plan covers every tensor,
     // unless --inference keeps only the model's weights.
     let key = c.key.as_deref().or(if pt_out && !c.inference {
@@ -313,6 +306,15 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         None
     });
     let mut cat = open(&c.input, key)?;
+    if pt_out
+        && cat.kind.is_torch()
+        && (c.auto.is_some() || c.max_underflow.is_some() || on_overflow == OnOverflow::Keep)
+    {
+        return Err(Error::usage(
+            "--auto, --max-underflow and --on-overflow keep are not supported for PyTorch to .pt conversions yet",
+        )
+        .into());
+    }
     if let Some(p) = &c.strip_prefix {
         let n = cat.strip_prefix(p)?;
         if n == 0 {
