@@ -56,6 +56,8 @@ pub struct SourceFile {
     pub len: u64,
     /// The file's `__metadata__`, in order.
     pub metadata: Option<Vec<(String, String)>>,
+    /// Tensor data is stored big-endian (a torch.save `byteorder` of `big`): readers swap it.
+    pub big_endian: bool,
 }
 
 /// One tensor and where its bytes live.

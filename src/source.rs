@@ -24,8 +24,17 @@ impl<'a> Sources<'a> {
         Ok(Sources { cat, files })
     }
 
-    /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data.
+    /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data, little-endian
+    /// (big-endian files are swapped element by element; `pos` must be element-aligned).
     pub fn read(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_raw(t, pos, buf)?;
+        if self.cat.files[t.file].big_endian {
+            swap_bytes(buf, t.dtype.bitsize() / 8);
+        }
+        Ok(())
+    }
+
+    fn read_raw(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
         let at = t.offset + pos;
         self.files[t.file].read_exact_at(buf, at).map_err(|e| {
             Error::invalid(
@@ -59,5 +68,16 @@ impl<'a> Sources<'a> {
             pos += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Reverses the bytes of every `size`-byte element (big-endian <-> little-endian); complex
+/// numbers swap each half.
+pub fn swap_bytes(buf: &mut [u8], size: usize) {
+    if size <= 1 {
+        return;
+    }
+    for e in buf.chunks_exact_mut(size) {
+        e.reverse();
     }
 }

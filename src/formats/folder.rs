@@ -88,6 +88,7 @@ fn read_source(path: &Path, name: String) -> Result<(File, SourceFile, safetenso
         name,
         len,
         metadata: header.metadata.clone(),
+        big_endian: false,
     };
     Ok((file, sf, header))
 }

@@ -387,13 +387,6 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     for f in found {
         match tensor_entry(&ar, f.node) {
             Ok((dtype, shape, offset, nbytes)) => {
-                if ar.big_endian && dtype.bitsize() > 8 {
-                    notes.push(format!(
-                        "tensor `{}` left out: big-endian storages are not read yet",
-                        f.name
-                    ));
-                    continue;
-                }
                 let k = (offset, nbytes, dtype, shape.clone());
                 if let Some(kept) = seen.get(&k) {
                     aliases.push((f.name.clone(), kept.clone()));
@@ -462,6 +455,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
                 .unwrap_or_default(),
             len,
             metadata: Some(metadata),
+            big_endian: ar.big_endian,
         }],
         tensors,
         index_metadata: None,

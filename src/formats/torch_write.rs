@@ -299,12 +299,6 @@ pub fn write_pt(
             path.display()
         )));
     }
-    if ar.big_endian {
-        return Err(Error::invalid(
-            path,
-            "big-endian storages are not converted yet",
-        ));
-    }
     let dangerous: Vec<String> = ar
         .pickle
         .globals()
@@ -536,6 +530,15 @@ pub fn write_pt(
                         ),
                     )
                 })?;
+            if ar.big_endian {
+                if !decision.contains_key(key.as_str()) {
+                    return Err(Error::invalid(
+                        path,
+                        format!("storage `data/{key}` is big-endian and of a type weightcast cannot swap"),
+                    ));
+                }
+                crate::source::swap_bytes(&mut buf[..n], isz as usize);
+            }
             if from != to {
                 out.resize(n / isz as usize * osz as usize, 0);
                 over += cast::cast_par_checked(from, to, &buf[..n], &mut out, range)

@@ -362,3 +362,19 @@ def test_inference_export_and_strip_prefix(tmp_path):
     torch.save({"module.w": torch.ones(2), "w": torch.ones(2)}, clash)
     p = run("convert", clash, "-o", tmp_path / "c.safetensors", "--to", "f16", "--strip-prefix", "module.", check=False)
     assert p.returncode == 2 and "two tensors would be named `w`" in p.stderr
+
+
+@pytest.mark.parametrize("to,dtype", [("f16", torch.float16), ("f32", torch.float32)])
+def test_big_endian_checkpoint(tmp_path, to, dtype):
+    """byteorder `big` (as written on s390x): storages are swapped on read, written little."""
+    ref = torch.load(FIX / "big_endian.pt", weights_only=True)  # torch swaps on load
+    out = tmp_path / "o.safetensors"
+    run("convert", FIX / "big_endian.pt", "-o", out, "--to", to, "--on-overflow", "allow")
+    same(load_file(out), expect(ref, dtype))
+    pt = tmp_path / "o.pt"
+    run("convert", FIX / "big_endian.pt", "-o", pt, "--to", to, "--on-overflow", "allow")
+    assert_same_tree(torch.load(pt, weights_only=True), torch_cast(ref, dtype))
+    a = json.loads(run("analyze", FIX / "big_endian.pt", "--to", "f16", "--json").stdout)
+    b = json.loads(run("analyze", FIX / "all_dtypes.pt", "--to", "f16", "--json").stdout)
+    snr = lambda r: {t["name"]: t["snr_db"] for t in r["tensors"]}
+    assert snr(a) == {k: v for k, v in snr(b).items() if k in snr(a)}
