@@ -105,6 +105,9 @@ def test_malicious_pickle_never_runs(tmp_path):
     out = tmp_path / "o.safetensors"
     p = run("inspect", FIX / "malicious.pt")
     assert "posix.system" in p.stderr and "dangerous" in p.stderr
+    assert "1 dangerous (weightcast audit lists them)" in p.stdout
+    j = json.loads(run("inspect", FIX / "malicious.pt", "--json").stdout)
+    assert j["globals"]["dangerous"] == ["posix.system"]
     p = run("convert", FIX / "malicious.pt", "-o", out, "--to", "f16")
     assert "dangerous globals" in p.stderr
     assert torch.equal(load_file(out)["w"], torch.ones(3).half()), "tensors extracted"

@@ -96,6 +96,17 @@ pub fn inspect_text(cat: &Catalogue) -> String {
         rows.push(vec![d.to_string(), n.to_string(), p.to_string(), bytes(b)]);
     }
     s.push_str(&table(&rows, &[false, true, true, true]));
+    if !cat.globals.is_empty() {
+        use weightcast::audit::Class;
+        let n = |c: Class| cat.globals.iter().filter(|g| g.1 == c).count();
+        s.push_str(&format!(
+            "\npickle globals: {} allowed by torch's weights_only loader, {} other, {} dangerous{}\n",
+            n(Class::Allowed),
+            n(Class::Other),
+            n(Class::Dangerous),
+            if n(Class::Dangerous) > 0 { " (weightcast audit lists them)" } else { "" }
+        ));
+    }
     let meta = cat.metadata();
     if !meta.is_empty() {
         s.push_str("\nmetadata:\n");
@@ -118,6 +129,12 @@ pub fn inspect_json(cat: &Catalogue) -> Value {
             (d.to_string(), json!({"tensors": n, "parameters": p, "bytes": b}))
         }).collect::<serde_json::Map<_, _>>(),
         "metadata": cat.metadata().into_iter().map(|(k, v)| (k, Value::String(v))).collect::<serde_json::Map<_, _>>(),
+        "globals": {
+            "allowed": cat.globals.iter().filter(|g| g.1 == weightcast::audit::Class::Allowed).map(|g| &g.0).collect::<Vec<_>>(),
+            "other": cat.globals.iter().filter(|g| g.1 == weightcast::audit::Class::Other).map(|g| &g.0).collect::<Vec<_>>(),
+            "dangerous": cat.globals.iter().filter(|g| g.1 == weightcast::audit::Class::Dangerous).map(|g| &g.0).collect::<Vec<_>>(),
+        },
+        "notes": cat.notes,
         "tensors": cat.tensors.iter().map(|t| json!({
             "name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape,
             "bytes": t.nbytes, "file": cat.files[t.file].name,
