@@ -73,8 +73,20 @@ pub struct TensorEntry {
     pub file: usize,
     /// Absolute byte offset of the data in that file.
     pub offset: u64,
-    /// Byte length of the data.
+    /// Byte length of the data (as a contiguous tensor).
     pub nbytes: u64,
+    /// For a non-contiguous view (PyTorch): its layout in the storage, gathered on read.
+    pub strided: Option<Strided>,
+}
+
+/// A non-contiguous view of a storage: `offset` is its first element, these strides (in
+/// elements) place the others within `span` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Strided {
+    /// Element strides, one per dimension.
+    pub strides: Vec<u64>,
+    /// Bytes of storage the view covers from its first element.
+    pub span: u64,
 }
 
 impl TensorEntry {

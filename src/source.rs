@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use crate::catalogue::{Catalogue, TensorEntry};
+use crate::catalogue::{Catalogue, Strided, TensorEntry};
 use crate::error::{Error, Result};
 
 /// Open handles to every weights file of a catalogue.
@@ -27,9 +27,59 @@ impl<'a> Sources<'a> {
     /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data, little-endian
     /// (big-endian files are swapped element by element; `pos` must be element-aligned).
     pub fn read(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_raw(t, pos, buf)?;
+        match &t.strided {
+            None => self.read_raw(t, pos, buf)?,
+            Some(s) => self.gather(t, s, pos, buf)?,
+        }
         if self.cat.files[t.file].big_endian {
             swap_bytes(buf, t.dtype.bitsize() / 8);
+        }
+        Ok(())
+    }
+
+    /// Reads the storage span of a non-contiguous view and copies out, in C order, the elements
+    /// that `pos..pos + buf.len()` of the contiguous tensor hold.
+    fn gather(&self, t: &TensorEntry, s: &Strided, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let es = (t.dtype.bitsize() / 8).max(1);
+        // Bounded by the reader's gather limit, checked when the catalogue was made.
+        let mut span = vec![0u8; s.span as usize];
+        self.files[t.file]
+            .read_exact_at(&mut span, t.offset)
+            .map_err(|e| {
+                Error::invalid(
+                    &self.cat.files[t.file].path,
+                    format!(
+                        "tensor `{}`: cannot read its storage at byte {}: {e}",
+                        t.name, t.offset
+                    ),
+                )
+            })?;
+        let first = (pos / es as u64) as usize;
+        let n = buf.len() / es;
+        // The multi-index of element `first`.
+        let mut idx = vec![0u64; t.shape.len()];
+        let mut rem = first as u64;
+        for d in (0..t.shape.len()).rev() {
+            let dim = t.shape[d].max(1);
+            idx[d] = rem % dim;
+            rem /= dim;
+        }
+        for out in buf.chunks_exact_mut(es).take(n) {
+            let at: u64 = idx
+                .iter()
+                .zip(&s.strides)
+                .map(|(i, st)| i * st)
+                .sum::<u64>()
+                * es as u64;
+            let at = at as usize;
+            out.copy_from_slice(&span[at..at + es]);
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < t.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
         }
         Ok(())
     }

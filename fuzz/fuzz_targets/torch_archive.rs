@@ -8,7 +8,8 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, data).unwrap();
     if let Ok(cat) = weightcast::formats::open(&path) {
         for t in &cat.tensors {
-            assert!(t.offset + t.nbytes <= data.len() as u64);
+            let covered = t.strided.as_ref().map_or(t.nbytes, |s| s.span);
+            assert!(t.offset + covered <= data.len() as u64);
         }
     }
 });

@@ -140,6 +140,7 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
             file,
             offset: header.data_start + t.begin,
             nbytes: t.end - t.begin,
+            strided: None,
         })
         .collect()
 }

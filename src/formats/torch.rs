@@ -8,7 +8,8 @@
 //! storages saved on any device (the location is only a label), tied weights (written once),
 //! state dicts nested in training checkpoints (found automatically or by `--key`) and pickled
 //! modules (names as `state_dict()` gives them).
-//! Reported and left out: quantized and sparse tensors, non-contiguous views, big-endian data.
+//! Non-contiguous views are gathered on read; big-endian storages are swapped.
+//! Reported and left out: quantized and sparse tensors.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -16,13 +17,15 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::audit::{classify, Class};
-use crate::catalogue::{Catalogue, InputKind, SourceFile, TensorEntry};
+use crate::catalogue::{Catalogue, InputKind, SourceFile, Strided, TensorEntry};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, Call, Node, NodeId, Pickle};
 
 /// Largest `data.pkl` read into memory.
 const MAX_PICKLE: u64 = 1 << 30;
+/// Largest storage span read at once to gather a non-contiguous view.
+const MAX_GATHER: u64 = 1 << 30;
 /// Deepest nesting followed when looking for tensors.
 const MAX_DEPTH: usize = 256;
 /// Entries of a training checkpoint that hold the model's state dict, in order of preference.
@@ -382,12 +385,13 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         &mut visiting,
     )?;
     let mut tensors = Vec::new();
-    let mut seen: HashMap<(u64, u64, DType, Vec<u64>), String> = HashMap::new();
+    type ViewKey = (u64, u64, DType, Vec<u64>, Option<Strided>);
+    let mut seen: HashMap<ViewKey, String> = HashMap::new();
     let mut aliases = Vec::new();
     for f in found {
         match tensor_entry(&ar, f.node) {
-            Ok((dtype, shape, offset, nbytes)) => {
-                let k = (offset, nbytes, dtype, shape.clone());
+            Ok((dtype, shape, offset, nbytes, strided)) => {
+                let k = (offset, nbytes, dtype, shape.clone(), strided.clone());
                 if let Some(kept) = seen.get(&k) {
                     aliases.push((f.name.clone(), kept.clone()));
                     continue;
@@ -400,6 +404,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
                     file: 0,
                     offset,
                     nbytes,
+                    strided,
                 });
             }
             Err(why) => notes.push(format!("tensor `{}` left out: {why}", f.name)),
@@ -495,7 +500,7 @@ pub fn dropped_entries(ar: &Archive, kept: &str) -> Vec<(String, usize, u64)> {
             let bytes = found
                 .iter()
                 .filter_map(|f| tensor_entry(ar, f.node).ok())
-                .map(|(_, _, _, n)| n)
+                .map(|(_, _, _, n, _)| n)
                 .sum();
             Some((name, found.len(), bytes))
         })
@@ -713,10 +718,10 @@ pub(crate) fn storage_dtype(name: &str) -> Option<DType> {
 }
 
 /// The dtype, shape and byte range in the file of the tensor built by node `id`.
-fn tensor_entry(
-    ar: &Archive,
-    id: NodeId,
-) -> std::result::Result<(DType, Vec<u64>, u64, u64), String> {
+/// dtype, shape, byte offset of the first element, contiguous bytes, non-contiguous layout.
+type View = (DType, Vec<u64>, u64, u64, Option<Strided>);
+
+fn tensor_entry(ar: &Archive, id: NodeId) -> std::result::Result<View, String> {
     let pk = &ar.pickle;
     let Some((_, func)) = pk.callee(id) else {
         return Err("not a tensor".into());
@@ -770,7 +775,7 @@ fn storage_view(
     ar: &Archive,
     args: &[NodeId],
     dtype: Option<DType>,
-) -> std::result::Result<(DType, Vec<u64>, u64, u64), String> {
+) -> std::result::Result<View, String> {
     let pk = &ar.pickle;
     let get = |i: usize| {
         args.get(i)
@@ -829,13 +834,12 @@ fn storage_view(
     if shape.len() != stride.len() {
         return Err("size and stride have different lengths".into());
     }
-    // Only C-contiguous views are byte ranges of their storage.
+    // C-contiguous views are byte ranges of their storage; others are gathered on read.
     let mut expect = 1u64;
+    let mut contiguous = true;
     for (&d, &s) in shape.iter().zip(&stride).rev() {
         if d > 1 && s != expect {
-            return Err(format!(
-                "non-contiguous view (stride {stride:?} for shape {shape:?}) is not read yet"
-            ));
+            contiguous = false;
         }
         expect = expect.checked_mul(d).ok_or("shape overflows")?;
     }
@@ -854,12 +858,37 @@ fn storage_view(
         .checked_mul(esize)
         .ok_or("storage offset overflows")?;
     let nbytes = dtype.bytes_for(numel).ok_or("tensor size overflows")?;
-    let end = start.checked_add(nbytes).ok_or("tensor size overflows")?;
+    let strided = if contiguous || numel == 0 {
+        None
+    } else {
+        let last = shape
+            .iter()
+            .zip(&stride)
+            .try_fold(0u64, |acc, (&d, &s)| {
+                acc.checked_add((d - 1).checked_mul(s)?)
+            })
+            .ok_or("strides overflow")?;
+        let span = last
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(esize))
+            .ok_or("strides overflow")?;
+        if span > MAX_GATHER {
+            return Err(format!(
+                "non-contiguous view spans {span} bytes of its storage, over the {MAX_GATHER}-byte gather limit"
+            ));
+        }
+        Some(Strided {
+            strides: stride.clone(),
+            span,
+        })
+    };
+    let covered = strided.as_ref().map_or(nbytes, |s| s.span);
+    let end = start.checked_add(covered).ok_or("tensor size overflows")?;
     if end > record.size {
         return Err(format!(
             "view ends at byte {end} of storage `data/{key}`, which holds {} bytes",
             record.size
         ));
     }
-    Ok((dtype, shape, record.data_start + start, nbytes))
+    Ok((dtype, shape, record.data_start + start, nbytes, strided))
 }
