@@ -497,8 +497,39 @@ pub fn write_pt(
         .rev()
         .collect();
     const CHUNK: u64 = 8 << 20;
+    // Compressed storage records (archives re-zipped with deflate; torch never compresses them)
+    // are decompressed while streaming; stored ones are read in place.
+    let mut zin = if ar.legacy {
+        None
+    } else {
+        Some(
+            zip::ZipArchive::new(std::io::BufReader::new(
+                File::open(path).map_err(|e| Error::io(path, e))?,
+            ))
+            .map_err(|e| Error::invalid(path, format!("not a readable zip archive: {e}")))?,
+        )
+    };
     for key in &keys {
-        let (data_start, size) = ar.record(&format!("data/{key}")).expect("listed");
+        let record_name = format!("data/{key}");
+        let stored = ar.record(&record_name);
+        let size = stored
+            .map(|r| r.1)
+            .or_else(|| ar.records_size(&record_name))
+            .unwrap_or(0);
+        let data_start = stored.map_or(0, |r| r.0);
+        let mut inflater = match (stored, zin.as_mut()) {
+            (None, Some(z)) => Some(
+                z.by_name(&format!("{}{record_name}", ar.prefix))
+                    .map_err(|e| Error::invalid(path, format!("record `{record_name}`: {e}")))?,
+            ),
+            (None, None) => {
+                return Err(Error::invalid(
+                    path,
+                    format!("record `{record_name}` cannot be read"),
+                ))
+            }
+            _ => None,
+        };
         let (from, to) = decision
             .get(key.as_str())
             .copied()
@@ -520,16 +551,19 @@ pub fn write_pt(
                 return Err(Error::Interrupted);
             }
             let n = step.min(size - pos) as usize;
-            src.read_exact_at(&mut buf[..n], data_start + pos)
-                .map_err(|e| {
-                    Error::invalid(
-                        path,
-                        format!(
-                            "storage `data/{key}`: cannot read at byte {}: {e}",
-                            data_start + pos
-                        ),
-                    )
-                })?;
+            let read = match inflater.as_mut() {
+                Some(r) => std::io::Read::read_exact(r, &mut buf[..n]),
+                None => src.read_exact_at(&mut buf[..n], data_start + pos),
+            };
+            read.map_err(|e| {
+                Error::invalid(
+                    path,
+                    format!(
+                        "storage `data/{key}`: cannot read at byte {}: {e}",
+                        data_start + pos
+                    ),
+                )
+            })?;
             if ar.big_endian {
                 if !decision.contains_key(key.as_str()) {
                     return Err(Error::invalid(

@@ -392,3 +392,19 @@ def test_big_endian_checkpoint(tmp_path, to, dtype):
     b = json.loads(run("analyze", FIX / "all_dtypes.pt", "--to", "f16", "--json").stdout)
     snr = lambda r: {t["name"]: t["snr_db"] for t in r["tensors"]}
     assert snr(a) == {k: v for k, v in snr(b).items() if k in snr(a)}
+
+
+def test_deflated_archive(tmp_path):
+    """An archive re-zipped with deflate (torch.load reads it): a .pt output decompresses the
+    storages while streaming; a safetensors output reports them."""
+    import zipfile
+    src = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(FIX / "all_dtypes.pt") as z, zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as out:
+        for n in z.namelist():
+            out.writestr(n, z.read(n))
+    ref = torch.load(src, weights_only=True)
+    out = tmp_path / "o.pt"
+    run("convert", src, "-o", out, "--to", "bf16", "--on-overflow", "allow")
+    assert_same_tree(torch.load(out, weights_only=True), torch_cast(ref, torch.bfloat16))
+    p = run("convert", src, "-o", tmp_path / "o.safetensors", "--to", "bf16", "--on-overflow", "allow")
+    assert "is compressed" in p.stderr
