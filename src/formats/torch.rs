@@ -373,22 +373,13 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             }
         ));
     }
-    let mut found = Vec::new();
-    let mut visiting = HashSet::new();
-    walk(
-        path,
-        pk,
-        root,
-        &mut Vec::new(),
-        &mut found,
-        0,
-        &mut visiting,
-    )?;
+    let found = tensors_in(path, pk, root)?;
     let mut tensors = Vec::new();
     type ViewKey = (u64, u64, DType, Vec<u64>, Option<Strided>);
     let mut seen: HashMap<ViewKey, String> = HashMap::new();
     let mut aliases = Vec::new();
-    for f in found {
+    for (name, node) in found {
+        let f = Found { name, node };
         match tensor_entry(&ar, f.node) {
             Ok((dtype, shape, offset, nbytes, strided)) => {
                 let k = (offset, nbytes, dtype, shape.clone(), strided.clone());

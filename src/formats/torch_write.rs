@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,37 +141,9 @@ fn referenced_keys(pk: &Pickle) -> std::collections::HashSet<String> {
                 }
             }
         }
-        stack.extend(pickle_children(n));
+        stack.extend(n.children());
     }
     keys
-}
-
-fn pickle_children(n: &Node) -> Vec<NodeId> {
-    match n {
-        Node::List(v) | Node::Tuple(v) | Node::Set(v) | Node::FrozenSet(v) => v.clone(),
-        Node::Dict(d) => d.iter().flat_map(|&(k, v)| [k, v]).collect(),
-        Node::PersId(i) => vec![*i],
-        Node::Object(o) => {
-            let mut v = match &o.call {
-                Call::Reduce { func, args } => vec![*func, *args],
-                Call::NewObj { cls, args, kwargs } => {
-                    let mut v = vec![*cls, *args];
-                    v.extend(kwargs);
-                    v
-                }
-                Call::Inst { cls, args } => {
-                    let mut v = vec![*cls];
-                    v.extend(args);
-                    v
-                }
-            };
-            v.extend(o.items.iter().flat_map(|&(k, x)| [k, x]));
-            v.extend(&o.appends);
-            v.extend(o.state);
-            v
-        }
-        _ => vec![],
-    }
 }
 
 /// Sets `requires_grad` to False in every tensor and Parameter rebuild call.
@@ -465,24 +437,7 @@ pub fn write_pt(
 
     // The zip, records in torch's order.
     let src = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, dst));
-    let opts = |size: u64| {
-        zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .with_alignment(64)
-            .large_file(size >= 0xFFFF_FFFF)
-    };
-    let zerr = |e: zip::result::ZipError| Error::invalid("output", format!("writing the zip: {e}"));
-    let ioerr = |e: std::io::Error| Error::invalid("output", format!("writing the zip: {e}"));
-    let small = |zip: &mut zip::ZipWriter<_>, name: &str, body: &[u8]| -> Result<()> {
-        zip.start_file(format!("{archive_name}/{name}"), opts(body.len() as u64))
-            .map_err(zerr)?;
-        zip.write_all(body).map_err(ioerr)
-    };
-    small(&mut zip, "data.pkl", &data_pkl)?;
-    small(&mut zip, ".format_version", b"1")?;
-    small(&mut zip, ".storage_alignment", b"64")?;
-    small(&mut zip, "byteorder", b"little")?;
+    let mut zip = PtZip::new(dst, archive_name, &data_pkl)?;
     // Only the storages the (possibly reduced) pickle still references.
     let referenced = referenced_keys(&pk);
     let mut keys: Vec<String> = ar
@@ -539,8 +494,7 @@ pub fn write_pt(
             (to.bitsize() / 8).max(1) as u64,
         );
         let out_size = size / isz * osz;
-        zip.start_file(format!("{archive_name}/data/{key}"), opts(out_size))
-            .map_err(zerr)?;
+        zip.start(&format!("data/{key}"), out_size)?;
         let mut pos = 0u64;
         let step = CHUNK / isz.max(osz) * isz;
         let mut buf = vec![0u8; step.min(size) as usize];
@@ -577,9 +531,9 @@ pub fn write_pt(
                 out.resize(n / isz as usize * osz as usize, 0);
                 over += cast::cast_par_checked(from, to, &buf[..n], &mut out, range)
                     .map_err(|e| Error::invalid(path, format!("storage `data/{key}`: {e}")))?;
-                zip.write_all(&out).map_err(ioerr)?;
+                zip.write(&out)?;
             } else {
-                zip.write_all(&buf[..n]).map_err(ioerr)?;
+                zip.write(&buf[..n])?;
             }
             advance(n as u64);
             pos += n as u64;
@@ -602,11 +556,7 @@ pub fn write_pt(
         summary.bytes_in += size;
         summary.bytes_out += out_size;
     }
-    small(&mut zip, "version", b"3\n")?;
-    let w = zip.finish().map_err(zerr)?;
-    let mut f = w.into_inner().map_err(|e| ioerr(e.into_error()))?;
-    f.flush().map_err(ioerr)?;
-    let _ = f.stream_position();
+    zip.finish()?;
     Ok(summary)
 }
 
@@ -773,31 +723,12 @@ pub fn write_pt_from_plan(
     );
     let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(&cat.path, e.to_string()))?;
     let sources = crate::source::Sources::open(cat)?;
-    let mut zip = zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, dst));
-    let opts = |size: u64| {
-        zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .with_alignment(64)
-            .large_file(size >= 0xFFFF_FFFF)
-    };
-    let zerr = |e: zip::result::ZipError| Error::invalid("output", format!("writing the zip: {e}"));
-    let ioerr = |e: std::io::Error| Error::invalid("output", format!("writing the zip: {e}"));
-    for (name, body) in [
-        ("data.pkl", &data_pkl[..]),
-        (".format_version", b"1"),
-        (".storage_alignment", b"64"),
-        ("byteorder", b"little"),
-    ] {
-        zip.start_file(format!("{archive_name}/{name}"), opts(body.len() as u64))
-            .map_err(zerr)?;
-        zip.write_all(body).map_err(ioerr)?;
-    }
+    let mut zip = PtZip::new(dst, archive_name, &data_pkl)?;
     let mut summary = PtSummary::default();
     let mut out = Vec::new();
     for (i, p) in plan.tensors.iter().enumerate() {
         let t = &cat.tensors[p.tensor];
-        zip.start_file(format!("{archive_name}/data/{i}"), opts(p.bytes_out))
-            .map_err(zerr)?;
+        zip.start(&format!("data/{i}"), p.bytes_out)?;
         let align = (p.from.bitsize() / 8)
             .max(1)
             .max((p.to.bitsize() / 8).max(1));
@@ -811,9 +742,9 @@ pub fn write_pt_from_plan(
                 out.resize(chunk.len() / isz * osz, 0);
                 over += cast::cast_par_checked(p.from, p.to, chunk, &mut out, range)
                     .map_err(|e| Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name)))?;
-                zip.write_all(&out).map_err(ioerr)?;
+                zip.write(&out)?;
             } else {
-                zip.write_all(chunk).map_err(ioerr)?;
+                zip.write(chunk)?;
             }
             advance(chunk.len() as u64);
             Ok(())
@@ -830,11 +761,66 @@ pub fn write_pt_from_plan(
         summary.bytes_in += p.bytes_in;
         summary.bytes_out += p.bytes_out;
     }
-    zip.start_file(format!("{archive_name}/version"), opts(2))
-        .map_err(zerr)?;
-    zip.write_all(b"3\n").map_err(ioerr)?;
-    let w = zip.finish().map_err(zerr)?;
-    let mut f = w.into_inner().map_err(|e| ioerr(e.into_error()))?;
-    f.flush().map_err(ioerr)?;
+    zip.finish()?;
     Ok(summary)
+}
+
+/// A `torch.save` zip being written: stored records, 64-byte aligned data, the records torch
+/// writes around the storages, in its order.
+struct PtZip<'a> {
+    zip: zip::ZipWriter<std::io::BufWriter<&'a File>>,
+    archive: String,
+}
+
+impl<'a> PtZip<'a> {
+    /// Starts the archive with `data.pkl`, `.format_version`, `.storage_alignment`, `byteorder`.
+    fn new(dst: &'a File, archive: &str, data_pkl: &[u8]) -> Result<Self> {
+        let mut z = PtZip {
+            zip: zip::ZipWriter::new(std::io::BufWriter::with_capacity(1 << 20, dst)),
+            archive: archive.to_string(),
+        };
+        for (name, body) in [
+            ("data.pkl", data_pkl),
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
+        ] {
+            z.start(name, body.len() as u64)?;
+            z.write(body)?;
+        }
+        Ok(z)
+    }
+
+    /// Starts record `name` of `size` bytes.
+    fn start(&mut self, name: &str, size: u64) -> Result<()> {
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .with_alignment(64)
+            .large_file(size >= 0xFFFF_FFFF);
+        self.zip
+            .start_file(format!("{}/{name}", self.archive), opts)
+            .map_err(|e| Error::invalid("output", format!("writing the zip: {e}")))
+    }
+
+    /// Appends to the current record.
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.zip
+            .write_all(bytes)
+            .map_err(|e| Error::invalid("output", format!("writing the zip: {e}")))
+    }
+
+    /// Writes the `version` record and the central directory.
+    fn finish(mut self) -> Result<()> {
+        self.start("version", 2)?;
+        self.write(b"3\n")?;
+        let w = self
+            .zip
+            .finish()
+            .map_err(|e| Error::invalid("output", format!("writing the zip: {e}")))?;
+        let mut f = w
+            .into_inner()
+            .map_err(|e| Error::invalid("output", format!("writing the zip: {}", e.error())))?;
+        f.flush()
+            .map_err(|e| Error::invalid("output", format!("writing the zip: {e}")))
+    }
 }

@@ -57,6 +57,37 @@ pub enum Node {
     PersId(NodeId),
 }
 
+impl Node {
+    /// The nodes this one refers to directly.
+    pub fn children(&self) -> Vec<NodeId> {
+        match self {
+            Node::List(v) | Node::Tuple(v) | Node::Set(v) | Node::FrozenSet(v) => v.clone(),
+            Node::Dict(d) => d.iter().flat_map(|&(k, v)| [k, v]).collect(),
+            Node::PersId(i) => vec![*i],
+            Node::Object(o) => {
+                let mut v = match &o.call {
+                    Call::Reduce { func, args } => vec![*func, *args],
+                    Call::NewObj { cls, args, kwargs } => {
+                        let mut v = vec![*cls, *args];
+                        v.extend(kwargs);
+                        v
+                    }
+                    Call::Inst { cls, args } => {
+                        let mut v = vec![*cls];
+                        v.extend(args);
+                        v
+                    }
+                };
+                v.extend(o.items.iter().flat_map(|&(k, x)| [k, x]));
+                v.extend(&o.appends);
+                v.extend(o.state);
+                v
+            }
+            _ => vec![],
+        }
+    }
+}
+
 /// How an object would have been made.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {

@@ -29,40 +29,12 @@ pub fn write(pk: &Pickle) -> Result<Vec<u8>, WriteError> {
     Ok(w.out)
 }
 
-fn children(n: &Node) -> Vec<NodeId> {
-    match n {
-        Node::List(v) | Node::Tuple(v) | Node::Set(v) | Node::FrozenSet(v) => v.clone(),
-        Node::Dict(d) => d.iter().flat_map(|&(k, v)| [k, v]).collect(),
-        Node::PersId(i) => vec![*i],
-        Node::Object(o) => {
-            let mut v = match &o.call {
-                Call::Reduce { func, args } => vec![*func, *args],
-                Call::NewObj { cls, args, kwargs } => {
-                    let mut v = vec![*cls, *args];
-                    v.extend(kwargs);
-                    v
-                }
-                Call::Inst { cls, args } => {
-                    let mut v = vec![*cls];
-                    v.extend(args);
-                    v
-                }
-            };
-            v.extend(o.items.iter().flat_map(|&(k, x)| [k, x]));
-            v.extend(&o.appends);
-            v.extend(o.state);
-            v
-        }
-        _ => vec![],
-    }
-}
-
 /// Counts incoming references of every node reachable from the root (iteratively).
 fn count_refs(pk: &Pickle, refs: &mut [u32]) {
     let mut stack = vec![pk.root];
     refs[pk.root] = 1;
     while let Some(id) = stack.pop() {
-        for c in children(&pk.nodes[id]) {
+        for c in pk.nodes[id].children() {
             refs[c] = refs[c].saturating_add(1);
             if refs[c] == 1 {
                 stack.push(c);
