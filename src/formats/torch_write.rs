@@ -54,16 +54,6 @@ struct Core {
     shape: Vec<u64>,
 }
 
-fn storage_dtype_name(d: DType) -> Option<&'static str> {
-    Some(match d {
-        DType::F64 => "DoubleStorage",
-        DType::F32 => "FloatStorage",
-        DType::F16 => "HalfStorage",
-        DType::BF16 => "BFloat16Storage",
-        _ => return None,
-    })
-}
-
 /// Finds the core rebuild call of tensor node `id`.
 fn core(pk: &Pickle, id: NodeId, name: &str) -> Option<Core> {
     let (m, f) = pk.callee(id)?;
@@ -389,7 +379,7 @@ pub fn write_pt(
         let mut a = pk.seq(args).map(|s| s.to_vec()).unwrap_or_default();
         let mut v3 = c.v3;
         if from != to {
-            match storage_dtype_name(to) {
+            match legacy_storage(to) {
                 Some(sname) => {
                     items[1] = global(&mut pk, "torch", sname);
                     items[4] = add(&mut pk, Node::Int(elems as i64));
@@ -671,18 +661,7 @@ pub fn write_pt_from_plan(
             .collect();
         let size = add(&mut pk, Node::Tuple(dims));
         let stride = add(&mut pk, Node::Tuple(strides));
-        let hooks = add(
-            &mut pk,
-            Node::Object(pickle::Object {
-                call: Call::Reduce {
-                    func: od,
-                    args: empty,
-                },
-                state: None,
-                items: vec![],
-                appends: vec![],
-            }),
-        );
+        let hooks = add(&mut pk, pickle::Object::reduce(od, empty));
         let mut args = vec![pid, zero, size, stride, no, hooks];
         let func = if legacy_storage(to).is_some() {
             v2
@@ -697,15 +676,7 @@ pub fn write_pt_from_plan(
             v3
         };
         let args = add(&mut pk, Node::Tuple(args));
-        let tensor = add(
-            &mut pk,
-            Node::Object(pickle::Object {
-                call: Call::Reduce { func, args },
-                state: None,
-                items: vec![],
-                appends: vec![],
-            }),
-        );
+        let tensor = add(&mut pk, pickle::Object::reduce(func, args));
         let name = add(&mut pk, Node::Str(t.name.clone()));
         items.push((name, tensor));
     }

@@ -129,6 +129,18 @@ pub struct Object {
     pub appends: Vec<NodeId>,
 }
 
+impl Object {
+    /// The node of `func(*args)` with nothing applied to it yet.
+    pub fn reduce(func: NodeId, args: NodeId) -> Node {
+        Node::Object(Object {
+            call: Call::Reduce { func, args },
+            state: None,
+            items: vec![],
+            appends: vec![],
+        })
+    }
+}
+
 /// A parsed pickle.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pickle {
