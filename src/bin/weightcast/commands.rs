@@ -372,6 +372,13 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             print!("{}", report::plan_text(&cat, &plan, &layout));
+            if pt_out {
+                println!(
+                    "writes {}: a torch.save checkpoint with everything else in the input kept \
+                     (a storage shared by several tensors is converted once, or kept if they disagree)",
+                    c.output.display()
+                );
+            }
             println!("dry run: nothing written");
         }
         return Ok(ExitCode::SUCCESS);

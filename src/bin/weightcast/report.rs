@@ -182,19 +182,21 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
             100.0
         }
     ));
-    s.push_str("files:");
-    for f in &layout.files {
-        s.push_str(&format!(
-            " {} ({} tensors, {})",
-            f.name,
-            f.tensors.len(),
-            bytes(f.bytes)
-        ));
+    if !layout.files.is_empty() {
+        s.push_str("files:");
+        for f in &layout.files {
+            s.push_str(&format!(
+                " {} ({} tensors, {})",
+                f.name,
+                f.tensors.len(),
+                bytes(f.bytes)
+            ));
+        }
+        if let Some(i) = &layout.index {
+            s.push_str(&format!(" + {i}"));
+        }
+        s.push('\n');
     }
-    if let Some(i) = &layout.index {
-        s.push_str(&format!(" + {i}"));
-    }
-    s.push('\n');
     s
 }
 
