@@ -22,6 +22,7 @@ pub mod convert;
 pub mod diff;
 pub mod dtype;
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod output;
 pub mod plan;

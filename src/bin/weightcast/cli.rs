@@ -42,6 +42,9 @@ pub enum Command {
     /// Measure what a cast would do to every tensor (overflow, underflow, error) without
     /// writing anything.
     Analyze(AnalyzeArgs),
+    /// Run a model at several precisions on real inputs: accuracy against the f32 reference,
+    /// speed and memory, and a recommendation.
+    Eval(EvalArgs),
     /// Compare two checkpoints: missing tensors, dtype and shape changes, error per tensor.
     /// Exits 1 when a tensor is missing or below --tolerance.
     Diff(DiffArgs),
@@ -91,6 +94,42 @@ pub struct AnalyzeArgs {
     /// Show every analysed tensor (default: the 25 worst).
     #[arg(long)]
     pub all: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// A Hugging Face model folder (config.json, weights, tokenizer.json).
+    pub model: PathBuf,
+    /// A converted folder or weights file of the same architecture to compare (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub candidate: Vec<PathBuf>,
+    /// Dtypes to convert MODEL to on the fly and compare (comma-separated), with the rules.
+    #[arg(long, value_name = "LIST", default_value = "f16,bf16")]
+    pub dtypes: String,
+    #[command(flatten)]
+    pub rules: RuleFlags,
+    /// same: run each candidate in its weights' dtype (as torch does after model.half());
+    /// f32: upcast weights on load, isolating storage precision.
+    #[arg(long, value_name = "MODE", default_value = "same")]
+    pub compute: String,
+    /// One input per line (default: a built-in set of varied sentences).
+    #[arg(long, value_name = "FILE")]
+    pub inputs: Option<PathBuf>,
+    /// Inputs per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed passes over the inputs after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Cosine similarity a candidate must keep (minimum over inputs) to be recommended.
+    #[arg(long, default_value_t = 0.999)]
+    pub min_cosine: f64,
+    /// Include every embedding in the JSON output.
+    #[arg(long)]
+    pub emit_embeddings: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -201,6 +240,7 @@ pub fn parse() -> Result<Args, clap::Error> {
     let rule_order = matches
         .subcommand_matches("convert")
         .or_else(|| matches.subcommand_matches("analyze"))
+        .or_else(|| matches.subcommand_matches("eval"))
         .map(ordered_rules)
         .unwrap_or_default();
     Ok(Args { cli, rule_order })

@@ -17,7 +17,7 @@ use weightcast::analysis;
 use weightcast::convert::OnOverflow;
 use weightcast::stats::Bounds;
 
-use crate::cli::{AnalyzeArgs, Args, Command, ConvertArgs, DiffArgs, RuleArg};
+use crate::cli::{AnalyzeArgs, Args, Command, ConvertArgs, DiffArgs, EvalArgs, RuleArg};
 use crate::{html, report};
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Convert(c) => convert_cmd(c, &args.rule_order),
         Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
         Command::Diff(d) => diff_cmd(d),
+        Command::Eval(e) => eval_cmd(e, &args.rule_order),
     }
 }
 
@@ -451,6 +452,212 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
             report::bytes(rate as u64),
             c.output.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct EvalRow {
+    name: String,
+    weight_bytes: u64,
+    compute: DType,
+    run: weightcast::eval::Run,
+    metrics: weightcast::eval::metrics::EmbeddingMetrics,
+    peak_rss: Option<u64>,
+    note: Option<String>,
+}
+
+fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
+    use weightcast::eval::{embed, metrics, peak_rss, weights, EvalModel, DEFAULT_INPUTS};
+    let f32_compute = match e.compute.as_str() {
+        "same" => false,
+        "f32" => true,
+        other => return Err(Error::usage(format!("--compute {other}: use same or f32")).into()),
+    };
+    let (rules, _) = build_rules(order)?;
+    let model = EvalModel::open(&e.model)?;
+    let inputs: Vec<String> = match &e.inputs {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|err| Error::io(p, err))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => DEFAULT_INPUTS.iter().map(|s| s.to_string()).collect(),
+    };
+    if inputs.is_empty() {
+        return Err(Error::usage("no inputs: the --inputs file has no non-empty line").into());
+    }
+    let cat = open(&e.model, None)?;
+    // The reference: the model as its authors run it, in f32.
+    let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
+    let (w, ref_bytes) = weights(&cat, Some(&ref_plan))?;
+    let reference = embed(&model, w, DType::F32, &inputs, e.batch, e.runs)?;
+    let mut rows = vec![EvalRow {
+        name: "f32 (reference)".into(),
+        weight_bytes: ref_bytes,
+        compute: DType::F32,
+        metrics: metrics::compare(&reference.embeddings, &reference.embeddings),
+        peak_rss: peak_rss(),
+        run: reference,
+        note: None,
+    }];
+    let compute_for = |stored: Option<DType>| -> (DType, Option<String>) {
+        let d = stored.unwrap_or(DType::F32);
+        if f32_compute {
+            (DType::F32, None)
+        } else if matches!(d, DType::F8E4M3 | DType::F8E5M2 | DType::F64) {
+            (
+                DType::F32,
+                Some(format!(
+                    "{d} compute is not available on this CPU path: computed in f32"
+                )),
+            )
+        } else if matches!(d, DType::F16 | DType::BF16) {
+            // candle-transformers 0.11's BERT masks attention with f32::MIN cast to the compute
+            // dtype, which is -inf in f16/bf16, and 0 * -inf = NaN on every unmasked position:
+            // its NaN would say nothing about the weights.
+            (
+                DType::F32,
+                Some(format!(
+                    "{} compute gives NaN in candle-transformers 0.11 BERT (attention mask f32::MIN \
+                     -> -inf): computed in f32",
+                    d.torch_name()
+                )),
+            )
+        } else {
+            (d, None)
+        }
+    };
+    let mut candidates: Vec<(String, weightcast::Catalogue, Option<Plan>)> = Vec::new();
+    for d in e.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let d: DType = d.parse()?;
+        check_castable(d)?;
+        let plan = Plan::new(&cat, &rules, d);
+        let label = if rules.rules.is_empty() {
+            d.torch_name().to_string()
+        } else {
+            format!("{} with rules", d.torch_name())
+        };
+        candidates.push((label, cat.clone(), Some(plan)));
+    }
+    for p in &e.candidate {
+        candidates.push((p.display().to_string(), open(p, None)?, None));
+    }
+    for (name, c, plan) in candidates {
+        let stored = match &plan {
+            Some(p) => p.dominant_float(&c),
+            None => Plan::new(&c, &RuleSet::default(), DType::F32)
+                .tensors
+                .iter()
+                .map(|t| t.from)
+                .filter(|d| d.is_float())
+                .max_by_key(|d| d.bitsize()),
+        };
+        let (compute, note) = compute_for(stored);
+        let (w, bytes) = weights(&c, plan.as_ref())?;
+        let run = embed(&model, w, compute, &inputs, e.batch, e.runs)?;
+        rows.push(EvalRow {
+            name,
+            weight_bytes: bytes,
+            compute,
+            metrics: metrics::compare(&rows[0].run.embeddings, &run.embeddings),
+            peak_rss: peak_rss(),
+            run,
+            note,
+        });
+    }
+    let ok = |r: &EvalRow| !r.metrics.non_finite && r.metrics.cosine_min >= e.min_cosine;
+    let best = rows
+        .iter()
+        .skip(1)
+        .filter(|r| ok(r))
+        .min_by_key(|r| r.weight_bytes)
+        .map(|r| r.name.clone());
+    if e.json {
+        let v = json!({
+            "model": e.model,
+            "inputs": inputs.len(),
+            "compute": e.compute,
+            "min_cosine": e.min_cosine,
+            "candidates": rows.iter().map(|r| {
+                let mut v = json!({
+                    "name": r.name, "weight_bytes": r.weight_bytes, "compute": r.compute.torch_name(),
+                    "cosine_min": r.metrics.cosine_min, "cosine_mean": r.metrics.cosine_mean,
+                    "max_abs_diff": r.metrics.max_abs_diff, "neighbours_kept": r.metrics.neighbours_kept,
+                    "non_finite": r.metrics.non_finite, "median_batch_seconds": r.run.median_batch_s,
+                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.peak_rss,
+                    "passes": ok(r), "note": r.note,
+                });
+                if e.emit_embeddings {
+                    v["embeddings"] = json!(r.run.embeddings);
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "recommendation": best,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: {} inputs, batch {}, compute {}, median of {} timed passes",
+            e.model.display(),
+            inputs.len(),
+            e.batch,
+            e.compute,
+            e.runs
+        );
+        println!(
+            "{:<28} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9}  verdict",
+            "candidate",
+            "weights",
+            "compute",
+            "cos min",
+            "cos mean",
+            "max |diff|",
+            "NN kept",
+            "ms/batch",
+            "tok/s"
+        );
+        for r in &rows {
+            let verdict = if r.metrics.non_finite {
+                "NaN/inf!".to_string()
+            } else if ok(r) {
+                "ok".into()
+            } else {
+                format!("below {}", e.min_cosine)
+            };
+            println!(
+                "{:<28} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0}  {verdict}{}",
+                r.name,
+                report::bytes(r.weight_bytes),
+                r.compute.torch_name(),
+                r.metrics.cosine_min,
+                r.metrics.cosine_mean,
+                r.metrics.max_abs_diff,
+                100.0 * r.metrics.neighbours_kept,
+                1000.0 * r.run.median_batch_s,
+                r.run.tokens_per_s,
+                r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+            );
+        }
+        match &best {
+            Some(b) => println!(
+                "recommendation: {b}, the smallest candidate with cosine >= {} on every input",
+                e.min_cosine
+            ),
+            None => println!(
+                "recommendation: keep f32: no candidate keeps cosine >= {}",
+                e.min_cosine
+            ),
+        }
+        println!(
+            "speed is this machine's CPU ({} threads): f16/bf16 matmuls may run slower than f32 here \
+             even though they halve memory; on GPUs they are usually faster",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
+    if rows.iter().any(|r| r.metrics.non_finite) {
+        eprintln!("weightcast: warning: a candidate produced NaN or inf outputs");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,311 @@
+//! Running a model at several precisions on real inputs and comparing its outputs with the f32
+//! reference (`weightcast eval`). Models run through `candle-transformers`; weights come from any
+//! catalogue weightcast reads, cast by weightcast's own kernels.
+//!
+//! Supported: BERT-family encoders with sentence-transformers pooling (mean pooling and
+//! normalisation as the folder's `1_Pooling/config.json` and `modules.json` say).
+
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType as CDType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+
+use crate::cast;
+use crate::catalogue::Catalogue;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::source::Sources;
+
+/// Model types `eval` runs.
+pub const SUPPORTED: &[&str] = &["bert", "roberta", "xlm-roberta", "distilbert-like bert"];
+
+/// Sentences used when no `--inputs` file is given: short and long, several topics, so that
+/// nearest-neighbour rankings mean something.
+pub const DEFAULT_INPUTS: &[&str] = &[
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+    "A cheetah is running behind its prey.",
+    "The new movie is awesome.",
+    "The cat sits outside.",
+    "The new movie is so great.",
+    "A man is playing guitar.",
+    "The dog plays in the garden.",
+    "Do you like pizza?",
+    "The weather is lovely today.",
+    "It's so sunny outside!",
+    "He drove to the stadium.",
+    "Quantum computers use qubits that can be in superpositions of states.",
+    "Neural networks are trained with stochastic gradient descent.",
+    "The Federal Reserve raised interest rates by a quarter point on Wednesday.",
+    "Stock markets fell sharply after the announcement.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The mitochondria is the powerhouse of the cell.",
+    "She booked a flight to Tokyo for the conference next month.",
+    "Please remember to water the plants while I am away on vacation.",
+    "The recipe calls for two cups of flour, a pinch of salt and three eggs.",
+    "Rust guarantees memory safety without a garbage collector.",
+    "Half precision halves the memory a model's weights need.",
+    "Tokyo is the capital of Japan.",
+    "Paris is known for the Eiffel Tower and its museums.",
+    "A long time ago, in a galaxy far, far away, a small rebellion fought an empire that \
+     seemed impossible to defeat, and against all odds it won.",
+];
+
+/// A model folder ready to run.
+pub struct EvalModel {
+    /// The folder.
+    pub dir: PathBuf,
+    /// `config.json` as candle reads it.
+    pub config: BertConfig,
+    /// The folder's tokenizer.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Mean pooling (otherwise the CLS token).
+    pub mean_pooling: bool,
+    /// L2-normalise the pooled embedding.
+    pub normalize: bool,
+}
+
+fn json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("not valid JSON: {e}")))
+}
+
+impl EvalModel {
+    /// Loads `config.json`, `tokenizer.json` and the sentence-transformers pooling of a folder.
+    pub fn open(dir: &Path) -> Result<EvalModel> {
+        let cfg_path = dir.join("config.json");
+        let cfg = json(&cfg_path)?;
+        let model_type = cfg
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .unwrap_or("?");
+        if !matches!(model_type, "bert") {
+            return Err(Error::usage(format!(
+                "{}: model_type `{model_type}` is not supported by eval yet (supported: bert; \
+                 Llama-family causal LMs are planned)",
+                cfg_path.display()
+            )));
+        }
+        let config: BertConfig = serde_json::from_value(cfg)
+            .map_err(|e| Error::invalid(&cfg_path, format!("not a BERT config: {e}")))?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::invalid(dir, "no tokenizer.json in the model folder"));
+        }
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::invalid(&tok_path, format!("cannot load tokenizer: {e}")))?;
+        let max_len = json(&dir.join("sentence_bert_config.json"))
+            .ok()
+            .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))
+            .unwrap_or(config.max_position_embeddings as u64) as usize;
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_len.min(config.max_position_embeddings),
+                ..Default::default()
+            }))
+            .map_err(|e| Error::invalid(&tok_path, format!("truncation: {e}")))?;
+        tokenizer.with_padding(Some(tokenizers::PaddingParams {
+            strategy: tokenizers::PaddingStrategy::BatchLongest,
+            pad_id: config.pad_token_id as u32,
+            ..Default::default()
+        }));
+        let pooling = json(&dir.join("1_Pooling/config.json")).ok();
+        let mean_pooling = pooling
+            .as_ref()
+            .and_then(|p| p.get("pooling_mode_cls_token").and_then(|v| v.as_bool()))
+            .map(|cls| !cls)
+            .unwrap_or(true);
+        let normalize = json(&dir.join("modules.json"))
+            .ok()
+            .and_then(|m| m.as_array().cloned())
+            .is_some_and(|mods| {
+                mods.iter().any(|m| {
+                    m.get("type")
+                        .and_then(|t| t.as_str())
+                        .is_some_and(|t| t.ends_with("Normalize"))
+                })
+            });
+        Ok(EvalModel {
+            dir: dir.to_path_buf(),
+            config,
+            tokenizer,
+            mean_pooling,
+            normalize,
+        })
+    }
+}
+
+fn candle_dtype(d: DType) -> Result<CDType> {
+    Ok(match d {
+        DType::F32 => CDType::F32,
+        DType::F16 => CDType::F16,
+        DType::BF16 => CDType::BF16,
+        DType::F64 => CDType::F64,
+        DType::F8E4M3 => CDType::F8E4M3,
+        DType::I64 => CDType::I64,
+        DType::I32 => CDType::I32,
+        DType::U8 => CDType::U8,
+        other => return Err(Error::usage(format!("eval cannot hold {other} weights"))),
+    })
+}
+
+fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+    move |e| Error::Usage(format!("{what}: {e}"))
+}
+
+/// The weights of `cat` as candle tensors, cast as `plan` says (or as stored without a plan);
+/// returns them with their total bytes.
+pub fn weights(cat: &Catalogue, plan: Option<&Plan>) -> Result<(HashMap<String, Tensor>, u64)> {
+    let sources = Sources::open(cat)?;
+    let mut out = HashMap::new();
+    let mut total = 0;
+    for (i, t) in cat.tensors.iter().enumerate() {
+        let to = plan.map_or(t.dtype, |p| p.tensors[i].to);
+        let mut raw = vec![0u8; t.nbytes as usize];
+        sources.read(t, 0, &mut raw)?;
+        let bytes = if to != t.dtype {
+            let mut o = vec![0u8; (t.numel() as usize) * (to.bitsize() / 8)];
+            cast::cast_par(t.dtype, to, &raw, &mut o)
+                .map_err(|e| Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name)))?;
+            o
+        } else {
+            raw
+        };
+        total += bytes.len() as u64;
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let tensor = Tensor::from_raw_buffer(&bytes, candle_dtype(to)?, &shape, &Device::Cpu)
+            .map_err(ce(&t.name))?;
+        out.insert(t.name.clone(), tensor);
+    }
+    Ok((out, total))
+}
+
+/// What running one candidate gave.
+pub struct Run {
+    /// One embedding per input.
+    pub embeddings: Vec<Vec<f32>>,
+    /// Median seconds per batch over the timed runs.
+    pub median_batch_s: f64,
+    /// Non-padding tokens per second.
+    pub tokens_per_s: f64,
+}
+
+/// Embeds `inputs` with `weights` computed in `compute`, `batch` inputs at a time; times
+/// `timed_runs` passes after one warm-up.
+pub fn embed(
+    model: &EvalModel,
+    weights: HashMap<String, Tensor>,
+    compute: DType,
+    inputs: &[String],
+    batch: usize,
+    timed_runs: usize,
+) -> Result<Run> {
+    let cd = candle_dtype(compute)?;
+    let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
+    let bert = BertModel::load(vb, &model.config).map_err(ce("loading the model"))?;
+    let batches: Vec<&[String]> = inputs.chunks(batch.max(1)).collect();
+    let mut embeddings = Vec::new();
+    let mut times = Vec::new();
+    let mut tokens = 0usize;
+    for pass in 0..=timed_runs {
+        let mut pass_embeddings = Vec::new();
+        for b in &batches {
+            let enc = model
+                .tokenizer
+                .encode_batch(b.to_vec(), true)
+                .map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
+            let n = enc.len();
+            let len = enc.first().map_or(0, |e| e.get_ids().len());
+            let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
+            let mask: Vec<u32> = enc
+                .iter()
+                .flat_map(|e| e.get_attention_mask().to_vec())
+                .collect();
+            if pass == 1 {
+                tokens += mask.iter().filter(|&&m| m == 1).count();
+            }
+            let ids = Tensor::from_vec(ids, (n, len), &Device::Cpu).map_err(ce("input ids"))?;
+            let mask_t =
+                Tensor::from_vec(mask, (n, len), &Device::Cpu).map_err(ce("attention mask"))?;
+            let types = ids.zeros_like().map_err(ce("token types"))?;
+            let start = Instant::now();
+            let hidden = bert
+                .forward(&ids, &types, Some(&mask_t))
+                .map_err(ce("running the model"))?
+                .to_dtype(CDType::F32)
+                .map_err(ce("output"))?;
+            let pooled = if model.mean_pooling {
+                let m = mask_t
+                    .to_dtype(CDType::F32)
+                    .map_err(ce("mask"))?
+                    .unsqueeze(2)
+                    .map_err(ce("mask"))?;
+                let summed = hidden
+                    .broadcast_mul(&m)
+                    .and_then(|x| x.sum(1))
+                    .map_err(ce("pooling"))?;
+                let counts = m
+                    .sum(1)
+                    .and_then(|c| c.clamp(1e-9f32, f32::MAX))
+                    .map_err(ce("pooling"))?;
+                summed.broadcast_div(&counts).map_err(ce("pooling"))?
+            } else {
+                hidden
+                    .narrow(1, 0, 1)
+                    .and_then(|x| x.squeeze(1))
+                    .map_err(ce("pooling"))?
+            };
+            let pooled = if model.normalize {
+                let norm = pooled
+                    .sqr()
+                    .and_then(|x| x.sum_keepdim(1))
+                    .and_then(|x| x.sqrt())
+                    .and_then(|x| x.clamp(1e-12f32, f32::MAX))
+                    .map_err(ce("normalising"))?;
+                pooled.broadcast_div(&norm).map_err(ce("normalising"))?
+            } else {
+                pooled
+            };
+            let rows: Vec<Vec<f32>> = pooled.to_vec2().map_err(ce("output"))?;
+            if pass > 0 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+            pass_embeddings.extend(rows);
+        }
+        if pass == 0 {
+            embeddings = pass_embeddings;
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let total: f64 = times.iter().sum::<f64>() / timed_runs.max(1) as f64;
+    Ok(Run {
+        embeddings,
+        median_batch_s: median,
+        tokens_per_s: if total > 0.0 {
+            tokens as f64 / total
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Peak resident memory of this process so far, in bytes (Linux `VmHWM`).
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,78 @@
+"""`weightcast eval` on the real all-MiniLM-L6-v2: the f32 reference equals transformers + torch
+(mean pooling + normalize, as the folder's sentence-transformers config says) to 1e-5,
+f16/bf16 candidates stay near cosine 1 without NaN, broken candidates are caught."""
+
+import json
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run
+
+SENTENCES = [
+    "A man is eating food.",
+    "The new movie is awesome.",
+    "Quantum computers use qubits.",
+    "It's so sunny outside!",
+    "The Federal Reserve raised interest rates by a quarter point on Wednesday, citing inflation.",
+]
+
+
+def eval_json(*args):
+    return json.loads(run("eval", *args, "--json").stdout)
+
+
+def test_reference_matches_transformers(minilm, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SENTENCES) + "\n")
+    r = eval_json(minilm, "--dtypes", "", "--inputs", inputs, "--emit-embeddings", "--runs", "1")
+    ours = np.array(r["candidates"][0]["embeddings"], dtype=np.float64)
+    tok = AutoTokenizer.from_pretrained(minilm)
+    model = AutoModel.from_pretrained(minilm).eval()
+    with torch.no_grad():
+        enc = tok(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+        out = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        emb = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+    diff = np.abs(ours - emb.double().numpy()).max()
+    assert diff < 1e-5, diff
+
+
+def test_candidates_f16_bf16(minilm):
+    r = eval_json(minilm, "--dtypes", "f16,bf16", "--runs", "1")
+    by = {c["name"]: c for c in r["candidates"]}
+    assert by["float16"]["cosine_min"] > 0.9999 and not by["float16"]["non_finite"]
+    assert by["bfloat16"]["cosine_min"] > 0.999 and not by["bfloat16"]["non_finite"]
+    assert by["float16"]["weight_bytes"] < 0.51 * by["f32 (reference)"]["weight_bytes"]
+    assert r["recommendation"] in ("float16", "bfloat16")
+    assert by["f32 (reference)"]["tokens_per_second"] > 0
+
+
+def test_broken_candidates_are_caught(minilm, tmp_path):
+    for name, breaker in [("scaled", lambda t: t * 1e6), ("zeros", torch.zeros_like)]:
+        folder = tmp_path / name
+        shutil.copytree(minilm, folder)
+        sd = load_file(minilm / "model.safetensors")
+        key = "encoder.layer.2.attention.self.query.weight"
+        sd[key] = breaker(sd[key])
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+        r = eval_json(minilm, "--dtypes", "f16", "--candidate", folder, "--runs", "1")
+        broken = r["candidates"][-1]
+        assert not broken["passes"], broken
+        assert broken["cosine_min"] < 0.99 or broken["non_finite"], broken
+        assert r["recommendation"] == "float16"
+
+
+def test_unsupported_model_type(tmp_path, minilm):
+    folder = tmp_path / "llama"
+    shutil.copytree(minilm, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    p = run("eval", folder, check=False)
+    assert p.returncode == 2 and "not supported" in p.stderr and "bert" in p.stderr
