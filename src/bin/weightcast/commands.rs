@@ -520,8 +520,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
             (
                 DType::F32,
                 Some(format!(
-                    "{} compute gives NaN in candle-transformers 0.11 BERT (attention mask f32::MIN \
-                     -> -inf): computed in f32",
+                    "computed in f32: {} compute gives NaN in candle-transformers 0.11 BERT",
                     d.torch_name()
                 )),
             )
@@ -537,7 +536,8 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         let label = if rules.rules.is_empty() {
             d.torch_name().to_string()
         } else {
-            format!("{} with rules", d.torch_name())
+            let origins: Vec<&str> = rules.rules.iter().map(|r| r.origin.as_str()).collect();
+            format!("{} + {}", d.torch_name(), origins.join(", "))
         };
         candidates.push((label, cat.clone(), Some(plan)));
     }
