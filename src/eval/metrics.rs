@@ -80,8 +80,88 @@ pub fn compare(reference: &[Vec<f32>], candidate: &[Vec<f32>]) -> EmbeddingMetri
     }
 }
 
+/// How a causal LM candidate's next-token distributions compare with the reference's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LmMetrics {
+    /// Mean per-token KL(reference || candidate), in nats.
+    pub kl_mean: f64,
+    /// Largest per-token KL.
+    pub kl_max: f64,
+    /// Fraction of positions where both pick the same top-1 token.
+    pub top1_agreement: f64,
+    /// The candidate's perplexity on the inputs (next-token prediction).
+    pub perplexity: f64,
+    /// NaN or inf in any logit.
+    pub non_finite: bool,
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x
+        .iter()
+        .map(|&v| v as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Compares logits (per input, per position) of a candidate with the reference; `ids` are the
+/// input tokens (position t's logits predict token t + 1).
+pub fn compare_lm(
+    ids: &[Vec<u32>],
+    reference: &[Vec<Vec<f32>>],
+    candidate: &[Vec<Vec<f32>>],
+) -> LmMetrics {
+    let (mut kl_sum, mut kl_max, mut n, mut agree) = (0f64, 0f64, 0usize, 0usize);
+    let (mut nll, mut predicted) = (0f64, 0usize);
+    let mut non_finite = false;
+    for ((seq, r), c) in ids.iter().zip(reference).zip(candidate) {
+        for (t, (rl, cl)) in r.iter().zip(c).enumerate() {
+            non_finite |= cl.iter().any(|v| !v.is_finite());
+            let (lp, lq) = (log_softmax(rl), log_softmax(cl));
+            let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
+            kl_sum += kl;
+            kl_max = kl_max.max(kl);
+            n += 1;
+            agree += (argmax(rl) == argmax(cl)) as usize;
+            if let Some(&next) = seq.get(t + 1) {
+                nll -= lq.get(next as usize).copied().unwrap_or(f64::NEG_INFINITY);
+                predicted += 1;
+            }
+        }
+    }
+    LmMetrics {
+        kl_mean: kl_sum / n.max(1) as f64,
+        kl_max,
+        top1_agreement: agree as f64 / n.max(1) as f64,
+        perplexity: (nll / predicted.max(1) as f64).exp(),
+        non_finite,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lm_identical_and_perplexity() {
+        let ids = vec![vec![0u32, 1, 0]];
+        let logits = vec![vec![vec![0.0f32, 0.0], vec![0.0, 0.0], vec![1.0, 0.0]]];
+        let m = super::compare_lm(&ids, &logits, &logits);
+        assert_eq!((m.kl_mean, m.top1_agreement), (0.0, 1.0));
+        assert!(
+            (m.perplexity - 2.0).abs() < 1e-12,
+            "uniform over 2 tokens: {}",
+            m.perplexity
+        );
+        let other = vec![vec![vec![5.0f32, 0.0], vec![0.0, 5.0], vec![0.0, 1.0]]];
+        assert!(super::compare_lm(&ids, &logits, &other).kl_mean > 0.1);
+    }
+
     use super::*;
 
     #[test]

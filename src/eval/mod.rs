@@ -3,7 +3,8 @@
 //! catalogue weightcast reads, cast by weightcast's own kernels.
 //!
 //! Supported: BERT-family encoders with sentence-transformers pooling (mean pooling and
-//! normalisation as the folder's `1_Pooling/config.json` and `modules.json` say).
+//! normalisation as the folder's `1_Pooling/config.json` and `modules.json` say), and
+//! Llama-family causal language models (`model_type` llama, mistral).
 
 pub mod metrics;
 
@@ -14,6 +15,7 @@ use std::time::Instant;
 use candle_core::{DType as CDType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::llama;
 
 use crate::cast;
 use crate::catalogue::Catalogue;
@@ -63,12 +65,20 @@ pub const DEFAULT_INPUTS: &[&str] = &[
      seemed impossible to defeat, and against all odds it won.",
 ];
 
+/// What kind of model a folder holds.
+pub enum Arch {
+    /// A BERT-family encoder (embeddings compared).
+    Bert(BertConfig),
+    /// A Llama-family causal LM (next-token distributions compared).
+    Llama(llama::Config),
+}
+
 /// A model folder ready to run.
 pub struct EvalModel {
     /// The folder.
     pub dir: PathBuf,
-    /// `config.json` as candle reads it.
-    pub config: BertConfig,
+    /// The architecture and its config.
+    pub arch: Arch,
     /// The folder's tokenizer.
     pub tokenizer: tokenizers::Tokenizer,
     /// Mean pooling (otherwise the CLS token).
@@ -90,16 +100,30 @@ impl EvalModel {
         let model_type = cfg
             .get("model_type")
             .and_then(|m| m.as_str())
-            .unwrap_or("?");
-        if !matches!(model_type, "bert") {
-            return Err(Error::usage(format!(
-                "{}: model_type `{model_type}` is not supported by eval yet (supported: bert; \
-                 Llama-family causal LMs are planned)",
-                cfg_path.display()
-            )));
-        }
-        let config: BertConfig = serde_json::from_value(cfg)
-            .map_err(|e| Error::invalid(&cfg_path, format!("not a BERT config: {e}")))?;
+            .unwrap_or("?")
+            .to_string();
+        let arch = match model_type.as_str() {
+            "bert" => Arch::Bert(
+                serde_json::from_value(cfg)
+                    .map_err(|e| Error::invalid(&cfg_path, format!("not a BERT config: {e}")))?,
+            ),
+            "llama" | "mistral" => {
+                let c: llama::LlamaConfig = serde_json::from_value(cfg)
+                    .map_err(|e| Error::invalid(&cfg_path, format!("not a Llama config: {e}")))?;
+                Arch::Llama(c.into_config(false))
+            }
+            _ => {
+                return Err(Error::usage(format!(
+                    "{}: model_type `{model_type}` is not supported by eval (supported: bert, \
+                     llama, mistral)",
+                    cfg_path.display()
+                )))
+            }
+        };
+        let max_positions = match &arch {
+            Arch::Bert(c) => c.max_position_embeddings,
+            Arch::Llama(c) => c.max_position_embeddings,
+        };
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Err(Error::invalid(dir, "no tokenizer.json in the model folder"));
@@ -109,18 +133,20 @@ impl EvalModel {
         let max_len = json(&dir.join("sentence_bert_config.json"))
             .ok()
             .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))
-            .unwrap_or(config.max_position_embeddings as u64) as usize;
+            .unwrap_or(max_positions as u64) as usize;
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len.min(config.max_position_embeddings),
+                max_length: max_len.min(max_positions),
                 ..Default::default()
             }))
             .map_err(|e| Error::invalid(&tok_path, format!("truncation: {e}")))?;
-        tokenizer.with_padding(Some(tokenizers::PaddingParams {
-            strategy: tokenizers::PaddingStrategy::BatchLongest,
-            pad_id: config.pad_token_id as u32,
-            ..Default::default()
-        }));
+        if let Arch::Bert(c) = &arch {
+            tokenizer.with_padding(Some(tokenizers::PaddingParams {
+                strategy: tokenizers::PaddingStrategy::BatchLongest,
+                pad_id: c.pad_token_id as u32,
+                ..Default::default()
+            }));
+        }
         let pooling = json(&dir.join("1_Pooling/config.json")).ok();
         let mean_pooling = pooling
             .as_ref()
@@ -139,7 +165,7 @@ impl EvalModel {
             });
         Ok(EvalModel {
             dir: dir.to_path_buf(),
-            config,
+            arch,
             tokenizer,
             mean_pooling,
             normalize,
@@ -213,8 +239,11 @@ pub fn embed(
     timed_runs: usize,
 ) -> Result<Run> {
     let cd = candle_dtype(compute)?;
+    let Arch::Bert(config) = &model.arch else {
+        return Err(Error::usage("embed needs an encoder model"));
+    };
     let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
-    let bert = BertModel::load(vb, &model.config).map_err(ce("loading the model"))?;
+    let bert = BertModel::load(vb, config).map_err(ce("loading the model"))?;
     let batches: Vec<&[String]> = inputs.chunks(batch.max(1)).collect();
     let mut embeddings = Vec::new();
     let mut times = Vec::new();
@@ -308,4 +337,102 @@ pub fn peak_rss() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// What running a causal LM candidate gave: per input, per position, the next-token logits.
+pub struct LmRun {
+    /// Token ids per input.
+    pub ids: Vec<Vec<u32>>,
+    /// Logits per input per position (f32).
+    pub logits: Vec<Vec<Vec<f32>>>,
+    /// Median seconds per token over the timed passes.
+    pub median_token_s: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+}
+
+/// Runs a Llama-family model over every input, one token at a time with the KV cache, so that
+/// every position's next-token logits are seen; times `timed_runs` passes after a warm-up.
+pub fn run_lm(
+    model: &EvalModel,
+    weights: HashMap<String, Tensor>,
+    compute: DType,
+    inputs: &[String],
+    timed_runs: usize,
+) -> Result<LmRun> {
+    let Arch::Llama(cfg) = &model.arch else {
+        return Err(Error::usage("run_lm needs a causal LM"));
+    };
+    let cd = candle_dtype(compute)?;
+    let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
+    // candle's Llama::load unwraps missing layer weights: check them first for a clean error.
+    for i in 0..cfg.num_hidden_layers {
+        for w in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            let name = format!("model.layers.{i}.{w}.weight");
+            if !vb.contains_tensor(&name) {
+                return Err(Error::invalid(
+                    &model.dir,
+                    format!("tensor `{name}` is missing"),
+                ));
+            }
+        }
+    }
+    let lm = llama::Llama::load(vb, cfg).map_err(ce("loading the model"))?;
+    let mut ids = Vec::new();
+    for text in inputs {
+        let enc = model
+            .tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
+        ids.push(enc.get_ids().to_vec());
+    }
+    let mut logits = Vec::new();
+    let mut times = Vec::new();
+    let mut total = 0f64;
+    let n_tokens: usize = ids.iter().map(|v| v.len()).sum();
+    for pass in 0..=timed_runs {
+        let mut pass_logits = Vec::new();
+        let start_pass = Instant::now();
+        for seq in &ids {
+            let mut cache = llama::Cache::new(true, cd, cfg, &Device::Cpu).map_err(ce("cache"))?;
+            let mut rows = Vec::with_capacity(seq.len());
+            for (pos, &tok) in seq.iter().enumerate() {
+                let x = Tensor::new(&[[tok]], &Device::Cpu).map_err(ce("input"))?;
+                let t = Instant::now();
+                let out = lm
+                    .forward(&x, pos, &mut cache)
+                    .map_err(ce("running the model"))?;
+                if pass > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                let row: Vec<Vec<f32>> = out.to_vec2().map_err(ce("logits"))?;
+                rows.push(row.into_iter().next().unwrap_or_default());
+            }
+            pass_logits.push(rows);
+        }
+        if pass == 0 {
+            logits = pass_logits;
+        } else {
+            total += start_pass.elapsed().as_secs_f64();
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(LmRun {
+        ids,
+        logits,
+        median_token_s: times.get(times.len() / 2).copied().unwrap_or(0.0),
+        tokens_per_s: if total > 0.0 {
+            (n_tokens * timed_runs) as f64 / total
+        } else {
+            0.0
+        },
+    })
 }

@@ -76,3 +76,44 @@ def test_unsupported_model_type(tmp_path, minilm):
     (folder / "config.json").write_text(json.dumps(cfg))
     p = run("eval", folder, check=False)
     assert p.returncode == 2 and "not supported" in p.stderr and "bert" in p.stderr
+
+
+def tiny_llama(folder, minilm):
+    """A small random Llama made by transformers (config + save_pretrained), with a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(minilm / "tokenizer.json", folder / "tokenizer.json")
+    return model
+
+
+def test_llama_logits_match_transformers(minilm, tmp_path):
+    folder = tmp_path / "llama"
+    model = tiny_llama(folder, minilm)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SENTENCES[:3]) + "\n")
+    r = eval_json(folder, "--dtypes", "f16,bf16", "--inputs", inputs, "--emit-embeddings", "--runs", "1")
+    ref = r["candidates"][0]
+    for ids, logits in zip(ref["ids"], ref["logits"]):
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].double().numpy()
+        diff = np.abs(np.array(logits, dtype=np.float64) - want).max()
+        assert diff < 1e-4, diff
+    by = {c["name"]: c for c in r["candidates"]}
+    assert by["float16"]["compute"] == "float16", "a Llama runs in its weights' dtype"
+    assert by["float16"]["top1_agreement"] > 0.97 and not by["float16"]["non_finite"]
+    assert by["float16"]["kl_mean"] < 1e-4
+    assert abs(by["bfloat16"]["perplexity_ratio"] - 1) < 0.01
+    # a broken candidate: one projection zeroed
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] * 1e6
+    save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
+    r = eval_json(folder, "--dtypes", "", "--candidate", broken, "--inputs", inputs, "--runs", "1")
+    assert not r["candidates"][1]["passes"]

@@ -124,7 +124,10 @@ pub struct EvalArgs {
     /// Cosine similarity a candidate must keep (minimum over inputs) to be recommended.
     #[arg(long, default_value_t = 0.999)]
     pub min_cosine: f64,
-    /// Include every embedding in the JSON output.
+    /// For causal LMs: top-1 agreement a candidate must keep to be recommended.
+    #[arg(long, default_value_t = 0.99)]
+    pub min_top1: f64,
+    /// Include every embedding (encoders) or every logit (causal LMs) in the JSON output.
     #[arg(long)]
     pub emit_embeddings: bool,
     /// Print JSON.

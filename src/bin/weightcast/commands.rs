@@ -489,6 +489,9 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         return Err(Error::usage("no inputs: the --inputs file has no non-empty line").into());
     }
     let cat = open(&e.model, None)?;
+    if matches!(model.arch, weightcast::eval::Arch::Llama(_)) {
+        return eval_lm(&e, &rules, &model, &cat, &inputs);
+    }
     // The reference: the model as its authors run it, in f32.
     let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
     let (w, ref_bytes) = weights(&cat, Some(&ref_plan))?;
@@ -658,6 +661,148 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     }
     if rows.iter().any(|r| r.metrics.non_finite) {
         eprintln!("weightcast: warning: a candidate produced NaN or inf outputs");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `eval` for causal LMs: per-token KL, top-1 agreement and perplexity against the f32 reference.
+fn eval_lm(
+    e: &EvalArgs,
+    rules: &RuleSet,
+    model: &weightcast::eval::EvalModel,
+    cat: &weightcast::Catalogue,
+    inputs: &[String],
+) -> Result<ExitCode> {
+    use weightcast::eval::{metrics, peak_rss, run_lm, weights};
+    let f32_compute = e.compute == "f32";
+    let ref_plan = Plan::new(cat, &RuleSet::default(), DType::F32);
+    let (w, ref_bytes) = weights(cat, Some(&ref_plan))?;
+    let reference = run_lm(model, w, DType::F32, inputs, e.runs)?;
+    struct Row {
+        name: String,
+        bytes: u64,
+        compute: DType,
+        m: metrics::LmMetrics,
+        run: weightcast::eval::LmRun,
+        rss: Option<u64>,
+    }
+    let mut rows = vec![Row {
+        name: "f32 (reference)".into(),
+        bytes: ref_bytes,
+        compute: DType::F32,
+        m: metrics::compare_lm(&reference.ids, &reference.logits, &reference.logits),
+        run: reference,
+        rss: peak_rss(),
+    }];
+    let mut todo: Vec<(String, weightcast::Catalogue, Option<Plan>)> = Vec::new();
+    for d in e.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let d: DType = d.parse()?;
+        check_castable(d)?;
+        todo.push((
+            d.torch_name().to_string(),
+            cat.clone(),
+            Some(Plan::new(cat, rules, d)),
+        ));
+    }
+    for p in &e.candidate {
+        todo.push((p.display().to_string(), open(p, None)?, None));
+    }
+    for (name, c, plan) in todo {
+        let stored = plan
+            .as_ref()
+            .and_then(|p| p.dominant_float(&c))
+            .unwrap_or(DType::F32);
+        let compute = if f32_compute || matches!(stored, DType::F8E4M3 | DType::F8E5M2 | DType::F64)
+        {
+            DType::F32
+        } else {
+            stored
+        };
+        let (w, bytes) = weights(&c, plan.as_ref())?;
+        let run = run_lm(model, w, compute, inputs, e.runs)?;
+        rows.push(Row {
+            name,
+            bytes,
+            compute,
+            m: metrics::compare_lm(&rows[0].run.ids, &rows[0].run.logits, &run.logits),
+            run,
+            rss: peak_rss(),
+        });
+    }
+    let ref_ppl = rows[0].m.perplexity;
+    let ok = |r: &Row| !r.m.non_finite && r.m.top1_agreement >= e.min_top1;
+    let best = rows
+        .iter()
+        .skip(1)
+        .filter(|r| ok(r))
+        .min_by_key(|r| r.bytes)
+        .map(|r| r.name.clone());
+    if e.json {
+        let v = json!({
+            "model": e.model, "inputs": inputs.len(), "compute": e.compute,
+            "candidates": rows.iter().map(|r| {
+                let mut v = json!({
+                    "name": r.name, "weight_bytes": r.bytes, "compute": r.compute.torch_name(),
+                    "kl_mean": r.m.kl_mean, "kl_max": r.m.kl_max, "top1_agreement": r.m.top1_agreement,
+                    "perplexity": r.m.perplexity, "perplexity_ratio": r.m.perplexity / ref_ppl,
+                    "non_finite": r.m.non_finite, "median_token_seconds": r.run.median_token_s,
+                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss, "passes": ok(r),
+                });
+                if e.emit_embeddings {
+                    v["logits"] = json!(r.run.logits);
+                    v["ids"] = json!(r.run.ids);
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "recommendation": best,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: {} inputs, compute {}, causal LM",
+            e.model.display(),
+            inputs.len(),
+            e.compute
+        );
+        println!(
+            "{:<24} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8}  verdict",
+            "candidate",
+            "weights",
+            "compute",
+            "KL mean",
+            "KL max",
+            "top-1",
+            "ppl",
+            "ppl ratio",
+            "ms/token",
+            "tok/s"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0}  {}",
+                r.name,
+                report::bytes(r.bytes),
+                r.compute.torch_name(),
+                r.m.kl_mean,
+                r.m.kl_max,
+                100.0 * r.m.top1_agreement,
+                r.m.perplexity,
+                r.m.perplexity / ref_ppl,
+                1000.0 * r.run.median_token_s,
+                r.run.tokens_per_s,
+                if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" }
+            );
+        }
+        match &best {
+            Some(b) => println!(
+                "recommendation: {b}, the smallest candidate with top-1 agreement >= {}",
+                e.min_top1
+            ),
+            None => println!(
+                "recommendation: keep f32: no candidate keeps top-1 agreement >= {}",
+                e.min_top1
+            ),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
