@@ -4,7 +4,7 @@
 //!
 //! Supported: BERT-family encoders with sentence-transformers pooling (mean pooling and
 //! normalisation as the folder's `1_Pooling/config.json` and `modules.json` say), and
-//! Llama-family causal language models (`model_type` llama, mistral).
+//! Llama-family causal language models (`model_type` llama, mistral, qwen2).
 
 pub mod metrics;
 
@@ -15,7 +15,7 @@ use std::time::Instant;
 use candle_core::{DType as CDType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
-use candle_transformers::models::llama;
+use candle_transformers::models::{llama, qwen2};
 
 use crate::cast;
 use crate::catalogue::Catalogue;
@@ -71,6 +71,8 @@ pub enum Arch {
     Bert(BertConfig),
     /// A Llama-family causal LM (next-token distributions compared).
     Llama(llama::Config),
+    /// A Qwen2 causal LM (a Llama with attention biases).
+    Qwen2(qwen2::Config),
 }
 
 /// A model folder ready to run.
@@ -102,6 +104,27 @@ impl EvalModel {
             .and_then(|m| m.as_str())
             .unwrap_or("?")
             .to_string();
+        // transformers >= 5 writes `rope_parameters.rope_theta` and a null `sliding_window`;
+        // candle's configs read the older spellings.
+        let mut cfg = cfg;
+        if let Some(obj) = cfg.as_object_mut() {
+            if !obj.contains_key("rope_theta") {
+                if let Some(t) = obj
+                    .get("rope_parameters")
+                    .and_then(|r| r.get("rope_theta"))
+                    .cloned()
+                {
+                    obj.insert("rope_theta".into(), t);
+                }
+            }
+            if obj.get("sliding_window").is_some_and(|v| v.is_null()) {
+                let m = obj
+                    .get("max_position_embeddings")
+                    .cloned()
+                    .unwrap_or(4096.into());
+                obj.insert("sliding_window".into(), m);
+            }
+        }
         let arch = match model_type.as_str() {
             "bert" => Arch::Bert(
                 serde_json::from_value(cfg)
@@ -112,10 +135,14 @@ impl EvalModel {
                     .map_err(|e| Error::invalid(&cfg_path, format!("not a Llama config: {e}")))?;
                 Arch::Llama(c.into_config(false))
             }
+            "qwen2" => Arch::Qwen2(
+                serde_json::from_value(cfg)
+                    .map_err(|e| Error::invalid(&cfg_path, format!("not a Qwen2 config: {e}")))?,
+            ),
             _ => {
                 return Err(Error::usage(format!(
                     "{}: model_type `{model_type}` is not supported by eval (supported: bert, \
-                     llama, mistral)",
+                     llama, mistral, qwen2)",
                     cfg_path.display()
                 )))
             }
@@ -123,6 +150,7 @@ impl EvalModel {
         let max_positions = match &arch {
             Arch::Bert(c) => c.max_position_embeddings,
             Arch::Llama(c) => c.max_position_embeddings,
+            Arch::Qwen2(c) => c.max_position_embeddings,
         };
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
@@ -360,13 +388,15 @@ pub fn run_lm(
     inputs: &[String],
     timed_runs: usize,
 ) -> Result<LmRun> {
-    let Arch::Llama(cfg) = &model.arch else {
-        return Err(Error::usage("run_lm needs a causal LM"));
-    };
     let cd = candle_dtype(compute)?;
     let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
-    // candle's Llama::load unwraps missing layer weights: check them first for a clean error.
-    for i in 0..cfg.num_hidden_layers {
+    let layers = match &model.arch {
+        Arch::Llama(c) => c.num_hidden_layers,
+        Arch::Qwen2(c) => c.num_hidden_layers,
+        Arch::Bert(_) => return Err(Error::usage("run_lm needs a causal LM")),
+    };
+    // candle's loaders unwrap missing layer weights: check them first for a clean error.
+    for i in 0..layers {
         for w in [
             "self_attn.q_proj",
             "self_attn.k_proj",
@@ -385,7 +415,20 @@ pub fn run_lm(
             }
         }
     }
-    let lm = llama::Llama::load(vb, cfg).map_err(ce("loading the model"))?;
+    enum Lm {
+        Llama(llama::Llama, llama::Config),
+        Qwen2(qwen2::ModelForCausalLM),
+    }
+    let mut lm = match &model.arch {
+        Arch::Llama(c) => Lm::Llama(
+            llama::Llama::load(vb, c).map_err(ce("loading the model"))?,
+            c.clone(),
+        ),
+        Arch::Qwen2(c) => {
+            Lm::Qwen2(qwen2::ModelForCausalLM::new(c, vb).map_err(ce("loading the model"))?)
+        }
+        Arch::Bert(_) => unreachable!("checked above"),
+    };
     let mut ids = Vec::new();
     for text in inputs {
         let enc = model
@@ -402,19 +445,34 @@ pub fn run_lm(
         let mut pass_logits = Vec::new();
         let start_pass = Instant::now();
         for seq in &ids {
-            let mut cache = llama::Cache::new(true, cd, cfg, &Device::Cpu).map_err(ce("cache"))?;
+            let mut cache = match &mut lm {
+                Lm::Llama(_, c) => {
+                    Some(llama::Cache::new(true, cd, c, &Device::Cpu).map_err(ce("cache"))?)
+                }
+                Lm::Qwen2(m) => {
+                    m.clear_kv_cache();
+                    None
+                }
+            };
             let mut rows = Vec::with_capacity(seq.len());
             for (pos, &tok) in seq.iter().enumerate() {
                 let x = Tensor::new(&[[tok]], &Device::Cpu).map_err(ce("input"))?;
                 let t = Instant::now();
-                let out = lm
-                    .forward(&x, pos, &mut cache)
-                    .map_err(ce("running the model"))?;
+                let out = match (&mut lm, cache.as_mut()) {
+                    (Lm::Llama(m, _), Some(c)) => m.forward(&x, pos, c),
+                    (Lm::Qwen2(m), _) => m.forward(&x, pos),
+                    (Lm::Llama(..), None) => unreachable!("a Llama always has a cache"),
+                }
+                .map_err(ce("running the model"))?;
                 if pass > 0 {
                     times.push(t.elapsed().as_secs_f64());
                 }
-                let row: Vec<Vec<f32>> = out.to_vec2().map_err(ce("logits"))?;
-                rows.push(row.into_iter().next().unwrap_or_default());
+                let row: Vec<f32> = out
+                    .to_dtype(CDType::F32)
+                    .and_then(|o| o.flatten_all())
+                    .and_then(|o| o.to_vec1())
+                    .map_err(ce("logits"))?;
+                rows.push(row);
             }
             pass_logits.push(rows);
         }

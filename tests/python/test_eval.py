@@ -75,7 +75,7 @@ def test_unsupported_model_type(tmp_path, minilm):
     cfg["model_type"] = "gpt_neox"
     (folder / "config.json").write_text(json.dumps(cfg))
     p = run("eval", folder, check=False)
-    assert p.returncode == 2 and "not supported" in p.stderr and "bert" in p.stderr
+    assert p.returncode == 2 and "not supported" in p.stderr and "bert, llama, mistral, qwen2" in p.stderr
 
 
 def tiny_llama(folder, minilm):
@@ -117,3 +117,25 @@ def test_llama_logits_match_transformers(minilm, tmp_path):
     save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
     r = eval_json(folder, "--dtypes", "", "--candidate", broken, "--inputs", inputs, "--runs", "1")
     assert not r["candidates"][1]["passes"]
+
+
+def test_qwen2_logits_match_transformers(minilm, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    folder = tmp_path / "qwen2"
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(minilm / "tokenizer.json", folder / "tokenizer.json")
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SENTENCES[:2]) + "\n")
+    r = eval_json(folder, "--dtypes", "f16", "--inputs", inputs, "--emit-embeddings", "--runs", "1")
+    ref = r["candidates"][0]
+    for ids, logits in zip(ref["ids"], ref["logits"]):
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].double().numpy()
+        assert np.abs(np.array(logits, dtype=np.float64) - want).max() < 1e-4
+    assert r["candidates"][1]["kl_mean"] < 1e-4

@@ -489,7 +489,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         return Err(Error::usage("no inputs: the --inputs file has no non-empty line").into());
     }
     let cat = open(&e.model, None)?;
-    if matches!(model.arch, weightcast::eval::Arch::Llama(_)) {
+    if !matches!(model.arch, weightcast::eval::Arch::Bert(_)) {
         return eval_lm(&e, &rules, &model, &cat, &inputs);
     }
     // The reference: the model as its authors run it, in f32.
