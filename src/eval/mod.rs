@@ -359,7 +359,13 @@ pub fn embed(
     })
 }
 
-/// Peak resident memory of this process so far, in bytes (Linux `VmHWM`).
+/// Resets the peak-resident-memory mark (Linux: `5` into `/proc/self/clear_refs`), so that
+/// [`peak_rss`] afterwards measures one candidate; false where the kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident memory of this process since the last [`reset_peak_rss`], in bytes (`VmHWM`).
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;

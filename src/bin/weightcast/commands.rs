@@ -494,6 +494,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     }
     // The reference: the model as its authors run it, in f32.
     let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
+    weightcast::eval::reset_peak_rss();
     let (w, ref_bytes) = weights(&cat, Some(&ref_plan))?;
     let reference = embed(&model, w, DType::F32, &inputs, e.batch, e.runs)?;
     let mut rows = vec![EvalRow {
@@ -558,6 +559,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
                 .max_by_key(|d| d.bitsize()),
         };
         let (compute, note) = compute_for(stored);
+        weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)?;
         rows.push(EvalRow {
@@ -610,7 +612,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
             e.runs
         );
         println!(
-            "{:<28} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9}  verdict",
+            "{:<28} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9} {:>9}  verdict",
             "candidate",
             "weights",
             "compute",
@@ -619,7 +621,8 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
             "max |diff|",
             "NN kept",
             "ms/batch",
-            "tok/s"
+            "tok/s",
+            "peak RSS"
         );
         for r in &rows {
             let verdict = if r.metrics.non_finite {
@@ -630,7 +633,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
                 format!("below {}", e.min_cosine)
             };
             println!(
-                "{:<28} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0}  {verdict}{}",
+                "{:<28} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0} {:>9}  {verdict}{}",
                 r.name,
                 report::bytes(r.weight_bytes),
                 r.compute.torch_name(),
@@ -640,6 +643,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
                 100.0 * r.metrics.neighbours_kept,
                 1000.0 * r.run.median_batch_s,
                 r.run.tokens_per_s,
+                r.peak_rss.map(report::bytes).unwrap_or_else(|| "?".into()),
                 r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
             );
         }
@@ -676,6 +680,7 @@ fn eval_lm(
     use weightcast::eval::{metrics, peak_rss, run_lm, weights};
     let f32_compute = e.compute == "f32";
     let ref_plan = Plan::new(cat, &RuleSet::default(), DType::F32);
+    weightcast::eval::reset_peak_rss();
     let (w, ref_bytes) = weights(cat, Some(&ref_plan))?;
     let reference = run_lm(model, w, DType::F32, inputs, e.runs)?;
     struct Row {
@@ -718,6 +723,7 @@ fn eval_lm(
         } else {
             stored
         };
+        weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
         let run = run_lm(model, w, compute, inputs, e.runs)?;
         rows.push(Row {
@@ -765,7 +771,7 @@ fn eval_lm(
             e.compute
         );
         println!(
-            "{:<24} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8}  verdict",
+            "{:<24} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8} {:>9}  verdict",
             "candidate",
             "weights",
             "compute",
@@ -775,11 +781,12 @@ fn eval_lm(
             "ppl",
             "ppl ratio",
             "ms/token",
-            "tok/s"
+            "tok/s",
+            "peak RSS"
         );
         for r in &rows {
             println!(
-                "{:<24} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0}  {}",
+                "{:<24} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0} {:>9}  {}",
                 r.name,
                 report::bytes(r.bytes),
                 r.compute.torch_name(),
@@ -790,6 +797,7 @@ fn eval_lm(
                 r.m.perplexity / ref_ppl,
                 1000.0 * r.run.median_token_s,
                 r.run.tokens_per_s,
+                r.rss.map(report::bytes).unwrap_or_else(|| "?".into()),
                 if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" }
             );
         }
