@@ -532,22 +532,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
             (d, None)
         }
     };
-    let mut candidates: Vec<(String, weightcast::Catalogue, Option<Plan>)> = Vec::new();
-    for d in e.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let d: DType = d.parse()?;
-        check_castable(d)?;
-        let plan = Plan::new(&cat, &rules, d);
-        let label = if rules.rules.is_empty() {
-            d.torch_name().to_string()
-        } else {
-            let origins: Vec<&str> = rules.rules.iter().map(|r| r.origin.as_str()).collect();
-            format!("{} + {}", d.torch_name(), origins.join(", "))
-        };
-        candidates.push((label, cat.clone(), Some(plan)));
-    }
-    for p in &e.candidate {
-        candidates.push((p.display().to_string(), open(p, None)?, None));
-    }
+    let candidates = eval_candidates(&e, &rules, &cat)?;
     for (name, c, plan) in candidates {
         let stored = match &plan {
             Some(p) => p.dominant_float(&c),
@@ -699,19 +684,7 @@ fn eval_lm(
         run: reference,
         rss: peak_rss(),
     }];
-    let mut todo: Vec<(String, weightcast::Catalogue, Option<Plan>)> = Vec::new();
-    for d in e.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let d: DType = d.parse()?;
-        check_castable(d)?;
-        todo.push((
-            d.torch_name().to_string(),
-            cat.clone(),
-            Some(Plan::new(cat, rules, d)),
-        ));
-    }
-    for p in &e.candidate {
-        todo.push((p.display().to_string(), open(p, None)?, None));
-    }
+    let todo = eval_candidates(e, rules, cat)?;
     for (name, c, plan) in todo {
         let stored = plan
             .as_ref()
@@ -813,4 +786,29 @@ fn eval_lm(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The candidates of `eval`: each `--dtypes` entry (MODEL converted on the fly with the rules,
+/// labelled with them) and each `--candidate` path.
+fn eval_candidates(
+    e: &EvalArgs,
+    rules: &RuleSet,
+    cat: &weightcast::Catalogue,
+) -> Result<Vec<(String, weightcast::Catalogue, Option<Plan>)>> {
+    let mut out = Vec::new();
+    for d in e.dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let d: DType = d.parse()?;
+        check_castable(d)?;
+        let label = if rules.rules.is_empty() {
+            d.torch_name().to_string()
+        } else {
+            let origins: Vec<&str> = rules.rules.iter().map(|r| r.origin.as_str()).collect();
+            format!("{} + {}", d.torch_name(), origins.join(", "))
+        };
+        out.push((label, cat.clone(), Some(Plan::new(cat, rules, d))));
+    }
+    for p in &e.candidate {
+        out.push((p.display().to_string(), open(p, None)?, None));
+    }
+    Ok(out)
 }
