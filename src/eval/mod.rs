@@ -201,6 +201,50 @@ impl EvalModel {
     }
 }
 
+impl EvalModel {
+    /// The dtype a candidate whose weights are mostly `stored` computes in, and why when it is
+    /// not `stored`: `f32_compute` asks for f32; fp8 and f64 matmuls are not on this CPU path;
+    /// candle-transformers 0.11's BERT builds its attention mask as `(1 - mask) * f32::MIN` in
+    /// the compute dtype, which is `0 * -inf = NaN` in f16/bf16, a NaN that would say nothing
+    /// about the weights.
+    pub fn compute_dtype(&self, stored: DType, f32_compute: bool) -> (DType, Option<String>) {
+        if f32_compute {
+            return (DType::F32, None);
+        }
+        match stored {
+            DType::F8E4M3 | DType::F8E5M2 | DType::F64 => (
+                DType::F32,
+                Some(format!(
+                    "{stored} compute is not available on this CPU path: computed in f32"
+                )),
+            ),
+            DType::F16 | DType::BF16 if matches!(self.arch, Arch::Bert(_)) => (
+                DType::F32,
+                Some(format!(
+                    "computed in f32: {} compute gives NaN in candle-transformers 0.11 BERT",
+                    stored.torch_name()
+                )),
+            ),
+            d => (d, None),
+        }
+    }
+}
+
+/// The floating dtype holding most elements of a candidate: after `plan` when it is converted
+/// on the fly, as stored otherwise.
+pub fn stored_dtype(cat: &Catalogue, plan: Option<&Plan>) -> DType {
+    if let Some(p) = plan {
+        return p.dominant_float(cat).unwrap_or(DType::F32);
+    }
+    let mut m = std::collections::BTreeMap::<DType, u64>::new();
+    for t in cat.tensors.iter().filter(|t| t.dtype.is_float()) {
+        *m.entry(t.dtype).or_default() += t.numel();
+    }
+    m.into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or(DType::F32, |(d, _)| d)
+}
+
 fn candle_dtype(d: DType) -> Result<CDType> {
     Ok(match d {
         DType::F32 => CDType::F32,

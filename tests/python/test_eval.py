@@ -115,8 +115,13 @@ def test_llama_logits_match_transformers(minilm, tmp_path):
     sd = load_file(folder / "model.safetensors")
     sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] * 1e6
     save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
-    r = eval_json(folder, "--dtypes", "", "--candidate", broken, "--inputs", inputs, "--runs", "1")
+    half = tmp_path / "half"
+    run("convert", folder, "-o", half, "--to", "f16")
+    r = eval_json(folder, "--dtypes", "", "--candidate", broken, "--candidate", half,
+                  "--inputs", inputs, "--runs", "1")
     assert not r["candidates"][1]["passes"]
+    assert r["candidates"][2]["compute"] == "float16", "a converted folder runs in its dtype"
+    assert r["candidates"][2]["passes"] and r["recommendation"] == str(half)
 
 
 def test_qwen2_logits_match_transformers(minilm, tmp_path):

@@ -506,44 +506,10 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         run: reference,
         note: None,
     }];
-    let compute_for = |stored: Option<DType>| -> (DType, Option<String>) {
-        let d = stored.unwrap_or(DType::F32);
-        if f32_compute {
-            (DType::F32, None)
-        } else if matches!(d, DType::F8E4M3 | DType::F8E5M2 | DType::F64) {
-            (
-                DType::F32,
-                Some(format!(
-                    "{d} compute is not available on this CPU path: computed in f32"
-                )),
-            )
-        } else if matches!(d, DType::F16 | DType::BF16) {
-            // candle-transformers 0.11's BERT masks attention with f32::MIN cast to the compute
-            // dtype, which is -inf in f16/bf16, and 0 * -inf = NaN on every unmasked position:
-            // its NaN would say nothing about the weights.
-            (
-                DType::F32,
-                Some(format!(
-                    "computed in f32: {} compute gives NaN in candle-transformers 0.11 BERT",
-                    d.torch_name()
-                )),
-            )
-        } else {
-            (d, None)
-        }
-    };
     let candidates = eval_candidates(&e, &rules, &cat)?;
     for (name, c, plan) in candidates {
-        let stored = match &plan {
-            Some(p) => p.dominant_float(&c),
-            None => Plan::new(&c, &RuleSet::default(), DType::F32)
-                .tensors
-                .iter()
-                .map(|t| t.from)
-                .filter(|d| d.is_float())
-                .max_by_key(|d| d.bitsize()),
-        };
-        let (compute, note) = compute_for(stored);
+        let stored = weightcast::eval::stored_dtype(&c, plan.as_ref());
+        let (compute, note) = model.compute_dtype(stored, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)?;
@@ -686,16 +652,8 @@ fn eval_lm(
     }];
     let todo = eval_candidates(e, rules, cat)?;
     for (name, c, plan) in todo {
-        let stored = plan
-            .as_ref()
-            .and_then(|p| p.dominant_float(&c))
-            .unwrap_or(DType::F32);
-        let compute = if f32_compute || matches!(stored, DType::F8E4M3 | DType::F8E5M2 | DType::F64)
-        {
-            DType::F32
-        } else {
-            stored
-        };
+        let stored = weightcast::eval::stored_dtype(&c, plan.as_ref());
+        let (compute, _) = model.compute_dtype(stored, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
         let run = run_lm(model, w, compute, inputs, e.runs)?;
