@@ -111,6 +111,48 @@ fn argmax(x: &[f32]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
+/// Accumulates [`LmMetrics`] one position at a time, so that no input set's logits need to be
+/// held at once.
+#[derive(Debug, Clone, Default)]
+pub struct LmAccumulator {
+    kl_sum: f64,
+    kl_max: f64,
+    n: usize,
+    agree: usize,
+    nll: f64,
+    predicted: usize,
+    non_finite: bool,
+}
+
+impl LmAccumulator {
+    /// Adds one position: the reference's and the candidate's logits there, and the token that
+    /// follows in the input (None at the last position).
+    pub fn add(&mut self, reference: &[f32], candidate: &[f32], next: Option<u32>) {
+        self.non_finite |= candidate.iter().any(|v| !v.is_finite());
+        let (lp, lq) = (log_softmax(reference), log_softmax(candidate));
+        let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
+        self.kl_sum += kl;
+        self.kl_max = self.kl_max.max(kl);
+        self.n += 1;
+        self.agree += (argmax(reference) == argmax(candidate)) as usize;
+        if let Some(next) = next {
+            self.nll -= lq.get(next as usize).copied().unwrap_or(f64::NEG_INFINITY);
+            self.predicted += 1;
+        }
+    }
+
+    /// The metrics over every position added.
+    pub fn finish(&self) -> LmMetrics {
+        LmMetrics {
+            kl_mean: self.kl_sum / self.n.max(1) as f64,
+            kl_max: self.kl_max,
+            top1_agreement: self.agree as f64 / self.n.max(1) as f64,
+            perplexity: (self.nll / self.predicted.max(1) as f64).exp(),
+            non_finite: self.non_finite,
+        }
+    }
+}
+
 /// Compares logits (per input, per position) of a candidate with the reference; `ids` are the
 /// input tokens (position t's logits predict token t + 1).
 pub fn compare_lm(
@@ -118,31 +160,13 @@ pub fn compare_lm(
     reference: &[Vec<Vec<f32>>],
     candidate: &[Vec<Vec<f32>>],
 ) -> LmMetrics {
-    let (mut kl_sum, mut kl_max, mut n, mut agree) = (0f64, 0f64, 0usize, 0usize);
-    let (mut nll, mut predicted) = (0f64, 0usize);
-    let mut non_finite = false;
+    let mut acc = LmAccumulator::default();
     for ((seq, r), c) in ids.iter().zip(reference).zip(candidate) {
         for (t, (rl, cl)) in r.iter().zip(c).enumerate() {
-            non_finite |= cl.iter().any(|v| !v.is_finite());
-            let (lp, lq) = (log_softmax(rl), log_softmax(cl));
-            let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
-            kl_sum += kl;
-            kl_max = kl_max.max(kl);
-            n += 1;
-            agree += (argmax(rl) == argmax(cl)) as usize;
-            if let Some(&next) = seq.get(t + 1) {
-                nll -= lq.get(next as usize).copied().unwrap_or(f64::NEG_INFINITY);
-                predicted += 1;
-            }
+            acc.add(rl, cl, seq.get(t + 1).copied());
         }
     }
-    LmMetrics {
-        kl_mean: kl_sum / n.max(1) as f64,
-        kl_max,
-        top1_agreement: agree as f64 / n.max(1) as f64,
-        perplexity: (nll / predicted.max(1) as f64).exp(),
-        non_finite,
-    }
+    acc.finish()
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! normalisation as the folder's `1_Pooling/config.json` and `modules.json` say), and
 //! Llama-family causal language models (`model_type` llama, mistral, qwen2).
 
+pub mod bert;
 pub mod metrics;
+pub mod spill;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::{DType as CDType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use candle_transformers::models::{llama, qwen2};
 
 use crate::cast;
@@ -25,7 +27,7 @@ use crate::plan::Plan;
 use crate::source::Sources;
 
 /// Model types `eval` runs.
-pub const SUPPORTED: &[&str] = &["bert", "roberta", "xlm-roberta", "distilbert-like bert"];
+pub const SUPPORTED: &[&str] = &["bert", "llama", "mistral", "qwen2"];
 
 /// Sentences used when no `--inputs` file is given: short and long, several topics, so that
 /// nearest-neighbour rankings mean something.
@@ -141,9 +143,9 @@ impl EvalModel {
             ),
             _ => {
                 return Err(Error::usage(format!(
-                    "{}: model_type `{model_type}` is not supported by eval (supported: bert, \
-                     llama, mistral, qwen2)",
-                    cfg_path.display()
+                    "{}: model_type `{model_type}` is not supported by eval (supported: {})",
+                    cfg_path.display(),
+                    SUPPORTED.join(", ")
                 )))
             }
         };
@@ -168,12 +170,20 @@ impl EvalModel {
                 ..Default::default()
             }))
             .map_err(|e| Error::invalid(&tok_path, format!("truncation: {e}")))?;
-        if let Arch::Bert(c) = &arch {
-            tokenizer.with_padding(Some(tokenizers::PaddingParams {
-                strategy: tokenizers::PaddingStrategy::BatchLongest,
-                pad_id: c.pad_token_id as u32,
-                ..Default::default()
-            }));
+        // A tokenizer.json may carry its own padding (all-MiniLM-L6-v2's pads every input to
+        // 128): an encoder pads a batch to its longest input and masks the rest; a causal LM
+        // reads each input alone, with no padding to predict.
+        match &arch {
+            Arch::Bert(c) => {
+                tokenizer.with_padding(Some(tokenizers::PaddingParams {
+                    strategy: tokenizers::PaddingStrategy::BatchLongest,
+                    pad_id: c.pad_token_id as u32,
+                    ..Default::default()
+                }));
+            }
+            Arch::Llama(_) | Arch::Qwen2(_) => {
+                tokenizer.with_padding(None);
+            }
         }
         let pooling = json(&dir.join("1_Pooling/config.json")).ok();
         let mean_pooling = pooling
@@ -203,10 +213,7 @@ impl EvalModel {
 
 impl EvalModel {
     /// The dtype a candidate whose weights are mostly `stored` computes in, and why when it is
-    /// not `stored`: `f32_compute` asks for f32; fp8 and f64 matmuls are not on this CPU path;
-    /// candle-transformers 0.11's BERT builds its attention mask as `(1 - mask) * f32::MIN` in
-    /// the compute dtype, which is `0 * -inf = NaN` in f16/bf16, a NaN that would say nothing
-    /// about the weights.
+    /// not `stored`: `f32_compute` asks for f32; fp8 and f64 matmuls are not on this CPU path.
     pub fn compute_dtype(&self, stored: DType, f32_compute: bool) -> (DType, Option<String>) {
         if f32_compute {
             return (DType::F32, None);
@@ -218,15 +225,23 @@ impl EvalModel {
                     "{stored} compute is not available on this CPU path: computed in f32"
                 )),
             ),
-            DType::F16 | DType::BF16 if matches!(self.arch, Arch::Bert(_)) => (
-                DType::F32,
-                Some(format!(
-                    "computed in f32: {} compute gives NaN in candle-transformers 0.11 BERT",
-                    stored.torch_name()
-                )),
-            ),
             d => (d, None),
         }
+    }
+}
+
+impl EvalModel {
+    /// The token ids of each input, as a causal LM reads them (no padding).
+    pub fn token_ids(&self, inputs: &[String]) -> Result<Vec<Vec<u32>>> {
+        inputs
+            .iter()
+            .map(|text| {
+                self.tokenizer
+                    .encode(text.as_str(), true)
+                    .map(|enc| enc.get_ids().to_vec())
+                    .map_err(|e| Error::Usage(format!("tokenizing: {e}")))
+            })
+            .collect()
     }
 }
 
@@ -315,7 +330,7 @@ pub fn embed(
         return Err(Error::usage("embed needs an encoder model"));
     };
     let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
-    let bert = BertModel::load(vb, config).map_err(ce("loading the model"))?;
+    let bert = bert::Bert::load(vb, config).map_err(ce("loading the model"))?;
     let batches: Vec<&[String]> = inputs.chunks(batch.max(1)).collect();
     let mut embeddings = Vec::new();
     let mut times = Vec::new();
@@ -343,7 +358,7 @@ pub fn embed(
             let types = ids.zeros_like().map_err(ce("token types"))?;
             let start = Instant::now();
             let hidden = bert
-                .forward(&ids, &types, Some(&mask_t))
+                .forward(&ids, &types, &mask_t)
                 .map_err(ce("running the model"))?
                 .to_dtype(CDType::F32)
                 .map_err(ce("output"))?;
@@ -403,6 +418,12 @@ pub fn embed(
     })
 }
 
+/// The number of threads candle runs CPU matmuls on (`RAYON_NUM_THREADS`, or the physical
+/// cores it detects).
+pub fn thread_count() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Resets the peak-resident-memory mark (Linux: `5` into `/proc/self/clear_refs`), so that
 /// [`peak_rss`] afterwards measures one candidate; false where the kernel does not allow it.
 pub fn reset_peak_rss() -> bool {
@@ -417,12 +438,8 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// What running a causal LM candidate gave: per input, per position, the next-token logits.
+/// What running a causal LM candidate gave (its logits went to the caller's sink).
 pub struct LmRun {
-    /// Token ids per input.
-    pub ids: Vec<Vec<u32>>,
-    /// Logits per input per position (f32).
-    pub logits: Vec<Vec<Vec<f32>>>,
     /// Median seconds per token over the timed passes.
     pub median_token_s: f64,
     /// Tokens per second.
@@ -431,12 +448,15 @@ pub struct LmRun {
 
 /// Runs a Llama-family model over every input, one token at a time with the KV cache, so that
 /// every position's next-token logits are seen; times `timed_runs` passes after a warm-up.
+/// The warm-up pass hands each position's logits (f32) to `sink(input, position, logits)` as
+/// they come, so memory holds one row, not the input set's.
 pub fn run_lm(
     model: &EvalModel,
     weights: HashMap<String, Tensor>,
     compute: DType,
-    inputs: &[String],
+    ids: &[Vec<u32>],
     timed_runs: usize,
+    mut sink: impl FnMut(usize, usize, &[f32]) -> Result<()>,
 ) -> Result<LmRun> {
     let cd = candle_dtype(compute)?;
     let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
@@ -479,22 +499,12 @@ pub fn run_lm(
         }
         Arch::Bert(_) => unreachable!("checked above"),
     };
-    let mut ids = Vec::new();
-    for text in inputs {
-        let enc = model
-            .tokenizer
-            .encode(text.as_str(), true)
-            .map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
-        ids.push(enc.get_ids().to_vec());
-    }
-    let mut logits = Vec::new();
     let mut times = Vec::new();
     let mut total = 0f64;
     let n_tokens: usize = ids.iter().map(|v| v.len()).sum();
     for pass in 0..=timed_runs {
-        let mut pass_logits = Vec::new();
         let start_pass = Instant::now();
-        for seq in &ids {
+        for (s, seq) in ids.iter().enumerate() {
             let mut cache = match &mut lm {
                 Lm::Llama(_, c) => {
                     Some(llama::Cache::new(true, cd, c, &Device::Cpu).map_err(ce("cache"))?)
@@ -504,7 +514,6 @@ pub fn run_lm(
                     None
                 }
             };
-            let mut rows = Vec::with_capacity(seq.len());
             for (pos, &tok) in seq.iter().enumerate() {
                 let x = Tensor::new(&[[tok]], &Device::Cpu).map_err(ce("input"))?;
                 let t = Instant::now();
@@ -516,26 +525,22 @@ pub fn run_lm(
                 .map_err(ce("running the model"))?;
                 if pass > 0 {
                     times.push(t.elapsed().as_secs_f64());
+                    continue;
                 }
                 let row: Vec<f32> = out
                     .to_dtype(CDType::F32)
                     .and_then(|o| o.flatten_all())
                     .and_then(|o| o.to_vec1())
                     .map_err(ce("logits"))?;
-                rows.push(row);
+                sink(s, pos, &row)?;
             }
-            pass_logits.push(rows);
         }
-        if pass == 0 {
-            logits = pass_logits;
-        } else {
+        if pass > 0 {
             total += start_pass.elapsed().as_secs_f64();
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(LmRun {
-        ids,
-        logits,
         median_token_s: times.get(times.len() / 2).copied().unwrap_or(0.0),
         tokens_per_s: if total > 0.0 {
             (n_tokens * timed_runs) as f64 / total

@@ -68,6 +68,64 @@ def test_broken_candidates_are_caught(minilm, tmp_path):
         assert r["recommendation"] == "float16"
 
 
+def torch_embeddings(folder, dtype, sentences=SENTENCES, scale=None):
+    """Sentence embeddings from transformers + torch with the model in `dtype` (as after
+    `model.half()`), mean pooling + normalize in f32."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval().to(dtype)
+    with torch.no_grad():
+        enc = tok(sentences, padding=True, truncation=True, return_tensors="pt")
+        out = model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        emb = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(emb, p=2, dim=1).double().numpy()
+
+
+def test_half_compute_is_like_torch_half(minilm, tmp_path):
+    """--compute same runs f16/bf16 activations, as PyTorch does after model.half(): the error
+    against f32 is of the size torch's own half-precision run shows, and the embeddings are
+    near torch's half-precision ones."""
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SENTENCES) + "\n")
+    r = eval_json(minilm, "--dtypes", "f16,bf16", "--inputs", inputs, "--emit-embeddings",
+                  "--runs", "1")
+    ref = torch_embeddings(minilm, torch.float32)
+    for c, dtype, near in zip(r["candidates"][1:], [torch.float16, torch.bfloat16], [1e-3, 6e-3]):
+        assert c["compute"] == str(dtype).removeprefix("torch."), c["compute"]
+        ours = np.array(c["embeddings"], dtype=np.float64)
+        theirs = torch_embeddings(minilm, dtype)
+        assert np.isfinite(ours).all()
+        assert np.abs(ours - theirs).max() < near, (c["name"], np.abs(ours - theirs).max())
+        torch_err = np.abs(theirs - ref).max()
+        assert 0 < np.abs(ours - ref).max() < 3 * torch_err, (c["name"], torch_err)
+
+
+def test_activation_overflow_shows_in_f16_compute(minilm, tmp_path):
+    """A model whose weights fit f16 (largest 1550) but whose activations do not: weight
+    analysis sees no overflow, torch's model.half() gives NaN, and so does eval's f16 candidate;
+    bf16 (f32's range) is fine and recommended; --compute f32 isolates storage loss (fine)."""
+    folder = tmp_path / "scaled"
+    shutil.copytree(minilm, folder)
+    sd = load_file(minilm / "model.safetensors")
+    for k in ["weight", "bias"]:
+        key = f"encoder.layer.0.attention.output.LayerNorm.{k}"
+        sd[key] = sd[key] * 1000
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    a = json.loads(run("analyze", folder, "--to", "f16", "--json").stdout)
+    assert a["totals"]["verdicts"]["overflow"] == 0
+    assert not np.isfinite(torch_embeddings(folder, torch.float16)).all(), "torch overflows too"
+    p = run("eval", folder, "--dtypes", "f16,bf16", "--runs", "1", "--json")
+    r = json.loads(p.stdout)
+    by = {c["name"]: c for c in r["candidates"]}
+    assert by["float16"]["non_finite"] and not by["float16"]["passes"]
+    assert by["bfloat16"]["passes"] and r["recommendation"] == "bfloat16"
+    assert "float16" in p.stderr and "NaN" in p.stderr
+    r = eval_json(folder, "--dtypes", "f16", "--compute", "f32", "--runs", "1")
+    assert r["candidates"][1]["compute"] == "float32" and r["candidates"][1]["passes"]
+
+
 def test_unsupported_model_type(tmp_path, minilm):
     folder = tmp_path / "llama"
     shutil.copytree(minilm, folder)
@@ -92,6 +150,16 @@ def tiny_llama(folder, minilm):
     return model
 
 
+def unpadded_ids(folder, sentences):
+    """Token ids as the `tokenizers` library gives them with padding off (the MiniLM
+    tokenizer.json pads to 128 by default)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    return [tok.encode(s).ids for s in sentences]
+
+
 def test_llama_logits_match_transformers(minilm, tmp_path):
     folder = tmp_path / "llama"
     model = tiny_llama(folder, minilm)
@@ -99,6 +167,7 @@ def test_llama_logits_match_transformers(minilm, tmp_path):
     inputs.write_text("\n".join(SENTENCES[:3]) + "\n")
     r = eval_json(folder, "--dtypes", "f16,bf16", "--inputs", inputs, "--emit-embeddings", "--runs", "1")
     ref = r["candidates"][0]
+    assert ref["ids"] == unpadded_ids(folder, SENTENCES[:3]), "each input alone, no padding"
     for ids, logits in zip(ref["ids"], ref["logits"]):
         with torch.no_grad():
             want = model(torch.tensor([ids])).logits[0].double().numpy()

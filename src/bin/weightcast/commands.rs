@@ -611,13 +611,31 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         println!(
             "speed is this machine's CPU ({} threads): f16/bf16 matmuls may run slower than f32 here \
              even though they halve memory; on GPUs they are usually faster",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            weightcast::eval::thread_count()
         );
     }
-    if rows.iter().any(|r| r.metrics.non_finite) {
-        eprintln!("weightcast: warning: a candidate produced NaN or inf outputs");
-    }
+    warn_non_finite(
+        rows.iter()
+            .filter(|r| r.metrics.non_finite)
+            .map(|r| (r.name.as_str(), r.compute)),
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Names, on stderr, each candidate whose outputs hold NaN or inf, with what it means.
+fn warn_non_finite<'a>(bad: impl Iterator<Item = (&'a str, DType)>) {
+    for (name, compute) in bad {
+        let why = if compute == DType::F32 {
+            "its weights hold NaN/inf or values f32 arithmetic cannot carry".to_string()
+        } else {
+            format!(
+                "activations overflow {} arithmetic (try bf16, which has f32's range; --compute \
+                 f32 shows the storage loss alone)",
+                compute.torch_name()
+            )
+        };
+        eprintln!("weightcast: warning: {name} produced NaN or inf outputs: {why}");
+    }
 }
 
 /// `eval` for causal LMs: per-token KL, top-1 agreement and perplexity against the f32 reference.
@@ -628,12 +646,34 @@ fn eval_lm(
     cat: &weightcast::Catalogue,
     inputs: &[String],
 ) -> Result<ExitCode> {
-    use weightcast::eval::{metrics, peak_rss, run_lm, weights};
+    use weightcast::eval::{metrics, peak_rss, run_lm, spill::RowSpill, weights};
     let f32_compute = e.compute == "f32";
+    let ids = model.token_ids(inputs)?;
+    let next = |s: usize, pos: usize| ids[s].get(pos + 1).copied();
+    // The reference's logits go to a temporary file, one row per position; each candidate is
+    // compared with them as its own rows come, so memory holds a row, not the input set.
+    let mut spill = RowSpill::new()?;
+    let mut ref_acc = metrics::LmAccumulator::default();
+    let mut emitted: Vec<Vec<Vec<Vec<f32>>>> = Vec::new();
+    let keep = |all: &mut Vec<Vec<Vec<Vec<f32>>>>, s: usize, row: &[f32]| {
+        if e.emit_embeddings {
+            if all.last().is_none_or(|c| c.len() <= s) {
+                all.last_mut()
+                    .expect("pushed before the run")
+                    .push(Vec::new());
+            }
+            all.last_mut().expect("pushed before the run")[s].push(row.to_vec());
+        }
+    };
     let ref_plan = Plan::new(cat, &RuleSet::default(), DType::F32);
     weightcast::eval::reset_peak_rss();
     let (w, ref_bytes) = weights(cat, Some(&ref_plan))?;
-    let reference = run_lm(model, w, DType::F32, inputs, e.runs)?;
+    emitted.push(Vec::new());
+    let reference = run_lm(model, w, DType::F32, &ids, e.runs, |s, pos, row| {
+        ref_acc.add(row, row, next(s, pos));
+        keep(&mut emitted, s, row);
+        spill.push(row)
+    })?;
     struct Row {
         name: String,
         bytes: u64,
@@ -646,7 +686,7 @@ fn eval_lm(
         name: "f32 (reference)".into(),
         bytes: ref_bytes,
         compute: DType::F32,
-        m: metrics::compare_lm(&reference.ids, &reference.logits, &reference.logits),
+        m: ref_acc.finish(),
         run: reference,
         rss: peak_rss(),
     }];
@@ -656,12 +696,21 @@ fn eval_lm(
         let (compute, _) = model.compute_dtype(stored, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
-        let run = run_lm(model, w, compute, inputs, e.runs)?;
+        let mut reader = spill.reader()?;
+        let mut ref_row = Vec::new();
+        let mut acc = metrics::LmAccumulator::default();
+        emitted.push(Vec::new());
+        let run = run_lm(model, w, compute, &ids, e.runs, |s, pos, row| {
+            reader.next_row(&mut ref_row)?;
+            acc.add(&ref_row, row, next(s, pos));
+            keep(&mut emitted, s, row);
+            Ok(())
+        })?;
         rows.push(Row {
             name,
             bytes,
             compute,
-            m: metrics::compare_lm(&rows[0].run.ids, &rows[0].run.logits, &run.logits),
+            m: acc.finish(),
             run,
             rss: peak_rss(),
         });
@@ -677,7 +726,7 @@ fn eval_lm(
     if e.json {
         let v = json!({
             "model": e.model, "inputs": inputs.len(), "compute": e.compute,
-            "candidates": rows.iter().map(|r| {
+            "candidates": rows.iter().enumerate().map(|(i, r)| {
                 let mut v = json!({
                     "name": r.name, "weight_bytes": r.bytes, "compute": r.compute.torch_name(),
                     "kl_mean": r.m.kl_mean, "kl_max": r.m.kl_max, "top1_agreement": r.m.top1_agreement,
@@ -686,8 +735,8 @@ fn eval_lm(
                     "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss, "passes": ok(r),
                 });
                 if e.emit_embeddings {
-                    v["logits"] = json!(r.run.logits);
-                    v["ids"] = json!(r.run.ids);
+                    v["logits"] = json!(emitted[i]);
+                    v["ids"] = json!(ids);
                 }
                 v
             }).collect::<Vec<_>>(),
@@ -742,7 +791,18 @@ fn eval_lm(
                 e.min_top1
             ),
         }
+        println!(
+            "speed is this machine's CPU ({} threads), one token at a time with the KV cache: \
+             f16/bf16 matmuls may run slower than f32 here even though they halve memory; on \
+             GPUs they are usually faster",
+            weightcast::eval::thread_count()
+        );
     }
+    warn_non_finite(
+        rows.iter()
+            .filter(|r| r.m.non_finite)
+            .map(|r| (r.name.as_str(), r.compute)),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
