@@ -212,19 +212,39 @@ impl EvalModel {
 }
 
 impl EvalModel {
-    /// The dtype a candidate whose weights are mostly `stored` computes in, and why when it is
-    /// not `stored`: `f32_compute` asks for f32; fp8 and f64 matmuls are not on this CPU path.
-    pub fn compute_dtype(&self, stored: DType, f32_compute: bool) -> (DType, Option<String>) {
+    /// The dtype a candidate with the floating dtypes `mix` (from [`float_mix`]) computes in,
+    /// and why when it is not the dtype most weights have: `f32_compute` asks for f32; fp8 and
+    /// f64 matmuls are not on this CPU path. A mixed candidate (norms kept in f32 by a rule)
+    /// computes wholly in its main dtype, as candle runs one dtype per model: the kept tensors
+    /// are rounded at load, and what keeping them buys shows with `--compute f32`.
+    pub fn compute_dtype(
+        &self,
+        mix: &[(DType, u64)],
+        f32_compute: bool,
+    ) -> (DType, Option<String>) {
         if f32_compute {
             return (DType::F32, None);
         }
-        match stored {
+        let main = mix.first().map_or(DType::F32, |m| m.0);
+        match main {
             DType::F8E4M3 | DType::F8E5M2 | DType::F64 => (
                 DType::F32,
                 Some(format!(
-                    "{stored} compute is not available on this CPU path: computed in f32"
+                    "{} compute is not available on this CPU path: computed in f32",
+                    main.torch_name()
                 )),
             ),
+            d if mix.len() > 1 => {
+                let others: Vec<&str> = mix[1..].iter().map(|m| m.0.torch_name()).collect();
+                (
+                    d,
+                    Some(format!(
+                        "its {} tensors computed in {}: --compute f32 shows what keeping them buys",
+                        others.join("/"),
+                        d.torch_name()
+                    )),
+                )
+            }
             d => (d, None),
         }
     }
@@ -245,19 +265,19 @@ impl EvalModel {
     }
 }
 
-/// The floating dtype holding most elements of a candidate: after `plan` when it is converted
+/// Elements per floating dtype of a candidate, most first: after `plan` when it is converted
 /// on the fly, as stored otherwise.
-pub fn stored_dtype(cat: &Catalogue, plan: Option<&Plan>) -> DType {
-    if let Some(p) = plan {
-        return p.dominant_float(cat).unwrap_or(DType::F32);
-    }
+pub fn float_mix(cat: &Catalogue, plan: Option<&Plan>) -> Vec<(DType, u64)> {
     let mut m = std::collections::BTreeMap::<DType, u64>::new();
-    for t in cat.tensors.iter().filter(|t| t.dtype.is_float()) {
-        *m.entry(t.dtype).or_default() += t.numel();
+    for (i, t) in cat.tensors.iter().enumerate() {
+        let d = plan.map_or(t.dtype, |p| p.tensors[i].to);
+        if d.is_float() {
+            *m.entry(d).or_default() += t.numel();
+        }
     }
-    m.into_iter()
-        .max_by_key(|(_, n)| *n)
-        .map_or(DType::F32, |(d, _)| d)
+    let mut v: Vec<_> = m.into_iter().collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.1));
+    v
 }
 
 fn candle_dtype(d: DType) -> Result<CDType> {
@@ -278,6 +298,9 @@ fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::Usage(format!("{what}: {e}"))
 }
 
+/// Elements cast at a time when loading weights.
+const CAST_CHUNK: usize = 1 << 20;
+
 /// The weights of `cat` as candle tensors, cast as `plan` says (or as stored without a plan);
 /// returns them with their total bytes.
 pub fn weights(cat: &Catalogue, plan: Option<&Plan>) -> Result<(HashMap<String, Tensor>, u64)> {
@@ -286,14 +309,22 @@ pub fn weights(cat: &Catalogue, plan: Option<&Plan>) -> Result<(HashMap<String, 
     let mut total = 0;
     for (i, t) in cat.tensors.iter().enumerate() {
         let to = plan.map_or(t.dtype, |p| p.tensors[i].to);
-        let mut raw = vec![0u8; t.nbytes as usize];
-        sources.read(t, 0, &mut raw)?;
         let bytes = if to != t.dtype {
-            let mut o = vec![0u8; (t.numel() as usize) * (to.bitsize() / 8)];
-            cast::cast_par(t.dtype, to, &raw, &mut o)
-                .map_err(|e| Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name)))?;
+            // Cast a chunk at a time, so that the source dtype's copy of a large tensor (an f32
+            // embedding matrix) is never held next to its cast.
+            let (from_w, to_w) = (t.dtype.bitsize() / 8, to.bitsize() / 8);
+            let mut o = vec![0u8; (t.numel() as usize) * to_w];
+            let mut raw = Vec::new();
+            for (k, out) in o.chunks_mut(CAST_CHUNK * to_w).enumerate() {
+                raw.resize(out.len() / to_w * from_w, 0);
+                sources.read(t, (k * CAST_CHUNK * from_w) as u64, &mut raw)?;
+                cast::cast_par(t.dtype, to, &raw, out)
+                    .map_err(|e| Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name)))?;
+            }
             o
         } else {
+            let mut raw = vec![0u8; t.nbytes as usize];
+            sources.read(t, 0, &mut raw)?;
             raw
         };
         total += bytes.len() as u64;
@@ -427,6 +458,15 @@ pub fn thread_count() -> usize {
 /// Resets the peak-resident-memory mark (Linux: `5` into `/proc/self/clear_refs`), so that
 /// [`peak_rss`] afterwards measures one candidate; false where the kernel does not allow it.
 pub fn reset_peak_rss() -> bool {
+    // Memory the previous candidate freed stays in the allocator's heap (glibc raises its mmap
+    // threshold after large frees), and so in the resident set the mark starts from: hand it
+    // back first, or every candidate would be charged for the one before it.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it takes no pointer and
+    // touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

@@ -193,6 +193,28 @@ def test_llama_logits_match_transformers(minilm, tmp_path):
     assert r["candidates"][2]["passes"] and r["recommendation"] == str(half)
 
 
+def test_lm_memory_is_bounded_by_a_row(minilm, tmp_path):
+    """The reference's logits are spilled to disk and candidates compared a position at a time:
+    200 inputs x ~15 positions x 30522 f32 logits would be 350+ MB held in memory."""
+    folder = tmp_path / "llama"
+    tiny_llama(folder, minilm)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SENTENCES * 40) + "\n")
+    r = eval_json(folder, "--dtypes", "f16", "--inputs", inputs, "--runs", "1")
+    for c in r["candidates"]:
+        assert c["peak_rss_bytes"] < 150e6, c
+    assert r["candidates"][1]["kl_mean"] < 1e-4
+
+
+def test_mixed_candidate_says_how_it_computes(minilm, tmp_path):
+    r = eval_json(minilm, "--dtypes", "f16", "--preset", "keep-norms", "--runs", "1")
+    c = r["candidates"][1]
+    assert c["compute"] == "float16" and "float32 tensors computed in float16" in c["note"]
+    r = eval_json(minilm, "--dtypes", "f16", "--preset", "keep-norms", "--compute", "f32",
+                  "--runs", "1")
+    assert r["candidates"][1]["compute"] == "float32" and r["candidates"][1]["note"] is None
+
+
 def test_qwen2_logits_match_transformers(minilm, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

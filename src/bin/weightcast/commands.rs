@@ -508,8 +508,8 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     }];
     let candidates = eval_candidates(&e, &rules, &cat)?;
     for (name, c, plan) in candidates {
-        let stored = weightcast::eval::stored_dtype(&c, plan.as_ref());
-        let (compute, note) = model.compute_dtype(stored, f32_compute);
+        let mix = weightcast::eval::float_mix(&c, plan.as_ref());
+        let (compute, note) = model.compute_dtype(&mix, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)?;
@@ -562,8 +562,9 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
             e.compute,
             e.runs
         );
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(24);
         println!(
-            "{:<28} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9} {:>9}  verdict",
+            "{:<w$} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9} {:>9}  verdict",
             "candidate",
             "weights",
             "compute",
@@ -584,7 +585,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
                 format!("below {}", e.min_cosine)
             };
             println!(
-                "{:<28} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0} {:>9}  {verdict}{}",
+                "{:<w$} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0} {:>9}  {verdict}{}",
                 r.name,
                 report::bytes(r.weight_bytes),
                 r.compute.torch_name(),
@@ -681,6 +682,7 @@ fn eval_lm(
         m: metrics::LmMetrics,
         run: weightcast::eval::LmRun,
         rss: Option<u64>,
+        note: Option<String>,
     }
     let mut rows = vec![Row {
         name: "f32 (reference)".into(),
@@ -689,11 +691,12 @@ fn eval_lm(
         m: ref_acc.finish(),
         run: reference,
         rss: peak_rss(),
+        note: None,
     }];
     let todo = eval_candidates(e, rules, cat)?;
     for (name, c, plan) in todo {
-        let stored = weightcast::eval::stored_dtype(&c, plan.as_ref());
-        let (compute, _) = model.compute_dtype(stored, f32_compute);
+        let mix = weightcast::eval::float_mix(&c, plan.as_ref());
+        let (compute, note) = model.compute_dtype(&mix, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref())?;
         let mut reader = spill.reader()?;
@@ -713,6 +716,7 @@ fn eval_lm(
             m: acc.finish(),
             run,
             rss: peak_rss(),
+            note,
         });
     }
     let ref_ppl = rows[0].m.perplexity;
@@ -733,6 +737,7 @@ fn eval_lm(
                     "perplexity": r.m.perplexity, "perplexity_ratio": r.m.perplexity / ref_ppl,
                     "non_finite": r.m.non_finite, "median_token_seconds": r.run.median_token_s,
                     "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss, "passes": ok(r),
+                    "note": r.note,
                 });
                 if e.emit_embeddings {
                     v["logits"] = json!(emitted[i]);
@@ -750,8 +755,9 @@ fn eval_lm(
             inputs.len(),
             e.compute
         );
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(24);
         println!(
-            "{:<24} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8} {:>9}  verdict",
+            "{:<w$} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8} {:>9}  verdict",
             "candidate",
             "weights",
             "compute",
@@ -766,7 +772,7 @@ fn eval_lm(
         );
         for r in &rows {
             println!(
-                "{:<24} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0} {:>9}  {}",
+                "{:<w$} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0} {:>9}  {}{}",
                 r.name,
                 report::bytes(r.bytes),
                 r.compute.torch_name(),
@@ -778,7 +784,8 @@ fn eval_lm(
                 1000.0 * r.run.median_token_s,
                 r.run.tokens_per_s,
                 r.rss.map(report::bytes).unwrap_or_else(|| "?".into()),
-                if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" }
+                if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" },
+                r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
             );
         }
         match &best {
