@@ -301,35 +301,56 @@ fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
 /// Elements cast at a time when loading weights.
 const CAST_CHUNK: usize = 1 << 20;
 
-/// The weights of `cat` as candle tensors, cast as `plan` says (or as stored without a plan);
-/// returns them with their total bytes.
-pub fn weights(cat: &Catalogue, plan: Option<&Plan>) -> Result<(HashMap<String, Tensor>, u64)> {
+/// The weights of `cat` as candle tensors, cast as `plan` says (or as stored without a plan),
+/// with the floating ones then widened to `compute` where it differs (exact: the rounding a
+/// candidate's storage dtype does stays); returns them with their stored bytes. Everything is
+/// done a chunk at a time with weightcast's kernels, so a tensor is never held in two dtypes
+/// at once.
+pub fn weights(
+    cat: &Catalogue,
+    plan: Option<&Plan>,
+    compute: DType,
+) -> Result<(HashMap<String, Tensor>, u64)> {
     let sources = Sources::open(cat)?;
     let mut out = HashMap::new();
     let mut total = 0;
+    let fail = |t: &crate::catalogue::TensorEntry, e: cast::CastError| {
+        Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name))
+    };
     for (i, t) in cat.tensors.iter().enumerate() {
         let to = plan.map_or(t.dtype, |p| p.tensors[i].to);
-        let bytes = if to != t.dtype {
-            // Cast a chunk at a time, so that the source dtype's copy of a large tensor (an f32
-            // embedding matrix) is never held next to its cast.
-            let (from_w, to_w) = (t.dtype.bitsize() / 8, to.bitsize() / 8);
-            let mut o = vec![0u8; (t.numel() as usize) * to_w];
-            let mut raw = Vec::new();
-            for (k, out) in o.chunks_mut(CAST_CHUNK * to_w).enumerate() {
-                raw.resize(out.len() / to_w * from_w, 0);
-                sources.read(t, (k * CAST_CHUNK * from_w) as u64, &mut raw)?;
-                cast::cast_par(t.dtype, to, &raw, out)
-                    .map_err(|e| Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name)))?;
-            }
-            o
-        } else {
+        let load = if to.is_float() { compute } else { to };
+        let n = t.numel() as usize;
+        total += (n * to.bitsize() / 8) as u64;
+        let bytes = if to == t.dtype && load == to {
             let mut raw = vec![0u8; t.nbytes as usize];
             sources.read(t, 0, &mut raw)?;
             raw
+        } else {
+            let (from_w, to_w, load_w) =
+                (t.dtype.bitsize() / 8, to.bitsize() / 8, load.bitsize() / 8);
+            let mut o = vec![0u8; n * load_w];
+            let (mut raw, mut mid) = (Vec::new(), Vec::new());
+            for (k, dst) in o.chunks_mut(CAST_CHUNK * load_w).enumerate() {
+                let count = dst.len() / load_w;
+                raw.resize(count * from_w, 0);
+                sources.read(t, (k * CAST_CHUNK * from_w) as u64, &mut raw)?;
+                match (to == t.dtype, load == to) {
+                    (true, _) => cast::cast_par(to, load, &raw, dst).map_err(|e| fail(t, e))?,
+                    (false, true) => {
+                        cast::cast_par(t.dtype, to, &raw, dst).map_err(|e| fail(t, e))?
+                    }
+                    (false, false) => {
+                        mid.resize(count * to_w, 0);
+                        cast::cast_par(t.dtype, to, &raw, &mut mid).map_err(|e| fail(t, e))?;
+                        cast::cast_par(to, load, &mid, dst).map_err(|e| fail(t, e))?;
+                    }
+                }
+            }
+            o
         };
-        total += bytes.len() as u64;
         let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-        let tensor = Tensor::from_raw_buffer(&bytes, candle_dtype(to)?, &shape, &Device::Cpu)
+        let tensor = Tensor::from_raw_buffer(&bytes, candle_dtype(load)?, &shape, &Device::Cpu)
             .map_err(ce(&t.name))?;
         out.insert(t.name.clone(), tensor);
     }

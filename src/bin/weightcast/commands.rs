@@ -495,7 +495,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     // The reference: the model as its authors run it, in f32.
     let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
     weightcast::eval::reset_peak_rss();
-    let (w, ref_bytes) = weights(&cat, Some(&ref_plan))?;
+    let (w, ref_bytes) = weights(&cat, Some(&ref_plan), DType::F32)?;
     let reference = embed(&model, w, DType::F32, &inputs, e.batch, e.runs)?;
     let mut rows = vec![EvalRow {
         name: "f32 (reference)".into(),
@@ -511,7 +511,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         let mix = weightcast::eval::float_mix(&c, plan.as_ref());
         let (compute, note) = model.compute_dtype(&mix, f32_compute);
         weightcast::eval::reset_peak_rss();
-        let (w, bytes) = weights(&c, plan.as_ref())?;
+        let (w, bytes) = weights(&c, plan.as_ref(), compute)?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)?;
         rows.push(EvalRow {
             name,
@@ -668,7 +668,7 @@ fn eval_lm(
     };
     let ref_plan = Plan::new(cat, &RuleSet::default(), DType::F32);
     weightcast::eval::reset_peak_rss();
-    let (w, ref_bytes) = weights(cat, Some(&ref_plan))?;
+    let (w, ref_bytes) = weights(cat, Some(&ref_plan), DType::F32)?;
     emitted.push(Vec::new());
     let reference = run_lm(model, w, DType::F32, &ids, e.runs, |s, pos, row| {
         ref_acc.add(row, row, next(s, pos));
@@ -698,7 +698,7 @@ fn eval_lm(
         let mix = weightcast::eval::float_mix(&c, plan.as_ref());
         let (compute, note) = model.compute_dtype(&mix, f32_compute);
         weightcast::eval::reset_peak_rss();
-        let (w, bytes) = weights(&c, plan.as_ref())?;
+        let (w, bytes) = weights(&c, plan.as_ref(), compute)?;
         let mut reader = spill.reader()?;
         let mut ref_row = Vec::new();
         let mut acc = metrics::LmAccumulator::default();
