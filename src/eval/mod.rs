@@ -294,8 +294,62 @@ fn candle_dtype(d: DType) -> Result<CDType> {
     })
 }
 
+/// candle's error as one line: with RUST_BACKTRACE set, candle appends a backtrace to its
+/// message.
 fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
-    move |e| Error::Usage(format!("{what}: {e}"))
+    move |e| {
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
+        let msg = e.to_string();
+        Error::Usage(format!(
+            "{what}: {}",
+            msg.lines().next().unwrap_or_default()
+        ))
+    }
+}
+
+/// Checks that a candidate holds the model's tensors as the model does: the same shape, and
+/// floating where the model's are floating (integer tensors the same dtype). Tensors the
+/// candidate lacks are left to the loader, which knows which ones the architecture needs.
+pub fn check_candidate(model: &Catalogue, candidate: &Catalogue) -> Result<()> {
+    let by_name: HashMap<&str, &crate::catalogue::TensorEntry> = candidate
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    for m in &model.tensors {
+        let Some(c) = by_name.get(m.name.as_str()) else {
+            continue;
+        };
+        if c.shape != m.shape {
+            return Err(Error::invalid(
+                &candidate.path,
+                format!(
+                    "tensor `{}` has shape {:?} where the model has {:?}",
+                    m.name, c.shape, m.shape
+                ),
+            ));
+        }
+        let same_kind = if m.dtype.is_float() {
+            c.dtype.is_float()
+        } else {
+            c.dtype == m.dtype
+        };
+        if !same_kind {
+            return Err(Error::invalid(
+                &candidate.path,
+                format!(
+                    "tensor `{}` is {} where the model has {}",
+                    m.name,
+                    c.dtype.torch_name(),
+                    m.dtype.torch_name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Elements cast at a time when loading weights.
@@ -539,10 +593,7 @@ pub fn run_lm(
         ] {
             let name = format!("model.layers.{i}.{w}.weight");
             if !vb.contains_tensor(&name) {
-                return Err(Error::invalid(
-                    &model.dir,
-                    format!("tensor `{name}` is missing"),
-                ));
+                return Err(Error::usage(format!("tensor `{name}` is missing")));
             }
         }
     }

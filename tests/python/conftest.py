@@ -10,9 +10,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("WEIGHTCAST_BIN", str(ROOT / "target" / "release" / "weightcast"))
 
 
-def run(*args, check=True):
+def run(*args, check=True, env=None):
     """Runs weightcast; returns the CompletedProcess (text). `check` asserts exit 0."""
-    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=600,
+                       env=env)
     if check:
         assert p.returncode == 0, f"weightcast {args} exited {p.returncode}:\n{p.stderr}"
     return p

@@ -126,6 +126,33 @@ def test_activation_overflow_shows_in_f16_compute(minilm, tmp_path):
     assert r["candidates"][1]["compute"] == "float32" and r["candidates"][1]["passes"]
 
 
+def test_bad_candidates_get_one_line_errors(minilm, tmp_path):
+    """A candidate that is not the model (missing tensor, other shape, integer where the model
+    is floating, another architecture) fails before any run, with one line naming the file and
+    the tensor, exit 1; RUST_BACKTRACE (candle appends a backtrace to its errors) changes nothing."""
+    import os
+
+    sd = load_file(minilm / "model.safetensors")
+    key = "encoder.layer.3.output.dense.weight"
+    cases = {
+        "missing": {k: v for k, v in sd.items() if k != key},
+        "shape": {**sd, key: sd[key][:10].contiguous()},
+        "int": {**sd, key: sd[key].to(torch.int32)},
+    }
+    want = {"missing": "cannot find tensor " + key, "shape": "has shape [10, 1536]",
+            "int": "is int32 where the model has float32"}
+    env = {**os.environ, "RUST_BACKTRACE": "1"}
+    for name, tensors in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path)
+        p = run("eval", minilm, "--dtypes", "", "--candidate", path, "--runs", "1",
+                check=False, env=env)
+        assert p.returncode == 1, (name, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0] and want[name] in lines[0], p.stderr
+        assert p.stdout == ""
+
+
 def test_unsupported_model_type(tmp_path, minilm):
     folder = tmp_path / "llama"
     shutil.copytree(minilm, folder)

@@ -492,6 +492,8 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     if !matches!(model.arch, weightcast::eval::Arch::Bert(_)) {
         return eval_lm(&e, &rules, &model, &cat, &inputs);
     }
+    // Candidates are opened and checked first, so that a bad one fails before any run.
+    let candidates = eval_candidates(&e, &rules, &cat)?;
     // The reference: the model as its authors run it, in f32.
     let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
     weightcast::eval::reset_peak_rss();
@@ -506,13 +508,13 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         run: reference,
         note: None,
     }];
-    let candidates = eval_candidates(&e, &rules, &cat)?;
     for (name, c, plan) in candidates {
         let mix = weightcast::eval::float_mix(&c, plan.as_ref());
         let (compute, note) = model.compute_dtype(&mix, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref(), compute)?;
-        let run = embed(&model, w, compute, &inputs, e.batch, e.runs)?;
+        let run = embed(&model, w, compute, &inputs, e.batch, e.runs)
+            .map_err(|err| in_candidate(&c.path, err))?;
         rows.push(EvalRow {
             name,
             weight_bytes: bytes,
@@ -649,6 +651,7 @@ fn eval_lm(
 ) -> Result<ExitCode> {
     use weightcast::eval::{metrics, peak_rss, run_lm, spill::RowSpill, weights};
     let f32_compute = e.compute == "f32";
+    let todo = eval_candidates(e, rules, cat)?;
     let ids = model.token_ids(inputs)?;
     let next = |s: usize, pos: usize| ids[s].get(pos + 1).copied();
     // The reference's logits go to a temporary file, one row per position; each candidate is
@@ -693,7 +696,6 @@ fn eval_lm(
         rss: peak_rss(),
         note: None,
     }];
-    let todo = eval_candidates(e, rules, cat)?;
     for (name, c, plan) in todo {
         let mix = weightcast::eval::float_mix(&c, plan.as_ref());
         let (compute, note) = model.compute_dtype(&mix, f32_compute);
@@ -708,7 +710,8 @@ fn eval_lm(
             acc.add(&ref_row, row, next(s, pos));
             keep(&mut emitted, s, row);
             Ok(())
-        })?;
+        })
+        .map_err(|err| in_candidate(&c.path, err))?;
         rows.push(Row {
             name,
             bytes,
@@ -833,7 +836,18 @@ fn eval_candidates(
         out.push((label, cat.clone(), Some(Plan::new(cat, rules, d))));
     }
     for p in &e.candidate {
-        out.push((p.display().to_string(), open(p, None)?, None));
+        let c = open(p, None)?;
+        weightcast::eval::check_candidate(cat, &c)?;
+        out.push((p.display().to_string(), c, None));
     }
     Ok(out)
+}
+
+/// An error while loading or running a candidate, named by the candidate's file: what is wrong
+/// is in its weights (a missing tensor, a shape the architecture does not take), not in usage.
+fn in_candidate(path: &std::path::Path, e: weightcast::Error) -> weightcast::Error {
+    match e {
+        weightcast::Error::Usage(m) => weightcast::Error::invalid(path, m),
+        other => other,
+    }
 }
