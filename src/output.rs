@@ -172,6 +172,14 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
         }
     };
 
+    // Within a file, wider elements first (stable, so a single-dtype file keeps the input's
+    // order): the data starts 8-byte aligned, so every tensor then starts at a multiple of its
+    // element size, as the reference crate's `serialize` arranges. In input order, an f64
+    // tensor cast to bf16 (18 bytes) would leave the int32 tensor after it misaligned.
+    let mut groups = groups;
+    for g in &mut groups {
+        g.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].to.bitsize()));
+    }
     let n = groups.len();
     // Without a shard size, a sharded input keeps its file names.
     let keep_input_names = max_shard.is_none()
