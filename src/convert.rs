@@ -206,10 +206,16 @@ pub fn convert(
                 .and_then(|s| s.to_str())
                 .unwrap_or("archive");
             let pt = if cat.kind.is_torch() {
+                let planned: std::collections::HashMap<String, crate::dtype::DType> = plan
+                    .tensors
+                    .iter()
+                    .map(|p| (cat.tensors[p.tensor].name.clone(), p.to))
+                    .collect();
                 crate::formats::torch_write::write_pt(
                     &cat.path,
                     &plan.rules,
                     plan.target,
+                    &planned,
                     opts.range(),
                     &opts.pt_export,
                     tmp.as_file(),

@@ -240,12 +240,15 @@ pub struct PtExport {
 }
 
 /// Writes the converted checkpoint of `path` into `dst`; `archive_name` is the record prefix
-/// torch uses (the output file's stem).
+/// torch uses (the output file's stem). A tensor named in `planned` gets that dtype (the
+/// per-tensor plan, after `--auto` or the range checks changed it); any other floating tensor
+/// is decided by `rules` with `target` as the default.
 #[allow(clippy::too_many_arguments)]
 pub fn write_pt(
     path: &Path,
     rules: &RuleSet,
     target: DType,
+    planned: &HashMap<String, DType>,
     range: Range,
     export: &PtExport,
     dst: &File,
@@ -305,14 +308,16 @@ pub fn write_pt(
     // Decide per storage.
     let mut want: BTreeMap<String, Vec<(DType, DType, String)>> = BTreeMap::new(); // key -> (from, to, name)
     for c in &cores {
-        let to = if c.dtype.is_castable() {
+        let to = if !c.dtype.is_castable() {
+            c.dtype
+        } else if let Some(&d) = planned.get(&c.name) {
+            d
+        } else {
             match rules.decide(&c.name, &c.shape).0 {
                 Action::Keep => c.dtype,
                 Action::Default => target,
                 Action::To(d) => d,
             }
-        } else {
-            c.dtype
         };
         want.entry(c.key.clone())
             .or_default()

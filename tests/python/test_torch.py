@@ -275,6 +275,56 @@ def test_pt_refuses_dangerous_and_overflow(tmp_path):
     assert torch.load(out)["w"].tolist() == [1.0, 65504.0]
 
 
+def test_pt_to_pt_per_tensor_plans(tmp_path):
+    """--on-overflow keep, --max-underflow and --auto decide per tensor for .pt outputs too: a
+    training checkpoint keeps its structure, every tensor equals torch's own .to() of the dtype
+    the plan chose, and a storage shared by tensors with different decisions is kept whole."""
+    g = torch.Generator().manual_seed(0)
+    model = {
+        "hot.weight": torch.tensor([1.0, 1e6, -3.0]),
+        "tiny.weight": torch.full((4,), 1e-9),
+        "plain.weight": torch.randn(16, 16, generator=g),
+        "bias": torch.randn(16, generator=g) * 1e-3,
+    }
+    base = torch.randn(8, generator=g)
+    model["view.a"], model["view.b"] = base[:4], base[4:]
+    ckpt = {"model": model, "epoch": 7, "optimizer": {"state": {0: {"exp_avg": torch.randn(3)}}}}
+    src = tmp_path / "ckpt.pt"
+    torch.save(ckpt, src)
+    out = tmp_path / "out.pt"
+
+    p = run("convert", src, "-o", out, "--to", "f16", "--on-overflow", "keep")
+    assert "1 tensor(s) kept in their dtype" in p.stderr
+    got = torch.load(out, weights_only=True)
+    assert got["epoch"] == 7
+    m = got["model"]
+    assert m["hot.weight"].dtype == torch.float32 and torch.equal(m["hot.weight"], model["hot.weight"])
+    assert torch.equal(m["plain.weight"], model["plain.weight"].half())
+    assert m["view.a"].untyped_storage().data_ptr() == m["view.b"].untyped_storage().data_ptr()
+
+    run("convert", src, "-o", out, "--to", "f16", "--max-underflow", "0.5", "--on-overflow", "keep",
+        "--force")
+    m = torch.load(out, weights_only=True)["model"]
+    assert m["tiny.weight"].dtype == torch.float32, "1e-9 flushes to zero in f16: kept"
+    assert m["plain.weight"].dtype == torch.float16
+
+    p = run("convert", src, "-o", out, "--auto", "30", "--to", "f8e4m3,bf16,f16",
+            "--on-overflow", "keep", "--force", "--dry-run", "--json")
+    chosen = {t["name"]: t["to"] for t in json.loads(p.stdout)["tensors"]}
+    run("convert", src, "-o", out, "--auto", "30", "--to", "f8e4m3,bf16,f16",
+        "--on-overflow", "keep", "--force")
+    got = torch.load(out, weights_only=True)
+    names = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
+             "F32": torch.float32}
+    for k, v in got["model"].items():
+        want = chosen[f"model.{k}"]
+        if k.startswith("view."):
+            continue  # one storage: cast once if both views agree, kept whole otherwise
+        assert v.dtype == names[want], (k, want)
+        assert torch.equal(v.view(torch.uint8), model[k].to(v.dtype).view(torch.uint8)), k
+    assert len({v.dtype for v in got["model"].values()}) > 1, "the plan mixes dtypes"
+
+
 def test_legacy_is_told_by_content(tmp_path):
     renamed = tmp_path / "weights.bin"
     renamed.write_bytes((FIX / "legacy.pt").read_bytes())

@@ -307,15 +307,6 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         None
     });
     let mut cat = open(&c.input, key)?;
-    if pt_out
-        && cat.kind.is_torch()
-        && (c.auto.is_some() || c.max_underflow.is_some() || on_overflow == OnOverflow::Keep)
-    {
-        return Err(Error::usage(
-            "--auto, --max-underflow and --on-overflow keep are not supported for PyTorch to .pt conversions yet",
-        )
-        .into());
-    }
     if let Some(p) = &c.strip_prefix {
         let n = cat.strip_prefix(p)?;
         if n == 0 {
