@@ -122,6 +122,8 @@ pub struct Summary {
     pub overflowed: Vec<(String, u64)>,
     /// Wall time.
     pub elapsed: Duration,
+    /// The files written and the tensors each holds.
+    pub layout: Layout,
 }
 
 /// Resolves the output of converting `cat` with `plan` to `out`: the target and its files.
@@ -161,6 +163,7 @@ pub fn convert(
         warnings: vec![],
         overflowed: vec![],
         elapsed: Duration::ZERO,
+        layout: layout.clone(),
     };
     let mut overflow: Vec<(usize, u64)> = Vec::new();
     let job = Job {

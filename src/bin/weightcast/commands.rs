@@ -416,11 +416,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let secs = summary.elapsed.as_secs_f64();
     let rate = summary.bytes_in as f64 / secs.max(1e-9);
     if c.json {
-        let mut v = report::plan_json(
-            &cat,
-            &plan,
-            &convert::prepare(&cat, &plan, &c.output, &opts)?.1,
-        );
+        let mut v = report::plan_json(&cat, &plan, &summary.layout);
         v["dry_run"] = json!(false);
         v["output"] = json!(c.output);
         v["written"] = json!(summary.files);
