@@ -149,6 +149,7 @@ impl EvalModel {
                 )))
             }
         };
+        check_config(&arch).map_err(|what| Error::invalid(&cfg_path, what))?;
         let max_positions = match &arch {
             Arch::Bert(c) => c.max_position_embeddings,
             Arch::Llama(c) => c.max_position_embeddings,
@@ -263,6 +264,72 @@ impl EvalModel {
             })
             .collect()
     }
+}
+
+/// The sizes candle divides by or allocates from, checked before candle sees them: a zero head
+/// count panics in its loaders, a kv-head count that does not divide the heads panics in
+/// Llama's (it unwraps each layer).
+fn check_config(arch: &Arch) -> std::result::Result<(), String> {
+    let (hidden, heads, kv) = match arch {
+        Arch::Bert(c) => (c.hidden_size, c.num_attention_heads, c.num_attention_heads),
+        Arch::Llama(c) => (c.hidden_size, c.num_attention_heads, c.num_key_value_heads),
+        Arch::Qwen2(c) => (c.hidden_size, c.num_attention_heads, c.num_key_value_heads),
+    };
+    if hidden == 0 || heads == 0 || kv == 0 {
+        return Err(format!(
+            "hidden_size {hidden}, num_attention_heads {heads}, num_key_value_heads {kv}: none \
+             may be 0"
+        ));
+    }
+    if hidden % heads != 0 || heads % kv != 0 {
+        return Err(format!(
+            "hidden_size {hidden} must be a multiple of num_attention_heads {heads}, and that of \
+             num_key_value_heads {kv}"
+        ));
+    }
+    let theta = match arch {
+        Arch::Bert(_) => 1.0,
+        Arch::Llama(c) => c.rope_theta as f64,
+        Arch::Qwen2(c) => c.rope_theta,
+    };
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(format!("rope_theta {theta} must be a positive number"));
+    }
+    Ok(())
+}
+
+/// The shape config.json gives each weight of a Llama-family layer.
+fn layer_shapes(arch: &Arch, i: usize) -> Vec<(String, Vec<usize>)> {
+    let (h, heads, kv, inter) = match arch {
+        Arch::Llama(c) => (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+        ),
+        Arch::Qwen2(c) => (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+        ),
+        Arch::Bert(_) => return vec![],
+    };
+    let hd = h / heads.max(1);
+    [
+        ("self_attn.q_proj.weight", vec![heads * hd, h]),
+        ("self_attn.k_proj.weight", vec![kv * hd, h]),
+        ("self_attn.v_proj.weight", vec![kv * hd, h]),
+        ("self_attn.o_proj.weight", vec![h, heads * hd]),
+        ("mlp.gate_proj.weight", vec![inter, h]),
+        ("mlp.up_proj.weight", vec![inter, h]),
+        ("mlp.down_proj.weight", vec![h, inter]),
+        ("input_layernorm.weight", vec![h]),
+        ("post_attention_layernorm.weight", vec![h]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (format!("model.layers.{i}.{n}"), s))
+    .collect()
 }
 
 /// Elements per floating dtype of a candidate, most first: after `plan` when it is converted
@@ -574,40 +641,48 @@ pub fn run_lm(
     mut sink: impl FnMut(usize, usize, &[f32]) -> Result<()>,
 ) -> Result<LmRun> {
     let cd = candle_dtype(compute)?;
-    let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
     let layers = match &model.arch {
         Arch::Llama(c) => c.num_hidden_layers,
         Arch::Qwen2(c) => c.num_hidden_layers,
         Arch::Bert(_) => return Err(Error::usage("run_lm needs a causal LM")),
     };
-    // candle's loaders unwrap missing layer weights: check them first for a clean error.
+    // candle's Llama loader unwraps every layer: check what it will ask for first, for an
+    // error instead of a panic.
     for i in 0..layers {
-        for w in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            let name = format!("model.layers.{i}.{w}.weight");
-            if !vb.contains_tensor(&name) {
-                return Err(Error::usage(format!("tensor `{name}` is missing")));
+        for (name, want) in layer_shapes(&model.arch, i) {
+            match weights.get(&name).map(|t| t.dims().to_vec()) {
+                None => return Err(Error::usage(format!("tensor `{name}` is missing"))),
+                Some(got) if got != want => {
+                    return Err(Error::usage(format!(
+                        "tensor `{name}` has shape {got:?} where config.json gives {want:?}"
+                    )))
+                }
+                Some(_) => {}
             }
         }
     }
+    let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
+    // The rotary tables are built for max_position_embeddings positions (a config value, up to
+    // 131072 and more): only the positions the inputs reach are needed, and each position's
+    // row does not depend on the table's length.
+    let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
     enum Lm {
         Llama(llama::Llama, llama::Config),
         Qwen2(qwen2::ModelForCausalLM),
     }
     let mut lm = match &model.arch {
-        Arch::Llama(c) => Lm::Llama(
-            llama::Llama::load(vb, c).map_err(ce("loading the model"))?,
-            c.clone(),
-        ),
+        Arch::Llama(c) => {
+            let mut c = c.clone();
+            c.max_position_embeddings = c.max_position_embeddings.min(longest);
+            Lm::Llama(
+                llama::Llama::load(vb, &c).map_err(ce("loading the model"))?,
+                c,
+            )
+        }
         Arch::Qwen2(c) => {
-            Lm::Qwen2(qwen2::ModelForCausalLM::new(c, vb).map_err(ce("loading the model"))?)
+            let mut c = c.clone();
+            c.max_position_embeddings = c.max_position_embeddings.min(longest);
+            Lm::Qwen2(qwen2::ModelForCausalLM::new(&c, vb).map_err(ce("loading the model"))?)
         }
         Arch::Bert(_) => unreachable!("checked above"),
     };

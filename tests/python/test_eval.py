@@ -242,6 +242,39 @@ def test_mixed_candidate_says_how_it_computes(minilm, tmp_path):
     assert r["candidates"][1]["compute"] == "float32" and r["candidates"][1]["note"] is None
 
 
+def test_bad_configs_get_errors_not_panics(minilm, tmp_path):
+    """config.json values candle divides by, unwraps on or allocates from are checked first:
+    one line naming the file, exit 1, never a panic (exit 101) or a table sized by the config."""
+    llama = tmp_path / "llama"
+    tiny_llama(llama, minilm)
+    cases = [
+        (minilm, {"num_attention_heads": 0}, "none may be 0"),
+        (llama, {"num_attention_heads": 0}, "none may be 0"),
+        (llama, {"num_key_value_heads": 3}, "must be a multiple of"),
+        (llama, {"rope_theta": -1}, "rope_theta -1"),
+        (llama, {"intermediate_size": 100}, "gate_proj.weight` has shape [128, 64] where config.json gives [100, 64]"),
+        (llama, {"rms_norm_eps": -1}, "the f32 reference gives NaN or inf"),
+    ]
+    for i, (src, change, want) in enumerate(cases):
+        folder = tmp_path / f"case{i}"
+        shutil.copytree(src, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(change)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        p = run("eval", folder, "--dtypes", "f16", "--runs", "1", check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and want in lines[0], (change, p.stderr)
+        assert str(folder) in lines[0], p.stderr
+    # A huge max_position_embeddings: rotary tables only as long as the inputs need.
+    folder = tmp_path / "long"
+    shutil.copytree(llama, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["max_position_embeddings"] = 10**11
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = eval_json(folder, "--dtypes", "f16", "--runs", "1")
+    assert all(c["peak_rss_bytes"] < 150e6 for c in r["candidates"]), r["candidates"]
+
+
 def test_qwen2_logits_match_transformers(minilm, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

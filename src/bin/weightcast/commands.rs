@@ -485,7 +485,8 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
     weightcast::eval::reset_peak_rss();
     let (w, ref_bytes) = weights(&cat, Some(&ref_plan), DType::F32)?;
-    let reference = embed(&model, w, DType::F32, &inputs, e.batch, e.runs)?;
+    let reference = embed(&model, w, DType::F32, &inputs, e.batch, e.runs)
+        .map_err(|err| in_weights(&e.model, err))?;
     let mut rows = vec![EvalRow {
         name: "f32 (reference)".into(),
         weight_bytes: ref_bytes,
@@ -495,13 +496,16 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         run: reference,
         note: None,
     }];
+    if rows[0].metrics.non_finite {
+        return Err(broken_reference(&e.model).into());
+    }
     for (name, c, plan) in candidates {
         let mix = weightcast::eval::float_mix(&c, plan.as_ref());
         let (compute, note) = model.compute_dtype(&mix, f32_compute);
         weightcast::eval::reset_peak_rss();
         let (w, bytes) = weights(&c, plan.as_ref(), compute)?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)
-            .map_err(|err| in_candidate(&c.path, err))?;
+            .map_err(|err| in_weights(&c.path, err))?;
         rows.push(EvalRow {
             name,
             weight_bytes: bytes,
@@ -612,6 +616,15 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The error when the f32 reference itself gives NaN or inf: nothing can be compared with it.
+fn broken_reference(model: &std::path::Path) -> weightcast::Error {
+    weightcast::Error::invalid(
+        model,
+        "the f32 reference gives NaN or inf outputs: its weights or config.json are broken, so \
+         there is nothing to compare candidates with",
+    )
+}
+
 /// Names, on stderr, each candidate whose outputs hold NaN or inf, with what it means.
 fn warn_non_finite<'a>(bad: impl Iterator<Item = (&'a str, DType)>) {
     for (name, compute) in bad {
@@ -664,7 +677,8 @@ fn eval_lm(
         ref_acc.add(row, row, next(s, pos));
         keep(&mut emitted, s, row);
         spill.push(row)
-    })?;
+    })
+    .map_err(|err| in_weights(&e.model, err))?;
     struct Row {
         name: String,
         bytes: u64,
@@ -683,6 +697,9 @@ fn eval_lm(
         rss: peak_rss(),
         note: None,
     }];
+    if rows[0].m.non_finite {
+        return Err(broken_reference(&e.model).into());
+    }
     for (name, c, plan) in todo {
         let mix = weightcast::eval::float_mix(&c, plan.as_ref());
         let (compute, note) = model.compute_dtype(&mix, f32_compute);
@@ -698,7 +715,7 @@ fn eval_lm(
             keep(&mut emitted, s, row);
             Ok(())
         })
-        .map_err(|err| in_candidate(&c.path, err))?;
+        .map_err(|err| in_weights(&c.path, err))?;
         rows.push(Row {
             name,
             bytes,
@@ -830,9 +847,10 @@ fn eval_candidates(
     Ok(out)
 }
 
-/// An error while loading or running a candidate, named by the candidate's file: what is wrong
-/// is in its weights (a missing tensor, a shape the architecture does not take), not in usage.
-fn in_candidate(path: &std::path::Path, e: weightcast::Error) -> weightcast::Error {
+/// An error while loading or running a model (the reference or a candidate), named by its
+/// file: what is wrong is in its weights (a missing tensor, a shape the architecture does not
+/// take), not in usage.
+fn in_weights(path: &std::path::Path, e: weightcast::Error) -> weightcast::Error {
     match e {
         weightcast::Error::Usage(m) => weightcast::Error::invalid(path, m),
         other => other,
