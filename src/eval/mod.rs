@@ -254,7 +254,7 @@ impl EvalModel {
 impl EvalModel {
     /// The token ids of each input, as a causal LM reads them (no padding).
     pub fn token_ids(&self, inputs: &[String]) -> Result<Vec<Vec<u32>>> {
-        inputs
+        let ids = inputs
             .iter()
             .map(|text| {
                 self.tokenizer
@@ -262,7 +262,33 @@ impl EvalModel {
                     .map(|enc| enc.get_ids().to_vec())
                     .map_err(|e| Error::Usage(format!("tokenizing: {e}")))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.check_ids(ids.iter().flatten())?;
+        Ok(ids)
+    }
+
+    /// The model's vocabulary size (config.json).
+    pub fn vocab_size(&self) -> usize {
+        match &self.arch {
+            Arch::Bert(c) => c.vocab_size,
+            Arch::Llama(c) => c.vocab_size,
+            Arch::Qwen2(c) => c.vocab_size,
+        }
+    }
+
+    /// An error when the tokenizer gives an id the model has no embedding for.
+    fn check_ids<'a>(&self, mut ids: impl Iterator<Item = &'a u32>) -> Result<()> {
+        let vocab = self.vocab_size();
+        match ids.find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(Error::invalid(
+                self.dir.join("tokenizer.json"),
+                format!(
+                    "token id {id} is outside the model's vocabulary of {vocab} (config.json \
+                     vocab_size): is this tokenizer the model's?"
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -518,6 +544,7 @@ pub fn embed(
             let n = enc.len();
             let len = enc.first().map_or(0, |e| e.get_ids().len());
             let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
+            model.check_ids(ids.iter())?;
             let mask: Vec<u32> = enc
                 .iter()
                 .flat_map(|e| e.get_attention_mask().to_vec())

@@ -254,6 +254,8 @@ def test_bad_configs_get_errors_not_panics(minilm, tmp_path):
         (llama, {"rope_theta": -1}, "rope_theta -1"),
         (llama, {"intermediate_size": 100}, "gate_proj.weight` has shape [128, 64] where config.json gives [100, 64]"),
         (llama, {"rms_norm_eps": -1}, "the f32 reference gives NaN or inf"),
+        (llama, {"vocab_size": 1000}, "outside the model's vocabulary of 1000"),
+        (minilm, {"vocab_size": 1000}, "shape mismatch for embeddings.word_embeddings.weight"),
     ]
     for i, (src, change, want) in enumerate(cases):
         folder = tmp_path / f"case{i}"
