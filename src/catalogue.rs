@@ -77,6 +77,19 @@ pub struct TensorEntry {
     pub nbytes: u64,
     /// For a non-contiguous view (PyTorch): its layout in the storage, gathered on read.
     pub strided: Option<Strided>,
+    /// For a tensor in a deflate-compressed zip record (a torch archive re-zipped with
+    /// compression): the record, inflated once into a temporary file by the reader; `offset` is
+    /// then within the inflated record.
+    pub packed: Option<Packed>,
+}
+
+/// A deflate-compressed zip record holding tensor data.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Packed {
+    /// The zip entry's full name (`archive/data/3`).
+    pub entry: String,
+    /// Its size once inflated, as the zip directory declares it (checked when inflating).
+    pub size: u64,
 }
 
 /// A non-contiguous view of a storage: `offset` is its first element, these strides (in

@@ -1,27 +1,53 @@
 //! Reading tensor bytes from a catalogue's files with positional reads (no mmap: resident memory
 //! stays bounded by the caller's buffers, whatever the file size).
 
+use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
-use crate::catalogue::{Catalogue, Strided, TensorEntry};
+use crate::catalogue::{Catalogue, Packed, Strided, TensorEntry};
 use crate::error::{Error, Result};
 
 /// Open handles to every weights file of a catalogue.
 pub struct Sources<'a> {
     cat: &'a Catalogue,
     files: Vec<File>,
+    /// Deflate-compressed records, inflated into unlinked temporary files, by zip entry name.
+    inflated: HashMap<String, File>,
 }
 
 impl<'a> Sources<'a> {
-    /// Opens every file of `cat` read-only.
+    /// Opens every file of `cat` read-only, and inflates the compressed records its tensors
+    /// live in (a re-zipped torch archive) into temporary files: streamed, so memory stays
+    /// bounded; disk holds each such record once.
     pub fn open(cat: &'a Catalogue) -> Result<Sources<'a>> {
         let files = cat
             .files
             .iter()
             .map(|f| File::open(&f.path).map_err(|e| Error::io(&f.path, e)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Sources { cat, files })
+        let mut inflated = HashMap::new();
+        for t in &cat.tensors {
+            let Some(p) = &t.packed else { continue };
+            if !inflated.contains_key(&p.entry) {
+                let f = inflate(&cat.files[t.file].path, &files[t.file], p)?;
+                inflated.insert(p.entry.clone(), f);
+            }
+        }
+        Ok(Sources {
+            cat,
+            files,
+            inflated,
+        })
+    }
+
+    /// The file a tensor's `offset` is in: its source file, or its inflated record.
+    fn file_of(&self, t: &TensorEntry) -> &File {
+        match &t.packed {
+            Some(p) => &self.inflated[&p.entry],
+            None => &self.files[t.file],
+        }
     }
 
     /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data, little-endian
@@ -43,7 +69,7 @@ impl<'a> Sources<'a> {
         let es = (t.dtype.bitsize() / 8).max(1);
         // Bounded by the reader's gather limit, checked when the catalogue was made.
         let mut span = vec![0u8; s.span as usize];
-        self.files[t.file]
+        self.file_of(t)
             .read_exact_at(&mut span, t.offset)
             .map_err(|e| {
                 Error::invalid(
@@ -86,7 +112,7 @@ impl<'a> Sources<'a> {
 
     fn read_raw(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
         let at = t.offset + pos;
-        self.files[t.file].read_exact_at(buf, at).map_err(|e| {
+        self.file_of(t).read_exact_at(buf, at).map_err(|e| {
             Error::invalid(
                 &self.cat.files[t.file].path,
                 format!(
@@ -130,4 +156,33 @@ pub fn swap_bytes(buf: &mut [u8], size: usize) {
     for e in buf.chunks_exact_mut(size) {
         e.reverse();
     }
+}
+
+/// Inflates the zip entry `p` of `archive` (already open as `file`) into an unlinked temporary
+/// file, checking that it inflates to the size the zip directory declares (the zip reader
+/// checks its CRC at the end).
+fn inflate(path: &std::path::Path, file: &File, p: &Packed) -> Result<File> {
+    let bad = |what: String| Error::invalid(path, format!("record `{}`: {what}", p.entry));
+    let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(handle).map_err(|e| bad(e.to_string()))?;
+    let mut entry = zip.by_name(&p.entry).map_err(|e| bad(e.to_string()))?;
+    let mut out = tempfile::tempfile().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    // One byte more than declared, so that a record that inflates to more is caught.
+    let n = std::io::copy(&mut (&mut entry).take(p.size + 1), &mut out)
+        .map_err(|e| bad(format!("cannot inflate: {e}")))?;
+    if n != p.size {
+        return Err(bad(format!(
+            "inflates to {n}{} bytes where the zip directory says {}",
+            if n > p.size { "+" } else { "" },
+            p.size
+        )));
+    }
+    // Read to the end (nothing is left), so that the zip reader checks the CRC.
+    let mut rest = [0u8; 1];
+    entry
+        .read(&mut rest)
+        .map_err(|e| bad(format!("cannot inflate: {e}")))?;
+    out.flush()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    Ok(out)
 }

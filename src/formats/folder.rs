@@ -141,6 +141,7 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
             offset: header.data_start + t.begin,
             nbytes: t.end - t.begin,
             strided: None,
+            packed: None,
         })
         .collect()
 }

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::audit::{classify, Class};
-use crate::catalogue::{Catalogue, InputKind, SourceFile, Strided, TensorEntry};
+use crate::catalogue::{Catalogue, InputKind, Packed, SourceFile, Strided, TensorEntry};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, Call, Node, NodeId, Pickle};
@@ -375,14 +375,21 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     }
     let found = tensors_in(path, pk, root)?;
     let mut tensors = Vec::new();
-    type ViewKey = (u64, u64, DType, Vec<u64>, Option<Strided>);
+    type ViewKey = (u64, u64, DType, Vec<u64>, Option<Strided>, Option<Packed>);
     let mut seen: HashMap<ViewKey, String> = HashMap::new();
     let mut aliases = Vec::new();
     for (name, node) in found {
         let f = Found { name, node };
         match tensor_entry(&ar, f.node) {
-            Ok((dtype, shape, offset, nbytes, strided)) => {
-                let k = (offset, nbytes, dtype, shape.clone(), strided.clone());
+            Ok((dtype, shape, offset, nbytes, strided, packed)) => {
+                let k = (
+                    offset,
+                    nbytes,
+                    dtype,
+                    shape.clone(),
+                    strided.clone(),
+                    packed.clone(),
+                );
                 if let Some(kept) = seen.get(&k) {
                     aliases.push((f.name.clone(), kept.clone()));
                     continue;
@@ -396,6 +403,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
                     offset,
                     nbytes,
                     strided,
+                    packed,
                 });
             }
             Err(why) => notes.push(format!("tensor `{}` left out: {why}", f.name)),
@@ -491,7 +499,7 @@ pub fn dropped_entries(ar: &Archive, kept: &str) -> Vec<(String, usize, u64)> {
             let bytes = found
                 .iter()
                 .filter_map(|f| tensor_entry(ar, f.node).ok())
-                .map(|(_, _, _, n, _)| n)
+                .map(|(_, _, _, n, _, _)| n)
                 .sum();
             Some((name, found.len(), bytes))
         })
@@ -710,7 +718,7 @@ pub(crate) fn storage_dtype(name: &str) -> Option<DType> {
 
 /// The dtype, shape and byte range in the file of the tensor built by node `id`.
 /// dtype, shape, byte offset of the first element, contiguous bytes, non-contiguous layout.
-type View = (DType, Vec<u64>, u64, u64, Option<Strided>);
+type View = (DType, Vec<u64>, u64, u64, Option<Strided>, Option<Packed>);
 
 fn tensor_entry(ar: &Archive, id: NodeId) -> std::result::Result<View, String> {
     let pk = &ar.pickle;
@@ -839,11 +847,6 @@ fn storage_view(
         .records
         .get(&format!("data/{key}"))
         .ok_or_else(|| format!("storage record `data/{key}` is missing from the archive"))?;
-    if !record.stored {
-        return Err(format!(
-            "storage record `data/{key}` is compressed; torch.save never compresses storages"
-        ));
-    }
     let esize = (dtype.bitsize() / 8).max(1) as u64;
     let start = offset
         .checked_mul(esize)
@@ -881,5 +884,22 @@ fn storage_view(
             record.size
         ));
     }
-    Ok((dtype, shape, record.data_start + start, nbytes, strided))
+    if record.stored {
+        Ok((
+            dtype,
+            shape,
+            record.data_start + start,
+            nbytes,
+            strided,
+            None,
+        ))
+    } else {
+        // torch.save never compresses storages, but an archive re-zipped with deflate still
+        // loads in torch: its records are inflated by the reader.
+        let packed = Packed {
+            entry: format!("{}data/{key}", ar.prefix),
+            size: record.size,
+        };
+        Ok((dtype, shape, start, nbytes, strided, Some(packed)))
+    }
 }

@@ -446,7 +446,8 @@ def test_big_endian_checkpoint(tmp_path, to, dtype):
 
 def test_deflated_archive(tmp_path):
     """An archive re-zipped with deflate (torch.load reads it): a .pt output decompresses the
-    storages while streaming; a safetensors output reports them."""
+    storages while streaming; a safetensors output (and analyze) reads them through records
+    inflated into temporary files: every tensor, equal to torch's cast."""
     import zipfile
     src = tmp_path / "deflated.pt"
     with zipfile.ZipFile(FIX / "all_dtypes.pt") as z, zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as out:
@@ -456,5 +457,24 @@ def test_deflated_archive(tmp_path):
     out = tmp_path / "o.pt"
     run("convert", src, "-o", out, "--to", "bf16", "--on-overflow", "allow")
     assert_same_tree(torch.load(out, weights_only=True), torch_cast(ref, torch.bfloat16))
-    p = run("convert", src, "-o", tmp_path / "o.safetensors", "--to", "bf16", "--on-overflow", "allow")
-    assert "is compressed" in p.stderr
+    st = tmp_path / "o.safetensors"
+    p = run("convert", src, "-o", st, "--to", "bf16", "--on-overflow", "allow")
+    assert "left out" not in p.stderr, p.stderr
+    same(load_file(st), expect(ref, torch.bfloat16))
+    a = json.loads(run("analyze", src, "--to", "bf16", "--json").stdout)
+    b = json.loads(run("analyze", FIX / "all_dtypes.pt", "--to", "bf16", "--json").stdout)
+    assert a["totals"] == b["totals"] and a["tensors"] == b["tensors"]
+    # A record whose inflated size disagrees with the zip directory is an error, not a tensor.
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 8)
+    # the uncompressed-size field (byte 24) of that entry's central directory header (46 bytes
+    # before its name, the first copy of the name after the first central directory signature)
+    at = data.find(info.filename.encode(), data.find(b"PK\x01\x02")) - 46 + 24
+    data[at:at + 4] = (info.file_size + 4).to_bytes(4, "little")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    p = run("convert", bad, "-o", tmp_path / "b.safetensors", "--to", "bf16", "--on-overflow", "allow",
+            check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "b.safetensors").exists()
