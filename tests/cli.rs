@@ -175,6 +175,15 @@ fn bad_inputs_get_one_line_errors() {
             "unknown dtype `Q4_K`",
         ),
         (
+            // A name read from the file cannot break the error onto several lines.
+            "newline-in-name",
+            raw(
+                r#"{"a\nweightcast: error: b":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}}"#,
+                8,
+            ),
+            "tensor `a\\u{a}weightcast: error: b` is cut off",
+        ),
+        (
             "wrong-size",
             raw(
                 r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,

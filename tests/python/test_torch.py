@@ -181,6 +181,38 @@ def test_truncated_and_mutated_checkpoints_error_cleanly(tmp_path):
     assert 1 in seen
 
 
+def test_mutated_deflated_archives_error_cleanly(tmp_path):
+    """Corrupted deflate streams, sizes and CRCs in a re-zipped archive: converting to
+    safetensors (which inflates the records) ends in a result or a one-line error, never a
+    panic, and never leaves an output after an error."""
+    import random
+    import zipfile
+    src = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(FIX / "all_dtypes.pt") as z, zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as out:
+        for n in z.namelist():
+            out.writestr(n, z.read(n))
+    data = src.read_bytes()
+    bad, out = tmp_path / "bad.pt", tmp_path / "out.safetensors"
+    rng = random.Random(1)
+    codes = set()
+    for _ in range(120):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        bad.write_bytes(bytes(b))
+        p = run("convert", bad, "-o", out, "--to", "bf16", "--on-overflow", "allow", "--force",
+                check=False)
+        assert p.returncode in (0, 1) and "panicked" not in p.stderr, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert all(l.startswith("weightcast: ") for l in lines), p.stderr
+        if p.returncode == 1:
+            assert sum(l.startswith("weightcast: error: ") for l in lines) == 1, p.stderr
+            assert not out.exists()
+        out.unlink(missing_ok=True)
+        codes.add(p.returncode)
+    assert codes == {0, 1}
+
+
 def torch_cast(obj, dtype):
     """What a user gets with torch: every floating tensor `.to(dtype)`, everything else kept."""
     if isinstance(obj, torch.nn.Parameter):

@@ -163,7 +163,7 @@ fn diff_cmd(d: DiffArgs) -> Result<ExitCode> {
 }
 
 fn warn(msg: &str) {
-    eprintln!("weightcast: warning: {msg}");
+    eprintln!("weightcast: warning: {}", report::one_line(msg));
 }
 
 /// Opens an input and reports what reading it found (tensors left out, dangerous globals).

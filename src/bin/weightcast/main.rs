@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     match commands::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("weightcast: error: {e}");
+            eprintln!("weightcast: error: {}", report::one_line(&e.to_string()));
             if e.downcast_ref::<weightcast::Error>()
                 .is_some_and(|e| e.is_usage())
             {

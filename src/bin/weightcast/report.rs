@@ -510,3 +510,17 @@ pub fn diff_text(d: &Diff, tolerance: Option<f64>, failures: &[String], all: boo
     }
     out
 }
+
+/// A message on one line: control characters (a newline in a tensor or zip entry name read
+/// from the file, an escape sequence) are written escaped, as `\u{1c}`.
+pub fn one_line(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for c in msg.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
