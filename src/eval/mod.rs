@@ -7,15 +7,18 @@
 //! Llama-family causal language models (`model_type` llama, mistral, qwen2).
 
 pub mod bert;
+pub mod encoder;
+pub mod lm;
 pub mod metrics;
 pub mod spill;
 
+pub use encoder::{embed, Run};
+pub use lm::{run_lm, LmRun};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{DType as CDType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use candle_transformers::models::{llama, qwen2};
 
@@ -324,40 +327,6 @@ fn check_config(arch: &Arch) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The shape config.json gives each weight of a Llama-family layer.
-fn layer_shapes(arch: &Arch, i: usize) -> Vec<(String, Vec<usize>)> {
-    let (h, heads, kv, inter) = match arch {
-        Arch::Llama(c) => (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.intermediate_size,
-        ),
-        Arch::Qwen2(c) => (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.intermediate_size,
-        ),
-        Arch::Bert(_) => return vec![],
-    };
-    let hd = h / heads.max(1);
-    [
-        ("self_attn.q_proj.weight", vec![heads * hd, h]),
-        ("self_attn.k_proj.weight", vec![kv * hd, h]),
-        ("self_attn.v_proj.weight", vec![kv * hd, h]),
-        ("self_attn.o_proj.weight", vec![h, heads * hd]),
-        ("mlp.gate_proj.weight", vec![inter, h]),
-        ("mlp.up_proj.weight", vec![inter, h]),
-        ("mlp.down_proj.weight", vec![h, inter]),
-        ("input_layernorm.weight", vec![h]),
-        ("post_attention_layernorm.weight", vec![h]),
-    ]
-    .into_iter()
-    .map(|(n, s)| (format!("model.layers.{i}.{n}"), s))
-    .collect()
-}
-
 /// Elements per floating dtype of a candidate, most first: after `plan` when it is converted
 /// on the fly, as stored otherwise.
 pub fn float_mix(cat: &Catalogue, plan: Option<&Plan>) -> Vec<(DType, u64)> {
@@ -373,7 +342,7 @@ pub fn float_mix(cat: &Catalogue, plan: Option<&Plan>) -> Vec<(DType, u64)> {
     v
 }
 
-fn candle_dtype(d: DType) -> Result<CDType> {
+pub(crate) fn candle_dtype(d: DType) -> Result<CDType> {
     Ok(match d {
         DType::F32 => CDType::F32,
         DType::F16 => CDType::F16,
@@ -389,7 +358,7 @@ fn candle_dtype(d: DType) -> Result<CDType> {
 
 /// candle's error as one line: with RUST_BACKTRACE set, candle appends a backtrace to its
 /// message.
-fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+pub(crate) fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| {
         let e = match e {
             candle_core::Error::WithBacktrace { inner, .. } => *inner,
@@ -504,120 +473,6 @@ pub fn weights(
     Ok((out, total))
 }
 
-/// What running one candidate gave.
-pub struct Run {
-    /// One embedding per input.
-    pub embeddings: Vec<Vec<f32>>,
-    /// Median seconds per batch over the timed runs.
-    pub median_batch_s: f64,
-    /// Non-padding tokens per second.
-    pub tokens_per_s: f64,
-}
-
-/// Embeds `inputs` with `weights` computed in `compute`, `batch` inputs at a time; times
-/// `timed_runs` passes after one warm-up.
-pub fn embed(
-    model: &EvalModel,
-    weights: HashMap<String, Tensor>,
-    compute: DType,
-    inputs: &[String],
-    batch: usize,
-    timed_runs: usize,
-) -> Result<Run> {
-    let cd = candle_dtype(compute)?;
-    let Arch::Bert(config) = &model.arch else {
-        return Err(Error::usage("embed needs an encoder model"));
-    };
-    let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
-    let bert = bert::Bert::load(vb, config).map_err(ce("loading the model"))?;
-    let batches: Vec<&[String]> = inputs.chunks(batch.max(1)).collect();
-    let mut embeddings = Vec::new();
-    let mut times = Vec::new();
-    let mut tokens = 0usize;
-    for pass in 0..=timed_runs {
-        let mut pass_embeddings = Vec::new();
-        for b in &batches {
-            let enc = model
-                .tokenizer
-                .encode_batch(b.to_vec(), true)
-                .map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
-            let n = enc.len();
-            let len = enc.first().map_or(0, |e| e.get_ids().len());
-            let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
-            model.check_ids(ids.iter())?;
-            let mask: Vec<u32> = enc
-                .iter()
-                .flat_map(|e| e.get_attention_mask().to_vec())
-                .collect();
-            if pass == 1 {
-                tokens += mask.iter().filter(|&&m| m == 1).count();
-            }
-            let ids = Tensor::from_vec(ids, (n, len), &Device::Cpu).map_err(ce("input ids"))?;
-            let mask_t =
-                Tensor::from_vec(mask, (n, len), &Device::Cpu).map_err(ce("attention mask"))?;
-            let types = ids.zeros_like().map_err(ce("token types"))?;
-            let start = Instant::now();
-            let hidden = bert
-                .forward(&ids, &types, &mask_t)
-                .map_err(ce("running the model"))?
-                .to_dtype(CDType::F32)
-                .map_err(ce("output"))?;
-            let pooled = if model.mean_pooling {
-                let m = mask_t
-                    .to_dtype(CDType::F32)
-                    .map_err(ce("mask"))?
-                    .unsqueeze(2)
-                    .map_err(ce("mask"))?;
-                let summed = hidden
-                    .broadcast_mul(&m)
-                    .and_then(|x| x.sum(1))
-                    .map_err(ce("pooling"))?;
-                let counts = m
-                    .sum(1)
-                    .and_then(|c| c.clamp(1e-9f32, f32::MAX))
-                    .map_err(ce("pooling"))?;
-                summed.broadcast_div(&counts).map_err(ce("pooling"))?
-            } else {
-                hidden
-                    .narrow(1, 0, 1)
-                    .and_then(|x| x.squeeze(1))
-                    .map_err(ce("pooling"))?
-            };
-            let pooled = if model.normalize {
-                let norm = pooled
-                    .sqr()
-                    .and_then(|x| x.sum_keepdim(1))
-                    .and_then(|x| x.sqrt())
-                    .and_then(|x| x.clamp(1e-12f32, f32::MAX))
-                    .map_err(ce("normalising"))?;
-                pooled.broadcast_div(&norm).map_err(ce("normalising"))?
-            } else {
-                pooled
-            };
-            let rows: Vec<Vec<f32>> = pooled.to_vec2().map_err(ce("output"))?;
-            if pass > 0 {
-                times.push(start.elapsed().as_secs_f64());
-            }
-            pass_embeddings.extend(rows);
-        }
-        if pass == 0 {
-            embeddings = pass_embeddings;
-        }
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
-    let total: f64 = times.iter().sum::<f64>() / timed_runs.max(1) as f64;
-    Ok(Run {
-        embeddings,
-        median_batch_s: median,
-        tokens_per_s: if total > 0.0 {
-            tokens as f64 / total
-        } else {
-            0.0
-        },
-    })
-}
-
 /// The number of threads candle runs CPU matmuls on (`RAYON_NUM_THREADS`, or the physical
 /// cores it detects).
 pub fn thread_count() -> usize {
@@ -645,121 +500,4 @@ pub fn peak_rss() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// What running a causal LM candidate gave (its logits went to the caller's sink).
-pub struct LmRun {
-    /// Median seconds per token over the timed passes.
-    pub median_token_s: f64,
-    /// Tokens per second.
-    pub tokens_per_s: f64,
-}
-
-/// Runs a Llama-family model over every input, one token at a time with the KV cache, so that
-/// every position's next-token logits are seen; times `timed_runs` passes after a warm-up.
-/// The warm-up pass hands each position's logits (f32) to `sink(input, position, logits)` as
-/// they come, so memory holds one row, not the input set's.
-pub fn run_lm(
-    model: &EvalModel,
-    weights: HashMap<String, Tensor>,
-    compute: DType,
-    ids: &[Vec<u32>],
-    timed_runs: usize,
-    mut sink: impl FnMut(usize, usize, &[f32]) -> Result<()>,
-) -> Result<LmRun> {
-    let cd = candle_dtype(compute)?;
-    let layers = match &model.arch {
-        Arch::Llama(c) => c.num_hidden_layers,
-        Arch::Qwen2(c) => c.num_hidden_layers,
-        Arch::Bert(_) => return Err(Error::usage("run_lm needs a causal LM")),
-    };
-    // candle's Llama loader unwraps every layer: check what it will ask for first, for an
-    // error instead of a panic.
-    for i in 0..layers {
-        for (name, want) in layer_shapes(&model.arch, i) {
-            match weights.get(&name).map(|t| t.dims().to_vec()) {
-                None => return Err(Error::usage(format!("tensor `{name}` is missing"))),
-                Some(got) if got != want => {
-                    return Err(Error::usage(format!(
-                        "tensor `{name}` has shape {got:?} where config.json gives {want:?}"
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
-    // The rotary tables are built for max_position_embeddings positions (a config value, up to
-    // 131072 and more): only the positions the inputs reach are needed, and each position's
-    // row does not depend on the table's length.
-    let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-    enum Lm {
-        Llama(llama::Llama, llama::Config),
-        Qwen2(qwen2::ModelForCausalLM),
-    }
-    let mut lm = match &model.arch {
-        Arch::Llama(c) => {
-            let mut c = c.clone();
-            c.max_position_embeddings = c.max_position_embeddings.min(longest);
-            Lm::Llama(
-                llama::Llama::load(vb, &c).map_err(ce("loading the model"))?,
-                c,
-            )
-        }
-        Arch::Qwen2(c) => {
-            let mut c = c.clone();
-            c.max_position_embeddings = c.max_position_embeddings.min(longest);
-            Lm::Qwen2(qwen2::ModelForCausalLM::new(&c, vb).map_err(ce("loading the model"))?)
-        }
-        Arch::Bert(_) => unreachable!("checked above"),
-    };
-    let mut times = Vec::new();
-    let mut total = 0f64;
-    let n_tokens: usize = ids.iter().map(|v| v.len()).sum();
-    for pass in 0..=timed_runs {
-        let start_pass = Instant::now();
-        for (s, seq) in ids.iter().enumerate() {
-            let mut cache = match &mut lm {
-                Lm::Llama(_, c) => {
-                    Some(llama::Cache::new(true, cd, c, &Device::Cpu).map_err(ce("cache"))?)
-                }
-                Lm::Qwen2(m) => {
-                    m.clear_kv_cache();
-                    None
-                }
-            };
-            for (pos, &tok) in seq.iter().enumerate() {
-                let x = Tensor::new(&[[tok]], &Device::Cpu).map_err(ce("input"))?;
-                let t = Instant::now();
-                let out = match (&mut lm, cache.as_mut()) {
-                    (Lm::Llama(m, _), Some(c)) => m.forward(&x, pos, c),
-                    (Lm::Qwen2(m), _) => m.forward(&x, pos),
-                    (Lm::Llama(..), None) => unreachable!("a Llama always has a cache"),
-                }
-                .map_err(ce("running the model"))?;
-                if pass > 0 {
-                    times.push(t.elapsed().as_secs_f64());
-                    continue;
-                }
-                let row: Vec<f32> = out
-                    .to_dtype(CDType::F32)
-                    .and_then(|o| o.flatten_all())
-                    .and_then(|o| o.to_vec1())
-                    .map_err(ce("logits"))?;
-                sink(s, pos, &row)?;
-            }
-        }
-        if pass > 0 {
-            total += start_pass.elapsed().as_secs_f64();
-        }
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(LmRun {
-        median_token_s: times.get(times.len() / 2).copied().unwrap_or(0.0),
-        tokens_per_s: if total > 0.0 {
-            (n_tokens * timed_runs) as f64 / total
-        } else {
-            0.0
-        },
-    })
 }
