@@ -1,5 +1,6 @@
 """Generates examples/tiny-bert: a small BERT-shaped model folder (random f32 weights made by
-torch, a config.json, a vocab) for trying weightcast without downloading anything.
+torch, a config.json, a vocab and its tokenizer.json) for trying weightcast without
+downloading anything.
 
     .venv/bin/python examples/make_tiny_bert.py
 """
@@ -50,6 +51,20 @@ config = {
     "hidden_act": "gelu", "layer_norm_eps": 1e-12, "torch_dtype": "float32",
 }
 (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"tok{i}" for i in range(V - 5)]
+# Common words of weightcast eval's built-in sentences, so that `weightcast eval` on this folder
+# sees different inputs as different token sequences.
+words = """a the is . , ! ? man woman girl cat dog monkey horse eating food bread piece of playing
+riding carrying baby violin guitar drums movie new great awesome so weather lovely today sunny
+outside to in on and it that for with by was are after rates stock markets fell interest
+federal reserve raised quarter point wednesday energy light chemical cell plants water recipe
+cups flour salt eggs memory safety rust half precision model weights tokyo paris capital
+japan museums time ago galaxy far away small rebellion empire neural networks trained
+quantum computers""".split()
+vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+assert len(vocab) == V, len(vocab)
 (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+# tokenizer.json (what `weightcast eval` reads), a BERT WordPiece tokenizer over that vocab.
+from tokenizers import BertWordPieceTokenizer  # noqa: E402
+
+BertWordPieceTokenizer(str(out / "vocab.txt"), lowercase=True).save(str(out / "tokenizer.json"))
 print(f"wrote {out}")

@@ -130,6 +130,29 @@ impl EvalModel {
                 obj.insert("sliding_window".into(), m);
             }
         }
+        if model_type == "bert" {
+            // transformers' BertConfig defaults, for the fields a config.json may leave out
+            // (dropout and initialisation do nothing at inference, but candle requires them).
+            if let Some(obj) = cfg.as_object_mut() {
+                for (k, v) in [
+                    ("vocab_size", serde_json::json!(30522)),
+                    ("hidden_size", serde_json::json!(768)),
+                    ("num_hidden_layers", serde_json::json!(12)),
+                    ("num_attention_heads", serde_json::json!(12)),
+                    ("intermediate_size", serde_json::json!(3072)),
+                    ("hidden_act", serde_json::json!("gelu")),
+                    ("hidden_dropout_prob", serde_json::json!(0.1)),
+                    ("max_position_embeddings", serde_json::json!(512)),
+                    ("type_vocab_size", serde_json::json!(2)),
+                    ("initializer_range", serde_json::json!(0.02)),
+                    ("layer_norm_eps", serde_json::json!(1e-12)),
+                    ("pad_token_id", serde_json::json!(0)),
+                    ("classifier_dropout", serde_json::Value::Null),
+                ] {
+                    obj.entry(k).or_insert(v);
+                }
+            }
+        }
         let arch = match model_type.as_str() {
             "bert" => Arch::Bert(
                 serde_json::from_value(cfg)

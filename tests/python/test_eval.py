@@ -153,6 +153,17 @@ def test_bad_candidates_get_one_line_errors(minilm, tmp_path):
         assert p.stdout == ""
 
 
+def test_shipped_example_runs():
+    """The example folder the README uses (a config.json without dropout fields, as minimal
+    configs are; transformers' defaults fill them) runs out of the box."""
+    from conftest import ROOT
+
+    r = eval_json(ROOT / "examples" / "tiny-bert", "--dtypes", "f16,bf16", "--runs", "1")
+    assert [c["compute"] for c in r["candidates"]] == ["float32", "float16", "bfloat16"]
+    assert all(not c["non_finite"] for c in r["candidates"])
+    assert r["candidates"][1]["cosine_min"] > 0.999
+
+
 def test_unsupported_model_type(tmp_path, minilm):
     folder = tmp_path / "llama"
     shutil.copytree(minilm, folder)
