@@ -5,6 +5,11 @@
 //! Supported: BERT-family encoders with sentence-transformers pooling (mean pooling and
 //! normalisation as the folder's `1_Pooling/config.json` and `modules.json` say), and
 //! Llama-family causal language models (`model_type` llama, mistral, qwen2).
+//!
+//! Here: the model folder (config checks, tokenizer), candidates and their weights. `encoder`
+//! and `lm` run the two kinds of model, `bert` feeds candle's BERT encoder a mask that works in
+//! f16/bf16, `metrics` compares outputs (pure), `spill` keeps a causal LM's reference logits on
+//! disk.
 
 pub mod bert;
 pub mod encoder;
