@@ -61,13 +61,74 @@ impl Bert {
 
     /// The last hidden state for `ids` (batch, len) with `mask` (batch, len; 1 = token).
     pub fn forward(&self, ids: &Tensor, token_types: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.forward_layers(ids, token_types, mask, self.encoder.layers.len())
+    }
+
+    /// The hidden state after the embeddings and the first `layers` encoder layers.
+    pub fn forward_layers(
+        &self,
+        ids: &Tensor,
+        token_types: &Tensor,
+        mask: &Tensor,
+        layers: usize,
+    ) -> Result<Tensor> {
         let (_, len) = ids.dims2()?;
         let positions = Tensor::arange(0u32, len as u32, ids.device())?;
         let x = (self.word.forward(ids)? + self.token_type.forward(token_types)?)?
             .broadcast_add(&self.position.forward(&positions)?)?;
         let x = self.norm.forward(&x)?;
+        if layers == 0 {
+            return Ok(x);
+        }
         let mask = additive_mask(mask, x.dtype())?;
-        self.encoder.forward(&x, &mask)
+        if layers >= self.encoder.layers.len() {
+            return self.encoder.forward(&x, &mask);
+        }
+        // The crate runs a layer only through its encoder: a copy (the weights are shared)
+        // holding the first `layers`.
+        let mut prefix = self.encoder.clone();
+        prefix.layers.truncate(layers);
+        prefix.forward(&x, &mask)
+    }
+
+    /// Where NaN or inf first appears for this batch: `embeddings`, `encoder.layer.N`, or None
+    /// when the output is finite. A binary search over prefixes of the encoder (non-finite
+    /// values do not heal: LayerNorm of inf is NaN, and NaN spreads).
+    pub fn first_non_finite(
+        &self,
+        ids: &Tensor,
+        token_types: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Option<String>> {
+        let bad = |k: usize| -> Result<bool> {
+            let h = self.forward_layers(ids, token_types, mask, k)?;
+            let finite = h
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite());
+            Ok(!finite)
+        };
+        let n = self.encoder.layers.len();
+        if !bad(n)? {
+            return Ok(None);
+        }
+        // The smallest k (0 = the embeddings) whose prefix output is non-finite.
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if bad(mid)? {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(Some(if lo == 0 {
+            "embeddings".to_string()
+        } else {
+            format!("encoder.layer.{}", lo - 1)
+        }))
     }
 }
 

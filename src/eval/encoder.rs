@@ -19,6 +19,8 @@ pub struct Run {
     pub median_batch_s: f64,
     /// Non-padding tokens per second.
     pub tokens_per_s: f64,
+    /// Where NaN or inf first appeared (`embeddings` or `encoder.layer.N`), when it did.
+    pub first_non_finite: Option<String>,
 }
 
 /// Embeds `inputs` with `weights` computed in `compute`, `batch` inputs at a time; times
@@ -41,6 +43,7 @@ pub fn embed(
     let mut embeddings = Vec::new();
     let mut times = Vec::new();
     let mut tokens = 0usize;
+    let mut first_non_finite = None;
     for pass in 0..=timed_runs {
         let mut pass_embeddings = Vec::new();
         for b in &batches {
@@ -104,6 +107,10 @@ pub fn embed(
             let rows: Vec<Vec<f32>> = pooled.to_vec2().map_err(ce("output"))?;
             if pass > 0 {
                 times.push(start.elapsed().as_secs_f64());
+            } else if first_non_finite.is_none() && rows.iter().flatten().any(|v| !v.is_finite()) {
+                first_non_finite = bert
+                    .first_non_finite(&ids, &types, &mask_t)
+                    .map_err(ce("running the model"))?;
             }
             pass_embeddings.extend(rows);
         }
@@ -122,5 +129,6 @@ pub fn embed(
         } else {
             0.0
         },
+        first_non_finite,
     })
 }

@@ -106,13 +106,7 @@ def test_activation_overflow_shows_in_f16_compute(minilm, tmp_path):
     """A model whose weights fit f16 (largest 1550) but whose activations do not: weight
     analysis sees no overflow, torch's model.half() gives NaN, and so does eval's f16 candidate;
     bf16 (f32's range) is fine and recommended; --compute f32 isolates storage loss (fine)."""
-    folder = tmp_path / "scaled"
-    shutil.copytree(minilm, folder)
-    sd = load_file(minilm / "model.safetensors")
-    for k in ["weight", "bias"]:
-        key = f"encoder.layer.0.attention.output.LayerNorm.{k}"
-        sd[key] = sd[key] * 1000
-    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    folder = scaled_minilm(minilm, tmp_path, layer=0)
     a = json.loads(run("analyze", folder, "--to", "f16", "--json").stdout)
     assert a["totals"]["verdicts"]["overflow"] == 0
     assert not np.isfinite(torch_embeddings(folder, torch.float16)).all(), "torch overflows too"
@@ -121,9 +115,27 @@ def test_activation_overflow_shows_in_f16_compute(minilm, tmp_path):
     by = {c["name"]: c for c in r["candidates"]}
     assert by["float16"]["non_finite"] and not by["float16"]["passes"]
     assert by["bfloat16"]["passes"] and r["recommendation"] == "bfloat16"
-    assert "float16" in p.stderr and "NaN" in p.stderr
+    assert "float16 produced NaN or inf outputs first in encoder.layer.0" in p.stderr
+    assert by["float16"]["first_non_finite"] == "encoder.layer.0"
+    assert by["bfloat16"]["first_non_finite"] is None
     r = eval_json(folder, "--dtypes", "f16", "--compute", "f32", "--runs", "1")
     assert r["candidates"][1]["compute"] == "float32" and r["candidates"][1]["passes"]
+    # The layer found is the one whose activations overflow, wherever it is.
+    r = eval_json(scaled_minilm(minilm, tmp_path, layer=3), "--dtypes", "f16", "--runs", "1")
+    assert r["candidates"][1]["first_non_finite"] == "encoder.layer.3"
+
+
+def scaled_minilm(minilm, tmp_path, layer):
+    """MiniLM with one attention-output LayerNorm scaled by 1000: weights fit f16 (largest
+    1550), the activations after that LayerNorm do not."""
+    folder = tmp_path / f"scaled{layer}"
+    shutil.copytree(minilm, folder)
+    sd = load_file(minilm / "model.safetensors")
+    for k in ["weight", "bias"]:
+        key = f"encoder.layer.{layer}.attention.output.LayerNorm.{k}"
+        sd[key] = sd[key] * 1000
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
 
 
 def test_bad_candidates_get_one_line_errors(minilm, tmp_path):

@@ -537,6 +537,7 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
                     "non_finite": r.metrics.non_finite, "median_batch_seconds": r.run.median_batch_s,
                     "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.peak_rss,
                     "passes": ok(r), "note": r.note,
+                    "first_non_finite": r.run.first_non_finite,
                 });
                 if e.emit_embeddings {
                     v["embeddings"] = json!(r.run.embeddings);
@@ -608,11 +609,13 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
             weightcast::eval::thread_count()
         );
     }
-    warn_non_finite(
-        rows.iter()
-            .filter(|r| r.metrics.non_finite)
-            .map(|r| (r.name.as_str(), r.compute)),
-    );
+    warn_non_finite(rows.iter().filter(|r| r.metrics.non_finite).map(|r| {
+        (
+            r.name.as_str(),
+            r.compute,
+            r.run.first_non_finite.as_deref(),
+        )
+    }));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -626,8 +629,9 @@ fn broken_reference(model: &std::path::Path) -> weightcast::Error {
 }
 
 /// Names, on stderr, each candidate whose outputs hold NaN or inf, with what it means.
-fn warn_non_finite<'a>(bad: impl Iterator<Item = (&'a str, DType)>) {
-    for (name, compute) in bad {
+fn warn_non_finite<'a>(bad: impl Iterator<Item = (&'a str, DType, Option<&'a str>)>) {
+    for (name, compute, at) in bad {
+        let at = at.map(|a| format!(" first in {a}")).unwrap_or_default();
         let why = if compute == DType::F32 {
             "its weights hold NaN/inf or values f32 arithmetic cannot carry".to_string()
         } else {
@@ -637,7 +641,7 @@ fn warn_non_finite<'a>(bad: impl Iterator<Item = (&'a str, DType)>) {
                 compute.torch_name()
             )
         };
-        eprintln!("weightcast: warning: {name} produced NaN or inf outputs: {why}");
+        warn(&format!("{name} produced NaN or inf outputs{at}: {why}"));
     }
 }
 
@@ -815,7 +819,7 @@ fn eval_lm(
     warn_non_finite(
         rows.iter()
             .filter(|r| r.m.non_finite)
-            .map(|r| (r.name.as_str(), r.compute)),
+            .map(|r| (r.name.as_str(), r.compute, None)),
     );
     Ok(ExitCode::SUCCESS)
 }
