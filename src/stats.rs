@@ -137,15 +137,17 @@ impl ErrorStats {
         // Without an early exit, so that the check vectorises too.
         let special = |acc: u32, v: &f32| acc | ((v.to_bits() & 0x7F80_0000) == 0x7F80_0000) as u32;
         if xs[..n].iter().fold(0, special) | ys[..n].iter().fold(0, special) != 0 {
-            for (&x, &y) in xs.iter().zip(ys) {
-                let ovf = x.is_finite() && x.abs() >= threshold;
-                self.push(x as f64, y as f64, ovf, min_normal);
-            }
+            self.push_pairs(xs, ys, threshold, min_normal);
             return;
         }
         let block = finite_block(&xs[..n], &ys[..n], threshold, min_normal as f32);
         *self = self.merge(&block);
-        for (&x, &y) in xs[n..].iter().zip(&ys[n..]) {
+        self.push_pairs(&xs[n..], &ys[n..], threshold, min_normal);
+    }
+
+    /// [`ErrorStats::push`] on each pair of f32 values.
+    fn push_pairs(&mut self, xs: &[f32], ys: &[f32], threshold: f32, min_normal: f64) {
+        for (&x, &y) in xs.iter().zip(ys) {
             let ovf = x.is_finite() && x.abs() >= threshold;
             self.push(x as f64, y as f64, ovf, min_normal);
         }

@@ -39,36 +39,37 @@ pub fn embed(
     };
     let vb = VarBuilder::from_tensors(weights, cd, &Device::Cpu);
     let bert = bert::Bert::load(vb, config).map_err(ce("loading the model"))?;
-    let batches: Vec<&[String]> = inputs.chunks(batch.max(1)).collect();
+    // Tokenised once: the timed passes run the model only.
+    let mut batches = Vec::new();
+    let mut tokens = 0usize;
+    for b in inputs.chunks(batch.max(1)) {
+        let enc = model
+            .tokenizer
+            .encode_batch(b.to_vec(), true)
+            .map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
+        let n = enc.len();
+        let len = enc.first().map_or(0, |e| e.get_ids().len());
+        let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
+        model.check_ids(ids.iter())?;
+        let mask: Vec<u32> = enc
+            .iter()
+            .flat_map(|e| e.get_attention_mask().to_vec())
+            .collect();
+        tokens += mask.iter().filter(|&&m| m == 1).count();
+        let ids = Tensor::from_vec(ids, (n, len), &Device::Cpu).map_err(ce("input ids"))?;
+        let mask = Tensor::from_vec(mask, (n, len), &Device::Cpu).map_err(ce("attention mask"))?;
+        let types = ids.zeros_like().map_err(ce("token types"))?;
+        batches.push((ids, mask, types));
+    }
     let mut embeddings = Vec::new();
     let mut times = Vec::new();
-    let mut tokens = 0usize;
     let mut first_non_finite = None;
     for pass in 0..=timed_runs {
         let mut pass_embeddings = Vec::new();
-        for b in &batches {
-            let enc = model
-                .tokenizer
-                .encode_batch(b.to_vec(), true)
-                .map_err(|e| Error::Usage(format!("tokenizing: {e}")))?;
-            let n = enc.len();
-            let len = enc.first().map_or(0, |e| e.get_ids().len());
-            let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
-            model.check_ids(ids.iter())?;
-            let mask: Vec<u32> = enc
-                .iter()
-                .flat_map(|e| e.get_attention_mask().to_vec())
-                .collect();
-            if pass == 1 {
-                tokens += mask.iter().filter(|&&m| m == 1).count();
-            }
-            let ids = Tensor::from_vec(ids, (n, len), &Device::Cpu).map_err(ce("input ids"))?;
-            let mask_t =
-                Tensor::from_vec(mask, (n, len), &Device::Cpu).map_err(ce("attention mask"))?;
-            let types = ids.zeros_like().map_err(ce("token types"))?;
+        for (ids, mask_t, types) in &batches {
             let start = Instant::now();
             let hidden = bert
-                .forward(&ids, &types, &mask_t)
+                .forward(ids, types, mask_t)
                 .map_err(ce("running the model"))?
                 .to_dtype(CDType::F32)
                 .map_err(ce("output"))?;
@@ -109,7 +110,7 @@ pub fn embed(
                 times.push(start.elapsed().as_secs_f64());
             } else if first_non_finite.is_none() && rows.iter().flatten().any(|v| !v.is_finite()) {
                 first_non_finite = bert
-                    .first_non_finite(&ids, &types, &mask_t)
+                    .first_non_finite(ids, types, mask_t)
                     .map_err(ce("running the model"))?;
             }
             pass_embeddings.extend(rows);

@@ -454,7 +454,7 @@ struct EvalRow {
 }
 
 fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
-    use weightcast::eval::{embed, metrics, peak_rss, weights, EvalModel, DEFAULT_INPUTS};
+    use weightcast::eval::{embed, metrics, peak_rss, EvalModel, DEFAULT_INPUTS};
     let f32_compute = match e.compute.as_str() {
         "same" => false,
         "f32" => true,
@@ -483,8 +483,11 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let candidates = eval_candidates(&e, &rules, &cat)?;
     // The reference: the model as its authors run it, in f32.
     let ref_plan = Plan::new(&cat, &RuleSet::default(), DType::F32);
-    weightcast::eval::reset_peak_rss();
-    let (w, ref_bytes) = weights(&cat, Some(&ref_plan), DType::F32)?;
+    let Loaded {
+        weights: w,
+        bytes: ref_bytes,
+        ..
+    } = load_candidate(&model, &cat, Some(&ref_plan), true)?;
     let reference = embed(&model, w, DType::F32, &inputs, e.batch, e.runs)
         .map_err(|err| in_weights(&e.model, err))?;
     let mut rows = vec![EvalRow {
@@ -500,10 +503,12 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         return Err(broken_reference(&e.model).into());
     }
     for (name, c, plan) in candidates {
-        let mix = weightcast::eval::float_mix(&c, plan.as_ref());
-        let (compute, note) = model.compute_dtype(&mix, f32_compute);
-        weightcast::eval::reset_peak_rss();
-        let (w, bytes) = weights(&c, plan.as_ref(), compute)?;
+        let Loaded {
+            compute,
+            note,
+            weights: w,
+            bytes,
+        } = load_candidate(&model, &c, plan.as_ref(), f32_compute)?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)
             .map_err(|err| in_weights(&c.path, err))?;
         rows.push(EvalRow {
@@ -619,6 +624,35 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A candidate's weights loaded for a run: the dtype it computes in (and why, when not its
+/// own), its tensors and their stored bytes.
+struct Loaded {
+    compute: DType,
+    note: Option<String>,
+    weights: std::collections::HashMap<String, candle_core::Tensor>,
+    bytes: u64,
+}
+
+/// Loads a candidate for a run. The peak-memory mark is reset first, so that the run's peak
+/// counts this candidate only.
+fn load_candidate(
+    model: &weightcast::eval::EvalModel,
+    cat: &weightcast::Catalogue,
+    plan: Option<&Plan>,
+    f32_compute: bool,
+) -> Result<Loaded> {
+    let mix = weightcast::eval::float_mix(cat, plan);
+    let (compute, note) = model.compute_dtype(&mix, f32_compute);
+    weightcast::eval::reset_peak_rss();
+    let (weights, bytes) = weightcast::eval::weights(cat, plan, compute)?;
+    Ok(Loaded {
+        compute,
+        note,
+        weights,
+        bytes,
+    })
+}
+
 /// The error when the f32 reference itself gives NaN or inf: nothing can be compared with it.
 fn broken_reference(model: &std::path::Path) -> weightcast::Error {
     weightcast::Error::invalid(
@@ -653,7 +687,7 @@ fn eval_lm(
     cat: &weightcast::Catalogue,
     inputs: &[String],
 ) -> Result<ExitCode> {
-    use weightcast::eval::{metrics, peak_rss, run_lm, spill::RowSpill, weights};
+    use weightcast::eval::{metrics, peak_rss, run_lm, spill::RowSpill};
     let f32_compute = e.compute == "f32";
     let todo = eval_candidates(e, rules, cat)?;
     let ids = model.token_ids(inputs)?;
@@ -674,8 +708,11 @@ fn eval_lm(
         }
     };
     let ref_plan = Plan::new(cat, &RuleSet::default(), DType::F32);
-    weightcast::eval::reset_peak_rss();
-    let (w, ref_bytes) = weights(cat, Some(&ref_plan), DType::F32)?;
+    let Loaded {
+        weights: w,
+        bytes: ref_bytes,
+        ..
+    } = load_candidate(model, cat, Some(&ref_plan), true)?;
     emitted.push(Vec::new());
     let reference = run_lm(model, w, DType::F32, &ids, e.runs, |s, pos, row| {
         ref_acc.add(row, row, next(s, pos));
@@ -705,10 +742,12 @@ fn eval_lm(
         return Err(broken_reference(&e.model).into());
     }
     for (name, c, plan) in todo {
-        let mix = weightcast::eval::float_mix(&c, plan.as_ref());
-        let (compute, note) = model.compute_dtype(&mix, f32_compute);
-        weightcast::eval::reset_peak_rss();
-        let (w, bytes) = weights(&c, plan.as_ref(), compute)?;
+        let Loaded {
+            compute,
+            note,
+            weights: w,
+            bytes,
+        } = load_candidate(model, &c, plan.as_ref(), f32_compute)?;
         let mut reader = spill.reader()?;
         let mut ref_row = Vec::new();
         let mut acc = metrics::LmAccumulator::default();
