@@ -101,7 +101,7 @@ pub fn totals(a: &[TensorAnalysis]) -> ErrorStats {
 
 /// Leaves in their stored dtype the tensors whose cast would overflow (`--on-overflow keep`);
 /// returns how many were kept.
-pub fn keep_overflowing(plan: &mut Plan, analyses: &[TensorAnalysis]) -> usize {
+pub fn keep_overflowing(cat: &Catalogue, plan: &mut Plan, analyses: &[TensorAnalysis]) -> usize {
     let mut n = 0;
     for a in analyses.iter().filter(|a| a.stats.overflow > 0) {
         let p = &mut plan.tensors[a.plan_index];
@@ -112,12 +112,18 @@ pub fn keep_overflowing(plan: &mut Plan, analyses: &[TensorAnalysis]) -> usize {
         p.keep();
         n += 1;
     }
+    plan.settle(cat);
     n
 }
 
 /// Leaves in their stored dtype the tensors that would flush more than `fraction` of their
 /// non-zero values to zero (`--max-underflow`); returns how many were kept.
-pub fn keep_underflowing(plan: &mut Plan, analyses: &[TensorAnalysis], fraction: f64) -> usize {
+pub fn keep_underflowing(
+    cat: &Catalogue,
+    plan: &mut Plan,
+    analyses: &[TensorAnalysis],
+    fraction: f64,
+) -> usize {
     let mut n = 0;
     for a in analyses
         .iter()
@@ -132,6 +138,7 @@ pub fn keep_underflowing(plan: &mut Plan, analyses: &[TensorAnalysis], fraction:
         p.keep();
         n += 1;
     }
+    plan.settle(cat);
     n
 }
 
@@ -180,5 +187,6 @@ pub fn choose_auto(
         }
         progress.advance(plan.tensors[i].bytes_in);
     }
+    plan.settle(cat);
     Ok(())
 }

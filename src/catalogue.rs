@@ -81,6 +81,8 @@ pub struct TensorEntry {
     /// compression): the record, inflated once into a temporary file by the reader; `offset` is
     /// then within the inflated record.
     pub packed: Option<Packed>,
+    /// For a PyTorch tensor: the storage it is a view of (index into [`Catalogue::storages`]).
+    pub storage: Option<usize>,
 }
 
 /// A deflate-compressed zip record holding tensor data.
@@ -106,6 +108,49 @@ impl TensorEntry {
     /// Number of elements.
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
+    }
+}
+
+/// A storage of a PyTorch checkpoint: one record of bytes that tensors are views onto (several
+/// tensors for views and tied weights). A `.pt` output converts storages, not tensors.
+#[derive(Debug, Clone)]
+pub struct StorageEntry {
+    /// Its key (`3` for the record `data/3`).
+    pub key: String,
+    /// Element type, as its tensors (or its typed storage class) say; `None` when no tensor on
+    /// it could be read (its bytes are then copied as they are).
+    pub dtype: Option<DType>,
+    /// Index into [`Catalogue::files`].
+    pub file: usize,
+    /// Absolute byte offset of the record's data in that file (within the inflated record when
+    /// `packed`).
+    pub offset: u64,
+    /// Record size in bytes.
+    pub nbytes: u64,
+    /// The deflate-compressed zip record holding it, if compressed.
+    pub packed: Option<Packed>,
+    /// A tensor weightcast does not read (quantized, sparse, a subclass) uses it: it is never
+    /// cast.
+    pub pinned: bool,
+}
+
+impl StorageEntry {
+    /// The whole record as a 1-D tensor of its dtype (bytes, when the dtype is unknown), for
+    /// reading it through [`crate::source::Sources`].
+    pub fn as_tensor(&self) -> TensorEntry {
+        let dtype = self.dtype.unwrap_or(DType::U8);
+        let es = (dtype.bitsize() / 8).max(1) as u64;
+        TensorEntry {
+            name: format!("storage data/{}", self.key),
+            dtype,
+            shape: vec![self.nbytes / es],
+            file: self.file,
+            offset: self.offset,
+            nbytes: self.nbytes / es * es,
+            strided: None,
+            packed: self.packed.clone(),
+            storage: None,
+        }
     }
 }
 
@@ -140,6 +185,11 @@ pub struct Catalogue {
     pub notes: Vec<String>,
     /// For pickle-based inputs: every global the pickle references, with its class.
     pub globals: Vec<(String, crate::audit::Class)>,
+    /// For PyTorch inputs: the storages the tensors are views of.
+    pub storages: Vec<StorageEntry>,
+    /// For a single PyTorch file: its pickle, every tensor rebuild in it, the tensors outside the
+    /// selected state dict and the other top-level entries (what a `.pt` output writes back).
+    pub torch: Option<std::sync::Arc<crate::formats::torch::TorchDoc>>,
 }
 
 impl Catalogue {

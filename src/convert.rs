@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cast;
-use crate::catalogue::Catalogue;
+use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{encode_header, OutTensor};
@@ -182,7 +182,7 @@ pub fn convert(
                 overflow.extend(job.write_file(tmp.as_file(), tmp.path(), f)?);
                 staged.push((tmp, dir.join(&f.name)));
             }
-            job.check_overflow(&overflow, &mut summary)?;
+            job.check_overflow(job.named(&overflow), &mut summary)?;
             if let Some(index) = &layout.index {
                 let mut tmp = temp_file(&dir, index)?;
                 let text = index_json(cat, plan, &layout);
@@ -197,6 +197,11 @@ pub fn convert(
             }
         }
         Target::Pt(dest) => {
+            let pt = if cat.kind.is_torch() {
+                crate::formats::torch_write::from_torch(cat, plan, &opts.pt_export)?
+            } else {
+                crate::formats::torch_write::from_tensors(cat, plan)?
+            };
             let dir = parent_of(dest);
             let name = dest
                 .file_name()
@@ -208,60 +213,28 @@ pub fn convert(
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .unwrap_or("archive");
-            let pt = if cat.kind.is_torch() {
-                let planned: std::collections::HashMap<String, crate::dtype::DType> = plan
-                    .tensors
-                    .iter()
-                    .map(|p| (cat.tensors[p.tensor].name.clone(), p.to))
-                    .collect();
-                crate::formats::torch_write::write_pt(
-                    &cat.path,
-                    &plan.rules,
-                    plan.target,
-                    &planned,
-                    opts.range(),
-                    &opts.pt_export,
-                    tmp.as_file(),
-                    stem,
-                    opts.cancel.as_deref(),
-                    &|n| progress.advance(n),
-                )?
-            } else {
-                crate::formats::torch_write::write_pt_from_plan(
-                    cat,
-                    plan,
-                    opts.range(),
-                    tmp.as_file(),
-                    stem,
-                    opts.cancel.as_deref(),
-                    &|n| progress.advance(n),
-                )?
+            let mut zip =
+                crate::formats::torch_write::PtZip::new(tmp.as_file(), stem, &pt.data_pkl)?;
+            let pieces: Vec<Piece<'_>> = pt
+                .records
+                .iter()
+                .map(|r| Piece {
+                    entry: &r.source,
+                    from: r.from,
+                    to: r.to,
+                })
+                .collect();
+            let mut sink = ZipSink {
+                zip: &mut zip,
+                records: &pt.records,
             };
-            summary.tensors_cast = pt.tensors_cast;
-            summary.tensors_kept = cat.tensors.len().saturating_sub(pt.tensors_cast);
-            summary.bytes_in = pt.bytes_in;
-            summary.bytes_out = pt.bytes_out;
-            summary.warnings.extend(pt.notes);
-            match opts.on_overflow {
-                OnOverflow::Clamp => summary.overflowed = pt.overflow,
-                OnOverflow::Allow => {}
-                _ if pt.overflow.is_empty() => {}
-                _ => {
-                    let total: u64 = pt.overflow.iter().map(|t| t.1).sum();
-                    return Err(Error::Refused(format!(
-                        "{}: {total} finite values in {} storage(s) would overflow ({}); nothing was \
-                         written (--on-overflow clamp saturates them, allow casts them as torch does)",
-                        cat.path.display(),
-                        pt.overflow.len(),
-                        pt.overflow
-                            .iter()
-                            .take(10)
-                            .map(|(n, c)| format!("`{n}`: {c}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-            }
+            let counts = job.exec().run(&pieces, &mut sink)?;
+            zip.finish()?;
+            let named: Vec<(String, DType, u64)> = counts
+                .iter()
+                .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
+                .collect();
+            job.check_overflow(named, &mut summary)?;
             job.finish(tmp.as_file())?;
             tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
             summary.files.push(dest.clone());
@@ -284,7 +257,7 @@ pub fn convert(
                 overflow.extend(job.write_file(&file, &path, f)?);
                 summary.files.push(dest.join(&f.name));
             }
-            job.check_overflow(&overflow, &mut summary)?;
+            job.check_overflow(job.named(&overflow), &mut summary)?;
             if let Some(index) = &layout.index {
                 let path = staging.path().join(index);
                 std::fs::write(&path, index_json(cat, plan, &layout))
@@ -430,16 +403,24 @@ impl Job<'_> {
         }
     }
 
-    /// Turns the overflow counts of the written tensors into an error (`--on-overflow error`)
-    /// or the clamp report.
-    fn check_overflow(&self, counts: &[(usize, u64)], summary: &mut Summary) -> Result<()> {
-        let named: Vec<(String, DType, u64)> = counts
+    /// The overflow counts of plan entries, named.
+    fn named(&self, counts: &[(usize, u64)]) -> Vec<(String, DType, u64)> {
+        counts
             .iter()
             .map(|&(i, n)| {
                 let p = &self.plan.tensors[i];
                 (self.cat.tensors[p.tensor].name.clone(), p.to, n)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Turns the overflow counts of the written tensors (or storages) into an error
+    /// (`--on-overflow error`) or the clamp report.
+    fn check_overflow(
+        &self,
+        named: Vec<(String, DType, u64)>,
+        summary: &mut Summary,
+    ) -> Result<()> {
         match self.opts.on_overflow {
             OnOverflow::Clamp | OnOverflow::Allow => {
                 // `allow` counts nothing (Range::Ignore), so this is the clamp report.
@@ -476,17 +457,6 @@ impl Job<'_> {
             file.sync_all().map_err(|e| Error::io("output", e))?;
         }
         Ok(())
-    }
-
-    /// Input bytes per chunk for a plan entry: whole elements, at most [`CHUNK_BYTES`] on
-    /// either side.
-    fn chunk_in(&self, i: usize) -> u64 {
-        let p = &self.plan.tensors[i];
-        if !p.is_cast() {
-            return CHUNK_BYTES as u64;
-        }
-        let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
-        (CHUNK_BYTES / isz.max(osz) * isz) as u64
     }
 
     /// Writes one safetensors file: header, then every tensor streamed through the cast.
@@ -531,13 +501,132 @@ impl Job<'_> {
             .write_all(&header)
             .map_err(|e| Error::io(dst_path, e))?;
 
-        // Chunks of this file, in output order. Worker w reads and casts chunks w, w+K, ...;
-        // the writer takes them back in order, so K workers and one writer overlap reading,
-        // casting and writing without any thread waiting on a shared pool.
+        let pieces: Vec<Piece<'_>> = of
+            .tensors
+            .iter()
+            .map(|&i| {
+                let p = &self.plan.tensors[i];
+                Piece {
+                    entry: &cat.tensors[p.tensor],
+                    from: p.from,
+                    to: p.to,
+                }
+            })
+            .collect();
+        let counts = self.exec().run(
+            &pieces,
+            &mut FileSink {
+                file: dst,
+                path: dst_path,
+            },
+        )?;
+        self.check_cancel()?;
+        self.finish(dst)?;
+        // Piece k is plan entry of.tensors[k].
+        Ok(counts
+            .into_iter()
+            .map(|(k, n)| (of.tensors[k], n))
+            .collect())
+    }
+
+    fn exec(&self) -> Executor<'_> {
+        Executor {
+            sources: self.sources,
+            opts: self.opts,
+            progress: self.progress,
+        }
+    }
+}
+
+/// One stretch of an output: a tensor (or a whole storage) read from the input and cast from
+/// `from` to `to` (copied when they are equal).
+pub struct Piece<'a> {
+    /// Where its bytes are.
+    pub entry: &'a TensorEntry,
+    /// Stored dtype.
+    pub from: DType,
+    /// Written dtype.
+    pub to: DType,
+}
+
+/// Where the executor's bytes go: pieces in order, each begun before its bytes (empty ones
+/// too).
+pub trait Sink {
+    /// Piece `i` starts.
+    fn begin(&mut self, i: usize) -> Result<()>;
+    /// Bytes of the current piece.
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+}
+
+/// A safetensors file after its header: pieces are laid end to end.
+struct FileSink<'a> {
+    file: &'a File,
+    path: &'a Path,
+}
+
+impl Sink for FileSink<'_> {
+    fn begin(&mut self, _i: usize) -> Result<()> {
+        Ok(())
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let mut f = self.file;
+        f.write_all(bytes).map_err(|e| Error::io(self.path, e))
+    }
+}
+
+/// A `.pt` zip: each piece is a storage record.
+struct ZipSink<'a, 'z> {
+    zip: &'a mut crate::formats::torch_write::PtZip<'z>,
+    records: &'a [crate::formats::torch_write::PtRecord],
+}
+
+impl Sink for ZipSink<'_, '_> {
+    fn begin(&mut self, i: usize) -> Result<()> {
+        let r = &self.records[i];
+        self.zip.start(&r.name, r.bytes_out)
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.zip.write(bytes)
+    }
+}
+
+/// The streaming executor: K workers read and cast chunks of the pieces in parallel, one writer
+/// takes them back in order into the sink. Memory is a few chunk buffers per worker, whatever
+/// the model's size.
+pub struct Executor<'a> {
+    sources: &'a Sources<'a>,
+    opts: &'a Options,
+    progress: &'a dyn Progress,
+}
+
+impl Executor<'_> {
+    fn check_cancel(&self) -> Result<()> {
+        match &self.opts.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted),
+            _ => Ok(()),
+        }
+    }
+
+    /// Input bytes per chunk of a piece: whole elements, at most [`CHUNK_BYTES`] on either
+    /// side.
+    fn chunk_in(p: &Piece<'_>) -> u64 {
+        if p.from == p.to {
+            return CHUNK_BYTES as u64;
+        }
+        let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
+        (CHUNK_BYTES / isz.max(osz) * isz) as u64
+    }
+
+    /// Streams every piece into `sink`; returns, per piece with any, the count of values that
+    /// left the target's range.
+    pub fn run(&self, pieces: &[Piece<'_>], sink: &mut dyn Sink) -> Result<Vec<(usize, u64)>> {
+        // Chunks in output order. Worker w reads and casts chunks w, w+K, ...; the writer takes
+        // them back in order, so K workers and one writer overlap reading, casting and writing
+        // without any thread waiting on a shared pool.
         let mut chunks: Vec<(usize, u64, u64)> = Vec::new();
-        for &i in &of.tensors {
-            let nbytes = self.plan.tensors[i].bytes_in;
-            let step = self.chunk_in(i);
+        for (i, p) in pieces.iter().enumerate() {
+            let nbytes = p.entry.nbytes;
+            let step = Self::chunk_in(p);
             let mut pos = 0;
             while pos < nbytes {
                 let n = step.min(nbytes - pos);
@@ -552,7 +641,7 @@ impl Job<'_> {
         let pool = Pool(Mutex::new(Vec::new()));
         let stop = AtomicBool::new(false);
         let chunks = &chunks;
-        let results = std::thread::scope(|s| -> Result<Vec<(usize, u64)>> {
+        std::thread::scope(|s| -> Result<Vec<(usize, u64)>> {
             let mut receivers = Vec::with_capacity(workers);
             for w in 0..workers {
                 let (tx, rx) = sync_channel::<Result<(Vec<u8>, u64)>>(DEPTH);
@@ -563,7 +652,7 @@ impl Job<'_> {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let r = self.read_cast(pool, i, pos, n);
+                        let r = self.read_cast(pool, &pieces[i], pos, n);
                         let failed = r.is_err();
                         if tx.send(r).is_err() || failed {
                             return;
@@ -571,15 +660,19 @@ impl Job<'_> {
                     }
                 });
             }
-            let mut out: &File = dst;
             let mut overflow: Vec<(usize, u64)> = Vec::new();
             let result = (|| -> Result<()> {
+                let mut begun = 0;
                 for (j, &(i, _, n)) in chunks.iter().enumerate() {
                     self.check_cancel()?;
+                    while begun <= i {
+                        sink.begin(begun)?;
+                        begun += 1;
+                    }
                     let (buf, count) = receivers[j % workers]
                         .recv()
                         .expect("a worker sends every chunk or an error")?;
-                    out.write_all(&buf).map_err(|e| Error::io(dst_path, e))?;
+                    sink.write(&buf)?;
                     pool.put(buf);
                     if count > 0 {
                         match overflow.last_mut() {
@@ -589,6 +682,10 @@ impl Job<'_> {
                     }
                     self.progress.advance(n);
                 }
+                while begun < pieces.len() {
+                    sink.begin(begun)?;
+                    begun += 1;
+                }
                 Ok(())
             })();
             if result.is_err() {
@@ -597,30 +694,23 @@ impl Job<'_> {
                 drop(receivers);
             }
             result.map(|_| overflow)
-        })?;
-        self.check_cancel()?;
-        self.finish(dst)?;
-        Ok(results)
+        })
     }
 
-    /// Reads `n` bytes at `pos` of plan entry `i` and casts them; returns the output bytes and
-    /// the count of values that left the target's range.
-    fn read_cast(&self, pool: &Pool, i: usize, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
-        let p = &self.plan.tensors[i];
-        let t = &self.cat.tensors[p.tensor];
+    /// Reads `n` bytes at `pos` of piece `p` and casts them; returns the output bytes and the
+    /// count of values that left the target's range.
+    fn read_cast(&self, pool: &Pool, p: &Piece<'_>, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
+        let t = p.entry;
         let mut buf = pool.get(n as usize);
         self.sources.read(t, pos, &mut buf)?;
-        if !p.is_cast() {
+        if p.from == p.to {
             return Ok((buf, 0));
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
         let mut out = pool.get(buf.len() / isz * osz);
         let count =
             cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()).map_err(|e| {
-                Error::invalid(
-                    &self.cat.files[t.file].path,
-                    format!("tensor `{}`: {e}", t.name),
-                )
+                Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name))
             })?;
         pool.put(buf);
         Ok((out, count))

@@ -1,5 +1,10 @@
 //! Planning: one decision per tensor (target dtype and the rule that chose it), before any byte
-//! is read. The plan is what `--dry-run` shows and what conversion executes.
+//! is read. The plan is what `--dry-run` shows and what conversion executes, for every output
+//! format: which tensors are written, in which dtype, under which names, and what is left out.
+//!
+//! For PyTorch inputs the plan also settles storages: every tensor on one storage (views, tied
+//! weights) gets the same dtype, or the storage is kept whole and the plan says why, so a `.pt`
+//! output (which converts storages) and a safetensors output (which writes tensors) agree.
 
 use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
@@ -64,15 +69,46 @@ pub struct Plan {
     pub target: DType,
     /// One entry per catalogue tensor, same order.
     pub tensors: Vec<TensorPlan>,
+    /// For a `.pt` output of a whole PyTorch file: the tensors outside the selected state dict
+    /// (optimizer state, EMA copies), one entry per [`crate::formats::torch::TorchDoc::others`],
+    /// same order (`tensor` indexes that list).
+    pub others: Vec<TensorPlan>,
+    /// Top-level entries of a training checkpoint that the output leaves out: (name, tensors,
+    /// tensor bytes).
+    pub dropped: Vec<(String, usize, u64)>,
     /// Rules that matched nothing and dtypes that cannot be cast.
     pub warnings: Vec<String>,
-    /// The rules the plan was made with (a .pt output applies them per storage).
-    pub rules: RuleSet,
+    /// The rules (by origin) that match no tensor.
+    pub unmatched: Vec<String>,
+    /// What the output holds of a PyTorch file.
+    pub scope: Scope,
+}
+
+/// What the output holds of a PyTorch file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// The state dict alone (safetensors outputs, `.pt` with `--inference`): the other entries
+    /// of a training checkpoint are dropped.
+    #[default]
+    StateDict,
+    /// The whole file (a `.pt` output): the other entries are kept, their tensors as stored
+    /// unless `cast_others` (`--cast-optimizer`), which casts those of one or more dimensions
+    /// (optimizer moments, EMA weights; `step` counters stay).
+    WholeFile {
+        /// Cast the floating tensors outside the state dict too.
+        cast_others: bool,
+    },
 }
 
 impl Plan {
-    /// Decides every tensor of `cat` with `rules`, casting to `target` by default.
+    /// Decides every tensor of `cat` with `rules`, casting to `target` by default, for an output
+    /// of the state dict alone.
     pub fn new(cat: &Catalogue, rules: &RuleSet, target: DType) -> Plan {
+        Plan::with_scope(cat, rules, target, Scope::StateDict)
+    }
+
+    /// Decides every tensor of `cat`, and for [`Scope::WholeFile`] those outside the state dict.
+    pub fn with_scope(cat: &Catalogue, rules: &RuleSet, target: DType, scope: Scope) -> Plan {
         let mut hits = vec![0usize; rules.rules.len()];
         let mut warnings = Vec::new();
         let mut uncastable = std::collections::BTreeMap::<DType, usize>::new();
@@ -121,9 +157,20 @@ impl Plan {
                 }
             })
             .collect();
+        let mut unmatched = Vec::new();
         for (rule, n) in rules.rules.iter().zip(&hits) {
             if *n == 0 {
-                warnings.push(format!("rule `{}` matches no tensor", rule.origin));
+                let hint = rule
+                    .selector
+                    .case_hint(cat.tensors.iter().map(|t| t.name.as_str()))
+                    .map(|(p, ex)| {
+                        format!(
+                            " (globs are case-sensitive: did you mean `{p}`? it matches `{ex}`)"
+                        )
+                    })
+                    .unwrap_or_default();
+                warnings.push(format!("rule `{}` matches no tensor{hint}", rule.origin));
+                unmatched.push(rule.origin.clone());
             }
         }
         for (d, n) in uncastable {
@@ -131,18 +178,126 @@ impl Plan {
                 "{n} tensor(s) of {d} kept as they are: weightcast does not cast {d}"
             ));
         }
-        Plan {
+        let doc = cat.torch.as_deref();
+        let (others, dropped) = match (doc, scope) {
+            (None, _) => (vec![], vec![]),
+            (Some(d), Scope::StateDict) => (vec![], d.entries.clone()),
+            (Some(d), Scope::WholeFile { cast_others }) => {
+                let others = d
+                    .others
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| other_plan(i, &o.entry, &o.section, cast_others, target))
+                    .collect();
+                (others, vec![])
+            }
+        };
+        let mut plan = Plan {
             target,
             tensors,
+            others,
+            dropped,
             warnings,
-            rules: rules.clone(),
+            unmatched,
+            scope,
+        };
+        plan.settle(cat);
+        plan
+    }
+
+    /// Gives every tensor on one storage the same dtype: a storage whose tensors the plan sends
+    /// to different dtypes (or that a tensor weightcast does not read uses) is kept whole, and
+    /// each of its tensors says so. Called after every change to the plan; idempotent.
+    pub fn settle(&mut self, cat: &Catalogue) {
+        if cat.storages.is_empty() {
+            return;
+        }
+        let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
+        // storage -> plan entries on it: (in others?, index)
+        let mut on: Vec<Vec<(bool, usize)>> = vec![vec![]; cat.storages.len()];
+        for (i, p) in self.tensors.iter().enumerate() {
+            if let Some(s) = cat.tensors[p.tensor].storage {
+                on[s].push((false, i));
+            }
+        }
+        for (i, p) in self.others.iter().enumerate() {
+            if let Some(s) = others[p.tensor].entry.storage {
+                on[s].push((true, i));
+            }
+        }
+        for (s, members) in on.iter().enumerate() {
+            let get = |plan: &Plan, (o, i): (bool, usize)| -> (DType, DType) {
+                let p = if o { &plan.others[i] } else { &plan.tensors[i] };
+                (p.from, p.to)
+            };
+            let Some(&first) = members.first() else {
+                continue;
+            };
+            let (from0, to0) = get(self, first);
+            let agree = members.iter().all(|&m| get(self, m) == (from0, to0));
+            let storage = &cat.storages[s];
+            if (agree && !storage.pinned)
+                || members.iter().all(|&m| get(self, m).0 == get(self, m).1)
+            {
+                continue;
+            }
+            let name = |o: bool, t: usize| -> &str {
+                if o {
+                    &others[t].entry.name
+                } else {
+                    &cat.tensors[t].name
+                }
+            };
+            let why = if storage.pinned {
+                format!(
+                    "storage data/{} kept whole: a tensor weightcast does not read uses it",
+                    storage.key
+                )
+            } else {
+                let names: Vec<String> = members
+                    .iter()
+                    .map(|&(o, i)| {
+                        let p = if o { &self.others[i] } else { &self.tensors[i] };
+                        format!("`{}` -> {}", name(o, p.tensor), p.to)
+                    })
+                    .collect();
+                format!(
+                    "storage data/{} kept whole: its views would get different dtypes ({})",
+                    storage.key,
+                    names.join(", ")
+                )
+            };
+            for &(o, i) in members {
+                let p = if o {
+                    &mut self.others[i]
+                } else {
+                    &mut self.tensors[i]
+                };
+                p.keep();
+                p.reason = why.clone();
+                p.by_default = false;
+            }
         }
     }
 
-    /// Totals of cast/kept tensors and bytes.
+    /// Every plan entry: the state dict's tensors, then those outside it.
+    pub fn all(&self) -> impl Iterator<Item = &TensorPlan> {
+        self.tensors.iter().chain(&self.others)
+    }
+
+    /// Per target dtype of the cast tensors: how many, in dtype order (for summaries).
+    pub fn cast_counts(&self) -> Vec<(DType, usize)> {
+        let mut m = std::collections::BTreeMap::<DType, usize>::new();
+        for p in self.all().filter(|p| p.is_cast()) {
+            *m.entry(p.to).or_default() += 1;
+        }
+        m.into_iter().collect()
+    }
+
+    /// Totals of cast/kept tensors and bytes, over every entry the output holds.
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        for p in &self.tensors {
+        for p in self.all() {
             if p.is_cast() {
                 t.cast += 1;
             } else {
@@ -163,6 +318,35 @@ impl Plan {
             }
         }
         m.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+}
+
+/// The plan of a tensor outside the state dict (a `.pt` output of a whole file).
+fn other_plan(i: usize, t: &TensorEntry, section: &str, cast: bool, target: DType) -> TensorPlan {
+    let (to, reason) = if !t.dtype.is_float() {
+        (t.dtype, format!("{}: never cast", kind_of(t)))
+    } else if !cast {
+        (
+            t.dtype,
+            format!(
+                "`{section}`: not the model's weights, kept as stored (--cast-optimizer casts it)"
+            ),
+        )
+    } else if t.shape.is_empty() {
+        (t.dtype, "0-d (a step counter): kept".to_string())
+    } else if !t.dtype.is_castable() {
+        (t.dtype, format!("no cast from {}", t.dtype))
+    } else {
+        (target, "--cast-optimizer".to_string())
+    };
+    TensorPlan {
+        tensor: i,
+        from: t.dtype,
+        to,
+        bytes_in: t.nbytes,
+        bytes_out: to.bytes_for(t.numel()).unwrap_or(t.nbytes),
+        reason,
+        by_default: false,
     }
 }
 

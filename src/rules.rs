@@ -117,6 +117,35 @@ impl Selector {
     }
 }
 
+impl Selector {
+    /// For a glob that matches none of `names` only because of case: the pattern spelled as
+    /// the names spell it, and a name it would match.
+    pub fn case_hint<'n>(&self, names: impl Iterator<Item = &'n str>) -> Option<(String, String)> {
+        let Selector::Glob(pat) = self else {
+            return None;
+        };
+        let lower: Vec<String> = pat.iter().map(|c| c.to_lowercase()).collect();
+        let lowered = Selector::Glob(lower.clone());
+        for name in names {
+            if !lowered.matches(&name.to_lowercase(), &[]) {
+                continue;
+            }
+            let fixed: Vec<String> = pat
+                .iter()
+                .zip(&lower)
+                .map(|(orig, low)| {
+                    name.split('.')
+                        .find(|c| c.to_lowercase() == *low)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| orig.clone())
+                })
+                .collect();
+            return Some((fixed.join("."), name.to_string()));
+        }
+        None
+    }
+}
+
 /// Whether `pat` matches a prefix of `comps` (a run of whole components).
 fn match_run(pat: &[String], comps: &[&str]) -> bool {
     let Some((first, rest)) = pat.split_first() else {
@@ -252,24 +281,20 @@ impl RuleSet {
     /// preset = "keep-norms"
     /// ```
     pub fn load_file(&mut self, path: &Path) -> Result<Option<DType>> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: RulesFile = toml::from_str(&text).map_err(|e| {
-            Error::invalid(
-                path,
-                format!("invalid rules file: {}", one_line(&e.to_string())),
-            )
-        })?;
+        // A rules file is part of the command line: anything wrong with it is a usage error.
+        let usage = |what: String| Error::usage(format!("{}: {what}", path.display()));
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("cannot read the rules file: {e}")))?;
+        let file: RulesFile = toml::from_str(&text)
+            .map_err(|e| usage(format!("invalid rules file: {}", one_line(&e.to_string()))))?;
         let default = file
             .to
             .as_deref()
-            .map(|t| {
-                t.parse::<DType>()
-                    .map_err(|e| Error::invalid(path, e.to_string()))
-            })
+            .map(|t| t.parse::<DType>().map_err(|e| usage(e.to_string())))
             .transpose()?;
         for (i, r) in file.rule.iter().enumerate() {
             let origin = format!("{} rule {}", path.display(), i + 1);
-            let bad = |what: &str| Error::invalid(path, format!("rule {}: {what}", i + 1));
+            let bad = |what: &str| usage(format!("rule {}: {what}", i + 1));
             match (&r.pattern, &r.preset) {
                 (Some(_), Some(_)) | (None, None) => {
                     return Err(bad("give exactly one of `match` and `preset`"))

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use crate::catalogue::{Catalogue, Packed, Strided, TensorEntry};
 use crate::error::{Error, Result};
@@ -13,41 +14,54 @@ use crate::error::{Error, Result};
 pub struct Sources<'a> {
     cat: &'a Catalogue,
     files: Vec<File>,
-    /// Deflate-compressed records, inflated into unlinked temporary files, by zip entry name.
-    inflated: HashMap<String, File>,
+    /// Deflate-compressed records, inflated into unlinked temporary files on first read, by
+    /// zip entry name.
+    inflated: Mutex<HashMap<String, Arc<File>>>,
 }
 
 impl<'a> Sources<'a> {
-    /// Opens every file of `cat` read-only, and inflates the compressed records its tensors
-    /// live in (a re-zipped torch archive) into temporary files: streamed, so memory stays
-    /// bounded; disk holds each such record once.
+    /// Opens every file of `cat` read-only. Compressed records a tensor lives in (a re-zipped
+    /// torch archive) are inflated into temporary files when first read: streamed, so memory
+    /// stays bounded; disk holds each such record once.
     pub fn open(cat: &'a Catalogue) -> Result<Sources<'a>> {
         let files = cat
             .files
             .iter()
             .map(|f| File::open(&f.path).map_err(|e| Error::io(&f.path, e)))
             .collect::<Result<Vec<_>>>()?;
-        let mut inflated = HashMap::new();
-        for t in &cat.tensors {
-            let Some(p) = &t.packed else { continue };
-            if !inflated.contains_key(&p.entry) {
-                let f = inflate(&cat.files[t.file].path, &files[t.file], p)?;
-                inflated.insert(p.entry.clone(), f);
-            }
-        }
         Ok(Sources {
             cat,
             files,
-            inflated,
+            inflated: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The file a tensor's `offset` is in: its source file, or its inflated record.
-    fn file_of(&self, t: &TensorEntry) -> &File {
-        match &t.packed {
-            Some(p) => &self.inflated[&p.entry],
-            None => &self.files[t.file],
-        }
+    /// The input file a tensor is read from (for messages).
+    pub fn path_of(&self, t: &TensorEntry) -> &std::path::Path {
+        &self.cat.files[t.file].path
+    }
+
+    /// Runs `f` on the file a tensor's `offset` is in: its source file, or its inflated record.
+    fn with_file<R>(&self, t: &TensorEntry, f: impl FnOnce(&File) -> Result<R>) -> Result<R> {
+        let Some(p) = &t.packed else {
+            return f(&self.files[t.file]);
+        };
+        let file = {
+            let mut map = self.inflated.lock().expect("inflated records");
+            match map.get(&p.entry) {
+                Some(file) => file.clone(),
+                None => {
+                    let file = Arc::new(inflate(
+                        &self.cat.files[t.file].path,
+                        &self.files[t.file],
+                        p,
+                    )?);
+                    map.insert(p.entry.clone(), file.clone());
+                    file
+                }
+            }
+        };
+        f(&file)
     }
 
     /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data, little-endian
@@ -69,9 +83,8 @@ impl<'a> Sources<'a> {
         let es = (t.dtype.bitsize() / 8).max(1);
         // Bounded by the reader's gather limit, checked when the catalogue was made.
         let mut span = vec![0u8; s.span as usize];
-        self.file_of(t)
-            .read_exact_at(&mut span, t.offset)
-            .map_err(|e| {
+        self.with_file(t, |f| {
+            f.read_exact_at(&mut span, t.offset).map_err(|e| {
                 Error::invalid(
                     &self.cat.files[t.file].path,
                     format!(
@@ -79,7 +92,8 @@ impl<'a> Sources<'a> {
                         t.name, t.offset
                     ),
                 )
-            })?;
+            })
+        })?;
         let first = (pos / es as u64) as usize;
         let n = buf.len() / es;
         // The multi-index of element `first`.
@@ -112,16 +126,18 @@ impl<'a> Sources<'a> {
 
     fn read_raw(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
         let at = t.offset + pos;
-        self.file_of(t).read_exact_at(buf, at).map_err(|e| {
-            Error::invalid(
-                &self.cat.files[t.file].path,
-                format!(
+        self.with_file(t, |f| {
+            f.read_exact_at(buf, at).map_err(|e| {
+                Error::invalid(
+                    &self.cat.files[t.file].path,
+                    format!(
                     "tensor `{}`: cannot read {} bytes at byte {at}: {e} (was the file changed \
                      while reading?)",
                     t.name,
                     buf.len()
                 ),
-            )
+                )
+            })
         })
     }
 

@@ -118,6 +118,12 @@ const DANGEROUS_MODULES: &[&str] = &[
     "_osx_support",
     "_aix_support",
     "_pyrepl",
+    "setuptools",
+    "jinja2",
+    "mako",
+    "cpp_extension",
+    "npyio",
+    "ctypeslib",
 ];
 
 /// Single dangerous globals (`module.name`).
@@ -158,6 +164,22 @@ const DANGEROUS_GLOBALS: &[&str] = &[
     "types.CodeType",
     "types.FunctionType",
     "numpy.testing._private.utils.runstring",
+    "builtins.file",
+    "builtins.execfile",
+    "builtins.reload",
+    "numpy.load",
+    "numpy.fromfile",
+    "numpy.loadtxt",
+    "numpy.genfromtxt",
+    "pandas.read_pickle",
+    "pandas.read_csv",
+    "keras.models.load_model",
+    "tensorflow.keras.models.load_model",
+    "tf_keras.models.load_model",
+    "torch.utils._config_module.ConfigModule.load_config",
+    "torch.utils.data.datapipes.utils.decoder.basichandlers",
+    "torch.fx.experimental.symbolic_shapes.ShapeEnv.evaluate_guards_expression",
+    "torch._dynamo.guards.GuardBuilder.get",
 ];
 
 /// Module prefixes whose globals are dangerous.
@@ -168,10 +190,77 @@ const DANGEROUS_PREFIXES: &[&str] = &[
     "torch.jit",
     "numpy.f2py",
     "numpy.distutils",
+    "numpy.testing._private.utils",
+    "numpy.lib.npyio",
+    "torch.utils.cpp_extension",
+    "torch.utils.collect_env",
+    "torch.utils.bottleneck",
+    "torch.utils._config_module",
+    "torch.utils.data.datapipes.utils.decoder",
+    "torch.fx.experimental.symbolic_shapes",
+    "keras.models",
+    "keras.saving",
 ];
 
-/// Classifies `module.name`.
+/// Whether `s` is a dotted path of Python identifiers (`torch._utils`, `Module.method`): what a
+/// module or a global's name must be. A name holding a newline, a space, an empty component or
+/// a control character is not a name: a text pickle opcode carrying it would be read as more
+/// opcodes.
+pub fn is_name_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            let mut c = part.chars();
+            c.next().is_some_and(|f| f == '_' || f.is_alphabetic())
+                && c.all(|x| x == '_' || x.is_alphanumeric())
+        })
+}
+
+/// `module.name` for display: control characters and other unprintable ones escaped, so that a
+/// crafted name stays on one line; a name that is not a Python name says so.
+pub fn display_name(module: &str, name: &str) -> String {
+    let text = escape(&format!("{module}.{name}"));
+    if is_name_path(module) && is_name_path(name) {
+        text
+    } else {
+        format!("{text} (not a Python name)")
+    }
+}
+
+/// Escapes control and other unprintable characters (`\n`, `\x1c`, `\u{202e}`).
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control()
+                || matches!(c as u32, 0x200b..=0x200f | 0x202a..=0x202e | 0x2066..=0x2069) =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Classifies `module.name`. A module or name that is not a dotted path of Python identifiers
+/// is dangerous: no real global has it, and written back as text it would be more opcodes.
 pub fn classify(module: &str, name: &str) -> Class {
+    if !is_name_path(module) || !is_name_path(name) {
+        return Class::Dangerous;
+    }
+    // Protocol 4 and up: a dotted name is an attribute path from the module, and any module
+    // imports others (`torch.nn.modules.module` + `torch.load` is `torch.load`): every split of
+    // the path is judged as a global of its own.
+    let parts: Vec<&str> = name.split('.').collect();
+    if (1..parts.len())
+        .any(|k| classify(&parts[..k].join("."), &parts[k..].join(".")) == Class::Dangerous)
+    {
+        return Class::Dangerous;
+    }
     let full = format!("{module}.{name}");
     let module = match module {
         "__builtin__" | "__builtins__" => "builtins",
@@ -179,13 +268,18 @@ pub fn classify(module: &str, name: &str) -> Class {
     };
     let canonical = format!("{module}.{name}");
     if DANGEROUS_GLOBALS.contains(&canonical.as_str())
+        || DANGEROUS_GLOBALS
+            .iter()
+            .any(|g| canonical.starts_with(&format!("{g}.")))
         || module
             .split('.')
             .chain(name.split('.'))
             .any(|c| DANGEROUS_MODULES.contains(&c))
-        || DANGEROUS_PREFIXES
-            .iter()
-            .any(|p| module == *p || module.starts_with(&format!("{p}.")))
+        || DANGEROUS_PREFIXES.iter().any(|p| {
+            module == *p
+                || module.starts_with(&format!("{p}."))
+                || canonical.starts_with(&format!("{p}."))
+        })
         || name == "eval"
         || name == "exec"
     {
@@ -223,5 +317,45 @@ mod tests {
         assert_eq!(classify("torch.nn.modules.linear", "Linear"), Class::Other);
         assert_eq!(classify("__main__", "MyModel"), Class::Other);
         assert_eq!(classify("builtins", "set"), Class::Allowed);
+        // Names that load or run code that the older lists missed.
+        for (m, n) in [
+            ("torch.utils.cpp_extension", "load_inline"),
+            ("numpy", "load"),
+            ("numpy.lib.npyio", "load"),
+            ("pandas", "read_pickle"),
+            ("keras.models", "load_model"),
+            ("setuptools", "setup"),
+            ("jinja2", "Template"),
+            ("__builtin__", "file"),
+            // protocol 4: a dotted name is an attribute path
+            ("torch.nn.modules.module", "torch.load"),
+            ("numpy", "lib.npyio.load"),
+        ] {
+            assert_eq!(classify(m, n), Class::Dangerous, "{m}.{n}");
+        }
+    }
+
+    #[test]
+    fn names_that_are_not_names() {
+        for (m, n) in [
+            ("torch._utils\nc", "x"),
+            ("collections", "OrderedDict\nbuiltins\neval"),
+            ("", "x"),
+            ("torch.", "x"),
+            (".torch", "x"),
+            ("torch", ""),
+            ("tor ch", "x"),
+            ("torch", "x\r"),
+            ("1torch", "x"),
+        ] {
+            assert!(!is_name_path(m) || !is_name_path(n));
+            assert_eq!(classify(m, n), Class::Dangerous, "{m:?}.{n:?}");
+        }
+        assert!(is_name_path("torch._utils"));
+        assert!(is_name_path("Modèle"));
+        assert_eq!(
+            display_name("os\nsystem", "x"),
+            "os\\nsystem.x (not a Python name)"
+        );
     }
 }

@@ -69,6 +69,8 @@ pub fn open_file(path: &Path) -> Result<Catalogue> {
         folder: None,
         notes: vec![],
         globals: vec![],
+        storages: vec![],
+        torch: None,
     })
 }
 
@@ -142,6 +144,7 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
             nbytes: t.end - t.begin,
             strided: None,
             packed: None,
+            storage: None,
         })
         .collect()
 }
@@ -247,6 +250,8 @@ pub fn open_index(index_path: &Path) -> Result<Catalogue> {
         folder: None,
         notes: vec![],
         globals: vec![],
+        storages: vec![],
+        torch: None,
     })
 }
 
@@ -376,14 +381,22 @@ fn open_torch_index(index_path: &Path) -> Result<Catalogue> {
         }
         let mut c = crate::formats::torch::open(&path, None)?;
         c.files[0].name = shard.clone();
+        // A set of files has no single pickle to write back.
+        c.torch = None;
+        let base = cat.as_ref().map_or(0, |all| all.storages.len());
         for t in &mut c.tensors {
             t.file = i;
+            t.storage = t.storage.map(|s| s + base);
+        }
+        for s in &mut c.storages {
+            s.file = i;
         }
         match &mut cat {
             None => cat = Some(c),
             Some(all) => {
                 all.files.extend(c.files);
                 all.tensors.extend(c.tensors);
+                all.storages.extend(c.storages);
                 all.notes.extend(c.notes);
                 all.globals.extend(c.globals);
             }

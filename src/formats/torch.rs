@@ -17,7 +17,9 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::audit::{classify, Class};
-use crate::catalogue::{Catalogue, InputKind, Packed, SourceFile, Strided, TensorEntry};
+use crate::catalogue::{
+    Catalogue, InputKind, Packed, SourceFile, StorageEntry, Strided, TensorEntry,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, Call, Node, NodeId, Pickle};
@@ -351,64 +353,148 @@ struct Found {
     node: NodeId,
 }
 
-/// Opens a torch.save zip checkpoint as a catalogue. `key` selects the entry holding the state
-/// dict (dotted, e.g. `model_state_dict`); without it, a training checkpoint's state dict is
-/// found by [`STATE_DICT_KEYS`].
+/// Where a tensor's `_rebuild_tensor_v2/v3` call sits in the pickle: what a `.pt` writer
+/// rewrites when it converts the tensor's storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// An object made by REDUCE of `_rebuild_tensor_v2/v3` with its argument tuple.
+    Call(NodeId),
+    /// `_rebuild_from_type_v2(func, type, args, state)` (a tensor carrying Python attributes):
+    /// the inner call is its arguments 0 (the function) and 2 (its argument tuple).
+    FromType(NodeId),
+}
+
+/// Which list a tensor of the pickle is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TensorRef {
+    /// [`Catalogue::tensors`]: the selected state dict.
+    Selected(usize),
+    /// [`TorchDoc::others`]: the rest of the file (optimizer state, EMA copies, ...).
+    Other(usize),
+}
+
+/// One tensor rebuild of the pickle, decoded once for every consumer.
+#[derive(Debug, Clone)]
+pub struct Rebuild {
+    /// The tensor's node (a Parameter or subclass wrapper included).
+    pub node: NodeId,
+    /// Where its `_rebuild_tensor_v2/v3` call is.
+    pub site: Site,
+    /// Whether that call is `_rebuild_tensor_v3` (the dtype as its seventh argument).
+    pub v3: bool,
+    /// Its storage's persistent-id node.
+    pub persid: NodeId,
+    /// Index into [`Catalogue::storages`].
+    pub storage: usize,
+    /// The catalogue tensor it is (tied weights: several rebuilds, one tensor).
+    pub tensor: TensorRef,
+}
+
+/// A tensor outside the selected state dict.
+#[derive(Debug, Clone)]
+pub struct OtherTensor {
+    /// Where its bytes are; its name is its path from the top of the file
+    /// (`optimizer_state_dict.state.0.exp_avg`).
+    pub entry: TensorEntry,
+    /// The top-level entry it is under (`optimizer_state_dict`).
+    pub section: String,
+}
+
+/// A PyTorch file's pickle and how its tensors map to the catalogue: what a `.pt` output
+/// writes back, decided by the plan.
+#[derive(Debug, Clone)]
+pub struct TorchDoc {
+    /// The parsed `data.pkl` (or a legacy file's main pickle).
+    pub pickle: Pickle,
+    /// A legacy (non-zip) file.
+    pub legacy: bool,
+    /// A TorchScript archive.
+    pub torchscript: bool,
+    /// The node whose tensors are the catalogue's tensors (the state dict).
+    pub selected: NodeId,
+    /// The entry it was taken from (`model_state_dict`), when not the whole file.
+    pub entry: Option<String>,
+    /// Every tensor rebuild reachable from the top of the pickle.
+    pub rebuilds: Vec<Rebuild>,
+    /// Tensors outside the selected state dict.
+    pub others: Vec<OtherTensor>,
+    /// Top-level entries other than the selected one: (name, tensors, tensor bytes).
+    pub entries: Vec<(String, usize, u64)>,
+}
+
+/// Opens a PyTorch checkpoint (torch.save zip, legacy, TorchScript) as a catalogue. `key`
+/// selects the entry holding the state dict (dotted, e.g. `model_state_dict`); without it, a
+/// training checkpoint's state dict is found by [`STATE_DICT_KEYS`].
 pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let ar = read_archive(path)?;
-    let pk = &ar.pickle;
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
+    let pk = &ar.pickle;
+    let (selected, entry) = select_root(path, pk, key)?;
     let mut notes = Vec::new();
-    let (root, prefix) = select_root(path, pk, key)?;
-    if let Some(p) = &prefix {
-        let dropped = dropped_entries(&ar, p);
-        notes.push(format!(
-            "tensors taken from the entry `{p}` (use --key to choose another){}",
-            if dropped.is_empty() {
-                String::new()
-            } else {
-                format!("; left out: {}", describe_dropped(&dropped))
-            }
-        ));
-    }
-    let found = tensors_in(path, pk, root)?;
-    let mut tensors = Vec::new();
-    type ViewKey = (u64, u64, DType, Vec<u64>, Option<Strided>, Option<Packed>);
-    let mut seen: HashMap<ViewKey, String> = HashMap::new();
-    let mut aliases = Vec::new();
-    for (name, node) in found {
-        let f = Found { name, node };
-        match tensor_entry(&ar, f.node) {
-            Ok((dtype, shape, offset, nbytes, strided, packed)) => {
-                let k = (
-                    offset,
-                    nbytes,
-                    dtype,
-                    shape.clone(),
-                    strided.clone(),
-                    packed.clone(),
-                );
-                if let Some(kept) = seen.get(&k) {
-                    aliases.push((f.name.clone(), kept.clone()));
+    let mut dec = Decoder::new(&ar);
+    let mut tensors: Vec<TensorEntry> = Vec::new();
+    let mut others: Vec<OtherTensor> = Vec::new();
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    // Tensors of the state dict first, named as `state_dict()` names them.
+    for (name, node) in tensors_in(path, pk, selected)? {
+        match dec.decode(node) {
+            Ok(d) => {
+                if let Some(kept) = dec.tied(&d) {
+                    if let TensorRef::Selected(i) = kept {
+                        aliases.push((name, tensors[i].name.clone()));
+                    }
+                    dec.record(node, &d, kept);
                     continue;
                 }
-                seen.insert(k, f.name.clone());
-                tensors.push(TensorEntry {
-                    name: f.name,
-                    dtype,
-                    shape,
-                    file: 0,
-                    offset,
-                    nbytes,
-                    strided,
-                    packed,
-                });
+                let r = TensorRef::Selected(tensors.len());
+                tensors.push(dec.entry(name, &d));
+                dec.record(node, &d, r);
             }
-            Err(why) => notes.push(format!("tensor `{}` left out: {why}", f.name)),
+            Err(why) => {
+                dec.pin_below(node);
+                notes.push(format!("tensor `{name}` left out: {why}"));
+            }
         }
     }
+    // Then every other tensor of the file, by its path from the top; then rebuild calls no
+    // name leads to (inside a custom object's arguments), so that a .pt output never converts
+    // a storage under a tensor it did not see.
+    let mut rest = if selected == pk.root {
+        vec![]
+    } else {
+        tensors_in(path, pk, pk.root)?
+    };
+    rest.extend(
+        reachable(pk, pk.root)
+            .into_iter()
+            .filter(|&id| is_tensor(pk, id))
+            .map(|id| (format!("<object {id}>"), id)),
+    );
+    for (name, node) in rest {
+        if dec.seen(node) {
+            continue;
+        }
+        let section = name.split('.').next().unwrap_or("").to_string();
+        match dec.decode(node) {
+            Ok(d) => {
+                let r = match dec.tied(&d) {
+                    Some(r) => r,
+                    None => {
+                        others.push(OtherTensor {
+                            entry: dec.entry(name, &d),
+                            section,
+                        });
+                        TensorRef::Other(others.len() - 1)
+                    }
+                };
+                dec.record(node, &d, r);
+            }
+            Err(_) => dec.pin_below(node),
+        }
+    }
+    dec.pin_unread_storages(pk.root);
     if !aliases.is_empty() {
         notes.push(format!(
             "{} tied tensor(s) share storage with another and are written once: {}",
@@ -420,18 +506,34 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
                 .join(", ")
         ));
     }
-    let globals: Vec<(String, String, Class)> = pk
+    let entries = top_entries(pk, entry.as_deref(), &others);
+    if let Some(p) = &entry {
+        notes.push(format!(
+            "the state dict is the entry `{p}`{}{}",
+            if key.is_none() {
+                " (found by its name; --key chooses another)"
+            } else {
+                ""
+            },
+            if entries.is_empty() {
+                String::new()
+            } else {
+                format!("; other entries: {}", describe_dropped(&entries))
+            }
+        ));
+    }
+    let globals: Vec<(String, Class)> = pk
         .globals()
         .into_iter()
         .map(|(m, n)| {
             let c = classify(&m, &n);
-            (m, n, c)
+            (crate::audit::display_name(&m, &n), c)
         })
         .collect();
-    let dangerous: Vec<String> = globals
+    let dangerous: Vec<&str> = globals
         .iter()
-        .filter(|g| g.2 == Class::Dangerous)
-        .map(|g| format!("{}.{}", g.0, g.1))
+        .filter(|g| g.1 == Class::Dangerous)
+        .map(|g| g.0.as_str())
         .collect();
     if !dangerous.is_empty() {
         notes.push(format!(
@@ -442,6 +544,19 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     // safetensors metadata in the convert.py style: {"format": "pt", removed: kept}.
     let mut metadata = vec![("format".to_string(), "pt".to_string())];
     metadata.extend(aliases.iter().cloned());
+    let Decoder {
+        storages, rebuilds, ..
+    } = dec;
+    let doc = TorchDoc {
+        pickle: ar.pickle.clone(),
+        legacy: ar.legacy,
+        torchscript: ar.torchscript,
+        selected,
+        entry,
+        rebuilds,
+        others,
+        entries,
+    };
     Ok(Catalogue {
         path: path.to_path_buf(),
         kind: if ar.torchscript {
@@ -465,45 +580,65 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         index_metadata: None,
         folder: None,
         notes,
-        globals: globals
-            .into_iter()
-            .map(|(m, n, c)| (format!("{m}.{n}"), c))
-            .collect(),
+        globals,
+        storages,
+        torch: Some(std::sync::Arc::new(doc)),
     })
 }
 
-/// The top-level entries of a checkpoint other than `kept`: (name, tensors, tensor bytes).
-pub fn dropped_entries(ar: &Archive, kept: &str) -> Vec<(String, usize, u64)> {
-    let pk = &ar.pickle;
-    let first = kept.split('.').next().unwrap_or(kept);
+/// The top-level entries of a checkpoint other than the selected one: (name, tensors, bytes).
+fn top_entries(
+    pk: &Pickle,
+    selected: Option<&str>,
+    others: &[OtherTensor],
+) -> Vec<(String, usize, u64)> {
+    let Some(first) = selected.map(|k| k.split('.').next().unwrap_or(k)) else {
+        return vec![];
+    };
     let Some(items) = dict_items(pk, pk.root) else {
         return vec![];
     };
     items
         .iter()
-        .filter_map(|&(k, v)| {
-            let name = key_text(pk, k)?;
-            if name == first {
-                return None;
-            }
-            let mut found = Vec::new();
-            let _ = walk(
-                Path::new(""),
-                pk,
-                v,
-                &mut Vec::new(),
-                &mut found,
-                0,
-                &mut HashSet::new(),
-            );
-            let bytes = found
-                .iter()
-                .filter_map(|f| tensor_entry(ar, f.node).ok())
-                .map(|(_, _, _, n, _, _)| n)
-                .sum();
-            Some((name, found.len(), bytes))
+        .filter_map(|&(k, _)| key_text(pk, k))
+        .filter(|name| name != first)
+        .map(|name| {
+            let mine = others.iter().filter(|o| o.section == name);
+            let (n, b) = mine.fold((0, 0), |(n, b), o| (n + 1, b + o.entry.nbytes));
+            (name, n, b)
         })
         .collect()
+}
+
+/// Every node reachable from `root`, each once.
+pub fn reachable(pk: &Pickle, root: NodeId) -> Vec<NodeId> {
+    let mut seen = vec![false; pk.nodes.len()];
+    let mut stack = vec![root];
+    let mut out = Vec::new();
+    while let Some(id) = stack.pop() {
+        if id >= seen.len() || std::mem::replace(&mut seen[id], true) {
+            continue;
+        }
+        out.push(id);
+        stack.extend(pk.nodes[id].children());
+    }
+    out
+}
+
+/// The storage key of a persistent id `("storage", type, key, location, numel)`.
+pub fn persid_key(pk: &Pickle, persid: NodeId) -> Option<String> {
+    let Node::PersId(t) = pk.node(persid) else {
+        return None;
+    };
+    let t = pk.seq(*t)?;
+    if t.len() < 5 || pk.str(t[0]) != Some("storage") {
+        return None;
+    }
+    match pk.node(t[2]) {
+        Node::Str(s) => Some(s.clone()),
+        Node::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
 }
 
 /// "`optimizer` (8 tensors, 1234 bytes), `epoch`".
@@ -716,13 +851,192 @@ pub(crate) fn storage_dtype(name: &str) -> Option<DType> {
     })
 }
 
-/// The dtype, shape and byte range in the file of the tensor built by node `id`.
-/// dtype, shape, byte offset of the first element, contiguous bytes, non-contiguous layout.
-type View = (DType, Vec<u64>, u64, u64, Option<Strided>, Option<Packed>);
+/// A tensor's rebuild call, decoded: where it is and the view it makes.
+#[derive(Debug, Clone)]
+struct Decoded {
+    site: Site,
+    v3: bool,
+    persid: NodeId,
+    key: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    strides: Vec<u64>,
+    /// First element, counted in elements of `dtype` from the storage's start.
+    offset: u64,
+}
 
-fn tensor_entry(ar: &Archive, id: NodeId) -> std::result::Result<View, String> {
-    let pk = &ar.pickle;
-    let Some((_, func)) = pk.callee(id) else {
+/// The one decoder of rebuild calls: every consumer (catalogue, `.pt` writer) sees the tensors
+/// it produces, with their storages.
+struct Decoder<'a> {
+    ar: &'a Archive,
+    storages: Vec<StorageEntry>,
+    by_key: HashMap<String, usize>,
+    rebuilds: Vec<Rebuild>,
+    /// Tensor nodes and inner rebuild nodes already decoded.
+    consumed: HashSet<NodeId>,
+    /// Views already in the catalogue, for tied weights.
+    views: HashMap<ViewKey, TensorRef>,
+}
+
+/// A view of a storage: (storage, element offset, dtype, shape, strides).
+type ViewKey = (usize, u64, DType, Vec<u64>, Vec<u64>);
+
+impl<'a> Decoder<'a> {
+    fn new(ar: &'a Archive) -> Self {
+        Decoder {
+            ar,
+            storages: vec![],
+            by_key: HashMap::new(),
+            rebuilds: vec![],
+            consumed: HashSet::new(),
+            views: HashMap::new(),
+        }
+    }
+
+    fn seen(&self, node: NodeId) -> bool {
+        self.consumed.contains(&node)
+    }
+
+    /// The storage of `key` (made on first use from its record).
+    fn storage(&mut self, key: &str, dtype: Option<DType>) -> std::result::Result<usize, String> {
+        if let Some(&i) = self.by_key.get(key) {
+            let s = &mut self.storages[i];
+            match (s.dtype, dtype) {
+                (None, d) => s.dtype = d,
+                (Some(a), Some(b)) if a != b => s.pinned = true, // one storage read as two dtypes
+                _ => {}
+            }
+            return Ok(i);
+        }
+        let record =
+            self.ar.records.get(&format!("data/{key}")).ok_or_else(|| {
+                format!("storage record `data/{key}` is missing from the archive")
+            })?;
+        let (offset, packed) = if record.stored {
+            (record.data_start, None)
+        } else {
+            // torch.save never compresses storages, but an archive re-zipped with deflate still
+            // loads in torch: its records are inflated by the reader.
+            let packed = Packed {
+                entry: format!("{}data/{key}", self.ar.prefix),
+                size: record.size,
+            };
+            (0, Some(packed))
+        };
+        self.storages.push(StorageEntry {
+            key: key.to_string(),
+            dtype,
+            file: 0,
+            offset,
+            nbytes: record.size,
+            packed,
+            pinned: false,
+        });
+        self.by_key.insert(key.to_string(), self.storages.len() - 1);
+        Ok(self.storages.len() - 1)
+    }
+
+    /// Decodes the tensor built by node `id`.
+    fn decode(&mut self, id: NodeId) -> std::result::Result<Decoded, String> {
+        let d = decode_rebuild(&self.ar.pickle, id)?;
+        // The storage must exist and hold the view.
+        let s = self.storage(&d.key, Some(d.dtype))?;
+        view_bytes(&d, self.storages[s].nbytes)?;
+        Ok(d)
+    }
+
+    /// The catalogue tensor that an identical view of the same storage already is.
+    fn tied(&self, d: &Decoded) -> Option<TensorRef> {
+        let s = self.by_key[&d.key];
+        self.views
+            .get(&(s, d.offset, d.dtype, d.shape.clone(), d.strides.clone()))
+            .copied()
+    }
+
+    /// Records that node `node` (decoded as `d`) is the tensor `r`.
+    fn record(&mut self, node: NodeId, d: &Decoded, r: TensorRef) {
+        let storage = self.by_key[&d.key];
+        // The wrapper and the inner call (a Parameter's data) are this tensor.
+        self.consumed.insert(node);
+        let (Site::Call(c) | Site::FromType(c)) = d.site;
+        self.consumed.insert(c);
+        self.views
+            .entry((
+                storage,
+                d.offset,
+                d.dtype,
+                d.shape.clone(),
+                d.strides.clone(),
+            ))
+            .or_insert(r);
+        self.rebuilds.push(Rebuild {
+            node,
+            site: d.site,
+            v3: d.v3,
+            persid: d.persid,
+            storage,
+            tensor: r,
+        });
+    }
+
+    /// The catalogue entry of a decoded tensor.
+    fn entry(&self, name: String, d: &Decoded) -> TensorEntry {
+        let s = self.by_key[&d.key];
+        let st = &self.storages[s];
+        let (start, nbytes, strided) = view_bytes(d, st.nbytes).expect("checked when decoded");
+        TensorEntry {
+            name,
+            dtype: d.dtype,
+            shape: d.shape.clone(),
+            file: 0,
+            offset: st.offset + start,
+            nbytes,
+            strided,
+            packed: st.packed.clone(),
+            storage: Some(s),
+        }
+    }
+
+    /// Pins every storage referenced below `node` (a tensor weightcast does not read): the
+    /// tensors inside it (a sparse tensor's indices and values) are part of it, not tensors of
+    /// their own.
+    fn pin_below(&mut self, node: NodeId) {
+        let pk = &self.ar.pickle;
+        let below = reachable(pk, node);
+        self.consumed.extend(below.iter().copied());
+        let keys: Vec<String> = below
+            .into_iter()
+            .filter_map(|id| persid_key(pk, id))
+            .collect();
+        for k in keys {
+            if let Ok(i) = self.storage(&k, None) {
+                self.storages[i].pinned = true;
+            }
+        }
+    }
+
+    /// Storages referenced other than through a decoded tensor (a raw storage object) are
+    /// pinned, so that a `.pt` output copies them as they are.
+    fn pin_unread_storages(&mut self, root: NodeId) {
+        let used: HashSet<NodeId> = self.rebuilds.iter().map(|r| r.persid).collect();
+        let pk = &self.ar.pickle;
+        let keys: Vec<String> = reachable(pk, root)
+            .into_iter()
+            .filter(|id| !used.contains(id))
+            .filter_map(|id| persid_key(pk, id))
+            .collect();
+        for k in keys {
+            if let Ok(i) = self.storage(&k, None) {
+                self.storages[i].pinned = true;
+            }
+        }
+    }
+}
+
+/// Decodes the rebuild call of tensor node `id`: `_rebuild_tensor_v2/v3`, through
+/// `_rebuild_parameter(_with_state)` and `_rebuild_from_type_v2` wrappers.
+fn decode_rebuild(pk: &Pickle, id: NodeId) -> std::result::Result<Decoded, String> {
+    let Some((module, func)) = pk.callee(id) else {
         return Err("not a tensor".into());
     };
     let Node::Object(o) = pk.node(id) else {
@@ -731,57 +1045,60 @@ fn tensor_entry(ar: &Archive, id: NodeId) -> std::result::Result<View, String> {
     let Call::Reduce { args, .. } = o.call else {
         return Err("not a tensor".into());
     };
+    if module != "torch._utils" && module != "torch._tensor" {
+        return Err(format!("`{module}.{func}` tensors are not read"));
+    }
     let args = pk.seq(args).ok_or("rebuild arguments are not a tuple")?;
     match func {
         "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
             let inner = *args.first().ok_or("parameter without data")?;
-            tensor_entry(ar, inner)
+            if inner == id {
+                return Err("parameter wraps itself".into());
+            }
+            decode_rebuild(pk, inner)
         }
         "_rebuild_from_type_v2" => {
-            // (func, new_type, args, state): the inner call's arguments
+            // (func, new_type, args, state): the inner call's function and arguments.
             let (f, a) = (
                 *args.first().ok_or("missing function")?,
                 *args.get(2).ok_or("missing arguments")?,
             );
-            match pk.global(f) {
-                Some(("torch._utils", "_rebuild_tensor_v2")) => {
-                    storage_view(ar, pk.seq(a).ok_or("arguments are not a tuple")?, None)
+            let v3 = match pk.global(f) {
+                Some(("torch._utils", "_rebuild_tensor_v2")) => false,
+                Some(("torch._utils", "_rebuild_tensor_v3")) => true,
+                Some((_, other)) => {
+                    return Err(format!(
+                        "tensor subclass rebuilt with `{other}` is not read"
+                    ))
                 }
-                Some((_, other)) => Err(format!(
-                    "tensor subclass rebuilt with `{other}` is not read"
-                )),
-                None => Err("tensor subclass without a rebuild function".into()),
-            }
+                None => return Err("tensor subclass without a rebuild function".into()),
+            };
+            let a = pk.seq(a).ok_or("arguments are not a tuple")?;
+            tensor_call(pk, a, v3, Site::FromType(id))
         }
-        "_rebuild_tensor_v2" => storage_view(ar, args, None),
-        "_rebuild_tensor_v3" => {
-            let d = *args.get(6).ok_or("v3 rebuild without dtype")?;
-            let (_, name) = pk.global(d).ok_or("v3 dtype is not a torch dtype")?;
-            let dtype = DType::ALL
-                .into_iter()
-                .find(|x| x.torch_name() == name)
-                .ok_or_else(|| format!("dtype torch.{name} has no safetensors equivalent"))?;
-            storage_view(ar, args, Some(dtype))
-        }
+        "_rebuild_tensor_v2" => tensor_call(pk, args, false, Site::Call(id)),
+        "_rebuild_tensor_v3" => tensor_call(pk, args, true, Site::Call(id)),
         "_rebuild_qtensor" => Err("quantized tensor (left as is, not cast)".into()),
         "_rebuild_sparse_tensor" => Err("sparse tensor (not cast)".into()),
         other => Err(format!("`{other}` tensors are not read")),
     }
 }
 
-/// (storage, storage_offset, size, stride, ...) of `_rebuild_tensor_v2/v3`.
-fn storage_view(
-    ar: &Archive,
+/// (storage, storage_offset, size, stride, requires_grad, hooks[, dtype]) of
+/// `_rebuild_tensor_v2/v3`.
+fn tensor_call(
+    pk: &Pickle,
     args: &[NodeId],
-    dtype: Option<DType>,
-) -> std::result::Result<View, String> {
-    let pk = &ar.pickle;
+    v3: bool,
+    site: Site,
+) -> std::result::Result<Decoded, String> {
     let get = |i: usize| {
         args.get(i)
             .copied()
             .ok_or_else(|| format!("rebuild call has no argument {i}"))
     };
-    let Node::PersId(pid) = pk.node(get(0)?) else {
+    let persid = get(0)?;
+    let Node::PersId(pid) = pk.node(persid) else {
         return Err("storage is not a persistent id".into());
     };
     let pid = pk.seq(*pid).ok_or("storage id is not a tuple")?;
@@ -792,16 +1109,15 @@ fn storage_view(
         return Err("legacy storage views (pre-1.0 files) are not read".into());
     }
     let (smod, sname) = pk.global(pid[1]).ok_or("storage type is not a global")?;
-    let key = match pk.node(pid[2]) {
-        Node::Str(s) => s.clone(),
-        Node::Int(i) => i.to_string(),
-        _ => return Err("storage key is not a string".into()),
-    };
-    let dtype = match (dtype, sname) {
-        (Some(d), _) => d,
-        (None, n) => {
-            storage_dtype(n).ok_or_else(|| format!("storage type {smod}.{n} is not read"))?
-        }
+    let key = persid_key(pk, persid).ok_or("storage key is not a string")?;
+    let dtype = if v3 {
+        let (_, name) = pk.global(get(6)?).ok_or("v3 dtype is not a torch dtype")?;
+        DType::ALL
+            .into_iter()
+            .find(|x| x.torch_name() == name)
+            .ok_or_else(|| format!("dtype torch.{name} has no safetensors equivalent"))?
+    } else {
+        storage_dtype(sname).ok_or_else(|| format!("storage type {smod}.{sname} is not read"))?
     };
     let offset = pk
         .int(get(1)?)
@@ -829,37 +1145,52 @@ fn storage_view(
             .collect()
     };
     let shape = ints(get(2)?)?;
-    let stride = ints(get(3)?)?;
-    if shape.len() != stride.len() {
+    let strides = ints(get(3)?)?;
+    if shape.len() != strides.len() {
         return Err("size and stride have different lengths".into());
     }
-    // C-contiguous views are byte ranges of their storage; others are gathered on read.
+    Ok(Decoded {
+        site,
+        v3,
+        persid,
+        key,
+        dtype,
+        shape,
+        strides,
+        offset,
+    })
+}
+
+/// Where a view's bytes are in its storage of `record` bytes: (first byte, contiguous bytes,
+/// non-contiguous layout). C-contiguous views are byte ranges; others are gathered on read.
+fn view_bytes(
+    d: &Decoded,
+    record: u64,
+) -> std::result::Result<(u64, u64, Option<Strided>), String> {
     let mut expect = 1u64;
     let mut contiguous = true;
-    for (&d, &s) in shape.iter().zip(&stride).rev() {
-        if d > 1 && s != expect {
+    for (&n, &s) in d.shape.iter().zip(&d.strides).rev() {
+        if n > 1 && s != expect {
             contiguous = false;
         }
-        expect = expect.checked_mul(d).ok_or("shape overflows")?;
+        expect = expect.checked_mul(n).ok_or("shape overflows")?;
     }
     let numel = expect;
-    let record = ar
-        .records
-        .get(&format!("data/{key}"))
-        .ok_or_else(|| format!("storage record `data/{key}` is missing from the archive"))?;
-    let esize = (dtype.bitsize() / 8).max(1) as u64;
-    let start = offset
+    let esize = (d.dtype.bitsize() / 8).max(1) as u64;
+    let start = d
+        .offset
         .checked_mul(esize)
         .ok_or("storage offset overflows")?;
-    let nbytes = dtype.bytes_for(numel).ok_or("tensor size overflows")?;
+    let nbytes = d.dtype.bytes_for(numel).ok_or("tensor size overflows")?;
     let strided = if contiguous || numel == 0 {
         None
     } else {
-        let last = shape
+        let last = d
+            .shape
             .iter()
-            .zip(&stride)
-            .try_fold(0u64, |acc, (&d, &s)| {
-                acc.checked_add((d - 1).checked_mul(s)?)
+            .zip(&d.strides)
+            .try_fold(0u64, |acc, (&n, &s)| {
+                acc.checked_add((n - 1).checked_mul(s)?)
             })
             .ok_or("strides overflow")?;
         let span = last
@@ -872,34 +1203,17 @@ fn storage_view(
             ));
         }
         Some(Strided {
-            strides: stride.clone(),
+            strides: d.strides.clone(),
             span,
         })
     };
     let covered = strided.as_ref().map_or(nbytes, |s| s.span);
     let end = start.checked_add(covered).ok_or("tensor size overflows")?;
-    if end > record.size {
+    if end > record {
         return Err(format!(
-            "view ends at byte {end} of storage `data/{key}`, which holds {} bytes",
-            record.size
+            "view ends at byte {end} of storage `data/{}`, which holds {record} bytes",
+            d.key
         ));
     }
-    if record.stored {
-        Ok((
-            dtype,
-            shape,
-            record.data_start + start,
-            nbytes,
-            strided,
-            None,
-        ))
-    } else {
-        // torch.save never compresses storages, but an archive re-zipped with deflate still
-        // loads in torch: its records are inflated by the reader.
-        let packed = Packed {
-            entry: format!("{}data/{key}", ar.prefix),
-            size: record.size,
-        };
-        Ok((dtype, shape, start, nbytes, strided, Some(packed)))
-    }
+    Ok((start, nbytes, strided))
 }

@@ -227,6 +227,19 @@ def torch_cast(obj, dtype):
     return obj
 
 
+STATE_DICT_KEYS = ["state_dict", "model_state_dict", "model", "module", "net", "network"]
+
+
+def torch_cast_checkpoint(obj, dtype):
+    """torch's cast of what weightcast converts by default: a training checkpoint's state dict
+    entry (found as weightcast finds it); optimizer state and the rest keep their dtypes."""
+    if isinstance(obj, dict):
+        for k in STATE_DICT_KEYS:
+            if isinstance(obj.get(k), dict) and obj[k]:
+                return type(obj)((n, torch_cast(v, dtype) if n == k else v) for n, v in obj.items())
+    return torch_cast(obj, dtype)
+
+
 def assert_same_tree(got, want, path="root"):
     assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
     if isinstance(want, torch.Tensor):
@@ -256,7 +269,7 @@ def test_pt_to_pt_is_torch_load_cast_save(tmp_path, name, to, dtype):
     run("convert", FIX / name, "-o", out, "--to", to, "--on-overflow", "allow")
     src = torch.load(FIX / name, weights_only=False, map_location="cpu")
     got = torch.load(out, weights_only=True)
-    assert_same_tree(got, torch_cast(src, dtype))
+    assert_same_tree(got, torch_cast_checkpoint(src, dtype))
     mm = torch.load(out, weights_only=True, mmap=True)
     assert_same_tree(mm, got)
     # storages saved on cuda:0 come back as cpu
@@ -288,9 +301,19 @@ def test_pt_modules_and_rules(tmp_path):
     # a training checkpoint keeps its optimizer state, epoch and vocab
     run("convert", FIX / "training.pt", "-o", out, "--to", "bf16", "--force")
     t = torch.load(out, weights_only=True)
+    src = torch.load(FIX / "training.pt")
     assert t["epoch"] == 3 and t["vocab"] == {"a": 0, "b": 1}
-    assert t["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16
-    assert t["optimizer"]["param_groups"] == torch.load(FIX / "training.pt")["optimizer"]["param_groups"]
+    # optimizer state keeps its dtypes by default ...
+    assert_same_tree(t["optimizer"], src["optimizer"])
+    # ... and --cast-optimizer casts its moments, never the 0-d step counters
+    run("convert", FIX / "training.pt", "-o", out, "--to", "bf16", "--force", "--cast-optimizer")
+    t = torch.load(out, weights_only=True)
+    for k, st in t["optimizer"]["state"].items():
+        for name, v in st.items():
+            ref = src["optimizer"]["state"][k][name]
+            want = ref.to(torch.bfloat16) if ref.is_floating_point() and ref.dim() > 0 else ref
+            assert_same_tree(v, want, f"state.{k}.{name}")
+    assert t["optimizer"]["param_groups"] == src["optimizer"]["param_groups"]
 
 
 def test_pt_refuses_dangerous_and_overflow(tmp_path):
@@ -349,7 +372,7 @@ def test_pt_to_pt_per_tensor_plans(tmp_path):
     names = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
              "F32": torch.float32}
     for k, v in got["model"].items():
-        want = chosen[f"model.{k}"]
+        want = chosen[k]  # the same names as inspect and safetensors outputs
         if k.startswith("view."):
             continue  # one storage: cast once if both views agree, kept whole otherwise
         assert v.dtype == names[want], (k, want)
@@ -510,3 +533,95 @@ def test_deflated_archive(tmp_path):
             check=False)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_pt_output_follows_the_plan_cases_from_the_tour(tmp_path):
+    """The four outputs that disagreed with their own plan (each failed before the one-executor
+    rewrite): a tensor with Python attributes, --key with --only, --key alone (optimizer state),
+    and the summary's dtype under a rule."""
+    t = torch.ones(2)
+    t.foo = 3
+    attr = tmp_path / "attr.pt"
+    torch.save({"t": t}, attr)
+    out = tmp_path / "o.pt"
+    plan = json.loads(run("convert", attr, "-o", out, "--to", "f16", "--dry-run", "--json").stdout)
+    assert plan["tensors"][0]["to"] == "F16"
+    p = run("convert", attr, "-o", out, "--to", "f16")
+    got = torch.load(out, weights_only=False)["t"]
+    assert got.dtype == torch.float16 and got.foo == 3 and "1 cast to float16, 0 kept" in p.stderr
+
+    m = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(12)])
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ckpt = tmp_path / "train.pt"
+    torch.save({"model_state_dict": m.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                "epoch": 1}, ckpt)
+    only = ["--key", "model_state_dict", "--only", r"re:^(8|11)\.weight$"]
+    plan = json.loads(run("convert", ckpt, "-o", out, "--to", "bf16", *only, "--dry-run", "--json",
+                          "--force").stdout)
+    assert sorted(t["name"] for t in plan["tensors"] if t["cast"]) == ["11.weight", "8.weight"]
+    run("convert", ckpt, "-o", out, "--to", "bf16", *only, "--force")
+    sd = torch.load(out)["model_state_dict"]
+    assert sorted(k for k, v in sd.items() if v.dtype == torch.bfloat16) == ["11.weight", "8.weight"]
+
+    p = run("convert", ckpt, "-o", out, "--to", "bf16", "--key", "model_state_dict", "--force")
+    state = torch.load(out)["optimizer_state_dict"]["state"][0]
+    assert state["step"].dtype == torch.float32 and state["exp_avg"].dtype == torch.float32
+    assert "use --key" not in p.stderr
+
+    p = run("convert", ckpt, "-o", out, "--to", "f32", "--rule", "8.weight=bf16", "--force")
+    assert "1 cast to bfloat16" in p.stderr and "cast to float32" not in p.stderr
+    assert torch.load(out)["model_state_dict"]["8.weight"].dtype == torch.bfloat16
+
+
+def crafted_archive(path, data_pkl):
+    """A torch.save-shaped zip whose data.pkl is `data_pkl` (no storages)."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+
+
+def test_a_global_name_with_a_newline_is_dangerous_and_never_written(tmp_path):
+    """STACK_GLOBAL takes any two strings. A name holding a newline, written back as a text
+    GLOBAL opcode, would become opcodes of its own (here: posix.system)."""
+    name = b"OrderedDict\ncposix\nsystem"
+    pkl = (b"\x80\x04\x8c\x0bcollections\x8c" + bytes([len(name)]) + name + b"\x93)R.")
+    bad = tmp_path / "bad.pt"
+    crafted_archive(bad, pkl)
+    with pytest.raises(Exception):
+        torch.load(bad, weights_only=False)  # torch itself cannot even load it
+    p = run("audit", bad, check=False)
+    assert p.returncode == 1 and "1 dangerous" in p.stdout
+    assert "OrderedDict\\ncposix\\nsystem (not a Python name)" in p.stdout
+    assert len(p.stdout.strip().splitlines()) == 2  # the name stays on one line
+    out = tmp_path / "out.pt"
+    p = run("convert", bad, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 1 and "dangerous globals" in p.stderr and not out.exists()
+
+
+def test_strict_audit_and_convert(tmp_path):
+    p = run("audit", FIX / "sequential.pt")
+    assert p.returncode == 0
+    p = run("audit", "--strict", FIX / "sequential.pt", check=False)
+    assert p.returncode == 1  # torch.nn.modules.* is not on the weights-only allowlist
+    out = tmp_path / "o.pt"
+    p = run("convert", FIX / "sequential.pt", "-o", out, "--to", "f16", "--strict", check=False)
+    assert p.returncode == 1 and "weights-only allowlist" in p.stderr and not out.exists()
+    run("convert", FIX / "training.pt", "-o", out, "--to", "f16", "--strict")
+    assert torch.load(out, weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.utils.cpp_extension", "load_inline"), ("numpy", "load"), ("numpy.lib.npyio", "load"),
+    ("pandas", "read_pickle"), ("keras.models", "load_model"), ("setuptools", "setup"),
+    ("jinja2", "Template"), ("__builtin__", "file"),
+])
+def test_loaders_and_code_runners_are_dangerous(tmp_path, module, name):
+    pkl = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n)R."
+    bad = tmp_path / "bad.pt"
+    crafted_archive(bad, pkl)
+    p = run("audit", bad, check=False)
+    assert p.returncode == 1 and "dangerous" in p.stdout and f"{module}.{name}" in p.stdout

@@ -32,12 +32,18 @@ pub enum Command {
         /// PyTorch files (.pt, .pth, .bin).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Exit 1 on any global outside torch's weights-only allowlist, not only dangerous ones.
+        #[arg(long)]
+        strict: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Cast the floating-point tensors of a checkpoint to another dtype.
-    #[command(after_help = CONVERT_HELP)]
+    #[command(
+        after_help = CONVERT_HELP,
+        override_usage = "weightcast convert <INPUT> -o <OUTPUT> --to <DTYPE> [OPTIONS]"
+    )]
     Convert(ConvertArgs),
     /// Measure what a cast would do to every tensor (overflow, underflow, error) without
     /// writing anything.
@@ -68,6 +74,9 @@ pub struct RuleFlags {
     /// Apply a named set of rules: keep-norms, keep-embeddings, keep-t5-wo.
     #[arg(long, value_name = "NAME")]
     pub preset: Vec<String>,
+    /// A rule that matches no tensor is an error (exit 2), not a warning.
+    #[arg(long)]
+    pub strict_rules: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -175,6 +184,15 @@ pub struct ConvertArgs {
     /// with a report) and clear requires_grad.
     #[arg(long)]
     pub inference: bool,
+    /// For a .pt output of a training checkpoint: also cast the floating tensors outside the
+    /// state dict (optimizer moments, EMA weights); 0-d tensors (step counters) stay. By
+    /// default they keep their dtypes.
+    #[arg(long)]
+    pub cast_optimizer: bool,
+    /// Refuse to write a .pt whose pickle references any global outside torch's weights-only
+    /// allowlist (not only dangerous ones).
+    #[arg(long)]
+    pub strict: bool,
     /// Remove PREFIX from tensor names (e.g. `module.` added by DataParallel).
     #[arg(long, value_name = "PREFIX")]
     pub strip_prefix: Option<String>,

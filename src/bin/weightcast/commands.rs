@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use weightcast::convert::{self, Options, Progress};
 use weightcast::output::parse_size;
+use weightcast::plan::Scope;
 use weightcast::rules::RuleSet;
 use weightcast::{formats, DType, Error, Plan};
 
@@ -34,7 +35,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { paths, json } => audit_cmd(&paths, json),
+        Command::Audit {
+            paths,
+            strict,
+            json,
+        } => audit_cmd(&paths, strict, json),
         Command::Convert(c) => convert_cmd(c, &args.rule_order),
         Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
         Command::Diff(d) => diff_cmd(d),
@@ -88,9 +93,7 @@ fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let target = single_target(a.to.as_deref(), file_to)?;
     let cat = open(&a.input, a.key.as_deref())?;
     let plan = Plan::new(&cat, &rules, target);
-    for w in &plan.warnings {
-        warn(w);
-    }
+    plan_warnings(&plan, a.rules.strict_rules)?;
     let bounds = Bounds {
         lossy_below_db: a.lossy_below,
         ..Bounds::default()
@@ -169,22 +172,30 @@ fn warn(msg: &str) {
 /// Opens an input and reports what reading it found (tensors left out, dangerous globals).
 fn open(path: &std::path::Path, key: Option<&str>) -> Result<weightcast::Catalogue, Error> {
     let cat = formats::open_with(path, key)?;
-    // With key "" (a .pt output) the whole file is converted storage by storage: views and tied
-    // tensors are kept as they are, so the notes about writing them to safetensors do not apply.
-    let whole = key == Some("");
-    for n in cat
-        .notes
-        .iter()
-        .filter(|n| !whole || n.contains("dangerous"))
-    {
+    for n in &cat.notes {
         warn(n);
     }
     Ok(cat)
 }
 
-fn audit_cmd(paths: &[std::path::PathBuf], as_json: bool) -> Result<ExitCode> {
+/// Prints the plan's warnings; with `--strict-rules`, a rule that matches nothing is an error.
+fn plan_warnings(plan: &Plan, strict_rules: bool) -> Result<(), Error> {
+    for w in &plan.warnings {
+        warn(w);
+    }
+    if strict_rules && !plan.unmatched.is_empty() {
+        return Err(Error::usage(format!(
+            "--strict-rules: {} rule(s) match no tensor: {}",
+            plan.unmatched.len(),
+            plan.unmatched.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Result<ExitCode> {
     use weightcast::audit::Class;
-    let mut any_dangerous = false;
+    let mut failing = false;
     let mut reports = Vec::new();
     for p in paths {
         let ar = weightcast::formats::torch::read_archive(p)?;
@@ -194,11 +205,13 @@ fn audit_cmd(paths: &[std::path::PathBuf], as_json: bool) -> Result<ExitCode> {
             .into_iter()
             .map(|(m, n)| {
                 let c = weightcast::audit::classify(&m, &n);
-                (format!("{m}.{n}"), c)
+                (weightcast::audit::display_name(&m, &n), c)
             })
             .collect();
         globals.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        any_dangerous |= globals.iter().any(|g| g.1 == Class::Dangerous);
+        failing |= globals
+            .iter()
+            .any(|g| g.1 == Class::Dangerous || (strict && g.1 == Class::Other));
         reports.push((p.clone(), globals));
     }
     if as_json {
@@ -215,20 +228,30 @@ fn audit_cmd(paths: &[std::path::PathBuf], as_json: bool) -> Result<ExitCode> {
                        "allowed": of(Class::Allowed)})
             })
             .collect();
+        let any_dangerous = reports
+            .iter()
+            .any(|(_, g)| g.iter().any(|x| x.1 == Class::Dangerous));
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"files": v, "dangerous": any_dangerous}))?
+            serde_json::to_string_pretty(
+                &json!({"files": v, "dangerous": any_dangerous, "strict": strict, "failed": failing})
+            )?
         );
     } else {
         for (p, g) in &reports {
             let d = g.iter().filter(|x| x.1 == Class::Dangerous).count();
-            println!("{}: {} globals, {} dangerous", p.display(), g.len(), d);
+            println!(
+                "{}: {} globals, {} dangerous",
+                report::one_line(&p.display().to_string()),
+                g.len(),
+                d
+            );
             for (name, c) in g {
                 println!("  {:<9}  {name}", c.as_str());
             }
         }
     }
-    Ok(if any_dangerous {
+    Ok(if failing {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -299,14 +322,13 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         .output
         .extension()
         .is_some_and(|e| e == "pt" || e == "pth" || e == "bin");
-    // A .pt output keeps the whole file (optimizer state too), so its plan covers every tensor,
-    // unless --inference keeps only the model's weights.
-    let key = c.key.as_deref().or(if pt_out && !c.inference {
-        Some("")
-    } else {
-        None
-    });
-    let mut cat = open(&c.input, key)?;
+    if c.cast_optimizer && (!pt_out || c.inference) {
+        return Err(Error::usage(
+            "--cast-optimizer applies to a .pt output of a whole training checkpoint (not with --inference)",
+        )
+        .into());
+    }
+    let mut cat = open(&c.input, c.key.as_deref())?;
     if let Some(p) = &c.strip_prefix {
         let n = cat.strip_prefix(p)?;
         if n == 0 {
@@ -315,9 +337,25 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
             ));
         }
     }
-    let mut plan = Plan::new(&cat, &rules, target);
-    for w in &plan.warnings {
-        warn(w);
+    // A .pt output keeps the whole file (optimizer state too) unless --inference keeps only
+    // the model's weights; the plan covers exactly what is written.
+    let scope = if pt_out && !c.inference {
+        Scope::WholeFile {
+            cast_others: c.cast_optimizer,
+        }
+    } else {
+        Scope::StateDict
+    };
+    let mut plan = Plan::with_scope(&cat, &rules, target, scope);
+    plan_warnings(&plan, c.rules.strict_rules)?;
+    if let (true, Some(doc)) = (c.inference, cat.torch.as_deref()) {
+        if let Some(e) = &doc.entry {
+            warn(&format!(
+                "--inference kept the entry `{e}`; dropped {} ({} tensor bytes saved)",
+                weightcast::formats::torch::describe_dropped(&plan.dropped),
+                plan.dropped.iter().map(|d| d.2).sum::<u64>()
+            ));
+        }
     }
     let person = !c.quiet && !c.json;
     if let Some(snr) = c.auto {
@@ -330,13 +368,13 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         let analyses = analysis::analyze(&cat, &plan, &Bounds::default(), &progress, None)?;
         progress.0.finish_and_clear();
         if on_overflow == OnOverflow::Keep {
-            let n = analysis::keep_overflowing(&mut plan, &analyses);
+            let n = analysis::keep_overflowing(&cat, &mut plan, &analyses);
             if n > 0 {
                 warn(&format!("{n} tensor(s) kept in their dtype: their values would overflow (--on-overflow keep)"));
             }
         }
         if let Some(f) = c.max_underflow {
-            let n = analysis::keep_underflowing(&mut plan, &analyses, f);
+            let n = analysis::keep_underflowing(&cat, &mut plan, &analyses, f);
             if n > 0 {
                 warn(&format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
             }
@@ -351,8 +389,8 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         on_overflow,
         pt_export: weightcast::formats::torch_write::PtExport {
             inference: c.inference,
-            key: c.key.clone(),
             strip_prefix: c.strip_prefix.clone(),
+            strict: c.strict,
         },
     };
     if c.dry_run {
@@ -366,9 +404,14 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
             print!("{}", report::plan_text(&cat, &plan, &layout));
             if pt_out {
                 println!(
-                    "writes {}: a torch.save checkpoint with everything else in the input kept \
-                     (a storage shared by several tensors is converted once, or kept if they disagree)",
-                    c.output.display()
+                    "writes {}: a torch.save checkpoint with {} (views and tied tensors share one \
+                     converted storage)",
+                    c.output.display(),
+                    if plan.scope == Scope::StateDict && !plan.dropped.is_empty() {
+                        "the state dict alone"
+                    } else {
+                        "every other value of the input kept"
+                    }
                 );
             }
             println!("dry run: nothing written");
@@ -427,11 +470,19 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         v["input_bytes_per_second"] = json!(rate);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !c.quiet {
+        let casts: Vec<String> = plan
+            .cast_counts()
+            .into_iter()
+            .map(|(d, n)| format!("{n} cast to {}", d.torch_name()))
+            .collect();
+        let casts = if casts.is_empty() {
+            "none cast".to_string()
+        } else {
+            casts.join(", ")
+        };
         eprintln!(
-            "weightcast: {} tensors ({} cast to {}, {} kept), {} -> {} in {:.2} s ({}/s) -> {}",
+            "weightcast: {} tensors ({casts}, {} kept), {} -> {} in {:.2} s ({}/s) -> {}",
             summary.tensors_cast + summary.tensors_kept,
-            summary.tensors_cast,
-            target.torch_name(),
             summary.tensors_kept,
             report::bytes(summary.bytes_in),
             report::bytes(summary.bytes_out),

@@ -151,8 +151,7 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
         "bytes".into(),
         "rule".into(),
     ]];
-    for p in &plan.tensors {
-        let t = &cat.tensors[p.tensor];
+    for (t, p) in planned(cat, plan) {
         let to = if p.is_cast() {
             p.to.to_string()
         } else {
@@ -169,9 +168,15 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
     }
     let mut s = table(&rows, &[false, false, false, false, true, false]);
     let t = plan.totals();
+    if !plan.dropped.is_empty() {
+        s.push_str(&format!(
+            "\nleft out: {}\n",
+            weightcast::formats::torch::describe_dropped(&plan.dropped)
+        ));
+    }
     s.push_str(&format!(
         "\n{} tensors: {} cast, {} kept; {} -> {} ({:.0}%)\n",
-        plan.tensors.len(),
+        plan.tensors.len() + plan.others.len(),
         t.cast,
         t.kept,
         bytes(t.bytes_in),
@@ -200,20 +205,52 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
     s
 }
 
+/// Every plan entry with its tensor: the state dict's, then (a whole-file .pt output) the rest
+/// of the file's, named by their path from the top.
+fn planned<'a>(
+    cat: &'a Catalogue,
+    plan: &'a Plan,
+) -> impl Iterator<
+    Item = (
+        &'a weightcast::catalogue::TensorEntry,
+        &'a weightcast::plan::TensorPlan,
+    ),
+> {
+    let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
+    plan.tensors
+        .iter()
+        .map(|p| (&cat.tensors[p.tensor], p))
+        .chain(
+            plan.others
+                .iter()
+                .map(move |p| (&others[p.tensor].entry, p)),
+        )
+}
+
 pub fn plan_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> Value {
     let t = plan.totals();
+    let entry = |e: &weightcast::catalogue::TensorEntry, p: &weightcast::plan::TensorPlan| {
+        json!({
+            "name": e.name, "shape": e.shape, "from": p.from.to_string(), "to": p.to.to_string(),
+            "cast": p.is_cast(), "bytes_before": p.bytes_in, "bytes_after": p.bytes_out,
+            "rule": p.reason,
+        })
+    };
+    let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
     json!({
         "input": cat.path,
         "target": plan.target.torch_name(),
-        "tensors": plan.tensors.iter().map(|p| {
-            let e = &cat.tensors[p.tensor];
-            json!({
-                "name": e.name, "shape": e.shape, "from": p.from.to_string(), "to": p.to.to_string(),
-                "cast": p.is_cast(), "bytes_before": p.bytes_in, "bytes_after": p.bytes_out,
-                "rule": p.reason,
-            })
+        "tensors": plan.tensors.iter().map(|p| entry(&cat.tensors[p.tensor], p)).collect::<Vec<_>>(),
+        "other_tensors": plan.others.iter().map(|p| {
+            let o = &others[p.tensor];
+            let mut v = entry(&o.entry, p);
+            v["entry"] = json!(o.section);
+            v
         }).collect::<Vec<_>>(),
-        "totals": {"tensors": plan.tensors.len(), "cast": t.cast, "kept": t.kept,
+        "dropped": plan.dropped.iter().map(|(n, k, b)| json!({"entry": n, "tensors": k, "bytes": b})).collect::<Vec<_>>(),
+        "state_dict_entry": cat.torch.as_deref().and_then(|d| d.entry.clone()),
+        "whole_file": matches!(plan.scope, weightcast::plan::Scope::WholeFile { .. }),
+        "totals": {"tensors": plan.tensors.len() + plan.others.len(), "cast": t.cast, "kept": t.kept,
                    "bytes_before": t.bytes_in, "bytes_after": t.bytes_out},
         "files": layout.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.bytes})).collect::<Vec<_>>(),
         "index": layout.index,

@@ -82,12 +82,22 @@ impl Writer<'_> {
         self.out.extend(s.as_bytes());
     }
 
-    fn global(&mut self, module: &str, name: &str) {
+    /// GLOBAL, the one text-line opcode the writer emits: refused unless module and name are
+    /// dotted Python identifiers, so no newline (or anything else) in a name read from an input
+    /// can turn into opcodes of its own.
+    fn global(&mut self, module: &str, name: &str) -> Result<(), WriteError> {
+        if !crate::audit::is_name_path(module) || !crate::audit::is_name_path(name) {
+            return Err(WriteError(format!(
+                "global `{}` is not a Python name; refusing to write it",
+                crate::audit::escape(&format!("{module}.{name}"))
+            )));
+        }
         self.out.push(b'c');
         self.out.extend(module.as_bytes());
         self.out.push(b'\n');
         self.out.extend(name.as_bytes());
         self.out.push(b'\n');
+        Ok(())
     }
 
     fn items(&mut self, ids: &[NodeId], depth: usize) -> Result<(), WriteError> {
@@ -153,7 +163,7 @@ impl Writer<'_> {
             Node::Str(s) => self.str(s),
             Node::Bytes(b) => {
                 // Protocol 2 has no bytes opcode: Python 3 writes _codecs.encode(latin-1 str).
-                self.global("_codecs", "encode");
+                self.global("_codecs", "encode")?;
                 let latin1: String = b.iter().map(|&c| c as char).collect();
                 self.str(&latin1);
                 self.str("latin1");
@@ -191,7 +201,7 @@ impl Writer<'_> {
                 } else {
                     "frozenset"
                 };
-                self.global("builtins", name);
+                self.global("builtins", name)?;
                 self.out.push(b']');
                 if !v.is_empty() {
                     self.out.push(b'(');
@@ -200,7 +210,7 @@ impl Writer<'_> {
                 }
                 self.out.extend([0x85, b'R']);
             }
-            Node::Global { module, name } => self.global(module, name),
+            Node::Global { module, name } => self.global(module, name)?,
             Node::PersId(p) => {
                 self.emit(*p, depth + 1)?;
                 self.out.push(b'Q');
