@@ -5,6 +5,7 @@ pub mod folder;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;
+pub mod torch_container;
 pub mod torch_write;
 
 pub use folder::{open, open_with};

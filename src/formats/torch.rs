@@ -61,17 +61,21 @@ pub struct Archive {
     pub torchscript: bool,
     /// A legacy (non-zip) file.
     pub legacy: bool,
+    /// What two readers would read differently in this file (audit and `.pt` writing refuse
+    /// it).
+    pub ambiguities: Vec<String>,
+    /// Globals of the other pickles torch unpickles (a legacy file's magic number, protocol,
+    /// sys_info and storage keys): never written back, but they run on `torch.load`.
+    pub other_globals: Vec<(String, String)>,
     records: HashMap<String, Record>,
 }
 
-/// Whether the file starts like a zip archive.
-pub fn is_zip(head: &[u8]) -> bool {
-    head.starts_with(b"PK\x03\x04")
-}
+pub use crate::formats::torch_container::is_zip;
 
-/// Whether the file starts like a legacy (non-zip) torch.save file: a pickled magic number.
+/// Whether the file starts like a legacy (non-zip) torch.save file: a pickle (PROTO 2 to 5),
+/// as torch.load sees any file that is not a zip.
 pub fn is_legacy(head: &[u8]) -> bool {
-    head.len() >= 3 && head[0] == 0x80 && head[1] <= 5 && head[2] == 0x8A
+    head.len() >= 3 && head[0] == 0x80 && (2..=5).contains(&head[1])
 }
 
 /// The magic number legacy torch.save files start with, as LONG1 bytes (little-endian).
@@ -167,15 +171,31 @@ fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Archive> {
         );
         pos += 8 + size as usize;
     }
+    let mut ambiguities = vec![];
+    if has_zip_end(file, file_len) {
+        ambiguities.push(
+            "the file does not start with a zip header but holds a zip directory: torch reads it \
+             as stacked pickles, zip readers read the archive"
+                .to_string(),
+        );
+    }
+    let other_globals = [&magic, &proto, &sys_info, &keys]
+        .iter()
+        .flat_map(|p| p.globals())
+        .collect();
     Ok(Archive {
         pickle: main,
         prefix: String::new(),
         big_endian,
         torchscript: false,
         legacy: true,
+        ambiguities,
+        other_globals,
         records,
     })
 }
+
+use crate::formats::torch_container::has_zip_end;
 
 /// The five stacked pickles of a legacy file and where the raw storages begin.
 fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> {
@@ -196,21 +216,32 @@ fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> 
     Ok((out.try_into().expect("five pickles"), pos))
 }
 
-/// Opens the archive and parses its `data.pkl` (or a legacy file's stacked pickles).
+/// Opens the archive and parses its `data.pkl` (or a legacy file's stacked pickles). The
+/// container is decided as torch decides it: a zip when the first four bytes are a zip local
+/// header, stacked pickles otherwise.
 pub fn read_archive(path: &Path) -> Result<Archive> {
+    use crate::formats::torch_container::{is_tar, zip_ambiguities};
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     {
         use std::os::unix::fs::FileExt;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut head = [0u8; 3];
-        let n = file.read_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
-        if is_legacy(&head[..n]) {
-            return read_legacy(path, &file, len);
+        let mut head = vec![0u8; 512.min(file_len as usize)];
+        file.read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io(path, e))?;
+        if is_tar(&head) {
+            return Err(Error::invalid(
+                path,
+                "a tar-format checkpoint (torch < 0.4) is not read",
+            ));
+        }
+        if !is_zip(&head) {
+            return read_legacy(path, &file, file_len);
         }
     }
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+    let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
         .map_err(|e| Error::invalid(path, format!("not a readable zip archive: {e}")))?;
+    let ambiguities = zip_ambiguities(&file, file_len, &mut zip);
     let mut records = HashMap::new();
     let mut prefix: Option<String> = None;
     for i in 0..zip.len() {
@@ -303,6 +334,8 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
         big_endian,
         torchscript,
         legacy: false,
+        ambiguities,
+        other_globals: vec![],
         records,
     })
 }
@@ -420,6 +453,11 @@ pub struct TorchDoc {
     pub others: Vec<OtherTensor>,
     /// Top-level entries other than the selected one: (name, tensors, tensor bytes).
     pub entries: Vec<(String, usize, u64)>,
+    /// What two readers would read differently in the file (a `.pt` output refuses it).
+    pub ambiguities: Vec<String>,
+    /// Every global of every pickle torch.load would unpickle (the main one's and, for a
+    /// legacy file, the other pickles of its stack).
+    pub globals: Vec<(String, String)>,
 }
 
 /// Opens a PyTorch checkpoint (torch.save zip, legacy, TorchScript) as a catalogue. `key`
@@ -497,7 +535,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     dec.pin_unread_storages(pk.root);
     if !aliases.is_empty() {
         notes.push(format!(
-            "{} tied tensor(s) share storage with another and are written once: {}",
+            "{} tied tensor(s) are the same view of a storage as another (a .pt output keeps them tied, safetensors writes them once): {}",
             aliases.len(),
             aliases
                 .iter()
@@ -522,12 +560,17 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             }
         ));
     }
-    let globals: Vec<(String, Class)> = pk
-        .globals()
-        .into_iter()
+    let mut all_globals = pk.globals();
+    for g in &ar.other_globals {
+        if !all_globals.contains(g) {
+            all_globals.push(g.clone());
+        }
+    }
+    let globals: Vec<(String, Class)> = all_globals
+        .iter()
         .map(|(m, n)| {
-            let c = classify(&m, &n);
-            (crate::audit::display_name(&m, &n), c)
+            let c = classify(m, n);
+            (crate::audit::display_name(m, n), c)
         })
         .collect();
     let dangerous: Vec<&str> = globals
@@ -539,6 +582,11 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         notes.push(format!(
             "the pickle references dangerous globals ({}): weightcast never runs them; do not torch.load this file",
             dangerous.join(", ")
+        ));
+    }
+    for a in &ar.ambiguities {
+        notes.push(format!(
+            "ambiguous file: {a}; other readers may load something else (audit it)"
         ));
     }
     // safetensors metadata in the convert.py style: {"format": "pt", removed: kept}.
@@ -556,6 +604,8 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         rebuilds,
         others,
         entries,
+        ambiguities: ar.ambiguities.clone(),
+        globals: all_globals,
     };
     Ok(Catalogue {
         path: path.to_path_buf(),

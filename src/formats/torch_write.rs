@@ -80,7 +80,15 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
             path.display()
         )));
     }
-    refuse_globals(path, &doc.pickle, export.strict)?;
+    refuse_globals(path, &doc.globals, export.strict)?;
+    if !doc.ambiguities.is_empty() {
+        return Err(Error::Refused(format!(
+            "{}: the file reads differently in different readers ({}); refusing to write it to a \
+             .pt. Extract its tensors to .safetensors instead",
+            path.display(),
+            doc.ambiguities.join("; ")
+        )));
+    }
     let mut pk = doc.pickle.clone();
     if plan.scope == Scope::StateDict {
         pk.root = doc.selected;
@@ -218,16 +226,15 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
 
 /// Refuses a pickle we must not write back: dangerous globals, names that are not Python
 /// identifiers, and with `strict` anything outside torch's weights-only allowlist.
-fn refuse_globals(path: &Path, pk: &Pickle, strict: bool) -> Result<()> {
-    let bad: Vec<String> = pk
-        .globals()
-        .into_iter()
+fn refuse_globals(path: &Path, globals: &[(String, String)], strict: bool) -> Result<()> {
+    let bad: Vec<String> = globals
+        .iter()
         .filter(|(m, n)| match crate::audit::classify(m, n) {
             Class::Dangerous => true,
             Class::Other => strict,
             Class::Allowed => false,
         })
-        .map(|(m, n)| crate::audit::display_name(&m, &n))
+        .map(|(m, n)| crate::audit::display_name(m, n))
         .collect();
     if bad.is_empty() {
         return Ok(());

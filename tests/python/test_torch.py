@@ -531,7 +531,10 @@ def test_deflated_archive(tmp_path):
     bad.write_bytes(bytes(data))
     p = run("convert", bad, "-o", tmp_path / "b.safetensors", "--to", "bf16", "--on-overflow", "allow",
             check=False)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and sum(l.startswith("weightcast: error: ") for l in lines) == 1
+    # the directory and the local header disagree on its size: flagged before the error
+    assert "ambiguous file" in lines[0] and "inflates to" in lines[-1], p.stderr
     assert not (tmp_path / "b.safetensors").exists()
 
 
@@ -625,3 +628,92 @@ def test_loaders_and_code_runners_are_dangerous(tmp_path, module, name):
     crafted_archive(bad, pkl)
     p = run("audit", bad, check=False)
     assert p.returncode == 1 and "dangerous" in p.stdout and f"{module}.{name}" in p.stdout
+
+
+class _Touch:
+    """Pickles as a call to os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _legacy_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+def test_audit_reads_what_torch_load_runs(tmp_path):
+    """Two files whose code torch.load runs while a reader that looks elsewhere sees a benign
+    checkpoint: audit must judge the pickles torch unpickles, in torch's order."""
+    import io
+    import pickle as pypickle
+    marker = tmp_path / "ran"
+    benign = tmp_path / "benign.pt"
+    torch.save({"w": torch.ones(2)}, benign)
+
+    # 1. a pickle at byte 0, then a whole benign torch.save zip: torch takes the legacy path
+    #    (not "PK\x03\x04" at byte 0) and unpickles the leading pickle.
+    front = tmp_path / "front.pt"
+    front.write_bytes(pypickle.dumps(_Touch(marker), protocol=2) + benign.read_bytes())
+    # 2. a legacy file whose sys_info pickle (the third of the stack) runs code.
+    legacy = _legacy_bytes({"w": torch.ones(2)})
+    f = io.BytesIO(legacy)
+    for _ in range(3):
+        pypickle.load(f)
+    third = tmp_path / "third.pt"
+    third.write_bytes(pypickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+                      + pypickle.dumps(1001, protocol=2)
+                      + pypickle.dumps(_Touch(marker), protocol=2) + legacy[f.tell():])
+
+    for bad in [front, third]:
+        marker.unlink(missing_ok=True)
+        try:
+            torch.load(bad, weights_only=False)
+        except Exception:
+            pass
+        assert marker.exists(), f"torch.load really runs {bad.name}"
+        marker.unlink()
+        p = run("audit", bad, check=False)
+        assert p.returncode == 1, p.stdout
+        assert "posix.system" in p.stdout and "1 dangerous" in p.stdout, p.stdout
+        out = tmp_path / "o.pt"
+        p = run("convert", bad, "-o", out, "--to", "f16", check=False)
+        assert p.returncode != 0 and not out.exists() and not marker.exists()
+    assert "ambiguous" in run("audit", front, check=False).stdout  # a zip lies behind it
+    assert "pickle 3 of the legacy stack" in run("audit", third, check=False).stdout
+
+
+def test_ambiguous_zips_are_flagged_and_not_written(tmp_path):
+    import zipfile
+    src = (FIX / "training.pt").read_bytes()
+    trailing = tmp_path / "trailing.pt"
+    trailing.write_bytes(src + b"\0" * 100)
+    dup = tmp_path / "dup.pt"
+    with zipfile.ZipFile(FIX / "training.pt") as zin, zipfile.ZipFile(dup, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zout.writestr("training/DATA.PKL", b"\x80\x02}q\x00.")
+    # a local header naming another size than the central directory
+    lied = tmp_path / "lied.pt"
+    b = bytearray(src)
+    assert b[:4] == b"PK\x03\x04"
+    b[18:22] = (int.from_bytes(b[18:22], "little") + 1).to_bytes(4, "little")
+    lied.write_bytes(bytes(b))
+    for bad, why in [(trailing, "after the zip's end record"), (dup, "two entries named"),
+                     (lied, "local header")]:
+        p = run("audit", bad, check=False)
+        assert p.returncode == 1 and "ambiguous" in p.stdout and why in p.stdout, p.stdout
+        out = tmp_path / "o.pt"
+        p = run("convert", bad, "-o", out, "--to", "f16", check=False)
+        assert p.returncode != 0 and not out.exists(), p.stderr
+    # the clean original is not ambiguous
+    assert run("audit", FIX / "training.pt").returncode == 0

@@ -194,43 +194,53 @@ fn plan_warnings(plan: &Plan, strict_rules: bool) -> Result<(), Error> {
 }
 
 fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Result<ExitCode> {
-    use weightcast::audit::Class;
+    use weightcast::audit::{classify, display_name, Class};
     let mut failing = false;
     let mut reports = Vec::new();
     for p in paths {
-        let ar = weightcast::formats::torch::read_archive(p)?;
-        let mut globals: Vec<(String, Class)> = ar
-            .pickle
-            .globals()
-            .into_iter()
-            .map(|(m, n)| {
-                let c = weightcast::audit::classify(&m, &n);
-                (weightcast::audit::display_name(&m, &n), c)
-            })
-            .collect();
+        // Every pickle torch.load would unpickle, in its order, as torch decides the container.
+        let scan = weightcast::formats::torch_container::scan(p)?;
+        let mut globals: Vec<(String, Class, String)> = Vec::new();
+        for pk in &scan.pickles {
+            for (m, n) in &pk.globals {
+                let name = display_name(m, n);
+                if !globals.iter().any(|g| g.0 == name) {
+                    globals.push((name, classify(m, n), pk.label.clone()));
+                }
+            }
+        }
         globals.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        failing |= globals
-            .iter()
-            .any(|g| g.1 == Class::Dangerous || (strict && g.1 == Class::Other));
-        reports.push((p.clone(), globals));
+        failing |= !scan.ambiguities.is_empty()
+            || globals
+                .iter()
+                .any(|g| g.1 == Class::Dangerous || (strict && g.1 == Class::Other));
+        reports.push((p.clone(), scan, globals));
     }
     if as_json {
         let v: Vec<_> = reports
             .iter()
-            .map(|(p, g)| {
+            .map(|(p, scan, g)| {
                 let of = |c: Class| {
                     g.iter()
                         .filter(|x| x.1 == c)
                         .map(|x| x.0.clone())
                         .collect::<Vec<_>>()
                 };
-                json!({"path": p, "dangerous": of(Class::Dangerous), "other": of(Class::Other),
-                       "allowed": of(Class::Allowed)})
+                json!({
+                    "path": p, "container": scan.container,
+                    "pickles": scan.pickles.iter().map(|k| json!({
+                        "label": k.label, "offset": k.offset,
+                        "globals": k.globals.iter().map(|(m, n)| display_name(m, n)).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                    "stops": scan.stops, "ambiguities": scan.ambiguities,
+                    "dangerous": of(Class::Dangerous), "other": of(Class::Other),
+                    "allowed": of(Class::Allowed),
+                })
             })
             .collect();
-        let any_dangerous = reports
-            .iter()
-            .any(|(_, g)| g.iter().any(|x| x.1 == Class::Dangerous));
+        let any_dangerous = reports.iter().any(|(_, s, g)| {
+            !s.ambiguities.is_empty() || g.iter().any(|x| x.1 == Class::Dangerous)
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(
@@ -238,16 +248,33 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
             )?
         );
     } else {
-        for (p, g) in &reports {
+        for (p, scan, g) in &reports {
             let d = g.iter().filter(|x| x.1 == Class::Dangerous).count();
             println!(
-                "{}: {} globals, {} dangerous",
+                "{}: {}, {} pickle(s) torch.load would unpickle; {} globals, {} dangerous{}",
                 report::one_line(&p.display().to_string()),
+                scan.container,
+                scan.pickles.len(),
                 g.len(),
-                d
+                d,
+                if scan.ambiguities.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} ambiguities", scan.ambiguities.len())
+                }
             );
-            for (name, c) in g {
-                println!("  {:<9}  {name}", c.as_str());
+            for a in &scan.ambiguities {
+                println!("  ambiguous  {}", report::one_line(a));
+            }
+            for (name, c, label) in g {
+                if *c == Class::Dangerous && scan.pickles.len() > 1 {
+                    println!("  {:<9}  {name}  (in {label})", c.as_str());
+                } else {
+                    println!("  {:<9}  {name}", c.as_str());
+                }
+            }
+            if let Some(s) = &scan.stops {
+                println!("  note       {s}");
             }
         }
     }

@@ -9,6 +9,13 @@ mod report;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as with other Unix tools, instead of panicking on
+    // a write to a closed pipe. Safe: called once, before any thread exists, with a handler
+    // (the default) that is always valid.
+    // SAFETY: see above; `signal` with SIG_DFL has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = match cli::parse() {
         Ok(a) => a,
         Err(e) => {

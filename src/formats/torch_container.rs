@@ -1,0 +1,382 @@
+//! Which bytes `torch.load` reads, decided as torch 2.15 decides (`torch/serialization.py`):
+//! a file whose first four bytes are a zip local header is a zip archive (its `data.pkl`; a
+//! TorchScript archive's `constants.pkl` too); any other file is tried as the old tar format,
+//! then read as a stack of pickles (magic number, protocol version, sys_info, the object, the
+//! storage keys), each one unpickled in turn until a check fails. [`scan`] lists every pickle
+//! torch would unpickle, in order, so that audit judges what would run and not what another
+//! reader would see; [`zip_ambiguities`] lists what makes a zip read differently by different
+//! readers (torch's miniz, Python's zipfile, the `zip` crate), which is itself a danger.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::formats::pickle::{self, Node, Pickle};
+
+/// Largest pickle read into memory.
+const MAX_PICKLE: u64 = 1 << 30;
+
+/// Whether the file starts like a zip archive: torch's `_is_zipfile` (the first four bytes only).
+pub fn is_zip(head: &[u8]) -> bool {
+    head.starts_with(b"PK\x03\x04")
+}
+
+/// Whether the first 512 bytes are a tar header (ustar magic or a valid header checksum), which
+/// torch's legacy loader tries before the stacked pickles.
+pub fn is_tar(head: &[u8]) -> bool {
+    if head.len() < 512 {
+        return false;
+    }
+    if &head[257..262] == b"ustar" {
+        return true;
+    }
+    let field = &head[148..156];
+    let digits: String = field
+        .iter()
+        .take_while(|&&b| b != 0 && b != b' ')
+        .map(|&b| b as char)
+        .collect();
+    let Ok(want) = u32::from_str_radix(digits.trim(), 8) else {
+        return false;
+    };
+    let sum: u32 = head[..512]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                b as u32
+            }
+        })
+        .sum();
+    want == sum && head[..100].iter().any(|&b| b != 0)
+}
+
+/// One pickle torch would unpickle, and the globals it references.
+#[derive(Debug, Clone)]
+pub struct ScannedPickle {
+    /// What it is (`data.pkl`, `pickle 1 of the legacy stack (magic number)`).
+    pub label: String,
+    /// Where it starts in the file (for a zip record, its data offset).
+    pub offset: u64,
+    /// `(module, name)` of every global it references, first-seen order.
+    pub globals: Vec<(String, String)>,
+}
+
+/// What `torch.load` would read of a file.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    /// The container torch decides on.
+    pub container: &'static str,
+    /// Every pickle torch would unpickle, in order (up to where it would stop).
+    pub pickles: Vec<ScannedPickle>,
+    /// Where torch would stop with an error after unpickling the pickles above (their code has
+    /// run by then), if it would.
+    pub stops: Option<String>,
+    /// What two readers would read differently.
+    pub ambiguities: Vec<String>,
+}
+
+/// Lists what `torch.load(path, weights_only=False)` would unpickle. An error means the file
+/// could not be read far enough to know: never "clean".
+pub fn scan(path: &Path) -> Result<Scan> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = vec![0u8; 512.min(len as usize)];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io(path, e))?;
+    if is_zip(&head) {
+        return scan_zip(path, &file, len);
+    }
+    if is_tar(&head) {
+        return Err(Error::invalid(
+            path,
+            "a tar-format checkpoint (torch < 0.4): torch unpickles its `sys_info`, `pickle`, \
+             `storages` and `tensors` entries; weightcast does not read this format yet",
+        ));
+    }
+    scan_stack(path, &file, len)
+}
+
+/// A non-zip file: torch unpickles the first pickle whatever it is, checks that it is the
+/// magic number, and goes on through the stack.
+fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
+    let mut out = Scan {
+        container: "legacy torch.save (stacked pickles)",
+        pickles: vec![],
+        stops: None,
+        ambiguities: vec![],
+    };
+    if has_zip_end(file, len) {
+        out.ambiguities.push(
+            "the file does not start with a zip header but holds a zip directory: torch reads \
+             it as stacked pickles, zip readers read the archive"
+                .into(),
+        );
+    }
+    let mut pos = 0u64;
+    for (i, what) in [
+        "magic number",
+        "protocol version",
+        "sys_info",
+        "the saved object",
+        "storage keys",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (pk, n) = parse_at(file, pos, len).map_err(|e| {
+            Error::invalid(
+                path,
+                format!(
+                    "pickle {} of the legacy stack ({what}, from byte {pos}): {e}",
+                    i + 1
+                ),
+            )
+        })?;
+        out.pickles.push(ScannedPickle {
+            label: format!("pickle {} of the legacy stack ({what})", i + 1),
+            offset: pos,
+            globals: pk.globals(),
+        });
+        pos += n as u64;
+        let stop = match i {
+            0 if !is_magic(&pk) => Some("its first pickle is not torch's magic number"),
+            1 if pk.int(pk.root) != Some(1001) => Some("its protocol version is not 1001"),
+            _ => None,
+        };
+        if let Some(s) = stop {
+            out.stops = Some(format!("torch.load stops here: {s}"));
+            out.container = "not a torch.save file (torch.load unpickles its first pickle anyway)";
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn is_magic(pk: &Pickle) -> bool {
+    const MAGIC: [u8; 10] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19];
+    matches!(pk.node(pk.root), Node::BigInt(b) if b.as_slice() == &MAGIC[..])
+}
+
+/// Parses the pickle starting at `pos`, reading a window that grows until it parses.
+pub fn parse_at(
+    file: &File,
+    pos: u64,
+    len: u64,
+) -> std::result::Result<(Pickle, usize), pickle::PickleError> {
+    let avail = len.saturating_sub(pos).min(MAX_PICKLE);
+    let mut window = (1u64 << 20).min(avail);
+    loop {
+        let mut buf = vec![0u8; window as usize];
+        let read = file.read_exact_at(&mut buf, pos);
+        if read.is_err() {
+            buf.clear();
+        }
+        match pickle::parse_prefix(&buf, pickle::Limits::default()) {
+            Ok(r) => return Ok(r),
+            Err(_) if window < avail => window = (window * 4).min(avail),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether an end-of-central-directory record sits in the file's last 64 KiB.
+pub(crate) fn has_zip_end(file: &File, len: u64) -> bool {
+    let tail = len.min(65_557);
+    let mut buf = vec![0u8; tail as usize];
+    file.read_exact_at(&mut buf, len - tail).is_ok() && buf.windows(4).any(|w| w == b"PK\x05\x06")
+}
+
+/// A zip: torch reads `data.pkl` (and dispatches a TorchScript archive, with `constants.pkl`,
+/// to torch.jit.load).
+fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
+    let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
+        .map_err(|e| Error::invalid(path, format!("not a readable zip archive: {e}")))?;
+    let ambiguities = zip_ambiguities(file, len, &mut zip);
+    let names: Vec<String> = zip.file_names().map(str::to_string).collect();
+    let find = |want: &str| -> Option<String> {
+        // miniz looks names up case-insensitively: the first match is what torch reads.
+        names
+            .iter()
+            .find(|n| {
+                n.rsplit_once('/')
+                    .is_some_and(|(_, f)| f.eq_ignore_ascii_case(want))
+                    && n.matches('/').count() == 1
+            })
+            .cloned()
+    };
+    let mut out = Scan {
+        container: "torch.save zip",
+        pickles: vec![],
+        stops: None,
+        ambiguities,
+    };
+    let constants = find("constants.pkl");
+    if constants.is_some() {
+        out.container = "TorchScript archive (torch.load hands it to torch.jit.load)";
+    }
+    for name in [find("data.pkl"), constants].into_iter().flatten() {
+        let mut f = zip
+            .by_name(&name)
+            .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
+        if f.size() > MAX_PICKLE {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "record `{name}` is {} bytes, over the {MAX_PICKLE}-byte limit",
+                    f.size()
+                ),
+            ));
+        }
+        let offset = f.data_start().unwrap_or(0);
+        let mut buf = Vec::new();
+        (&mut f)
+            .take(MAX_PICKLE)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
+        let pk = pickle::parse(&buf)
+            .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
+        out.pickles.push(ScannedPickle {
+            label: name.clone(),
+            offset,
+            globals: pk.globals(),
+        });
+    }
+    if out.pickles.is_empty() {
+        return Err(Error::invalid(
+            path,
+            "zip archive without a `data.pkl`: not a torch.save checkpoint",
+        ));
+    }
+    Ok(out)
+}
+
+/// What makes this zip read differently by different readers: bytes before the first entry or
+/// after the end record, more than one end record, duplicate names (also ignoring case, as
+/// torch's miniz looks them up), entries outside one top folder, local headers that disagree
+/// with the central directory.
+pub fn zip_ambiguities<R: std::io::Read + std::io::Seek>(
+    file: &File,
+    len: u64,
+    zip: &mut zip::ZipArchive<R>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if zip.offset() > 0 {
+        out.push(format!(
+            "{} bytes before the zip's first entry",
+            zip.offset()
+        ));
+    }
+    // End records in the tail: torch's miniz takes the last, others the first valid one.
+    let tail = len.min(65_557);
+    let mut buf = vec![0u8; tail as usize];
+    if file.read_exact_at(&mut buf, len - tail).is_ok() {
+        let ends: Vec<usize> = buf
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == b"PK\x05\x06")
+            .map(|(i, _)| i)
+            .collect();
+        if ends.len() > 1 {
+            out.push(format!("{} end-of-central-directory records", ends.len()));
+        }
+        if let Some(&last) = ends.last() {
+            if last + 22 <= buf.len() {
+                let comment = u16::from_le_bytes([buf[last + 20], buf[last + 21]]) as usize;
+                let end = last + 22 + comment;
+                if end != buf.len() {
+                    out.push(format!(
+                        "{} bytes after the zip's end record",
+                        buf.len() as i64 - end as i64
+                    ));
+                }
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut folders = HashSet::new();
+    for i in 0..zip.len() {
+        let Ok(f) = zip.by_index_raw(i) else {
+            out.push(format!("zip entry {i} cannot be read"));
+            continue;
+        };
+        let name = f.name().to_string();
+        if !seen.insert(name.to_ascii_lowercase()) {
+            out.push(format!(
+                "two entries named `{}` (ignoring case, as torch looks names up)",
+                crate::audit::escape(&name)
+            ));
+        }
+        folders.insert(name.split_once('/').map(|(p, _)| p.to_string()));
+        let (start, method, csize, usize_, crc) = (
+            f.header_start(),
+            f.compression(),
+            f.compressed_size(),
+            f.size(),
+            f.crc32(),
+        );
+        drop(f);
+        if let Some(why) = local_header_mismatch(file, start, &name, method, csize, usize_, crc) {
+            out.push(format!(
+                "entry `{}`: its local header {why} than the central directory says",
+                crate::audit::escape(&name)
+            ));
+        }
+    }
+    if folders.len() > 1 || folders.contains(&None) {
+        out.push("entries outside one top folder (torch.save writes them all in one)".into());
+    }
+    out
+}
+
+/// How the local header at `start` disagrees with the central directory, if it does.
+fn local_header_mismatch(
+    file: &File,
+    start: u64,
+    name: &str,
+    method: zip::CompressionMethod,
+    csize: u64,
+    usize_: u64,
+    crc: u32,
+) -> Option<&'static str> {
+    let mut h = [0u8; 30];
+    if file.read_exact_at(&mut h, start).is_err() || &h[..4] != b"PK\x03\x04" {
+        return Some("is missing or has another signature");
+    }
+    let le16 = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+    let le32 = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let flags = le16(6);
+    #[allow(deprecated)]
+    let method_code = match method {
+        zip::CompressionMethod::Stored => 0,
+        zip::CompressionMethod::Deflated => 8,
+        _ => le16(8),
+    };
+    if le16(8) != method_code {
+        return Some("names another compression method");
+    }
+    let name_len = le16(26) as usize;
+    let mut n = vec![0u8; name_len];
+    if file.read_exact_at(&mut n, start + 30).is_err() || n != name.as_bytes() {
+        return Some("names another file");
+    }
+    // With a data descriptor (flag bit 3, as torch writes) the sizes and CRC follow the data
+    // and are 0 here; zip64 puts the sizes in an extra field (0xFFFFFFFF here). Anything else
+    // must agree with the central directory.
+    let deferred = |v: u32| flags & 8 != 0 && v == 0;
+    let (c, u) = (le32(18), le32(22));
+    let size_ok = |v: u32, want: u64| v == 0xFFFF_FFFF || v as u64 == want || deferred(v);
+    if !size_ok(c, csize) || !size_ok(u, usize_) {
+        return Some("gives other sizes");
+    }
+    if le32(14) != crc && !deferred(le32(14)) {
+        return Some("gives another CRC");
+    }
+    None
+}
