@@ -8,9 +8,11 @@
 //! hostile file gets an error naming the byte offset and opcode, never a hang, a stack overflow
 //! or an allocation sized by an untrusted length.
 
+mod equiv;
 mod read;
 mod write;
 
+pub use equiv::{equivalent, reachable_globals, WRITER_GLOBALS};
 pub use read::{parse, parse_prefix, parse_with, Limits, PickleError};
 pub use write::{write, WriteError};
 
