@@ -138,7 +138,8 @@ pub fn prepare(
     Ok((target, layout))
 }
 
-/// Converts `cat` according to `plan` into `out`.
+/// Converts `cat` according to `plan` into `out`. Missing parent folders of the output are
+/// created (as `save_pretrained` does) and removed again if the conversion fails.
 pub fn convert(
     cat: &Catalogue,
     plan: &Plan,
@@ -149,9 +150,32 @@ pub fn convert(
     let start = Instant::now();
     let (target, layout) = prepare(cat, plan, out, opts)?;
     check_target(cat, &target, &layout, opts.force)?;
+    let parent = match &target {
+        Target::Folder(p) => parent_of(p),
+        t => parent_of(t.path()),
+    };
+    let created = make_parents(&parent)?;
+    let result = execute(cat, plan, &target, layout, opts, progress);
+    if result.is_err() {
+        remove_created(created, &parent);
+    }
+    let mut summary = result?;
+    summary.elapsed = start.elapsed();
+    Ok(summary)
+}
+
+/// Writes the output of a resolved target.
+fn execute(
+    cat: &Catalogue,
+    plan: &Plan,
+    target: &Target,
+    layout: Layout,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Summary> {
     let sources = Sources::open(cat)?;
     let totals = plan.totals();
-    progress.begin(totals.bytes_in, plan.tensors.len());
+    progress.begin(totals.bytes_in, plan.tensors.len() + plan.others.len());
     let mut summary = Summary {
         files: vec![],
         tensors_cast: totals.cast,
@@ -163,9 +187,8 @@ pub fn convert(
         warnings: vec![],
         overflowed: vec![],
         elapsed: Duration::ZERO,
-        layout: layout.clone(),
+        layout,
     };
-    let mut overflow: Vec<(usize, u64)> = Vec::new();
     let job = Job {
         cat,
         plan,
@@ -173,131 +196,44 @@ pub fn convert(
         opts,
         progress,
     };
-    match &target {
-        Target::File(p) | Target::Index(p) => {
-            let dir = parent_of(p);
-            let mut staged = Vec::new();
-            for f in &layout.files {
-                let tmp = temp_file(&dir, &f.name)?;
-                overflow.extend(job.write_file(tmp.as_file(), tmp.path(), f)?);
-                staged.push((tmp, dir.join(&f.name)));
-            }
-            job.check_overflow(job.named(&overflow), &mut summary)?;
-            if let Some(index) = &layout.index {
-                let mut tmp = temp_file(&dir, index)?;
-                let text = index_json(cat, plan, &layout);
-                tmp.write_all(text.as_bytes())
-                    .map_err(|e| Error::io(tmp.path(), e))?;
-                job.finish(tmp.as_file())?;
-                staged.push((tmp, dir.join(index)));
-            }
-            for (tmp, dest) in staged {
-                tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
-                summary.files.push(dest);
-            }
-        }
-        Target::Pt(dest) => {
-            let pt = if cat.kind.is_torch() {
-                crate::formats::torch_write::from_torch(cat, plan, &opts.pt_export)?
-            } else {
-                crate::formats::torch_write::from_tensors(cat, plan)?
-            };
-            let dir = parent_of(dest);
-            let name = dest
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let tmp = temp_file(&dir, &name)?;
-            let stem = dest
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("archive");
-            let mut zip =
-                crate::formats::torch_write::PtZip::new(tmp.as_file(), stem, &pt.data_pkl)?;
-            let pieces: Vec<Piece<'_>> = pt
-                .records
-                .iter()
-                .map(|r| Piece {
-                    entry: &r.source,
-                    from: r.from,
-                    to: r.to,
-                })
-                .collect();
-            let mut sink = ZipSink {
-                zip: &mut zip,
-                records: &pt.records,
-            };
-            let counts = job.exec().run(&pieces, &mut sink)?;
-            zip.finish()?;
-            let named: Vec<(String, DType, u64)> = counts
-                .iter()
-                .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
-                .collect();
-            job.check_overflow(named, &mut summary)?;
-            job.finish(tmp.as_file())?;
-            tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
-            summary.files.push(dest.clone());
-        }
-        Target::Folder(dest) => {
-            let parent = parent_of(dest);
-            let name = dest
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let staging = tempfile::Builder::new()
-                .prefix(&format!(".{name}.weightcast-"))
-                .permissions(std::fs::Permissions::from_mode(0o777))
-                .tempdir_in(&parent)
-                .map_err(|e| Error::io(&parent, e))?;
-            for f in &layout.files {
-                let path = staging.path().join(&f.name);
-                let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-                overflow.extend(job.write_file(&file, &path, f)?);
-                summary.files.push(dest.join(&f.name));
-            }
-            job.check_overflow(job.named(&overflow), &mut summary)?;
-            if let Some(index) = &layout.index {
-                let path = staging.path().join(index);
-                std::fs::write(&path, index_json(cat, plan, &layout))
-                    .map_err(|e| Error::io(&path, e))?;
-                summary.files.push(dest.join(index));
-            }
-            let dominant = plan.dominant_float(cat);
-            let folder = cat.folder.as_ref().expect("folder input");
-            for rel in &folder.other_files {
-                job.check_cancel()?;
-                let from = folder.dir.join(rel);
-                let to = staging.path().join(rel);
-                if let Some(p) = to.parent() {
-                    std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
-                }
-                if rel == Path::new("config.json") {
-                    match update_config(&from, dominant)? {
-                        Some(text) => {
-                            std::fs::write(&to, text).map_err(|e| Error::io(&to, e))?;
-                            summary.config_dtype = dominant;
-                        }
-                        None => {
-                            summary.warnings.push(format!(
-                                "{}: not a JSON object; copied unchanged, its dtype may be stale",
-                                from.display()
-                            ));
-                            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-                        }
-                    }
-                } else {
-                    std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-                }
-                summary.files_copied += 1;
-            }
-            job.check_cancel()?;
-            replace_folder(staging, dest)?;
+    match target {
+        Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
+        Target::Pt(dest) => job.write_pt(dest, &mut summary)?,
+        Target::Folder(dest) => job.write_folder(dest, &mut summary)?,
+    }
+    Ok(summary)
+}
+
+/// Creates `dir` and its missing ancestors; returns the topmost folder it created.
+fn make_parents(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut top = None;
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && p.symlink_metadata().is_err() {
+        top = Some(p.to_path_buf());
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
         }
     }
-    summary.elapsed = start.elapsed();
-    Ok(summary)
+    if top.is_some() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(top)
+}
+
+/// Removes the folders [`make_parents`] created, innermost first, if they are still empty.
+fn remove_created(top: Option<PathBuf>, dir: &Path) {
+    let Some(top) = top else { return };
+    let mut p = dir.to_path_buf();
+    loop {
+        if std::fs::remove_dir(&p).is_err() || p == top {
+            break;
+        }
+        match p.parent() {
+            Some(q) => p = q.to_path_buf(),
+            None => break,
+        }
+    }
 }
 
 /// Sets `torch_dtype` (and `dtype`, where present) in a config.json to `dtype`, keeping key
@@ -363,6 +299,142 @@ fn temp_file(dir: &Path, name: &str) -> Result<tempfile::NamedTempFile> {
         .permissions(std::fs::Permissions::from_mode(0o666))
         .tempfile_in(dir)
         .map_err(|e| Error::invalid(dir, format!("cannot create the output here: {e}")))
+}
+
+impl Job<'_> {
+    /// A `.safetensors` file, or a set of shards and their index, beside each other.
+    fn write_files(&self, p: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan, layout) = (self.cat, self.plan, summary.layout.clone());
+        let mut overflow: Vec<(usize, u64)> = Vec::new();
+        let dir = parent_of(p);
+        let mut staged = Vec::new();
+        for f in &layout.files {
+            let tmp = temp_file(&dir, &f.name)?;
+            overflow.extend(self.write_file(tmp.as_file(), tmp.path(), f)?);
+            staged.push((tmp, dir.join(&f.name)));
+        }
+        self.check_overflow(self.named(&overflow), summary)?;
+        if let Some(index) = &layout.index {
+            let mut tmp = temp_file(&dir, index)?;
+            let text = index_json(cat, plan, &layout);
+            tmp.write_all(text.as_bytes())
+                .map_err(|e| Error::io(tmp.path(), e))?;
+            self.finish(tmp.as_file())?;
+            staged.push((tmp, dir.join(index)));
+        }
+        for (tmp, dest) in staged {
+            tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+            summary.files.push(dest);
+        }
+        Ok(())
+    }
+
+    /// A `torch.save` checkpoint.
+    fn write_pt(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan, opts) = (self.cat, self.plan, self.opts);
+        let pt = if cat.kind.is_torch() {
+            crate::formats::torch_write::from_torch(cat, plan, &opts.pt_export)?
+        } else {
+            crate::formats::torch_write::from_tensors(cat, plan)?
+        };
+        let dir = parent_of(dest);
+        let name = dest
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let tmp = temp_file(&dir, &name)?;
+        let stem = dest
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("archive");
+        let mut zip = crate::formats::torch_write::PtZip::new(tmp.as_file(), stem, &pt.data_pkl)?;
+        let pieces: Vec<Piece<'_>> = pt
+            .records
+            .iter()
+            .map(|r| Piece {
+                entry: &r.source,
+                from: r.from,
+                to: r.to,
+            })
+            .collect();
+        let mut sink = ZipSink {
+            zip: &mut zip,
+            records: &pt.records,
+        };
+        let counts = self.exec().run(&pieces, &mut sink)?;
+        zip.finish()?;
+        let named: Vec<(String, DType, u64)> = counts
+            .iter()
+            .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
+            .collect();
+        self.check_overflow(named, summary)?;
+        self.finish(tmp.as_file())?;
+        tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+        summary.files.push(dest.to_path_buf());
+        Ok(())
+    }
+
+    /// A model folder: weights, index, every other file, config.json's dtype updated.
+    fn write_folder(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan, layout) = (self.cat, self.plan, summary.layout.clone());
+        let mut overflow: Vec<(usize, u64)> = Vec::new();
+        let parent = parent_of(dest);
+        let name = dest
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{name}.weightcast-"))
+            .permissions(std::fs::Permissions::from_mode(0o777))
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        for f in &layout.files {
+            let path = staging.path().join(&f.name);
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            overflow.extend(self.write_file(&file, &path, f)?);
+            summary.files.push(dest.join(&f.name));
+        }
+        self.check_overflow(self.named(&overflow), summary)?;
+        if let Some(index) = &layout.index {
+            let path = staging.path().join(index);
+            std::fs::write(&path, index_json(cat, plan, &layout))
+                .map_err(|e| Error::io(&path, e))?;
+            summary.files.push(dest.join(index));
+        }
+        let dominant = plan.dominant_float(cat);
+        let folder = cat.folder.as_ref().expect("folder input");
+        for rel in &folder.other_files {
+            self.check_cancel()?;
+            let from = folder.dir.join(rel);
+            let to = staging.path().join(rel);
+            if let Some(p) = to.parent() {
+                std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+            }
+            if rel == Path::new("config.json") {
+                match update_config(&from, dominant)? {
+                    Some(text) => {
+                        std::fs::write(&to, text).map_err(|e| Error::io(&to, e))?;
+                        summary.config_dtype = dominant;
+                    }
+                    None => {
+                        summary.warnings.push(format!(
+                            "{}: not a JSON object; copied unchanged, its dtype may be stale",
+                            from.display()
+                        ));
+                        std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+                    }
+                }
+            } else {
+                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
+            summary.files_copied += 1;
+        }
+        self.check_cancel()?;
+        replace_folder(staging, dest)?;
+        Ok(())
+    }
 }
 
 /// A buffer pool shared by the three stages.

@@ -230,8 +230,16 @@ impl FromStr for DType {
             "bfloat16" | "bf16" => DType::BF16,
             "float32" | "float" | "f32" | "fp32" => DType::F32,
             "float64" | "double" | "f64" | "fp64" => DType::F64,
-            "float8_e4m3fn" | "f8e4m3" | "f8e4m3fn" | "fp8e4m3" | "fp8" | "f8_e4m3" | "e4m3" => {
+            "float8_e4m3fn" | "f8e4m3" | "f8e4m3fn" | "fp8e4m3" | "f8_e4m3" | "e4m3" => {
                 DType::F8E4M3
+            }
+            // Two fp8 formats answer to this name, with different trade-offs; guessing would
+            // silently pick one for the user.
+            "fp8" | "f8" | "float8" => {
+                return Err(Error::usage(format!(
+                    "`{s}` is ambiguous: use f8e4m3 (float8_e4m3fn: more precision, max 448; what \
+                     serving engines load for weights) or f8e5m2 (float8_e5m2: more range, max 57344)"
+                )))
             }
             "float8_e5m2" | "f8e5m2" | "fp8e5m2" | "f8_e5m2" | "e5m2" => DType::F8E5M2,
             _ => {

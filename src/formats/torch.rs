@@ -472,66 +472,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let (selected, entry) = select_root(path, pk, key)?;
     let mut notes = Vec::new();
     let mut dec = Decoder::new(&ar);
-    let mut tensors: Vec<TensorEntry> = Vec::new();
-    let mut others: Vec<OtherTensor> = Vec::new();
-    let mut aliases: Vec<(String, String)> = Vec::new();
-    // Tensors of the state dict first, named as `state_dict()` names them.
-    for (name, node) in tensors_in(path, pk, selected)? {
-        match dec.decode(node) {
-            Ok(d) => {
-                if let Some(kept) = dec.tied(&d) {
-                    if let TensorRef::Selected(i) = kept {
-                        aliases.push((name, tensors[i].name.clone()));
-                    }
-                    dec.record(node, &d, kept);
-                    continue;
-                }
-                let r = TensorRef::Selected(tensors.len());
-                tensors.push(dec.entry(name, &d));
-                dec.record(node, &d, r);
-            }
-            Err(why) => {
-                dec.pin_below(node);
-                notes.push(format!("tensor `{name}` left out: {why}"));
-            }
-        }
-    }
-    // Then every other tensor of the file, by its path from the top; then rebuild calls no
-    // name leads to (inside a custom object's arguments), so that a .pt output never converts
-    // a storage under a tensor it did not see.
-    let mut rest = if selected == pk.root {
-        vec![]
-    } else {
-        tensors_in(path, pk, pk.root)?
-    };
-    rest.extend(
-        reachable(pk, pk.root)
-            .into_iter()
-            .filter(|&id| is_tensor(pk, id))
-            .map(|id| (format!("<object {id}>"), id)),
-    );
-    for (name, node) in rest {
-        if dec.seen(node) {
-            continue;
-        }
-        let section = name.split('.').next().unwrap_or("").to_string();
-        match dec.decode(node) {
-            Ok(d) => {
-                let r = match dec.tied(&d) {
-                    Some(r) => r,
-                    None => {
-                        others.push(OtherTensor {
-                            entry: dec.entry(name, &d),
-                            section,
-                        });
-                        TensorRef::Other(others.len() - 1)
-                    }
-                };
-                dec.record(node, &d, r);
-            }
-            Err(_) => dec.pin_below(node),
-        }
-    }
+    let (tensors, others, aliases) = decode_all(path, pk, selected, &mut dec, &mut notes)?;
     dec.pin_unread_storages(pk.root);
     if !aliases.is_empty() {
         notes.push(format!(
@@ -634,6 +575,80 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         storages,
         torch: Some(std::sync::Arc::new(doc)),
     })
+}
+
+/// Decodes every tensor of the pickle: the state dict's (below `selected`, named as
+/// `state_dict()` names them), then every other one (named by its path from the top, or by its
+/// node when no name leads to it). Returns them with the tied names (alias, kept name).
+#[allow(clippy::type_complexity)]
+fn decode_all(
+    path: &Path,
+    pk: &Pickle,
+    selected: NodeId,
+    dec: &mut Decoder<'_>,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<TensorEntry>, Vec<OtherTensor>, Vec<(String, String)>)> {
+    let mut tensors: Vec<TensorEntry> = Vec::new();
+    let mut others: Vec<OtherTensor> = Vec::new();
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    // Tensors of the state dict first, named as `state_dict()` names them.
+    for (name, node) in tensors_in(path, pk, selected)? {
+        match dec.decode(node) {
+            Ok(d) => {
+                if let Some(kept) = dec.tied(&d) {
+                    if let TensorRef::Selected(i) = kept {
+                        aliases.push((name, tensors[i].name.clone()));
+                    }
+                    dec.record(node, &d, kept);
+                    continue;
+                }
+                let r = TensorRef::Selected(tensors.len());
+                tensors.push(dec.entry(name, &d));
+                dec.record(node, &d, r);
+            }
+            Err(why) => {
+                dec.pin_below(node);
+                notes.push(format!("tensor `{name}` left out: {why}"));
+            }
+        }
+    }
+    // Then every other tensor of the file, by its path from the top; then rebuild calls no
+    // name leads to (inside a custom object's arguments), so that a .pt output never converts
+    // a storage under a tensor it did not see.
+    let mut rest = if selected == pk.root {
+        vec![]
+    } else {
+        tensors_in(path, pk, pk.root)?
+    };
+    rest.extend(
+        reachable(pk, pk.root)
+            .into_iter()
+            .filter(|&id| is_tensor(pk, id))
+            .map(|id| (format!("<object {id}>"), id)),
+    );
+    for (name, node) in rest {
+        if dec.seen(node) {
+            continue;
+        }
+        let section = name.split('.').next().unwrap_or("").to_string();
+        match dec.decode(node) {
+            Ok(d) => {
+                let r = match dec.tied(&d) {
+                    Some(r) => r,
+                    None => {
+                        others.push(OtherTensor {
+                            entry: dec.entry(name, &d),
+                            section,
+                        });
+                        TensorRef::Other(others.len() - 1)
+                    }
+                };
+                dec.record(node, &d, r);
+            }
+            Err(_) => dec.pin_below(node),
+        }
+    }
+    Ok((tensors, others, aliases))
 }
 
 /// The top-level entries of a checkpoint other than the selected one: (name, tensors, bytes).

@@ -102,10 +102,44 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
         .iter()
         .filter(|r| live.contains(&r.node))
         .collect();
+    let decision = storage_decisions(cat, plan, &rebuilds)?;
+    if export.inference {
+        clear_requires_grad(&mut pk, &rebuilds);
+    }
+    let mut rw = Rewriter::new(&mut pk);
+    let mut done = HashSet::new();
+    for r in rebuilds.iter().filter(|r| done.insert(r.site)) {
+        let (from, to) = decision[&r.storage];
+        if from != to {
+            rw.convert(
+                r.site,
+                r.persid,
+                r.v3,
+                cat.storages[r.storage].nbytes,
+                from,
+                to,
+            );
+        }
+    }
+    rw.normalize_storage_ids(path)?;
+    let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(path, e.to_string()))?;
+
+    let records = records(cat, doc, &pk, &decision, &rebuilds)?;
+    Ok(PtOutput { data_pkl, records })
+}
+
+/// Per storage: (from, to) as the plan says for every tensor on it that the output holds; a
+/// storage the plan's tensors disagree on is an error (the plan settles storages first).
+fn storage_decisions(
+    cat: &Catalogue,
+    plan: &Plan,
+    rebuilds: &[&crate::formats::torch::Rebuild],
+) -> Result<HashMap<usize, (DType, DType)>> {
+    let path = &cat.path;
     // Per storage: (from, to) as the plan says for every tensor on it that the output holds.
     let mut decision: HashMap<usize, (DType, DType)> = HashMap::new();
     let mut split = HashSet::new();
-    for r in &rebuilds {
+    for r in rebuilds {
         let entry = match r.tensor {
             TensorRef::Selected(i) => plan.tensors.get(i),
             TensorRef::Other(i) => plan.others.get(i),
@@ -130,31 +164,23 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
             ),
         ));
     }
-    if export.inference {
-        clear_requires_grad(&mut pk, &rebuilds);
-    }
-    let mut rw = Rewriter::new(&mut pk);
-    let mut done = HashSet::new();
-    for r in rebuilds.iter().filter(|r| done.insert(r.site)) {
-        let (from, to) = decision[&r.storage];
-        if from != to {
-            rw.convert(
-                r.site,
-                r.persid,
-                r.v3,
-                cat.storages[r.storage].nbytes,
-                from,
-                to,
-            );
-        }
-    }
-    rw.normalize_storage_ids(path)?;
-    let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(path, e.to_string()))?;
+    Ok(decision)
+}
 
+/// The storage records the output's pickle `pk` references, in torch's order, each with the
+/// conversion the plan decided.
+fn records(
+    cat: &Catalogue,
+    doc: &TorchDoc,
+    pk: &Pickle,
+    decision: &HashMap<usize, (DType, DType)>,
+    rebuilds: &[&crate::formats::torch::Rebuild],
+) -> Result<Vec<PtRecord>> {
+    let path = &cat.path;
     // The records the output's pickle references, in torch's order.
-    let mut used: Vec<usize> = reachable(&pk, pk.root)
+    let mut used: Vec<usize> = reachable(pk, pk.root)
         .into_iter()
-        .filter_map(|id| crate::formats::torch::persid_key(&pk, id))
+        .filter_map(|id| crate::formats::torch::persid_key(pk, id))
         .filter_map(|k| cat.storages.iter().position(|s| s.key == k))
         .collect::<HashSet<_>>()
         .into_iter()
@@ -221,7 +247,7 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
             label: label_of(s),
         });
     }
-    Ok(PtOutput { data_pkl, records })
+    Ok(records)
 }
 
 /// Refuses a pickle we must not write back: dangerous globals, names that are not Python
@@ -547,118 +573,19 @@ fn legacy_storage(d: DType) -> Option<&'static str> {
 /// The `.pt` output of a non-PyTorch input (safetensors): a `torch.save` state dict (an
 /// OrderedDict of tensors, one storage each), cast as `plan` says.
 pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
-    let mut pk = Pickle {
-        nodes: vec![],
-        root: 0,
-    };
-    let od = add(
-        &mut pk,
-        Node::Global {
-            module: "collections".into(),
-            name: "OrderedDict".into(),
-        },
-    );
-    let empty = add(&mut pk, Node::Tuple(vec![]));
-    let storage = add(&mut pk, Node::Str("storage".into()));
-    let cpu = add(&mut pk, Node::Str("cpu".into()));
-    let no = add(&mut pk, Node::Bool(false));
-    let v2 = add(
-        &mut pk,
-        Node::Global {
-            module: "torch._utils".into(),
-            name: "_rebuild_tensor_v2".into(),
-        },
-    );
-    let v3 = add(
-        &mut pk,
-        Node::Global {
-            module: "torch._utils".into(),
-            name: "_rebuild_tensor_v3".into(),
-        },
-    );
-    let untyped = add(
-        &mut pk,
-        Node::Global {
-            module: "torch.storage".into(),
-            name: "UntypedStorage".into(),
-        },
-    );
-    let zero = add(&mut pk, Node::Int(0));
-    let mut items = Vec::new();
+    let mut b = StateDict::new();
+    let mut items = Vec::with_capacity(plan.tensors.len());
     for (i, p) in plan.tensors.iter().enumerate() {
         let t = &cat.tensors[p.tensor];
-        let to = p.to;
-        let torch_ok = !matches!(to, DType::F6E2M3 | DType::F6E3M2);
-        if !torch_ok {
+        if matches!(p.to, DType::F6E2M3 | DType::F6E3M2) {
             return Err(Error::usage(format!(
-                "tensor `{}`: torch has no {to} dtype",
-                t.name
+                "tensor `{}`: torch has no {} dtype",
+                t.name, p.to
             )));
         }
-        let key = add(&mut pk, Node::Str(i.to_string()));
-        let numel = t.numel();
-        let (stype, n) = match legacy_storage(to) {
-            Some(s) => (
-                add(
-                    &mut pk,
-                    Node::Global {
-                        module: "torch".into(),
-                        name: s.into(),
-                    },
-                ),
-                numel,
-            ),
-            None => (untyped, p.bytes_out),
-        };
-        let n = add(&mut pk, Node::Int(n as i64));
-        let pid_t = add(&mut pk, Node::Tuple(vec![storage, stype, key, cpu, n]));
-        let pid = add(&mut pk, Node::PersId(pid_t));
-        let dims: Vec<NodeId> = t
-            .shape
-            .iter()
-            .map(|&d| add(&mut pk, Node::Int(d as i64)))
-            .collect();
-        let mut strides = vec![1u64; t.shape.len()];
-        for k in (0..t.shape.len().saturating_sub(1)).rev() {
-            strides[k] = strides[k + 1] * t.shape[k + 1].max(1);
-        }
-        let strides: Vec<NodeId> = strides
-            .iter()
-            .map(|&s| add(&mut pk, Node::Int(s as i64)))
-            .collect();
-        let size = add(&mut pk, Node::Tuple(dims));
-        let stride = add(&mut pk, Node::Tuple(strides));
-        let hooks = add(&mut pk, pickle::Object::reduce(od, empty));
-        let mut args = vec![pid, zero, size, stride, no, hooks];
-        let func = if legacy_storage(to).is_some() {
-            v2
-        } else {
-            args.push(add(
-                &mut pk,
-                Node::Global {
-                    module: "torch".into(),
-                    name: to.torch_name().into(),
-                },
-            ));
-            v3
-        };
-        let args = add(&mut pk, Node::Tuple(args));
-        let tensor = add(&mut pk, pickle::Object::reduce(func, args));
-        let name = add(&mut pk, Node::Str(t.name.clone()));
-        items.push((name, tensor));
+        items.push(b.tensor(&i.to_string(), &t.name, &t.shape, p.to, p.bytes_out));
     }
-    pk.root = add(
-        &mut pk,
-        Node::Object(pickle::Object {
-            call: Call::Reduce {
-                func: od,
-                args: empty,
-            },
-            state: None,
-            items,
-            appends: vec![],
-        }),
-    );
+    let pk = b.finish(items);
     let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(&cat.path, e.to_string()))?;
     let records = plan
         .tensors
@@ -677,6 +604,132 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
         })
         .collect();
     Ok(PtOutput { data_pkl, records })
+}
+
+/// Builds the pickle `torch.save(state_dict)` writes: an OrderedDict of `_rebuild_tensor_v2`
+/// calls (`_v3` with an `UntypedStorage` for dtypes without a legacy storage class), each on a
+/// storage of its own.
+struct StateDict {
+    pk: Pickle,
+    /// Globals made so far: shared nodes, memoised once by the writer (as Python's pickler
+    /// memoises them).
+    globals: HashMap<(&'static str, String), NodeId>,
+    od: NodeId,
+    empty: NodeId,
+    storage: NodeId,
+    cpu: NodeId,
+    no: NodeId,
+    zero: NodeId,
+}
+
+impl StateDict {
+    fn new() -> Self {
+        let mut pk = Pickle {
+            nodes: vec![],
+            root: 0,
+        };
+        let od = add(
+            &mut pk,
+            Node::Global {
+                module: "collections".into(),
+                name: "OrderedDict".into(),
+            },
+        );
+        let empty = add(&mut pk, Node::Tuple(vec![]));
+        let storage = add(&mut pk, Node::Str("storage".into()));
+        let cpu = add(&mut pk, Node::Str("cpu".into()));
+        let no = add(&mut pk, Node::Bool(false));
+        let zero = add(&mut pk, Node::Int(0));
+        StateDict {
+            pk,
+            globals: HashMap::new(),
+            od,
+            empty,
+            storage,
+            cpu,
+            no,
+            zero,
+        }
+    }
+
+    /// The `(name, tensor)` item of a contiguous tensor on storage `key`.
+    fn tensor(
+        &mut self,
+        key: &str,
+        name: &str,
+        shape: &[u64],
+        to: DType,
+        nbytes: u64,
+    ) -> (NodeId, NodeId) {
+        let numel: u64 = shape.iter().product();
+        let legacy = legacy_storage(to);
+        let (stype, n) = match legacy {
+            Some(s) => (self.global("torch", s), numel),
+            None => (self.global("torch.storage", "UntypedStorage"), nbytes),
+        };
+        let func = match legacy {
+            Some(_) => self.global("torch._utils", "_rebuild_tensor_v2"),
+            None => self.global("torch._utils", "_rebuild_tensor_v3"),
+        };
+        let dtype = self.global("torch", to.torch_name());
+        let pk = &mut self.pk;
+        let key = add(pk, Node::Str(key.to_string()));
+        let n = add(pk, Node::Int(n as i64));
+        let pid_t = add(pk, Node::Tuple(vec![self.storage, stype, key, self.cpu, n]));
+        let pid = add(pk, Node::PersId(pid_t));
+        let mut strides = vec![1u64; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            strides[k] = strides[k + 1] * shape[k + 1].max(1);
+        }
+        let ints = |pk: &mut Pickle, v: &[u64]| {
+            let ids = v.iter().map(|&d| add(pk, Node::Int(d as i64))).collect();
+            add(pk, Node::Tuple(ids))
+        };
+        let size = ints(pk, shape);
+        let stride = ints(pk, &strides);
+        let hooks = add(pk, pickle::Object::reduce(self.od, self.empty));
+        let mut args = vec![pid, self.zero, size, stride, self.no, hooks];
+        if legacy.is_none() {
+            args.push(dtype);
+        }
+        let args = add(pk, Node::Tuple(args));
+        let tensor = add(pk, pickle::Object::reduce(func, args));
+        let name = add(pk, Node::Str(name.to_string()));
+        (name, tensor)
+    }
+
+    /// The node of global `module.name`, made once.
+    fn global(&mut self, module: &'static str, name: &str) -> NodeId {
+        if let Some(&id) = self.globals.get(&(module, name.to_string())) {
+            return id;
+        }
+        let id = add(
+            &mut self.pk,
+            Node::Global {
+                module: module.into(),
+                name: name.into(),
+            },
+        );
+        self.globals.insert((module, name.to_string()), id);
+        id
+    }
+
+    /// The pickle with `items` as its OrderedDict.
+    fn finish(mut self, items: Vec<(NodeId, NodeId)>) -> Pickle {
+        self.pk.root = add(
+            &mut self.pk,
+            Node::Object(pickle::Object {
+                call: Call::Reduce {
+                    func: self.od,
+                    args: self.empty,
+                },
+                state: None,
+                items,
+                appends: vec![],
+            }),
+        );
+        self.pk
+    }
 }
 
 /// A `torch.save` zip being written: stored records, 64-byte aligned data, the records torch

@@ -314,99 +314,9 @@ impl Progress for Bar {
 }
 
 fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
-    let (rules, file_to) = build_rules(order)?;
-    let on_overflow: OnOverflow = c.on_overflow.parse()?;
-    if let Some(f) = c.max_underflow {
-        if !(0.0..=1.0).contains(&f) {
-            return Err(Error::usage(format!(
-                "--max-underflow {f}: give a fraction between 0 and 1"
-            ))
-            .into());
-        }
-    }
-    let candidates: Vec<DType> = match (c.auto, &c.to) {
-        (Some(_), Some(list)) => list
-            .split(',')
-            .map(|t| {
-                t.parse::<DType>()
-                    .and_then(|d| check_castable(d).map(|_| d))
-            })
-            .collect::<Result<_, _>>()?,
-        (Some(_), None) => {
-            return Err(Error::usage(
-                "--auto needs --to with candidates (e.g. --to f8e4m3,bf16,f16)",
-            )
-            .into())
-        }
-        (None, _) => vec![],
-    };
-    let target = match candidates.first() {
-        Some(&d) => d,
-        None => single_target(c.to.as_deref(), file_to)?,
-    };
-    let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
-    let pt_out = c
-        .output
-        .extension()
-        .is_some_and(|e| e == "pt" || e == "pth" || e == "bin");
-    if c.cast_optimizer && (!pt_out || c.inference) {
-        return Err(Error::usage(
-            "--cast-optimizer applies to a .pt output of a whole training checkpoint (not with --inference)",
-        )
-        .into());
-    }
-    let mut cat = open(&c.input, c.key.as_deref())?;
-    if let Some(p) = &c.strip_prefix {
-        let n = cat.strip_prefix(p)?;
-        if n == 0 {
-            warn(&format!(
-                "--strip-prefix {p}: no tensor name starts with it"
-            ));
-        }
-    }
-    // A .pt output keeps the whole file (optimizer state too) unless --inference keeps only
-    // the model's weights; the plan covers exactly what is written.
-    let scope = if pt_out && !c.inference {
-        Scope::WholeFile {
-            cast_others: c.cast_optimizer,
-        }
-    } else {
-        Scope::StateDict
-    };
-    let mut plan = Plan::with_scope(&cat, &rules, target, scope);
-    plan_warnings(&plan, c.rules.strict_rules)?;
-    if let (true, Some(doc)) = (c.inference, cat.torch.as_deref()) {
-        if let Some(e) = &doc.entry {
-            warn(&format!(
-                "--inference kept the entry `{e}`; dropped {} ({} tensor bytes saved)",
-                weightcast::formats::torch::describe_dropped(&plan.dropped),
-                plan.dropped.iter().map(|d| d.2).sum::<u64>()
-            ));
-        }
-    }
+    let (cat, plan, on_overflow, max_shard_size) = convert_plan(&c, order)?;
+    let pt_out = is_pt(&c.output);
     let person = !c.quiet && !c.json;
-    if let Some(snr) = c.auto {
-        let progress = bar(person, "choosing");
-        analysis::choose_auto(&cat, &mut plan, &candidates, snr, &progress, None)?;
-        progress.0.finish_and_clear();
-    }
-    if on_overflow == OnOverflow::Keep || c.max_underflow.is_some() {
-        let progress = bar(person, "checking");
-        let analyses = analysis::analyze(&cat, &plan, &Bounds::default(), &progress, None)?;
-        progress.0.finish_and_clear();
-        if on_overflow == OnOverflow::Keep {
-            let n = analysis::keep_overflowing(&cat, &mut plan, &analyses);
-            if n > 0 {
-                warn(&format!("{n} tensor(s) kept in their dtype: their values would overflow (--on-overflow keep)"));
-            }
-        }
-        if let Some(f) = c.max_underflow {
-            let n = analysis::keep_underflowing(&cat, &mut plan, &analyses, f);
-            if n > 0 {
-                warn(&format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
-            }
-        }
-    }
     let cancel = Arc::new(AtomicBool::new(false));
     let opts = Options {
         force: c.force,
@@ -465,6 +375,121 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
+    print_summary(&c, &cat, &plan, &summary)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn is_pt(out: &std::path::Path) -> bool {
+    out.extension()
+        .is_some_and(|e| e == "pt" || e == "pth" || e == "bin")
+}
+
+/// Reads the input and decides everything: the rules, the targets, the per-tensor checks
+/// (--auto, --on-overflow keep, --max-underflow). What it returns is what is written.
+fn convert_plan(
+    c: &ConvertArgs,
+    order: &[RuleArg],
+) -> Result<(weightcast::Catalogue, Plan, OnOverflow, Option<u64>)> {
+    let (rules, file_to) = build_rules(order)?;
+    let on_overflow: OnOverflow = c.on_overflow.parse()?;
+    if let Some(f) = c.max_underflow {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(Error::usage(format!(
+                "--max-underflow {f}: give a fraction between 0 and 1"
+            ))
+            .into());
+        }
+    }
+    let candidates: Vec<DType> = match (c.auto, &c.to) {
+        (Some(_), Some(list)) => list
+            .split(',')
+            .map(|t| {
+                t.parse::<DType>()
+                    .and_then(|d| check_castable(d).map(|_| d))
+            })
+            .collect::<Result<_, _>>()?,
+        (Some(_), None) => {
+            return Err(Error::usage(
+                "--auto needs --to with candidates (e.g. --to f8e4m3,bf16,f16)",
+            )
+            .into())
+        }
+        (None, _) => vec![],
+    };
+    let target = match candidates.first() {
+        Some(&d) => d,
+        None => single_target(c.to.as_deref(), file_to)?,
+    };
+    let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
+    let pt_out = is_pt(&c.output);
+    if c.cast_optimizer && (!pt_out || c.inference) {
+        return Err(Error::usage(
+            "--cast-optimizer applies to a .pt output of a whole training checkpoint (not with --inference)",
+        )
+        .into());
+    }
+    let mut cat = open(&c.input, c.key.as_deref())?;
+    if let Some(p) = &c.strip_prefix {
+        let n = cat.strip_prefix(p)?;
+        if n == 0 {
+            warn(&format!(
+                "--strip-prefix {p}: no tensor name starts with it"
+            ));
+        }
+    }
+    // A .pt output keeps the whole file (optimizer state too) unless --inference keeps only
+    // the model's weights; the plan covers exactly what is written.
+    let scope = if pt_out && !c.inference {
+        Scope::WholeFile {
+            cast_others: c.cast_optimizer,
+        }
+    } else {
+        Scope::StateDict
+    };
+    let mut plan = Plan::with_scope(&cat, &rules, target, scope);
+    plan_warnings(&plan, c.rules.strict_rules)?;
+    if let (true, Some(doc)) = (c.inference, cat.torch.as_deref()) {
+        if let Some(e) = &doc.entry {
+            warn(&format!(
+                "--inference kept the entry `{e}`; dropped {} ({} tensor bytes saved)",
+                weightcast::formats::torch::describe_dropped(&plan.dropped),
+                plan.dropped.iter().map(|d| d.2).sum::<u64>()
+            ));
+        }
+    }
+    let person = !c.quiet && !c.json;
+    if let Some(snr) = c.auto {
+        let progress = bar(person, "choosing");
+        analysis::choose_auto(&cat, &mut plan, &candidates, snr, &progress, None)?;
+        progress.0.finish_and_clear();
+    }
+    if on_overflow == OnOverflow::Keep || c.max_underflow.is_some() {
+        let progress = bar(person, "checking");
+        let analyses = analysis::analyze(&cat, &plan, &Bounds::default(), &progress, None)?;
+        progress.0.finish_and_clear();
+        if on_overflow == OnOverflow::Keep {
+            let n = analysis::keep_overflowing(&cat, &mut plan, &analyses);
+            if n > 0 {
+                warn(&format!("{n} tensor(s) kept in their dtype: their values would overflow (--on-overflow keep)"));
+            }
+        }
+        if let Some(f) = c.max_underflow {
+            let n = analysis::keep_underflowing(&cat, &mut plan, &analyses, f);
+            if n > 0 {
+                warn(&format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
+            }
+        }
+    }
+    Ok((cat, plan, on_overflow, max_shard_size))
+}
+
+/// The warnings, the clamp report and the summary line (or JSON) of a finished conversion.
+fn print_summary(
+    c: &ConvertArgs,
+    cat: &weightcast::Catalogue,
+    plan: &Plan,
+    summary: &convert::Summary,
+) -> Result<()> {
     for w in &summary.warnings {
         warn(w);
     }
@@ -486,7 +511,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let secs = summary.elapsed.as_secs_f64();
     let rate = summary.bytes_in as f64 / secs.max(1e-9);
     if c.json {
-        let mut v = report::plan_json(&cat, &plan, &summary.layout);
+        let mut v = report::plan_json(cat, plan, &summary.layout);
         v["dry_run"] = json!(false);
         v["output"] = json!(c.output);
         v["written"] = json!(summary.files);
@@ -518,7 +543,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
             c.output.display()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 struct EvalRow {
