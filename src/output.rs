@@ -335,11 +335,23 @@ pub fn check_target(cat: &Catalogue, target: &Target, layout: &Layout, force: bo
     } else {
         parent
     };
-    if !parent.is_dir() {
-        return Err(Error::usage(format!(
-            "{}: the folder does not exist",
-            parent.display()
-        )));
+    // A missing folder is created by the conversion (as save_pretrained does); an ancestor
+    // that is a file cannot be.
+    let mut p = parent.as_path();
+    loop {
+        if let Ok(m) = std::fs::metadata(p) {
+            if !m.is_dir() {
+                return Err(Error::usage(format!(
+                    "{}: not a folder, so the output cannot go below it",
+                    p.display()
+                )));
+            }
+            break;
+        }
+        match p.parent() {
+            Some(q) if !q.as_os_str().is_empty() => p = q,
+            _ => break,
+        }
     }
     Ok(())
 }

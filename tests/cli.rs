@@ -311,7 +311,7 @@ fn output_is_protected() {
         "{}",
         stderr(&o)
     );
-    // a missing output folder
+    // a missing output folder is created, as save_pretrained does ...
     let o = run(&[
         "convert",
         &inp,
@@ -320,8 +320,55 @@ fn output_is_protected() {
         "--to",
         "f16",
     ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.path("no/such/dir/x.safetensors").is_file());
+    std::fs::remove_dir_all(d.path("no")).unwrap();
+    // ... for shard sets too, and removed again when the conversion fails
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &d.s("new/model.safetensors.index.json"),
+        "--to",
+        "f16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.path("new/model.safetensors.index.json").is_file());
+    std::fs::remove_dir_all(d.path("new")).unwrap();
+    std::fs::write(d.path("big.safetensors"), {
+        let mut v = raw(
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            0,
+        );
+        v.extend(1e6f32.to_le_bytes());
+        v
+    })
+    .unwrap();
+    let o = run(&[
+        "convert",
+        &d.s("big.safetensors"),
+        "-o",
+        &d.s("gone/deeper/x.safetensors"),
+        "--to",
+        "f16",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        !d.path("gone").exists(),
+        "created folders removed on failure"
+    );
+    std::fs::remove_file(d.path("big.safetensors")).unwrap();
+    // an ancestor that is a file
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &d.s("in.safetensors/x.safetensors"),
+        "--to",
+        "f16",
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a folder"), "{}", stderr(&o));
     assert_eq!(
         d.names(),
         vec!["in.safetensors", "out.safetensors"],
@@ -470,4 +517,121 @@ fn overflow_is_refused_by_default() {
         "-q",
     ]);
     assert!(o.status.success(), "bf16 holds 1e5: {}", stderr(&o));
+}
+
+#[test]
+fn messages_say_what_a_file_is_and_what_the_command_wants() {
+    let d = Dir::new();
+    let inp = d.s("in.safetensors");
+    std::fs::write(&inp, valid()).unwrap();
+    // audit on safetensors: a verdict, not a zip error
+    let o = run(&["audit", &inp]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("a safetensors file: no pickle, nothing to run"),
+        "{out}"
+    );
+    // audit on a folder: every file in it
+    let o = run(&["audit", &d.s("")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // eval on a file
+    let o = run(&["eval", &inp]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("eval needs a Hugging Face model folder"));
+    assert!(
+        stderr(&o).contains("this is a safetensors file"),
+        "{}",
+        stderr(&o)
+    );
+    // a truncated zip
+    let z = d.path("t.pt");
+    std::fs::write(&z, b"PK\x03\x04\x14\x00\x08\x08\x00\x00").unwrap();
+    let o = run(&[
+        "convert",
+        &d.s("t.pt"),
+        "-o",
+        &d.s("o.safetensors"),
+        "--to",
+        "f16",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    // the usage line names --to
+    let o = run(&["convert", "--help"]);
+    let help = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        help.contains("convert <INPUT> -o <OUTPUT> --to <DTYPE>"),
+        "{help}"
+    );
+}
+
+#[test]
+fn rules_that_match_nothing_and_ambiguous_dtypes() {
+    let d = Dir::new();
+    let inp = d.s("in.safetensors");
+    std::fs::write(&inp, valid()).unwrap();
+    let out = d.s("o.safetensors");
+    // --to fp8: two formats answer to the name
+    let o = run(&["convert", &inp, "-o", &out, "--to", "fp8"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ambiguous") && stderr(&o).contains("f8e4m3"));
+    // a glob whose only miss is case gets a hint; --strict-rules makes a miss an error
+    let h = r#"{"enc.LayerNorm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    std::fs::write(&inp, raw(h, 8)).unwrap();
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &out,
+        "--to",
+        "f16",
+        "--keep",
+        "*.layernorm.*",
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("did you mean `*.LayerNorm.*`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &out,
+        "--to",
+        "f16",
+        "--keep",
+        "nothing",
+        "--strict-rules",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--strict-rules"), "{}", stderr(&o));
+    assert!(!d.path("o.safetensors").exists());
+    // a bad rules file is a usage error
+    std::fs::write(d.path("r.toml"), "[[rule]]\nmatch = 3\n").unwrap();
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &out,
+        "--to",
+        "f16",
+        "--rules",
+        &d.s("r.toml"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = run(&[
+        "convert",
+        &inp,
+        "-o",
+        &out,
+        "--to",
+        "f16",
+        "--rules",
+        &d.s("missing.toml"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }

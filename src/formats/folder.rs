@@ -112,6 +112,50 @@ fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
     }
 }
 
+/// What `path` is, from its content (for messages that say what a command got and what it
+/// wants): a folder, safetensors, a PyTorch file, a pickle, a zip, GGUF, NumPy, a Git LFS
+/// pointer, JSON, empty, or unknown.
+pub fn what_is(path: &Path) -> Result<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Ok("a folder");
+    }
+    let len = meta.len();
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = [0u8; 64];
+    let n = len.min(64) as usize;
+    file.read_exact_at(&mut head[..n], 0)
+        .map_err(|e| Error::io(path, e))?;
+    let head = &head[..n];
+    Ok(if len == 0 {
+        "an empty file"
+    } else if head.starts_with(b"version https://git-lfs") {
+        "a Git LFS pointer (the weights themselves were not downloaded)"
+    } else if head.starts_with(b"PK\x03\x04") {
+        "a zip archive (a torch.save checkpoint is one)"
+    } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| *p <= 5) {
+        "a pickle (a legacy torch.save checkpoint is one)"
+    } else if head.starts_with(b"GGUF") {
+        "a GGUF file"
+    } else if head.starts_with(b"\x93NUMPY") {
+        "a NumPy array file"
+    } else if head.len() >= 9
+        && u64::from_le_bytes(head[..8].try_into().expect("8 bytes"))
+            .checked_add(8)
+            .is_some_and(|end| end <= len)
+        && head[8] == b'{'
+    {
+        "a safetensors file"
+    } else if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        "a JSON file"
+    } else if !crate::formats::pickle::is_opcode(head[0]) {
+        "not a pickle (its first byte is no pickle opcode: an unpickler stops there)"
+    } else {
+        "a file of unknown format"
+    })
+}
+
 /// What a file that does not look like safetensors looks like instead, from its first bytes.
 fn other_format(head: &[u8], len: u64) -> Option<&'static str> {
     if head.len() == 9 {

@@ -8,4 +8,4 @@ pub mod torch;
 pub mod torch_container;
 pub mod torch_write;
 
-pub use folder::{open, open_with};
+pub use folder::{open, open_with, what_is};

@@ -240,7 +240,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     }
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
-        .map_err(|e| Error::invalid(path, format!("not a readable zip archive: {e}")))?;
+        .map_err(|e| crate::formats::torch_container::zip_error(path, e))?;
     let ambiguities = zip_ambiguities(&file, file_len, &mut zip);
     let mut records = HashMap::new();
     let mut prefix: Option<String> = None;

@@ -19,6 +19,21 @@ use crate::formats::pickle::{self, Node, Pickle};
 /// Largest pickle read into memory.
 const MAX_PICKLE: u64 = 1 << 30;
 
+/// The error for a zip the `zip` crate cannot open, said as a person would: a missing end
+/// record is a truncated file.
+pub fn zip_error(path: &Path, e: zip::result::ZipError) -> Error {
+    let text = e.to_string();
+    if text.contains("EOCD") || text.contains("end of central directory") {
+        Error::invalid(
+            path,
+            "starts like a zip archive (torch.save) but its end record is missing: the file is \
+             truncated (an interrupted download or copy?)",
+        )
+    } else {
+        Error::invalid(path, format!("not a readable zip archive: {text}"))
+    }
+}
+
 /// Whether the file starts like a zip archive: torch's `_is_zipfile` (the first four bytes only).
 pub fn is_zip(head: &[u8]) -> bool {
     head.starts_with(b"PK\x03\x04")
@@ -197,7 +212,7 @@ pub(crate) fn has_zip_end(file: &File, len: u64) -> bool {
 fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
-        .map_err(|e| Error::invalid(path, format!("not a readable zip archive: {e}")))?;
+        .map_err(|e| crate::formats::torch_container::zip_error(path, e))?;
     let ambiguities = zip_ambiguities(file, len, &mut zip);
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
     let find = |want: &str| -> Option<String> {

@@ -197,9 +197,22 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
     use weightcast::audit::{classify, display_name, Class};
     let mut failing = false;
     let mut reports = Vec::new();
-    for p in paths {
+    let mut nothing = Vec::new();
+    for p in audit_files(paths)? {
+        let what = formats::what_is(&p)?;
+        // Formats without a pickle have nothing to run; anything else (zip, pickle, unknown)
+        // is read as torch.load would read it.
+        if matches!(
+            what,
+            "a safetensors file" | "a GGUF file" | "a JSON file" | "an empty file"
+        ) || what.starts_with("a Git LFS pointer")
+            || what.starts_with("not a pickle")
+        {
+            nothing.push((p, what));
+            continue;
+        }
         // Every pickle torch.load would unpickle, in its order, as torch decides the container.
-        let scan = weightcast::formats::torch_container::scan(p)?;
+        let scan = weightcast::formats::torch_container::scan(&p)?;
         let mut globals: Vec<(String, Class, String)> = Vec::new();
         for pk in &scan.pickles {
             for (m, n) in &pk.globals {
@@ -214,7 +227,7 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
             || globals
                 .iter()
                 .any(|g| g.1 == Class::Dangerous || (strict && g.1 == Class::Other));
-        reports.push((p.clone(), scan, globals));
+        reports.push((p, scan, globals));
     }
     if as_json {
         let v: Vec<_> = reports
@@ -241,13 +254,22 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
         let any_dangerous = reports.iter().any(|(_, s, g)| {
             !s.ambiguities.is_empty() || g.iter().any(|x| x.1 == Class::Dangerous)
         });
+        let none: Vec<_> = nothing
+            .iter()
+            .map(|(p, w)| json!({"path": p, "format": w}))
+            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &json!({"files": v, "dangerous": any_dangerous, "strict": strict, "failed": failing})
-            )?
+            serde_json::to_string_pretty(&json!({"files": v, "no_pickle": none,
+                "dangerous": any_dangerous, "strict": strict, "failed": failing}))?
         );
     } else {
+        for (p, what) in &nothing {
+            println!(
+                "{}: {what}: no pickle, nothing to run",
+                report::one_line(&p.display().to_string())
+            );
+        }
         for (p, scan, g) in &reports {
             let d = g.iter().filter(|x| x.1 == Class::Dangerous).count();
             println!(
@@ -283,6 +305,36 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The files to audit: each path given, and every file below a folder (recursively, links not
+/// followed, `.git` skipped), in name order.
+fn audit_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, Error> {
+    let mut out = Vec::new();
+    let mut todo: Vec<std::path::PathBuf> = paths.iter().rev().cloned().collect();
+    let mut given = true;
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| Error::io(&p, e))?;
+        let is_dir = if meta.file_type().is_symlink() {
+            // Hugging Face cache snapshots are links to blobs: follow links to files.
+            std::fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false) && given
+        } else {
+            meta.is_dir()
+        };
+        if is_dir {
+            let mut entries: Vec<_> = std::fs::read_dir(&p)
+                .map_err(|e| Error::io(&p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|e| e.file_name().is_some_and(|n| n != ".git"))
+                .collect();
+            entries.sort();
+            todo.extend(entries.into_iter().rev());
+        } else {
+            out.push(p);
+        }
+        given = todo.len() >= paths.len();
+    }
+    Ok(out)
 }
 
 /// Builds the rule set in command-line order; returns it with a default target from a rules
@@ -564,6 +616,15 @@ fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         other => return Err(Error::usage(format!("--compute {other}: use same or f32")).into()),
     };
     let (rules, _) = build_rules(order)?;
+    let what = formats::what_is(&e.model)?;
+    if what != "a folder" {
+        return Err(Error::usage(format!(
+            "{}: eval needs a Hugging Face model folder (config.json, the weights, tokenizer.json); \
+             this is {what}",
+            e.model.display()
+        ))
+        .into());
+    }
     let model = EvalModel::open(&e.model)?;
     let inputs: Vec<String> = match &e.inputs {
         Some(p) => std::fs::read_to_string(p)

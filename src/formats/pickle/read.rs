@@ -46,6 +46,12 @@ pub fn parse(data: &[u8]) -> Result<Pickle, PickleError> {
     parse_with(data, Limits::default())
 }
 
+/// Whether `op` is a pickle opcode (protocols 0 to 5): a stream whose first byte is not one
+/// fails at that byte in any unpickler, before anything runs.
+pub fn is_opcode(op: u8) -> bool {
+    !name(op).starts_with("unknown")
+}
+
 fn name(op: u8) -> String {
     let n = match op {
         b'I' => "INT",
