@@ -83,6 +83,8 @@ pub struct TensorEntry {
     pub packed: Option<Packed>,
     /// For a PyTorch tensor: the storage it is a view of (index into [`Catalogue::storages`]).
     pub storage: Option<usize>,
+    /// For a tensor of a pickled module: the module's class (`torch.nn.modules.linear.Linear`).
+    pub module_class: Option<String>,
 }
 
 /// A deflate-compressed zip record holding tensor data.
@@ -150,6 +152,7 @@ impl StorageEntry {
             strided: None,
             packed: self.packed.clone(),
             storage: None,
+            module_class: None,
         }
     }
 }

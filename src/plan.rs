@@ -117,7 +117,7 @@ impl Plan {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let (action, rule) = rules.decide(&t.name, &t.shape);
+                let (action, rule) = rules.decide(&t.name, &t.shape, t.module_class.as_deref());
                 if let Some(r) = rule {
                     hits[r] += 1;
                 }

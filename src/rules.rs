@@ -6,7 +6,11 @@
 //!   (`word_embeddings` does not match `wo`); `*` and `?` stay inside a component, `**` spans
 //!   any number of components;
 //! - `re:REGEX`, a regular expression searched in the full name;
-//! - `kind:norm`, `kind:bias`, `kind:embedding` or `kind:1d`, a kind of tensor.
+//! - `kind:norm`, `kind:bias`, `kind:embedding`, `kind:1d`, `kind:2d` or `kind:conv`, a kind
+//!   of tensor (by name and shape, and by module class where the input records it);
+//! - `class:NAME`, the tensors of modules of a class (`class:Linear`, `class:Conv2d`, or the
+//!   full path `class:torch.nn.modules.linear.Linear`), for PyTorch files that pickle whole
+//!   modules.
 
 use std::path::Path;
 
@@ -27,6 +31,10 @@ pub enum Kind {
     Embedding,
     /// Tensors of at most one dimension: norms, biases, scales.
     OneD,
+    /// Matrices (two dimensions): linear layers' weights, embeddings.
+    TwoD,
+    /// Convolution weights: of a `Conv*` module, or of three to five dimensions.
+    Conv,
 }
 
 impl Kind {
@@ -36,17 +44,29 @@ impl Kind {
             "bias" | "biases" => Kind::Bias,
             "embedding" | "embeddings" | "embed" => Kind::Embedding,
             "1d" | "vector" => Kind::OneD,
+            "2d" | "matrix" => Kind::TwoD,
+            "conv" | "convolution" => Kind::Conv,
             _ => return None,
         })
     }
 
-    /// Whether a tensor of this name and shape is of this kind.
-    pub fn matches(self, name: &str, shape: &[u64]) -> bool {
+    /// Whether a tensor of this name and shape, in a module of class `class` (when known), is
+    /// of this kind.
+    pub fn matches(self, name: &str, shape: &[u64], class: Option<&str>) -> bool {
         let comps: Vec<String> = name.split('.').map(|c| c.to_ascii_lowercase()).collect();
+        let class_name = class.map(|c| c.rsplit('.').next().unwrap_or(c));
         match self {
-            Kind::Norm => comps
-                .iter()
-                .any(|c| c.contains("norm") || c == "ln" || c.starts_with("ln_") || c == "ln_f"),
+            Kind::Norm => {
+                class_name.is_some_and(|c| c.contains("Norm"))
+                    || comps.iter().any(|c| {
+                        c.contains("norm") || c == "ln" || c.starts_with("ln_") || c == "ln_f"
+                    })
+            }
+            Kind::TwoD => shape.len() == 2,
+            Kind::Conv => match class_name {
+                Some(c) => c.starts_with("Conv") || c.starts_with("LazyConv"),
+                None => (3..=5).contains(&shape.len()),
+            },
             Kind::Bias => comps
                 .last()
                 .is_some_and(|c| c == "bias" || c.ends_with("_bias")),
@@ -72,6 +92,8 @@ pub enum Selector {
     Regex(Regex),
     /// A kind of tensor (`kind:` prefix).
     Kind(Kind),
+    /// The class of the module holding the tensor (`class:` prefix): its name or full path.
+    Class(String),
 }
 
 impl Selector {
@@ -85,9 +107,17 @@ impl Selector {
         if let Some(k) = pattern.strip_prefix("kind:") {
             return Kind::parse(k).map(Selector::Kind).ok_or_else(|| {
                 Error::usage(format!(
-                    "pattern `{pattern}`: unknown kind `{k}` (use norm, bias, embedding or 1d)"
+                    "pattern `{pattern}`: unknown kind `{k}` (use norm, bias, embedding, 1d, 2d or conv)"
                 ))
             });
+        }
+        if let Some(c) = pattern.strip_prefix("class:") {
+            if !crate::audit::is_name_path(c) {
+                return Err(Error::usage(format!(
+                    "pattern `{pattern}`: give a class name (Linear) or its path (torch.nn.Linear)"
+                )));
+            }
+            return Ok(Selector::Class(c.to_string()));
         }
         if pattern.is_empty() || pattern.split('.').any(str::is_empty) {
             return Err(Error::usage(format!(
@@ -104,11 +134,19 @@ impl Selector {
         ))
     }
 
-    /// Whether the tensor `name` of `shape` is selected.
-    pub fn matches(&self, name: &str, shape: &[u64]) -> bool {
+    /// Whether the tensor `name` of `shape`, in a module of class `class` (a dotted path, when
+    /// the input records it), is selected.
+    pub fn matches(&self, name: &str, shape: &[u64], class: Option<&str>) -> bool {
         match self {
             Selector::Regex(re) => re.is_match(name),
-            Selector::Kind(k) => k.matches(name, shape),
+            Selector::Kind(k) => k.matches(name, shape, class),
+            Selector::Class(want) => class.is_some_and(|c| {
+                c == want
+                    || c.rsplit('.').next() == Some(want.as_str())
+                    // torch.nn.Linear is torch.nn.modules.linear.Linear
+                    || (want.split('.').next() == c.split('.').next()
+                        && want.rsplit('.').next() == c.rsplit('.').next())
+            }),
             Selector::Glob(pat) => {
                 let comps: Vec<&str> = name.split('.').collect();
                 (0..comps.len()).any(|start| match_run(pat, &comps[start..]))
@@ -127,7 +165,7 @@ impl Selector {
         let lower: Vec<String> = pat.iter().map(|c| c.to_lowercase()).collect();
         let lowered = Selector::Glob(lower.clone());
         for name in names {
-            if !lowered.matches(&name.to_lowercase(), &[]) {
+            if !lowered.matches(&name.to_lowercase(), &[], None) {
                 continue;
             }
             let fixed: Vec<String> = pat
@@ -343,7 +381,12 @@ impl RuleSet {
     }
 
     /// The action for a tensor and the index of the rule that decided (None: the default).
-    pub fn decide(&self, name: &str, shape: &[u64]) -> (Action, Option<usize>) {
+    pub fn decide(
+        &self,
+        name: &str,
+        shape: &[u64],
+        class: Option<&str>,
+    ) -> (Action, Option<usize>) {
         let default = if self.rules.iter().any(|r| r.only) {
             Action::Keep
         } else {
@@ -353,7 +396,7 @@ impl RuleSet {
             .iter()
             .enumerate()
             .rev()
-            .find(|(_, r)| r.selector.matches(name, shape))
+            .find(|(_, r)| r.selector.matches(name, shape, class))
             .map(|(i, r)| (r.action, Some(i)))
             .unwrap_or((default, None))
     }
@@ -395,7 +438,7 @@ mod tests {
     use super::*;
 
     fn m(p: &str, name: &str) -> bool {
-        Selector::parse(p).unwrap().matches(name, &[4, 4])
+        Selector::parse(p).unwrap().matches(name, &[4, 4], None)
     }
 
     #[test]
@@ -421,18 +464,49 @@ mod tests {
         assert!(m("re:^lm_head", "lm_head.weight"));
         assert!(!m("re:^lm_head", "x.lm_head.weight"));
         let norm = Selector::parse("kind:norm").unwrap();
-        assert!(norm.matches("encoder.layer.0.output.LayerNorm.weight", &[384]));
-        assert!(norm.matches("h.0.ln_1.weight", &[768]));
-        assert!(norm.matches("model.layers.0.input_layernorm.weight", &[4096]));
-        assert!(!norm.matches("model.layers.0.mlp.down_proj.weight", &[4, 4]));
+        assert!(norm.matches("encoder.layer.0.output.LayerNorm.weight", &[384], None));
+        assert!(norm.matches("h.0.ln_1.weight", &[768], None));
+        assert!(norm.matches("model.layers.0.input_layernorm.weight", &[4096], None));
+        assert!(!norm.matches("model.layers.0.mlp.down_proj.weight", &[4, 4], None));
         let emb = Selector::parse("kind:embedding").unwrap();
-        assert!(emb.matches("embeddings.word_embeddings.weight", &[4, 4]));
-        assert!(emb.matches("lm_head.weight", &[4, 4]));
-        assert!(emb.matches("output.weight", &[4, 4]));
-        assert!(!emb.matches("model.layers.0.attn.output.weight", &[4, 4]));
+        assert!(emb.matches("embeddings.word_embeddings.weight", &[4, 4], None));
+        assert!(emb.matches("lm_head.weight", &[4, 4], None));
+        assert!(emb.matches("output.weight", &[4, 4], None));
+        assert!(!emb.matches("model.layers.0.attn.output.weight", &[4, 4], None));
         let oned = Selector::parse("kind:1d").unwrap();
-        assert!(oned.matches("x.bias", &[4]) && oned.matches("scale", &[]));
-        assert!(!oned.matches("x.weight", &[4, 4]));
+        assert!(oned.matches("x.bias", &[4], None) && oned.matches("scale", &[], None));
+        assert!(!oned.matches("x.weight", &[4, 4], None));
+    }
+
+    #[test]
+    fn module_classes() {
+        let linear = Some("torch.nn.modules.linear.Linear");
+        let conv = Some("torch.nn.modules.conv.Conv2d");
+        let bn = Some("torch.nn.modules.batchnorm.BatchNorm2d");
+        for p in [
+            "class:Linear",
+            "class:torch.nn.Linear",
+            "class:torch.nn.modules.linear.Linear",
+        ] {
+            let s = Selector::parse(p).unwrap();
+            assert!(s.matches("0.weight", &[4, 4], linear), "{p}");
+            assert!(!s.matches("0.weight", &[4, 4], conv), "{p}");
+            assert!(!s.matches("0.weight", &[4, 4], None), "{p}");
+        }
+        let norm = Selector::parse("kind:norm").unwrap();
+        assert!(norm.matches("1.weight", &[8], bn), "BatchNorm by its class");
+        assert!(!norm.matches("1.weight", &[8], conv));
+        let k = Selector::parse("kind:conv").unwrap();
+        assert!(k.matches("0.weight", &[8, 3, 3, 3], conv));
+        assert!(k.matches("0.bias", &[8], conv), "a Conv module's bias");
+        assert!(
+            k.matches("c.weight", &[8, 3, 3], None),
+            "by shape without a class"
+        );
+        assert!(!k.matches("0.weight", &[4, 4], linear));
+        let two = Selector::parse("kind:2d").unwrap();
+        assert!(two.matches("w", &[4, 4], None) && !two.matches("w", &[4], None));
+        assert!(Selector::parse("class:a b").is_err());
     }
 
     #[test]
@@ -448,20 +522,26 @@ mod tests {
         r.keep("*.LayerNorm.*", "--keep").unwrap();
         r.rule("encoder.layer.0.**=bf16", "--rule").unwrap();
         assert_eq!(
-            r.decide("encoder.layer.0.LayerNorm.weight", &[4]).0,
+            r.decide("encoder.layer.0.LayerNorm.weight", &[4], None).0,
             Action::To(DType::BF16)
         );
         assert_eq!(
-            r.decide("encoder.layer.1.LayerNorm.weight", &[4]).0,
+            r.decide("encoder.layer.1.LayerNorm.weight", &[4], None).0,
             Action::Keep
         );
         assert_eq!(
-            r.decide("pooler.dense.weight", &[4, 4]),
+            r.decide("pooler.dense.weight", &[4, 4], None),
             (Action::Default, None)
         );
         r.only("pooler.*", "--only").unwrap();
-        assert_eq!(r.decide("x.dense.weight", &[4, 4]), (Action::Keep, None));
-        assert_eq!(r.decide("pooler.dense.weight", &[4, 4]).0, Action::Default);
+        assert_eq!(
+            r.decide("x.dense.weight", &[4, 4], None),
+            (Action::Keep, None)
+        );
+        assert_eq!(
+            r.decide("pooler.dense.weight", &[4, 4], None).0,
+            Action::Default
+        );
     }
 
     #[test]
@@ -477,7 +557,7 @@ mod tests {
         assert_eq!(r.load_file(&p).unwrap(), Some(DType::BF16));
         assert_eq!(r.rules.len(), 2);
         assert_eq!(
-            r.decide("lm_head.weight", &[2, 2]).0,
+            r.decide("lm_head.weight", &[2, 2], None).0,
             Action::To(DType::F32)
         );
         std::fs::write(&p, "[[rule]]\nmatch = 'x'\nkeep = true\nto = 'f16'\n").unwrap();

@@ -189,6 +189,7 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
             strided: None,
             packed: None,
             storage: None,
+            module_class: None,
         })
         .collect()
 }

@@ -364,8 +364,9 @@ impl Archive {
     }
 }
 
-/// Every tensor below `root` with its `state_dict()`-style name.
-pub fn tensors_in(path: &Path, pk: &Pickle, root: NodeId) -> Result<Vec<(String, NodeId)>> {
+/// Every tensor below `root` with its `state_dict()`-style name and, in a pickled module, the
+/// module's class.
+pub fn tensors_in(path: &Path, pk: &Pickle, root: NodeId) -> Result<Vec<Found>> {
     let mut found = Vec::new();
     walk(
         path,
@@ -375,15 +376,38 @@ pub fn tensors_in(path: &Path, pk: &Pickle, root: NodeId) -> Result<Vec<(String,
         &mut found,
         0,
         &mut HashSet::new(),
+        None,
     )?;
-    Ok(found.into_iter().map(|f| (f.name, f.node)).collect())
+    Ok(found)
 }
 
 /// A tensor found in the pickle.
 #[derive(Debug, Clone)]
-struct Found {
-    name: String,
-    node: NodeId,
+pub struct Found {
+    /// Its dotted name.
+    pub name: String,
+    /// Its node.
+    pub node: NodeId,
+    /// The class of the module holding it (`torch.nn.modules.linear.Linear`), if in one.
+    pub class: Option<String>,
+}
+
+/// The class an object is an instance of, when it was pickled as an instance (a module: made
+/// by its class or `copyreg._reconstructor(cls, ...)`, then given its `__dict__` by BUILD).
+fn instance_class(pk: &Pickle, id: NodeId) -> Option<String> {
+    let Node::Object(o) = pk.node(id) else {
+        return None;
+    };
+    o.state?;
+    let (m, n) = pk.callee(id)?;
+    if (m, n) == ("copyreg", "_reconstructor") {
+        let Call::Reduce { args, .. } = o.call else {
+            return None;
+        };
+        let (m, n) = pk.global(*pk.seq(args)?.first()?)?;
+        return Some(format!("{m}.{n}"));
+    }
+    Some(format!("{m}.{n}"))
 }
 
 /// Where a tensor's `_rebuild_tensor_v2/v3` call sits in the pickle: what a `.pt` writer
@@ -592,7 +616,7 @@ fn decode_all(
     let mut others: Vec<OtherTensor> = Vec::new();
     let mut aliases: Vec<(String, String)> = Vec::new();
     // Tensors of the state dict first, named as `state_dict()` names them.
-    for (name, node) in tensors_in(path, pk, selected)? {
+    for Found { name, node, class } in tensors_in(path, pk, selected)? {
         match dec.decode(node) {
             Ok(d) => {
                 if let Some(kept) = dec.tied(&d) {
@@ -603,7 +627,9 @@ fn decode_all(
                     continue;
                 }
                 let r = TensorRef::Selected(tensors.len());
-                tensors.push(dec.entry(name, &d));
+                let mut e = dec.entry(name, &d);
+                e.module_class = class;
+                tensors.push(e);
                 dec.record(node, &d, r);
             }
             Err(why) => {
@@ -624,9 +650,13 @@ fn decode_all(
         reachable(pk, pk.root)
             .into_iter()
             .filter(|&id| is_tensor(pk, id))
-            .map(|id| (format!("<object {id}>"), id)),
+            .map(|id| Found {
+                name: format!("<object {id}>"),
+                node: id,
+                class: None,
+            }),
     );
-    for (name, node) in rest {
+    for Found { name, node, .. } in rest {
         if dec.seen(node) {
             continue;
         }
@@ -806,7 +836,9 @@ fn is_tensor(pk: &Pickle, id: NodeId) -> bool {
 }
 
 /// Collects every tensor below `id` with its dotted name, the way `state_dict()` names them
-/// (a module's `_parameters`, `_buffers` and `_modules` add no name part).
+/// (a module's `_parameters`, `_buffers` and `_modules` add no name part), and the class of
+/// the innermost module holding it (`class`, as inherited from above).
+#[allow(clippy::too_many_arguments)]
 fn walk(
     path: &Path,
     pk: &Pickle,
@@ -815,6 +847,7 @@ fn walk(
     out: &mut Vec<Found>,
     depth: usize,
     visiting: &mut HashSet<NodeId>,
+    class: Option<&str>,
 ) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(Error::invalid(
@@ -829,12 +862,15 @@ fn walk(
         out.push(Found {
             name: name.join("."),
             node: id,
+            class: class.map(str::to_string),
         });
         return Ok(());
     }
     if !visiting.insert(id) {
         return Ok(()); // a cycle: already being walked above
     }
+    let own = instance_class(pk, id);
+    let class = own.as_deref().or(class);
     let child = |k: Option<String>,
                  v: NodeId,
                  name: &mut Vec<String>,
@@ -848,7 +884,7 @@ fn walk(
             }
             _ => false,
         };
-        let r = walk(path, pk, v, name, out, depth + 1, visiting);
+        let r = walk(path, pk, v, name, out, depth + 1, visiting, class);
         if pushed {
             name.pop();
         }
@@ -1059,6 +1095,7 @@ impl<'a> Decoder<'a> {
             strided,
             packed: st.packed.clone(),
             storage: Some(s),
+            module_class: None,
         }
     }
 

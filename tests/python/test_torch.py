@@ -717,3 +717,28 @@ def test_ambiguous_zips_are_flagged_and_not_written(tmp_path):
         assert p.returncode != 0 and not out.exists(), p.stderr
     # the clean original is not ambiguous
     assert run("audit", FIX / "training.pt").returncode == 0
+
+
+def test_rules_by_module_class(tmp_path):
+    """A pickled module names each layer's class: `--only class:Linear` casts the linear layers
+    and keeps the convolutions (and BatchNorm, found by `kind:norm` through its class)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 8),
+                              torch.nn.Linear(8, 2))
+    src = tmp_path / "net.pt"
+    torch.save(net, src)
+    v = json.loads(run("inspect", src, "--json").stdout)
+    classes = {t["name"]: t["module_class"] for t in v["tensors"]}
+    assert classes["0.weight"] == "torch.nn.modules.conv.Conv2d"
+    assert classes["4.weight"] == "torch.nn.modules.linear.Linear"
+    out = tmp_path / "out.pt"
+    run("convert", src, "-o", out, "--to", "bf16", "--only", "class:Linear")
+    m = torch.load(out, weights_only=False)
+    assert m[4].weight.dtype == m[5].bias.dtype == torch.bfloat16
+    assert m[0].weight.dtype == m[1].weight.dtype == m[1].running_mean.dtype == torch.float32
+    assert torch.equal(m[4].weight, net[4].weight.detach().to(torch.bfloat16))
+    plan = json.loads(run("convert", src, "-o", out, "--to", "f16", "--keep", "kind:norm",
+                          "--keep", "kind:conv", "--dry-run", "--json", "--force").stdout)
+    cast = {t["name"] for t in plan["tensors"] if t["cast"]}
+    assert cast == {"4.weight", "4.bias", "5.weight", "5.bias"}, cast

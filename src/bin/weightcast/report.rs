@@ -70,21 +70,29 @@ pub fn inspect_text(cat: &Catalogue) -> String {
         cat.total_params(),
         bytes(cat.total_bytes())
     );
+    let classes = cat.tensors.iter().any(|t| t.module_class.is_some());
     let mut rows = vec![vec![
         "name".into(),
         "dtype".into(),
         "shape".into(),
         "bytes".into(),
     ]];
+    if classes {
+        rows[0].push("module class".into());
+    }
     for t in &cat.tensors {
-        rows.push(vec![
+        let mut row = vec![
             t.name.clone(),
             t.dtype.to_string(),
             shape(&t.shape),
             bytes(t.nbytes),
-        ]);
+        ];
+        if classes {
+            row.push(t.module_class.clone().unwrap_or_default());
+        }
+        rows.push(row);
     }
-    s.push_str(&table(&rows, &[false, false, false, true]));
+    s.push_str(&table(&rows, &[false, false, false, true, false]));
     s.push_str("\nper dtype:\n");
     let mut rows = vec![vec![
         "dtype".into(),
@@ -137,7 +145,7 @@ pub fn inspect_json(cat: &Catalogue) -> Value {
         "notes": cat.notes,
         "tensors": cat.tensors.iter().map(|t| json!({
             "name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape,
-            "bytes": t.nbytes, "file": cat.files[t.file].name,
+            "bytes": t.nbytes, "file": cat.files[t.file].name, "module_class": t.module_class,
         })).collect::<Vec<_>>(),
     })
 }
