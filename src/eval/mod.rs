@@ -99,6 +99,63 @@ pub struct EvalModel {
     pub normalize: bool,
 }
 
+/// RoPE scaling, from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5),
+/// in the form candle's configs read: the rope types candle implements for this architecture
+/// (`default`; `llama3` for Llama and Mistral) are passed on, any other is refused by name
+/// rather than run with other positions than transformers uses.
+fn rope_scaling(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    model_type: &str,
+) -> std::result::Result<(), String> {
+    let given = ["rope_scaling", "rope_parameters"]
+        .iter()
+        .find_map(|k| obj.get(*k).filter(|v| v.is_object()).cloned());
+    let Some(r) = given else {
+        obj.remove("rope_scaling");
+        return Ok(());
+    };
+    let kind = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default")
+        .to_string();
+    match (model_type, kind.as_str()) {
+        (_, "default") => {
+            obj.remove("rope_scaling");
+        }
+        ("llama" | "mistral", "llama3") => {
+            let mut out = serde_json::Map::new();
+            for k in [
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ] {
+                let v = r
+                    .get(k)
+                    .filter(|v| v.is_number())
+                    .ok_or_else(|| format!("llama3 RoPE scaling without a numeric `{k}`"))?;
+                out.insert(k.into(), v.clone());
+            }
+            out.insert("rope_type".into(), "llama3".into());
+            obj.insert("rope_scaling".into(), serde_json::Value::Object(out));
+        }
+        (m, other) => {
+            return Err(format!(
+                "RoPE scaling `{other}` is not implemented by candle's {m} model: eval would \
+                 compute other logits than transformers, so it refuses (types run: default{})",
+                if matches!(m, "llama" | "mistral") {
+                    ", llama3"
+                } else {
+                    ""
+                }
+            ))
+        }
+    }
+    Ok(())
+}
+
 fn json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("not valid JSON: {e}")))
@@ -127,6 +184,7 @@ impl EvalModel {
                     obj.insert("rope_theta".into(), t);
                 }
             }
+            rope_scaling(obj, &model_type).map_err(|e| Error::invalid(&cfg_path, e))?;
             if obj.get("sliding_window").is_some_and(|v| v.is_null()) {
                 let m = obj
                     .get("max_position_embeddings")

@@ -320,3 +320,48 @@ def test_qwen2_logits_match_transformers(minilm, tmp_path):
             want = model(torch.tensor([ids])).logits[0].double().numpy()
         assert np.abs(np.array(logits, dtype=np.float64) - want).max() < 1e-4
     assert r["candidates"][1]["kl_mean"] < 1e-4
+
+
+def test_llama3_rope_scaling_matches_transformers(minilm, tmp_path):
+    """RoPE scaling written the transformers-5 way (`rope_parameters`, rope_type llama3, as
+    every Llama 3.1+ config has) is honoured: logits equal transformers' on an input longer
+    than the original context; a rope type candle does not implement is refused by name."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama31"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 16})
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(minilm / "tokenizer.json", folder / "tokenizer.json")
+    saved = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" in saved and saved["rope_parameters"]["rope_type"] == "llama3"
+    long = " ".join(SENTENCES[:4])
+    inputs = tmp_path / "in.txt"
+    inputs.write_text(long + "\n")
+    r = eval_json(folder, "--dtypes", "", "--inputs", inputs, "--emit-embeddings", "--runs", "1")
+    ref = r["candidates"][0]
+    ids = ref["ids"][0]
+    assert len(ids) > 16, "longer than original_max_position_embeddings"
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    diff = np.abs(np.array(ref["logits"][0], dtype=np.float64) - want).max()
+    assert diff < 1e-4, diff
+    # without the scaling the logits are measurably different: the test can fail
+    plain = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "rope_parameters": {
+        "rope_type": "default", "rope_theta": 500000.0}})).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other = plain(torch.tensor([ids])).logits[0].double().numpy()
+    assert np.abs(other - want).max() > 1e-3
+    # a rope type candle's Llama does not implement
+    saved["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0,
+                                "original_max_position_embeddings": 16}
+    (folder / "config.json").write_text(json.dumps(saved))
+    p = run("eval", folder, "--dtypes", "f16", check=False)
+    assert p.returncode == 1 and "RoPE scaling `yarn`" in p.stderr, p.stderr
