@@ -1,6 +1,6 @@
 """Benchmark: weightcast against PyTorch, numpy and the machine's limit (dd), in one run.
 
-    .venv/bin/python bench/bench.py [--layers 6] [--runs 3] [--keep]
+    .venv/bin/python bench/bench.py [--layers 6] [--runs 3] [--keep] [--set all|pt]
 
 Generates a Llama-shaped f32 safetensors model (about 1.6 GiB with the default 6 layers) in
 bench-out/, then times each way of casting it to f16 (and bf16), end to end as a user runs it
@@ -30,6 +30,19 @@ from safetensors.torch import load_file, save_file
 t = load_file(sys.argv[1])  # memory-mapped read
 t = {k: (v.to(getattr(torch, sys.argv[3])) if v.is_floating_point() else v) for k, v in t.items()}
 save_file(t, sys.argv[2], metadata={"format": "pt"})
+"""
+
+TORCH_PT_SCRIPT = """
+import sys, torch
+sd = torch.load(sys.argv[1], mmap=True, weights_only=True)
+sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+torch.save(sd, sys.argv[2])
+"""
+
+SAVE_PT_SCRIPT = """
+import sys, torch
+from safetensors.torch import load_file
+torch.save(load_file(sys.argv[1]), sys.argv[2])
 """
 
 NUMPY_SCRIPT = """
@@ -80,6 +93,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
+    ap.add_argument("--set", choices=["all", "pt"], default="all",
+                    help="pt: only the PyTorch-file contenders and their references")
     args = ap.parse_args()
     if args.generate_only:
         generate(pathlib.Path(args.generate_only), args.layers)
@@ -93,12 +108,25 @@ def main():
         subprocess.run([PY, __file__, "--generate-only", str(src), "--layers", str(args.layers)],
                        check=True)
     size = src.stat().st_size
+    src_pt = OUT / f"llama-{args.layers}l-f32.pt"
+    if not src_pt.exists():
+        # the same weights saved by torch.save (a state dict of contiguous tensors)
+        subprocess.run([PY, "-c", SAVE_PT_SCRIPT, str(src), str(src_pt)], check=True)
     out = OUT / "out.safetensors"
+    out_pt = OUT / "out.pt"
     f16_size = None
 
     def wc(to, *extra):
         return [str(BIN), "convert", str(src), "-o", str(out), "--to", to, "--force", "-q", *extra]
 
+    pt = [
+        ("weightcast .pt -> .pt f32->f16", [str(BIN), "convert", str(src_pt), "-o", str(out_pt), "--to",
+                                            "f16", "--force", "-q"]),
+        ("weightcast .pt -> .safetensors f32->f16", [str(BIN), "convert", str(src_pt), "-o", str(out),
+                                                     "--to", "f16", "--force", "-q"]),
+        ("PyTorch .pt -> .pt (torch.load mmap, .half, torch.save)",
+         [PY, "-c", TORCH_PT_SCRIPT, str(src_pt), str(out_pt)]),
+    ]
     contenders = [
         ("weightcast f32->f16", wc("f16")),
         ("weightcast f32->f16 --no-sync", wc("f16", "--no-sync")),
@@ -111,7 +139,9 @@ def main():
         ("PyTorch f32->f16 (load_file mmap, .to, save_file)", [PY, "-c", TORCH_SCRIPT, str(src), str(out), "float16"]),
         ("PyTorch f32->bf16", [PY, "-c", TORCH_SCRIPT, str(src), str(out), "bfloat16"]),
         ("numpy + safetensors.numpy f32->f16", [PY, "-c", NUMPY_SCRIPT, str(src), str(out)]),
-    ]
+    ] + pt
+    if args.set == "pt":
+        contenders = [("weightcast f32->f16", wc("f16"))] + pt
     # Output size of the f16 cast, for dd.
     subprocess.run(wc("f16"), check=True)
     f16_size = out.stat().st_size
@@ -123,8 +153,9 @@ def main():
     results = {}
     for r in range(args.runs):
         for name, cmd in contenders:
-            if out.exists():
-                out.unlink()
+            for o in (out, out_pt):
+                if o.exists():
+                    o.unlink()
             results.setdefault(name, []).append(timed(cmd))
     med = {n: (statistics.median(w for w, _ in v), max(m for _, m in v)) for n, v in results.items()}
     dd_t = med["dd, output's size (limit)"][0]
@@ -145,8 +176,9 @@ def main():
             f"{t / wc_t:.2f}x | {rss / 2**20:.0f} |")
     print("\n".join(lines))
     (OUT / "results.json").write_text(json.dumps({n: v for n, v in results.items()}, indent=1))
-    if out.exists():
-        out.unlink()
+    for o in (out, out_pt):
+        if o.exists():
+            o.unlink()
     if not args.keep:
         shutil.rmtree(OUT)
 
