@@ -122,6 +122,7 @@ const DANGEROUS_MODULES: &[&str] = &[
     "jinja2",
     "mako",
     "cpp_extension",
+    "types",
     "npyio",
     "ctypeslib",
 ];
@@ -165,6 +166,9 @@ const DANGEROUS_GLOBALS: &[&str] = &[
     "types.FunctionType",
     "numpy.testing._private.utils.runstring",
     "builtins.file",
+    "builtins.help",
+    "builtins.exit",
+    "builtins.quit",
     "builtins.execfile",
     "builtins.reload",
     "numpy.load",
@@ -332,6 +336,21 @@ mod tests {
             ("numpy", "lib.npyio.load"),
         ] {
             assert_eq!(classify(m, n), Class::Dangerous, "{m}.{n}");
+        }
+    }
+
+    #[test]
+    fn the_allowlist_is_allowed() {
+        // No dangerous rule (whole modules match any dotted component) catches an entry of
+        // torch's weights-only allowlist.
+        for l in ALLOWLIST
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
+            let (m, n) = l.rsplit_once('.').unwrap();
+            assert_eq!(classify(m, n), Class::Allowed, "{l}");
         }
     }
 
