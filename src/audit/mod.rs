@@ -2,6 +2,8 @@
 //! other classes (which need `weights_only=False`), and dangerous ones (code execution, files,
 //! processes, network), as picklescan and fickling list them.
 
+mod compat_pickle;
+
 /// torch 2.15's weights-only allowlist (`torch.serialization.get_safe_globals` defaults), one
 /// `module.name` per line; the first line is the count.
 const ALLOWLIST: &str = include_str!("weights-only-allowlist.txt");
@@ -250,6 +252,68 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// The global an unpickler really looks up for `module.name` read under `protocol` (the last
+/// PROTO opcode before it, 0 before any), as CPython's `Unpickler.find_class` resolves it: for
+/// protocols below 3, Python 2 names are renamed through `_compat_pickle`
+/// (`__builtin__.reduce` is `functools.reduce`, `cPickle` is `pickle`). With `torch` (the
+/// unpickler torch.load uses for the saved object), torch's wrapper comes first: a name
+/// containing `Storage` that is a storage type imports nothing, and `torch.tensor` is
+/// `torch._tensor`.
+pub fn resolve(module: &str, name: &str, protocol: u8, torch: bool) -> (String, String) {
+    let (mut m, mut n) = (module.to_string(), name.to_string());
+    if torch {
+        if name.contains("Storage") && is_storage_type(name) {
+            return ("torch".into(), name.into());
+        }
+        if m == "torch.tensor" {
+            m = "torch._tensor".into();
+        }
+    }
+    if protocol < 3 {
+        if let Some((_, (m2, n2))) = compat_pickle::NAME_MAPPING
+            .iter()
+            .find(|((a, b), _)| *a == m && *b == n)
+        {
+            (m, n) = (m2.to_string(), n2.to_string());
+        } else if let Some((_, m2)) = compat_pickle::IMPORT_MAPPING.iter().find(|(a, _)| *a == m) {
+            m = m2.to_string();
+        }
+    }
+    (m, n)
+}
+
+/// Storage type names torch's unpickler turns into a `StorageType` without importing anything.
+fn is_storage_type(name: &str) -> bool {
+    crate::formats::torch::storage_dtype(name).is_some()
+        || matches!(
+            name,
+            "QInt8Storage"
+                | "QUInt8Storage"
+                | "QInt32Storage"
+                | "QUInt4x2Storage"
+                | "QUInt2x4Storage"
+                | "ComplexDoubleStorage"
+                | "UntypedStorage"
+        )
+}
+
+/// A global as an unpickler sees it: its class (the worse of the name as written and the name
+/// it resolves to) and how to show it (`__builtin__.reduce -> functools.reduce`).
+pub fn judge(module: &str, name: &str, protocol: u8, torch: bool) -> (String, Class) {
+    let (m, n) = resolve(module, name, protocol, torch);
+    let raw = classify(module, name);
+    let resolved = classify(&m, &n);
+    let shown = display_name(module, name);
+    if (m.as_str(), n.as_str()) == (module, name) {
+        (shown, raw)
+    } else {
+        (
+            format!("{shown} -> {}", display_name(&m, &n)),
+            raw.min(resolved),
+        )
+    }
+}
+
 /// Classifies `module.name`. A module or name that is not a dotted path of Python identifiers
 /// is dangerous: no real global has it, and written back as text it would be more opcodes.
 pub fn classify(module: &str, name: &str) -> Class {
@@ -337,6 +401,41 @@ mod tests {
         ] {
             assert_eq!(classify(m, n), Class::Dangerous, "{m}.{n}");
         }
+    }
+
+    #[test]
+    fn names_resolve_as_cpython_and_torch_resolve_them() {
+        // protocol 2 (torch.save's default): Python 2 names are renamed
+        assert_eq!(
+            judge("__builtin__", "reduce", 2, true),
+            (
+                "__builtin__.reduce -> functools.reduce".into(),
+                Class::Dangerous
+            )
+        );
+        assert_eq!(judge("cPickle", "loads", 2, false).1, Class::Dangerous);
+        assert_eq!(
+            resolve("SimpleHTTPServer", "SimpleHTTPRequestHandler", 0, false).0,
+            "http.server"
+        );
+        assert_eq!(resolve("thread", "start_new_thread", 1, false).0, "_thread");
+        // protocol 3 and up: no renaming (a later PROTO 2 turns it on again: the parser
+        // records the protocol in force per global)
+        assert_eq!(
+            resolve("__builtin__", "reduce", 4, false),
+            ("__builtin__".into(), "reduce".into())
+        );
+        // torch's wrapper: storage types import nothing; torch.tensor is torch._tensor
+        assert_eq!(
+            resolve("os", "FloatStorage", 2, true),
+            ("torch".into(), "FloatStorage".into())
+        );
+        assert_eq!(resolve("os", "FooStorage", 2, true).0, "os");
+        assert_eq!(
+            resolve("torch.tensor", "Tensor", 4, true).0,
+            "torch._tensor"
+        );
+        assert_eq!(judge("__builtin__", "set", 2, true).1, Class::Allowed);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use crate::audit::{classify, Class};
+use crate::audit::Class;
 use crate::catalogue::{
     Catalogue, InputKind, Packed, SourceFile, StorageEntry, Strided, TensorEntry,
 };
@@ -65,8 +65,9 @@ pub struct Archive {
     /// it).
     pub ambiguities: Vec<String>,
     /// Globals of the other pickles torch unpickles (a legacy file's magic number, protocol,
-    /// sys_info and storage keys): never written back, but they run on `torch.load`.
-    pub other_globals: Vec<(String, String)>,
+    /// sys_info and storage keys) with the protocol in force: never written back, but they run
+    /// on `torch.load`.
+    pub other_globals: Vec<(String, String, u8)>,
     records: HashMap<String, Record>,
 }
 
@@ -181,7 +182,7 @@ fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Archive> {
     }
     let other_globals = [&magic, &proto, &sys_info, &keys]
         .iter()
-        .flat_map(|p| p.globals())
+        .flat_map(|p| p.globals_with_protocol())
         .collect();
     Ok(Archive {
         pickle: main,
@@ -480,8 +481,9 @@ pub struct TorchDoc {
     /// What two readers would read differently in the file (a `.pt` output refuses it).
     pub ambiguities: Vec<String>,
     /// Every global of every pickle torch.load would unpickle (the main one's and, for a
-    /// legacy file, the other pickles of its stack).
-    pub globals: Vec<(String, String)>,
+    /// legacy file, the other pickles of its stack), as (shown name, class) once resolved as
+    /// the unpickler resolves it.
+    pub globals: Vec<(String, Class)>,
 }
 
 /// Opens a PyTorch checkpoint (torch.save zip, legacy, TorchScript) as a catalogue. `key`
@@ -525,18 +527,19 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             }
         ));
     }
-    let mut all_globals = pk.globals();
-    for g in &ar.other_globals {
-        if !all_globals.contains(g) {
-            all_globals.push(g.clone());
-        }
+    // Every global torch.load would look up: the saved object's through torch's unpickler,
+    // the other pickles of a legacy stack through plain pickle.
+    let mut all_globals: Vec<(String, String, u8, bool)> = pk
+        .globals_with_protocol()
+        .into_iter()
+        .map(|(m, n, p)| (m, n, p, true))
+        .collect();
+    for (m, n, p) in &ar.other_globals {
+        all_globals.push((m.clone(), n.clone(), *p, false));
     }
     let globals: Vec<(String, Class)> = all_globals
         .iter()
-        .map(|(m, n)| {
-            let c = classify(m, n);
-            (crate::audit::display_name(m, n), c)
-        })
+        .map(|(m, n, p, t)| crate::audit::judge(m, n, *p, *t))
         .collect();
     let dangerous: Vec<&str> = globals
         .iter()
@@ -570,7 +573,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         others,
         entries,
         ambiguities: ar.ambiguities.clone(),
-        globals: all_globals,
+        globals: globals.clone(),
     };
     Ok(Catalogue {
         path: path.to_path_buf(),

@@ -78,8 +78,21 @@ pub struct ScannedPickle {
     pub label: String,
     /// Where it starts in the file (for a zip record, its data offset).
     pub offset: u64,
-    /// `(module, name)` of every global it references, first-seen order.
-    pub globals: Vec<(String, String)>,
+    /// `(module, name, protocol in force)` of every global it references, first-seen order.
+    pub globals: Vec<(String, String, u8)>,
+    /// Unpickled by torch's own unpickler (the saved object), whose `find_class` adds its
+    /// renames; the other pickles of a legacy stack go through plain `pickle.load`.
+    pub torch_unpickler: bool,
+}
+
+impl ScannedPickle {
+    /// Every global as the unpickler resolves it: (shown name, class).
+    pub fn judged(&self) -> Vec<(String, crate::audit::Class)> {
+        self.globals
+            .iter()
+            .map(|(m, n, p)| crate::audit::judge(m, n, *p, self.torch_unpickler))
+            .collect()
+    }
 }
 
 /// What `torch.load` would read of a file.
@@ -156,7 +169,8 @@ fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
         out.pickles.push(ScannedPickle {
             label: format!("pickle {} of the legacy stack ({what})", i + 1),
             offset: pos,
-            globals: pk.globals(),
+            globals: pk.globals_with_protocol(),
+            torch_unpickler: i == 3,
         });
         pos += n as u64;
         let stop = match i {
@@ -260,7 +274,8 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
         out.pickles.push(ScannedPickle {
             label: name.clone(),
             offset,
-            globals: pk.globals(),
+            globals: pk.globals_with_protocol(),
+            torch_unpickler: true,
         });
     }
     if out.pickles.is_empty() {
@@ -302,6 +317,9 @@ pub fn zip_ambiguities<R: std::io::Read + std::io::Seek>(
             out.push(format!("{} end-of-central-directory records", ends.len()));
         }
         if let Some(&last) = ends.last() {
+            if let Some(why) = zip64_disagrees(file, len, &buf, last) {
+                out.push(why);
+            }
             if last + 22 <= buf.len() {
                 let comment = u16::from_le_bytes([buf[last + 20], buf[last + 21]]) as usize;
                 let end = last + 22 + comment;
@@ -348,6 +366,40 @@ pub fn zip_ambiguities<R: std::io::Read + std::io::Seek>(
         out.push("entries outside one top folder (torch.save writes them all in one)".into());
     }
     out
+}
+
+/// torch's reader (miniz) uses the zip64 end record whenever its locator precedes the end
+/// record; other readers use the 32-bit fields unless they are saturated. Where both are
+/// present and give another entry count or directory place, the archive reads two ways.
+fn zip64_disagrees(file: &File, len: u64, tail: &[u8], end: usize) -> Option<String> {
+    let le16 = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as u64;
+    let le32 = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4")) as u64;
+    let le64 = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8"));
+    if end < 20 || end + 22 > tail.len() || &tail[end - 20..end - 16] != b"PK\x06\x07" {
+        return None;
+    }
+    let at = le64(tail, end - 20 + 8);
+    let mut rec = [0u8; 56];
+    if at.checked_add(56).is_none_or(|e| e > len) || file.read_exact_at(&mut rec, at).is_err() {
+        return Some("a zip64 locator points outside the file".into());
+    }
+    if &rec[..4] != b"PK\x06\x06" {
+        return Some("a zip64 locator points at no zip64 end record".into());
+    }
+    let e = &tail[end..end + 22];
+    let (n32, size32, off32) = (le16(e, 10), le32(e, 12), le32(e, 16));
+    let (n64, size64, off64) = (le64(&rec, 32), le64(&rec, 40), le64(&rec, 48));
+    let differs = |a: u64, b: u64, saturated: u64| a != saturated && a != b;
+    if differs(n32, n64, 0xFFFF)
+        || differs(size32, size64, 0xFFFF_FFFF)
+        || differs(off32, off64, 0xFFFF_FFFF)
+    {
+        return Some(format!(
+            "the zip64 end record ({n64} entries, directory at byte {off64}) and the 32-bit one \
+             ({n32} entries, directory at byte {off32}) disagree"
+        ));
+    }
+    None
 }
 
 /// How the local header at `start` disagrees with the central directory, if it does.

@@ -252,15 +252,15 @@ fn records(
 
 /// Refuses a pickle we must not write back: dangerous globals, names that are not Python
 /// identifiers, and with `strict` anything outside torch's weights-only allowlist.
-fn refuse_globals(path: &Path, globals: &[(String, String)], strict: bool) -> Result<()> {
-    let bad: Vec<String> = globals
+fn refuse_globals(path: &Path, globals: &[(String, Class)], strict: bool) -> Result<()> {
+    let bad: Vec<&str> = globals
         .iter()
-        .filter(|(m, n)| match crate::audit::classify(m, n) {
+        .filter(|(_, c)| match c {
             Class::Dangerous => true,
             Class::Other => strict,
             Class::Allowed => false,
         })
-        .map(|(m, n)| crate::audit::display_name(m, n))
+        .map(|(n, _)| n.as_str())
         .collect();
     if bad.is_empty() {
         return Ok(());
@@ -627,6 +627,7 @@ impl StateDict {
         let mut pk = Pickle {
             nodes: vec![],
             root: 0,
+            ..Pickle::default()
         };
         let od = add(
             &mut pk,

@@ -155,3 +155,15 @@ def test_training_checkpoint_outputs_are_the_plan(tmp_path, name, extra):
     t = plan["totals"]
     assert t["tensors"] == len(plan["tensors"]) + len(plan["other_tensors"])
     assert not math.isnan(t["bytes_after"])
+
+
+@pytest.mark.parametrize("rules", RULE_SETS[:3], ids=lambda r: " ".join(r) or "no-rules")
+@pytest.mark.parametrize("out", ["out.safetensors", "out.pt"])
+def test_real_model_output_is_the_plan(minilm, tmp_path, out, rules):
+    """The held-in real model (all-MiniLM-L6-v2) through both output formats."""
+    src = minilm / "model.safetensors"
+    out = tmp_path / out
+    args = ["convert", src, "-o", out, "--to", "bf16", *rules]
+    plan = json.loads(run(*args, "--dry-run", "--json").stdout)
+    run(*args)
+    check(src, out, plan)

@@ -708,8 +708,16 @@ def test_ambiguous_zips_are_flagged_and_not_written(tmp_path):
     assert b[:4] == b"PK\x03\x04"
     b[18:22] = (int.from_bytes(b[18:22], "little") + 1).to_bytes(4, "little")
     lied.write_bytes(bytes(b))
+    # the 32-bit end record counting one entry less than the zip64 one torch reads
+    z64 = tmp_path / "z64.pt"
+    b = bytearray(src)
+    e = b.rfind(b"PK\x05\x06")
+    n = int.from_bytes(b[e + 10:e + 12], "little") - 1
+    b[e + 8:e + 12] = n.to_bytes(2, "little") * 2
+    z64.write_bytes(bytes(b))
+    assert torch.load(z64, weights_only=True)["epoch"] == 3, "torch reads it (through zip64)"
     for bad, why in [(trailing, "after the zip's end record"), (dup, "two entries named"),
-                     (lied, "local header")]:
+                     (lied, "local header"), (z64, "zip64 end record")]:
         p = run("audit", bad, check=False)
         assert p.returncode == 1 and "ambiguous" in p.stdout and why in p.stdout, p.stdout
         out = tmp_path / "o.pt"
@@ -742,3 +750,17 @@ def test_rules_by_module_class(tmp_path):
                           "--keep", "kind:conv", "--dry-run", "--json", "--force").stdout)
     cast = {t["name"] for t in plan["tensors"] if t["cast"]}
     assert cast == {"4.weight", "4.bias", "5.weight", "5.bias"}, cast
+
+
+def test_legacy_file_saved_with_protocol_4(tmp_path):
+    """A legacy (non-zip) torch.save with pickle_protocol=4 starts `80 04 95` (FRAME): read,
+    converted as torch casts it, and every pickle of its stack audited."""
+    src = tmp_path / "leg4.pt"
+    obj = {"w": torch.arange(6.0).view(2, 3), "n": 3}
+    torch.save(obj, src, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    assert src.read_bytes()[:3] == b"\x80\x04\x95"
+    out = tmp_path / "o.pt"
+    run("convert", src, "-o", out, "--to", "f16")
+    assert_same_tree(torch.load(out, weights_only=True), torch_cast(obj, torch.float16))
+    p = run("audit", src)
+    assert "5 pickle(s) torch.load would unpickle" in p.stdout

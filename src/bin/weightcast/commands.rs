@@ -194,7 +194,7 @@ fn plan_warnings(plan: &Plan, strict_rules: bool) -> Result<(), Error> {
 }
 
 fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Result<ExitCode> {
-    use weightcast::audit::{classify, display_name, Class};
+    use weightcast::audit::Class;
     let mut failing = false;
     let mut reports = Vec::new();
     let mut nothing = Vec::new();
@@ -215,10 +215,9 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
         let scan = weightcast::formats::torch_container::scan(&p)?;
         let mut globals: Vec<(String, Class, String)> = Vec::new();
         for pk in &scan.pickles {
-            for (m, n) in &pk.globals {
-                let name = display_name(m, n);
+            for (name, class) in pk.judged() {
                 if !globals.iter().any(|g| g.0 == name) {
-                    globals.push((name, classify(m, n), pk.label.clone()));
+                    globals.push((name, class, pk.label.clone()));
                 }
             }
         }
@@ -243,7 +242,7 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
                     "path": p, "container": scan.container,
                     "pickles": scan.pickles.iter().map(|k| json!({
                         "label": k.label, "offset": k.offset,
-                        "globals": k.globals.iter().map(|(m, n)| display_name(m, n)).collect::<Vec<_>>(),
+                        "globals": k.judged().into_iter().map(|(n, c)| json!({"name": n, "class": c.as_str()})).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                     "stops": scan.stops, "ambiguities": scan.ambiguities,
                     "dangerous": of(Class::Dangerous), "other": of(Class::Other),

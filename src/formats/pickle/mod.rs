@@ -144,12 +144,15 @@ impl Object {
 }
 
 /// A parsed pickle.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Pickle {
     /// Every node.
     pub nodes: Vec<Node>,
     /// The value the pickle returns.
     pub root: NodeId,
+    /// For each global the parser read: the protocol in force then (the last PROTO opcode's,
+    /// 0 before any), which decides how an unpickler resolves its name.
+    pub global_protocol: std::collections::HashMap<NodeId, u8>,
 }
 
 impl Pickle {
@@ -201,6 +204,23 @@ impl Pickle {
             },
             _ => None,
         }
+    }
+
+    /// Every global the parser read, with the protocol in force when it was read, in
+    /// first-seen order, without duplicates (a global added later counts as protocol 2, what
+    /// our writer emits).
+    pub fn globals_with_protocol(&self) -> Vec<(String, String, u8)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (id, n) in self.nodes.iter().enumerate() {
+            if let Node::Global { module, name } = n {
+                let p = self.global_protocol.get(&id).copied().unwrap_or(2);
+                if seen.insert((module.as_str(), name.as_str(), p)) {
+                    out.push((module.clone(), name.clone(), p));
+                }
+            }
+        }
+        out
     }
 
     /// Every global the pickle references, in first-seen order, without duplicates.

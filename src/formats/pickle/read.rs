@@ -136,7 +136,11 @@ struct Machine<'a> {
     nodes: Vec<Node>,
     stack: Vec<NodeId>,
     marks: Vec<usize>,
-    memo: HashMap<u64, NodeId>,
+    memo: HashMap<i64, NodeId>,
+    /// The protocol in force: the last PROTO opcode's (0 before any), as CPython tracks it.
+    proto: u8,
+    /// The protocol in force when each global was read.
+    global_protocol: HashMap<NodeId, u8>,
 }
 
 type R<T> = Result<T, PickleError>;
@@ -252,7 +256,7 @@ impl<'a> Machine<'a> {
         Ok(self.stack.split_off(m))
     }
 
-    fn memo_put(&mut self, key: u64) -> R<()> {
+    fn memo_put(&mut self, key: i64) -> R<()> {
         let id = self.top()?;
         if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
             return self.err(format!("more than {} memo entries", self.limits.max_memo));
@@ -261,7 +265,7 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
-    fn memo_get(&mut self, key: u64) -> R<()> {
+    fn memo_get(&mut self, key: i64) -> R<()> {
         match self.memo.get(&key) {
             Some(&id) => self.push(id),
             None => self.err(format!("memo key {key} was never stored")),
@@ -346,6 +350,7 @@ impl<'a> Machine<'a> {
                     if p > 5 {
                         return self.err(format!("unsupported protocol {p}"));
                     }
+                    self.proto = p;
                 }
                 0x95 => {
                     self.u64()?;
@@ -357,6 +362,7 @@ impl<'a> Machine<'a> {
                         Pickle {
                             nodes: self.nodes,
                             root,
+                            global_protocol: self.global_protocol,
                         },
                         end,
                     ));
@@ -558,8 +564,9 @@ impl<'a> Machine<'a> {
                     self.pop_mark()?;
                 }
                 b'g' | b'p' => {
+                    // CPython: int(line), so signs, spaces and `_` between digits are keys too.
                     let s = self.line()?;
-                    let Ok(k) = s.trim().parse::<u64>() else {
+                    let Some(k) = py_int(s) else {
                         return self.err(format!("`{s}` is not a memo key"));
                     };
                     if self.op == b'g' {
@@ -569,23 +576,23 @@ impl<'a> Machine<'a> {
                     }
                 }
                 b'h' => {
-                    let k = self.u8()? as u64;
+                    let k = self.u8()? as i64;
                     self.memo_get(k)?;
                 }
                 b'j' => {
-                    let k = self.u32()? as u64;
+                    let k = self.u32()? as i64;
                     self.memo_get(k)?;
                 }
                 b'q' => {
-                    let k = self.u8()? as u64;
+                    let k = self.u8()? as i64;
                     self.memo_put(k)?;
                 }
                 b'r' => {
-                    let k = self.u32()? as u64;
+                    let k = self.u32()? as i64;
                     self.memo_put(k)?;
                 }
                 0x94 => {
-                    let k = self.memo.len() as u64;
+                    let k = self.memo.len() as i64;
                     self.memo_put(k)?;
                 }
                 0x82..=0x84 => return self.err("extension registry codes are not supported"),
@@ -593,19 +600,26 @@ impl<'a> Machine<'a> {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
                     self.push_node(Node::Global { module, name })?;
+                    self.global_protocol
+                        .insert(self.nodes.len() - 1, self.proto);
                 }
                 0x93 => {
                     let n = self.pop()?;
                     let m = self.pop()?;
-                    let (Node::Str(module), Node::Str(name)) = (&self.nodes[m], &self.nodes[n])
+                    // Byte strings (STRING, BINSTRING, SHORT_BINSTRING) reach find_class as
+                    // text: torch.load decodes them as UTF-8.
+                    let text = |n: &Node| match n {
+                        Node::Str(s) => Some(s.clone()),
+                        Node::Bytes(b) => String::from_utf8(b.clone()).ok(),
+                        _ => None,
+                    };
+                    let (Some(module), Some(name)) = (text(&self.nodes[m]), text(&self.nodes[n]))
                     else {
                         return self.err("module and name must be strings");
                     };
-                    let g = Node::Global {
-                        module: module.clone(),
-                        name: name.clone(),
-                    };
-                    self.push_node(g)?;
+                    self.push_node(Node::Global { module, name })?;
+                    self.global_protocol
+                        .insert(self.nodes.len() - 1, self.proto);
                 }
                 b'R' => {
                     let args = self.pop()?;
@@ -640,6 +654,7 @@ impl<'a> Machine<'a> {
                     }
                     self.nodes.push(Node::Global { module, name });
                     let cls = self.nodes.len() - 1;
+                    self.global_protocol.insert(cls, self.proto);
                     self.object(Call::Inst { cls, args })?;
                 }
                 b'o' => {
@@ -696,8 +711,31 @@ pub fn parse_prefix(data: &[u8], limits: Limits) -> Result<(Pickle, usize), Pick
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        proto: 0,
+        global_protocol: HashMap::new(),
     }
     .run()
+}
+
+/// Python's `int()` of a text line (base 10): surrounding whitespace, an optional sign, digits
+/// with single `_` between them.
+pub(crate) fn py_int(s: &str) -> Option<i64> {
+    let t = s.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b' || c == '\x0c');
+    let (neg, digits) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
+        || !digits.chars().all(|c| c.is_ascii_digit() || c == '_')
+    {
+        return None;
+    }
+    let v: i64 = digits.replace('_', "").parse().ok()?;
+    Some(if neg { -v } else { v })
 }
 
 /// Protocol 0 `UNICODE` arguments use raw-unicode-escape: `\uXXXX` and `\UXXXXXXXX`.

@@ -347,6 +347,7 @@ mod tests {
             let pk = Pickle {
                 nodes: vec![Node::Int(v)],
                 root: 0,
+                ..Pickle::default()
             };
             let back = parse(&write(&pk).unwrap()).unwrap();
             assert_eq!(back.int(back.root), Some(v), "{v}");
@@ -354,6 +355,7 @@ mod tests {
         let pk = Pickle {
             nodes: vec![Node::Bytes(vec![0, 200, 255])],
             root: 0,
+            ..Pickle::default()
         };
         let back = parse(&write(&pk).unwrap()).unwrap();
         assert_eq!(back.callee(back.root), Some(("_codecs", "encode")));
@@ -365,6 +367,7 @@ mod tests {
         let pk = Pickle {
             nodes: vec![Node::List(vec![0])],
             root: 0,
+            ..Pickle::default()
         };
         let back = parse(&write(&pk).unwrap()).unwrap();
         assert_eq!(back.seq(back.root), Some(&[back.root][..]));
