@@ -23,11 +23,18 @@ pub fn open(path: &Path) -> Result<Catalogue> {
 pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
-        let mut head = [0u8; 4];
-        let n = File::open(path)
-            .and_then(|mut f| f.read(&mut head))
-            .map_err(|e| Error::io(path, e))?;
-        if crate::formats::torch::is_zip(&head[..n]) || crate::formats::torch::is_legacy(&head[..n])
+        let mut head = [0u8; 512];
+        let mut n = 0;
+        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+        while n < head.len() {
+            match f.read(&mut head[n..]).map_err(|e| Error::io(path, e))? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if crate::formats::torch::is_zip(&head[..n])
+            || crate::formats::torch::is_legacy(&head[..n])
+            || crate::formats::torch_container::is_tar(&head[..n])
         {
             return crate::formats::torch::open(path, key);
         }

@@ -232,7 +232,9 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
         if is_tar(&head) {
             return Err(Error::invalid(
                 path,
-                "a tar-format checkpoint (torch < 0.4) is not read",
+                "a tar-format checkpoint (torch < 0.4): `weightcast audit` reads its pickles, but \
+                 its tensors are not converted (torch.load it with weights_only=False where you trust it, and \
+                 torch.save it again)",
             ));
         }
         if !is_zip(&head) {

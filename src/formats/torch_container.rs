@@ -121,13 +121,211 @@ pub fn scan(path: &Path) -> Result<Scan> {
         return scan_zip(path, &file, len);
     }
     if is_tar(&head) {
-        return Err(Error::invalid(
-            path,
-            "a tar-format checkpoint (torch < 0.4): torch unpickles its `sys_info`, `pickle`, \
-             `storages` and `tensors` entries; weightcast does not read this format yet",
-        ));
+        return scan_tar(path, &file, len);
     }
     scan_stack(path, &file, len)
+}
+
+/// One member of a tar archive: (name, data offset, size).
+type TarMember = (String, u64, u64);
+
+/// The members of a ustar archive (no extensions: a pax or GNU long-name header, which would
+/// let readers disagree on names and sizes, is refused).
+fn tar_members(path: &Path, file: &File, len: u64) -> Result<Vec<TarMember>> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos + 512 <= len {
+        let mut h = [0u8; 512];
+        file.read_exact_at(&mut h, pos)
+            .map_err(|e| Error::io(path, e))?;
+        if h.iter().all(|&b| b == 0) {
+            break;
+        }
+        if !is_tar(&h) {
+            return Err(Error::invalid(
+                path,
+                format!("tar header at byte {pos} is not valid"),
+            ));
+        }
+        let field = |r: std::ops::Range<usize>| {
+            let b = &h[r];
+            String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())])
+                .into_owned()
+        };
+        let name = field(0..100);
+        let size = u64::from_str_radix(field(124..136).trim(), 8).map_err(|_| {
+            Error::invalid(path, format!("tar header at byte {pos}: bad size field"))
+        })?;
+        let kind = h[156];
+        if !matches!(kind, b'0' | 0 | b'5') {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "tar header at byte {pos} (`{}`): type `{}` (pax/GNU extensions) is not read",
+                    crate::audit::escape(&name),
+                    kind as char
+                ),
+            ));
+        }
+        let data = pos + 512;
+        if data.checked_add(size).is_none_or(|e| e > len) {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "tar member `{}` runs past the end of the file (truncated?)",
+                    crate::audit::escape(&name)
+                ),
+            ));
+        }
+        out.push((name, data, size));
+        pos = data + size.div_ceil(512) * 512;
+    }
+    Ok(out)
+}
+
+/// The pickle at `pos` (before `end`), moving `pos` past it.
+fn next_pickle(path: &Path, file: &File, pos: &mut u64, end: u64, label: &str) -> Result<Pickle> {
+    let (pk, n) = parse_at(file, *pos, end)
+        .map_err(|e| Error::invalid(path, format!("tar member {label} (byte {pos}): {e}")))?;
+    *pos += n as u64;
+    Ok(pk)
+}
+
+/// The tar format of torch < 0.4: torch.load unpickles, in order, the `storages` member (a
+/// count, then per storage its arguments followed by its raw data, then the views), the
+/// `tensors` member (a count, then per tensor its arguments followed by its raw geometry) and
+/// the `pickle` member (the saved object, through torch's unpickler).
+fn scan_tar(path: &Path, file: &File, len: u64) -> Result<Scan> {
+    let members = tar_members(path, file, len)?;
+    let mut out = Scan {
+        container: "tar-format torch.save (torch < 0.4)",
+        pickles: vec![],
+        stops: None,
+        ambiguities: vec![],
+    };
+    let mut names = HashSet::new();
+    for (n, _, _) in &members {
+        if !names.insert(n.as_str()) {
+            out.ambiguities.push(format!(
+                "two tar members named `{}` (tarfile reads the last)",
+                crate::audit::escape(n)
+            ));
+        }
+    }
+    // tarfile.extract(name) takes the last member of that name.
+    let member = |want: &str| members.iter().rev().find(|(n, _, _)| n == want).cloned();
+    let mut push = |label: String, at: u64, pk: &Pickle, torch: bool| {
+        out.pickles.push(ScannedPickle {
+            label,
+            offset: at,
+            globals: pk.globals_with_protocol(),
+            torch_unpickler: torch,
+        })
+    };
+    let bad = |what: String| Error::invalid(path, what);
+    let Some((_, start, size)) = member("storages") else {
+        return Err(bad(
+            "tar-format checkpoint without a `storages` member".into()
+        ));
+    };
+    let end = start + size;
+    let mut pos = start;
+    let next = |pos: &mut u64, label: &str| next_pickle(path, file, pos, end, label);
+    let count = next(&mut pos, "`storages`: storage count")?;
+    push(
+        "tar member `storages`: storage count".into(),
+        start,
+        &count,
+        false,
+    );
+    let n = count.int(count.root).filter(|n| *n >= 0).unwrap_or(0);
+    for i in 0..n {
+        let at = pos;
+        let args = next(&mut pos, "`storages`: storage arguments")?;
+        push(
+            format!("tar member `storages`: storage {i} arguments"),
+            at,
+            &args,
+            false,
+        );
+        // (key, location, storage_type): the raw data after it is an 8-byte element count.
+        let es = args
+            .seq(args.root)
+            .and_then(|t| t.get(2))
+            .and_then(|&g| args.global(g))
+            .and_then(|(_, n)| crate::formats::torch::storage_dtype(n))
+            .map(|d| (d.bitsize() / 8).max(1) as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "tar member `storages`: storage {i} has no storage type"
+                ))
+            })?;
+        let mut c = [0u8; 8];
+        file.read_exact_at(&mut c, pos)
+            .map_err(|_| bad(format!("tar member `storages`: storage {i} is truncated")))?;
+        let bytes = u64::from_le_bytes(c)
+            .checked_mul(es)
+            .and_then(|b| b.checked_add(8 + pos))
+            .filter(|&e| e <= end)
+            .ok_or_else(|| {
+                bad(format!(
+                    "tar member `storages`: storage {i} runs past its member"
+                ))
+            })?;
+        pos = bytes;
+    }
+    let at = pos;
+    let views = next(&mut pos, "`storages`: views")?;
+    push("tar member `storages`: views".into(), at, &views, false);
+    if let Some((_, start, size)) = member("tensors") {
+        let end = start + size;
+        let mut pos = start;
+        let next = |pos: &mut u64, label: &str| next_pickle(path, file, pos, end, label);
+        let count = next(&mut pos, "`tensors`: tensor count")?;
+        push(
+            "tar member `tensors`: tensor count".into(),
+            start,
+            &count,
+            false,
+        );
+        let n = count.int(count.root).filter(|n| *n >= 0).unwrap_or(0);
+        for i in 0..n {
+            let at = pos;
+            let args = next(&mut pos, "`tensors`: tensor arguments")?;
+            push(
+                format!("tar member `tensors`: tensor {i} arguments"),
+                at,
+                &args,
+                false,
+            );
+            // ndim (4 bytes), 4 skipped, sizes and strides (8 * ndim each), offset (8).
+            let mut d = [0u8; 4];
+            file.read_exact_at(&mut d, pos)
+                .map_err(|_| bad(format!("tar member `tensors`: tensor {i} is truncated")))?;
+            let ndim = i32::from_le_bytes(d).max(0) as u64;
+            pos = ndim
+                .checked_mul(16)
+                .and_then(|b| b.checked_add(pos + 16))
+                .filter(|&e| e <= end)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tar member `tensors`: tensor {i} runs past its member"
+                    ))
+                })?;
+        }
+    }
+    let Some((_, start, size)) = member("pickle") else {
+        return Err(bad("tar-format checkpoint without a `pickle` member".into()));
+    };
+    let (pk, _) = parse_at(file, start, start + size)
+        .map_err(|e| bad(format!("tar member `pickle` (byte {start}): {e}")))?;
+    push(
+        "tar member `pickle` (the saved object)".into(),
+        start,
+        &pk,
+        true,
+    );
+    Ok(out)
 }
 
 /// A non-zip file: torch unpickles the first pickle whatever it is, checks that it is the

@@ -764,3 +764,67 @@ def test_legacy_file_saved_with_protocol_4(tmp_path):
     assert_same_tree(torch.load(out, weights_only=True), torch_cast(obj, torch.float16))
     p = run("audit", src)
     assert "5 pickle(s) torch.load would unpickle" in p.stdout
+
+
+def _tar_checkpoint(path, storages_first=b"", pickle_member=None):
+    """A checkpoint in torch < 0.4's tar format: one float storage, no tensors, the object."""
+    import io
+    import pickle as pypickle
+    import tarfile
+    storages = (storages_first or pypickle.dumps(1, protocol=2))
+    storages += pypickle.dumps(("0", "cpu", torch.FloatStorage), protocol=2)
+    storages += (2).to_bytes(8, "little") + b"\0" * 8
+    storages += pypickle.dumps([], protocol=2)
+    members = {
+        "sys_info": pypickle.dumps({"little_endian": True}, protocol=2),
+        "storages": storages,
+        "tensors": pypickle.dumps(0, protocol=2),
+        "pickle": pickle_member or pypickle.dumps({"epoch": 1}, protocol=2),
+    }
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_checkpoints_are_audited_as_torch_reads_them(tmp_path):
+    import pickle as pypickle
+    marker = tmp_path / "ran"
+    evil = pypickle.dumps(_Touch(marker), protocol=2)
+    clean = tmp_path / "clean.tar.pt"
+    _tar_checkpoint(clean)
+    assert torch.load(clean, weights_only=False) == {"epoch": 1}, "torch reads the format"
+    p = run("audit", clean)
+    assert "tar-format" in p.stdout and "0 dangerous" in p.stdout, p.stdout
+    in_pickle = tmp_path / "a.tar.pt"
+    _tar_checkpoint(in_pickle, pickle_member=evil)
+    # code in the first pickle of `storages`: run before anything else is read
+    in_storages = tmp_path / "b.tar.pt"
+    _tar_checkpoint(in_storages, storages_first=b"\x80\x02(" + evil[2:-1] + b"K\x01t." )
+    for bad, where in [(in_pickle, "tar member `pickle`"), (in_storages, "tar member `storages`")]:
+        marker.unlink(missing_ok=True)
+        try:
+            torch.load(bad, weights_only=False)
+        except Exception:
+            pass
+        assert marker.exists(), f"torch.load runs {bad.name}"
+        marker.unlink()
+        p = run("audit", bad, check=False)
+        assert p.returncode == 1 and "posix.system" in p.stdout and where in p.stdout, p.stdout
+    # converting one is refused with a clear message
+    p = run("convert", clean, "-o", tmp_path / "o.safetensors", "--to", "f16", check=False)
+    assert p.returncode != 0 and "tar-format" in p.stderr, p.stderr
+    # mutated and truncated tar checkpoints: a verdict or one error line, never a panic
+    import random
+    rng = random.Random(3)
+    data = in_pickle.read_bytes()
+    bad = tmp_path / "m.tar.pt"
+    for i in range(150):
+        b = bytearray(data[:rng.randrange(len(data))] if i % 3 == 0 else data)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        bad.write_bytes(bytes(b))
+        p = run("audit", bad, check=False)
+        assert p.returncode in (0, 1) and "panicked" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) <= 1, p.stderr
