@@ -188,6 +188,17 @@ const DANGEROUS_GLOBALS: &[&str] = &[
     "torch._dynamo.guards.GuardBuilder.get",
 ];
 
+/// What numpy needs to rebuild an array from a pickle (np.save of object arrays, np.savez,
+/// pickled arrays): allowed besides torch's list, as picklescan and numpy's own safe loading do.
+const NUMPY_REBUILD: &[&str] = &[
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+];
+
 /// Module prefixes whose globals are dangerous.
 const DANGEROUS_PREFIXES: &[&str] = &[
     "torch.hub",
@@ -357,6 +368,7 @@ pub fn classify(module: &str, name: &str) -> Class {
         .lines()
         .skip(1)
         .any(|l| l.trim() == full || l.trim() == canonical)
+        || NUMPY_REBUILD.contains(&canonical.as_str())
     {
         return Class::Allowed;
     }

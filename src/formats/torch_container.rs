@@ -107,6 +107,9 @@ pub struct Scan {
     pub stops: Option<String>,
     /// What two readers would read differently.
     pub ambiguities: Vec<String>,
+    /// Where parsing stopped before the end of what a loader would read, and why: such a file
+    /// is never clean (what was seen up to there is in `pickles`).
+    pub incomplete: Option<String>,
 }
 
 /// Lists what `torch.load(path, weights_only=False)` would unpickle. An error means the file
@@ -123,7 +126,153 @@ pub fn scan(path: &Path) -> Result<Scan> {
     if is_tar(&head) {
         return scan_tar(path, &file, len);
     }
+    if head.starts_with(b"\x93NUMPY") {
+        let mut data = Vec::new();
+        (&file)
+            .take(MAX_PICKLE)
+            .read_to_end(&mut data)
+            .map_err(|e| Error::io(path, e))?;
+        let mut out = empty_scan("NumPy array file (.npy)");
+        npy(&data, "", 0, &mut out);
+        return Ok(out);
+    }
     scan_stack(path, &file, len)
+}
+
+fn empty_scan(container: &'static str) -> Scan {
+    Scan {
+        container,
+        pickles: vec![],
+        stops: None,
+        ambiguities: vec![],
+        incomplete: None,
+    }
+}
+
+/// Every pickle of a stream of pickles in a row (`pickle.load` called until the data ends, as
+/// joblib, numpy and torch's legacy format do), parsed by `parse(pos)`, from `start` to `end`.
+/// Parsing that stops before `end` is recorded in `out.incomplete`.
+fn stream(
+    out: &mut Scan,
+    label: &str,
+    start: u64,
+    end: u64,
+    parse: impl Fn(u64) -> std::result::Result<(Pickle, usize), pickle::PickleError>,
+) {
+    let mut pos = start;
+    let mut i = 0;
+    while pos < end {
+        match parse(pos) {
+            Ok((pk, n)) => {
+                out.pickles.push(ScannedPickle {
+                    label: format!("{label}pickle {} (byte {pos})", i + 1),
+                    offset: pos,
+                    globals: pk.globals_with_protocol(),
+                    torch_unpickler: false,
+                });
+                pos += n.max(1) as u64;
+                i += 1;
+            }
+            Err(e) => {
+                out.incomplete = Some(format!("{label}parsing stopped at byte {pos}: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// A `.npy` array (`data`, found at `offset`): an object array's pickle follows its header.
+fn npy(data: &[u8], label: &str, offset: u64, out: &mut Scan) {
+    let header = || -> Option<(usize, String)> {
+        let major = *data.get(6)?;
+        let (len, at): (usize, usize) = match major {
+            1 => (
+                u16::from_le_bytes([*data.get(8)?, *data.get(9)?]) as usize,
+                10,
+            ),
+            2 | 3 => (
+                u32::from_le_bytes(data.get(8..12)?.try_into().ok()?) as usize,
+                12,
+            ),
+            _ => return None,
+        };
+        let text = String::from_utf8_lossy(data.get(at..at.checked_add(len)?)?).into_owned();
+        Some((at + len, text))
+    };
+    let Some((end, text)) = header() else {
+        out.incomplete = Some(format!("{label}the .npy header is not readable"));
+        return;
+    };
+    // descr 'O' (or a structured dtype holding one): numpy pickles the array.
+    if !(text.contains("'O'") || text.contains("|O") || text.contains("\"O\"")) {
+        return;
+    }
+    match pickle::parse_prefix(&data[end..], pickle::Limits::default()) {
+        Ok((pk, _)) => out.pickles.push(ScannedPickle {
+            label: format!(
+                "{label}object array (pickle at byte {})",
+                offset + end as u64
+            ),
+            offset: offset + end as u64,
+            globals: pk.globals_with_protocol(),
+            torch_unpickler: false,
+        }),
+        Err(e) => {
+            out.incomplete = Some(format!(
+                "{label}the object array's pickle (byte {}): {e}",
+                offset + end as u64
+            ))
+        }
+    }
+}
+
+/// A member of a zip that is not a torch.save archive (`.npz`, a zip of pickles, nested zips):
+/// what a loader opening it would unpickle.
+fn member(data: &[u8], label: &str, out: &mut Scan, depth: usize) {
+    if data.starts_with(b"\x93NUMPY") {
+        npy(data, label, 0, out);
+    } else if data.starts_with(b"PK\x03\x04") {
+        if depth >= 3 {
+            out.incomplete = Some(format!("{label}zips nested deeper than 3 are not opened"));
+            return;
+        }
+        let Ok(mut z) = zip::ZipArchive::new(std::io::Cursor::new(data)) else {
+            out.incomplete = Some(format!("{label}a nested zip that does not open"));
+            return;
+        };
+        members(&mut z, label, out, depth + 1);
+    } else if data.first().is_some_and(|&b| pickle::is_opcode(b)) {
+        stream(out, label, 0, data.len() as u64, |pos| {
+            pickle::parse_prefix(&data[pos as usize..], pickle::Limits::default())
+        });
+    }
+}
+
+/// Every member of a zip, as [`member`] reads it.
+fn members<R: std::io::Read + std::io::Seek>(
+    z: &mut zip::ZipArchive<R>,
+    label: &str,
+    out: &mut Scan,
+    depth: usize,
+) {
+    const MAX_MEMBERS: usize = 100_000;
+    for i in 0..z.len().min(MAX_MEMBERS) {
+        let Ok(mut f) = z.by_index(i) else {
+            out.incomplete = Some(format!("{label}zip member {i} does not open"));
+            continue;
+        };
+        let name = format!("{label}{}: ", crate::audit::escape(f.name()));
+        if f.size() > MAX_PICKLE {
+            out.incomplete = Some(format!("{name}larger than the {MAX_PICKLE}-byte limit"));
+            continue;
+        }
+        let mut data = Vec::new();
+        if let Err(e) = (&mut f).take(MAX_PICKLE).read_to_end(&mut data) {
+            out.incomplete = Some(format!("{name}{e}"));
+            continue;
+        }
+        member(&data, &name, out, depth);
+    }
 }
 
 /// One member of a tar archive: (name, data offset, size).
@@ -202,6 +351,7 @@ fn scan_tar(path: &Path, file: &File, len: u64) -> Result<Scan> {
         pickles: vec![],
         stops: None,
         ambiguities: vec![],
+        incomplete: None,
     };
     let mut names = HashSet::new();
     for (n, _, _) in &members {
@@ -336,6 +486,7 @@ fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
         pickles: vec![],
         stops: None,
         ambiguities: vec![],
+        incomplete: None,
     };
     if has_zip_end(file, len) {
         out.ambiguities.push(
@@ -355,15 +506,37 @@ fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
     .into_iter()
     .enumerate()
     {
-        let (pk, n) = parse_at(file, pos, len).map_err(|e| {
-            Error::invalid(
-                path,
-                format!(
-                    "pickle {} of the legacy stack ({what}, from byte {pos}): {e}",
-                    i + 1
-                ),
-            )
-        })?;
+        let (pk, n) = match parse_at(file, pos, len) {
+            Ok(r) => r,
+            Err(e) if i == 0 => {
+                out.container = "not a torch.save file";
+                out.incomplete = Some(format!("parsing stopped at byte 0: {e}"));
+                return Ok(out);
+            }
+            Err(e) => {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "pickle {} of the legacy stack ({what}, from byte {pos}): {e}",
+                        i + 1
+                    ),
+                ))
+            }
+        };
+        let stop = match i {
+            0 if !is_magic(&pk) => Some("its first pickle is not torch's magic number"),
+            1 if pk.int(pk.root) != Some(1001) => Some("its protocol version is not 1001"),
+            _ => None,
+        };
+        if let Some(s) = stop {
+            // torch.load stops after this pickle; pickle.load loops, joblib and numpy read on:
+            // every pickle in a row is judged.
+            out.stops = Some(format!("torch.load stops after pickle {}: {s}", i + 1));
+            out.container = "a pickle stream (not a torch.save file)";
+            out.pickles.clear();
+            stream(&mut out, "", 0, len, |p| parse_at(file, p, len));
+            return Ok(out);
+        }
         out.pickles.push(ScannedPickle {
             label: format!("pickle {} of the legacy stack ({what})", i + 1),
             offset: pos,
@@ -371,16 +544,6 @@ fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
             torch_unpickler: i == 3,
         });
         pos += n as u64;
-        let stop = match i {
-            0 if !is_magic(&pk) => Some("its first pickle is not torch's magic number"),
-            1 if pk.int(pk.root) != Some(1001) => Some("its protocol version is not 1001"),
-            _ => None,
-        };
-        if let Some(s) = stop {
-            out.stops = Some(format!("torch.load stops here: {s}"));
-            out.container = "not a torch.save file (torch.load unpickles its first pickle anyway)";
-            break;
-        }
     }
     Ok(out)
 }
@@ -443,6 +606,7 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
         pickles: vec![],
         stops: None,
         ambiguities,
+        incomplete: None,
     };
     let constants = find("constants.pkl");
     if constants.is_some() {
@@ -477,10 +641,9 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
         });
     }
     if out.pickles.is_empty() {
-        return Err(Error::invalid(
-            path,
-            "zip archive without a `data.pkl`: not a torch.save checkpoint",
-        ));
+        // Not a torch.save archive (.npz, a zip of pickles): every member a loader would open.
+        out.container = "zip archive (not torch.save): every member read";
+        members(&mut zip, "", &mut out, 0);
     }
     Ok(out)
 }
@@ -560,7 +723,12 @@ pub fn zip_ambiguities<R: std::io::Read + std::io::Seek>(
             ));
         }
     }
-    if folders.len() > 1 || folders.contains(&None) {
+    // torch.save's layout (a `data.pkl` in one folder): entries elsewhere are read by one
+    // reader and not another. Other zips (.npz) have no such rule.
+    let torch_layout = seen
+        .iter()
+        .any(|n| n.rsplit('/').next() == Some("data.pkl"));
+    if torch_layout && (folders.len() > 1 || folders.contains(&None)) {
         out.push("entries outside one top folder (torch.save writes them all in one)".into());
     }
     out

@@ -763,7 +763,7 @@ def test_legacy_file_saved_with_protocol_4(tmp_path):
     run("convert", src, "-o", out, "--to", "f16")
     assert_same_tree(torch.load(out, weights_only=True), torch_cast(obj, torch.float16))
     p = run("audit", src)
-    assert "5 pickle(s) torch.load would unpickle" in p.stdout
+    assert "5 pickle(s) a loader would unpickle" in p.stdout
 
 
 def _tar_checkpoint(path, storages_first=b"", pickle_member=None):
@@ -826,5 +826,6 @@ def test_tar_checkpoints_are_audited_as_torch_reads_them(tmp_path):
             b[rng.randrange(len(b))] = rng.randrange(256)
         bad.write_bytes(bytes(b))
         p = run("audit", bad, check=False)
-        assert p.returncode in (0, 1) and "panicked" not in p.stderr, p.stderr
+        # a verdict (0 or 1) or "could not read it to its end" (2), never a panic
+        assert p.returncode in (0, 1, 2) and "panicked" not in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) <= 1, p.stderr

@@ -193,15 +193,38 @@ fn plan_warnings(plan: &Plan, strict_rules: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// What audit found in one file.
+struct Audited {
+    path: std::path::PathBuf,
+    /// The scan, or why the file could not be read.
+    scan: Result<weightcast::formats::torch_container::Scan, String>,
+    /// (shown name, class, the pickle it is in), worst first.
+    globals: Vec<(String, weightcast::audit::Class, String)>,
+}
+
+impl Audited {
+    /// dangerous (or ambiguous), unreadable, incomplete, other, clean.
+    fn verdict(&self) -> &'static str {
+        use weightcast::audit::Class;
+        let dangerous = self.globals.iter().any(|g| g.1 == Class::Dangerous);
+        match &self.scan {
+            _ if dangerous => "dangerous",
+            Ok(s) if !s.ambiguities.is_empty() => "dangerous",
+            Err(_) => "unreadable",
+            Ok(s) if s.incomplete.is_some() => "incomplete",
+            _ if self.globals.iter().any(|g| g.1 == Class::Other) => "other",
+            _ => "clean",
+        }
+    }
+}
+
 fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Result<ExitCode> {
-    use weightcast::audit::Class;
-    let mut failing = false;
     let mut reports = Vec::new();
     let mut nothing = Vec::new();
     for p in audit_files(paths)? {
         let what = formats::what_is(&p)?;
-        // Formats without a pickle have nothing to run; anything else (zip, pickle, unknown)
-        // is read as torch.load would read it.
+        // Formats without a pickle have nothing to run; anything else (zip, pickle, npy,
+        // unknown) is read as the loaders that would open it read it.
         if matches!(
             what,
             "a safetensors file" | "a GGUF file" | "a JSON file" | "an empty file"
@@ -211,10 +234,9 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
             nothing.push((p, what));
             continue;
         }
-        // Every pickle torch.load would unpickle, in its order, as torch decides the container.
-        let scan = weightcast::formats::torch_container::scan(&p)?;
-        let mut globals: Vec<(String, Class, String)> = Vec::new();
-        for pk in &scan.pickles {
+        let scan = weightcast::formats::torch_container::scan(&p).map_err(|e| e.to_string());
+        let mut globals: Vec<(String, weightcast::audit::Class, String)> = Vec::new();
+        for pk in scan.iter().flat_map(|s| &s.pickles) {
             for (name, class) in pk.judged() {
                 if !globals.iter().any(|g| g.0 == name) {
                     globals.push((name, class, pk.label.clone()));
@@ -222,88 +244,135 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
             }
         }
         globals.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        failing |= !scan.ambiguities.is_empty()
-            || globals
-                .iter()
-                .any(|g| g.1 == Class::Dangerous || (strict && g.1 == Class::Other));
-        reports.push((p, scan, globals));
+        reports.push(Audited {
+            path: p,
+            scan,
+            globals,
+        });
     }
+    let verdicts: Vec<&str> = reports.iter().map(Audited::verdict).collect();
+    // 1: something dangerous (with --strict: anything not allowlisted); 2: a file could not be
+    // read to its end; 0: nothing to fear in what was read.
+    let code = if verdicts
+        .iter()
+        .any(|v| *v == "dangerous" || (strict && *v == "other"))
+    {
+        1
+    } else if verdicts
+        .iter()
+        .any(|v| matches!(*v, "unreadable" | "incomplete"))
+    {
+        2
+    } else {
+        0
+    };
     if as_json {
-        let v: Vec<_> = reports
-            .iter()
-            .map(|(p, scan, g)| {
-                let of = |c: Class| {
-                    g.iter()
-                        .filter(|x| x.1 == c)
-                        .map(|x| x.0.clone())
-                        .collect::<Vec<_>>()
-                };
-                json!({
-                    "path": p, "container": scan.container,
-                    "pickles": scan.pickles.iter().map(|k| json!({
+        print_audit_json(&reports, &nothing, strict, code)?;
+    } else {
+        print_audit_text(&reports, &nothing);
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn print_audit_json(
+    reports: &[Audited],
+    nothing: &[(std::path::PathBuf, &str)],
+    strict: bool,
+    code: u8,
+) -> Result<()> {
+    use weightcast::audit::Class;
+    let v: Vec<_> = reports
+        .iter()
+        .map(|r| {
+            let of = |c: Class| {
+                r.globals
+                    .iter()
+                    .filter(|x| x.1 == c)
+                    .map(|x| x.0.clone())
+                    .collect::<Vec<_>>()
+            };
+            let mut j = json!({
+                "path": r.path, "verdict": r.verdict(),
+                "dangerous": of(Class::Dangerous), "other": of(Class::Other),
+                "allowed": of(Class::Allowed),
+            });
+            match &r.scan {
+                Ok(scan) => {
+                    j["container"] = json!(scan.container);
+                    j["pickles"] = json!(scan.pickles.iter().map(|k| json!({
                         "label": k.label, "offset": k.offset,
                         "globals": k.judged().into_iter().map(|(n, c)| json!({"name": n, "class": c.as_str()})).collect::<Vec<_>>(),
-                    })).collect::<Vec<_>>(),
-                    "stops": scan.stops, "ambiguities": scan.ambiguities,
-                    "dangerous": of(Class::Dangerous), "other": of(Class::Other),
-                    "allowed": of(Class::Allowed),
-                })
-            })
-            .collect();
-        let any_dangerous = reports.iter().any(|(_, s, g)| {
-            !s.ambiguities.is_empty() || g.iter().any(|x| x.1 == Class::Dangerous)
-        });
-        let none: Vec<_> = nothing
-            .iter()
-            .map(|(p, w)| json!({"path": p, "format": w}))
-            .collect();
+                    })).collect::<Vec<_>>());
+                    j["stops"] = json!(scan.stops);
+                    j["ambiguities"] = json!(scan.ambiguities);
+                    j["incomplete"] = json!(scan.incomplete);
+                }
+                Err(e) => j["error"] = json!(e),
+            }
+            j
+        })
+        .collect();
+    let none: Vec<_> = nothing
+        .iter()
+        .map(|(p, w)| json!({"path": p, "format": w, "verdict": "no pickle"}))
+        .collect();
+    let dangerous = reports.iter().any(|r| r.verdict() == "dangerous");
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"files": v, "no_pickle": none,
+            "dangerous": dangerous, "strict": strict, "failed": code == 1, "exit_code": code}))?
+    );
+    Ok(())
+}
+
+fn print_audit_text(reports: &[Audited], nothing: &[(std::path::PathBuf, &str)]) {
+    use weightcast::audit::Class;
+    for (p, what) in nothing {
         println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"files": v, "no_pickle": none,
-                "dangerous": any_dangerous, "strict": strict, "failed": failing}))?
+            "{}: {what}: no pickle, nothing to run",
+            report::one_line(&p.display().to_string())
         );
-    } else {
-        for (p, what) in &nothing {
-            println!(
-                "{}: {what}: no pickle, nothing to run",
-                report::one_line(&p.display().to_string())
-            );
+    }
+    for r in reports {
+        let path = report::one_line(&r.path.display().to_string());
+        let scan = match &r.scan {
+            Ok(s) => s,
+            Err(e) => {
+                println!("{path}: unreadable: {}", report::one_line(e));
+                continue;
+            }
+        };
+        let d = r.globals.iter().filter(|x| x.1 == Class::Dangerous).count();
+        println!(
+            "{path}: {}: {}, {} pickle(s) a loader would unpickle; {} globals, {} dangerous{}",
+            r.verdict(),
+            scan.container,
+            scan.pickles.len(),
+            r.globals.len(),
+            d,
+            if scan.ambiguities.is_empty() {
+                String::new()
+            } else {
+                format!(", {} ambiguities", scan.ambiguities.len())
+            }
+        );
+        for a in &scan.ambiguities {
+            println!("  ambiguous  {}", report::one_line(a));
         }
-        for (p, scan, g) in &reports {
-            let d = g.iter().filter(|x| x.1 == Class::Dangerous).count();
-            println!(
-                "{}: {}, {} pickle(s) torch.load would unpickle; {} globals, {} dangerous{}",
-                report::one_line(&p.display().to_string()),
-                scan.container,
-                scan.pickles.len(),
-                g.len(),
-                d,
-                if scan.ambiguities.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} ambiguities", scan.ambiguities.len())
-                }
-            );
-            for a in &scan.ambiguities {
-                println!("  ambiguous  {}", report::one_line(a));
+        for (name, c, label) in &r.globals {
+            if *c == Class::Dangerous && scan.pickles.len() > 1 {
+                println!("  {:<9}  {name}  (in {label})", c.as_str());
+            } else {
+                println!("  {:<9}  {name}", c.as_str());
             }
-            for (name, c, label) in g {
-                if *c == Class::Dangerous && scan.pickles.len() > 1 {
-                    println!("  {:<9}  {name}  (in {label})", c.as_str());
-                } else {
-                    println!("  {:<9}  {name}", c.as_str());
-                }
-            }
-            if let Some(s) = &scan.stops {
-                println!("  note       {s}");
-            }
+        }
+        if let Some(s) = &scan.stops {
+            println!("  note       {s}");
+        }
+        if let Some(s) = &scan.incomplete {
+            println!("  incomplete {}", report::one_line(s));
         }
     }
-    Ok(if failing {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
 /// The files to audit: each path given, and every file below a folder (recursively, links not

@@ -1,0 +1,128 @@
+"""audit gives a verdict on every file a Python loader would unpickle, not only torch files:
+raw pickles (several in a row), .npy object arrays, .npz and other zips of pickles, nested
+zips; a file it cannot read to its end is never clean (exit 2); exit codes scripts can use
+(0 nothing dangerous, 1 dangerous, 2 could not read). Each malicious file is shown to run code
+under the loader that would open it (a marker file), with a harmless command."""
+
+import io
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import run
+
+
+class Touch:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def verdict(path):
+    p = run("audit", path, "--json", check=False)
+    v = json.loads(p.stdout)
+    files = v["files"] + v["no_pickle"]
+    return p.returncode, files[0]["verdict"], v
+
+
+def test_raw_pickles_and_streams(tmp_path):
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(Touch(marker))
+    raw = tmp_path / "model.pkl"
+    raw.write_bytes(evil)
+    pickle.loads(raw.read_bytes())
+    assert marker.exists(), "pickle.load runs it"
+    marker.unlink()
+    code, v, _ = verdict(raw)
+    assert (code, v) == (1, "dangerous")
+    # the dangerous object in the second of two pickles in a row (a loader that loads twice)
+    two = tmp_path / "two.pkl"
+    two.write_bytes(pickle.dumps({"a": 1}) + evil)
+    f = io.BytesIO(two.read_bytes())
+    pickle.load(f), pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    code, v, out = verdict(two)
+    assert (code, v) == (1, "dangerous")
+    assert len(out["files"][0]["pickles"]) == 2
+    # benign: clean, exit 0
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps({"w": [1.0, 2.0], "n": "x"}))
+    assert verdict(ok)[:2] == (0, "clean")
+    # truncated: never clean; what was seen is reported, exit 2
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(pickle.dumps({"a": list(range(100))})[:-10])
+    code, v, out = verdict(cut)
+    assert (code, v) == (2, "incomplete")
+    assert "parsing stopped at byte 0" in out["files"][0]["incomplete"]
+    # a clean pickle followed by bytes that do not parse: incomplete, not clean
+    tail = tmp_path / "tail.pkl"
+    tail.write_bytes(pickle.dumps([1]) + b"\x80\x02\xff")
+    assert verdict(tail)[:2] == (2, "incomplete")
+
+
+def test_numpy_files(tmp_path):
+    marker = tmp_path / "ran"
+    arr = np.array([Touch(marker), 1], dtype=object)
+    npy = tmp_path / "a.npy"
+    np.save(npy, arr, allow_pickle=True)
+    np.load(npy, allow_pickle=True)
+    assert marker.exists(), "numpy.load(allow_pickle=True) runs it"
+    marker.unlink()
+    code, v, _ = verdict(npy)
+    assert (code, v) == (1, "dangerous")
+    npz = tmp_path / "b.npz"
+    np.savez(npz, x=np.ones(3), evil=arr)
+    code, v, _ = verdict(npz)
+    assert (code, v) == (1, "dangerous")
+    # plain arrays hold no pickle: clean
+    plain = tmp_path / "c.npz"
+    np.savez(plain, x=np.ones(3))
+    np.save(tmp_path / "d.npy", np.arange(4))
+    assert verdict(plain)[:2] == (0, "clean")
+    assert verdict(tmp_path / "d.npy")[:2] == (0, "clean")
+    # an object array of harmless values: numpy's rebuild globals are allowed
+    np.save(tmp_path / "e.npy", np.array([{"a": 1}, "s"], dtype=object), allow_pickle=True)
+    assert verdict(tmp_path / "e.npy")[:2] == (0, "clean")
+
+
+def test_zips_of_pickles_in_any_layout(tmp_path):
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(Touch(marker))
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(flat, "w") as z:
+        z.writestr("weights.pkl", pickle.dumps([1, 2]))
+        z.writestr("model.pkl", evil)
+    assert verdict(flat)[:2] == (1, "dangerous")
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("deep/model.pkl", evil)
+    nested = tmp_path / "nested.zip"
+    with zipfile.ZipFile(nested, "w") as z:
+        z.writestr("readme.txt", "hello")
+        z.writestr("inner.zip", inner.getvalue())
+    code, v, out = verdict(nested)
+    assert (code, v) == (1, "dangerous")
+    assert any("inner.zip" in p["label"] for p in out["files"][0]["pickles"])
+
+
+def test_exit_codes_over_several_files(tmp_path):
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps([1]))
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(pickle.dumps(list(range(50)))[:-5])
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Touch(tmp_path / "never")))
+    assert run("audit", ok, check=False).returncode == 0
+    assert run("audit", ok, cut, check=False).returncode == 2, "a file read only in part"
+    assert run("audit", ok, cut, evil, check=False).returncode == 1, "dangerous wins"
+    p = run("audit", tmp_path, check=False)  # the folder: all three, and every verdict shown
+    assert p.returncode == 1
+    assert "clean" in p.stdout and "incomplete" in p.stdout and "dangerous" in p.stdout
+    assert not (tmp_path / "never").exists()
