@@ -83,9 +83,50 @@ pub struct ScannedPickle {
     /// Unpickled by torch's own unpickler (the saved object), whose `find_class` adds its
     /// renames; the other pickles of a legacy stack go through plain `pickle.load`.
     pub torch_unpickler: bool,
+    /// Every global as read, with its opcode, offset (within this pickle) and protocol.
+    pub occurrences: Vec<(String, String, pickle::GlobalSite)>,
+}
+
+/// One global a pickle references, judged, where it was read.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// The name as shown (`__builtin__.reduce -> functools.reduce`).
+    pub name: String,
+    /// Its class.
+    pub class: crate::audit::Class,
+    /// Byte offset of its opcode in the file (in a compressed zip record: in the record).
+    pub offset: u64,
+    /// The opcode that read it.
+    pub opcode: &'static str,
 }
 
 impl ScannedPickle {
+    fn of(label: String, offset: u64, pk: &Pickle, torch_unpickler: bool) -> Self {
+        ScannedPickle {
+            label,
+            offset,
+            globals: pk.globals_with_protocol(),
+            torch_unpickler,
+            occurrences: pk.global_occurrences(),
+        }
+    }
+
+    /// Every occurrence of a global, judged, with its place in the file.
+    pub fn findings(&self) -> Vec<Finding> {
+        self.occurrences
+            .iter()
+            .map(|(m, n, site)| {
+                let (name, class) = crate::audit::judge(m, n, site.protocol, self.torch_unpickler);
+                Finding {
+                    name,
+                    class,
+                    offset: self.offset + site.offset as u64,
+                    opcode: site.opcode_name(),
+                }
+            })
+            .collect()
+    }
+
     /// Every global as the unpickler resolves it: (shown name, class).
     pub fn judged(&self) -> Vec<(String, crate::audit::Class)> {
         self.globals
@@ -164,12 +205,12 @@ fn stream(
     while pos < end {
         match parse(pos) {
             Ok((pk, n)) => {
-                out.pickles.push(ScannedPickle {
-                    label: format!("{label}pickle {} (byte {pos})", i + 1),
-                    offset: pos,
-                    globals: pk.globals_with_protocol(),
-                    torch_unpickler: false,
-                });
+                out.pickles.push(ScannedPickle::of(
+                    format!("{label}pickle {} (byte {pos})", i + 1),
+                    pos,
+                    &pk,
+                    false,
+                ));
                 pos += n.max(1) as u64;
                 i += 1;
             }
@@ -208,15 +249,15 @@ fn npy(data: &[u8], label: &str, offset: u64, out: &mut Scan) {
         return;
     }
     match pickle::parse_prefix(&data[end..], pickle::Limits::default()) {
-        Ok((pk, _)) => out.pickles.push(ScannedPickle {
-            label: format!(
+        Ok((pk, _)) => out.pickles.push(ScannedPickle::of(
+            format!(
                 "{label}object array (pickle at byte {})",
                 offset + end as u64
             ),
-            offset: offset + end as u64,
-            globals: pk.globals_with_protocol(),
-            torch_unpickler: false,
-        }),
+            offset + end as u64,
+            &pk,
+            false,
+        )),
         Err(e) => {
             out.incomplete = Some(format!(
                 "{label}the object array's pickle (byte {}): {e}",
@@ -365,12 +406,7 @@ fn scan_tar(path: &Path, file: &File, len: u64) -> Result<Scan> {
     // tarfile.extract(name) takes the last member of that name.
     let member = |want: &str| members.iter().rev().find(|(n, _, _)| n == want).cloned();
     let mut push = |label: String, at: u64, pk: &Pickle, torch: bool| {
-        out.pickles.push(ScannedPickle {
-            label,
-            offset: at,
-            globals: pk.globals_with_protocol(),
-            torch_unpickler: torch,
-        })
+        out.pickles.push(ScannedPickle::of(label, at, pk, torch))
     };
     let bad = |what: String| Error::invalid(path, what);
     let Some((_, start, size)) = member("storages") else {
@@ -537,12 +573,12 @@ fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
             stream(&mut out, "", 0, len, |p| parse_at(file, p, len));
             return Ok(out);
         }
-        out.pickles.push(ScannedPickle {
-            label: format!("pickle {} of the legacy stack ({what})", i + 1),
-            offset: pos,
-            globals: pk.globals_with_protocol(),
-            torch_unpickler: i == 3,
-        });
+        out.pickles.push(ScannedPickle::of(
+            format!("pickle {} of the legacy stack ({what})", i + 1),
+            pos,
+            &pk,
+            i == 3,
+        ));
         pos += n as u64;
     }
     Ok(out)
@@ -633,12 +669,8 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
             .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
         let pk = pickle::parse(&buf)
             .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
-        out.pickles.push(ScannedPickle {
-            label: name.clone(),
-            offset,
-            globals: pk.globals_with_protocol(),
-            torch_unpickler: true,
-        });
+        out.pickles
+            .push(ScannedPickle::of(name.clone(), offset, &pk, true));
     }
     if out.pickles.is_empty() {
         // Not a torch.save archive (.npz, a zip of pickles): every member a loader would open.

@@ -126,3 +126,38 @@ def test_exit_codes_over_several_files(tmp_path):
     assert p.returncode == 1
     assert "clean" in p.stdout and "incomplete" in p.stdout and "dangerous" in p.stdout
     assert not (tmp_path / "never").exists()
+
+
+OPCODES = {"GLOBAL": b"c"[0], "INST": b"i"[0], "STACK_GLOBAL": 0x93}
+
+
+def test_findings_point_at_their_opcode_and_sarif(tmp_path):
+    """Every finding's byte offset is the opcode that names the global, in the file itself
+    (stored zip records are read in place); SARIF carries the same places."""
+    from conftest import ROOT
+    marker = tmp_path / "never"
+    files = [ROOT / "tests/fixtures/torch/malicious.pt", ROOT / "tests/fixtures/torch/legacy.pt"]
+    for proto in (0, 2, 4):
+        f = tmp_path / f"p{proto}.pkl"
+        f.write_bytes(pickle.dumps([Touch(marker), {"a": 1}], protocol=proto))
+        files.append(f)
+    seen = 0
+    for f in files:
+        data = f.read_bytes()
+        p = run("audit", f, "--json", check=False)
+        for fd in json.loads(p.stdout)["files"][0]["findings"]:
+            assert data[fd["offset"]] == OPCODES[fd["opcode"]], (f.name, fd)
+            seen += 1
+        s = json.loads(run("audit", f, "--format", "sarif", check=False).stdout)
+        assert s["version"] == "2.1.0"
+        for r in s["runs"][0]["results"]:
+            region = r["locations"][0]["physicalLocation"].get("region")
+            if region:
+                assert data[region["byteOffset"]] in OPCODES.values()
+                assert r["ruleId"] in ("dangerous-global", "unlisted-global")
+    assert seen > 10
+    s = json.loads(run("audit", tmp_path / "p2.pkl", "--format", "sarif", check=False).stdout)
+    assert any(r["ruleId"] == "dangerous-global" and "posix.system" in r["message"]["text"]
+               for r in s["runs"][0]["results"])
+    assert not marker.exists()
+    assert run("audit", tmp_path / "p2.pkl", "--format", "xml", check=False).returncode == 2

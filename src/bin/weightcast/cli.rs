@@ -26,18 +26,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List every global the pickles of PyTorch files reference: allowed by torch's
-    /// weights_only loader, other classes, dangerous. Exits 1 when anything is dangerous.
+    /// Judge every pickle a Python loader would unpickle from these files or folders (torch.save
+    /// zips, legacy and tar checkpoints, raw pickles, .npy/.npz, zips of pickles): every global
+    /// is allowed (torch's weights_only list), other, or dangerous. Exits 0 when nothing is
+    /// dangerous, 1 when something is (or is ambiguous), 2 when a file could not be read to its
+    /// end.
     Audit {
-        /// PyTorch files (.pt, .pth, .bin).
+        /// Files or folders (read recursively).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Exit 1 on any global outside torch's weights-only allowlist, not only dangerous ones.
         #[arg(long)]
         strict: bool,
-        /// Print JSON.
+        /// Print JSON (the same as --format json).
         #[arg(long)]
         json: bool,
+        /// Output format: text, json, or sarif (SARIF 2.1.0, for code-scanning CI).
+        #[arg(long, value_name = "FORMAT", default_value = "text")]
+        format: String,
     },
     /// Cast the floating-point tensors of a checkpoint to another dtype.
     #[command(

@@ -39,7 +39,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             paths,
             strict,
             json,
-        } => audit_cmd(&paths, strict, json),
+            format,
+        } => audit_cmd(&paths, strict, if json { "json" } else { &format }),
         Command::Convert(c) => convert_cmd(c, &args.rule_order),
         Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
         Command::Diff(d) => diff_cmd(d),
@@ -218,7 +219,10 @@ impl Audited {
     }
 }
 
-fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Result<ExitCode> {
+fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, format: &str) -> Result<ExitCode> {
+    if !matches!(format, "text" | "json" | "sarif") {
+        return Err(Error::usage(format!("--format {format}: use text, json or sarif")).into());
+    }
     let mut reports = Vec::new();
     let mut nothing = Vec::new();
     for p in audit_files(paths)? {
@@ -266,12 +270,77 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, as_json: bool) -> Resul
     } else {
         0
     };
-    if as_json {
-        print_audit_json(&reports, &nothing, strict, code)?;
-    } else {
-        print_audit_text(&reports, &nothing);
+    match format {
+        "json" => print_audit_json(&reports, &nothing, strict, code)?,
+        "sarif" => print_audit_sarif(&reports, strict)?,
+        _ => print_audit_text(&reports, &nothing),
     }
     Ok(ExitCode::from(code))
+}
+
+/// SARIF 2.1.0: one result per dangerous (error) or unlisted (warning; error with --strict)
+/// global occurrence, with the file and the byte offset of the opcode that names it; one per
+/// ambiguity (error) and per file not read to its end (warning).
+fn print_audit_sarif(reports: &[Audited], strict: bool) -> Result<()> {
+    use weightcast::audit::Class;
+    let mut results = Vec::new();
+    let loc = |path: &std::path::Path, offset: Option<u64>| {
+        let mut l =
+            json!({"physicalLocation": {"artifactLocation": {"uri": path.display().to_string()}}});
+        if let Some(o) = offset {
+            l["physicalLocation"]["region"] = json!({"byteOffset": o});
+        }
+        l
+    };
+    for r in reports {
+        let scan = match &r.scan {
+            Ok(s) => s,
+            Err(e) => {
+                results.push(json!({"ruleId": "unreadable", "level": "warning",
+                    "message": {"text": e}, "locations": [loc(&r.path, None)]}));
+                continue;
+            }
+        };
+        for pk in &scan.pickles {
+            for f in pk.findings() {
+                let (rule, level) = match f.class {
+                    Class::Dangerous => ("dangerous-global", "error"),
+                    Class::Other if strict => ("unlisted-global", "error"),
+                    Class::Other => ("unlisted-global", "warning"),
+                    Class::Allowed => continue,
+                };
+                results.push(json!({"ruleId": rule, "level": level,
+                    "message": {"text": format!("{} global `{}` ({} in {})", f.class.as_str(), f.name, f.opcode, pk.label)},
+                    "locations": [loc(&r.path, Some(f.offset))]}));
+            }
+        }
+        for a in &scan.ambiguities {
+            results.push(json!({"ruleId": "ambiguous-container", "level": "error",
+                "message": {"text": a}, "locations": [loc(&r.path, None)]}));
+        }
+        if let Some(i) = &scan.incomplete {
+            results.push(json!({"ruleId": "incomplete", "level": "warning",
+                "message": {"text": i}, "locations": [loc(&r.path, None)]}));
+        }
+    }
+    let rule = |id: &str, text: &str| json!({"id": id, "shortDescription": {"text": text}});
+    let sarif = json!({
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {"name": "weightcast", "version": env!("CARGO_PKG_VERSION"),
+                "rules": [
+                    rule("dangerous-global", "A pickle names a global that runs code, touches files, processes or the network, or is not a Python name"),
+                    rule("unlisted-global", "A pickle names a global outside torch's weights-only allowlist"),
+                    rule("ambiguous-container", "The file reads differently in different readers"),
+                    rule("incomplete", "The file could not be read to its end: never clean"),
+                    rule("unreadable", "The file could not be read"),
+                ]}},
+            "results": results,
+        }],
+    });
+    println!("{}", serde_json::to_string_pretty(&sarif)?);
+    Ok(())
 }
 
 fn print_audit_json(
@@ -298,6 +367,10 @@ fn print_audit_json(
             });
             match &r.scan {
                 Ok(scan) => {
+                    j["findings"] = json!(scan.pickles.iter().flat_map(|k| k.findings().into_iter().map(move |f| json!({
+                        "name": f.name, "class": f.class.as_str(), "offset": f.offset,
+                        "opcode": f.opcode, "pickle": k.label,
+                    }))).collect::<Vec<_>>());
                     j["container"] = json!(scan.container);
                     j["pickles"] = json!(scan.pickles.iter().map(|k| json!({
                         "label": k.label, "offset": k.offset,

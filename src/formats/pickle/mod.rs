@@ -150,9 +150,32 @@ pub struct Pickle {
     pub nodes: Vec<Node>,
     /// The value the pickle returns.
     pub root: NodeId,
-    /// For each global the parser read: the protocol in force then (the last PROTO opcode's,
-    /// 0 before any), which decides how an unpickler resolves its name.
-    pub global_protocol: std::collections::HashMap<NodeId, u8>,
+    /// For each global the parser read: where, by which opcode, and the protocol in force
+    /// then (which decides how an unpickler resolves its name).
+    pub global_sites: std::collections::HashMap<NodeId, GlobalSite>,
+}
+
+/// Where the parser read a global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalSite {
+    /// The protocol in force: the last PROTO opcode's, 0 before any.
+    pub protocol: u8,
+    /// Byte offset of the opcode in the pickle.
+    pub offset: usize,
+    /// The opcode (`c` GLOBAL, `i` INST, 0x93 STACK_GLOBAL).
+    pub opcode: u8,
+}
+
+impl GlobalSite {
+    /// The opcode's name.
+    pub fn opcode_name(&self) -> &'static str {
+        match self.opcode {
+            b'c' => "GLOBAL",
+            b'i' => "INST",
+            0x93 => "STACK_GLOBAL",
+            _ => "?",
+        }
+    }
 }
 
 impl Pickle {
@@ -214,13 +237,27 @@ impl Pickle {
         let mut out = Vec::new();
         for (id, n) in self.nodes.iter().enumerate() {
             if let Node::Global { module, name } = n {
-                let p = self.global_protocol.get(&id).copied().unwrap_or(2);
+                let p = self.global_sites.get(&id).map_or(2, |s| s.protocol);
                 if seen.insert((module.as_str(), name.as_str(), p)) {
                     out.push((module.clone(), name.clone(), p));
                 }
             }
         }
         out
+    }
+
+    /// Every global the parser read, where it read it, in file order (every occurrence).
+    pub fn global_occurrences(&self) -> Vec<(String, String, GlobalSite)> {
+        let mut v: Vec<(String, String, GlobalSite)> = self
+            .global_sites
+            .iter()
+            .filter_map(|(&id, &site)| match &self.nodes[id] {
+                Node::Global { module, name } => Some((module.clone(), name.clone(), site)),
+                _ => None,
+            })
+            .collect();
+        v.sort_by_key(|g| g.2.offset);
+        v
     }
 
     /// Every global the pickle references, in first-seen order, without duplicates.

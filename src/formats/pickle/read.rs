@@ -140,7 +140,7 @@ struct Machine<'a> {
     /// The protocol in force: the last PROTO opcode's (0 before any), as CPython tracks it.
     proto: u8,
     /// The protocol in force when each global was read.
-    global_protocol: HashMap<NodeId, u8>,
+    global_sites: HashMap<NodeId, super::GlobalSite>,
 }
 
 type R<T> = Result<T, PickleError>;
@@ -256,6 +256,18 @@ impl<'a> Machine<'a> {
         Ok(self.stack.split_off(m))
     }
 
+    /// Records where global `id` was read: the opcode, its offset, the protocol in force.
+    fn site(&mut self, id: NodeId) {
+        self.global_sites.insert(
+            id,
+            super::GlobalSite {
+                protocol: self.proto,
+                offset: self.op_at,
+                opcode: self.op,
+            },
+        );
+    }
+
     fn memo_put(&mut self, key: i64) -> R<()> {
         let id = self.top()?;
         if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
@@ -362,7 +374,7 @@ impl<'a> Machine<'a> {
                         Pickle {
                             nodes: self.nodes,
                             root,
-                            global_protocol: self.global_protocol,
+                            global_sites: self.global_sites,
                         },
                         end,
                     ));
@@ -600,8 +612,7 @@ impl<'a> Machine<'a> {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
                     self.push_node(Node::Global { module, name })?;
-                    self.global_protocol
-                        .insert(self.nodes.len() - 1, self.proto);
+                    self.site(self.nodes.len() - 1);
                 }
                 0x93 => {
                     let n = self.pop()?;
@@ -618,8 +629,7 @@ impl<'a> Machine<'a> {
                         return self.err("module and name must be strings");
                     };
                     self.push_node(Node::Global { module, name })?;
-                    self.global_protocol
-                        .insert(self.nodes.len() - 1, self.proto);
+                    self.site(self.nodes.len() - 1);
                 }
                 b'R' => {
                     let args = self.pop()?;
@@ -654,7 +664,7 @@ impl<'a> Machine<'a> {
                     }
                     self.nodes.push(Node::Global { module, name });
                     let cls = self.nodes.len() - 1;
-                    self.global_protocol.insert(cls, self.proto);
+                    self.site(cls);
                     self.object(Call::Inst { cls, args })?;
                 }
                 b'o' => {
@@ -712,7 +722,7 @@ pub fn parse_prefix(data: &[u8], limits: Limits) -> Result<(Pickle, usize), Pick
         marks: Vec::new(),
         memo: HashMap::new(),
         proto: 0,
-        global_protocol: HashMap::new(),
+        global_sites: HashMap::new(),
     }
     .run()
 }
