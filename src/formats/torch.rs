@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use crate::audit::Class;
@@ -299,24 +298,8 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     let prefix = prefix.unwrap_or_default();
     let torchscript = records.contains_key("constants.pkl");
     let read_record = |zip: &mut zip::ZipArchive<_>, rest: &str, limit: u64| -> Result<Vec<u8>> {
-        let full = format!("{prefix}{rest}");
-        let f = zip
-            .by_name(&full)
-            .map_err(|e| Error::invalid(path, format!("record `{full}`: {e}")))?;
-        if f.size() > limit {
-            return Err(Error::invalid(
-                path,
-                format!(
-                    "record `{full}` is {} bytes, over the {limit}-byte limit",
-                    f.size()
-                ),
-            ));
-        }
-        let mut buf = Vec::new();
-        f.take(limit)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::invalid(path, format!("record `{full}`: {e}")))?;
-        Ok(buf)
+        crate::formats::torch_container::read_record(path, zip, &format!("{prefix}{rest}"), limit)
+            .map(|(_, buf)| buf)
     };
     if !records.contains_key("data.pkl") {
         return Err(Error::invalid(

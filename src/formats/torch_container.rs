@@ -373,6 +373,59 @@ fn tar_members(path: &Path, file: &File, len: u64) -> Result<Vec<TarMember>> {
     Ok(out)
 }
 
+/// A member of a tar checkpoint made of a count pickle, then per item an arguments pickle
+/// followed by raw bytes (`raw(args, pos, i)` gives where the next item starts): every pickle
+/// goes into `out`. Returns the position after the last item and the member's end.
+fn counted(
+    path: &Path,
+    file: &File,
+    member: &TarMember,
+    item: &str,
+    out: &mut Scan,
+    raw: impl Fn(&Pickle, u64, i64) -> std::result::Result<u64, String>,
+) -> Result<(u64, u64)> {
+    let (name, start, size) = member;
+    let end = start + size;
+    let mut pos = *start;
+    let count = next_pickle(
+        path,
+        file,
+        &mut pos,
+        end,
+        &format!("`{name}`: {item} count"),
+    )?;
+    out.pickles.push(ScannedPickle::of(
+        format!("tar member `{name}`: {item} count"),
+        *start,
+        &count,
+        false,
+    ));
+    for i in 0..count.int(count.root).filter(|n| *n >= 0).unwrap_or(0) {
+        let at = pos;
+        let args = next_pickle(
+            path,
+            file,
+            &mut pos,
+            end,
+            &format!("`{name}`: {item} arguments"),
+        )?;
+        out.pickles.push(ScannedPickle::of(
+            format!("tar member `{name}`: {item} {i} arguments"),
+            at,
+            &args,
+            false,
+        ));
+        pos = raw(&args, pos, i)
+            .and_then(|e| {
+                (e <= end)
+                    .then_some(e)
+                    .ok_or_else(|| format!("{item} {i} runs past its member"))
+            })
+            .map_err(|e| Error::invalid(path, format!("tar member `{name}`: {e}")))?;
+    }
+    Ok((pos, end))
+}
+
 /// The pickle at `pos` (before `end`), moving `pos` past it.
 fn next_pickle(path: &Path, file: &File, pos: &mut u64, end: u64, label: &str) -> Result<Pickle> {
     let (pk, n) = parse_at(file, *pos, end)
@@ -405,112 +458,69 @@ fn scan_tar(path: &Path, file: &File, len: u64) -> Result<Scan> {
     }
     // tarfile.extract(name) takes the last member of that name.
     let member = |want: &str| members.iter().rev().find(|(n, _, _)| n == want).cloned();
-    let mut push = |label: String, at: u64, pk: &Pickle, torch: bool| {
-        out.pickles.push(ScannedPickle::of(label, at, pk, torch))
-    };
     let bad = |what: String| Error::invalid(path, what);
-    let Some((_, start, size)) = member("storages") else {
+    let Some(storages) = member("storages") else {
         return Err(bad(
             "tar-format checkpoint without a `storages` member".into()
         ));
     };
-    let end = start + size;
-    let mut pos = start;
-    let next = |pos: &mut u64, label: &str| next_pickle(path, file, pos, end, label);
-    let count = next(&mut pos, "`storages`: storage count")?;
-    push(
-        "tar member `storages`: storage count".into(),
-        start,
-        &count,
-        false,
-    );
-    let n = count.int(count.root).filter(|n| *n >= 0).unwrap_or(0);
-    for i in 0..n {
-        let at = pos;
-        let args = next(&mut pos, "`storages`: storage arguments")?;
-        push(
-            format!("tar member `storages`: storage {i} arguments"),
-            at,
-            &args,
-            false,
-        );
-        // (key, location, storage_type): the raw data after it is an 8-byte element count.
-        let es = args
-            .seq(args.root)
-            .and_then(|t| t.get(2))
-            .and_then(|&g| args.global(g))
-            .and_then(|(_, n)| crate::formats::torch::storage_dtype(n))
-            .map(|d| (d.bitsize() / 8).max(1) as u64)
-            .ok_or_else(|| {
-                bad(format!(
-                    "tar member `storages`: storage {i} has no storage type"
-                ))
-            })?;
-        let mut c = [0u8; 8];
-        file.read_exact_at(&mut c, pos)
-            .map_err(|_| bad(format!("tar member `storages`: storage {i} is truncated")))?;
-        let bytes = u64::from_le_bytes(c)
-            .checked_mul(es)
-            .and_then(|b| b.checked_add(8 + pos))
-            .filter(|&e| e <= end)
-            .ok_or_else(|| {
-                bad(format!(
-                    "tar member `storages`: storage {i} runs past its member"
-                ))
-            })?;
-        pos = bytes;
-    }
+    // storages: per storage (key, location, storage_type), then an 8-byte element count and
+    // the elements.
+    let (mut pos, end) = counted(
+        path,
+        file,
+        &storages,
+        "storage",
+        &mut out,
+        |args, pos, i| {
+            let es = args
+                .seq(args.root)
+                .and_then(|t| t.get(2))
+                .and_then(|&g| args.global(g))
+                .and_then(|(_, n)| crate::formats::torch::storage_dtype(n))
+                .map(|d| (d.bitsize() / 8).max(1) as u64)
+                .ok_or_else(|| format!("storage {i} has no storage type"))?;
+            let mut c = [0u8; 8];
+            file.read_exact_at(&mut c, pos)
+                .map_err(|_| format!("storage {i} is truncated"))?;
+            u64::from_le_bytes(c)
+                .checked_mul(es)
+                .and_then(|b| b.checked_add(8 + pos))
+                .ok_or_else(|| format!("storage {i} runs past its member"))
+        },
+    )?;
     let at = pos;
-    let views = next(&mut pos, "`storages`: views")?;
-    push("tar member `storages`: views".into(), at, &views, false);
-    if let Some((_, start, size)) = member("tensors") {
-        let end = start + size;
-        let mut pos = start;
-        let next = |pos: &mut u64, label: &str| next_pickle(path, file, pos, end, label);
-        let count = next(&mut pos, "`tensors`: tensor count")?;
-        push(
-            "tar member `tensors`: tensor count".into(),
-            start,
-            &count,
-            false,
-        );
-        let n = count.int(count.root).filter(|n| *n >= 0).unwrap_or(0);
-        for i in 0..n {
-            let at = pos;
-            let args = next(&mut pos, "`tensors`: tensor arguments")?;
-            push(
-                format!("tar member `tensors`: tensor {i} arguments"),
-                at,
-                &args,
-                false,
-            );
-            // ndim (4 bytes), 4 skipped, sizes and strides (8 * ndim each), offset (8).
+    let views = next_pickle(path, file, &mut pos, end, "`storages`: views")?;
+    out.pickles.push(ScannedPickle::of(
+        "tar member `storages`: views".into(),
+        at,
+        &views,
+        false,
+    ));
+    if let Some(tensors) = member("tensors") {
+        // tensors: per tensor (key, storage_id, type), then ndim (4 bytes), 4 skipped, sizes
+        // and strides (8 * ndim each) and the offset (8).
+        counted(path, file, &tensors, "tensor", &mut out, |_, pos, i| {
             let mut d = [0u8; 4];
             file.read_exact_at(&mut d, pos)
-                .map_err(|_| bad(format!("tar member `tensors`: tensor {i} is truncated")))?;
+                .map_err(|_| format!("tensor {i} is truncated"))?;
             let ndim = i32::from_le_bytes(d).max(0) as u64;
-            pos = ndim
-                .checked_mul(16)
+            ndim.checked_mul(16)
                 .and_then(|b| b.checked_add(pos + 16))
-                .filter(|&e| e <= end)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tar member `tensors`: tensor {i} runs past its member"
-                    ))
-                })?;
-        }
+                .ok_or_else(|| format!("tensor {i} runs past its member"))
+        })?;
     }
     let Some((_, start, size)) = member("pickle") else {
         return Err(bad("tar-format checkpoint without a `pickle` member".into()));
     };
     let (pk, _) = parse_at(file, start, start + size)
         .map_err(|e| bad(format!("tar member `pickle` (byte {start}): {e}")))?;
-    push(
+    out.pickles.push(ScannedPickle::of(
         "tar member `pickle` (the saved object)".into(),
         start,
         &pk,
         true,
-    );
+    ));
     Ok(out)
 }
 
@@ -649,24 +659,7 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
         out.container = "TorchScript archive (torch.load hands it to torch.jit.load)";
     }
     for name in [find("data.pkl"), constants].into_iter().flatten() {
-        let mut f = zip
-            .by_name(&name)
-            .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
-        if f.size() > MAX_PICKLE {
-            return Err(Error::invalid(
-                path,
-                format!(
-                    "record `{name}` is {} bytes, over the {MAX_PICKLE}-byte limit",
-                    f.size()
-                ),
-            ));
-        }
-        let offset = f.data_start().unwrap_or(0);
-        let mut buf = Vec::new();
-        (&mut f)
-            .take(MAX_PICKLE)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
+        let (offset, buf) = read_record(path, &mut zip, &name, MAX_PICKLE)?;
         let pk = pickle::parse(&buf)
             .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
         out.pickles
@@ -678,6 +671,34 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
         members(&mut zip, "", &mut out, 0);
     }
     Ok(out)
+}
+
+/// The bytes of zip record `name` (at most `limit`, checked against the directory first) and
+/// its data offset; the zip reader checks the CRC.
+pub(crate) fn read_record<R: std::io::Read + std::io::Seek>(
+    path: &Path,
+    zip: &mut zip::ZipArchive<R>,
+    name: &str,
+    limit: u64,
+) -> Result<(u64, Vec<u8>)> {
+    let f = zip
+        .by_name(name)
+        .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
+    if f.size() > limit {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "record `{name}` is {} bytes, over the {limit}-byte limit",
+                f.size()
+            ),
+        ));
+    }
+    let offset = f.data_start().unwrap_or(0);
+    let mut buf = Vec::new();
+    f.take(limit)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
+    Ok((offset, buf))
 }
 
 /// What makes this zip read differently by different readers: bytes before the first entry or
