@@ -121,6 +121,7 @@ def test_exit_codes_over_several_files(tmp_path):
     evil.write_bytes(pickle.dumps(Touch(tmp_path / "never")))
     assert run("audit", ok, check=False).returncode == 0
     assert run("audit", ok, cut, check=False).returncode == 2, "a file read only in part"
+    assert run("audit", ok, tmp_path / "missing.pkl", check=False).returncode == 2, "unreadable"
     assert run("audit", ok, cut, evil, check=False).returncode == 1, "dangerous wins"
     p = run("audit", tmp_path, check=False)  # the folder: all three, and every verdict shown
     assert p.returncode == 1

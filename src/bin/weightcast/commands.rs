@@ -225,8 +225,18 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, format: &str) -> Result
     }
     let mut reports = Vec::new();
     let mut nothing = Vec::new();
-    for p in audit_files(paths)? {
-        let what = formats::what_is(&p)?;
+    for p in audit_files(paths) {
+        let what = match formats::what_is(&p) {
+            Ok(w) => w,
+            Err(e) => {
+                reports.push(Audited {
+                    path: p,
+                    scan: Err(e.to_string()),
+                    globals: vec![],
+                });
+                continue;
+            }
+        };
         // Formats without a pickle have nothing to run; anything else (zip, pickle, npy,
         // unknown) is read as the loaders that would open it read it.
         if matches!(
@@ -450,12 +460,16 @@ fn print_audit_text(reports: &[Audited], nothing: &[(std::path::PathBuf, &str)])
 
 /// The files to audit: each path given, and every file below a folder (recursively, links not
 /// followed, `.git` skipped), in name order.
-fn audit_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, Error> {
+/// A path that cannot be read is kept, to be reported unreadable.
+fn audit_files(paths: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut todo: Vec<std::path::PathBuf> = paths.iter().rev().cloned().collect();
     let mut given = true;
     while let Some(p) = todo.pop() {
-        let meta = std::fs::symlink_metadata(&p).map_err(|e| Error::io(&p, e))?;
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            out.push(p);
+            continue;
+        };
         let is_dir = if meta.file_type().is_symlink() {
             // Hugging Face cache snapshots are links to blobs: follow links to files.
             std::fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false) && given
@@ -463,8 +477,11 @@ fn audit_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, 
             meta.is_dir()
         };
         if is_dir {
-            let mut entries: Vec<_> = std::fs::read_dir(&p)
-                .map_err(|e| Error::io(&p, e))?
+            let Ok(dir) = std::fs::read_dir(&p) else {
+                out.push(p);
+                continue;
+            };
+            let mut entries: Vec<_> = dir
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|e| e.file_name().is_some_and(|n| n != ".git"))
                 .collect();
@@ -475,7 +492,7 @@ fn audit_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, 
         }
         given = todo.len() >= paths.len();
     }
-    Ok(out)
+    out
 }
 
 /// Builds the rule set in command-line order; returns it with a default target from a rules
