@@ -83,8 +83,9 @@ pub struct ScannedPickle {
     /// Unpickled by torch's own unpickler (the saved object), whose `find_class` adds its
     /// renames; the other pickles of a legacy stack go through plain `pickle.load`.
     pub torch_unpickler: bool,
-    /// Every global as read, with its opcode, offset (within this pickle) and protocol.
-    pub occurrences: Vec<(String, String, pickle::GlobalSite)>,
+    /// Every global as read, with its opcode, offset (within this pickle) and protocol, and
+    /// whether the pickle calls it.
+    pub occurrences: Vec<(String, String, pickle::GlobalSite, bool)>,
 }
 
 /// One global a pickle references, judged, where it was read.
@@ -98,6 +99,9 @@ pub struct Finding {
     pub offset: u64,
     /// The opcode that read it.
     pub opcode: &'static str,
+    /// Whether the pickle calls it (REDUCE, NEWOBJ, OBJ, INST; BUILD calls its
+    /// `__setstate__`): a global that is only named runs nothing by itself.
+    pub called: bool,
 }
 
 impl ScannedPickle {
@@ -115,13 +119,14 @@ impl ScannedPickle {
     pub fn findings(&self) -> Vec<Finding> {
         self.occurrences
             .iter()
-            .map(|(m, n, site)| {
+            .map(|(m, n, site, called)| {
                 let (name, class) = crate::audit::judge(m, n, site.protocol, self.torch_unpickler);
                 Finding {
                     name,
                     class,
                     offset: self.offset + site.offset as u64,
                     opcode: site.opcode_name(),
+                    called: *called,
                 }
             })
             .collect()

@@ -157,6 +157,10 @@ def test_findings_point_at_their_opcode_and_sarif(tmp_path):
                 assert data[region["byteOffset"]] in OPCODES.values()
                 assert r["ruleId"] in ("dangerous-global", "unlisted-global")
     assert seen > 10
+    # structure, not only names: what the pickle calls and what it only names
+    found = json.loads(run("audit", files[0], "--json", check=False).stdout)["files"][0]["findings"]
+    called = {f["name"]: f["called"] for f in found}
+    assert called["posix.system"] is True and called["torch.FloatStorage"] is False
     s = json.loads(run("audit", tmp_path / "p2.pkl", "--format", "sarif", check=False).stdout)
     assert any(r["ruleId"] == "dangerous-global" and "posix.system" in r["message"]["text"]
                for r in s["runs"][0]["results"])

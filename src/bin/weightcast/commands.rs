@@ -320,7 +320,8 @@ fn print_audit_sarif(reports: &[Audited], strict: bool) -> Result<()> {
                     Class::Allowed => continue,
                 };
                 results.push(json!({"ruleId": rule, "level": level,
-                    "message": {"text": format!("{} global `{}` ({} in {})", f.class.as_str(), f.name, f.opcode, pk.label)},
+                    "message": {"text": format!("{} global `{}` ({} in {}{})", f.class.as_str(), f.name, f.opcode, pk.label,
+                        if f.called { ", called" } else { ", named only" })},
                     "locations": [loc(&r.path, Some(f.offset))]}));
             }
         }
@@ -379,7 +380,7 @@ fn print_audit_json(
                 Ok(scan) => {
                     j["findings"] = json!(scan.pickles.iter().flat_map(|k| k.findings().into_iter().map(move |f| json!({
                         "name": f.name, "class": f.class.as_str(), "offset": f.offset,
-                        "opcode": f.opcode, "pickle": k.label,
+                        "opcode": f.opcode, "called": f.called, "pickle": k.label,
                     }))).collect::<Vec<_>>());
                     j["container"] = json!(scan.container);
                     j["pickles"] = json!(scan.pickles.iter().map(|k| json!({

@@ -246,18 +246,38 @@ impl Pickle {
         out
     }
 
-    /// Every global the parser read, where it read it, in file order (every occurrence).
-    pub fn global_occurrences(&self) -> Vec<(String, String, GlobalSite)> {
-        let mut v: Vec<(String, String, GlobalSite)> = self
+    /// Every global the parser read, where it read it, in file order (every occurrence), and
+    /// whether the pickle calls it.
+    pub fn global_occurrences(&self) -> Vec<(String, String, GlobalSite, bool)> {
+        let called = self.called();
+        let mut v: Vec<(String, String, GlobalSite, bool)> = self
             .global_sites
             .iter()
             .filter_map(|(&id, &site)| match &self.nodes[id] {
-                Node::Global { module, name } => Some((module.clone(), name.clone(), site)),
+                Node::Global { module, name } => {
+                    Some((module.clone(), name.clone(), site, called.contains(&id)))
+                }
                 _ => None,
             })
             .collect();
         v.sort_by_key(|g| g.2.offset);
         v
+    }
+
+    /// The globals an unpickler would call: the callable of a REDUCE, the class of a NEWOBJ,
+    /// OBJ or INST (whose `__setstate__` a BUILD also calls).
+    pub fn called(&self) -> std::collections::HashSet<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|n| match n {
+                Node::Object(o) => Some(match o.call {
+                    Call::Reduce { func, .. } => func,
+                    Call::NewObj { cls, .. } | Call::Inst { cls, .. } => cls,
+                }),
+                _ => None,
+            })
+            .filter(|&id| matches!(self.nodes.get(id), Some(Node::Global { .. })))
+            .collect()
     }
 
     /// Every global the pickle references, in first-seen order, without duplicates.
