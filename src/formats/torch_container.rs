@@ -182,7 +182,7 @@ pub fn scan(path: &Path) -> Result<Scan> {
         npy(&data, "", 0, &mut out);
         return Ok(out);
     }
-    scan_stack(path, &file, len)
+    scan_stack(&file, len)
 }
 
 fn empty_scan(container: &'static str) -> Scan {
@@ -531,7 +531,7 @@ fn scan_tar(path: &Path, file: &File, len: u64) -> Result<Scan> {
 
 /// A non-zip file: torch unpickles the first pickle whatever it is, checks that it is the
 /// magic number, and goes on through the stack.
-fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
+fn scan_stack(file: &File, len: u64) -> Result<Scan> {
     let mut out = Scan {
         container: "legacy torch.save (stacked pickles)",
         pickles: vec![],
@@ -565,13 +565,12 @@ fn scan_stack(path: &Path, file: &File, len: u64) -> Result<Scan> {
                 return Ok(out);
             }
             Err(e) => {
-                return Err(Error::invalid(
-                    path,
-                    format!(
-                        "pickle {} of the legacy stack ({what}, from byte {pos}): {e}",
-                        i + 1
-                    ),
-                ))
+                // What was seen so far stays judged: parsing stopped, the file is not clean.
+                out.incomplete = Some(format!(
+                    "pickle {} of the legacy stack ({what}) at byte {pos}: {e}",
+                    i + 1
+                ));
+                return Ok(out);
             }
         };
         let stop = match i {
