@@ -326,30 +326,6 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     })
 }
 
-impl Archive {
-    /// Size of record `name` (relative to the prefix), if present.
-    pub fn records_size(&self, name: &str) -> Option<u64> {
-        self.records.get(name).map(|r| r.size)
-    }
-
-    /// (data offset, size) of a stored record.
-    pub fn record(&self, name: &str) -> Option<(u64, u64)> {
-        self.records
-            .get(name)
-            .filter(|r| r.stored)
-            .map(|r| (r.data_start, r.size))
-    }
-
-    /// The storage keys (`data/<key>` records).
-    pub fn data_keys(&self) -> Vec<String> {
-        self.records
-            .keys()
-            .filter_map(|k| k.strip_prefix("data/"))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
 /// Every tensor below `root` with its `state_dict()`-style name and, in a pickled module, the
 /// module's class.
 pub fn tensors_in(path: &Path, pk: &Pickle, root: NodeId) -> Result<Vec<Found>> {
