@@ -220,25 +220,19 @@ fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> 
 /// container is decided as torch decides it: a zip when the first four bytes are a zip local
 /// header, stacked pickles otherwise.
 pub fn read_archive(path: &Path) -> Result<Archive> {
-    use crate::formats::torch_container::{is_tar, zip_ambiguities};
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    {
-        use std::os::unix::fs::FileExt;
-        let mut head = vec![0u8; 512.min(file_len as usize)];
-        file.read_exact_at(&mut head, 0)
-            .map_err(|e| Error::io(path, e))?;
-        if is_tar(&head) {
+    use crate::formats::torch_container::{zip_ambiguities, Container};
+    let (file, file_len, container) = crate::formats::torch_container::open(path)?;
+    match container {
+        Container::Tar => {
             return Err(Error::invalid(
                 path,
                 "a tar-format checkpoint (torch < 0.4): `weightcast audit` reads its pickles, but \
                  its tensors are not converted (torch.load it with weights_only=False where you trust it, and \
                  torch.save it again)",
-            ));
+            ))
         }
-        if !is_zip(&head) {
-            return read_legacy(path, &file, file_len);
-        }
+        Container::Stack | Container::Npy => return read_legacy(path, &file, file_len),
+        Container::Zip => {}
     }
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))

@@ -158,21 +158,49 @@ pub struct Scan {
     pub incomplete: Option<String>,
 }
 
-/// Lists what `torch.load(path, weights_only=False)` would unpickle. An error means the file
-/// could not be read far enough to know: never "clean".
-pub fn scan(path: &Path) -> Result<Scan> {
+/// The container a file is, decided from its first bytes as torch.load decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Container {
+    /// Starts with a zip local header (torch's `_is_zipfile`).
+    Zip,
+    /// A tar archive (tried first by torch's legacy loader).
+    Tar,
+    /// A NumPy `.npy` file (numpy.load, not torch.load).
+    Npy,
+    /// Anything else: torch.load reads it as stacked pickles.
+    Stack,
+}
+
+/// Opens `path` and decides its container: the file, its length and the container.
+pub fn open(path: &Path) -> Result<(File, u64, Container)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut head = vec![0u8; 512.min(len as usize)];
     file.read_exact_at(&mut head, 0)
         .map_err(|e| Error::io(path, e))?;
-    if is_zip(&head) {
+    let c = if is_zip(&head) {
+        Container::Zip
+    } else if is_tar(&head) {
+        Container::Tar
+    } else if head.starts_with(b"\x93NUMPY") {
+        Container::Npy
+    } else {
+        Container::Stack
+    };
+    Ok((file, len, c))
+}
+
+/// Lists what `torch.load(path, weights_only=False)` would unpickle. An error means the file
+/// could not be read far enough to know: never "clean".
+pub fn scan(path: &Path) -> Result<Scan> {
+    let (file, len, container) = open(path)?;
+    if container == Container::Zip {
         return scan_zip(path, &file, len);
     }
-    if is_tar(&head) {
+    if container == Container::Tar {
         return scan_tar(path, &file, len);
     }
-    if head.starts_with(b"\x93NUMPY") {
+    if container == Container::Npy {
         let mut data = Vec::new();
         (&file)
             .take(MAX_PICKLE)
