@@ -178,10 +178,16 @@ fn records(
 ) -> Result<Vec<PtRecord>> {
     let path = &cat.path;
     // The records the output's pickle references, in torch's order.
+    let by_key: HashMap<&str, usize> = cat
+        .storages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.key.as_str(), i))
+        .collect();
     let mut used: Vec<usize> = reachable(pk, pk.root)
         .into_iter()
         .filter_map(|id| crate::formats::torch::persid_key(pk, id))
-        .filter_map(|k| cat.storages.iter().position(|s| s.key == k))
+        .filter_map(|k| by_key.get(k.as_str()).copied())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -189,15 +195,17 @@ fn records(
         let (a, b) = (&cat.storages[a].key, &cat.storages[b].key);
         (a.len(), a).cmp(&(b.len(), b))
     });
+    // The first tensor on each storage names its record in messages.
+    let mut first: HashMap<usize, TensorRef> = HashMap::new();
+    for r in rebuilds {
+        first.entry(r.storage).or_insert(r.tensor);
+    }
     let label_of = |s: usize| -> String {
-        rebuilds
-            .iter()
-            .find(|r| r.storage == s)
-            .map(|r| match r.tensor {
-                TensorRef::Selected(i) => cat.tensors[i].name.clone(),
-                TensorRef::Other(i) => doc.others[i].entry.name.clone(),
-            })
-            .unwrap_or_else(|| format!("storage data/{}", cat.storages[s].key))
+        match first.get(&s) {
+            Some(TensorRef::Selected(i)) => cat.tensors[*i].name.clone(),
+            Some(TensorRef::Other(i)) => doc.others[*i].entry.name.clone(),
+            None => format!("storage data/{}", cat.storages[s].key),
+        }
     };
     let big_endian = cat.files[0].big_endian;
     let mut records = Vec::with_capacity(used.len());
