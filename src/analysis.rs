@@ -52,6 +52,46 @@ pub fn measure(
     Ok(acc)
 }
 
+/// Figures of casting payload `tensor`'s dequantized values (in its scale's dtype, as the
+/// reference dequantization gives them) to each of `targets`.
+pub fn measure_dequantized(
+    sources: &Sources<'_>,
+    cat: &Catalogue,
+    tensor: usize,
+    d: crate::plan::Dequant,
+    targets: &[DType],
+    cancel: Option<&AtomicBool>,
+) -> Result<Vec<ErrorStats>> {
+    let t = &cat.tensors[tensor];
+    let table = crate::quant::ScaleTable::load(
+        cat,
+        sources,
+        &crate::quant::Scaled {
+            payload: tensor,
+            scale: d.scale,
+            layout: d.layout,
+        },
+    )?;
+    let mut acc = vec![ErrorStats::default(); targets.len()];
+    let (isz, csz) = (t.dtype.bitsize() / 8, d.compute.bitsize() / 8);
+    let mut first = 0u64;
+    let mut vals = Vec::new();
+    sources.for_each_chunk(t, CHUNK / csz.max(1), isz, |chunk| {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
+        let n = chunk.len() / isz;
+        vals.resize(n * csz, 0);
+        table.dequantize(t.dtype, chunk, first, &mut vals);
+        first += n as u64;
+        for (a, &to) in acc.iter_mut().zip(targets) {
+            *a = a.merge(&cast_stats(d.compute, to, &vals));
+        }
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
 /// Measures every tensor that `plan` casts, against its planned target.
 pub fn analyze(
     cat: &Catalogue,
@@ -71,7 +111,10 @@ pub fn analyze(
     let mut out = Vec::with_capacity(todo.len());
     for i in todo {
         let p = &plan.tensors[i];
-        let stats = measure(&sources, cat, p.tensor, &[p.to], cancel)?[0];
+        let stats = match p.dequant {
+            Some(d) => measure_dequantized(&sources, cat, p.tensor, d, &[p.to], cancel)?[0],
+            None => measure(&sources, cat, p.tensor, &[p.to], cancel)?[0],
+        };
         out.push(TensorAnalysis {
             plan_index: i,
             from: p.from,

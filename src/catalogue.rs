@@ -193,6 +193,9 @@ pub struct Catalogue {
     /// For a single PyTorch file: its pickle, every tensor rebuild in it, the tensors outside the
     /// selected state dict and the other top-level entries (what a `.pt` output writes back).
     pub torch: Option<std::sync::Arc<crate::formats::torch::TorchDoc>>,
+    /// The quantization scheme of a scaled-FP8 input: payloads, their scales, and where the
+    /// scheme is declared.
+    pub quant: Option<std::sync::Arc<crate::quant::Quantization>>,
 }
 
 impl Catalogue {

@@ -20,7 +20,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{encode_header, OutTensor};
 use crate::output::{check_target, index_json, layout, Layout, OutputFile, Target};
-use crate::plan::Plan;
+use crate::plan::{Plan, QuantPlan, TensorPlan};
+use crate::quant::{ScaleTable, Scaled};
 use crate::source::Sources;
 
 /// Bytes per chunk buffer (input or output side).
@@ -148,6 +149,15 @@ pub fn convert(
     progress: &dyn Progress,
 ) -> Result<Summary> {
     let start = Instant::now();
+    if let QuantPlan::Unsupported(why) = &plan.quant {
+        let q = cat.quant.as_deref().expect("a quantized input");
+        return Err(Error::Refused(format!(
+            "{}: quantized ({}, from {}) in a way weightcast cannot dequantize: {why}; nothing              was written (--on-quantized keep passes its tensors through untouched)",
+            cat.path.display(),
+            q.scheme,
+            q.found_in
+        )));
+    }
     let (target, layout) = prepare(cat, plan, out, opts)?;
     check_target(cat, &target, &layout, opts.force)?;
     let parent = match &target {
@@ -238,12 +248,15 @@ fn remove_created(top: Option<PathBuf>, dir: &Path) {
 
 /// Sets `torch_dtype` (and `dtype`, where present) in a config.json to `dtype`, keeping key
 /// order. Returns `None` when the file is not a JSON object.
-fn update_config(path: &Path, dtype: Option<DType>) -> Result<Option<String>> {
+fn update_config(path: &Path, dtype: Option<DType>, dequantized: bool) -> Result<Option<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(&text)
     else {
         return Ok(None);
     };
+    if dequantized {
+        map.remove("quantization_config");
+    }
     if let Some(d) = dtype {
         let v = serde_json::Value::String(d.torch_name().to_string());
         let has_dtype = map.contains_key("dtype");
@@ -352,12 +365,27 @@ impl Job<'_> {
         let pieces: Vec<Piece<'_>> = pt
             .records
             .iter()
-            .map(|r| Piece {
-                entry: &r.source,
-                from: r.from,
-                to: r.to,
+            .map(|r| {
+                let scale = match r.dequant {
+                    Some((payload, d)) => Some(Arc::new(ScaleTable::load(
+                        cat,
+                        self.sources,
+                        &Scaled {
+                            payload,
+                            scale: d.scale,
+                            layout: d.layout,
+                        },
+                    )?)),
+                    None => None,
+                };
+                Ok(Piece {
+                    entry: &r.source,
+                    from: r.from,
+                    to: r.to,
+                    scale,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut sink = ZipSink {
             zip: &mut zip,
             records: &pt.records,
@@ -404,16 +432,21 @@ impl Job<'_> {
             summary.files.push(dest.join(index));
         }
         let dominant = plan.dominant_float(cat);
+        let dequantized = plan.quant == QuantPlan::Dequantize;
         let folder = cat.folder.as_ref().expect("folder input");
         for rel in &folder.other_files {
             self.check_cancel()?;
+            if dequantized && rel == Path::new("hf_quant_config.json") {
+                // ModelOpt's declaration of the scheme: the output is no longer quantized.
+                continue;
+            }
             let from = folder.dir.join(rel);
             let to = staging.path().join(rel);
             if let Some(p) = to.parent() {
                 std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
             }
             if rel == Path::new("config.json") {
-                match update_config(&from, dominant)? {
+                match update_config(&from, dominant, dequantized)? {
                     Some(text) => {
                         std::fs::write(&to, text).map_err(|e| Error::io(&to, e))?;
                         summary.config_dtype = dominant;
@@ -563,6 +596,9 @@ impl Job<'_> {
                     .clone()
             })
             .unwrap_or_else(|| cat.metadata());
+        if self.plan.quant == QuantPlan::Dequantize {
+            metadata.retain(|(k, _)| k != "_quantization_metadata");
+        }
         if !metadata.iter().any(|(k, _)| k == "format") {
             metadata.insert(0, ("format".into(), "pt".into()));
         }
@@ -576,15 +612,8 @@ impl Job<'_> {
         let pieces: Vec<Piece<'_>> = of
             .tensors
             .iter()
-            .map(|&i| {
-                let p = &self.plan.tensors[i];
-                Piece {
-                    entry: &cat.tensors[p.tensor],
-                    from: p.from,
-                    to: p.to,
-                }
-            })
-            .collect();
+            .map(|&i| self.piece(&self.plan.tensors[i]))
+            .collect::<Result<_>>()?;
         let counts = self.exec().run(
             &pieces,
             &mut FileSink {
@@ -599,6 +628,29 @@ impl Job<'_> {
             .into_iter()
             .map(|(k, n)| (of.tensors[k], n))
             .collect())
+    }
+
+    /// The piece that writes plan entry `p` (its scale loaded when it is dequantized).
+    fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
+        let cat = self.cat;
+        let scale = match p.dequant {
+            Some(d) => Some(Arc::new(ScaleTable::load(
+                cat,
+                self.sources,
+                &Scaled {
+                    payload: p.tensor,
+                    scale: d.scale,
+                    layout: d.layout,
+                },
+            )?)),
+            None => None,
+        };
+        Ok(Piece {
+            entry: &cat.tensors[p.tensor],
+            from: p.from,
+            to: p.to,
+            scale,
+        })
     }
 
     fn exec(&self) -> Executor<'_> {
@@ -619,6 +671,8 @@ pub struct Piece<'a> {
     pub from: DType,
     /// Written dtype.
     pub to: DType,
+    /// For a scaled FP8 payload: its scale, applied before the cast.
+    pub scale: Option<std::sync::Arc<ScaleTable>>,
 }
 
 /// Where the executor's bytes go: pieces in order, each begun before its bytes (empty ones
@@ -682,11 +736,12 @@ impl Executor<'_> {
     /// Input bytes per chunk of a piece: whole elements, at most [`CHUNK_BYTES`] on either
     /// side.
     fn chunk_in(p: &Piece<'_>) -> u64 {
-        if p.from == p.to {
+        if p.from == p.to && p.scale.is_none() {
             return CHUNK_BYTES as u64;
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
-        (CHUNK_BYTES / isz.max(osz) * isz) as u64
+        let csz = p.scale.as_ref().map_or(0, |s| s.compute.bitsize() / 8);
+        (CHUNK_BYTES / isz.max(osz).max(csz) * isz) as u64
     }
 
     /// Streams every piece into `sink`; returns, per piece with any, the count of values that
@@ -775,15 +830,25 @@ impl Executor<'_> {
         let t = p.entry;
         let mut buf = pool.get(n as usize);
         self.sources.read(t, pos, &mut buf)?;
-        if p.from == p.to {
+        if p.from == p.to && p.scale.is_none() {
             return Ok((buf, 0));
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
         let mut out = pool.get(buf.len() / isz * osz);
-        let count =
-            cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()).map_err(|e| {
-                Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name))
-            })?;
+        let count = match &p.scale {
+            Some(s) => s.dequantize_to(
+                p.from,
+                &buf,
+                pos / isz as u64,
+                p.to,
+                &mut out,
+                self.opts.range(),
+            ),
+            None => cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()),
+        }
+        .map_err(|e| {
+            Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name))
+        })?;
         pool.put(buf);
         Ok((out, count))
     }

@@ -26,6 +26,7 @@ pub mod eval;
 pub mod formats;
 pub mod output;
 pub mod plan;
+pub mod quant;
 pub mod rules;
 pub mod source;
 pub mod stats;

@@ -8,6 +8,7 @@
 
 use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
+use crate::quant::{Layout, Role};
 use crate::rules::{Action, RuleSet};
 
 /// The decision for one tensor.
@@ -28,13 +29,50 @@ pub struct TensorPlan {
     /// Whether the default target (`--to`) chose this dtype, rather than a rule naming one
     /// (`--auto` picks among candidates only for these).
     pub by_default: bool,
+    /// For a scaled FP8 payload: dequantized with this scale (its values are the payload times
+    /// the scale, rounded to the scale's dtype, then cast to `to`).
+    pub dequant: Option<Dequant>,
+}
+
+/// How a payload is dequantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dequant {
+    /// Catalogue index of the scale tensor.
+    pub scale: usize,
+    /// How it covers the payload.
+    pub layout: Layout,
+    /// The scale's dtype, in which the product is rounded.
+    pub compute: DType,
+}
+
+/// What the plan does with a quantized input.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum QuantPlan {
+    /// The input is not quantized.
+    #[default]
+    None,
+    /// Every payload dequantized; scales and the scheme's config leave the output.
+    Dequantize,
+    /// Payloads and scales pass through untouched, the config kept (`--on-quantized keep`).
+    Keep,
+    /// The scheme cannot be dequantized (the reason): converting is refused unless kept.
+    Unsupported(String),
 }
 
 impl TensorPlan {
-    /// Leaves the tensor in its stored dtype.
+    /// Leaves the tensor in its stored dtype; a dequantized payload in its scale's dtype (its
+    /// stored form needs the scale).
     pub fn keep(&mut self) {
-        self.to = self.from;
-        self.bytes_out = self.bytes_in;
+        match self.dequant {
+            Some(d) => {
+                let numel = self.bytes_in / (self.from.bitsize() / 8).max(1) as u64;
+                self.set_target(d.compute, numel);
+            }
+            None => {
+                self.to = self.from;
+                self.bytes_out = self.bytes_in;
+            }
+        }
     }
 
     /// Casts to `to` instead (`numel` elements).
@@ -45,7 +83,7 @@ impl TensorPlan {
 
     /// Whether the values change representation.
     pub fn is_cast(&self) -> bool {
-        self.from != self.to
+        self.from != self.to || self.dequant.is_some()
     }
 }
 
@@ -82,6 +120,10 @@ pub struct Plan {
     pub unmatched: Vec<String>,
     /// What the output holds of a PyTorch file.
     pub scope: Scope,
+    /// Catalogue tensors the output leaves out (a dequantized input's scales), and why.
+    pub removed: Vec<(usize, String)>,
+    /// What happens to a quantized input.
+    pub quant: QuantPlan,
 }
 
 /// What the output holds of a PyTorch file.
@@ -105,6 +147,21 @@ impl Plan {
     /// of the state dict alone.
     pub fn new(cat: &Catalogue, rules: &RuleSet, target: DType) -> Plan {
         Plan::with_scope(cat, rules, target, Scope::StateDict)
+    }
+
+    /// Every tensor as stored, but a scaled payload dequantized to its scale's dtype (its
+    /// scales removed): the values a quantized checkpoint stands for, as `eval` and `diff`
+    /// read it.
+    pub fn stored(cat: &Catalogue) -> Plan {
+        let mut plan = Plan::new(cat, &RuleSet::default(), DType::F32);
+        for p in &mut plan.tensors {
+            p.keep();
+            if p.dequant.is_none() {
+                p.reason = "as stored".into();
+            }
+        }
+        plan.warnings.clear();
+        plan
     }
 
     /// Decides every tensor of `cat`, and for [`Scope::WholeFile`] those outside the state dict.
@@ -154,6 +211,7 @@ impl Plan {
                     bytes_out,
                     reason,
                     by_default: action == Action::Default && t.dtype.is_castable(),
+                    dequant: None,
                 }
             })
             .collect();
@@ -200,9 +258,130 @@ impl Plan {
             warnings,
             unmatched,
             scope,
+            removed: vec![],
+            quant: QuantPlan::None,
         };
+        plan.dequantize(cat, rules);
         plan.settle(cat);
         plan
+    }
+
+    /// Dequantizes every payload of a quantized input (to the rule's or `--to`'s dtype when it
+    /// is 16 bits or wider, else to its scale's dtype) and removes the scales and the scheme's
+    /// other tensors. A scheme weightcast cannot dequantize leaves the plan refusing.
+    fn dequantize(&mut self, cat: &Catalogue, rules: &RuleSet) {
+        let Some(q) = cat.quant.as_deref() else {
+            return;
+        };
+        if let Some(why) = &q.unsupported {
+            self.quant = QuantPlan::Unsupported(why.clone());
+            return;
+        }
+        self.quant = QuantPlan::Dequantize;
+        let mut removed = Vec::new();
+        for p in &mut self.tensors {
+            let t = &cat.tensors[p.tensor];
+            match q.role(p.tensor) {
+                Some(Role::Payload(scale, layout)) => {
+                    let compute = cat.tensors[scale].dtype;
+                    let (action, rule) = rules.decide(&t.name, &t.shape, t.module_class.as_deref());
+                    let wanted = match action {
+                        Action::To(d) => Some(d),
+                        Action::Default => Some(self.target),
+                        Action::Keep => None,
+                    };
+                    let how = format!(
+                        "dequantize ({}, `{}`)",
+                        layout.describe(),
+                        cat.tensors[scale].name
+                    );
+                    let (to, why) = match wanted {
+                        Some(d) if d.is_castable() && d.bitsize() >= 16 => (
+                            d,
+                            match rule {
+                                Some(r) => format!("{how}; {}", rules.rules[r].origin),
+                                None => how,
+                            },
+                        ),
+                        Some(d) => (
+                            compute,
+                            format!("{how} to its scale's {compute}: {d} would need new scales"),
+                        ),
+                        None => (
+                            compute,
+                            format!(
+                                "{how} to its scale's {compute}: kept payloads need the scales                                  this output drops (--on-quantized keep keeps both)"
+                            ),
+                        ),
+                    };
+                    p.set_target(to, t.numel());
+                    p.reason = why;
+                    p.by_default = false;
+                    p.dequant = Some(Dequant {
+                        scale,
+                        layout,
+                        compute,
+                    });
+                }
+                Some(Role::Scale) => {
+                    removed.push((p.tensor, "scale of a dequantized payload".to_string()))
+                }
+                Some(Role::Companion) => removed.push((
+                    p.tensor,
+                    format!(
+                        "part of the {} scheme, meaningless once dequantized",
+                        q.scheme
+                    ),
+                )),
+                None => {}
+            }
+        }
+        self.tensors
+            .retain(|p| !removed.iter().any(|(i, _)| *i == p.tensor));
+        self.removed = removed;
+    }
+
+    /// Passes a quantized input's payloads, scales and other tensors through untouched
+    /// (`--on-quantized keep`); the other tensors are cast as planned.
+    pub fn keep_quantized(&mut self, cat: &Catalogue) {
+        let Some(q) = cat.quant.as_deref() else {
+            return;
+        };
+        if self.quant == QuantPlan::Dequantize {
+            // Rebuild the entries that dequantizing removed or changed.
+            let mut back: Vec<TensorPlan> = self
+                .removed
+                .drain(..)
+                .map(|(i, _)| {
+                    let t = &cat.tensors[i];
+                    TensorPlan {
+                        tensor: i,
+                        from: t.dtype,
+                        to: t.dtype,
+                        bytes_in: t.nbytes,
+                        bytes_out: t.nbytes,
+                        reason: String::new(),
+                        by_default: false,
+                        dequant: None,
+                    }
+                })
+                .collect();
+            self.tensors.append(&mut back);
+            self.tensors.sort_by_key(|p| p.tensor);
+        }
+        for p in &mut self.tensors {
+            if let Some(role) = q.role(p.tensor) {
+                p.dequant = None;
+                p.keep();
+                p.by_default = false;
+                p.reason = match role {
+                    Role::Payload(..) => format!("{} payload: kept with its scale", q.scheme),
+                    Role::Scale => format!("{} scale: kept", q.scheme),
+                    Role::Companion => format!("part of the {} scheme: kept", q.scheme),
+                };
+            }
+        }
+        self.quant = QuantPlan::Keep;
     }
 
     /// Gives every tensor on one storage the same dtype: a storage whose tensors the plan sends
@@ -347,6 +526,7 @@ fn other_plan(i: usize, t: &TensorEntry, section: &str, cast: bool, target: DTyp
         bytes_out: to.bytes_for(t.numel()).unwrap_or(t.nbytes),
         reason,
         by_default: false,
+        dequant: None,
     }
 }
 

@@ -279,6 +279,15 @@ fn decode_block(from: DType, input: &[u8], vals: &mut [f32]) {
     }
 }
 
+/// Encodes f32 values into little-endian elements of a castable type, rounding as torch's
+/// `.to()` from f32 does (f8e4m3fn saturating). `output` holds `vals.len()` elements.
+pub fn encode_f32_slice(to: DType, vals: &[f32], output: &mut [u8]) {
+    let osz = to.bitsize() / 8;
+    for (v, o) in vals.chunks(BLOCK).zip(output.chunks_mut(BLOCK * osz)) {
+        encode_block(to, v, o);
+    }
+}
+
 fn encode_block(to: DType, vals: &[f32], output: &mut [u8]) {
     match to {
         DType::F32 => {

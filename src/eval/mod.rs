@@ -417,8 +417,16 @@ fn check_config(arch: &Arch) -> std::result::Result<(), String> {
 /// on the fly, as stored otherwise.
 pub fn float_mix(cat: &Catalogue, plan: Option<&Plan>) -> Vec<(DType, u64)> {
     let mut m = std::collections::BTreeMap::<DType, u64>::new();
-    for (i, t) in cat.tensors.iter().enumerate() {
-        let d = plan.map_or(t.dtype, |p| p.tensors[i].to);
+    let stored;
+    let plan = match plan {
+        Some(p) => p,
+        None => {
+            stored = Plan::stored(cat);
+            &stored
+        }
+    };
+    for p in &plan.tensors {
+        let (t, d) = (&cat.tensors[p.tensor], p.to);
         if d.is_float() {
             *m.entry(d).or_default() += t.numel();
         }
@@ -519,12 +527,32 @@ pub fn weights(
     let fail = |t: &crate::catalogue::TensorEntry, e: cast::CastError| {
         Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name))
     };
-    for (i, t) in cat.tensors.iter().enumerate() {
-        let to = plan.map_or(t.dtype, |p| p.tensors[i].to);
+    let stored;
+    let plan = match plan {
+        Some(p) => p,
+        None => {
+            stored = Plan::stored(cat);
+            &stored
+        }
+    };
+    for p in &plan.tensors {
+        let (t, to) = (&cat.tensors[p.tensor], p.to);
         let load = if to.is_float() { compute } else { to };
         let n = t.numel() as usize;
         total += (n * to.bitsize() / 8) as u64;
-        let bytes = if to == t.dtype && load == to {
+        let table = match p.dequant {
+            Some(d) => Some(crate::quant::ScaleTable::load(
+                cat,
+                &sources,
+                &crate::quant::Scaled {
+                    payload: p.tensor,
+                    scale: d.scale,
+                    layout: d.layout,
+                },
+            )?),
+            None => None,
+        };
+        let bytes = if to == t.dtype && load == to && table.is_none() {
             let mut raw = vec![0u8; t.nbytes as usize];
             sources.read(t, 0, &mut raw)?;
             raw
@@ -537,6 +565,23 @@ pub fn weights(
                 let count = dst.len() / load_w;
                 raw.resize(count * from_w, 0);
                 sources.read(t, (k * CAST_CHUNK * from_w) as u64, &mut raw)?;
+                if let Some(table) = &table {
+                    // Dequantized to `to`, then widened to `load`.
+                    let first = (k * CAST_CHUNK) as u64;
+                    let range = cast::Range::Ignore;
+                    if load == to {
+                        table
+                            .dequantize_to(t.dtype, &raw, first, to, dst, range)
+                            .map_err(|e| fail(t, e))?;
+                    } else {
+                        mid.resize(count * to_w, 0);
+                        table
+                            .dequantize_to(t.dtype, &raw, first, to, &mut mid, range)
+                            .map_err(|e| fail(t, e))?;
+                        cast::cast_par(to, load, &mid, dst).map_err(|e| fail(t, e))?;
+                    }
+                    continue;
+                }
                 match (to == t.dtype, load == to) {
                     (true, _) => cast::cast_par(to, load, &raw, dst).map_err(|e| fail(t, e))?,
                     (false, true) => {

@@ -21,6 +21,12 @@ pub fn open(path: &Path) -> Result<Catalogue> {
 /// Like [`open`]; `key` picks the entry of a PyTorch training checkpoint that holds the state
 /// dict (dotted path, e.g. `model_state_dict`).
 pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
+    let mut cat = open_any(path, key)?;
+    cat.quant = crate::quant::detect(&cat).map(std::sync::Arc::new);
+    Ok(cat)
+}
+
+fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
         let mut head = [0u8; 512];
@@ -78,6 +84,7 @@ pub fn open_file(path: &Path) -> Result<Catalogue> {
         globals: vec![],
         storages: vec![],
         torch: None,
+        quant: None,
     })
 }
 
@@ -304,6 +311,7 @@ pub fn open_index(index_path: &Path) -> Result<Catalogue> {
         globals: vec![],
         storages: vec![],
         torch: None,
+        quant: None,
     })
 }
 

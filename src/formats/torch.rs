@@ -556,6 +556,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         globals,
         storages,
         torch: Some(std::sync::Arc::new(doc)),
+        quant: None,
     })
 }
 

@@ -52,6 +52,8 @@ pub struct PtRecord {
     pub bytes_out: u64,
     /// The first tensor on it, for messages.
     pub label: String,
+    /// For a dequantized payload: its catalogue index and how it is dequantized.
+    pub dequant: Option<(usize, crate::plan::Dequant)>,
 }
 
 /// A `.pt` output, decided: its `data.pkl` and the records to stream after it.
@@ -81,6 +83,12 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
         )));
     }
     refuse_globals(path, &doc.globals, export.strict)?;
+    if plan.quant == crate::plan::QuantPlan::Dequantize {
+        return Err(Error::usage(format!(
+            "{}: dequantizing a scaled FP8 PyTorch file into a .pt is not supported; write              .safetensors, or pass --on-quantized keep",
+            path.display()
+        )));
+    }
     if !doc.ambiguities.is_empty() {
         return Err(Error::Refused(format!(
             "{}: the file reads differently in different readers ({}); refusing to write it to a \
@@ -253,6 +261,7 @@ fn records(
             from,
             to,
             label: label_of(s),
+            dequant: None,
         });
     }
     Ok(records)
@@ -608,6 +617,7 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
                 to: p.to,
                 bytes_out: p.bytes_out,
                 label: t.name.clone(),
+                dequant: p.dequant.map(|d| (p.tensor, d)),
             }
         })
         .collect();

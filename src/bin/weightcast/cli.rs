@@ -202,6 +202,11 @@ pub struct ConvertArgs {
     /// Remove PREFIX from tensor names (e.g. `module.` added by DataParallel).
     #[arg(long, value_name = "PREFIX")]
     pub strip_prefix: Option<String>,
+    /// For a scaled FP8 input (DeepSeek/vLLM fp8, compressed-tensors, ModelOpt, fbgemm,
+    /// ComfyUI): dequantize (each payload times its scale; scales and quantization_config
+    /// leave) or keep (payloads and scales passed through untouched, the config kept).
+    #[arg(long, value_name = "WHAT", default_value = "dequantize")]
+    pub on_quantized: String,
     /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
     #[arg(short, long)]
     pub output: PathBuf,

@@ -657,7 +657,14 @@ fn convert_plan(
     } else {
         Scope::StateDict
     };
+    let on_quantized: weightcast::quant::OnQuantized = c
+        .on_quantized
+        .parse()
+        .map_err(|e| Error::usage(format!("--on-quantized {e}")))?;
     let mut plan = Plan::with_scope(&cat, &rules, target, scope);
+    if on_quantized == weightcast::quant::OnQuantized::Keep {
+        plan.keep_quantized(&cat);
+    }
     plan_warnings(&plan, c.rules.strict_rules)?;
     if let (true, Some(doc)) = (c.inference, cat.torch.as_deref()) {
         if let Some(e) = &doc.entry {

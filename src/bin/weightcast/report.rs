@@ -70,6 +70,23 @@ pub fn inspect_text(cat: &Catalogue) -> String {
         cat.total_params(),
         bytes(cat.total_bytes())
     );
+    if let Some(q) = cat.quant.as_deref() {
+        s.push_str(&format!(
+            "quantized: {} (from {}); {} scaled payload(s){}{}\n\n",
+            q.scheme,
+            q.found_in,
+            q.scaled.len(),
+            if q.layouts().is_empty() {
+                String::new()
+            } else {
+                format!(", scales {}", q.layouts().join(", "))
+            },
+            match &q.unsupported {
+                Some(why) => format!("; weightcast cannot dequantize it: {why}"),
+                None => "; convert dequantizes it (--on-quantized keep passes it through)".into(),
+            }
+        ));
+    }
     let classes = cat.tensors.iter().any(|t| t.module_class.is_some());
     let mut rows = vec![vec![
         "name".into(),
@@ -80,7 +97,10 @@ pub fn inspect_text(cat: &Catalogue) -> String {
     if classes {
         rows[0].push("module class".into());
     }
-    for t in &cat.tensors {
+    if cat.quant.is_some() {
+        rows[0].push("role".into());
+    }
+    for (i, t) in cat.tensors.iter().enumerate() {
         let mut row = vec![
             t.name.clone(),
             t.dtype.to_string(),
@@ -90,9 +110,12 @@ pub fn inspect_text(cat: &Catalogue) -> String {
         if classes {
             row.push(t.module_class.clone().unwrap_or_default());
         }
+        if let Some(q) = cat.quant.as_deref() {
+            row.push(role_text(cat, q.role(i)));
+        }
         rows.push(row);
     }
-    s.push_str(&table(&rows, &[false, false, false, true, false]));
+    s.push_str(&table(&rows, &[false, false, false, true, false, false]));
     s.push_str("\nper dtype:\n");
     let mut rows = vec![vec![
         "dtype".into(),
@@ -125,8 +148,27 @@ pub fn inspect_text(cat: &Catalogue) -> String {
     s
 }
 
+/// What a tensor is to a quantization scheme, in words.
+fn role_text(cat: &Catalogue, role: Option<weightcast::quant::Role>) -> String {
+    use weightcast::quant::Role;
+    match role {
+        Some(Role::Payload(s, l)) => format!(
+            "payload ({}, scale `{}`)",
+            l.describe(),
+            cat.tensors[s].name
+        ),
+        Some(Role::Scale) => "scale".into(),
+        Some(Role::Companion) => "companion".into(),
+        None => String::new(),
+    }
+}
+
 pub fn inspect_json(cat: &Catalogue) -> Value {
     json!({
+        "quantization": cat.quant.as_deref().map(|q| json!({
+            "scheme": q.scheme, "found_in": q.found_in, "layouts": q.layouts(),
+            "payloads": q.scaled.len(), "unsupported": q.unsupported,
+        })),
         "path": cat.path,
         "format": cat.kind.describe(),
         "files": cat.files.iter().map(|f| json!({"name": f.name, "bytes": f.len})).collect::<Vec<_>>(),
@@ -146,7 +188,18 @@ pub fn inspect_json(cat: &Catalogue) -> Value {
         "tensors": cat.tensors.iter().map(|t| json!({
             "name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape,
             "bytes": t.nbytes, "file": cat.files[t.file].name, "module_class": t.module_class,
-        })).collect::<Vec<_>>(),
+        })).enumerate().map(|(i, mut v)| {
+            if let Some(q) = cat.quant.as_deref() {
+                v["role"] = match q.role(i) {
+                    Some(weightcast::quant::Role::Payload(s, l)) => json!({
+                        "payload": {"scale": cat.tensors[s].name, "layout": l.describe()}}),
+                    Some(weightcast::quant::Role::Scale) => json!("scale"),
+                    Some(weightcast::quant::Role::Companion) => json!("companion"),
+                    None => Value::Null,
+                };
+            }
+            v
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -176,6 +229,24 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
     }
     let mut s = table(&rows, &[false, false, false, false, true, false]);
     let t = plan.totals();
+    if let Some(q) = cat.quant.as_deref() {
+        s.push_str(&format!(
+            "\nquantized: {} (from {}; {}): {}\n",
+            q.scheme,
+            q.found_in,
+            q.layouts().join(", "),
+            match &plan.quant {
+                QuantPlan::Dequantize => format!(
+                    "{} payload(s) dequantized; {} scale/companion tensor(s) and the scheme's config left out",
+                    q.scaled.len(),
+                    plan.removed.len()
+                ),
+                QuantPlan::Keep => "payloads and scales kept as stored (--on-quantized keep)".into(),
+                QuantPlan::Unsupported(why) => format!("cannot dequantize: {why}"),
+                QuantPlan::None => String::new(),
+            }
+        ));
+    }
     if !plan.dropped.is_empty() {
         s.push_str(&format!(
             "\nleft out: {}\n",
@@ -242,6 +313,10 @@ pub fn plan_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> Value {
             "name": e.name, "shape": e.shape, "from": p.from.to_string(), "to": p.to.to_string(),
             "cast": p.is_cast(), "bytes_before": p.bytes_in, "bytes_after": p.bytes_out,
             "rule": p.reason,
+            "dequantize": p.dequant.map(|d| json!({
+                "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
+                "compute": d.compute.to_string(),
+            })),
         })
     };
     let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
@@ -263,11 +338,21 @@ pub fn plan_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> Value {
         "files": layout.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.bytes})).collect::<Vec<_>>(),
         "index": layout.index,
         "warnings": plan.warnings,
+        "removed": plan.removed.iter().map(|(i, why)| json!({"name": cat.tensors[*i].name, "reason": why})).collect::<Vec<_>>(),
+        "quantization": cat.quant.as_deref().map(|q| json!({
+            "scheme": q.scheme, "found_in": q.found_in, "layouts": q.layouts(),
+            "action": match &plan.quant {
+                QuantPlan::Dequantize => "dequantize", QuantPlan::Keep => "keep",
+                QuantPlan::Unsupported(_) => "unsupported", QuantPlan::None => "none",
+            },
+            "unsupported": q.unsupported,
+        })),
     })
 }
 
 use weightcast::analysis::{totals, TensorAnalysis};
 use weightcast::diff::Diff;
+use weightcast::plan::QuantPlan;
 use weightcast::stats::{verdict, Bounds, ErrorStats, Verdict};
 
 /// SNR as text: `inf` when nothing changed.

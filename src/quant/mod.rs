@@ -1,0 +1,332 @@
+//! Scaled (quantized) weights: FP8 payloads stored with scales beside them (DeepSeek / vLLM
+//! `fp8` block scales, compressed-tensors `float-quantized`, ModelOpt, fbgemm, ComfyUI
+//! `fp8_scaled`). A payload's values are only its values times its scale, so weightcast never
+//! casts one as if it were plain: [`detect`] finds the scheme from the config files, the
+//! safetensors metadata and the tensor names; the plan dequantizes each payload with its
+//! [`ScaleTable`] (or keeps payload and scale together), and the scale tensors leave the output
+//! with the scheme's configuration.
+
+mod detect;
+
+pub use detect::detect;
+
+use crate::cast;
+use crate::catalogue::Catalogue;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::source::Sources;
+
+/// Largest scale tensor read into memory (a block scale of a 1M x 1M weight at 128x128 is 64M
+/// values; the payload it scales would be a TB).
+const MAX_SCALE_VALUES: u64 = 1 << 28;
+
+/// How a scale tensor covers its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// One scale for the whole tensor (shape `()`, `(1,)` or `(1, 1)`).
+    Tensor,
+    /// One scale per output row (shape `(out, 1)` or `(out,)`).
+    Channel,
+    /// One scale per `rows x cols` block of a 2-D weight; edge blocks may be partial.
+    Block(u64, u64),
+}
+
+impl Layout {
+    /// What the plan says: `per tensor`, `per channel`, `block 128x128`.
+    pub fn describe(self) -> String {
+        match self {
+            Layout::Tensor => "per tensor".into(),
+            Layout::Channel => "per channel".into(),
+            Layout::Block(r, c) => format!("block {r}x{c}"),
+        }
+    }
+}
+
+/// A payload tensor and the scale that gives its values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    /// Catalogue index of the payload (FP8 values).
+    pub payload: usize,
+    /// Catalogue index of its scale.
+    pub scale: usize,
+    /// How the scale covers the payload.
+    pub layout: Layout,
+}
+
+/// What a tensor is to the quantization scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Scaled values; the scale is the catalogue tensor given.
+    Payload(usize, Layout),
+    /// The scale of a payload.
+    Scale,
+    /// Another tensor of the scheme (activation scales, markers): meaningless once dequantized.
+    Companion,
+}
+
+/// Where the scheme was declared (what a dequantized output must no longer say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// `config.json` holds a `quantization_config`.
+    pub config: bool,
+    /// The folder holds `hf_quant_config.json` (ModelOpt).
+    pub hf_quant_config: bool,
+    /// The safetensors metadata holds `_quantization_metadata` (ComfyUI).
+    pub metadata: bool,
+}
+
+/// A quantized input: the scheme, every payload with its scale, and what else belongs to it.
+#[derive(Debug, Clone, Default)]
+pub struct Quantization {
+    /// The scheme, in words (`fp8 (DeepSeek/vLLM block scales)`, `compressed-tensors
+    /// float-quantized`, ...).
+    pub scheme: String,
+    /// Where it was found (`config.json quantization_config`, `tensor names`, ...).
+    pub found_in: String,
+    /// Payloads and their scales.
+    pub scaled: Vec<Scaled>,
+    /// Other tensors of the scheme (catalogue indices).
+    pub companions: Vec<usize>,
+    /// Why weightcast cannot dequantize it, when it cannot.
+    pub unsupported: Option<String>,
+    /// Where the scheme is declared.
+    pub declared: Declared,
+}
+
+impl Quantization {
+    /// What catalogue tensor `i` is to the scheme.
+    pub fn role(&self, i: usize) -> Option<Role> {
+        if let Some(s) = self.scaled.iter().find(|s| s.payload == i) {
+            return Some(Role::Payload(s.scale, s.layout));
+        }
+        if self.scaled.iter().any(|s| s.scale == i) {
+            return Some(Role::Scale);
+        }
+        self.companions.contains(&i).then_some(Role::Companion)
+    }
+
+    /// The layouts in use, for a one-line summary (`block 128x128`, `per channel`).
+    pub fn layouts(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.scaled.iter().map(|s| s.layout.describe()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// What to do with a quantized input (`--on-quantized`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnQuantized {
+    /// Dequantize every payload with its scale; scales and the scheme's config leave.
+    #[default]
+    Dequantize,
+    /// Pass payloads and scales through untouched, the config kept.
+    Keep,
+}
+
+impl std::str::FromStr for OnQuantized {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "dequantize" => Ok(OnQuantized::Dequantize),
+            "keep" => Ok(OnQuantized::Keep),
+            _ => Err(format!(
+                "`{s}` is not a choice: dequantize (the default) or keep"
+            )),
+        }
+    }
+}
+
+/// The values of one scale tensor, ready to dequantize its payload chunk by chunk.
+#[derive(Debug, Clone)]
+pub struct ScaleTable {
+    /// How the scale covers the payload.
+    pub layout: Layout,
+    /// Columns of the payload (its last dimension; 1 for 0-d and 1-D per-tensor payloads).
+    pub cols: u64,
+    /// Columns of the scale grid (block layout).
+    pub scale_cols: u64,
+    /// The scale values, widened exactly to f32.
+    pub values: Vec<f32>,
+    /// The dtype the product is rounded to: the scale's own dtype, as the references compute
+    /// (`q.to(scale.dtype) * scale`; DeepSeek's `weight_dequant` in f32 with its f32 scales).
+    pub compute: DType,
+}
+
+impl ScaleTable {
+    /// Reads the scale of `s` from `sources`.
+    pub fn load(cat: &Catalogue, sources: &Sources<'_>, s: &Scaled) -> Result<ScaleTable> {
+        let (p, t) = (&cat.tensors[s.payload], &cat.tensors[s.scale]);
+        if !matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::invalid(
+                sources.path_of(t),
+                format!(
+                    "scale `{}` is {}: weightcast dequantizes with f32, bf16 or f16 scales",
+                    t.name, t.dtype
+                ),
+            ));
+        }
+        if t.numel() > MAX_SCALE_VALUES || t.numel() > p.numel().max(1) {
+            return Err(Error::invalid(
+                sources.path_of(t),
+                format!(
+                    "scale `{}` has {} values for {} payload values",
+                    t.name,
+                    t.numel(),
+                    p.numel()
+                ),
+            ));
+        }
+        let mut raw = vec![0u8; t.nbytes as usize];
+        sources.read(t, 0, &mut raw)?;
+        let mut values = vec![0f32; t.numel() as usize];
+        cast::decode_f32_slice(t.dtype, &raw, &mut values);
+        let cols = if p.shape.len() >= 2 {
+            *p.shape.last().expect("2-D")
+        } else {
+            1
+        };
+        let scale_cols = match s.layout {
+            Layout::Block(_, bc) => cols.div_ceil(bc),
+            _ => 1,
+        };
+        Ok(ScaleTable {
+            layout: s.layout,
+            cols,
+            scale_cols,
+            values,
+            compute: t.dtype,
+        })
+    }
+
+    /// Dequantizes payload elements `first..` (the bytes `q`, of `from`) into `out`: each value
+    /// widened to f32, times its scale in f32 (exact for fp8 times a 16-bit scale; the rounding
+    /// torch does for f32 scales), rounded to [`ScaleTable::compute`]. `out` holds the same
+    /// count of `compute` elements.
+    pub fn dequantize(&self, from: DType, q: &[u8], first: u64, out: &mut [u8]) {
+        let n = q.len();
+        let mut vals = vec![0f32; n];
+        cast::decode_f32_slice(from, q, &mut vals);
+        match self.layout {
+            Layout::Tensor => {
+                let s = self.values[0];
+                vals.iter_mut().for_each(|v| *v *= s);
+            }
+            Layout::Channel | Layout::Block(..) => {
+                let mut e = first;
+                let mut k = 0usize;
+                while k < n {
+                    let (row, col) = (e / self.cols, e % self.cols);
+                    let run = ((self.cols - col) as usize).min(n - k);
+                    match self.layout {
+                        Layout::Channel => {
+                            let s = self.values[row as usize];
+                            vals[k..k + run].iter_mut().for_each(|v| *v *= s);
+                        }
+                        Layout::Block(br, bc) => {
+                            let base = (row / br * self.scale_cols) as usize;
+                            let mut c = col;
+                            let mut j = k;
+                            while j < k + run {
+                                let len = ((bc - c % bc) as usize).min(k + run - j);
+                                let s = self.values[base + (c / bc) as usize];
+                                vals[j..j + len].iter_mut().for_each(|v| *v *= s);
+                                j += len;
+                                c += len as u64;
+                            }
+                        }
+                        Layout::Tensor => unreachable!(),
+                    }
+                    k += run;
+                    e += run as u64;
+                }
+            }
+        }
+        cast::encode_f32_slice(self.compute, &vals, out);
+    }
+}
+
+impl ScaleTable {
+    /// Dequantizes like [`ScaleTable::dequantize`], then casts to `to` (`out` holds `to`
+    /// elements); returns how many values left `to`'s range.
+    pub fn dequantize_to(
+        &self,
+        from: DType,
+        q: &[u8],
+        first: u64,
+        to: DType,
+        out: &mut [u8],
+        range: cast::Range,
+    ) -> std::result::Result<u64, cast::CastError> {
+        if to == self.compute {
+            self.dequantize(from, q, first, out);
+            return Ok(0);
+        }
+        let mut mid = vec![0u8; q.len() * (self.compute.bitsize() / 8)];
+        self.dequantize(from, q, first, &mut mid);
+        cast::cast_checked(self.compute, to, &mid, out, range)
+    }
+}
+
+/// The dtypes a payload can be stored in for weightcast to dequantize it.
+pub fn is_payload_dtype(d: DType) -> bool {
+    matches!(d, DType::F8E4M3 | DType::F8E5M2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Element by element, the way the references index scales.
+    fn naive(t: &ScaleTable, q: &[u8], rows: u64) -> Vec<f32> {
+        let mut out = Vec::new();
+        for r in 0..rows {
+            for c in 0..t.cols {
+                let s = match t.layout {
+                    Layout::Tensor => t.values[0],
+                    Layout::Channel => t.values[r as usize],
+                    Layout::Block(br, bc) => t.values[(r / br * t.scale_cols + c / bc) as usize],
+                };
+                out.push(cast::fp8::e4m3_to_f32(q[(r * t.cols + c) as usize]) * s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dequantize_matches_element_indexing_from_any_chunk_start() {
+        let (rows, cols) = (5u64, 7u64);
+        let q: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 120) as u8).collect();
+        for layout in [Layout::Tensor, Layout::Channel, Layout::Block(2, 3)] {
+            let scale_cols = match layout {
+                Layout::Block(_, bc) => cols.div_ceil(bc),
+                _ => 1,
+            };
+            let n = match layout {
+                Layout::Tensor => 1,
+                Layout::Channel => rows,
+                Layout::Block(br, _) => rows.div_ceil(br) * scale_cols,
+            };
+            let t = ScaleTable {
+                layout,
+                cols,
+                scale_cols,
+                values: (0..n).map(|i| 0.5 + i as f32 * 0.25).collect(),
+                compute: DType::F32,
+            };
+            let want = naive(&t, &q, rows);
+            for split in [1usize, 4, 7, 11, 35] {
+                let mut got = Vec::new();
+                for (k, chunk) in q.chunks(split).enumerate() {
+                    let mut out = vec![0u8; chunk.len() * 4];
+                    t.dequantize(DType::F8E4M3, chunk, (k * split) as u64, &mut out);
+                    got.extend(
+                        out.chunks(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
+                }
+                assert_eq!(got, want, "{layout:?} in chunks of {split}");
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+"""Scaled FP8 checkpoints: detected, dequantized bit-identically to the reference
+implementations run in torch on CPU (DeepSeek's `weight_dequant`, compressed-tensors'
+`dequantize`), scales and quantization_config removed, or refused / kept as asked.
+
+Fixtures are made here with real torch and compressed-tensors."""
+
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run
+
+FP8 = torch.float8_e4m3fn
+
+
+def deepseek_quantize(w, block=(128, 128)):
+    """FP8 block quantization as DeepSeek-V3 checkpoints hold it: `weight` in float8_e4m3fn
+    and `weight_scale_inv` f32 per block (a multiplier, despite the name)."""
+    m, n = w.shape
+    br, bc = block
+    s = torch.empty(math.ceil(m / br), math.ceil(n / bc), dtype=torch.float32)
+    q = torch.empty(m, n, dtype=FP8)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc].float()
+            sc = blk.abs().max().clamp(min=1e-12) / 448.0
+            s[i, j] = sc
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / sc).clamp(-448, 448).to(FP8)
+    return q, s
+
+
+def weight_dequant(x, s, block=(128, 128), dtype=torch.bfloat16):
+    """DeepSeek-V3 `inference/kernel.py` `weight_dequant` on CPU: fp8 -> f32, times the block's
+    scale in f32, then cast to the default dtype (bf16 in `fp8_cast_bf16.py`)."""
+    m, n = x.shape
+    br, bc = block
+    full = s.repeat_interleave(br, 0)[:m].repeat_interleave(bc, 1)[:, :n]
+    return (x.to(torch.float32) * full).to(dtype)
+
+
+def make_deepseek(folder: pathlib.Path, sharded=True, block=(128, 128)):
+    """A DeepSeek-style folder: two FP8 linear layers with block scales (partial edge blocks),
+    bf16 norms and embeddings, config.json with quantization_config, two shards and an index."""
+    torch.manual_seed(0)
+    folder.mkdir(parents=True)
+    tensors = {"model.embed_tokens.weight": (torch.randn(50, 200) * 0.02).bfloat16()}
+    for k, (m, n) in enumerate([(300, 200), (200, 300)]):
+        w = torch.randn(m, n) * 0.02
+        w[0, 0] = 0.3  # a large value in one block: scales differ per block
+        q, s = deepseek_quantize(w, block)
+        tensors[f"model.layers.{k}.mlp.proj.weight"] = q
+        tensors[f"model.layers.{k}.mlp.proj.weight_scale_inv"] = s
+        tensors[f"model.layers.{k}.norm.weight"] = torch.ones(n if k else m).bfloat16()
+    names = sorted(tensors)
+    if sharded:
+        halves = [names[: len(names) // 2], names[len(names) // 2:]]
+        weight_map = {}
+        for i, part in enumerate(halves):
+            fname = f"model-0000{i + 1}-of-00002.safetensors"
+            save_file({n: tensors[n] for n in part}, folder / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    else:
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                "fmt": "e4m3", "weight_block_size": list(block)},
+    }))
+    return tensors
+
+
+def load_folder(folder: pathlib.Path):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def bits_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return torch.equal(a.view(torch.int16), b.view(torch.int16))
+    if a.dtype == torch.float32:
+        return torch.equal(a.view(torch.int32), b.view(torch.int32))
+    return torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
+@pytest.mark.parametrize("to,dtype", [("bf16", torch.bfloat16), ("f16", torch.float16),
+                                      ("f32", torch.float32)])
+def test_deepseek_block_fp8_dequantized_like_weight_dequant(tmp_path, to, dtype):
+    src = tmp_path / "ds"
+    tensors = make_deepseek(src)
+    out = tmp_path / "out"
+    run("convert", src, "-o", out, "--to", to)
+    got = load_folder(out)
+    assert not [n for n in got if n.endswith("_scale_inv")]
+    for k in range(2):
+        name = f"model.layers.{k}.mlp.proj.weight"
+        want = weight_dequant(tensors[name], tensors[name + "_scale_inv"], dtype=dtype)
+        assert bits_equal(got[name], want), name
+        # the values are the model's (|w| < 0.3), not the raw payload's (up to 448)
+        assert got[name].float().abs().max() < 0.31
+    assert bits_equal(got["model.embed_tokens.weight"],
+                      tensors["model.embed_tokens.weight"].to(dtype))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["torch_dtype"] == {"bf16": "bfloat16", "f16": "float16",
+                                     "f32": "float32"}[to]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert not [n for n in index["weight_map"] if "scale" in n]
+    # transformers' own loader reads the index and config
+    from transformers import AutoConfig
+    assert getattr(AutoConfig.from_pretrained(out), "quantization_config", None) is None
+
+
+def test_deepseek_plan_shows_dequantize_and_is_the_output(tmp_path):
+    src = tmp_path / "ds"
+    make_deepseek(src, sharded=False, block=(64, 128))
+    out = tmp_path / "out.safetensors"
+    plan = json.loads(run("convert", src / "model.safetensors", "-o", out, "--to", "bf16",
+                          "--dry-run", "--json").stdout)
+    assert not out.exists()
+    # no config beside a single file given alone: found from the tensor names, 128x128 blocks
+    # do not fit 64-row blocks, so the file alone cannot be dequantized
+    assert plan["quantization"]["action"] == "unsupported"
+    p = run("convert", src / "model.safetensors", "-o", out, "--to", "bf16", check=False)
+    assert p.returncode == 1 and "cannot dequantize" in p.stderr and not out.exists()
+    # the folder's config gives the block
+    plan = json.loads(run("convert", src, "-o", tmp_path / "o2", "--to", "bf16",
+                          "--dry-run", "--json").stdout)
+    q = plan["quantization"]
+    assert q["action"] == "dequantize" and q["layouts"] == ["block 64x128"]
+    payloads = [t for t in plan["tensors"] if t["dequantize"]]
+    assert len(payloads) == 2
+    assert all("dequantize (block 64x128" in t["rule"] for t in payloads)
+    assert sorted(r["name"] for r in plan["removed"]) == [
+        "model.layers.0.mlp.proj.weight_scale_inv", "model.layers.1.mlp.proj.weight_scale_inv"]
+    run("convert", src, "-o", tmp_path / "o2", "--to", "bf16")
+    got = load_folder(tmp_path / "o2")
+    assert sorted(got) == sorted(t["name"] for t in plan["tensors"])
+    for t in plan["tensors"]:
+        assert got[t["name"]].dtype == {"BF16": torch.bfloat16}[t["to"]]
+
+
+def test_deepseek_on_quantized_keep_passes_everything_through(tmp_path):
+    src = tmp_path / "ds"
+    tensors = make_deepseek(src)
+    out = tmp_path / "out"
+    run("convert", src, "-o", out, "--to", "f16", "--on-quantized", "keep")
+    got = load_folder(out)
+    assert sorted(got) == sorted(tensors)
+    for n, t in tensors.items():
+        if t.dtype == FP8 or n.endswith("_scale_inv"):
+            assert got[n].dtype == t.dtype and torch.equal(got[n].view(torch.uint8),
+                                                           t.view(torch.uint8)), n
+        else:
+            assert got[n].dtype == torch.float16
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+
+
+def test_inspect_names_the_scheme_and_roles(tmp_path):
+    src = tmp_path / "ds"
+    make_deepseek(src)
+    text = run("inspect", src).stdout
+    assert "quantized: fp8" in text and "block 128x128" in text
+    assert "payload (block 128x128, scale `model.layers.0.mlp.proj.weight_scale_inv`)" in text
+    j = json.loads(run("inspect", src, "--json").stdout)
+    roles = {t["name"]: t["role"] for t in j["tensors"]}
+    assert roles["model.layers.1.mlp.proj.weight_scale_inv"] == "scale"
+    assert roles["model.layers.1.mlp.proj.weight"]["payload"]["layout"] == "block 128x128"
+    assert roles["model.embed_tokens.weight"] is None
+    assert j["quantization"]["scheme"].startswith("fp8")
+
+
+def test_analyze_reads_dequantized_values(tmp_path):
+    src = tmp_path / "ds"
+    make_deepseek(src)
+    j = json.loads(run("analyze", src, "--to", "f16", "--json").stdout)
+    rows = {t["name"]: t for t in j["tensors"]}
+    w = rows["model.layers.0.mlp.proj.weight"]
+    assert w["overflow"] == 0
+    # measured on the dequantized f32 values (|w| <= 0.3), not on the raw payload (up to
+    # 448, all of it f16-exact): f16 rounds some of them, and flushes none to zero
+    assert w["max_abs_err"] > 0 and w["max_abs_err"] < 1e-3 and w["max_abs"] < 0.31
+
+
+# --- compressed-tensors -------------------------------------------------------------------
+
+def ct_quantize(w, strategy, block=None):
+    """Weights quantized with compressed-tensors' own functions (observer-free min/max)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True,
+                            dynamic=False, block_structure=block)
+    if strategy == "tensor":
+        mn, mx = w.min(), w.max()
+    elif strategy == "channel":
+        mn, mx = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    else:
+        br, bc = block
+        m, n = w.shape
+        pad = torch.zeros(math.ceil(m / br) * br, math.ceil(n / bc) * bc, dtype=w.dtype)
+        pad[:m, :n] = w
+        blocks = pad.reshape(pad.shape[0] // br, br, pad.shape[1] // bc, bc).transpose(1, 2)
+        mn, mx = blocks.amin(dim=(-1, -2)), blocks.amax(dim=(-1, -2))
+    scale, zp = calculate_qparams(mn, mx, args)
+    q = quantize(w, scale, zp, args, dtype=FP8).contiguous()
+    return q, scale, args
+
+
+def make_ct(folder, strategy, wdtype=torch.bfloat16, block=None):
+    torch.manual_seed(1)
+    folder.mkdir(parents=True)
+    tensors, refs = {}, {}
+    for k, (m, n) in enumerate([(96, 160), (160, 96)]):
+        w = (torch.randn(m, n) * 0.05).to(wdtype)
+        q, s, args = ct_quantize(w, strategy, block)
+        tensors[f"layers.{k}.fc.weight"] = q
+        tensors[f"layers.{k}.fc.weight_scale"] = s
+        tensors[f"layers.{k}.fc.bias"] = torch.zeros(m, dtype=wdtype)
+        refs[f"layers.{k}.fc.weight"] = (q, s, args)
+    tensors["lm_head.weight"] = (torch.randn(10, 96) * 0.05).to(wdtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True,
+               "dynamic": False}
+    if block:
+        weights["block_structure"] = list(block)
+    (folder / "config.json").write_text(json.dumps({
+        "torch_dtype": str(wdtype).removeprefix("torch."),
+        "quantization_config": {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": None}}}}))
+    return tensors, refs
+
+
+@pytest.mark.parametrize("strategy,block,wdtype", [
+    ("channel", None, torch.bfloat16),
+    ("tensor", None, torch.float16),
+    ("block", (64, 64), torch.bfloat16),
+    ("channel", None, torch.float32),
+])
+@pytest.mark.parametrize("to,dtype", [("bf16", torch.bfloat16), ("f32", torch.float32)])
+def test_compressed_tensors_dequantized_like_compressed_tensors(tmp_path, strategy, block,
+                                                               wdtype, to, dtype):
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    src = tmp_path / "ct"
+    tensors, refs = make_ct(src, strategy, wdtype, block)
+    out = tmp_path / "out"
+    run("convert", src, "-o", out, "--to", to)
+    got = load_folder(out)
+    assert not [n for n in got if n.endswith("_scale")]
+    for name, (q, s, args) in refs.items():
+        want = dequantize(q, s, None, args).to(dtype)
+        assert bits_equal(got[name], want), name
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_unsupported_scheme_is_refused_or_kept(tmp_path):
+    src = tmp_path / "ct"
+    tensors, _ = make_ct(src, "channel")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["format"] = "pack-quantized"
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    p = run("convert", src, "-o", out, "--to", "bf16", check=False)
+    assert p.returncode == 1, p.stderr
+    assert "pack-quantized" in p.stderr and "--on-quantized keep" in p.stderr
+    assert not out.exists()
+    run("convert", src, "-o", out, "--to", "bf16", "--on-quantized", "keep")
+    got = load_folder(out)
+    assert got["layers.0.fc.weight"].dtype == FP8
+    assert got["layers.0.fc.weight_scale"].dtype == torch.bfloat16
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+
+
+def test_names_alone_detect_a_scaled_file(tmp_path):
+    """A single file with no config: `X.weight` fp8 beside `X.weight_scale` is a payload."""
+    torch.manual_seed(2)
+    w = torch.randn(64, 32) * 0.01
+    s = w.abs().amax(dim=1, keepdim=True) / 448.0
+    q = (w / s).to(FP8)
+    save_file({"fc.weight": q, "fc.weight_scale": s, "fc.input_scale": torch.ones(1)},
+              tmp_path / "m.safetensors")
+    run("convert", tmp_path / "m.safetensors", "-o", tmp_path / "o.safetensors", "--to", "bf16")
+    got = load_file(tmp_path / "o.safetensors")
+    assert sorted(got) == ["fc.weight"]
+    assert bits_equal(got["fc.weight"], (q.float() * s).bfloat16())
+
+
+def test_comfyui_scaled_fp8(tmp_path):
+    """ComfyUI fp8_scaled: per-tensor `scale_weight`, a `scaled_fp8` marker and the
+    `_quantization_metadata` key, all gone after dequantizing."""
+    torch.manual_seed(3)
+    w = torch.randn(40, 24) * 0.1
+    s = (w.abs().max() / 448.0).reshape(())
+    q = (w / s).to(FP8)
+    meta = {"format": "pt", "_quantization_metadata": json.dumps(
+        {"format_version": "1.0", "layers": {"blk.lin": {"format": "float8_e4m3fn"}}})}
+    save_file({"blk.lin.weight": q, "blk.lin.scale_weight": s.float(),
+               "blk.lin.bias": torch.zeros(40, dtype=torch.bfloat16),
+               "scaled_fp8": torch.empty(0, dtype=FP8)}, tmp_path / "c.safetensors",
+              metadata=meta)
+    out = tmp_path / "o.safetensors"
+    run("convert", tmp_path / "c.safetensors", "-o", out, "--to", "bf16")
+    got = load_file(out)
+    assert sorted(got) == ["blk.lin.bias", "blk.lin.weight"]
+    assert bits_equal(got["blk.lin.weight"], (q.float() * s).bfloat16())
+    from safetensors import safe_open
+    with safe_open(out, "pt") as f:
+        assert "_quantization_metadata" not in (f.metadata() or {})
