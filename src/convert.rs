@@ -20,7 +20,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{encode_header, OutTensor};
 use crate::output::{check_target, index_json, layout, Layout, OutputFile, Target};
-use crate::plan::{Plan, QuantPlan, TensorPlan};
+use crate::plan::{Plan, QuantPlan, ScaledOut, TensorPlan};
 use crate::quant::{ScaleTable, Scaled};
 use crate::source::Sources;
 
@@ -205,6 +205,7 @@ fn execute(
         sources: &sources,
         opts,
         progress,
+        scales: Mutex::new(Default::default()),
     };
     match target {
         Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
@@ -248,7 +249,12 @@ fn remove_created(top: Option<PathBuf>, dir: &Path) {
 
 /// Sets `torch_dtype` (and `dtype`, where present) in a config.json to `dtype`, keeping key
 /// order. Returns `None` when the file is not a JSON object.
-fn update_config(path: &Path, dtype: Option<DType>, dequantized: bool) -> Result<Option<String>> {
+fn update_config(
+    path: &Path,
+    dtype: Option<DType>,
+    dequantized: bool,
+    quant_config: Option<&serde_json::Value>,
+) -> Result<Option<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(&text)
     else {
@@ -256,6 +262,9 @@ fn update_config(path: &Path, dtype: Option<DType>, dequantized: bool) -> Result
     };
     if dequantized {
         map.remove("quantization_config");
+    }
+    if let Some(q) = quant_config {
+        map.insert("quantization_config".into(), q.clone());
     }
     if let Some(d) = dtype {
         let v = serde_json::Value::String(d.torch_name().to_string());
@@ -366,8 +375,8 @@ impl Job<'_> {
             .records
             .iter()
             .map(|r| {
-                let scale = match r.dequant {
-                    Some((payload, d)) => Some(Arc::new(ScaleTable::load(
+                let how = match r.dequant {
+                    Some((payload, d)) => How::Dequantize(Arc::new(ScaleTable::load(
                         cat,
                         self.sources,
                         &Scaled {
@@ -376,13 +385,13 @@ impl Job<'_> {
                             layout: d.layout,
                         },
                     )?)),
-                    None => None,
+                    None => How::Cast,
                 };
                 Ok(Piece {
                     entry: &r.source,
                     from: r.from,
                     to: r.to,
-                    scale,
+                    how,
                 })
             })
             .collect::<Result<_>>()?;
@@ -446,7 +455,7 @@ impl Job<'_> {
                 std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
             }
             if rel == Path::new("config.json") {
-                match update_config(&from, dominant, dequantized)? {
+                match update_config(&from, dominant, dequantized, plan.quant_config.as_ref())? {
                     Some(text) => {
                         std::fs::write(&to, text).map_err(|e| Error::io(&to, e))?;
                         summary.config_dtype = dominant;
@@ -498,6 +507,8 @@ struct Job<'a> {
     sources: &'a Sources<'a>,
     opts: &'a Options,
     progress: &'a dyn Progress,
+    /// Scales computed for a scaled FP8 output, by payload.
+    scales: Mutex<std::collections::HashMap<usize, Arc<ScaleTable>>>,
 }
 
 impl Job<'_> {
@@ -633,8 +644,8 @@ impl Job<'_> {
     /// The piece that writes plan entry `p` (its scale loaded when it is dequantized).
     fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
         let cat = self.cat;
-        let scale = match p.dequant {
-            Some(d) => Some(Arc::new(ScaleTable::load(
+        let how = match (p.dequant, p.scaled) {
+            (Some(d), _) => How::Dequantize(Arc::new(ScaleTable::load(
                 cat,
                 self.sources,
                 &Scaled {
@@ -643,14 +654,49 @@ impl Job<'_> {
                     layout: d.layout,
                 },
             )?)),
-            None => None,
+            (None, Some(ScaledOut::Payload { .. })) => How::Quantize(self.scales_of(p.tensor)?),
+            (None, Some(ScaledOut::Scale { payload })) => {
+                How::Fill(Arc::new(self.scales_of(payload)?.bytes()))
+            }
+            (None, None) => How::Cast,
         };
         Ok(Piece {
             entry: &cat.tensors[p.tensor],
             from: p.from,
             to: p.to,
-            scale,
+            how,
         })
+    }
+
+    /// The scales computed from weight `payload` (once per conversion: its payload and its
+    /// scale tensor use the same).
+    fn scales_of(&self, payload: usize) -> Result<Arc<ScaleTable>> {
+        if let Some(t) = self.scales.lock().expect("scales").get(&payload) {
+            return Ok(t.clone());
+        }
+        let (layout, compute) = self
+            .plan
+            .tensors
+            .iter()
+            .find_map(|p| match p.scaled {
+                Some(ScaledOut::Payload {
+                    layout, compute, ..
+                }) if p.tensor == payload => Some((layout, compute)),
+                _ => None,
+            })
+            .expect("a scale's payload is planned");
+        let table = Arc::new(crate::quant::quantize::compute_scales(
+            self.cat,
+            self.sources,
+            payload,
+            layout,
+            compute,
+        )?);
+        self.scales
+            .lock()
+            .expect("scales")
+            .insert(payload, table.clone());
+        Ok(table)
     }
 
     fn exec(&self) -> Executor<'_> {
@@ -671,8 +717,21 @@ pub struct Piece<'a> {
     pub from: DType,
     /// Written dtype.
     pub to: DType,
-    /// For a scaled FP8 payload: its scale, applied before the cast.
-    pub scale: Option<std::sync::Arc<ScaleTable>>,
+    /// What happens to its bytes on the way.
+    pub how: How,
+}
+
+/// What the executor does to a piece's bytes.
+#[derive(Clone)]
+pub enum How {
+    /// Cast from `from` to `to` (copied when they are equal).
+    Cast,
+    /// A scaled FP8 payload: multiplied by its scale, then cast.
+    Dequantize(Arc<ScaleTable>),
+    /// A weight quantized to f8e4m3fn with its (precomputed) scale.
+    Quantize(Arc<ScaleTable>),
+    /// Bytes computed before the run (a scale): written as they are.
+    Fill(Arc<Vec<u8>>),
 }
 
 /// Where the executor's bytes go: pieces in order, each begun before its bytes (empty ones
@@ -736,11 +795,14 @@ impl Executor<'_> {
     /// Input bytes per chunk of a piece: whole elements, at most [`CHUNK_BYTES`] on either
     /// side.
     fn chunk_in(p: &Piece<'_>) -> u64 {
-        if p.from == p.to && p.scale.is_none() {
+        if p.from == p.to && matches!(p.how, How::Cast | How::Fill(_)) {
             return CHUNK_BYTES as u64;
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
-        let csz = p.scale.as_ref().map_or(0, |s| s.compute.bitsize() / 8);
+        let csz = match &p.how {
+            How::Dequantize(s) => s.compute.bitsize() / 8,
+            _ => 0,
+        };
         (CHUNK_BYTES / isz.max(osz).max(csz) * isz) as u64
     }
 
@@ -829,14 +891,23 @@ impl Executor<'_> {
     fn read_cast(&self, pool: &Pool, p: &Piece<'_>, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
         let t = p.entry;
         let mut buf = pool.get(n as usize);
+        if let How::Fill(bytes) = &p.how {
+            buf.copy_from_slice(&bytes[pos as usize..(pos + n) as usize]);
+            return Ok((buf, 0));
+        }
         self.sources.read(t, pos, &mut buf)?;
-        if p.from == p.to && p.scale.is_none() {
+        if p.from == p.to && matches!(p.how, How::Cast) {
             return Ok((buf, 0));
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
         let mut out = pool.get(buf.len() / isz * osz);
-        let count = match &p.scale {
-            Some(s) => s.dequantize_to(
+        if let How::Quantize(s) = &p.how {
+            s.quantize(p.from, &buf, pos / isz as u64, &mut out);
+            pool.put(buf);
+            return Ok((out, 0));
+        }
+        let count = match &p.how {
+            How::Dequantize(s) => s.dequantize_to(
                 p.from,
                 &buf,
                 pos / isz as u64,
@@ -844,7 +915,7 @@ impl Executor<'_> {
                 &mut out,
                 self.opts.range(),
             ),
-            None => cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()),
+            _ => cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()),
         }
         .map_err(|e| {
             Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name))

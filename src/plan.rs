@@ -32,6 +32,28 @@ pub struct TensorPlan {
     /// For a scaled FP8 payload: dequantized with this scale (its values are the payload times
     /// the scale, rounded to the scale's dtype, then cast to `to`).
     pub dequant: Option<Dequant>,
+    /// For a scaled FP8 output (`--scale`): this entry is a payload quantized with a scale
+    /// computed from it, or that scale.
+    pub scaled: Option<ScaledOut>,
+}
+
+/// A tensor of a scaled FP8 output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaledOut {
+    /// Quantized to f8e4m3fn with the scale at catalogue index `scale`.
+    Payload {
+        /// Catalogue index of its scale (an entry the planner added).
+        scale: usize,
+        /// How the scale covers it.
+        layout: Layout,
+        /// The scale's dtype (the quotient is rounded to it before the cast).
+        compute: DType,
+    },
+    /// The scale of the payload at catalogue index `payload`, computed from the weight.
+    Scale {
+        /// Catalogue index of the weight it scales.
+        payload: usize,
+    },
 }
 
 /// How a payload is dequantized.
@@ -83,7 +105,9 @@ impl TensorPlan {
 
     /// Whether the values change representation.
     pub fn is_cast(&self) -> bool {
-        self.from != self.to || self.dequant.is_some()
+        self.from != self.to
+            || self.dequant.is_some()
+            || matches!(self.scaled, Some(ScaledOut::Payload { .. }))
     }
 }
 
@@ -124,6 +148,9 @@ pub struct Plan {
     pub removed: Vec<(usize, String)>,
     /// What happens to a quantized input.
     pub quant: QuantPlan,
+    /// For a scaled FP8 output: the `quantization_config` a folder output's `config.json`
+    /// gets.
+    pub quant_config: Option<serde_json::Value>,
 }
 
 /// What the output holds of a PyTorch file.
@@ -212,6 +239,7 @@ impl Plan {
                     reason,
                     by_default: action == Action::Default && t.dtype.is_castable(),
                     dequant: None,
+                    scaled: None,
                 }
             })
             .collect();
@@ -260,6 +288,7 @@ impl Plan {
             scope,
             removed: vec![],
             quant: QuantPlan::None,
+            quant_config: None,
         };
         plan.dequantize(cat, rules);
         plan.settle(cat);
@@ -363,6 +392,7 @@ impl Plan {
                         reason: String::new(),
                         by_default: false,
                         dequant: None,
+                        scaled: None,
                     }
                 })
                 .collect();
@@ -492,7 +522,10 @@ impl Plan {
     pub fn dominant_float(&self, cat: &Catalogue) -> Option<DType> {
         let mut m = std::collections::BTreeMap::<DType, u64>::new();
         for p in &self.tensors {
-            if p.to.is_float() {
+            // A scaled FP8 payload is not the model's dtype (config.json keeps the
+            // unquantized layers' dtype, as llm-compressor writes it).
+            let scaled = matches!(p.scaled, Some(ScaledOut::Payload { .. }));
+            if p.to.is_float() && !scaled {
                 *m.entry(p.to).or_default() += cat.tensors[p.tensor].numel();
             }
         }
@@ -527,6 +560,7 @@ fn other_plan(i: usize, t: &TensorEntry, section: &str, cast: bool, target: DTyp
         reason,
         by_default: false,
         dequant: None,
+        scaled: None,
     }
 }
 

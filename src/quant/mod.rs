@@ -7,6 +7,7 @@
 //! with the scheme's configuration.
 
 mod detect;
+pub mod quantize;
 
 pub use detect::detect;
 

@@ -321,3 +321,164 @@ def test_comfyui_scaled_fp8(tmp_path):
     from safetensors import safe_open
     with safe_open(out, "pt") as f:
         assert "_quantization_metadata" not in (f.metadata() or {})
+
+
+# --- writing scaled FP8 -----------------------------------------------------------------
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "quantized"
+REFERENCE = json.loads((FIXTURES / "llmcompressor.json").read_text())
+SCHEMES = {"FP8_DYNAMIC": "channel", "FP8_BLOCK": "block"}
+
+
+def digests(folder):
+    import hashlib
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for n in sf.keys():
+                t = sf.get_tensor(n).contiguous()
+                raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                out[n] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                          "sha256": hashlib.sha256(raw).hexdigest()}
+    return out
+
+
+def model_dir(label, minilm):
+    return FIXTURES / "tiny-llama" if label == "tiny-llama" else minilm
+
+
+@pytest.mark.parametrize("label", ["tiny-llama", "all-MiniLM-L6-v2"])
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8_BLOCK"])
+def test_scaled_fp8_is_llmcompressor_byte_for_byte(tmp_path, minilm, label, preset):
+    """Every payload and scale tensor equals llm-compressor `oneshot`'s (digests made by
+    tests/fixtures/quantized/generate.py), and the config is the one it writes."""
+    ref = REFERENCE["models"][label][preset]
+    out = tmp_path / "out"
+    run("convert", model_dir(label, minilm), "-o", out, "--to", "f8e4m3",
+        "--scale", SCHEMES[preset])
+    got = digests(out)
+    # transformers' save_pretrained drops the non-persistent buffer `position_ids`; weightcast
+    # keeps every tensor of its input
+    assert set(got) - set(ref["tensors"]) <= {"embeddings.position_ids"}
+    for name, want in ref["tensors"].items():
+        assert got.get(name) == want, name
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    want = dict(ref["quantization_config"])
+    want.pop("version")
+    assert config == want
+
+
+def test_scaled_fp8_plan_is_the_output(tmp_path):
+    out = tmp_path / "out"
+    args = ["convert", FIXTURES / "tiny-llama", "-o", out, "--to", "f8e4m3", "--scale",
+            "block:32x64", "--keep", "re:q_proj"]
+    plan = json.loads(run(*args, "--dry-run", "--json").stdout)
+    run(*args)
+    got = load_folder(out)
+    assert sorted(t["name"] for t in plan["tensors"]) == sorted(got)
+    dt = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16}
+    for t in plan["tensors"]:
+        assert got[t["name"]].dtype == dt[t["to"]], t["name"]
+        assert list(got[t["name"]].shape) == t["shape"]
+    q = {t["name"]: t for t in plan["tensors"] if t["quantize"] and "scale" in t["quantize"]}
+    # linear weights only: embeddings, lm_head, norms stay; the rule keeps q_proj
+    assert sorted(q) == sorted(n for n in got if n.endswith("proj.weight")
+                               and "q_proj" not in n)
+    assert all(got[n + "_scale"].shape == (math.ceil(got[n].shape[0] / 32),
+                                            math.ceil(got[n].shape[1] / 64)) for n in q)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert sorted(ignore) == sorted(["lm_head", "model.layers.0.self_attn.q_proj",
+                                     "model.layers.1.self_attn.q_proj"])
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_scaled_fp8_loads_with_transformers_and_stays_close(tmp_path, minilm):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 20, 33, 47, 60, 2]])
+    out = tmp_path / "llama"
+    run("convert", FIXTURES / "tiny-llama", "-o", out, "--to", "f8e4m3", "--scale", "channel")
+    ref = AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama", dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        r, o = ref(ids).logits, m(ids).logits.float()
+    assert (o - r).abs().max() < 0.1 * r.abs().max()
+
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    ref = AutoModel.from_pretrained(minilm)
+    with torch.no_grad():
+        r = ref(ids).last_hidden_state.mean(1)
+    for scale in ["channel", "block"]:
+        out = tmp_path / f"minilm-{scale}"
+        run("convert", minilm, "-o", out, "--to", "f8e4m3", "--scale", scale)
+        m = AutoModel.from_pretrained(out)
+        with torch.no_grad():
+            o = m(ids).last_hidden_state.mean(1).float()
+        assert torch.nn.functional.cosine_similarity(o, r).item() > 0.99, scale
+
+
+def test_scaled_fp8_round_trip_equals_compressed_tensors_decompression(tmp_path):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    for scale in ["channel", "block:32x64", "tensor"]:
+        q = tmp_path / f"q-{scale}"
+        run("convert", FIXTURES / "tiny-llama", "-o", q, "--to", "f8e4m3", "--scale", scale)
+        config = json.loads((q / "config.json").read_text())["quantization_config"]
+        group = config["config_groups"]["group_0"]
+        scheme = QuantizationScheme(targets=group["targets"],
+                                    weights=QuantizationArgs(**group["weights"]))
+        compressor = BaseCompressor.load_from_registry("float-quantized")
+        back = tmp_path / f"back-{scale}"
+        run("convert", q, "-o", back, "--to", "bf16")
+        assert "quantization_config" not in json.loads((back / "config.json").read_text())
+        qs, got = load_folder(q), load_folder(back)
+        assert sorted(got) == sorted(n for n in qs if not n.endswith("_scale"))
+        for name in [n for n in qs if n.endswith("_scale")]:
+            w = name.removesuffix("_scale")
+            want = compressor.decompress({"weight": qs[w], "weight_scale": qs[name]},
+                                         scheme=scheme)["weight"].to(torch.bfloat16)
+            assert bits_equal(got[w], want), (scale, w)
+
+
+def test_vllm_fp8_block_format(tmp_path):
+    out = tmp_path / "fp8"
+    run("convert", FIXTURES / "tiny-llama", "-o", out, "--to", "f8e4m3", "--scale", "block",
+        "--scale-format", "fp8")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "fp8" and config["weight_block_size"] == [128, 128]
+    got = load_folder(out)
+    src = load_folder(FIXTURES / "tiny-llama")
+    scales = [n for n in got if n.endswith("_scale_inv")]
+    assert len(scales) == 14 and all(got[n].dtype == torch.float32 for n in scales)
+    for n in scales:
+        w = n.removesuffix("_scale_inv")
+        deq = weight_dequant(got[w], got[n], dtype=torch.float32)
+        x = src[w].float()
+        # each value within e4m3's half-ulp (2^-4 relative) of the original, or below the
+        # block's smallest subnormal
+        tol = x.abs() / 16 + got[n].max() * 2.0 ** -9
+        assert ((deq - x).abs() <= tol).all(), w
+    # weightcast reads its own output back as what it is
+    back = tmp_path / "back"
+    run("convert", out, "-o", back, "--to", "bf16")
+    assert not [n for n in load_folder(back) if "scale" in n]
+
+
+def test_scale_refusals(tmp_path):
+    src = FIXTURES / "tiny-llama"
+    for args, words in [
+        (["--to", "bf16", "--scale", "channel"], "--to f8e4m3"),
+        (["--to", "f8e4m3", "--scale", "row"], "--scale row"),
+        (["--to", "f8e4m3", "--scale", "channel", "--scale-format", "fp8"], "block"),
+    ]:
+        p = run("convert", src, "-o", tmp_path / "o", *args, check=False)
+        assert p.returncode == 2 and words in p.stderr, (args, p.stderr)
+        assert not (tmp_path / "o").exists()
+    ds = tmp_path / "ds"
+    make_deepseek(ds)
+    p = run("convert", ds, "-o", tmp_path / "o", "--to", "f8e4m3", "--scale", "channel",
+            check=False)
+    assert p.returncode == 2 and "already quantized" in p.stderr

@@ -207,6 +207,16 @@ pub struct ConvertArgs {
     /// leave) or keep (payloads and scales passed through untouched, the config kept).
     #[arg(long, value_name = "WHAT", default_value = "dequantize")]
     pub on_quantized: String,
+    /// With --to f8e4m3: write scaled FP8, scales computed from the weights (tensor, channel,
+    /// block = block:128x128, or block:RxC), for the 2-D weights of linear layers; embeddings,
+    /// lm_head, norms, biases and MoE router gates keep their dtype (rules override).
+    #[arg(long, value_name = "LAYOUT")]
+    pub scale: Option<String>,
+    /// With --scale: compressed-tensors (llm-compressor's format: `weight_scale` in the
+    /// weight's dtype; transformers and vLLM load it) or fp8 (vLLM's/DeepSeek's
+    /// `weight_scale_inv` f32 block scales).
+    #[arg(long, value_name = "FORMAT", default_value = "compressed-tensors")]
+    pub scale_format: String,
     /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
     #[arg(short, long)]
     pub output: PathBuf,

@@ -665,6 +665,29 @@ fn convert_plan(
     if on_quantized == weightcast::quant::OnQuantized::Keep {
         plan.keep_quantized(&cat);
     }
+    if let Some(scale) = &c.scale {
+        use weightcast::quant::quantize::{plan_scaled, Format, Scheme};
+        let scheme = Scheme::parse(scale, c.scale_format.parse::<Format>()?)?;
+        if target != DType::F8E4M3 || c.auto.is_some() {
+            return Err(Error::usage(format!(
+                "--scale {scale} writes float8_e4m3fn weights: use it with --to f8e4m3 (not --auto)"
+            ))
+            .into());
+        }
+        if pt_out {
+            return Err(Error::usage(
+                "--scale writes a safetensors model (a folder, or a .safetensors file): not .pt",
+            )
+            .into());
+        }
+        plan_scaled(&mut cat, &mut plan, &scheme)?;
+        if cat.folder.is_none() {
+            warn(
+                "a single .safetensors file carries no quantization_config: loaders find the \
+                  scheme in a model folder's config.json (convert the folder)",
+            );
+        }
+    }
     plan_warnings(&plan, c.rules.strict_rules)?;
     if let (true, Some(doc)) = (c.inference, cat.torch.as_deref()) {
         if let Some(e) = &doc.entry {

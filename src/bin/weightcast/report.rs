@@ -313,6 +313,13 @@ pub fn plan_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> Value {
             "name": e.name, "shape": e.shape, "from": p.from.to_string(), "to": p.to.to_string(),
             "cast": p.is_cast(), "bytes_before": p.bytes_in, "bytes_after": p.bytes_out,
             "rule": p.reason,
+            "quantize": match p.scaled {
+                Some(weightcast::plan::ScaledOut::Payload { scale, layout, .. }) => json!({
+                    "scale": cat.tensors[scale].name, "layout": layout.describe()}),
+                Some(weightcast::plan::ScaledOut::Scale { payload }) => json!({
+                    "scale_of": cat.tensors[payload].name}),
+                None => Value::Null,
+            },
             "dequantize": p.dequant.map(|d| json!({
                 "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
                 "compute": d.compute.to_string(),
