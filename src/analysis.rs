@@ -92,6 +92,47 @@ pub fn measure_dequantized(
     Ok(acc)
 }
 
+/// Figures of quantizing weight `tensor` to f8e4m3fn with scales computed from it (`layout`,
+/// scales in `compute`): each value against what a loader gets back (payload times scale, in
+/// the scale's dtype). Nothing overflows: quotients are clamped within the scale's range.
+pub fn measure_scaled(
+    sources: &Sources<'_>,
+    cat: &Catalogue,
+    tensor: usize,
+    layout: crate::quant::Layout,
+    compute: DType,
+    cancel: Option<&AtomicBool>,
+) -> Result<ErrorStats> {
+    let t = &cat.tensors[tensor];
+    let table = crate::quant::quantize::compute_scales(cat, sources, tensor, layout, compute)?;
+    let (isz, csz) = (t.dtype.bitsize() / 8, compute.bitsize() / 8);
+    let mut acc = ErrorStats::default();
+    let mut first = 0u64;
+    let (mut q, mut back, mut xs, mut ys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    sources.for_each_chunk(t, CHUNK, isz, |chunk| {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
+        let n = chunk.len() / isz;
+        q.resize(n, 0u8);
+        back.resize(n * csz, 0u8);
+        xs.resize(n, 0f32);
+        ys.resize(n, 0f32);
+        table.quantize(t.dtype, chunk, first, &mut q);
+        table.dequantize(DType::F8E4M3, &q, first, &mut back);
+        crate::cast::decode_f32_slice(t.dtype, chunk, &mut xs);
+        crate::cast::decode_f32_slice(compute, &back, &mut ys);
+        acc = acc.merge(&{
+            let mut s = ErrorStats::default();
+            s.push_block(&xs, &ys, f32::INFINITY, 0.0);
+            s
+        });
+        first += n as u64;
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
 /// Measures every tensor that `plan` casts, against its planned target.
 pub fn analyze(
     cat: &Catalogue,
@@ -111,9 +152,15 @@ pub fn analyze(
     let mut out = Vec::with_capacity(todo.len());
     for i in todo {
         let p = &plan.tensors[i];
-        let stats = match p.dequant {
-            Some(d) => measure_dequantized(&sources, cat, p.tensor, d, &[p.to], cancel)?[0],
-            None => measure(&sources, cat, p.tensor, &[p.to], cancel)?[0],
+        let stats = match (p.dequant, p.scaled) {
+            (Some(d), _) => measure_dequantized(&sources, cat, p.tensor, d, &[p.to], cancel)?[0],
+            (
+                None,
+                Some(crate::plan::ScaledOut::Payload {
+                    layout, compute, ..
+                }),
+            ) => measure_scaled(&sources, cat, p.tensor, layout, compute, cancel)?,
+            _ => measure(&sources, cat, p.tensor, &[p.to], cancel)?[0],
         };
         out.push(TensorAnalysis {
             plan_index: i,

@@ -539,7 +539,11 @@ pub fn weights(
         let (t, to) = (&cat.tensors[p.tensor], p.to);
         let load = if to.is_float() { compute } else { to };
         let n = t.numel() as usize;
-        total += (n * to.bitsize() / 8) as u64;
+        // A scaled FP8 candidate weighs what it stores: payload and scale.
+        total += match p.dequant {
+            Some(d) => t.nbytes + cat.tensors[d.scale].nbytes,
+            None => (n * to.bitsize() / 8) as u64,
+        };
         let table = match p.dequant {
             Some(d) => Some(crate::quant::ScaleTable::load(
                 cat,

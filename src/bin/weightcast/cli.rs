@@ -95,6 +95,13 @@ pub struct AnalyzeArgs {
     /// Target dtype to measure.
     #[arg(long, value_name = "DTYPE")]
     pub to: Option<String>,
+    /// With --to f8e4m3: measure scaled FP8 (tensor, channel, block or block:RxC), the
+    /// weights convert --scale would quantize, each against its quantize-dequantize round trip.
+    #[arg(long, value_name = "LAYOUT")]
+    pub scale: Option<String>,
+    /// With --scale: the format whose scale dtype is measured (compressed-tensors or fp8).
+    #[arg(long, value_name = "FORMAT", default_value = "compressed-tensors")]
+    pub scale_format: String,
     #[command(flatten)]
     pub rules: RuleFlags,
     /// SNR in dB under which a tensor is called lossy.

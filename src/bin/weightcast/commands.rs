@@ -92,8 +92,19 @@ fn check_castable(target: DType) -> Result<(), Error> {
 fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let (rules, file_to) = build_rules(order)?;
     let target = single_target(a.to.as_deref(), file_to)?;
-    let cat = open(&a.input, a.key.as_deref())?;
-    let plan = Plan::new(&cat, &rules, target);
+    let mut cat = open(&a.input, a.key.as_deref())?;
+    let mut plan = Plan::new(&cat, &rules, target);
+    if let Some(scale) = &a.scale {
+        use weightcast::quant::quantize::{plan_scaled, Format, Scheme};
+        let scheme = Scheme::parse(scale, a.scale_format.parse::<Format>()?)?;
+        if target != DType::F8E4M3 {
+            return Err(Error::usage(format!(
+                "--scale {scale} measures float8_e4m3fn weights: use it with --to f8e4m3"
+            ))
+            .into());
+        }
+        plan_scaled(&mut cat, &mut plan, &scheme)?;
+    }
     plan_warnings(&plan, a.rules.strict_rules)?;
     let bounds = Bounds {
         lossy_below_db: a.lossy_below,
