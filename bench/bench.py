@@ -21,7 +21,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-out"
-BIN = ROOT / "target" / "release" / "weightcast"
+BIN = pathlib.Path(os.environ.get("WEIGHTCAST_BIN", ROOT / "target" / "release" / "weightcast"))
 PY = sys.executable
 
 TORCH_SCRIPT = """
@@ -38,6 +38,24 @@ sd = torch.load(sys.argv[1], mmap=True, weights_only=True)
 sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
 torch.save(sd, sys.argv[2])
 """
+
+LLMC_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto")
+oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=sys.argv[3],
+                                                 ignore=["lm_head"]))
+model.save_pretrained(sys.argv[2], save_compressed=True)
+"""
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+    "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "num_hidden_layers": None, "vocab_size": 32000, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "float32",
+}
 
 SAVE_PT_SCRIPT = """
 import sys, torch
@@ -93,8 +111,10 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
-    ap.add_argument("--set", choices=["all", "pt"], default="all",
-                    help="pt: only the PyTorch-file contenders and their references")
+    ap.add_argument("--set", choices=["all", "pt", "fp8"], default="all",
+                    help="pt: only the PyTorch-file contenders and their references; fp8: "
+                         "scaled FP8 quantization and dequantization (and llm-compressor when "
+                         "LLMC_PYTHON names a Python with llmcompressor installed)")
     args = ap.parse_args()
     if args.generate_only:
         generate(pathlib.Path(args.generate_only), args.layers)
@@ -142,6 +162,40 @@ def main():
     ] + pt
     if args.set == "pt":
         contenders = [("weightcast f32->f16", wc("f16"))] + pt
+    if args.set == "fp8":
+        # A model folder (what llm-compressor reads and writes), the weights linked in.
+        folder = OUT / f"llama-{args.layers}l"
+        folder.mkdir(exist_ok=True)
+        if not (folder / "model.safetensors").exists():
+            os.link(src, folder / "model.safetensors")
+        config = dict(LLAMA_CONFIG, num_hidden_layers=args.layers)
+        (folder / "config.json").write_text(json.dumps(config))
+        qdir, bdir, ddir = OUT / "fp8-channel", OUT / "fp8-block", OUT / "deq"
+
+        def wcf(dst, *extra):
+            return [str(BIN), "convert", str(folder), "-o", str(dst), "--force", "-q", *extra]
+
+        # the dequantization inputs, made once
+        subprocess.run(wcf(qdir, "--to", "f8e4m3", "--scale", "channel"), check=True)
+        subprocess.run(wcf(bdir, "--to", "f8e4m3", "--scale", "block"), check=True)
+        contenders = [
+            ("weightcast f32->f16", wc("f16")),
+            ("weightcast f32->f16 (folder)", wcf(OUT / "f16", "--to", "f16")),
+            ("weightcast f32->fp8 channel scales (compressed-tensors)",
+             wcf(OUT / "q1", "--to", "f8e4m3", "--scale", "channel")),
+            ("weightcast f32->fp8 128x128 block scales (compressed-tensors)",
+             wcf(OUT / "q2", "--to", "f8e4m3", "--scale", "block")),
+            ("weightcast fp8 channel -> bf16 (dequantize)",
+             [str(BIN), "convert", str(qdir), "-o", str(ddir), "--to", "bf16", "--force", "-q"]),
+            ("weightcast fp8 block -> bf16 (dequantize)",
+             [str(BIN), "convert", str(bdir), "-o", str(ddir), "--to", "bf16", "--force", "-q"]),
+        ]
+        llmc = os.environ.get("LLMC_PYTHON")
+        if llmc:
+            for scheme in ["FP8_DYNAMIC", "FP8_BLOCK"]:
+                contenders.append((f"llm-compressor oneshot {scheme} (load, quantize, save)",
+                                   ["sh", "-c", f"rm -rf {OUT / 'llmc'} && exec {llmc} -c "
+                                    f"'{LLMC_SCRIPT}' {folder} {OUT / 'llmc'} {scheme}"]))
     # Output size of the f16 cast, for dd.
     subprocess.run(wc("f16"), check=True)
     f16_size = out.stat().st_size

@@ -620,6 +620,7 @@ impl Job<'_> {
             .write_all(&header)
             .map_err(|e| Error::io(dst_path, e))?;
 
+        self.precompute_scales(&of.tensors)?;
         let pieces: Vec<Piece<'_>> = of
             .tensors
             .iter()
@@ -666,6 +667,28 @@ impl Job<'_> {
             to: p.to,
             how,
         })
+    }
+
+    /// Computes, in parallel, the scales of the weights quantized among plan entries `entries`
+    /// (a pass over each of them before the write).
+    fn precompute_scales(&self, entries: &[usize]) -> Result<()> {
+        use rayon::prelude::*;
+        let todo: Vec<usize> = entries
+            .iter()
+            .filter_map(|&i| {
+                let p = &self.plan.tensors[i];
+                match p.scaled {
+                    Some(ScaledOut::Payload { .. }) => Some(p.tensor),
+                    Some(ScaledOut::Scale { payload }) => Some(payload),
+                    None => None,
+                }
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|i| !self.scales.lock().expect("scales").contains_key(i))
+            .collect();
+        todo.par_iter()
+            .try_for_each(|&i| self.scales_of(i).map(|_| ()))
     }
 
     /// The scales computed from weight `payload` (once per conversion: its payload and its

@@ -176,6 +176,42 @@ impl Plan {
         Plan::with_scope(cat, rules, target, Scope::StateDict)
     }
 
+    /// The precision a checkpoint is in, decided from its tensors (not from `config.json`,
+    /// which fine-tunes often get wrong): the floating dtype holding most elements among the
+    /// tensors that are not scaled FP8 payloads or scales; for a checkpoint of nothing else,
+    /// its scales' dtype (compressed-tensors keeps them in the original weights' dtype).
+    pub fn auto_target(cat: &Catalogue) -> Option<DType> {
+        let q = cat.quant.as_deref();
+        let mut plain = std::collections::BTreeMap::<DType, u64>::new();
+        let mut scales = std::collections::BTreeMap::<DType, u64>::new();
+        for (i, t) in cat.tensors.iter().enumerate() {
+            if !t.dtype.is_castable() {
+                continue;
+            }
+            match q.and_then(|q| q.role(i)) {
+                None => *plain.entry(t.dtype).or_default() += t.numel(),
+                Some(Role::Scale) => *scales.entry(t.dtype).or_default() += 1,
+                Some(_) => {}
+            }
+        }
+        let best = |m: std::collections::BTreeMap<DType, u64>| {
+            m.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+        };
+        best(plain).or_else(|| best(scales))
+    }
+
+    /// `--to auto`: every tensor the default target would cast keeps its stored dtype (a
+    /// dequantized payload goes to the plan's target, the checkpoint's own precision).
+    pub fn keep_source_precision(&mut self) {
+        for p in &mut self.tensors {
+            if p.by_default && p.dequant.is_none() {
+                p.keep();
+                p.reason = "--to auto: as stored".into();
+                p.by_default = false;
+            }
+        }
+    }
+
     /// Every tensor as stored, but a scaled payload dequantized to its scale's dtype (its
     /// scales removed): the values a quantized checkpoint stands for, as `eval` and `diff`
     /// read it.
@@ -244,8 +280,14 @@ impl Plan {
             })
             .collect();
         let mut unmatched = Vec::new();
+        // A preset's rules share one origin: it is unmatched only when none of them matches.
+        let mut by_origin = std::collections::HashMap::<&str, usize>::new();
         for (rule, n) in rules.rules.iter().zip(&hits) {
-            if *n == 0 {
+            *by_origin.entry(rule.origin.as_str()).or_default() += n;
+        }
+        let mut told = std::collections::HashSet::new();
+        for rule in &rules.rules {
+            if by_origin[rule.origin.as_str()] == 0 && told.insert(rule.origin.as_str()) {
                 let hint = rule
                     .selector
                     .case_hint(cat.tensors.iter().map(|t| t.name.as_str()))

@@ -259,6 +259,22 @@ pub const PRESETS: &[(&str, &str)] = &[
         "keep-t5-wo",
         "keep T5's feed-forward output projections (`wo`), which overflow in f16",
     ),
+    (
+        "llama-cpp-f32",
+        "f32 for the tensors llama.cpp's converter always writes in F32: 1-D tensors, norms, \
+         MoE router gates, position and token-type embeddings, SSM conv1d",
+    ),
+];
+
+/// The tensors `convert_hf_to_gguf.py` always writes in F32 (1-D tensors and `*_norm`, then
+/// FFN_GATE_INP, POS_EMBD, TOKEN_TYPES and SSM_CONV1D by their Hugging Face names).
+const LLAMA_CPP_F32: &[&str] = &[
+    "kind:1d",
+    "kind:norm",
+    r"re:(^|\.)(mlp|block_sparse_moe|moe|feed_forward)\.(gate|router)\.weight$",
+    r"re:(^|\.)(position_embeddings|wpe|embed_positions)\.weight$",
+    r"re:(^|\.)token_type_embeddings\.weight$",
+    r"re:(^|\.)conv1d\.weight$",
 ];
 
 /// An ordered list of rules.
@@ -298,6 +314,9 @@ impl RuleSet {
             "keep-norms" => self.push("kind:1d", Action::Keep, origin, false),
             "keep-embeddings" => self.push("kind:embedding", Action::Keep, origin, false),
             "keep-t5-wo" => self.push("**.wo.*", Action::Keep, origin, false),
+            "llama-cpp-f32" => LLAMA_CPP_F32.iter().try_for_each(|p| {
+                self.push(p, Action::To(DType::F32), origin.clone(), false)
+            }),
             _ => Err(Error::usage(format!(
                 "unknown preset `{name}` (known: {})",
                 PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")

@@ -25,6 +25,36 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     f32::from_bits(result)
 }
 
+/// Every e4m3fn and e5m2 value, by bits (decoding is one lookup).
+fn tables() -> &'static ([f32; 256], [f32; 256]) {
+    static T: std::sync::OnceLock<([f32; 256], [f32; 256])> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut a = [0f32; 256];
+        let mut b = [0f32; 256];
+        for i in 0..256 {
+            a[i] = e4m3_to_f32(i as u8);
+            b[i] = e5m2_to_f32(i as u8);
+        }
+        (a, b)
+    })
+}
+
+/// Decodes e4m3fn bytes into f32 (exact), by table.
+pub fn decode_e4m3(input: &[u8], out: &mut [f32]) {
+    let t = &tables().0;
+    for (o, b) in out.iter_mut().zip(input) {
+        *o = t[*b as usize];
+    }
+}
+
+/// Decodes e5m2 bytes into f32 (exact), by table.
+pub fn decode_e5m2(input: &[u8], out: &mut [f32]) {
+    let t = &tables().1;
+    for (o, b) in out.iter_mut().zip(input) {
+        *o = t[*b as usize];
+    }
+}
+
 /// f32 to e4m3fn bits, as torch 2.15 does on CPU: round to nearest even, saturate to +-448.
 pub fn f32_to_e4m3(f: f32) -> u8 {
     let bits = f.to_bits();

@@ -270,6 +270,8 @@ fn decode_block(from: DType, input: &[u8], vals: &mut [f32]) {
                 *v = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
             }
         }
+        DType::F8E4M3 => fp8::decode_e4m3(input, vals),
+        DType::F8E5M2 => fp8::decode_e5m2(input, vals),
         _ => {
             let isz = from.bitsize() / 8;
             for (v, b) in vals.iter_mut().zip(input.chunks_exact(isz)) {

@@ -200,51 +200,57 @@ impl ScaleTable {
         })
     }
 
+    /// Calls `f(range, scale)` for each maximal run of elements `first..first + n` (as
+    /// offsets `0..n`) that share one scale.
+    #[inline]
+    pub fn runs(&self, first: u64, n: usize, mut f: impl FnMut(std::ops::Range<usize>, f32)) {
+        if self.layout == Layout::Tensor {
+            f(0..n, self.values[0]);
+            return;
+        }
+        let mut k = 0usize;
+        let mut e = first;
+        while k < n {
+            let (row, col) = (e / self.cols, e % self.cols);
+            let (len, s) = match self.layout {
+                Layout::Block(br, bc) => (
+                    (bc - col % bc).min(self.cols - col),
+                    self.values[(row / br * self.scale_cols + col / bc) as usize],
+                ),
+                _ => (self.cols - col, self.values[row as usize]),
+            };
+            let len = (len as usize).min(n - k);
+            f(k..k + len, s);
+            k += len;
+            e += len as u64;
+        }
+    }
+
     /// Dequantizes payload elements `first..` (the bytes `q`, of `from`) into `out`: each value
     /// widened to f32, times its scale in f32 (exact for fp8 times a 16-bit scale; the rounding
     /// torch does for f32 scales), rounded to [`ScaleTable::compute`]. `out` holds the same
     /// count of `compute` elements.
     pub fn dequantize(&self, from: DType, q: &[u8], first: u64, out: &mut [u8]) {
-        let n = q.len();
-        let mut vals = vec![0f32; n];
-        cast::decode_f32_slice(from, q, &mut vals);
-        match self.layout {
-            Layout::Tensor => {
-                let s = self.values[0];
-                vals.iter_mut().for_each(|v| *v *= s);
-            }
-            Layout::Channel | Layout::Block(..) => {
-                let mut e = first;
-                let mut k = 0usize;
-                while k < n {
-                    let (row, col) = (e / self.cols, e % self.cols);
-                    let run = ((self.cols - col) as usize).min(n - k);
-                    match self.layout {
-                        Layout::Channel => {
-                            let s = self.values[row as usize];
-                            vals[k..k + run].iter_mut().for_each(|v| *v *= s);
-                        }
-                        Layout::Block(br, bc) => {
-                            let base = (row / br * self.scale_cols) as usize;
-                            let mut c = col;
-                            let mut j = k;
-                            while j < k + run {
-                                let len = ((bc - c % bc) as usize).min(k + run - j);
-                                let s = self.values[base + (c / bc) as usize];
-                                vals[j..j + len].iter_mut().for_each(|v| *v *= s);
-                                j += len;
-                                c += len as u64;
-                            }
-                        }
-                        Layout::Tensor => unreachable!(),
-                    }
-                    k += run;
-                    e += run as u64;
-                }
-            }
-        }
-        cast::encode_f32_slice(self.compute, &vals, out);
+        SCRATCH.with(|s| {
+            let vals = &mut s.borrow_mut().0;
+            self.dequantize_f32(from, q, first, vals);
+            cast::encode_f32_slice(self.compute, vals, out);
+        })
     }
+
+    /// Dequantizes into f32 values (the products, before rounding to `compute`).
+    fn dequantize_f32(&self, from: DType, q: &[u8], first: u64, vals: &mut Vec<f32>) {
+        vals.resize(q.len(), 0.0);
+        cast::decode_f32_slice(from, q, vals);
+        self.runs(first, q.len(), |r, s| {
+            vals[r].iter_mut().for_each(|v| *v *= s);
+        });
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for the (de)quantizing kernels: f32 values and intermediate bytes.
+    pub(crate) static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<u8>)> = Default::default();
 }
 
 impl ScaleTable {
@@ -263,9 +269,13 @@ impl ScaleTable {
             self.dequantize(from, q, first, out);
             return Ok(0);
         }
-        let mut mid = vec![0u8; q.len() * (self.compute.bitsize() / 8)];
-        self.dequantize(from, q, first, &mut mid);
-        cast::cast_checked(self.compute, to, &mid, out, range)
+        SCRATCH.with(|s| {
+            let (vals, mid) = &mut *s.borrow_mut();
+            self.dequantize_f32(from, q, first, vals);
+            mid.resize(q.len() * (self.compute.bitsize() / 8), 0);
+            cast::encode_f32_slice(self.compute, vals, mid);
+            cast::cast_checked(self.compute, to, mid, out, range)
+        })
     }
 }
 

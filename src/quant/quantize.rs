@@ -321,53 +321,60 @@ pub fn compute_scales(
         Layout::Channel => rows,
         Layout::Block(br, _) => rows.div_ceil(br) * scale_cols,
     } as usize;
-    let mut amax = vec![0f32; groups];
+    let mut table = ScaleTable {
+        layout,
+        cols,
+        scale_cols,
+        values: vec![0f32; groups],
+        compute,
+    };
     let isz = t.dtype.bitsize() / 8;
     let mut first = 0u64;
-    let mut vals = Vec::new();
+    // Largest magnitude per group, as sign-cleared bits: for IEEE formats the integer order of
+    // |x|'s bits is the order of |x|, and every NaN sorts above inf, so NaN propagates as
+    // torch's amax propagates it. No decoding, and the loop vectorises.
+    let mut amax = vec![0u32; groups];
     sources.for_each_chunk(t, 8 << 20, isz, |chunk| {
         let n = chunk.len() / isz;
-        vals.resize(n, 0f32);
-        cast::decode_f32_slice(t.dtype, chunk, &mut vals);
-        for (k, v) in vals.iter().enumerate() {
-            let e = first + k as u64;
-            let g = match layout {
-                Layout::Tensor => 0,
-                Layout::Channel => (e / cols) as usize,
-                Layout::Block(br, bc) => ((e / cols) / br * scale_cols + (e % cols) / bc) as usize,
-            };
-            // torch's amax propagates NaN; so does this (a NaN scale makes every value NaN).
-            let a = v.abs();
-            if a > amax[g] || a.is_nan() {
-                amax[g] = a;
+        let mut e = first;
+        table.runs(first, n, |r, _| {
+            let g = table.group_of(e);
+            let bytes = &chunk[r.start * isz..r.end * isz];
+            let m = match t.dtype {
+                DType::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF)
+                    .max(),
+                _ => bytes
+                    .chunks_exact(2)
+                    .map(|b| (u16::from_le_bytes([b[0], b[1]]) & 0x7FFF) as u32)
+                    .max(),
             }
-        }
+            .unwrap_or(0);
+            amax[g] = amax[g].max(m);
+            e += r.len() as u64;
+        });
         first += n as u64;
         Ok(())
     })?;
+    let amax: Vec<f32> = amax
+        .into_iter()
+        .map(|bits| match t.dtype {
+            DType::F32 => f32::from_bits(bits),
+            DType::BF16 => f32::from_bits(bits << 16),
+            _ => half::f16::from_bits(bits as u16).to_f32(),
+        })
+        .collect();
     let eps = match compute {
         DType::BF16 => 0.0078125,
         DType::F16 => 0.0009765625,
         _ => f32::EPSILON,
     };
-    let values = amax
-        .into_iter()
-        .map(|a| {
-            let s = round_to(compute, a / FP8_MAX);
-            if s == 0.0 {
-                eps
-            } else {
-                s
-            }
-        })
-        .collect();
-    Ok(ScaleTable {
-        layout,
-        cols,
-        scale_cols,
-        values,
-        compute,
-    })
+    for (v, a) in table.values.iter_mut().zip(amax) {
+        let s = round_to(compute, a / FP8_MAX);
+        *v = if s == 0.0 { eps } else { s };
+    }
+    Ok(table)
 }
 
 /// `x` rounded to `d` (f32, bf16 or f16) and widened back.
@@ -385,32 +392,35 @@ impl ScaleTable {
     /// `x / scale` in f32 rounded to [`ScaleTable::compute`] (the weight's dtype for
     /// compressed-tensors, where torch divides), clamped to +-448, cast to f8e4m3fn.
     pub fn quantize(&self, from: DType, x: &[u8], first: u64, out: &mut [u8]) {
-        let n = out.len();
-        let mut vals = vec![0f32; n];
-        cast::decode_f32_slice(from, x, &mut vals);
-        let mut k = 0usize;
-        let mut e = first;
-        while k < n {
-            let (row, col) = (e / self.cols, e % self.cols);
-            let (run, s) = match self.layout {
-                Layout::Tensor => (n - k, self.values[0]),
-                Layout::Channel => (
-                    ((self.cols - col) as usize).min(n - k),
-                    self.values[row as usize],
-                ),
-                Layout::Block(br, bc) => (
-                    ((bc - col % bc) as usize)
-                        .min((self.cols - col) as usize)
-                        .min(n - k),
-                    self.values[(row / br * self.scale_cols + col / bc) as usize],
-                ),
-            };
-            for j in k..k + run {
-                let q = round_to(self.compute, vals[j] / s).clamp(-FP8_MAX, FP8_MAX);
-                out[j] = cast::fp8::f32_to_e4m3(q);
+        fn run(out: &mut [u8], vals: &[f32], s: f32, round: impl Fn(f32) -> f32) {
+            for (o, v) in out.iter_mut().zip(vals) {
+                *o = cast::fp8::f32_to_e4m3(round(*v / s).clamp(-FP8_MAX, FP8_MAX));
             }
-            k += run;
-            e += run as u64;
+        }
+        let n = out.len();
+        super::SCRATCH.with(|scratch| {
+            let vals = &mut scratch.borrow_mut().0;
+            vals.resize(n, 0.0);
+            cast::decode_f32_slice(from, x, vals);
+            self.runs(first, n, |r, s| {
+                let (o, v) = (&mut out[r.clone()], &vals[r]);
+                match self.compute {
+                    DType::BF16 => run(o, v, s, |q| round_to(DType::BF16, q)),
+                    DType::F16 => run(o, v, s, |q| round_to(DType::F16, q)),
+                    _ => run(o, v, s, |q| q),
+                }
+            });
+        });
+    }
+
+    /// The index in [`ScaleTable::values`] of the scale of element `e`.
+    pub fn group_of(&self, e: u64) -> usize {
+        match self.layout {
+            Layout::Tensor => 0,
+            Layout::Channel => (e / self.cols) as usize,
+            Layout::Block(br, bc) => {
+                ((e / self.cols) / br * self.scale_cols + (e % self.cols) / bc) as usize
+            }
         }
     }
 

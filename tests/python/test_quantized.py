@@ -507,3 +507,31 @@ def test_analyze_diff_and_eval_read_scaled_fp8(tmp_path, minilm):
     assert c["cosine_min"] > 0.99 and c["compute"] == "float32"
     # stored FP8 payloads and scales, not the dequantized f32
     assert c["weight_bytes"] < 0.7 * rows[0]["weight_bytes"]
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale,strategy,block", [("channel", "channel", None),
+                                                  ("block:32x48", "block", (32, 48)),
+                                                  ("tensor", "tensor", None)])
+def test_scaled_fp8_edge_values_match_compressed_tensors(tmp_path, wdtype, scale, strategy,
+                                                         block):
+    """Zero rows (scale = the dtype's eps), tiny and large magnitudes, partial blocks: payload
+    and scale bytes equal compressed-tensors' calculate_qparams + quantize."""
+    torch.manual_seed(4)
+    w = torch.randn(70, 100) * 0.02
+    w[3] = 0.0                      # a zero row / block
+    w[5, :10] = 1e-6                # values that flush to zero after scaling
+    w[7, 7] = 60.0                  # one large value (within f16)
+    w = w.to(wdtype)
+    src = tmp_path / "m"
+    src.mkdir()
+    save_file({"fc.weight": w, "fc.bias": torch.zeros(70, dtype=wdtype)},
+              src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"model_type": "x"}))
+    out = tmp_path / "o"
+    run("convert", src, "-o", out, "--to", "f8e4m3", "--scale", scale)
+    got = load_folder(out)
+    q, s, _ = ct_quantize(w, strategy, block)
+    assert got["fc.weight_scale"].dtype == wdtype
+    assert bits_equal(got["fc.weight_scale"], s.reshape(got["fc.weight_scale"].shape))
+    assert torch.equal(got["fc.weight"].view(torch.uint8), q.view(torch.uint8))

@@ -228,8 +228,10 @@ pub struct ConvertArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Target dtype: float16|half|f16|fp16, bfloat16|bf16, float32|f32, float64|f64,
-    /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2. With --auto, a comma-separated list of
-    /// candidates in order of preference (e.g. f8e4m3,bf16,f16).
+    /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2, or auto (keep the source precision, decided
+    /// from the tensors: a format move, or dequantizing FP8 to the checkpoint's own dtype).
+    /// With --auto, a comma-separated list of candidates in order of preference (e.g.
+    /// f8e4m3,bf16,f16).
     #[arg(long, value_name = "DTYPE")]
     pub to: Option<String>,
     #[command(flatten)]

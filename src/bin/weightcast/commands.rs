@@ -638,8 +638,13 @@ fn convert_plan(
         }
         (None, _) => vec![],
     };
+    let auto_to = c.to.as_deref() == Some("auto");
+    if auto_to && c.auto.is_some() {
+        return Err(Error::usage("--to auto keeps the source precision: not with --auto").into());
+    }
     let target = match candidates.first() {
         Some(&d) => d,
+        None if auto_to => DType::F32, // decided from the tensors once they are read
         None => single_target(c.to.as_deref(), file_to)?,
     };
     let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
@@ -672,7 +677,20 @@ fn convert_plan(
         .on_quantized
         .parse()
         .map_err(|e| Error::usage(format!("--on-quantized {e}")))?;
+    let target = if auto_to {
+        Plan::auto_target(&cat).ok_or_else(|| {
+            Error::usage(format!(
+                "--to auto: {} has no floating tensor to take a precision from",
+                c.input.display()
+            ))
+        })?
+    } else {
+        target
+    };
     let mut plan = Plan::with_scope(&cat, &rules, target, scope);
+    if auto_to {
+        plan.keep_source_precision();
+    }
     if on_quantized == weightcast::quant::OnQuantized::Keep {
         plan.keep_quantized(&cat);
     }
