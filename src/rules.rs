@@ -314,9 +314,9 @@ impl RuleSet {
             "keep-norms" => self.push("kind:1d", Action::Keep, origin, false),
             "keep-embeddings" => self.push("kind:embedding", Action::Keep, origin, false),
             "keep-t5-wo" => self.push("**.wo.*", Action::Keep, origin, false),
-            "llama-cpp-f32" => LLAMA_CPP_F32.iter().try_for_each(|p| {
-                self.push(p, Action::To(DType::F32), origin.clone(), false)
-            }),
+            "llama-cpp-f32" => LLAMA_CPP_F32
+                .iter()
+                .try_for_each(|p| self.push(p, Action::To(DType::F32), origin.clone(), false)),
             _ => Err(Error::usage(format!(
                 "unknown preset `{name}` (known: {})",
                 PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")

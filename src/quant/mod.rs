@@ -272,6 +272,25 @@ impl ScaleTable {
         SCRATCH.with(|s| {
             let (vals, mid) = &mut *s.borrow_mut();
             self.dequantize_f32(from, q, first, vals);
+            if self.compute == DType::F32 && to.is_castable() {
+                // The products are already f32: one pass to the target, counting (or
+                // clamping) what leaves its range as the cast kernels do.
+                let mut count = 0u64;
+                if range != cast::Range::Ignore {
+                    let t = cast::overflow_threshold(to);
+                    let max = to.max_finite().unwrap_or(f64::MAX) as f32;
+                    for v in vals.iter_mut() {
+                        if v.is_finite() && v.abs() >= t {
+                            count += 1;
+                            if range == cast::Range::Clamp {
+                                *v = max.copysign(*v);
+                            }
+                        }
+                    }
+                }
+                cast::encode_f32_slice(to, vals, out);
+                return Ok(count);
+            }
             mid.resize(q.len() * (self.compute.bitsize() / 8), 0);
             cast::encode_f32_slice(self.compute, vals, mid);
             cast::cast_checked(self.compute, to, mid, out, range)

@@ -535,3 +535,51 @@ def test_scaled_fp8_edge_values_match_compressed_tensors(tmp_path, wdtype, scale
     assert got["fc.weight_scale"].dtype == wdtype
     assert bits_equal(got["fc.weight_scale"], s.reshape(got["fc.weight_scale"].shape))
     assert torch.equal(got["fc.weight"].view(torch.uint8), q.view(torch.uint8))
+
+
+# --- precision policy ---------------------------------------------------------------------
+
+def test_to_auto_keeps_the_source_precision(tmp_path):
+    src = tmp_path / "ds"
+    tensors = make_deepseek(src)
+    out = tmp_path / "out"
+    plan = json.loads(run("convert", src, "-o", out, "--to", "auto", "--dry-run", "--json").stdout)
+    assert plan["target"] == "bfloat16"  # from the tensors (embeddings and norms are bf16)
+    run("convert", src, "-o", out, "--to", "auto")
+    got = load_folder(out)
+    for n, t in got.items():
+        assert t.dtype == torch.bfloat16, n
+        if n in tensors and tensors[n].dtype == torch.bfloat16:
+            assert bits_equal(t, tensors[n])
+    w = "model.layers.0.mlp.proj.weight"
+    assert bits_equal(got[w], weight_dequant(tensors[w], tensors[w + "_scale_inv"]))
+    # a mixed model keeps every tensor's dtype: a pure format move
+    mixed = {"a.weight": torch.randn(4, 4), "a.norm": torch.randn(4).bfloat16(),
+             "ids": torch.arange(3)}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    run("convert", tmp_path / "mixed.safetensors", "-o", tmp_path / "m.pt", "--to", "auto")
+    back = torch.load(tmp_path / "m.pt", weights_only=True)
+    for n, t in mixed.items():
+        assert back[n].dtype == t.dtype and torch.equal(back[n], t), n
+
+
+def test_llama_cpp_f32_preset(tmp_path):
+    t = {"model.layers.0.mlp.gate.weight": torch.randn(8, 16),            # MoE router
+         "model.layers.0.mlp.gate_proj.weight": torch.randn(32, 16),      # a linear layer
+         "model.layers.0.input_layernorm.weight": torch.ones(16).bfloat16(),
+         "embeddings.position_embeddings.weight": torch.randn(10, 16),
+         "embeddings.token_type_embeddings.weight": torch.randn(2, 16),
+         "backbone.layers.0.mixer.conv1d.weight": torch.randn(32, 1, 4),
+         "model.embed_tokens.weight": torch.randn(50, 16)}
+    save_file(t, tmp_path / "m.safetensors")
+    out = tmp_path / "o.safetensors"
+    run("convert", tmp_path / "m.safetensors", "-o", out, "--to", "f16", "--preset",
+        "llama-cpp-f32")
+    got = load_file(out)
+    f32 = {n for n, v in got.items() if v.dtype == torch.float32}
+    assert f32 == {"model.layers.0.mlp.gate.weight", "model.layers.0.input_layernorm.weight",
+                   "embeddings.position_embeddings.weight",
+                   "embeddings.token_type_embeddings.weight",
+                   "backbone.layers.0.mixer.conv1d.weight"}
+    assert got["model.layers.0.input_layernorm.weight"].equal(torch.ones(16))  # bf16 -> f32
+    assert got["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float16
