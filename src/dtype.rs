@@ -183,11 +183,20 @@ impl DType {
         )
     }
 
-    /// A type the cast kernels read and write: f64, f32, f16, bf16, f8e4m3fn, f8e5m2.
+    /// A type the cast kernels read and write: f64, f32, f16, bf16, f8e4m3fn, f8e5m2, AMD's
+    /// f8e4m3fnuz and f8e5m2fnuz, and f8e8m0fnu (MX scales).
     pub fn is_castable(self) -> bool {
         matches!(
             self,
-            DType::F64 | DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::F8E5M2
+            DType::F64
+                | DType::F32
+                | DType::F16
+                | DType::BF16
+                | DType::F8E4M3
+                | DType::F8E5M2
+                | DType::F8E4M3Fnuz
+                | DType::F8E5M2Fnuz
+                | DType::F8E8M0
         )
     }
 
@@ -206,6 +215,9 @@ impl DType {
             DType::BF16 => Some(3.3895313892515355e38),
             DType::F8E4M3 => Some(448.0),
             DType::F8E5M2 => Some(57344.0),
+            DType::F8E4M3Fnuz => Some(240.0),
+            DType::F8E5M2Fnuz => Some(57344.0),
+            DType::F8E8M0 => Some(2f64.powi(127)),
             _ => None,
         }
     }
@@ -242,6 +254,9 @@ impl FromStr for DType {
                 )))
             }
             "float8_e5m2" | "f8e5m2" | "fp8e5m2" | "f8_e5m2" | "e5m2" => DType::F8E5M2,
+            "float8_e4m3fnuz" | "f8e4m3fnuz" | "e4m3fnuz" => DType::F8E4M3Fnuz,
+            "float8_e5m2fnuz" | "f8e5m2fnuz" | "e5m2fnuz" => DType::F8E5M2Fnuz,
+            "float8_e8m0fnu" | "f8e8m0" | "f8e8m0fnu" | "e8m0" => DType::F8E8M0,
             _ => {
                 return DType::from_safetensors_name(&s.trim().to_ascii_uppercase())
                     .or_else(|| DType::ALL.into_iter().find(|d| d.torch_name() == lower))
@@ -249,7 +264,8 @@ impl FromStr for DType {
                         Error::usage(format!(
                             "unknown dtype `{s}`: use float16|half|f16|fp16, bfloat16|bf16, \
                              float32|float|f32|fp32, float64|double|f64, float8_e4m3fn|f8e4m3, \
-                             float8_e5m2|f8e5m2"
+                             float8_e5m2|f8e5m2, float8_e4m3fnuz|f8e4m3fnuz, \
+                             float8_e5m2fnuz|f8e5m2fnuz, float8_e8m0fnu|f8e8m0"
                         ))
                     })
             }

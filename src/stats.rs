@@ -308,6 +308,9 @@ pub fn min_normal(d: DType) -> f64 {
         DType::F32 | DType::BF16 => f32::MIN_POSITIVE as f64,
         DType::F16 | DType::F8E5M2 => 2f64.powi(-14),
         DType::F8E4M3 => 2f64.powi(-6),
+        DType::F8E4M3Fnuz => 2f64.powi(-7),
+        DType::F8E5M2Fnuz => 2f64.powi(-15),
+        DType::F8E8M0 => 2f64.powi(-127),
         _ => 0.0,
     }
 }

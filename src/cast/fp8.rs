@@ -25,6 +25,98 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     f32::from_bits(result)
 }
 
+/// AMD's e4m3fnuz / e5m2fnuz bits to f32 (exact): bias 8 / 16, no infinities, no negative zero,
+/// `0x80` the only NaN (c10 `fp8_fnuz_to_fp32_value`).
+pub fn fnuz_to_f32<const E: u32, const M: u32>(b: u8) -> f32 {
+    if b == 0x80 {
+        return f32::NAN;
+    }
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((b >> M) & ((1 << E) - 1) as u8) as i32;
+    let man = (b & ((1 << M) - 1) as u8) as f32;
+    let bias = 1i32 << (E - 1);
+    let scale = (1u32 << M) as f32;
+    let v = if exp == 0 {
+        man / scale * 2f32.powi(1 - bias)
+    } else {
+        (1.0 + man / scale) * 2f32.powi(exp - bias)
+    };
+    sign * v
+}
+
+/// f32 to e4m3fnuz bits, as c10 `fp8e4m3fnuz_from_fp32_value` (and torch 2.15 on CPU): round
+/// to nearest even; values that round beyond 240, inf and NaN become NaN (`0x80`); no negative
+/// zero.
+pub fn f32_to_e4m3fnuz(f: f32) -> u8 {
+    fnuz_from_f32(f, 0x87 << 23, 0x8C << 23, 0x78 << 23, 8, 20)
+}
+
+/// f32 to e5m2fnuz bits (c10 `fp8e5m2fnuz_from_fp32_value`): as [`f32_to_e4m3fnuz`], max 57344.
+pub fn f32_to_e5m2fnuz(f: f32) -> u8 {
+    fnuz_from_f32(f, 0x8F << 23, 0x85 << 23, 0x70 << 23, 16, 21)
+}
+
+fn fnuz_from_f32(
+    f: f32,
+    fnuz_max: u32,
+    denorm_mask: u32,
+    min_normal: u32,
+    bias: u32,
+    shift: u32,
+) -> u8 {
+    let mut f_bits = f.to_bits();
+    let sign = f_bits & 0x8000_0000;
+    f_bits ^= sign;
+    if f_bits >= fnuz_max {
+        // beyond the range, inf and NaN: the one NaN
+        return 0x80;
+    }
+    let result: u8 = if f_bits < min_normal {
+        let sum = (f32::from_bits(f_bits) + f32::from_bits(denorm_mask)).to_bits();
+        let r = sum.wrapping_sub(denorm_mask) as u8;
+        if r == 0 {
+            return 0;
+        }
+        r
+    } else {
+        let mant_odd = (f_bits >> shift) & 1;
+        f_bits = f_bits
+            .wrapping_add((bias.wrapping_sub(127)) << 23)
+            .wrapping_add((1 << (shift - 1)) - 1);
+        f_bits = f_bits.wrapping_add(mant_odd);
+        (f_bits >> shift) as u8
+    };
+    result | (sign >> 24) as u8
+}
+
+/// e8m0fnu bits (an exponent alone, MX scales) to f32: `2^(b - 127)`, `0xFF` NaN.
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    match b {
+        0xFF => f32::NAN,
+        0 => f32::from_bits(0x0040_0000), // 2^-127, a subnormal
+        _ => f32::from_bits((b as u32) << 23),
+    }
+}
+
+/// f32 to e8m0fnu bits, as torch 2.15 casts on CPU: the exponent, rounded up when the
+/// mantissa is at least one half (ties to even on the implied bit), the sign dropped; inf, NaN
+/// and what rounds up beyond 2^127 become NaN (`0xFF`).
+pub fn f32_to_e8m0(f: f32) -> u8 {
+    let bits = f.to_bits();
+    let mut exponent = (bits >> 23) & 0xFF;
+    if exponent == 0xFF {
+        return 0xFF;
+    }
+    let g = bits & 0x40_0000 != 0;
+    let r = bits & 0x20_0000 != 0;
+    let s = bits & 0x1F_FFFF != 0;
+    let lsb = exponent > 0;
+    if g && (r || s || lsb) {
+        exponent += 1;
+    }
+    exponent as u8
+}
+
 /// Every e4m3fn and e5m2 value, by bits (decoding is one lookup).
 fn tables() -> &'static ([f32; 256], [f32; 256]) {
     static T: std::sync::OnceLock<([f32; 256], [f32; 256])> = std::sync::OnceLock::new();

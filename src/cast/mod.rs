@@ -63,6 +63,9 @@ pub fn decode_f32(dtype: DType, b: &[u8]) -> f32 {
         DType::BF16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
         DType::F8E4M3 => fp8::e4m3_to_f32(b[0]),
         DType::F8E5M2 => fp8::e5m2_to_f32(b[0]),
+        DType::F8E4M3Fnuz => fp8::fnuz_to_f32::<4, 3>(b[0]),
+        DType::F8E5M2Fnuz => fp8::fnuz_to_f32::<5, 2>(b[0]),
+        DType::F8E8M0 => fp8::e8m0_to_f32(b[0]),
         DType::F64 => f64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as f32,
         _ => f32::NAN,
     }
@@ -77,6 +80,9 @@ pub fn encode_f32(dtype: DType, x: f32, out: &mut [u8]) {
         DType::BF16 => out.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes()),
         DType::F8E4M3 => out[0] = fp8::f32_to_e4m3(x),
         DType::F8E5M2 => out[0] = fp8::f32_to_e5m2(x),
+        DType::F8E4M3Fnuz => out[0] = fp8::f32_to_e4m3fnuz(x),
+        DType::F8E5M2Fnuz => out[0] = fp8::f32_to_e5m2fnuz(x),
+        DType::F8E8M0 => out[0] = fp8::f32_to_e8m0(x),
         DType::F64 => out.copy_from_slice(&(x as f64).to_le_bytes()),
         _ => {}
     }
@@ -102,6 +108,10 @@ pub fn overflow_threshold(to: DType) -> f32 {
         DType::BF16 => f32::from_bits(0x7F7F_8000),
         DType::F8E5M2 => 61440.0,
         DType::F8E4M3 => 464.0,
+        // fnuz: what rounds beyond the largest finite value becomes NaN
+        DType::F8E4M3Fnuz => 248.0,
+        DType::F8E5M2Fnuz => 61440.0,
+        DType::F8E8M0 => f32::from_bits(0x7F40_0000), // 1.5 * 2^127 rounds up to NaN
         _ => f32::INFINITY,
     }
 }

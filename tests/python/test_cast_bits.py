@@ -43,7 +43,8 @@ def f32_boundaries() -> torch.Tensor:
     """f32 values at, just around and exactly between consecutive values of each narrow type,
     plus the overflow thresholds."""
     parts = []
-    for dt in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+    for dt in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+               torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu):
         v = all_patterns(dt).float()
         v = v[torch.isfinite(v)].unique()
         mid = (v[:-1].double() + v[1:].double()) / 2  # exact ties (representable in f32 for these)
@@ -54,7 +55,9 @@ def f32_boundaries() -> torch.Tensor:
     specials = torch.tensor(
         [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 65504.0, 65519.99, 65520.0, 65536.0,
          448.0, 464.0, 480.0, 1e6, 57344.0, 61440.0, 3.3895314e38, 3.4028235e38, 1e-45, -1e-45,
-         2.0**-24, 2.0**-25, 2.0**-9, 2.0**-10, 2.0**-16, 2.0**-17],
+         2.0**-24, 2.0**-25, 2.0**-9, 2.0**-10, 2.0**-16, 2.0**-17, 240.0, 247.9, 248.0, 256.0,
+         2.0**-11, 2.0**-12, 2.0**-18, 2.0**-126, 2.0**-127, 1.5 * 2.0**-127, 2.0**127,
+         1.5 * 2.0**127],
         dtype=torch.float32,
     )
     # NaNs with payloads and signs, and signalling NaNs.
@@ -100,6 +103,44 @@ def test_cast_matches_torch(tmp_path, src, dst):
     got = load_file(out)
     for name, x in tensors.items():
         want = x.to(DTYPES[dst])
+        assert got[name].dtype == want.dtype
+        g, w = bits(got[name]), bits(want)
+        nan_want = torch.isnan(want.float()).numpy()
+        nan_got = torch.isnan(got[name].float()).numpy()
+        assert (nan_want == nan_got).all(), f"{src}->{dst} `{name}`: NaN positions differ"
+        bad = np.nonzero((g != w) & ~nan_want)[0]
+        assert bad.size == 0, (
+            f"{src}->{dst} `{name}`: {bad.size} of {g.size} differ; first at {bad[0]}: "
+            f"input {x[bad[0]].item()!r} got {g[bad[0]]:#x} torch {w[bad[0]]:#x}")
+
+
+# AMD's fnuz float8 types and e8m0 (MX scales): read and written as torch 2.15 casts them on
+# CPU (fnuz: values that round beyond the range, inf and NaN become the one NaN 0x80; e8m0:
+# the exponent alone, rounded up from half, sign dropped).
+EXTRA = {
+    "f8e4m3fnuz": torch.float8_e4m3fnuz,
+    "f8e5m2fnuz": torch.float8_e5m2fnuz,
+    "f8e8m0": torch.float8_e8m0fnu,
+}
+
+
+@pytest.mark.parametrize("src,dst", [(s, d) for s in ["f32", "f16", "bf16", "f64"]
+                                     for d in EXTRA] +
+                         [(s, d) for s in EXTRA for d in ["f32", "bf16", "f16", "f8e4m3"]])
+def test_fnuz_and_e8m0_casts_match_torch(tmp_path, src, dst):
+    all_types = {**DTYPES, **EXTRA}
+    if src in EXTRA:
+        tensors = {"all_patterns": all_patterns(EXTRA[src])}
+    else:
+        tensors = inputs_for(src)
+    first = next(iter(tensors.values()))
+    tensors["odd"] = first[:1001].clone()
+    inp, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tensors, inp)
+    run("convert", inp, "-o", out, "--to", dst, "-q", "--on-overflow", "allow")
+    got = load_file(out)
+    for name, x in tensors.items():
+        want = x.to(all_types[dst])
         assert got[name].dtype == want.dtype
         g, w = bits(got[name]), bits(want)
         nan_want = torch.isnan(want.float()).numpy()

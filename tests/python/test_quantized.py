@@ -583,3 +583,23 @@ def test_llama_cpp_f32_preset(tmp_path):
                    "backbone.layers.0.mixer.conv1d.weight"}
     assert got["model.layers.0.input_layernorm.weight"].equal(torch.ones(16))  # bf16 -> f32
     assert got["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("to,dtype", [("f8e4m3fnuz", torch.float8_e4m3fnuz),
+                                      ("float8_e5m2fnuz", torch.float8_e5m2fnuz),
+                                      ("f8e8m0", torch.float8_e8m0fnu)])
+def test_fnuz_and_e8m0_outputs_load_with_torch(tmp_path, to, dtype):
+    x = torch.randn(7, 5) * 10
+    save_file({"a": x, "n": torch.arange(3)}, tmp_path / "i.safetensors")
+    for out in ["o.safetensors", "o.pt"]:
+        run("convert", tmp_path / "i.safetensors", "-o", tmp_path / out, "--to", to,
+            "--on-overflow", "allow")
+        got = (load_file(tmp_path / out) if out.endswith("safetensors")
+               else torch.load(tmp_path / out, weights_only=True))
+        assert got["a"].dtype == dtype
+        assert torch.equal(got["a"].view(torch.uint8), x.to(dtype).view(torch.uint8))
+        assert torch.equal(got["n"], torch.arange(3))
+    # read back and cast again (fnuz -> bf16 as torch does)
+    run("convert", tmp_path / "o.safetensors", "-o", tmp_path / "b.safetensors", "--to", "bf16")
+    assert torch.equal(load_file(tmp_path / "b.safetensors")["a"].view(torch.int16),
+                       x.to(dtype).to(torch.bfloat16).view(torch.int16))

@@ -84,7 +84,7 @@ fn check_castable(target: DType) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::usage(format!(
-            "cannot cast to {target}: choose f16, bf16, f32, f64, f8e4m3 or f8e5m2"
+            "cannot cast to {target}: choose f16, bf16, f32, f64, f8e4m3, f8e5m2, f8e4m3fnuz, f8e5m2fnuz or f8e8m0"
         )))
     }
 }
