@@ -301,6 +301,22 @@ fn finite_block(xs: &[f32], ys: &[f32], threshold: f32, mn: f32) -> ErrorStats {
     block
 }
 
+/// The smallest positive value of a float type (its smallest subnormal; e8m0 has none).
+pub fn min_subnormal(d: DType) -> f64 {
+    match d {
+        DType::F64 => 2f64.powi(-1074),
+        DType::F32 => 2f64.powi(-149),
+        DType::BF16 => 2f64.powi(-133),
+        DType::F16 => 2f64.powi(-24),
+        DType::F8E4M3 => 2f64.powi(-9),
+        DType::F8E5M2 => 2f64.powi(-16),
+        DType::F8E4M3Fnuz => 2f64.powi(-10),
+        DType::F8E5M2Fnuz => 2f64.powi(-17),
+        DType::F8E8M0 => 2f64.powi(-127),
+        _ => 0.0,
+    }
+}
+
 /// The smallest positive normal value of a float type.
 pub fn min_normal(d: DType) -> f64 {
     match d {

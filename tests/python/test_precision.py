@@ -203,8 +203,18 @@ def test_html_report_renders(minilm, tmp_path):
     if not chromium:
         pytest.skip("chromium is not installed (scripts/test installs it)")
     report = tmp_path / "r.html"
-    a = analyze(minilm, "f8e4m3", "--report", report)
+    a = analyze(minilm, "f8e4m3", "--report", report, "--preset", "keep-norms")
     html = report.read_text()
+    # SNR bars coloured against the lossy line (MiniLM's ~31 dB in e4m3 is below 40 dB), the
+    # line drawn, the rules named, and a range picture per tensor with the target's bounds
+    assert 'id="lossy-line"' in html and "lossy below 40 dB" in html
+    assert html.count('class="snr-lossy"') == 7 and 'class="snr-ok"' not in html
+    assert "preset keep-norms" in html and "--to float8_e4m3fn" in html
+    assert html.count('class="range"') == 30 and html.count('class="maxabs"') == 30
+    assert "min subnormal 2.0e-3" in html and "max 4.5e2" in html
+    high = tmp_path / "high.html"
+    analyze(minilm, "f16", "--report", high, "--lossy-below", "20")
+    assert 'class="snr-ok"' in high.read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",

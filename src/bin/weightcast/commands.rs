@@ -115,7 +115,7 @@ fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
     progress.0.finish_and_clear();
     analysis::worst_first(&mut analyses);
     if let Some(path) = &a.report {
-        let page = html::analysis_page(&cat, &plan, &analyses);
+        let page = html::analysis_page(&cat, &plan, &analyses, &bounds);
         write_atomic(path, page.as_bytes())?;
     }
     if a.json {

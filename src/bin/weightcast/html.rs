@@ -7,7 +7,7 @@ use std::fmt::Write;
 use weightcast::analysis::{totals, TensorAnalysis};
 use weightcast::catalogue::Catalogue;
 use weightcast::plan::Plan;
-use weightcast::stats::{ErrorStats, Verdict};
+use weightcast::stats::{min_normal, min_subnormal, Bounds, ErrorStats, Verdict};
 
 use crate::report::{bytes, db};
 
@@ -117,7 +117,127 @@ fn bars(
     s
 }
 
-pub fn analysis_page(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> String {
+/// SNR per layer as bars coloured against the lossy line (red below it, amber within 6 dB
+/// above, green beyond; grey when exact), the line drawn and labelled, each bar's value on it.
+fn snr_bars(labels: &[String], v: &[f64], lossy: f64) -> String {
+    let (w, h, left, bottom) = (760.0, 220.0, 50.0, 30.0);
+    let top = v
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(lossy, f64::max)
+        * 1.15;
+    let y = |x: f64| h - (x.clamp(0.0, top) / top) * (h - 20.0);
+    let n = v.len().max(1) as f64;
+    let bw = (w - left) / n;
+    let title = format!(
+        "SNR per layer (dB, higher is better): red below the lossy line ({lossy} dB,          --lossy-below), amber within 6 dB above it, green beyond, grey when exact"
+    );
+    let mut s = format!(
+        "<figure id=\"snr-chart\"><figcaption>{}</figcaption><svg viewBox=\"0 0 {w} {}\" width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"SNR per layer\">",
+        esc(&title), h + bottom, h + bottom
+    );
+    let _ = write!(
+        s,
+        "<line x1=\"{left}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" stroke=\"#999\"/>\
+         <text x=\"0\" y=\"12\" font-size=\"11\">{top:.0} dB</text>"
+    );
+    for (i, (&x, l)) in v.iter().zip(labels).enumerate() {
+        let (fill, class) = if !x.is_finite() {
+            ("#bbb", "exact")
+        } else if x < lossy {
+            ("#c33", "lossy")
+        } else if x < lossy + 6.0 {
+            ("#d90", "near")
+        } else {
+            ("#3a7", "ok")
+        };
+        let top_y = if x.is_finite() { y(x) } else { 20.0 };
+        let bx = left + i as f64 * bw;
+        let _ = write!(
+            s,
+            "<rect class=\"snr-{class}\" x=\"{:.1}\" y=\"{top_y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"><title>{}: {} dB</title></rect>\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text>\
+             <text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{}</text>",
+            bx + 1.0, (bw - 2.0).max(1.0), h - top_y, esc(l), esc(&db(x)),
+            bx + bw / 2.0, (top_y - 3.0).max(10.0), esc(&db(x)),
+            bx + bw / 2.0, h + 14.0, esc(l)
+        );
+    }
+    let ly = y(lossy);
+    let _ = write!(
+        s,
+        "<line id=\"lossy-line\" x1=\"{left}\" y1=\"{ly:.1}\" x2=\"{w}\" y2=\"{ly:.1}\" stroke=\"#c33\" stroke-dasharray=\"6 4\"/>\
+         <text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#c33\" text-anchor=\"end\">lossy below {lossy} dB</text>",
+        w - 2.0, ly - 3.0
+    );
+    s.push_str("</svg></figure>");
+    s
+}
+
+/// Where a tensor's values fall against the target's range, on a log2 axis: the flush-to-zero
+/// zone (below half the smallest subnormal), the subnormals, the normal range and overflow,
+/// with the tensor's largest magnitude marked and the counts in each zone.
+fn range_strip(x: &TensorAnalysis) -> String {
+    let to = x.to;
+    let (sub, norm) = (min_subnormal(to), min_normal(to));
+    let max = to.max_finite().unwrap_or(f64::MAX);
+    if sub <= 0.0 || !max.is_finite() || max > 1e300 {
+        return String::new();
+    }
+    let (lo, hi) = ((sub / 2.0).log2() - 6.0, max.log2() + 4.0);
+    let (w, h) = (420.0, 22.0);
+    let px = |v: f64| ((v.log2() - lo) / (hi - lo) * w).clamp(0.0, w);
+    let zones = [
+        (0.0, px(sub / 2.0), "#e8a33c", "flushes to zero"),
+        (px(sub / 2.0), px(norm), "#f3d36b", "subnormal"),
+        (px(norm), px(max), "#9fd3a8", "normal"),
+        (px(max), w, "#e06666", "overflow"),
+    ];
+    let mut s = format!(
+        "<svg class=\"range\" viewBox=\"0 0 {w} {}\" width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"range of {}\">",
+        h + 12.0,
+        h + 12.0,
+        esc(&to.to_string())
+    );
+    for (a, b, c, t) in zones {
+        let _ = write!(
+            s,
+            "<rect x=\"{a:.1}\" y=\"0\" width=\"{:.1}\" height=\"{h}\" fill=\"{c}\"><title>{t}</title></rect>",
+            (b - a).max(0.0)
+        );
+    }
+    for (v, label, anchor) in [
+        (sub, "min subnormal", "end"),
+        (norm, "min normal", "start"),
+        (max, "max", "middle"),
+    ] {
+        let x0 = px(v);
+        let _ = write!(
+            s,
+            "<line x1=\"{x0:.1}\" y1=\"0\" x2=\"{x0:.1}\" y2=\"{h}\" stroke=\"#555\"/>\
+             <text x=\"{x0:.1}\" y=\"{}\" font-size=\"8\" text-anchor=\"{anchor}\">{label} {v:.1e}</text>",
+            h + 10.0
+        );
+    }
+    if x.stats.max_abs > 0.0 && x.stats.max_abs.is_finite() {
+        let m = px(x.stats.max_abs);
+        let _ = write!(
+            s,
+            "<line class=\"maxabs\" x1=\"{m:.1}\" y1=\"0\" x2=\"{m:.1}\" y2=\"{h}\" stroke=\"#000\" stroke-width=\"3\"><title>max |x| {:.3e}</title></line>",
+            x.stats.max_abs
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+pub fn analysis_page(
+    cat: &Catalogue,
+    plan: &Plan,
+    a: &[TensorAnalysis],
+    bounds: &Bounds,
+) -> String {
     let t = totals(a);
     let tot = plan.totals();
     let groups = by_layer(cat, plan, a);
@@ -177,13 +297,7 @@ pub fn analysis_page(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> Stri
     ));
     s.push_str("</div><h2>Along the depth of the model</h2>");
     let snr: Vec<f64> = groups.iter().map(|g| g.stats.snr_db()).collect();
-    s.push_str(&bars(
-        "SNR per layer (dB, higher is better; grey: exact)",
-        &labels,
-        &snr,
-        "#3a7",
-        &|x| db(x),
-    ));
+    s.push_str(&snr_bars(&labels, &snr, bounds.lossy_below_db));
     let ovf: Vec<f64> = groups.iter().map(|g| g.stats.overflow as f64).collect();
     s.push_str(&bars(
         "values overflowing per layer",
@@ -223,6 +337,39 @@ pub fn analysis_page(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> Stri
             x.from, x.to, st.max_abs, st.overflow, st.underflow, st.max_rel_err, db(st.snr_db()), st.cosine(),
             v = x.verdict.as_str()
         );
+    }
+    s.push_str("</table><h2>Where values fall against the target's range</h2><p>Per tensor, worst first, on a log scale: below half the smallest subnormal a value flushes to zero, between that and the smallest normal it keeps only a few bits, beyond the largest finite value it overflows. The black bar is the tensor's largest magnitude.</p><table id=\"ranges\"><tr><th>name</th><th>cast</th><th>range</th><th>flushed</th><th>subnormal</th><th>overflow</th></tr>");
+    for x in a.iter().take(30) {
+        let p = &plan.tensors[x.plan_index];
+        let scaled = p.scaled.is_some() || p.dequant.is_some();
+        let _ = write!(
+            s,
+            "<tr><td>{}</td><td>{}→{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&cat.tensors[p.tensor].name),
+            x.from,
+            x.to,
+            if scaled {
+                "scaled: each group has its own range".to_string()
+            } else {
+                range_strip(x)
+            },
+            x.stats.underflow,
+            x.stats.subnormal,
+            x.stats.overflow
+        );
+    }
+    s.push_str(
+        "</table><h2>Rules applied</h2><table id=\"rules\"><tr><th>rule</th><th>tensors</th></tr>",
+    );
+    let mut rules: Vec<(String, usize)> = Vec::new();
+    for p in &plan.tensors {
+        match rules.iter_mut().find(|r| r.0 == p.reason) {
+            Some(r) => r.1 += 1,
+            None => rules.push((p.reason.clone(), 1)),
+        }
+    }
+    for (r, n) in &rules {
+        let _ = write!(s, "<tr><td>{}</td><td>{n}</td></tr>", esc(r));
     }
     s.push_str("</table><p>Made by weightcast; figures in float64 against the exact values the cast writes.</p></body></html>\n");
     s
