@@ -229,6 +229,15 @@ impl Plan {
 
     /// Decides every tensor of `cat`, and for [`Scope::WholeFile`] those outside the state dict.
     pub fn with_scope(cat: &Catalogue, rules: &RuleSet, target: DType, scope: Scope) -> Plan {
+        let resolved;
+        let rules = if rules.needs_model_type() {
+            let mut r = rules.clone();
+            r.resolve_model_type(model_type(cat).as_deref(), target);
+            resolved = r;
+            &resolved
+        } else {
+            rules
+        };
         let mut hits = vec![0usize; rules.rules.len()];
         let mut warnings = Vec::new();
         let mut uncastable = std::collections::BTreeMap::<DType, usize>::new();
@@ -604,6 +613,14 @@ fn other_plan(i: usize, t: &TensorEntry, section: &str, cast: bool, target: DTyp
         dequant: None,
         scaled: None,
     }
+}
+
+/// `config.json`'s `model_type` of a folder input.
+fn model_type(cat: &Catalogue) -> Option<String> {
+    let dir = &cat.folder.as_ref()?.dir;
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_type")?.as_str().map(String::from)
 }
 
 fn kind_of(t: &TensorEntry) -> &'static str {

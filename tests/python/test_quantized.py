@@ -603,3 +603,43 @@ def test_fnuz_and_e8m0_outputs_load_with_torch(tmp_path, to, dtype):
     run("convert", tmp_path / "o.safetensors", "-o", tmp_path / "b.safetensors", "--to", "bf16")
     assert torch.equal(load_file(tmp_path / "b.safetensors")["a"].view(torch.int16),
                        x.to(dtype).to(torch.bfloat16).view(torch.int16))
+
+
+def _fp32_params_after_transformers_load(folder, dtype, cls):
+    m = cls.from_pretrained(folder, dtype=dtype)
+    return {n for n, p in m.state_dict().items() if p.dtype == torch.float32}
+
+
+@pytest.mark.parametrize("to,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_transformers_fp32_preset_matches_transformers_loading(tmp_path, to, dtype):
+    """The tensors the preset keeps in f32 are exactly those transformers keeps in float32 when
+    it loads the model in that dtype (T5: `wo`, for float16 only; DeepSeek-V3: the MoE router
+    gate and its score-correction bias, for both)."""
+    from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
+
+    torch.manual_seed(5)
+    models = {
+        "t5": T5ForConditionalGeneration(T5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
+        "ds": DeepseekV3ForCausalLM(DeepseekV3Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+            num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+            topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64)),
+    }
+    for label, model in models.items():
+        src, out = tmp_path / label, tmp_path / f"{label}-{to}"
+        model.save_pretrained(src)
+        plan = json.loads(run("convert", src, "-o", out, "--to", to, "--preset",
+                              "transformers-fp32", "--dry-run", "--json").stdout)
+        ours = {t["name"] for t in plan["tensors"] if t["to"] == "F32"}
+        cls = type(model)
+        want = _fp32_params_after_transformers_load(src, dtype, cls)
+        saved = set(load_folder(src))
+        assert ours == want & saved, (label, to, ours ^ (want & saved))
+        if label == "t5":
+            assert bool(ours) == (to == "f16")
+        else:
+            assert ours  # the router gates, in both

@@ -14,6 +14,8 @@
 
 use std::path::Path;
 
+pub mod transformers_fp32;
+
 use regex::Regex;
 use serde::Deserialize;
 
@@ -94,6 +96,9 @@ pub enum Selector {
     Kind(Kind),
     /// The class of the module holding the tensor (`class:` prefix): its name or full path.
     Class(String),
+    /// The modules transformers keeps in float32 for the input's model type (preset
+    /// `transformers-fp32`): resolved by the plan from `config.json`, nothing until then.
+    ModelFp32(Option<Regex>),
 }
 
 impl Selector {
@@ -139,6 +144,7 @@ impl Selector {
     pub fn matches(&self, name: &str, shape: &[u64], class: Option<&str>) -> bool {
         match self {
             Selector::Regex(re) => re.is_match(name),
+            Selector::ModelFp32(re) => re.as_ref().is_some_and(|re| re.is_match(name)),
             Selector::Kind(k) => k.matches(name, shape, class),
             Selector::Class(want) => class.is_some_and(|c| {
                 c == want
@@ -260,6 +266,12 @@ pub const PRESETS: &[(&str, &str)] = &[
         "keep T5's feed-forward output projections (`wo`), which overflow in f16",
     ),
     (
+        "transformers-fp32",
+        "f32 for the modules transformers keeps in float32 for this model type \
+         (`_keep_in_fp32_modules` for f16 targets, `_keep_in_fp32_modules_strict` for f16 and \
+         bf16; from config.json's model_type)",
+    ),
+    (
         "llama-cpp-f32",
         "f32 for the tensors llama.cpp's converter always writes in F32: 1-D tensors, norms, \
          MoE router gates, position and token-type embeddings, SSM conv1d",
@@ -314,6 +326,15 @@ impl RuleSet {
             "keep-norms" => self.push("kind:1d", Action::Keep, origin, false),
             "keep-embeddings" => self.push("kind:embedding", Action::Keep, origin, false),
             "keep-t5-wo" => self.push("**.wo.*", Action::Keep, origin, false),
+            "transformers-fp32" => {
+                self.rules.push(Rule {
+                    selector: Selector::ModelFp32(None),
+                    action: Action::To(DType::F32),
+                    origin,
+                    only: false,
+                });
+                Ok(())
+            }
             "llama-cpp-f32" => LLAMA_CPP_F32
                 .iter()
                 .try_for_each(|p| self.push(p, Action::To(DType::F32), origin.clone(), false)),
@@ -397,6 +418,44 @@ impl RuleSet {
             only,
         });
         Ok(())
+    }
+
+    /// Whether a rule waits for the model type (preset `transformers-fp32`).
+    pub fn needs_model_type(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.selector, Selector::ModelFp32(_)))
+    }
+
+    /// Resolves the `transformers-fp32` rules for `model_type` and the default `target`: the
+    /// strict modules always, the others when the target is f16 (as transformers loads). The
+    /// rule's origin then names the model type and its patterns.
+    pub fn resolve_model_type(&mut self, model_type: Option<&str>, target: DType) {
+        for r in &mut self.rules {
+            if !matches!(r.selector, Selector::ModelFp32(_)) {
+                continue;
+            }
+            let row = model_type.and_then(|m| {
+                transformers_fp32::KEEP_IN_FP32
+                    .iter()
+                    .find(|(t, _, _)| *t == m)
+            });
+            let mut pats: Vec<&str> = row.map(|r| r.2.to_vec()).unwrap_or_default();
+            if target == DType::F16 {
+                pats.extend(row.map(|r| r.1.to_vec()).unwrap_or_default());
+            }
+            let base = "preset transformers-fp32";
+            r.origin = match (model_type, pats.is_empty()) {
+                (None, _) => format!("{base} (no model_type in a config.json)"),
+                (Some(m), true) => format!("{base} ({m}: nothing kept in float32)"),
+                (Some(m), false) => format!("{base} ({m}: {})", pats.join(", ")),
+            };
+            let re = (!pats.is_empty()).then(|| {
+                let body: Vec<String> = pats.iter().map(|p| p.replace('*', ".*")).collect();
+                Regex::new(&body.join("|")).expect("transformers' patterns are regexes")
+            });
+            r.selector = Selector::ModelFp32(re);
+        }
     }
 
     /// The action for a tensor and the index of the rule that decided (None: the default).
