@@ -643,3 +643,46 @@ def test_transformers_fp32_preset_matches_transformers_loading(tmp_path, to, dty
             assert bool(ours) == (to == "f16")
         else:
             assert ours  # the router gates, in both
+
+
+def test_modelopt_and_fbgemm_are_dequantized(tmp_path):
+    """ModelOpt (hf_quant_config.json, per-tensor f32 weight_scale and input_scale) and
+    fbgemm_fp8 (per-channel f32 weight_scale): fp8 times scale in f32, then the target."""
+    torch.manual_seed(6)
+    w = torch.randn(48, 32) * 0.05
+    # ModelOpt
+    s = (w.abs().max() / 448.0).reshape(())
+    q = (w / s).to(FP8)
+    mo = tmp_path / "modelopt"
+    mo.mkdir()
+    save_file({"l.weight": q, "l.weight_scale": s, "l.input_scale": torch.tensor(0.5),
+               "l.bias": torch.zeros(48, dtype=torch.bfloat16)}, mo / "model.safetensors")
+    (mo / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    (mo / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}}))
+    assert "modelopt FP8" in run("inspect", mo).stdout
+    run("convert", mo, "-o", tmp_path / "mo-bf16", "--to", "bf16")
+    got = load_folder(tmp_path / "mo-bf16")
+    assert sorted(got) == ["l.bias", "l.weight"]
+    assert bits_equal(got["l.weight"], (q.float() * s).bfloat16())
+    assert not (tmp_path / "mo-bf16" / "hf_quant_config.json").exists()
+    # fbgemm_fp8
+    s = w.abs().amax(dim=1, keepdim=True) / 448.0
+    q = (w / s).to(FP8)
+    fb = tmp_path / "fbgemm"
+    fb.mkdir()
+    save_file({"l.weight": q, "l.weight_scale": s}, fb / "model.safetensors")
+    (fb / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}}))
+    plan = json.loads(run("convert", fb, "-o", tmp_path / "fb-f16", "--to", "f16", "--dry-run",
+                          "--json").stdout)
+    assert plan["quantization"]["layouts"] == ["per channel"]
+    run("convert", fb, "-o", tmp_path / "fb-f16", "--to", "f16")
+    assert bits_equal(load_folder(tmp_path / "fb-f16")["l.weight"], (q.float() * s).half())
+    # a GPTQ config is refused by name
+    gp = tmp_path / "gptq"
+    gp.mkdir()
+    save_file({"l.qweight": torch.zeros(4, 8, dtype=torch.int32)}, gp / "model.safetensors")
+    (gp / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    p = run("convert", gp, "-o", tmp_path / "gp", "--to", "f16", check=False)
+    assert p.returncode == 1 and "quant_method `gptq`" in p.stderr
