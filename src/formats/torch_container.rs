@@ -226,18 +226,12 @@ fn empty_scan(container: &'static str) -> Scan {
 /// Every pickle of a stream of pickles in a row (`pickle.load` called until the data ends, as
 /// joblib, numpy and torch's legacy format do), parsed by `parse(pos)`, from `start` to `end`.
 /// Parsing that stops before `end` is recorded in `out.incomplete`.
-fn stream(
-    out: &mut Scan,
-    label: &str,
-    start: u64,
-    end: u64,
-    parse: impl Fn(u64) -> std::result::Result<(Pickle, usize), pickle::PickleError>,
-) {
+fn stream(out: &mut Scan, label: &str, start: u64, end: u64, parse: impl Fn(u64) -> Parsed) {
     let mut pos = start;
     let mut i = 0;
     while pos < end {
         match parse(pos) {
-            Ok((pk, n)) => {
+            (Ok((pk, n)), _) => {
                 out.pickles.push(ScannedPickle::of(
                     format!("{label}pickle {} (byte {pos})", i + 1),
                     pos,
@@ -247,10 +241,36 @@ fn stream(
                 pos += n.max(1) as u64;
                 i += 1;
             }
-            Err(e) => {
+            (Err(e), partial) => {
+                out.push_partial(
+                    partial,
+                    format!("{label}pickle {} (byte {pos})", i + 1),
+                    pos,
+                );
                 out.incomplete = Some(format!("{label}parsing stopped at byte {pos}: {e}"));
                 return;
             }
+        }
+    }
+}
+
+/// A parse and, when it failed, what was built before the error.
+type Parsed = (
+    std::result::Result<(Pickle, usize), pickle::PickleError>,
+    Option<Pickle>,
+);
+
+impl Scan {
+    /// Judges the globals a pickle named before its parse failed: an unpickler would already
+    /// have imported them.
+    fn push_partial(&mut self, partial: Option<Pickle>, label: String, offset: u64) {
+        if let Some(pk) = partial {
+            self.pickles.push(ScannedPickle::of(
+                format!("{label}, up to where parsing stopped"),
+                offset,
+                &pk,
+                false,
+            ));
         }
     }
 }
@@ -281,8 +301,8 @@ fn npy(data: &[u8], label: &str, offset: u64, out: &mut Scan) {
     if !(text.contains("'O'") || text.contains("|O") || text.contains("\"O\"")) {
         return;
     }
-    match pickle::parse_prefix(&data[end..], pickle::Limits::default()) {
-        Ok((pk, _)) => out.pickles.push(ScannedPickle::of(
+    match pickle::parse_prefix_partial(&data[end..], pickle::Limits::default()) {
+        (Ok((pk, _)), _) => out.pickles.push(ScannedPickle::of(
             format!(
                 "{label}object array (pickle at byte {})",
                 offset + end as u64
@@ -291,7 +311,13 @@ fn npy(data: &[u8], label: &str, offset: u64, out: &mut Scan) {
             &pk,
             false,
         )),
-        Err(e) => {
+        (Err(e), partial) => {
+            let at = offset + end as u64;
+            out.push_partial(
+                partial,
+                format!("{label}object array (pickle at byte {at})"),
+                at,
+            );
             out.incomplete = Some(format!(
                 "{label}the object array's pickle (byte {}): {e}",
                 offset + end as u64
@@ -317,7 +343,7 @@ fn member(data: &[u8], label: &str, out: &mut Scan, depth: usize) {
         members(&mut z, label, out, depth + 1);
     } else if data.first().is_some_and(|&b| pickle::is_opcode(b)) {
         stream(out, label, 0, data.len() as u64, |pos| {
-            pickle::parse_prefix(&data[pos as usize..], pickle::Limits::default())
+            pickle::parse_prefix_partial(&data[pos as usize..], pickle::Limits::default())
         });
     }
 }
@@ -585,14 +611,20 @@ fn scan_stack(file: &File, len: u64) -> Result<Scan> {
     .into_iter()
     .enumerate()
     {
-        let (pk, n) = match parse_at(file, pos, len) {
-            Ok(r) => r,
-            Err(e) if i == 0 => {
+        let (pk, n) = match parse_at_partial(file, pos, len) {
+            (Ok(r), _) => r,
+            (Err(e), partial) if i == 0 => {
                 out.container = "not a torch.save file";
+                out.push_partial(partial, "pickle 1 (byte 0)".into(), 0);
                 out.incomplete = Some(format!("parsing stopped at byte 0: {e}"));
                 return Ok(out);
             }
-            Err(e) => {
+            (Err(e), partial) => {
+                out.push_partial(
+                    partial,
+                    format!("pickle {} of the legacy stack ({what})", i + 1),
+                    pos,
+                );
                 // What was seen so far stays judged: parsing stopped, the file is not clean.
                 out.incomplete = Some(format!(
                     "pickle {} of the legacy stack ({what}) at byte {pos}: {e}",
@@ -612,7 +644,7 @@ fn scan_stack(file: &File, len: u64) -> Result<Scan> {
             out.stops = Some(format!("torch.load stops after pickle {}: {s}", i + 1));
             out.container = "a pickle stream (not a torch.save file)";
             out.pickles.clear();
-            stream(&mut out, "", 0, len, |p| parse_at(file, p, len));
+            stream(&mut out, "", 0, len, |p| parse_at_partial(file, p, len));
             return Ok(out);
         }
         out.pickles.push(ScannedPickle::of(
@@ -637,6 +669,11 @@ pub fn parse_at(
     pos: u64,
     len: u64,
 ) -> std::result::Result<(Pickle, usize), pickle::PickleError> {
+    parse_at_partial(file, pos, len).0
+}
+
+/// Like [`parse_at`]; when the pickle does not parse, also what was built before the error.
+fn parse_at_partial(file: &File, pos: u64, len: u64) -> Parsed {
     let avail = len.saturating_sub(pos).min(MAX_PICKLE);
     let mut window = (1u64 << 20).min(avail);
     loop {
@@ -645,10 +682,10 @@ pub fn parse_at(
         if read.is_err() {
             buf.clear();
         }
-        match pickle::parse_prefix(&buf, pickle::Limits::default()) {
-            Ok(r) => return Ok(r),
-            Err(_) if window < avail => window = (window * 4).min(avail),
-            Err(e) => return Err(e),
+        match pickle::parse_prefix_partial(&buf, pickle::Limits::default()) {
+            (Ok(r), _) => return (Ok(r), None),
+            (Err(_), _) if window < avail => window = (window * 4).min(avail),
+            failed => return failed,
         }
     }
 }

@@ -13,7 +13,9 @@ mod read;
 mod write;
 
 pub use equiv::{equivalent, reachable_globals, WRITER_GLOBALS};
-pub use read::{is_opcode, parse, parse_prefix, parse_with, Limits, PickleError};
+pub use read::{
+    is_opcode, parse, parse_prefix, parse_prefix_partial, parse_with, Limits, PickleError,
+};
 pub use write::{write, WriteError};
 
 /// Index of a node in [`Pickle::nodes`].

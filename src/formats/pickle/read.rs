@@ -192,13 +192,17 @@ impl<'a> Machine<'a> {
     }
 
     /// A newline-terminated text argument (protocol 0).
-    fn line(&mut self) -> R<&'a str> {
+    fn line_bytes(&mut self) -> R<&'a [u8]> {
         let rest = &self.data[self.pos..];
         let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
             return self.err("argument has no terminating newline (truncated?)");
         };
-        let s = &rest[..nl];
         self.pos += nl + 1;
+        Ok(&rest[..nl])
+    }
+
+    fn line(&mut self) -> R<&'a str> {
+        let s = self.line_bytes()?;
         match std::str::from_utf8(s) {
             Ok(s) => Ok(s),
             Err(_) => self.err("argument is not UTF-8"),
@@ -344,6 +348,26 @@ impl<'a> Machine<'a> {
     }
 
     fn run(mut self) -> R<(Pickle, usize)> {
+        self.step_all()
+    }
+
+    /// Runs to STOP; on an error, also returns what was built before it (its nodes and every
+    /// global seen), root `0`.
+    fn run_partial(mut self) -> (R<(Pickle, usize)>, Option<Pickle>) {
+        match self.step_all() {
+            Ok(r) => (Ok(r), None),
+            Err(e) => {
+                let partial = (!self.global_sites.is_empty()).then(|| Pickle {
+                    nodes: std::mem::take(&mut self.nodes),
+                    root: 0,
+                    global_sites: std::mem::take(&mut self.global_sites),
+                });
+                (Err(e), partial)
+            }
+        }
+    }
+
+    fn step_all(&mut self) -> R<(Pickle, usize)> {
         loop {
             self.op_at = self.pos;
             if self.pos >= self.data.len() {
@@ -372,9 +396,9 @@ impl<'a> Machine<'a> {
                     let end = self.pos;
                     return Ok((
                         Pickle {
-                            nodes: self.nodes,
+                            nodes: std::mem::take(&mut self.nodes),
                             root,
-                            global_sites: self.global_sites,
+                            global_sites: std::mem::take(&mut self.global_sites),
                         },
                         end,
                     ));
@@ -452,8 +476,9 @@ impl<'a> Machine<'a> {
                     self.push_node(Node::Str(s))?;
                 }
                 b'V' => {
-                    let s = self.line()?;
-                    let s = unescape_raw_unicode(s);
+                    // raw-unicode-escape: every byte is a Latin-1 character, but `\\uXXXX`.
+                    let s: String = self.line_bytes()?.iter().map(|&b| b as char).collect();
+                    let s = unescape_raw_unicode(&s);
                     self.push_node(Node::Str(s))?;
                 }
                 b'B' | b'C' | 0x8E | 0x96 => {
@@ -658,13 +683,16 @@ impl<'a> Machine<'a> {
                 b'i' => {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
-                    let args = self.pop_mark()?;
                     if self.nodes.len() >= self.limits.max_nodes {
                         return self.err("too many values");
                     }
+                    // Recorded before the MARK is looked for: Python's pure unpickler imports
+                    // the class first (the C one checks the MARK first; the file names it
+                    // either way).
                     self.nodes.push(Node::Global { module, name });
                     let cls = self.nodes.len() - 1;
                     self.site(cls);
+                    let args = self.pop_mark()?;
                     self.object(Call::Inst { cls, args })?;
                 }
                 b'o' => {
@@ -711,6 +739,19 @@ pub fn parse_with(data: &[u8], limits: Limits) -> Result<Pickle, PickleError> {
 /// Parses the pickle at the start of `data` and returns it with the number of bytes it took
 /// (legacy torch files stack several pickles and raw data in one file).
 pub fn parse_prefix(data: &[u8], limits: Limits) -> Result<(Pickle, usize), PickleError> {
+    machine(data, limits).run()
+}
+
+/// Like [`parse_prefix`]; when the pickle does not parse, also what was built before the error
+/// (for judging the globals a loader would already have imported), if it saw any global.
+pub fn parse_prefix_partial(
+    data: &[u8],
+    limits: Limits,
+) -> (Result<(Pickle, usize), PickleError>, Option<Pickle>) {
+    machine(data, limits).run_partial()
+}
+
+fn machine(data: &[u8], limits: Limits) -> Machine<'_> {
     Machine {
         data,
         pos: 0,
@@ -724,7 +765,6 @@ pub fn parse_prefix(data: &[u8], limits: Limits) -> Result<(Pickle, usize), Pick
         proto: 0,
         global_sites: HashMap::new(),
     }
-    .run()
 }
 
 /// Python's `int()` of a text line (base 10): surrounding whitespace, an optional sign, digits
