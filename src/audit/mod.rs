@@ -325,6 +325,12 @@ pub fn judge(module: &str, name: &str, protocol: u8, torch: bool) -> (String, Cl
     }
 }
 
+/// joblib's array wrapper (current format), under its two module paths.
+const JOBLIB_ARRAY_WRAPPERS: &[&str] = &[
+    "joblib.numpy_pickle.NumpyArrayWrapper",
+    "sklearn.externals.joblib.numpy_pickle.NumpyArrayWrapper",
+];
+
 /// Classifies `module.name`. A module or name that is not a dotted path of Python identifiers
 /// is dangerous: no real global has it, and written back as text it would be more opcodes.
 pub fn classify(module: &str, name: &str) -> Class {
@@ -346,6 +352,12 @@ pub fn classify(module: &str, name: &str) -> Class {
         m => m,
     };
     let canonical = format!("{module}.{name}");
+    if JOBLIB_ARRAY_WRAPPERS.contains(&canonical.as_str()) {
+        // A data holder in an otherwise dangerous module: built with NEWOBJ and a state dict;
+        // joblib then reads its array's bytes, or the nested pickle of an object array, which
+        // the scan judges as the file's own.
+        return Class::Other;
+    }
     if DANGEROUS_GLOBALS.contains(&canonical.as_str())
         || DANGEROUS_GLOBALS
             .iter()

@@ -163,6 +163,8 @@ pub fn what_is(path: &Path) -> Result<&'static str> {
         "a safetensors file"
     } else if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
         "a JSON file"
+    } else if let Some(c) = crate::formats::torch_container::compression(head) {
+        c.describe()
     } else if !crate::formats::pickle::is_opcode(head[0]) {
         "not a pickle (its first byte is no pickle opcode: an unpickler stops there)"
     } else {

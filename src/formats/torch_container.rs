@@ -190,6 +190,89 @@ pub fn open(path: &Path) -> Result<(File, u64, Container)> {
     Ok((file, len, c))
 }
 
+/// A compressed stream joblib's loader decompresses before unpickling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// gzip (`1f 8b`).
+    Gzip,
+    /// zlib (`78 ..` with a valid header check).
+    Zlib,
+    /// bzip2 (`BZh`).
+    Bz2,
+    /// xz (`fd 37 7a 58 5a 00`).
+    Xz,
+    /// lz4 frame (`04 22 4d 18`).
+    Lz4,
+}
+
+impl Compression {
+    /// What a file of it is, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Compression::Gzip => "a gzip stream (joblib.load decompresses and unpickles it)",
+            Compression::Zlib => "a zlib stream (joblib.load decompresses and unpickles it)",
+            Compression::Bz2 => "a bzip2 stream (joblib.load decompresses and unpickles it)",
+            Compression::Xz => "an xz stream (joblib.load decompresses and unpickles it)",
+            Compression::Lz4 => "an lz4 stream (joblib.load decompresses and unpickles it)",
+        }
+    }
+}
+
+/// The compression a file's first bytes announce.
+pub fn compression(head: &[u8]) -> Option<Compression> {
+    match head {
+        [0x1f, 0x8b, ..] => Some(Compression::Gzip),
+        [0x78, f, ..] if (0x7800u16 | *f as u16) % 31 == 0 => Some(Compression::Zlib),
+        [b'B', b'Z', b'h', ..] => Some(Compression::Bz2),
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Some(Compression::Xz),
+        [0x04, 0x22, 0x4d, 0x18, ..] => Some(Compression::Lz4),
+        _ => None,
+    }
+}
+
+/// A compressed file as joblib reads it: gzip and zlib are decompressed (up to the pickle
+/// limit) and judged as a stream of pickles; other compressions cannot be read here, so the
+/// file is never clean.
+pub fn scan_compressed(path: &Path, c: Compression) -> Result<Scan> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = empty_scan(c.describe());
+    let reader: Box<dyn Read> = match c {
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        ))),
+        Compression::Zlib => Box::new(flate2::read::ZlibDecoder::new(std::io::BufReader::new(
+            file,
+        ))),
+        _ => {
+            out.incomplete = Some(
+                "weightcast does not decompress this format: what joblib.load would unpickle \
+                 from it is not judged"
+                    .into(),
+            );
+            return Ok(out);
+        }
+    };
+    let mut data = Vec::new();
+    if let Err(e) = reader.take(MAX_PICKLE + 1).read_to_end(&mut data) {
+        out.incomplete = Some(format!(
+            "decompressing stopped after {} bytes: {e}",
+            data.len()
+        ));
+    }
+    if data.len() as u64 > MAX_PICKLE {
+        data.truncate(MAX_PICKLE as usize);
+        out.incomplete = Some(format!(
+            "more than {MAX_PICKLE} bytes once decompressed: judged up to there"
+        ));
+    }
+    let before = out.incomplete.take();
+    stream(&mut out, "decompressed: ", 0, data.len() as u64, |pos| {
+        parse_joblib_aware(&data[pos as usize..])
+    });
+    out.incomplete = out.incomplete.take().or(before);
+    Ok(out)
+}
+
 /// Lists what `torch.load(path, weights_only=False)` would unpickle. An error means the file
 /// could not be read far enough to know: never "clean".
 pub fn scan(path: &Path) -> Result<Scan> {
@@ -343,7 +426,7 @@ fn member(data: &[u8], label: &str, out: &mut Scan, depth: usize) {
         members(&mut z, label, out, depth + 1);
     } else if data.first().is_some_and(|&b| pickle::is_opcode(b)) {
         stream(out, label, 0, data.len() as u64, |pos| {
-            pickle::parse_prefix_partial(&data[pos as usize..], pickle::Limits::default())
+            parse_joblib_aware(&data[pos as usize..])
         });
     }
 }
@@ -682,11 +765,46 @@ fn parse_at_partial(file: &File, pos: u64, len: u64) -> Parsed {
         if read.is_err() {
             buf.clear();
         }
-        match pickle::parse_prefix_partial(&buf, pickle::Limits::default()) {
+        match parse_joblib_aware(&buf) {
             (Ok(r), _) => return (Ok(r), None),
             (Err(_), _) if window < avail => window = (window * 4).min(avail),
             failed => return failed,
         }
+    }
+}
+
+/// Parses the pickle at the start of `buf`; one that names joblib's `NumpyArrayWrapper` is
+/// parsed a second time as joblib reads it (the array bytes after each wrapper skipped, an
+/// object array's nested pickle judged), and its globals are those of both readings: what
+/// `pickle.load` would import and what `joblib.load` would.
+pub(crate) fn parse_joblib_aware(buf: &[u8]) -> Parsed {
+    let plain = pickle::parse_prefix_partial(buf, pickle::Limits::default());
+    let names_wrapper = |pk: &Pickle| {
+        pk.globals()
+            .iter()
+            .any(|(m, n)| n == "NumpyArrayWrapper" && m.ends_with("numpy_pickle"))
+    };
+    let wrapper = match &plain {
+        (Ok((pk, _)), _) | (Err(_), Some(pk)) => names_wrapper(pk),
+        _ => false,
+    };
+    if !wrapper {
+        return plain;
+    }
+    let limits = pickle::Limits {
+        joblib_arrays: true,
+        ..pickle::Limits::default()
+    };
+    match pickle::parse_prefix_partial(buf, limits) {
+        (Ok((mut pk, n)), _) => {
+            let other = match plain {
+                (Ok((p, _)), _) | (Err(_), Some(p)) => p,
+                _ => Pickle::default(),
+            };
+            pk.merge_globals(&other);
+            (Ok((pk, n)), None)
+        }
+        _ => plain,
     }
 }
 

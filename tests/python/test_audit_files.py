@@ -166,3 +166,58 @@ def test_findings_point_at_their_opcode_and_sarif(tmp_path):
                for r in s["runs"][0]["results"])
     assert not marker.exists()
     assert run("audit", tmp_path / "p2.pkl", "--format", "xml", check=False).returncode == 2
+
+
+def test_joblib_files(tmp_path):
+    """joblib's format: raw array bytes follow each NumpyArrayWrapper inside the pickle, an
+    object array is a nested pickle, and joblib.load decompresses gzip/zlib/xz/... first. audit
+    reads it as joblib does (and as pickle.load would), so a malicious object inside an object
+    array, compressed or not, is found; the wrapper itself is `other`, not dangerous."""
+    joblib = pytest.importorskip("joblib")
+    arrays = {"f": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.arange(5),
+              "b": np.array([True, False]), "u": np.array(["ab", "c"]),
+              "c": np.array([1 + 2j]), "obj": np.array([1, "x", None], dtype=object)}
+    clean = tmp_path / "clean.joblib"
+    joblib.dump(arrays, clean)
+    code, v, j = verdict(clean)
+    assert (code, v) == (0, "other"), j
+    f = j["files"][0]
+    assert f["incomplete"] is None
+    assert "joblib.numpy_pickle.NumpyArrayWrapper" in f["other"] and not f["dangerous"]
+    for compress in [3, ("gzip", 3)]:
+        z = tmp_path / f"clean-{compress!r}.joblib".replace(" ", "")
+        joblib.dump(arrays, z, compress=compress)
+        assert verdict(z)[:2] == (0, "other")
+    marker = tmp_path / "ran"
+    evil = {"w": np.zeros(3), "obj": np.array([Touch(marker)], dtype=object)}
+    for name, compress in [("evil.joblib", 0), ("evil.z", 3), ("evil.gz", ("gzip", 3))]:
+        path = tmp_path / name
+        joblib.dump(evil, path, compress=compress)
+        code, v, j = verdict(path)
+        assert (code, v) == (1, "dangerous"), (name, j)
+        assert any(g.endswith(".system") for g in j["files"][0]["dangerous"])
+    assert not marker.exists()
+    joblib.load(tmp_path / "evil.z")
+    assert marker.exists(), "joblib.load runs it"
+    # a compression weightcast does not read is never clean
+    xz = tmp_path / "x.xz"
+    joblib.dump(arrays, xz, compress="xz")
+    assert verdict(xz)[:2] == (2, "incomplete")
+    # Array bytes that pickle.load (not joblib) would read as opcodes are judged too. joblib
+    # now pads arrays with a length byte that is no opcode; a file without the alignment key
+    # (as older joblib wrote) has the raw bytes right after the BUILD.
+    hidden = tmp_path / "hidden.joblib"
+    payload = np.frombuffer(b"cos\nsystem\n(S'true'\ntR.", dtype=np.uint8)
+    joblib.dump({"a": payload}, hidden, protocol=2)
+    data = hidden.read_bytes()
+    key = b"X\x1b\x00\x00\x00numpy_array_alignment_bytesq\x13K\x10"
+    start = data.index(key)
+    after = start + len(key) + 2  # `ub`
+    pad = data[after] + 1
+    data = data[:start] + data[start + len(key):after] + data[after + pad:]
+    hidden.write_bytes(data)
+    import pickletools
+    assert ("GLOBAL", "os system") in [(o.name, a) for o, a, _ in pickletools.genops(data)]
+    code, v, j = verdict(hidden)
+    assert code == 1 and "os.system" in str(j["files"][0]["dangerous"]), j
+    assert joblib.load(hidden)["a"].tobytes() == payload.tobytes(), "joblib reads it as data"

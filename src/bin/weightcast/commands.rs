@@ -259,7 +259,19 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, format: &str) -> Result
             nothing.push((p, what));
             continue;
         }
-        let scan = weightcast::formats::torch_container::scan(&p).map_err(|e| e.to_string());
+        let scan = {
+            use weightcast::formats::torch_container as tc;
+            let head = std::fs::File::open(&p).ok().map(|f| {
+                let mut b = Vec::with_capacity(16);
+                let _ = std::io::Read::read_to_end(&mut std::io::Read::take(f, 16), &mut b);
+                b
+            });
+            match head.as_deref().and_then(tc::compression) {
+                Some(c) => tc::scan_compressed(&p, c),
+                None => tc::scan(&p),
+            }
+            .map_err(|e| e.to_string())
+        };
         let mut globals: Vec<(String, weightcast::audit::Class, String)> = Vec::new();
         for pk in scan.iter().flat_map(|s| &s.pickles) {
             for (name, class) in pk.judged() {

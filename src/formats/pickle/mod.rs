@@ -282,6 +282,32 @@ impl Pickle {
             .collect()
     }
 
+    /// Adds the globals `other` read (another reading of the same bytes) that this one has not
+    /// read at the same offset, so that both readings are judged.
+    pub fn merge_globals(&mut self, other: &Pickle) {
+        let have: std::collections::HashSet<(usize, String, String)> = self
+            .global_sites
+            .iter()
+            .filter_map(|(&id, s)| match &self.nodes[id] {
+                Node::Global { module, name } => Some((s.offset, module.clone(), name.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut sites: Vec<_> = other.global_sites.iter().collect();
+        sites.sort_by_key(|(_, s)| s.offset);
+        for (&id, site) in sites {
+            if let Node::Global { module, name } = &other.nodes[id] {
+                if !have.contains(&(site.offset, module.clone(), name.clone())) {
+                    self.nodes.push(Node::Global {
+                        module: module.clone(),
+                        name: name.clone(),
+                    });
+                    self.global_sites.insert(self.nodes.len() - 1, *site);
+                }
+            }
+        }
+    }
+
     /// Every global the pickle references, in first-seen order, without duplicates.
     pub fn globals(&self) -> Vec<(String, String)> {
         let mut seen = std::collections::HashSet::new();

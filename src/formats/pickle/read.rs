@@ -16,6 +16,9 @@ pub struct Limits {
     pub max_marks: usize,
     /// Most memo entries.
     pub max_memo: usize,
+    /// Read as joblib does: after the BUILD of a `numpy_pickle.NumpyArrayWrapper`, the
+    /// array's raw bytes (or, for an object array, a nested pickle) follow in the stream.
+    pub joblib_arrays: bool,
 }
 
 impl Default for Limits {
@@ -25,6 +28,7 @@ impl Default for Limits {
             max_stack: 10_000_000,
             max_marks: 100_000,
             max_memo: 50_000_000,
+            joblib_arrays: false,
         }
     }
 }
@@ -258,6 +262,125 @@ impl<'a> Machine<'a> {
             return self.err("no MARK before it");
         };
         Ok(self.stack.split_off(m))
+    }
+
+    /// Whether object `id` is made from joblib's `NumpyArrayWrapper`.
+    fn is_joblib_wrapper(&self, id: NodeId) -> bool {
+        let Node::Object(o) = &self.nodes[id] else {
+            return false;
+        };
+        let cls = match o.call {
+            Call::NewObj { cls, .. } | Call::Inst { cls, .. } => cls,
+            Call::Reduce { func, .. } => func,
+        };
+        matches!(&self.nodes[cls], Node::Global { module, name }
+            if name == "NumpyArrayWrapper" && module.ends_with("numpy_pickle"))
+    }
+
+    /// Steps over the array joblib writes after a `NumpyArrayWrapper` (`state` its BUILD
+    /// dict): an alignment byte and its padding when the state asks for alignment, then
+    /// `prod(shape) * itemsize` raw bytes; an object array is a nested pickle, whose globals
+    /// are judged as this pickle's.
+    fn joblib_array(&mut self, state: NodeId) -> R<()> {
+        let Node::Dict(items) = &self.nodes[state] else {
+            return self.err("NumpyArrayWrapper state is not a dict");
+        };
+        let get = |k: &str| {
+            items
+                .iter()
+                .find(|(key, _)| matches!(&self.nodes[*key], Node::Str(s) if s == k))
+                .map(|(_, v)| *v)
+        };
+        let (shape, dtype, align) = (
+            get("shape"),
+            get("dtype"),
+            get("numpy_array_alignment_bytes"),
+        );
+        let count = match shape.map(|s| &self.nodes[s]) {
+            Some(Node::Tuple(dims)) => dims.iter().try_fold(1u64, |acc, &d| match &self.nodes[d] {
+                Node::Int(n) if *n >= 0 => acc.checked_mul(*n as u64),
+                _ => None,
+            }),
+            _ => None,
+        };
+        let descr = dtype.and_then(|d| match &self.nodes[d] {
+            Node::Object(o) => match o.call {
+                Call::Reduce { args, .. } => match &self.nodes[args] {
+                    Node::Tuple(a) => a.first().and_then(|&x| match &self.nodes[x] {
+                        Node::Str(s) => Some(s.clone()),
+                        _ => None,
+                    }),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        });
+        let aligned = align.is_some_and(|a| !matches!(self.nodes[a], Node::None));
+        let (Some(count), Some(descr)) = (count, descr) else {
+            return self.err("NumpyArrayWrapper without a readable shape and dtype");
+        };
+        let descr = descr.trim_start_matches(['<', '>', '|', '=']);
+        if descr.starts_with('O') {
+            let (res, partial) = machine(&self.data[self.pos..], self.limits).run_partial();
+            let (nested, n) = match res {
+                Ok((pk, n)) => (Some(pk), Some(n)),
+                Err(_) => (partial, None),
+            };
+            if let Some(pk) = nested {
+                let base = self.pos;
+                let mut sites: Vec<_> = pk.global_sites.iter().collect();
+                sites.sort_by_key(|(_, s)| s.offset);
+                for (&id, site) in sites {
+                    if let Node::Global { module, name } = &pk.nodes[id] {
+                        if self.nodes.len() >= self.limits.max_nodes {
+                            return self.err("too many values");
+                        }
+                        self.nodes.push(Node::Global {
+                            module: module.clone(),
+                            name: name.clone(),
+                        });
+                        let mut site = *site;
+                        site.offset += base;
+                        self.global_sites.insert(self.nodes.len() - 1, site);
+                    }
+                }
+            }
+            return match n {
+                Some(n) => {
+                    self.pos += n;
+                    Ok(())
+                }
+                None => self.err("the object array's nested pickle does not parse"),
+            };
+        }
+        let (kind, digits) = descr.split_at(descr.len().min(1));
+        let n: u64 = digits.parse().unwrap_or(0);
+        let itemsize = match kind {
+            "U" => n.checked_mul(4),
+            "b" | "i" | "u" | "f" | "c" | "S" | "a" | "V" | "M" | "m" | "e" | "d" | "g" => Some(n),
+            _ => None,
+        }
+        .filter(|&s| s > 0);
+        let Some(itemsize) = itemsize else {
+            return self.err(format!(
+                "NumpyArrayWrapper dtype `{descr}` is not one joblib writes raw"
+            ));
+        };
+        if aligned {
+            let pad = self.u8()? as usize;
+            self.take(pad)?;
+        }
+        let bytes = count
+            .checked_mul(itemsize)
+            .filter(|&b| b <= (self.data.len() - self.pos) as u64);
+        match bytes {
+            Some(b) => {
+                self.pos += b as usize;
+                Ok(())
+            }
+            None => self.err("the array joblib wrote after NumpyArrayWrapper runs past the data"),
+        }
     }
 
     /// Records where global `id` was read: the opcode, its offset, the protocol in force.
@@ -710,6 +833,9 @@ impl<'a> Machine<'a> {
                         Node::Object(o) if o.state.is_none() => o.state = Some(state),
                         Node::Object(_) => return self.err("object already has a state"),
                         _ => return self.err("BUILD on a value that is not an object"),
+                    }
+                    if self.limits.joblib_arrays && self.is_joblib_wrapper(target) {
+                        self.joblib_array(state)?;
                     }
                 }
                 b'P' => {
