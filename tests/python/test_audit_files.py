@@ -221,3 +221,22 @@ def test_joblib_files(tmp_path):
     code, v, j = verdict(hidden)
     assert code == 1 and "os.system" in str(j["files"][0]["dangerous"]), j
     assert joblib.load(hidden)["a"].tobytes() == payload.tobytes(), "joblib reads it as data"
+
+
+def test_pickles_that_break_after_a_dangerous_call(tmp_path):
+    """Advisory tricks that make a scanner's parse fail after the dangerous call has already
+    run in CPython: a memo key that does not exist, a STACK_GLOBAL on an int, a truncated
+    BINUNICODE. What was read before the failure is judged."""
+    call = b"c" + b"os\nsystem\n" + b"V" + b"echo x\n" + b"\x85R0"  # os.system("echo x"), popped
+    files = {
+        "keyerror.pkl": b"\x80\x04" + call + b"\x8c\x02os\x94h\x03h\x00\x93K\x42.",
+        "type-confusion.pkl": b"\x80\x04" + call + b"J\x2a\x00\x00\x00\x94\x8c\x02os\x94h\x00h\x01\x93K\x42.",
+        "broken.pkl": b"cbuiltins\nexec\n(X>\nf = 1tRX.",
+    }
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        code, v, j = verdict(path)
+        assert (code, v) == (1, "dangerous"), (name, j)
+        f = j["files"][0]
+        assert f["incomplete"], name  # and it says where parsing stopped
