@@ -91,6 +91,7 @@ const DANGEROUS_MODULES: &[&str] = &[
     "tempfile",
     "distutils",
     "fileinput",
+    "linecache",
     "compileall",
     "py_compile",
     "tarfile",

@@ -40,6 +40,19 @@ DANGEROUS = [
     ("trace", "Trace.run"), ("commands", "getoutput"), ("sys", "modules"),
     ("numpy", "load"), ("torch.utils.cpp_extension", "load_inline"), ("pandas", "read_pickle"),
     ("__builtin__", "reduce"), ("cPickle", "loads"), ("types", "FunctionType"),
+    # the other targets of picklescan's advisories (its tests/init_data_files.py)
+    ("torch.utils.bottleneck.__main__", "run_cprofile"),
+    ("torch.utils.bottleneck.__main__", "run_autograd_prof"), ("torch._dynamo.guards", "GuardBuilder.get"),
+    ("torch.utils.collect_env", "run_and_read_all"),
+    ("torch.utils.data.datapipes.utils.decoder", "basichandlers"), ("trace", "Trace.runctx"),
+    ("profile", "Profile.runctx"), ("idlelib.debugobj", "ObjectTreeItem.SetText"),
+    ("idlelib.autocomplete", "AutoComplete.get_entity"),
+    ("idlelib.autocomplete", "AutoComplete.fetch_completions"), ("idlelib.calltip", "Calltip.fetch_tip"),
+    ("idlelib.calltip", "get_entity"), ("lib2to3.pgen2.pgen", "ParserGenerator.make_label"),
+    ("idlelib.run", "Executive.runcode"), ("idlelib.pyshell", "ModifiedInterpreter.runcommand"),
+    ("cProfile", "runctx"), ("asyncio.unix_events", "_UnixSubprocessTransport._start"),
+    ("numpy.f2py.crackfortran", "getlincoef"), ("io", "FileIO"), ("urllib.request", "urlopen"),
+    ("subprocess", "run"), ("sys", "exit"), ("builtins", "globals"), ("linecache", "getline"),
 ]
 
 
