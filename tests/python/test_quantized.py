@@ -686,3 +686,17 @@ def test_modelopt_and_fbgemm_are_dequantized(tmp_path):
     (gp / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
     p = run("convert", gp, "-o", tmp_path / "gp", "--to", "f16", check=False)
     assert p.returncode == 1 and "quant_method `gptq`" in p.stderr
+
+
+def test_dequantized_pt_output_from_an_index(tmp_path):
+    """A sharded set given by its index (no config: the scheme from the names, 128x128 blocks)
+    dequantized into a .pt that torch.load(weights_only=True) reads."""
+    src = tmp_path / "ds"
+    tensors = make_deepseek(src)
+    out = tmp_path / "ds.pt"
+    run("convert", src / "model.safetensors.index.json", "-o", out, "--to", "bf16")
+    sd = torch.load(out, weights_only=True)
+    assert sorted(sd) == sorted(n for n in tensors if not n.endswith("_scale_inv"))
+    for k in range(2):
+        w = f"model.layers.{k}.mlp.proj.weight"
+        assert bits_equal(sd[w], weight_dequant(tensors[w], tensors[w + "_scale_inv"]))
