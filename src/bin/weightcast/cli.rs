@@ -63,7 +63,7 @@ pub enum Command {
 }
 
 /// Casting rules, shared by convert and analyze (applied in command-line order).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct RuleFlags {
     /// Leave tensors matching PATTERN as they are.
     #[arg(long, value_name = "PATTERN")]
@@ -174,6 +174,22 @@ pub struct DiffArgs {
     pub all: bool,
 }
 
+impl ConvertArgs {
+    /// The input (set unless --batch, which sets it per line).
+    pub fn input(&self) -> &std::path::Path {
+        self.input
+            .as_deref()
+            .expect("clap requires INPUT without --batch")
+    }
+
+    /// The output (as [`ConvertArgs::input`]).
+    pub fn output(&self) -> &std::path::Path {
+        self.output
+            .as_deref()
+            .expect("clap requires -o without --batch")
+    }
+}
+
 const CONVERT_HELP: &str = "\
 Rules are applied in command-line order; the last rule that matches a tensor decides.
 PATTERN is a glob over dotted name components (`*.layernorm.*` never matches `word_embeddings`),
@@ -185,10 +201,16 @@ Examples:
   weightcast convert ./llama -o ./llama-bf16 --to bf16 --preset keep-norms --max-shard-size 5GB
   weightcast convert ./bert -o ./bert-f16 --to f16 --keep 're:pooler' --dry-run";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ConvertArgs {
     /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
-    pub input: PathBuf,
+    #[arg(required_unless_present = "batch")]
+    pub input: Option<PathBuf>,
+    /// Convert every `INPUT -> OUTPUT` line of FILE (blank lines and `#` comments skipped) with
+    /// the same options, one after the other; a failure is reported and the next line runs;
+    /// exit 1 when any failed.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["input", "output"])]
+    pub batch: Option<PathBuf>,
     /// For a PyTorch training checkpoint: the entry holding the state dict (e.g.
     /// model_state_dict); found automatically otherwise.
     #[arg(long, value_name = "PATH")]
@@ -225,8 +247,8 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "FORMAT", default_value = "compressed-tensors")]
     pub scale_format: String,
     /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
-    #[arg(short, long)]
-    pub output: PathBuf,
+    #[arg(short, long, required_unless_present = "batch")]
+    pub output: Option<PathBuf>,
     /// Target dtype: float16|half|f16|fp16, bfloat16|bf16, float32|f32, float64|f64,
     /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2, or auto (keep the source precision, decided
     /// from the tensors: a format move, or dequantizing FP8 to the checkpoint's own dtype).

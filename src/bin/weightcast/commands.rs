@@ -548,10 +548,141 @@ impl Progress for Bar {
 }
 
 fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
-    let (cat, plan, on_overflow, max_shard_size) = convert_plan(&c, order)?;
-    let pt_out = is_pt(&c.output);
-    let person = !c.quiet && !c.json;
     let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        // A second Ctrl-C while cleaning up falls through to the default (exit).
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    match &c.batch {
+        Some(file) => batch_cmd(&c, file, order, cancel),
+        None => convert_one(&c, order, cancel),
+    }
+}
+
+/// `--batch FILE`: every `INPUT -> OUTPUT` line converted with the same options, in order; a
+/// failed line is reported and the next one runs. A malformed file is a usage error before
+/// anything runs.
+fn batch_cmd(
+    c: &ConvertArgs,
+    file: &std::path::Path,
+    order: &[RuleArg],
+    cancel: Arc<AtomicBool>,
+) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::usage(format!(
+            "{}: cannot read the batch file: {e}",
+            file.display()
+        ))
+    })?;
+    let mut jobs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((i, o)) = line.split_once("->") else {
+            return Err(Error::usage(format!(
+                "{}:{}: expected `INPUT -> OUTPUT`, got `{line}`",
+                file.display(),
+                n + 1
+            ))
+            .into());
+        };
+        let (i, o) = (i.trim(), o.trim());
+        if i.is_empty() || o.is_empty() {
+            return Err(Error::usage(format!(
+                "{}:{}: an input and an output are both needed",
+                file.display(),
+                n + 1
+            ))
+            .into());
+        }
+        jobs.push((std::path::PathBuf::from(i), std::path::PathBuf::from(o)));
+    }
+    if c.json && c.dry_run {
+        return Err(Error::usage(
+            "--batch with --dry-run --json: plan each line alone (one JSON plan per command)",
+        )
+        .into());
+    }
+    if jobs.is_empty() {
+        return Err(Error::usage(format!("{}: no `INPUT -> OUTPUT` line", file.display())).into());
+    }
+    let mut results = Vec::new();
+    for (i, (input, output)) in jobs.iter().enumerate() {
+        if cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut one = c.clone();
+        one.batch = None;
+        one.input = Some(input.clone());
+        one.output = Some(output.clone());
+        if c.json {
+            // One JSON document for the whole batch, below: the lines run quietly.
+            one.json = false;
+            one.quiet = true;
+        }
+        if !c.quiet && !c.json {
+            eprintln!(
+                "weightcast: [{}/{}] {} -> {}",
+                i + 1,
+                jobs.len(),
+                input.display(),
+                output.display()
+            );
+        }
+        let r = convert_one(&one, order, cancel.clone());
+        let error = match &r {
+            Ok(code) if *code == ExitCode::SUCCESS => None,
+            Ok(_) => Some("interrupted".to_string()),
+            Err(e) => Some(report::one_line(&e.to_string())),
+        };
+        if let (Some(e), false) = (&error, c.json) {
+            eprintln!("weightcast: error: {e}");
+        }
+        results.push((input, output, error));
+    }
+    let failed = results.iter().filter(|r| r.2.is_some()).count();
+    let skipped = jobs.len() - results.len();
+    if c.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "batch": file,
+                "results": results.iter().map(|(i, o, e)| json!({
+                    "input": i, "output": o, "ok": e.is_none(), "error": e,
+                })).collect::<Vec<_>>(),
+                "converted": results.len() - failed, "failed": failed, "skipped": skipped,
+            }))?
+        );
+    } else if !c.quiet {
+        println!(
+            "weightcast: batch {}: {} converted, {failed} failed{}",
+            file.display(),
+            results.len() - failed,
+            if skipped > 0 {
+                format!(", {skipped} not run (interrupted)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(if failed > 0 || skipped > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Result<ExitCode> {
+    let (cat, plan, on_overflow, max_shard_size) = convert_plan(c, order)?;
+    let pt_out = is_pt(c.output());
+    let person = !c.quiet && !c.json;
     let opts = Options {
         force: c.force,
         max_shard_size,
@@ -565,11 +696,11 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         },
     };
     if c.dry_run {
-        let (_, layout) = convert::prepare(&cat, &plan, &c.output, &opts)?;
+        let (_, layout) = convert::prepare(&cat, &plan, c.output(), &opts)?;
         if c.json {
             let mut v = report::plan_json(&cat, &plan, &layout);
             v["dry_run"] = json!(true);
-            v["output"] = json!(c.output);
+            v["output"] = json!(c.output());
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             print!("{}", report::plan_text(&cat, &plan, &layout));
@@ -577,7 +708,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
                 println!(
                     "writes {}: a torch.save checkpoint with {} (views and tied tensors share one \
                      converted storage)",
-                    c.output.display(),
+                    c.output().display(),
                     if plan.scope == Scope::StateDict && !plan.dropped.is_empty() {
                         "the state dict alone"
                     } else {
@@ -589,17 +720,8 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    {
-        let cancel = cancel.clone();
-        // A second Ctrl-C while cleaning up falls through to the default (exit).
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
     let progress = bar(person, "converting");
-    let result = convert::convert(&cat, &plan, &c.output, &opts, &progress);
+    let result = convert::convert(&cat, &plan, c.output(), &opts, &progress);
     progress.0.finish_and_clear();
     let summary = match result {
         Ok(s) => s,
@@ -609,7 +731,7 @@ fn convert_cmd(c: ConvertArgs, order: &[RuleArg]) -> Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    print_summary(&c, &cat, &plan, &summary)?;
+    print_summary(c, &cat, &plan, &summary)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -660,14 +782,14 @@ fn convert_plan(
         None => single_target(c.to.as_deref(), file_to)?,
     };
     let max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
-    let pt_out = is_pt(&c.output);
+    let pt_out = is_pt(c.output());
     if c.cast_optimizer && (!pt_out || c.inference) {
         return Err(Error::usage(
             "--cast-optimizer applies to a .pt output of a whole training checkpoint (not with --inference)",
         )
         .into());
     }
-    let mut cat = open(&c.input, c.key.as_deref())?;
+    let mut cat = open(c.input(), c.key.as_deref())?;
     if let Some(p) = &c.strip_prefix {
         let n = cat.strip_prefix(p)?;
         if n == 0 {
@@ -693,7 +815,7 @@ fn convert_plan(
         Plan::auto_target(&cat).ok_or_else(|| {
             Error::usage(format!(
                 "--to auto: {} has no floating tensor to take a precision from",
-                c.input.display()
+                c.input().display()
             ))
         })?
     } else {
@@ -795,7 +917,7 @@ fn print_summary(
     if c.json {
         let mut v = report::plan_json(cat, plan, &summary.layout);
         v["dry_run"] = json!(false);
-        v["output"] = json!(c.output);
+        v["output"] = json!(c.output());
         v["written"] = json!(summary.files);
         v["files_copied"] = json!(summary.files_copied);
         v["config_dtype"] = json!(summary.config_dtype.map(|d| d.torch_name()));
@@ -822,7 +944,7 @@ fn print_summary(
             report::bytes(summary.bytes_out),
             secs,
             report::bytes(rate as u64),
-            c.output.display()
+            c.output().display()
         );
     }
     Ok(())
