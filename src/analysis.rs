@@ -63,15 +63,7 @@ pub fn measure_dequantized(
     cancel: Option<&AtomicBool>,
 ) -> Result<Vec<ErrorStats>> {
     let t = &cat.tensors[tensor];
-    let table = crate::quant::ScaleTable::load(
-        cat,
-        sources,
-        &crate::quant::Scaled {
-            payload: tensor,
-            scale: d.scale,
-            layout: d.layout,
-        },
-    )?;
+    let table = d.table(cat, sources, tensor)?;
     let mut acc = vec![ErrorStats::default(); targets.len()];
     let (isz, csz) = (t.dtype.bitsize() / 8, d.compute.bitsize() / 8);
     let mut first = 0u64;

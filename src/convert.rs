@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::formats::safetensors::{encode_header, OutTensor};
 use crate::output::{check_target, index_json, layout, Layout, OutputFile, Target};
 use crate::plan::{Plan, QuantPlan, ScaledOut, TensorPlan};
-use crate::quant::{ScaleTable, Scaled};
+use crate::quant::ScaleTable;
 use crate::source::Sources;
 
 /// Bytes per chunk buffer (input or output side).
@@ -376,15 +376,9 @@ impl Job<'_> {
             .iter()
             .map(|r| {
                 let how = match r.dequant {
-                    Some((payload, d)) => How::Dequantize(Arc::new(ScaleTable::load(
-                        cat,
-                        self.sources,
-                        &Scaled {
-                            payload,
-                            scale: d.scale,
-                            layout: d.layout,
-                        },
-                    )?)),
+                    Some((payload, d)) => {
+                        How::Dequantize(Arc::new(d.table(cat, self.sources, payload)?))
+                    }
                     None => How::Cast,
                 };
                 Ok(Piece {
@@ -646,15 +640,7 @@ impl Job<'_> {
     fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
         let cat = self.cat;
         let how = match (p.dequant, p.scaled) {
-            (Some(d), _) => How::Dequantize(Arc::new(ScaleTable::load(
-                cat,
-                self.sources,
-                &Scaled {
-                    payload: p.tensor,
-                    scale: d.scale,
-                    layout: d.layout,
-                },
-            )?)),
+            (Some(d), _) => How::Dequantize(Arc::new(d.table(cat, self.sources, p.tensor)?)),
             (None, Some(ScaledOut::Payload { .. })) => How::Quantize(self.scales_of(p.tensor)?),
             (None, Some(ScaledOut::Scale { payload })) => {
                 How::Fill(Arc::new(self.scales_of(payload)?.bytes()))

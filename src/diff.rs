@@ -7,7 +7,7 @@ use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::Plan;
-use crate::quant::{ScaleTable, Scaled};
+use crate::quant::ScaleTable;
 use crate::source::Sources;
 use crate::stats::{diff_stats, ErrorStats};
 
@@ -133,17 +133,7 @@ fn table(
     p: &crate::plan::TensorPlan,
 ) -> Result<Option<ScaleTable>> {
     p.dequant
-        .map(|d| {
-            ScaleTable::load(
-                cat,
-                sources,
-                &Scaled {
-                    payload: p.tensor,
-                    scale: d.scale,
-                    layout: d.layout,
-                },
-            )
-        })
+        .map(|d| d.table(cat, sources, p.tensor))
         .transpose()
 }
 

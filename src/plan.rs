@@ -67,6 +67,27 @@ pub struct Dequant {
     pub compute: DType,
 }
 
+impl Dequant {
+    /// The scale table that dequantizes payload `payload` (catalogue index), read from
+    /// `sources`.
+    pub fn table(
+        &self,
+        cat: &Catalogue,
+        sources: &crate::source::Sources<'_>,
+        payload: usize,
+    ) -> crate::error::Result<crate::quant::ScaleTable> {
+        crate::quant::ScaleTable::load(
+            cat,
+            sources,
+            &crate::quant::Scaled {
+                payload,
+                scale: self.scale,
+                layout: self.layout,
+            },
+        )
+    }
+}
+
 /// What the plan does with a quantized input.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum QuantPlan {

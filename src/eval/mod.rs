@@ -20,6 +20,7 @@ pub mod spill;
 pub use encoder::{embed, Run};
 pub use lm::{run_lm, LmRun};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -417,14 +418,7 @@ fn check_config(arch: &Arch) -> std::result::Result<(), String> {
 /// on the fly, as stored otherwise.
 pub fn float_mix(cat: &Catalogue, plan: Option<&Plan>) -> Vec<(DType, u64)> {
     let mut m = std::collections::BTreeMap::<DType, u64>::new();
-    let stored;
-    let plan = match plan {
-        Some(p) => p,
-        None => {
-            stored = Plan::stored(cat);
-            &stored
-        }
-    };
+    let plan = plan.map_or_else(|| Cow::Owned(Plan::stored(cat)), Cow::Borrowed);
     for p in &plan.tensors {
         let (t, d) = (&cat.tensors[p.tensor], p.to);
         if d.is_float() {
@@ -527,14 +521,7 @@ pub fn weights(
     let fail = |t: &crate::catalogue::TensorEntry, e: cast::CastError| {
         Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name))
     };
-    let stored;
-    let plan = match plan {
-        Some(p) => p,
-        None => {
-            stored = Plan::stored(cat);
-            &stored
-        }
-    };
+    let plan = plan.map_or_else(|| Cow::Owned(Plan::stored(cat)), Cow::Borrowed);
     for p in &plan.tensors {
         let (t, to) = (&cat.tensors[p.tensor], p.to);
         let load = if to.is_float() { compute } else { to };
@@ -545,15 +532,7 @@ pub fn weights(
             None => (n * to.bitsize() / 8) as u64,
         };
         let table = match p.dequant {
-            Some(d) => Some(crate::quant::ScaleTable::load(
-                cat,
-                &sources,
-                &crate::quant::Scaled {
-                    payload: p.tensor,
-                    scale: d.scale,
-                    layout: d.layout,
-                },
-            )?),
+            Some(d) => Some(d.table(cat, &sources, p.tensor)?),
             None => None,
         };
         let bytes = if to == t.dtype && load == to && table.is_none() {

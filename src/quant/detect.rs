@@ -189,7 +189,7 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
 
     // Pair every scale with its payload.
     for (i, t) in cat.tensors.iter().enumerate() {
-        let Some((stem, scale_suffix, payload_suffix)) = split_scale(&t.name) else {
+        let Some((stem, payload_suffix)) = split_scale(&t.name) else {
             continue;
         };
         let payload_name = join(stem, payload_suffix);
@@ -230,7 +230,6 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
                 ));
             }
         }
-        let _ = scale_suffix;
     }
     // A payload with two scales (`weight_scale` and `weight_scale_inv`) is ambiguous.
     let mut seen = HashMap::new();
@@ -294,8 +293,8 @@ fn ignored(config: &Option<Value>) -> Vec<String> {
         .collect()
 }
 
-/// `(stem, scale suffix, payload suffix)` of a scale tensor's name.
-fn split_scale(name: &str) -> Option<(&str, &str, &str)> {
+/// `(stem, payload suffix)` of a scale tensor's name.
+fn split_scale(name: &str) -> Option<(&str, &str)> {
     let (stem, last) = match name.rsplit_once('.') {
         Some((s, l)) => (s, l),
         None => ("", name),
@@ -303,7 +302,7 @@ fn split_scale(name: &str) -> Option<(&str, &str, &str)> {
     SCALE_NAMES
         .iter()
         .find(|(s, _)| *s == last)
-        .map(|(s, p)| (stem, *s, *p))
+        .map(|(_, p)| (stem, *p))
 }
 
 fn join(stem: &str, last: &str) -> String {
