@@ -1,6 +1,6 @@
 """Benchmark: weightcast against PyTorch, numpy and the machine's limit (dd), in one run.
 
-    .venv/bin/python bench/bench.py [--layers 6] [--runs 3] [--keep] [--set all|pt]
+    .venv/bin/python bench/bench.py [--layers 6] [--runs 3] [--keep] [--set all|pt|fp8|python]
 
 Generates a Llama-shaped f32 safetensors model (about 1.6 GiB with the default 6 layers) in
 bench-out/, then times each way of casting it to f16 (and bf16), end to end as a user runs it
@@ -72,6 +72,36 @@ save_file(t, sys.argv[2], metadata={"format": "pt"})
 """
 
 
+# The Python package's contenders run in the venv the wheel is installed in (scripts/api-env).
+API_PY = os.environ.get("API_PYTHON", str(ROOT / "target" / "api-venv" / "bin" / "python"))
+
+IMPORT_TORCH = "import torch, safetensors.torch, weightcast"
+
+WC_LOAD = """
+import sys, torch, weightcast
+sd = weightcast.load(sys.argv[1], dtype="f16")
+assert all(v.dtype == torch.float16 for v in sd.values())
+"""
+
+ST_LOAD = """
+import sys, torch
+from safetensors.torch import load_file
+sd = {k: v.half() for k, v in load_file(sys.argv[1]).items()}
+assert all(v.dtype == torch.float16 for v in sd.values())
+"""
+
+PT_LOAD = """
+import sys, torch
+sd = {k: v.half() for k, v in torch.load(sys.argv[1], mmap=True, weights_only=True).items()}
+assert all(v.dtype == torch.float16 for v in sd.values())
+"""
+
+WC_CONVERT_PY = """
+import sys, weightcast
+weightcast.convert(sys.argv[1], sys.argv[2], "f16", force=True)
+"""
+
+
 def generate(path: pathlib.Path, layers: int):
     import torch
     from safetensors.torch import save_file
@@ -111,10 +141,12 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
-    ap.add_argument("--set", choices=["all", "pt", "fp8"], default="all",
+    ap.add_argument("--set", choices=["all", "pt", "fp8", "python"], default="all",
                     help="pt: only the PyTorch-file contenders and their references; fp8: "
                          "scaled FP8 quantization and dequantization (and llm-compressor when "
-                         "LLMC_PYTHON names a Python with llmcompressor installed)")
+                         "LLMC_PYTHON names a Python with llmcompressor installed); python: "
+                         "the Python package's load and convert against safetensors and "
+                         "torch.load (the wheel installed by scripts/api-env)")
     args = ap.parse_args()
     if args.generate_only:
         generate(pathlib.Path(args.generate_only), args.layers)
@@ -196,6 +228,16 @@ def main():
                 contenders.append((f"llm-compressor oneshot {scheme} (load, quantize, save)",
                                    ["sh", "-c", f"rm -rf {OUT / 'llmc'} && exec {llmc} -c "
                                     f"'{LLMC_SCRIPT}' {folder} {OUT / 'llmc'} {scheme}"]))
+    if args.set == "python":
+        contenders = [
+            ("weightcast f32->f16", wc("f16")),
+            ("Python weightcast.convert f32->f16", [API_PY, "-c", WC_CONVERT_PY, str(src), str(out)]),
+            ("Python: import torch, safetensors, weightcast (baseline)", [API_PY, "-c", IMPORT_TORCH]),
+            ("weightcast.load(.safetensors, dtype=f16)", [API_PY, "-c", WC_LOAD, str(src)]),
+            ("safetensors.torch.load_file + .half()", [API_PY, "-c", ST_LOAD, str(src)]),
+            ("weightcast.load(.pt, dtype=f16)", [API_PY, "-c", WC_LOAD, str(src_pt)]),
+            ("torch.load(.pt, mmap=True) + .half()", [API_PY, "-c", PT_LOAD, str(src_pt)]),
+        ]
     # Output size of the f16 cast, for dd.
     subprocess.run(wc("f16"), check=True)
     f16_size = out.stat().st_size

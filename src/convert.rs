@@ -35,6 +35,8 @@ pub trait Progress: Sync {
     fn begin(&self, _bytes: u64, _tensors: usize) {}
     /// `bytes` more input bytes were converted.
     fn advance(&self, _bytes: u64) {}
+    /// A new pass starts (`choosing`, `checking`, `converting`...): counts start again.
+    fn phase(&self, _what: &str) {}
 }
 
 /// A [`Progress`] that ignores everything.
@@ -215,6 +217,119 @@ fn execute(
     Ok(summary)
 }
 
+/// Converts `plan`'s tensors into memory: `bufs[i]` (allocated by the caller, exactly
+/// `mem.buffers[i].nbytes` long) receives buffer `i` of `mem` (see [`crate::load`]). The same
+/// executor, casts and overflow policy as a file output; returns the clamp report.
+pub fn convert_into(
+    cat: &Catalogue,
+    plan: &Plan,
+    mem: &crate::load::MemoryLayout,
+    bufs: &mut [&mut [u8]],
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, u64)>> {
+    use crate::load::BufferSource;
+    if let QuantPlan::Unsupported(why) = &plan.quant {
+        return Err(Error::Refused(format!(
+            "{}: quantized in a way weightcast cannot dequantize: {why}",
+            cat.path.display()
+        )));
+    }
+    if bufs.len() != mem.buffers.len()
+        || bufs
+            .iter()
+            .zip(&mem.buffers)
+            .any(|(b, m)| b.len() as u64 != m.nbytes)
+    {
+        return Err(Error::usage(
+            "convert_into: the buffers do not match the memory layout",
+        ));
+    }
+    let sources = Sources::open(cat)?;
+    let job = Job {
+        cat,
+        plan,
+        sources: &sources,
+        opts,
+        progress,
+        scales: Mutex::new(Default::default()),
+    };
+    let storage_entries: Vec<Option<TensorEntry>> = mem
+        .buffers
+        .iter()
+        .map(|b| match b.source {
+            BufferSource::Storage { s, .. } => Some(cat.storages[s].as_tensor()),
+            BufferSource::Tensor(_) => None,
+        })
+        .collect();
+    let tensors: Vec<usize> = mem
+        .buffers
+        .iter()
+        .filter_map(|b| match b.source {
+            BufferSource::Tensor(i) => Some(i),
+            BufferSource::Storage { .. } => None,
+        })
+        .collect();
+    job.precompute_scales(&tensors)?;
+    let pieces: Vec<Piece<'_>> = mem
+        .buffers
+        .iter()
+        .zip(&storage_entries)
+        .map(|(b, e)| match (&b.source, e) {
+            (BufferSource::Tensor(i), _) => job.piece(&plan.tensors[*i]),
+            (&BufferSource::Storage { from, to, .. }, Some(entry)) => Ok(Piece {
+                entry,
+                from,
+                to,
+                how: How::Cast,
+            }),
+            _ => unreachable!("a storage buffer has its entry"),
+        })
+        .collect::<Result<_>>()?;
+    progress.begin(pieces.iter().map(|p| p.entry.nbytes).sum(), pieces.len());
+    let counts = job.exec().run(
+        &pieces,
+        &mut MemSink {
+            bufs,
+            cur: 0,
+            pos: 0,
+        },
+    )?;
+    job.check_cancel()?;
+    let named: Vec<(String, DType, u64)> = counts
+        .into_iter()
+        .map(|(k, n)| {
+            let name = match mem.buffers[k].source {
+                BufferSource::Tensor(i) => cat.tensors[plan.tensors[i].tensor].name.clone(),
+                BufferSource::Storage { s, .. } => format!("storage data/{}", cat.storages[s].key),
+            };
+            (name, pieces[k].to, n)
+        })
+        .collect();
+    job.check_overflow(named)
+}
+
+/// Buffers in memory, filled piece after piece.
+struct MemSink<'a, 'b> {
+    bufs: &'a mut [&'b mut [u8]],
+    cur: usize,
+    pos: usize,
+}
+
+impl Sink for MemSink<'_, '_> {
+    fn begin(&mut self, i: usize) -> Result<()> {
+        self.cur = i;
+        self.pos = 0;
+        Ok(())
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let dst = &mut self.bufs[self.cur][self.pos..self.pos + bytes.len()];
+        dst.copy_from_slice(bytes);
+        self.pos += bytes.len();
+        Ok(())
+    }
+}
+
 /// Creates `dir` and its missing ancestors; returns the topmost folder it created.
 fn make_parents(dir: &Path) -> Result<Option<PathBuf>> {
     let mut top = None;
@@ -335,7 +450,7 @@ impl Job<'_> {
             overflow.extend(self.write_file(tmp.as_file(), tmp.path(), f)?);
             staged.push((tmp, dir.join(&f.name)));
         }
-        self.check_overflow(self.named(&overflow), summary)?;
+        summary.overflowed = self.check_overflow(self.named(&overflow))?;
         if let Some(index) = &layout.index {
             let mut tmp = temp_file(&dir, index)?;
             let text = index_json(cat, plan, &layout);
@@ -399,7 +514,7 @@ impl Job<'_> {
             .iter()
             .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
             .collect();
-        self.check_overflow(named, summary)?;
+        summary.overflowed = self.check_overflow(named)?;
         self.finish(tmp.as_file())?;
         tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
         summary.files.push(dest.to_path_buf());
@@ -427,7 +542,7 @@ impl Job<'_> {
             overflow.extend(self.write_file(&file, &path, f)?);
             summary.files.push(dest.join(&f.name));
         }
-        self.check_overflow(self.named(&overflow), summary)?;
+        summary.overflowed = self.check_overflow(self.named(&overflow))?;
         if let Some(index) = &layout.index {
             let path = staging.path().join(index);
             std::fs::write(&path, index_json(cat, plan, &layout))
@@ -526,18 +641,13 @@ impl Job<'_> {
 
     /// Turns the overflow counts of the written tensors (or storages) into an error
     /// (`--on-overflow error`) or the clamp report.
-    fn check_overflow(
-        &self,
-        named: Vec<(String, DType, u64)>,
-        summary: &mut Summary,
-    ) -> Result<()> {
+    fn check_overflow(&self, named: Vec<(String, DType, u64)>) -> Result<Vec<(String, u64)>> {
         match self.opts.on_overflow {
             OnOverflow::Clamp | OnOverflow::Allow => {
                 // `allow` counts nothing (Range::Ignore), so this is the clamp report.
-                summary.overflowed = named.into_iter().map(|(n, _, c)| (n, c)).collect();
-                Ok(())
+                Ok(named.into_iter().map(|(n, _, c)| (n, c)).collect())
             }
-            _ if named.is_empty() => Ok(()),
+            _ if named.is_empty() => Ok(vec![]),
             _ => {
                 let total: u64 = named.iter().map(|t| t.2).sum();
                 let list: Vec<String> = named

@@ -22,8 +22,11 @@ pub mod convert;
 pub mod diff;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "eval")]
 pub mod eval;
 pub mod formats;
+pub mod job;
+pub mod load;
 pub mod output;
 pub mod plan;
 pub mod quant;

@@ -17,6 +17,8 @@ pub mod lm;
 pub mod metrics;
 pub mod spill;
 
+/// The tensor type of the weights eval loads (candle's).
+pub use candle_core::Tensor;
 pub use encoder::{embed, Run};
 pub use lm::{run_lm, LmRun};
 
@@ -24,7 +26,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType as CDType, Device, Tensor};
+use candle_core::{DType as CDType, Device};
 use candle_transformers::models::bert::Config as BertConfig;
 use candle_transformers::models::{llama, qwen2};
 

@@ -439,6 +439,9 @@ pub struct TorchDoc {
     /// legacy file, the other pickles of its stack), as (shown name, class) once resolved as
     /// the unpickler resolves it.
     pub globals: Vec<(String, Class)>,
+    /// Tied tensors left out of the catalogue: (name, the catalogue tensor it is the same
+    /// view as). A loader into memory gives both names the same tensor.
+    pub aliases: Vec<(String, String)>,
 }
 
 /// Opens a PyTorch checkpoint (torch.save zip, legacy, TorchScript) as a catalogue. `key`
@@ -529,6 +532,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         entries,
         ambiguities: ar.ambiguities.clone(),
         globals: globals.clone(),
+        aliases: aliases.clone(),
     };
     Ok(Catalogue {
         path: path.to_path_buf(),

@@ -1,37 +1,41 @@
 //! The `weightcast` command: a thin layer over the library that owns all output, progress bars,
-//! `--json` and exit codes (0 success, 1 failure, 2 bad usage).
+//! `--json` and exit codes (0 success, 1 failure, 2 bad usage, 130 interrupted).
+//!
+//! The binary calls [`main`] with the process's arguments; the Python package's `weightcast`
+//! command calls it too, so both are the same program.
 
+pub mod api;
 mod cli;
 mod commands;
+#[cfg(feature = "eval")]
+mod eval_cmd;
 mod html;
 mod report;
+pub use report::one_line;
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    // Output piped into `head` ends quietly, as with other Unix tools, instead of panicking on
-    // a write to a closed pipe. Safe: called once, before any thread exists, with a handler
-    // (the default) that is always valid.
-    // SAFETY: see above; `signal` with SIG_DFL has no memory effects.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    let args = match cli::parse() {
+/// Runs the command line `argv` (program name first) and returns the exit code.
+pub fn main<I, T>(argv: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = match cli::parse(argv) {
         Ok(a) => a,
         Err(e) => {
             // clap prints --help/--version to stdout (exit 0) and usage errors to stderr (exit 2).
             let code = e.exit_code();
             let _ = e.print();
-            return ExitCode::from(code as u8);
+            return code as u8;
         }
     };
+    #[cfg(feature = "eval")]
     if matches!(args.cli.command, cli::Command::Eval(_))
         && std::env::var_os("RAYON_NUM_THREADS").is_none()
     {
         // candle asks for its thread count on every CPU matmul and, unless RAYON_NUM_THREADS is
         // set, answers by reading /proc/cpuinfo each time: on a small model that is most of the
         // time per token (measured: 0.9 ms -> 0.28 ms per token). Its own answer, fixed once,
-        // before any thread exists (so setting the variable races with no reader).
+        // before any thread of ours exists.
         std::env::set_var(
             "RAYON_NUM_THREADS",
             weightcast::eval::thread_count().to_string(),
@@ -44,9 +48,9 @@ fn main() -> ExitCode {
             if e.downcast_ref::<weightcast::Error>()
                 .is_some_and(|e| e.is_usage())
             {
-                ExitCode::from(2)
+                2
             } else {
-                ExitCode::from(1)
+                1
             }
         }
     }

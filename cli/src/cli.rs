@@ -290,15 +290,7 @@ pub struct ConvertArgs {
     pub no_sync: bool,
 }
 
-/// A rule flag with its command-line position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuleArg {
-    Keep(String),
-    Only(String),
-    Rule(String),
-    Rules(PathBuf),
-    Preset(String),
-}
+pub use weightcast::job::RuleArg;
 
 /// Parsed arguments plus the rule flags in the order they were given.
 #[derive(Debug)]
@@ -307,8 +299,12 @@ pub struct Args {
     pub rule_order: Vec<RuleArg>,
 }
 
-pub fn parse() -> Result<Args, clap::Error> {
-    let matches = Cli::command().try_get_matches()?;
+pub fn parse<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(argv)?;
     let cli = Cli::from_arg_matches(&matches)?;
     let rule_order = matches
         .subcommand_matches("convert")

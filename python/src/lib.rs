@@ -1,0 +1,524 @@
+//! `weightcast._weightcast`: the Rust side of the Python package. Each function releases the
+//! GIL while it works, watches for Ctrl-C (KeyboardInterrupt cancels the work, which leaves no
+//! output) and reports progress to a Python callable from the calling thread. The commands
+//! return their `--json` documents as text; the Python layer turns them into objects.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyKeyboardInterrupt};
+use pyo3::prelude::*;
+use pyo3::types::PyByteArray;
+
+use weightcast::convert::{OnOverflow, Options, Progress};
+use weightcast::job::{ConvertRequest, RuleArg};
+use weightcast::{DType, Error};
+
+create_exception!(
+    _weightcast,
+    WeightcastError,
+    PyException,
+    "Base class of weightcast's errors."
+);
+create_exception!(
+    _weightcast,
+    InvalidFileError,
+    WeightcastError,
+    "A file is not what its format requires, or cannot be read."
+);
+create_exception!(
+    _weightcast,
+    RefusedError,
+    WeightcastError,
+    "weightcast refuses: a dangerous pickle, values that would overflow, an unsupported scheme."
+);
+create_exception!(
+    _weightcast,
+    UsageError,
+    WeightcastError,
+    "The request cannot be carried out as given (bad option, output exists, ...)."
+);
+
+/// The Python exception for a library error, with the command line's one-line message.
+fn to_py(e: Error) -> PyErr {
+    let msg = weightcast_cli::one_line(&e.to_string());
+    match e {
+        Error::Usage(_) => UsageError::new_err(msg),
+        Error::Refused(_) => RefusedError::new_err(msg),
+        Error::Interrupted => PyKeyboardInterrupt::new_err(msg),
+        _ => InvalidFileError::new_err(msg),
+    }
+}
+
+/// Progress counted in atomics by the worker, read by the calling thread.
+#[derive(Default)]
+struct Counter {
+    total: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Progress for Counter {
+    fn begin(&self, bytes: u64, _tensors: usize) {
+        self.total.store(bytes, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn phase(&self, _what: &str) {
+        self.done.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Runs `work` on another thread without the GIL; meanwhile the calling thread checks for
+/// signals (Ctrl-C sets the cancel flag; the work stops and cleans up, then
+/// KeyboardInterrupt is raised) and calls `progress(done, total)` every 25 ms.
+fn run<T: Send>(
+    py: Python<'_>,
+    progress: Option<&Bound<'_, PyAny>>,
+    work: impl FnOnce(&Arc<AtomicBool>, &Counter) -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let counter = Counter::default();
+    std::thread::scope(|s| {
+        let (cancel_w, counter_w) = (&cancel, &counter);
+        let handle = s.spawn(move || work(cancel_w, counter_w));
+        let mut interrupted: Option<PyErr> = None;
+        loop {
+            let finished = py.detach(|| {
+                for _ in 0..5 {
+                    if handle.is_finished() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                handle.is_finished()
+            });
+            if interrupted.is_none() {
+                if let Err(e) = py.check_signals() {
+                    cancel.store(true, Ordering::SeqCst);
+                    interrupted = Some(e);
+                }
+            }
+            if let (Some(cb), None) = (progress, &interrupted) {
+                let done = counter.done.load(Ordering::Relaxed);
+                let total = counter.total.load(Ordering::Relaxed);
+                if let Err(e) = cb.call1((done, total)) {
+                    cancel.store(true, Ordering::SeqCst);
+                    interrupted = Some(e);
+                }
+            }
+            if finished {
+                break;
+            }
+        }
+        let result = py.detach(|| handle.join());
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(WeightcastError::new_err(
+                    "internal error: the conversion thread panicked",
+                ))
+            }
+        };
+        match (interrupted, result) {
+            (Some(e), _) => Err(e),
+            (None, r) => r.map_err(to_py),
+        }
+    })
+}
+
+/// Rules as (kind, value) pairs in order: keep, only, rule, rules (a file), preset.
+fn rule_args(rules: Vec<(String, String)>) -> PyResult<Vec<RuleArg>> {
+    rules
+        .into_iter()
+        .map(|(k, v)| {
+            Ok(match k.as_str() {
+                "keep" => RuleArg::Keep(v),
+                "only" => RuleArg::Only(v),
+                "rule" => RuleArg::Rule(v),
+                "rules" => RuleArg::Rules(PathBuf::from(v)),
+                "preset" => RuleArg::Preset(v),
+                _ => return Err(UsageError::new_err(format!("unknown rule kind `{k}`"))),
+            })
+        })
+        .collect()
+}
+
+fn parse_overflow(s: &str) -> PyResult<OnOverflow> {
+    s.parse::<OnOverflow>().map_err(|_| {
+        UsageError::new_err(format!(
+            "on_overflow={s:?}: use error, keep, clamp or allow"
+        ))
+    })
+}
+
+/// The whole command line (program name first); returns the exit code.
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
+    py.detach(|| weightcast_cli::main(argv))
+}
+
+/// `inspect --json` as text.
+#[pyfunction]
+#[pyo3(signature = (path, key=None))]
+fn inspect(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult<String> {
+    run(py, None, |_, _| {
+        let v = weightcast_cli::api::inspect(&path, key.as_deref())?;
+        Ok(v.to_string())
+    })
+}
+
+/// `convert --json` (`--dry-run` when `dry_run`) as text.
+#[pyfunction]
+#[pyo3(signature = (src, dst, to, rules, on_overflow, max_underflow, auto, max_shard_size,
+    key, inference, strip_prefix, dry_run, force, progress, cast_optimizer, strict,
+    on_quantized, scale, scale_format, sync, strict_rules))]
+#[allow(clippy::too_many_arguments)]
+fn convert(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    to: Option<String>,
+    rules: Vec<(String, String)>,
+    on_overflow: &str,
+    max_underflow: Option<f64>,
+    auto: Option<f64>,
+    max_shard_size: Option<String>,
+    key: Option<String>,
+    inference: bool,
+    strip_prefix: Option<String>,
+    dry_run: bool,
+    force: bool,
+    progress: Option<Bound<'_, PyAny>>,
+    cast_optimizer: bool,
+    strict: bool,
+    on_quantized: &str,
+    scale: Option<String>,
+    scale_format: &str,
+    sync: bool,
+    strict_rules: bool,
+) -> PyResult<String> {
+    let mut req = ConvertRequest::new(src, dst);
+    req.to = to;
+    req.rules = rule_args(rules)?;
+    req.strict_rules = strict_rules;
+    req.on_overflow = parse_overflow(on_overflow)?;
+    req.max_underflow = max_underflow;
+    req.auto = auto;
+    req.max_shard_size = max_shard_size
+        .as_deref()
+        .map(weightcast::output::parse_size)
+        .transpose()
+        .map_err(to_py)?;
+    req.key = key;
+    req.inference = inference;
+    req.strip_prefix = strip_prefix;
+    req.force = force;
+    req.cast_optimizer = cast_optimizer;
+    req.strict = strict;
+    req.on_quantized = on_quantized
+        .parse()
+        .map_err(|e| UsageError::new_err(format!("on_quantized: {e}")))?;
+    req.scale = scale;
+    req.scale_format = scale_format.to_string();
+    req.sync = sync;
+    run(py, progress.as_ref(), move |cancel, counter| {
+        req.cancel = Some(cancel.clone());
+        Ok(weightcast_cli::api::convert(&req, dry_run, counter)?.to_string())
+    })
+}
+
+/// `analyze --json` as text (the HTML report written when `report` is given).
+#[pyfunction]
+#[pyo3(signature = (path, to, rules, key, scale, scale_format, lossy_below, report, progress))]
+#[allow(clippy::too_many_arguments)]
+fn analyze(
+    py: Python<'_>,
+    path: PathBuf,
+    to: Option<String>,
+    rules: Vec<(String, String)>,
+    key: Option<String>,
+    scale: Option<String>,
+    scale_format: &str,
+    lossy_below: f64,
+    report: Option<PathBuf>,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<String> {
+    let rules = rule_args(rules)?;
+    let scale_format = scale_format.to_string();
+    run(py, progress.as_ref(), move |_, counter| {
+        Ok(weightcast_cli::api::analyze(
+            &path,
+            to.as_deref(),
+            &rules,
+            key.as_deref(),
+            scale.as_deref(),
+            &scale_format,
+            lossy_below,
+            report.as_deref(),
+            counter,
+        )?
+        .to_string())
+    })
+}
+
+/// `diff --json` as text.
+#[pyfunction]
+#[pyo3(signature = (a, b, tolerance=None))]
+fn diff(py: Python<'_>, a: PathBuf, b: PathBuf, tolerance: Option<f64>) -> PyResult<String> {
+    run(py, None, move |_, _| {
+        Ok(weightcast_cli::api::diff(&a, &b, tolerance)?.to_string())
+    })
+}
+
+/// `audit --json` as text.
+#[pyfunction]
+#[pyo3(signature = (paths, strict=false))]
+fn audit(py: Python<'_>, paths: Vec<PathBuf>, strict: bool) -> PyResult<String> {
+    run(py, None, move |_, _| {
+        Ok(weightcast_cli::api::audit(&paths, strict).to_string())
+    })
+}
+
+/// A state dict read and planned for loading into memory: call [`Loader::fill`] to get its
+/// buffers, [`Loader::views`] for the tensors on them.
+#[pyclass(module = "weightcast._weightcast")]
+struct Loader {
+    cat: weightcast::Catalogue,
+    plan: weightcast::Plan,
+    mem: weightcast::load::MemoryLayout,
+    on_overflow: OnOverflow,
+    warnings: Vec<String>,
+}
+
+/// Raw pointers into bytearrays the calling thread keeps alive while the work runs.
+struct Dest(Vec<(*mut u8, usize)>);
+// SAFETY: the bytearrays outlive the work (the caller holds them until `run` returns) and
+// nothing else writes to them meanwhile: they were created here and not yet handed out.
+unsafe impl Send for Dest {}
+
+#[pymethods]
+impl Loader {
+    /// Opens `path` and plans it: `dtype` None keeps every tensor as stored.
+    #[new]
+    #[pyo3(signature = (path, dtype, rules, key, on_overflow, strip_prefix))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        dtype: Option<String>,
+        rules: Vec<(String, String)>,
+        key: Option<String>,
+        on_overflow: &str,
+        strip_prefix: Option<String>,
+    ) -> PyResult<Loader> {
+        let on_overflow = parse_overflow(on_overflow)?;
+        let rules = rule_args(rules)?;
+        run(py, None, move |_, _| {
+            let mut cat = weightcast::formats::open_with(&path, key.as_deref())?;
+            let dangerous: Vec<&str> = cat
+                .globals
+                .iter()
+                .filter(|g| g.1 == weightcast::audit::Class::Dangerous)
+                .map(|g| g.0.as_str())
+                .collect();
+            if !dangerous.is_empty() {
+                return Err(Error::Refused(format!(
+                    "{}: its pickle references {} (code a pickle loader would run); nothing \
+                     was loaded (weightcast.audit shows where)",
+                    path.display(),
+                    dangerous.join(", ")
+                )));
+            }
+            // Tied tensors stay tied in memory: the reader's note about outputs is not news.
+            let mut warnings: Vec<String> = cat
+                .notes
+                .iter()
+                .filter(|n| !n.contains("tied tensor(s) are the same view"))
+                .cloned()
+                .collect();
+            if let Some(p) = &strip_prefix {
+                if cat.strip_prefix(p)? == 0 {
+                    warnings.push(format!("strip_prefix {p}: no tensor name starts with it"));
+                }
+            }
+            let plan =
+                match dtype {
+                    None if rules.is_empty() => weightcast::Plan::stored(&cat),
+                    None => return Err(Error::usage(
+                        "rules without dtype: give dtype= (the target of tensors no rule keeps)",
+                    )),
+                    Some(d) => {
+                        let (rules, _) = weightcast::job::build_rules(&rules)?;
+                        let to = if d == "auto" {
+                            weightcast::Plan::auto_target(&cat).unwrap_or(DType::F32)
+                        } else {
+                            let t: DType = d.parse()?;
+                            weightcast::job::check_castable(t)?;
+                            t
+                        };
+                        let mut plan = weightcast::Plan::new(&cat, &rules, to);
+                        if d == "auto" {
+                            plan.keep_source_precision();
+                        }
+                        plan
+                    }
+                };
+            if let weightcast::plan::QuantPlan::Unsupported(why) = &plan.quant {
+                return Err(Error::Refused(format!(
+                    "{}: quantized in a way weightcast cannot dequantize: {why}",
+                    path.display()
+                )));
+            }
+            warnings.extend(plan.warnings.iter().cloned());
+            let mem = weightcast::load::layout(&cat, &plan)?;
+            Ok(Loader {
+                cat,
+                plan,
+                mem,
+                on_overflow,
+                warnings,
+            })
+        })
+    }
+
+    /// Warnings for the user.
+    #[getter]
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
+    /// The tensors: (name, buffer, dtype, shape, strides, offset in elements).
+    #[allow(clippy::type_complexity)]
+    fn views(&self) -> Vec<(String, usize, &'static str, Vec<u64>, Vec<u64>, u64)> {
+        self.mem
+            .views
+            .iter()
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    v.buffer,
+                    v.dtype.safetensors_name(),
+                    v.shape.clone(),
+                    v.strides.clone(),
+                    v.offset,
+                )
+            })
+            .collect()
+    }
+
+    /// Converts every buffer into a new bytearray; returns them (index = view's buffer) and
+    /// the clamp report.
+    #[pyo3(signature = (progress=None))]
+    #[allow(clippy::type_complexity)]
+    fn fill<'py>(
+        &self,
+        py: Python<'py>,
+        progress: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<(Vec<Bound<'py, PyByteArray>>, Vec<(String, u64)>)> {
+        let arrays: Vec<Bound<'py, PyByteArray>> = self
+            .mem
+            .buffers
+            .iter()
+            .map(|b| {
+                let n = usize::try_from(b.nbytes)
+                    .map_err(|_| UsageError::new_err("a tensor too large for this machine"))?;
+                // SAFETY: `new_with` hands a fresh buffer of `n` bytes to the closure.
+                PyByteArray::new_with(py, n, |_| Ok(()))
+            })
+            .collect::<PyResult<_>>()?;
+        let dest = Dest(
+            arrays
+                .iter()
+                // SAFETY: a fresh bytearray of its length; only this call writes to it.
+                .map(|a| (a.data(), a.len()))
+                .collect(),
+        );
+        let clamped = run(py, progress.as_ref(), |cancel, counter| {
+            let dest = dest;
+            let mut bufs: Vec<&mut [u8]> = dest
+                .0
+                .iter()
+                // SAFETY: see `Dest`: distinct live bytearrays of these lengths.
+                .map(|&(p, n)| unsafe {
+                    if n == 0 {
+                        &mut [][..]
+                    } else {
+                        std::slice::from_raw_parts_mut(p, n)
+                    }
+                })
+                .collect();
+            let opts = Options {
+                cancel: Some(cancel.clone()),
+                on_overflow: self.on_overflow,
+                ..Options::default()
+            };
+            weightcast::convert::convert_into(
+                &self.cat, &self.plan, &self.mem, &mut bufs, &opts, counter,
+            )
+        })?;
+        Ok((arrays, clamped))
+    }
+}
+
+/// Writes tensors given as (name, dtype, shape, bytes) to a safetensors file as they are (the
+/// first step of `weightcast.save`, which then converts it).
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata))]
+fn write_safetensors(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<(String, String, Vec<u64>, Bound<'_, PyAny>)>,
+    metadata: Vec<(String, String)>,
+) -> PyResult<()> {
+    use std::io::Write;
+    use weightcast::formats::safetensors::{encode_header, OutTensor};
+    let mut parts: Vec<(String, DType, Vec<u64>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, data) in tensors {
+        let d: DType = dtype.parse().map_err(to_py)?;
+        let bytes: Vec<u8> = data.extract()?;
+        parts.push((name, d, shape, bytes));
+    }
+    py.detach(|| -> Result<(), Error> {
+        let outs: Vec<OutTensor<'_>> = parts
+            .iter()
+            .map(|(n, d, s, b)| OutTensor {
+                name: n,
+                dtype: *d,
+                shape: s,
+                nbytes: b.len() as u64,
+            })
+            .collect();
+        let header = encode_header(&metadata, &outs)?;
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
+        f.write_all(&header).map_err(|e| Error::io(&path, e))?;
+        for (_, _, _, b) in &parts {
+            f.write_all(b).map_err(|e| Error::io(&path, e))?;
+        }
+        f.flush().map_err(|e| Error::io(&path, e))
+    })
+    .map_err(to_py)
+}
+
+#[pymodule]
+fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("Error", py.get_type::<WeightcastError>())?;
+    m.add("InvalidFileError", py.get_type::<InvalidFileError>())?;
+    m.add("RefusedError", py.get_type::<RefusedError>())?;
+    m.add("UsageError", py.get_type::<UsageError>())?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(analyze, m)?)?;
+    m.add_function(wrap_pyfunction!(diff, m)?)?;
+    m.add_function(wrap_pyfunction!(audit, m)?)?;
+    m.add_function(wrap_pyfunction!(write_safetensors, m)?)?;
+    m.add_class::<Loader>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

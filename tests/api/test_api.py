@@ -1,0 +1,478 @@
+"""weightcast's Python API, from the installed wheel: every function, its errors, its
+equivalence with the command line (same bytes for the same options), and real counterparts
+(torch.load + .to(), safetensors, transformers)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import weightcast
+from conftest import BIN, FIXTURES, ROOT, run
+
+TINY = ROOT / "examples" / "tiny-bert"
+
+
+def _fixture_module():
+    import importlib.util
+
+    path = FIXTURES / "torch" / "make_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_fixtures", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# custom_module.pt pickles `__main__.Custom`: torch.load (the reference, on our own fixture)
+# needs that class where the pickle says it is.
+setattr(sys.modules["__main__"], "Custom", _fixture_module().Custom)
+TORCH = FIXTURES / "torch"
+MARKER = pathlib.Path("/tmp/weightcast-malicious-pickle-ran")
+CLI = pathlib.Path(sys.executable).parent / "weightcast"
+
+
+def files_of(p: pathlib.Path):
+    """{relative path: bytes} of a file or folder."""
+    if p.is_file():
+        return {p.name: p.read_bytes()}
+    return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
+
+
+def as_torch(t, dtype):
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+# ---------------------------------------------------------------------------------------------
+# The package
+
+
+def test_wheel_has_stubs_and_the_command():
+    wheels = list((ROOT / "target" / "wheels").glob("weightcast-*.whl"))
+    assert len(wheels) == 1, wheels
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    for f in ["weightcast/__init__.py", "weightcast/py.typed", "weightcast/_weightcast.pyi"]:
+        assert f in names, f
+    assert any(n.startswith("weightcast/_weightcast") and n.endswith(".so") for n in names)
+    entry = [n for n in names if n.endswith("entry_points.txt")]
+    text = zipfile.ZipFile(wheels[0]).read(entry[0]).decode()
+    assert "weightcast=weightcast.__main__:main" in text.replace(" ", "")
+    assert "abi3" in wheels[0].name
+
+
+def test_help_reads_well():
+    for f in (weightcast.convert, weightcast.load, weightcast.save, weightcast.analyze,
+              weightcast.diff, weightcast.audit, weightcast.inspect):
+        doc = f.__doc__
+        assert doc and len(doc) > 200 and ">>>" in doc, f.__name__
+    assert "dry_run" in weightcast.convert.__doc__
+    assert issubclass(weightcast.RefusedError, weightcast.Error)
+    assert issubclass(weightcast.InvalidFileError, weightcast.Error)
+    assert issubclass(weightcast.UsageError, weightcast.Error)
+    assert issubclass(weightcast.Error, Exception)
+
+
+def test_installed_command_is_the_cli(tmp_path):
+    """The wheel's `weightcast` command: same output bytes, same exit codes, same messages."""
+    assert CLI.is_file()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for exe, out in ((str(CLI), a), (BIN, b)):
+        p = subprocess.run([exe, "convert", TINY, "-o", out, "--to", "bf16", "--preset",
+                            "keep-norms", "-q"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    assert files_of(a) == files_of(b)
+    for args, code in ((["convert", TINY, "-o", tmp_path / "c", "--to", "f17"], 2),
+                       (["inspect", tmp_path / "missing.safetensors"], 1),
+                       (["--version"], 0)):
+        p1 = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True)
+        p2 = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
+        assert p1.returncode == p2.returncode == code, (args, p1.stderr)
+        assert p1.stderr == p2.stderr and p1.stdout == p2.stdout
+    # A closed pipe ends the command quietly, as the binary does.
+    p = subprocess.run(f"'{CLI}' inspect '{TINY}' | head -c 10 >/dev/null", shell=True,
+                       capture_output=True, text=True)
+    assert "panicked" not in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+CASES = [
+    (TINY, "out", dict(to="f16")),
+    (TINY, "out", dict(to="bf16", preset="keep-norms", keep="re:pooler")),
+    (TINY, "out", dict(to="f16", only="*.attention.*", max_shard_size="20KB")),
+    (TINY, "out.safetensors", dict(to="f8e4m3", on_overflow="clamp")),
+    (TINY, "out", dict(to="f8e4m3", scale="channel")),
+    (TORCH / "training.pt", "out.pt", dict(to="f16")),
+    (TORCH / "training.pt", "out.safetensors", dict(to="bf16", inference=True)),
+    (TORCH / "views.pt", "out.pt", dict(to="f16")),
+    (TORCH / "legacy.pt", "out.safetensors", dict(to="f16", rules={"*.bias": "f32"})),
+]
+
+
+def cli_args(src, out, kw):
+    args = ["convert", src, "-o", out, "-q"]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if k == "rules":
+            for pat, dt in v.items():
+                args += ["--rule", f"{pat}={dt}"]
+        elif v is True:
+            args.append(flag)
+        else:
+            args += [flag, v]
+    return args
+
+
+@pytest.mark.parametrize("src,out,kw", CASES, ids=[f"{c[0].name}-{c[1]}-{c[2]}" for c in CASES])
+def test_convert_is_the_cli(tmp_path, src, out, kw):
+    """Same options, same bytes; the Result's plan is `convert --dry-run --json`'s plan."""
+    py, cli = tmp_path / "py" / out, tmp_path / "cli" / out
+    plan = weightcast.convert(src, py, dry_run=True, **kw)
+    assert not py.exists(), "a dry run writes nothing"
+    r = weightcast.convert(src, py, **kw)
+    run(*cli_args(src, cli, kw))
+    assert files_of(py) == files_of(cli)
+    dry = json.loads(run(*cli_args(src, cli, kw), "--dry-run", "--json").stdout)
+    assert plan.to_dict()["tensors"] == dry["tensors"]
+    assert r.to_dict()["tensors"] == dry["tensors"]
+    assert r.totals == dry["totals"]
+    assert [pathlib.Path(f).name for f in r.written] == [pathlib.Path(f).name
+                                                          for f in json.loads(run(
+        *cli_args(src, tmp_path / "cli2" / out, kw), "--json").stdout)["written"]]
+    t = r.tensors[0]
+    assert t.name == dry["tensors"][0]["name"] and t.to_dtype == dry["tensors"][0]["to"]
+
+
+def test_convert_accepts_torch_dtypes_and_plan_rows(tmp_path):
+    r = weightcast.convert(TINY, tmp_path / "o.safetensors", torch.float16, dry_run=True)
+    assert r.target == "float16"
+    rows = {t.name: t for t in r.tensors}
+    assert rows["embeddings.position_ids"].rule == "integer: never cast"
+    assert rows["embeddings.word_embeddings.weight"].bytes_after * 2 == \
+        rows["embeddings.word_embeddings.weight"].bytes_before
+
+
+def test_convert_errors(tmp_path):
+    with pytest.raises(weightcast.InvalidFileError, match="nothing.safetensors"):
+        weightcast.convert(tmp_path / "nothing.safetensors", tmp_path / "o.safetensors", "f16")
+    with pytest.raises(weightcast.UsageError, match="unknown dtype `f17`"):
+        weightcast.convert(TINY, tmp_path / "o", "f17")
+    with pytest.raises(weightcast.UsageError, match="ambiguous"):
+        weightcast.convert(TINY, tmp_path / "o", "fp8")
+    with pytest.raises(weightcast.UsageError, match="on_overflow"):
+        weightcast.convert(TINY, tmp_path / "o", "f16", on_overflow="maybe")
+    weightcast.convert(TINY, tmp_path / "o", "f16")
+    with pytest.raises(weightcast.UsageError, match="exists"):
+        weightcast.convert(TINY, tmp_path / "o", "f16")
+    weightcast.convert(TINY, tmp_path / "o", "f16", force=True)
+    # Overflow refused, nothing written; the message is the CLI's.
+    big = tmp_path / "big.safetensors"
+    save_file({"w": torch.tensor([1e6, 1.0]), "b": torch.ones(2)}, big)
+    with pytest.raises(weightcast.RefusedError, match=r"`w` \(1 values beyond F16\)") as e:
+        weightcast.convert(big, tmp_path / "big16.safetensors", "f16")
+    assert not (tmp_path / "big16.safetensors").exists()
+    p = run("convert", big, "-o", tmp_path / "x.safetensors", "--to", "f16", check=False)
+    assert p.returncode == 1 and str(e.value) in p.stderr
+    r = weightcast.convert(big, tmp_path / "big16.safetensors", "f16", on_overflow="keep")
+    assert load_file(tmp_path / "big16.safetensors")["w"].dtype == torch.float32
+    with pytest.warns(UserWarning, match="kept in their dtype"):
+        weightcast.convert(big, tmp_path / "big16b.safetensors", "f16", on_overflow="keep")
+    assert r.totals["kept"] == 1
+
+
+def test_progress_callable_and_interrupt(tmp_path, minilm):
+    seen = []
+    weightcast.convert(minilm, tmp_path / "a", "f16", progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] > 80_000_000
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+    # A real SIGINT in the middle of a conversion: KeyboardInterrupt, and no output at all.
+    big = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(4096, 4096) for i in range(8)}, big)  # 512 MiB
+    sent = []
+
+    def interrupt(done, total):
+        if 0 < done < total // 2 and not sent:
+            sent.append(done)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        weightcast.convert(big, tmp_path / "b" / "big16.safetensors", "f16", progress=interrupt)
+    assert sent, "the signal was sent during the conversion"
+    assert not (tmp_path / "b").exists()
+    big.unlink()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], list(tmp_path.iterdir())
+
+    # An exception from the callable stops the work the same way.
+    def boom(done, total):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        weightcast.load(minilm, dtype="f16", progress=boom)
+
+
+def test_gil_is_released(minilm):
+    """Another Python thread runs while weightcast works."""
+    ticks = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    before = ticks[0]
+    weightcast.analyze(minilm, "f16")
+    stop.set()
+    t.join()
+    assert ticks[0] - before > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect, analyze, diff, audit: the CLI's documents
+
+
+def test_documents_are_the_clis(tmp_path, minilm):
+    doc = weightcast.inspect(minilm)
+    cli = json.loads(run("inspect", minilm, "--json").stdout)
+    assert doc.to_dict()["tensors"] == cli["tensors"]
+    assert [t.name for t in doc.tensors] == [t["name"] for t in cli["tensors"]]
+
+    a = weightcast.analyze(minilm, "f8e4m3", keep="kind:norm")
+    cli = json.loads(run("analyze", minilm, "--to", "f8e4m3", "--keep", "kind:norm",
+                         "--json").stdout)
+    assert a.to_dict()["tensors"] == cli["tensors"] and a.totals == cli["totals"]
+    assert a.tensors[0].name == cli["tensors"][0]["name"]
+    weightcast.analyze(TINY, "f16", report=tmp_path / "r.html")
+    assert "<svg" in (tmp_path / "r.html").read_text()
+
+    weightcast.convert(minilm, tmp_path / "m16", "f16")
+    d = weightcast.diff(minilm, tmp_path / "m16", tolerance=60)
+    cli = json.loads(run("diff", minilm, tmp_path / "m16", "--json", "--tolerance", "60",
+                         check=False).stdout)
+    assert d.to_dict() == cli
+
+    au = weightcast.audit([TORCH / "malicious.pt", TORCH / "training.pt"])
+    cli = json.loads(run("audit", TORCH / "malicious.pt", TORCH / "training.pt", "--json",
+                         check=False).stdout)
+    assert au.to_dict() == cli
+    assert au.dangerous is True and au.files[0].verdict == "dangerous"
+
+
+def test_to_pandas_when_installed():
+    a = weightcast.analyze(TINY, "f16")
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pandas"):
+            a.to_pandas()
+        return
+    df = a.to_pandas()
+    assert list(df["name"]) == [t.name for t in a.tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+TORCH_FILES = ["all_dtypes.pt", "big_endian.pt", "cuda.pt", "custom_module.pt", "legacy.pt",
+               "legacy_training.pt", "param.pt", "protocol4.pt", "scripted.pt",
+               "sequential.pt", "tied.pt", "training.pt", "views.pt"]
+
+
+def reference_state_dict(path):
+    """What torch gives: torch.load (TorchScript: torch.jit.load), the state dict."""
+    if path.name == "scripted.pt":
+        return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    return obj
+
+
+@pytest.mark.parametrize("name", TORCH_FILES)
+@pytest.mark.parametrize("dtype", [None, "f16", "bf16"])
+def test_load_pt_equals_torch(name, dtype):
+    path = TORCH / name
+    try:
+        ours = weightcast.load(path, dtype=dtype)
+    except weightcast.Error as e:
+        pytest.fail(f"{name}: {e}")
+    ref = reference_state_dict(path)
+    if isinstance(ref, dict):
+        sd = None
+        for k in ("model_state_dict", "state_dict", "model"):
+            if isinstance(ref.get(k), dict):
+                sd = ref[k]
+        ref = sd if sd is not None and not any(isinstance(v, torch.Tensor) and k in ours
+                                               for k, v in ref.items()) else ref
+    tdt = {None: None, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    assert ours, name
+    for k, v in ours.items():
+        r = ref[k]
+        if isinstance(r, torch.nn.Parameter):
+            r = r.data
+        want = as_torch(r, tdt) if tdt is not None else r
+        assert v.dtype == want.dtype, (name, k, v.dtype, want.dtype)
+        assert v.shape == want.shape, (name, k)
+        assert v.stride() == want.stride() or not want.is_contiguous(), (name, k)
+        assert torch.equal(v.view(torch.uint8) if v.dtype.itemsize == 1 else v,
+                           want.view(torch.uint8) if want.dtype.itemsize == 1 else want) or \
+            (v.is_floating_point() and torch.equal(v.isnan(), want.isnan())
+             and torch.equal(v.nan_to_num(), want.nan_to_num())), (name, k)
+
+
+@pytest.mark.parametrize("name", ["views.pt", "tied.pt"])
+def test_load_keeps_views_and_tied_weights_sharing(name):
+    ref = reference_state_dict(TORCH / name)
+    ours = weightcast.load(TORCH / name, dtype="f16")
+
+    def groups(sd):
+        by = {}
+        for k, v in sd.items():
+            if isinstance(v, torch.Tensor) and k in ours:
+                by.setdefault(v.untyped_storage().data_ptr(), set()).add(k)
+        return sorted(sorted(g) for g in by.values())
+
+    shared = [g for g in groups(ref) if len(g) > 1]
+    assert shared, "the fixture has shared storages"
+    assert groups(ours) == groups(ref)
+    # Writing through one tensor shows in the other when they overlap, as in torch.
+    a, b = shared[0][0], shared[0][1]
+    if ours[a].data_ptr() == ours[b].data_ptr() and ours[a].shape == ours[b].shape:
+        ours[a].view(-1)[0] = 123.0
+        assert ours[b].reshape(-1)[0].item() == 123.0
+
+
+def test_load_refuses_a_malicious_pickle_without_running_it():
+    MARKER.unlink(missing_ok=True)
+    with pytest.raises(weightcast.RefusedError, match="dangerous|references"):
+        weightcast.load(TORCH / "malicious.pt")
+    assert not MARKER.exists()
+    corpus = list((FIXTURES / "torch").glob("malicious*")) + \
+        list((ROOT / "tests" / "fixtures").rglob("*evil*"))
+    for p in corpus:
+        with pytest.raises(weightcast.Error):
+            weightcast.load(p)
+    assert not MARKER.exists()
+
+
+def test_load_safetensors_folder_and_numpy(minilm, tmp_path):
+    ref = load_file(minilm / "model.safetensors")
+    ours = weightcast.load(minilm, dtype="f16")
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert torch.equal(ours[k], as_torch(ref[k], torch.float16)), k
+    arrs = weightcast.load(minilm, dtype="f16", framework="np")
+    for k in ref:
+        assert isinstance(arrs[k], np.ndarray)
+        assert np.array_equal(arrs[k], as_torch(ref[k], torch.float16).numpy()), k
+    stored = weightcast.load(minilm / "model.safetensors")
+    assert all(torch.equal(stored[k], ref[k]) for k in ref)
+    with pytest.raises(weightcast.UsageError, match="framework"):
+        weightcast.load(minilm, framework="jax")
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        with pytest.raises(weightcast.UsageError, match="ml_dtypes"):
+            weightcast.load(minilm, dtype="bf16", framework="np")
+    # Rules as in convert: norms kept in f32.
+    mixed = weightcast.load(minilm, dtype="f16", preset="keep-norms")
+    assert mixed["encoder.layer.0.output.LayerNorm.weight"].dtype == torch.float32
+    assert mixed["encoder.layer.0.output.dense.weight"].dtype == torch.float16
+    # A sharded set, through its index.
+    weightcast.convert(minilm, tmp_path / "sharded", "bf16", max_shard_size="20MB")
+    sh = weightcast.load(tmp_path / "sharded" / "model.safetensors.index.json")
+    assert all(torch.equal(sh[k], as_torch(ref[k], torch.bfloat16)) for k in ref)
+
+
+def test_load_into_transformers_matches_from_pretrained(minilm):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm)
+    batch = tok(["The cat sat on the mat.", "weightcast loads state dicts in Rust."],
+                padding=True, return_tensors="pt")
+    ref = AutoModel.from_pretrained(minilm, dtype=torch.float16).eval()
+    model = AutoModel.from_config(AutoConfig.from_pretrained(minilm), dtype=torch.float16)
+    sd = weightcast.load(minilm, dtype="f16")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # position_ids is a non-persistent buffer in transformers 5 (from_pretrained skips it too).
+    assert unexpected == ["embeddings.position_ids"] and not missing
+    model.eval()
+    with torch.no_grad():
+        a = ref(**batch).last_hidden_state
+        b = model(**batch).last_hidden_state
+    assert torch.equal(a, b)
+
+
+def test_load_scaled_fp8_dequantizes(tmp_path, minilm):
+    weightcast.convert(minilm, tmp_path / "q", "f8e4m3", scale="channel")
+    ours = weightcast.load(tmp_path / "q", dtype="f32")
+    assert not any(k.endswith("weight_scale") for k in ours)
+    via_cli = tmp_path / "deq.safetensors"
+    run("convert", tmp_path / "q", "-o", via_cli, "--to", "f32")
+    ref = load_file(via_cli)
+    assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def test_save_casts_on_the_way_out(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(64, 32, generator=g), "a.bias": torch.randn(64, generator=g),
+          "norm.weight": torch.rand(32, generator=g), "steps": torch.arange(5),
+          "mask": torch.tensor([True, False]), "t": torch.randn(4, 8, generator=g).t()}
+    r = weightcast.save(sd, tmp_path / "m.safetensors", dtype="f16", keep="kind:norm",
+                        metadata={"who": "test"})
+    got = load_file(tmp_path / "m.safetensors")
+    for k, v in sd.items():
+        want = v.float() if k == "norm.weight" else as_torch(v, torch.float16)
+        assert torch.equal(got[k], want.contiguous()), k
+    assert r.totals["cast"] == 3
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        assert f.metadata()["who"] == "test"
+    # .pt for torch.load(weights_only=True); shards; numpy input; as they are.
+    weightcast.save(sd, tmp_path / "m.pt", dtype=torch.bfloat16)
+    back = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(torch.equal(back[k], as_torch(v, torch.bfloat16)) for k, v in sd.items())
+    weightcast.save(sd, tmp_path / "sh" / "model.safetensors.index.json", dtype="f16",
+                    max_shard_size="4KB")
+    idx = json.loads((tmp_path / "sh" / "model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) > 1
+    weightcast.save({k: v.numpy() for k, v in sd.items()}, tmp_path / "np.safetensors")
+    got = load_file(tmp_path / "np.safetensors")
+    assert all(torch.equal(got[k], v.contiguous()) for k, v in sd.items())
+    weightcast.save({"i": torch.arange(3)}, tmp_path / "ints.safetensors")
+    assert torch.equal(load_file(tmp_path / "ints.safetensors")["i"], torch.arange(3))
+    # Equivalent to the CLI converting the same tensors.
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "src.safetensors")
+    run("convert", tmp_path / "src.safetensors", "-o", tmp_path / "cli.safetensors", "--to",
+        "f16", "--keep", "kind:norm")
+    assert load_file(tmp_path / "cli.safetensors").keys() == got.keys()
+    with pytest.raises(weightcast.RefusedError):
+        weightcast.save({"w": torch.tensor([1e6])}, tmp_path / "o.safetensors", dtype="f16")
+    assert not (tmp_path / "o.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".weightcast")]
+
+
+def test_round_trip_load_save(tmp_path, minilm):
+    sd = weightcast.load(minilm, dtype="bf16")
+    weightcast.save(sd, tmp_path / "rt.safetensors")
+    ref = load_file(minilm / "model.safetensors")
+    got = load_file(tmp_path / "rt.safetensors")
+    assert all(torch.equal(got[k], as_torch(ref[k], torch.bfloat16)) for k in ref)
