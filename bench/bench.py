@@ -78,27 +78,35 @@ API_PY = os.environ.get("API_PYTHON", str(ROOT / "target" / "api-venv" / "bin" /
 IMPORT_TORCH = "import torch, safetensors.torch, weightcast"
 
 WC_LOAD = """
-import sys, torch, weightcast
+import sys, time, torch, weightcast
+t = time.perf_counter()
 sd = weightcast.load(sys.argv[1], dtype="f16")
+print("inproc", time.perf_counter() - t, file=sys.stderr)
 assert all(v.dtype == torch.float16 for v in sd.values())
 """
 
 ST_LOAD = """
-import sys, torch
+import sys, time, torch
 from safetensors.torch import load_file
+t = time.perf_counter()
 sd = {k: v.half() for k, v in load_file(sys.argv[1]).items()}
+print("inproc", time.perf_counter() - t, file=sys.stderr)
 assert all(v.dtype == torch.float16 for v in sd.values())
 """
 
 PT_LOAD = """
-import sys, torch
+import sys, time, torch
+t = time.perf_counter()
 sd = {k: v.half() for k, v in torch.load(sys.argv[1], mmap=True, weights_only=True).items()}
+print("inproc", time.perf_counter() - t, file=sys.stderr)
 assert all(v.dtype == torch.float16 for v in sd.values())
 """
 
 WC_CONVERT_PY = """
-import sys, weightcast
-weightcast.convert(sys.argv[1], sys.argv[2], "f16", force=True)
+import sys, time, weightcast
+t = time.perf_counter()
+weightcast.convert(sys.argv[1], sys.argv[2], "f16", force=True, sync=len(sys.argv) < 4)
+print("inproc", time.perf_counter() - t, file=sys.stderr)
 """
 
 
@@ -123,8 +131,12 @@ def generate(path: pathlib.Path, layers: int):
     save_file(t, path, metadata={"format": "pt"})
 
 
+INPROC: dict = {}
+
+
 def timed(cmd) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one process."""
+    """Wall seconds and peak RSS (bytes) of one process. A Python contender that prints
+    `inproc SECONDS` on stderr (its work after the imports) has that recorded in INPROC."""
     start = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -132,6 +144,9 @@ def timed(cmd) -> tuple[float, int]:
     err = p.stderr.read().decode()
     if status != 0:
         raise SystemExit(f"{cmd} failed: {err}")
+    for line in err.splitlines():
+        if line.startswith("inproc "):
+            INPROC.setdefault(tuple(cmd), []).append(float(line.split()[1]))
     return wall, ru.ru_maxrss * 1024
 
 
@@ -232,6 +247,12 @@ def main():
         contenders = [
             ("weightcast f32->f16", wc("f16")),
             ("Python weightcast.convert f32->f16", [API_PY, "-c", WC_CONVERT_PY, str(src), str(out)]),
+            # The same two without the disk's write-back noise: to tmpfs, no fsync.
+            ("weightcast f32->f16 --no-sync to /dev/shm",
+             [str(BIN), "convert", str(src), "-o", "/dev/shm/wc-bench.safetensors", "--to", "f16",
+              "--force", "-q", "--no-sync"]),
+            ("Python weightcast.convert(sync=False) to /dev/shm",
+             [API_PY, "-c", WC_CONVERT_PY, str(src), "/dev/shm/wc-bench.safetensors", "nosync"]),
             ("Python: import torch, safetensors, weightcast (baseline)", [API_PY, "-c", IMPORT_TORCH]),
             ("weightcast.load(.safetensors, dtype=f16)", [API_PY, "-c", WC_LOAD, str(src)]),
             ("safetensors.torch.load_file + .half()", [API_PY, "-c", ST_LOAD, str(src)]),
@@ -270,9 +291,15 @@ def main():
         lines.append(
             f"| {name} | {t:.2f} | {size / t / 1e9:.2f} | {t / dd_t:.2f}x | {t / dd_sync_t:.2f}x | "
             f"{t / wc_t:.2f}x | {rss / 2**20:.0f} |")
+    if INPROC:
+        lines += ["", "In-process seconds (after the imports; medians):", "",
+                  "| contender | in-process s |", "|---|---:|"]
+        for name, cmd in contenders:
+            if tuple(cmd) in INPROC:
+                lines.append(f"| {name} | {statistics.median(INPROC[tuple(cmd)]):.2f} |")
     print("\n".join(lines))
     (OUT / "results.json").write_text(json.dumps({n: v for n, v in results.items()}, indent=1))
-    for o in (out, out_pt):
+    for o in (out, out_pt, pathlib.Path("/dev/shm/wc-bench.safetensors")):
         if o.exists():
             o.unlink()
     if not args.keep:

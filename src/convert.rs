@@ -58,6 +58,43 @@ pub struct Options {
     pub on_overflow: OnOverflow,
     /// Inference export for .pt outputs (`--inference`, `--key`, `--strip-prefix`).
     pub pt_export: crate::formats::torch_write::PtExport,
+    /// One part of a conversion split across processes or machines (`--part K/N`), or the
+    /// step that finishes it.
+    pub part: Option<Part>,
+}
+
+/// A conversion split by output shard across N independent processes (`--part K/N`), each
+/// computing the same deterministic plan and layout and writing only its own shards, then
+/// finished by one last call that checks them and writes the index and the folder's other
+/// files. The result is byte-identical to one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Write the shards `i` (0-based, in the layout's order) with `i % n == k - 1`.
+    Shards {
+        /// This part, from 1.
+        k: usize,
+        /// How many parts.
+        n: usize,
+    },
+    /// Check that every shard is there, as the plan lays it out, then write the folder's other
+    /// files and, last, the index.
+    Finish,
+}
+
+impl std::str::FromStr for Part {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "finish" {
+            return Ok(Part::Finish);
+        }
+        let bad = || Error::usage(format!("--part {s}: give K/N (1 <= K <= N) or finish"));
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (k, n): (usize, usize) = (k.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+        if k == 0 || k > n {
+            return Err(bad());
+        }
+        Ok(Part::Shards { k, n })
+    }
 }
 
 /// What to do when a cast would turn finite values into inf (or saturate fp8).
@@ -159,6 +196,11 @@ pub fn convert(
             q.scheme,
             q.found_in
         )));
+    }
+    if let Some(part) = opts.part {
+        let mut summary = convert_part(cat, plan, out, opts, progress, part)?;
+        summary.elapsed = start.elapsed();
+        return Ok(summary);
     }
     let (target, layout) = prepare(cat, plan, out, opts)?;
     check_target(cat, &target, &layout, opts.force)?;
@@ -287,14 +329,7 @@ pub fn convert_into(
         })
         .collect::<Result<_>>()?;
     progress.begin(pieces.iter().map(|p| p.entry.nbytes).sum(), pieces.len());
-    let counts = job.exec().run(
-        &pieces,
-        &mut MemSink {
-            bufs,
-            cur: 0,
-            pos: 0,
-        },
-    )?;
+    let counts = job.exec().run_into(&pieces, bufs)?;
     job.check_cancel()?;
     let named: Vec<(String, DType, u64)> = counts
         .into_iter()
@@ -309,24 +344,155 @@ pub fn convert_into(
     job.check_overflow(named)
 }
 
-/// Buffers in memory, filled piece after piece.
-struct MemSink<'a, 'b> {
-    bufs: &'a mut [&'b mut [u8]],
-    cur: usize,
-    pos: usize,
+/// One part of a split conversion (see [`Part`]).
+fn convert_part(
+    cat: &Catalogue,
+    plan: &Plan,
+    out: &Path,
+    opts: &Options,
+    progress: &dyn Progress,
+    part: Part,
+) -> Result<Summary> {
+    let (target, layout) = prepare(cat, plan, out, opts)?;
+    let dir = match &target {
+        Target::Folder(d) => d.clone(),
+        Target::Index(p) | Target::File(p) if layout.index.is_some() => parent_of(p),
+        _ => {
+            return Err(Error::usage(
+                "--part splits a sharded output by shard: write a model folder or an index \
+                 (*.safetensors.index.json, or a .safetensors with --max-shard-size), not one \
+                 file",
+            ))
+        }
+    };
+    // The input is protected as in one run; existing shards are checked one by one below.
+    check_target(cat, &target, &layout, true)?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let sources = Sources::open(cat)?;
+    let job = Job {
+        cat,
+        plan,
+        sources: &sources,
+        opts,
+        progress,
+        scales: Mutex::new(Default::default()),
+    };
+    let mine: Vec<&OutputFile> = match part {
+        Part::Shards { k, n } => layout
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % n == k - 1)
+            .map(|(_, f)| f)
+            .collect(),
+        Part::Finish => vec![],
+    };
+    let in_files = |fs: &[&OutputFile]| -> (u64, u64, usize) {
+        let ts = fs
+            .iter()
+            .flat_map(|f| &f.tensors)
+            .map(|&i| &plan.tensors[i]);
+        ts.fold((0, 0, 0), |(a, b, c), p| {
+            (a + p.bytes_in, b + p.bytes_out, c + p.is_cast() as usize)
+        })
+    };
+    let (bytes_in, bytes_out, cast) = in_files(&mine);
+    progress.begin(bytes_in, mine.iter().map(|f| f.tensors.len()).sum());
+    let mut summary = Summary {
+        files: vec![],
+        tensors_cast: cast,
+        tensors_kept: mine.iter().map(|f| f.tensors.len()).sum::<usize>() - cast,
+        bytes_in,
+        bytes_out,
+        files_copied: 0,
+        config_dtype: None,
+        warnings: vec![],
+        overflowed: vec![],
+        elapsed: Duration::ZERO,
+        layout: layout.clone(),
+    };
+    if let Part::Shards { .. } = part {
+        for f in mine {
+            let dest = dir.join(&f.name);
+            if !opts.force && dest.symlink_metadata().is_ok() {
+                return Err(Error::usage(format!(
+                    "{}: already exists (use --force to replace it)",
+                    dest.display()
+                )));
+            }
+            let tmp = temp_file(&dir, &f.name)?;
+            let overflow = job.write_file(tmp.as_file(), tmp.path(), f)?;
+            summary
+                .overflowed
+                .extend(job.check_overflow(job.named(&overflow))?);
+            tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+            summary.files.push(dest);
+        }
+        return Ok(summary);
+    }
+    // Finish: every shard as this plan lays it out (size and header), then the rest.
+    for (i, f) in layout.files.iter().enumerate() {
+        let path = dir.join(&f.name);
+        let header = job.header(f)?;
+        let missing = || {
+            Error::Refused(format!(
+                "{}: missing; run the part that writes shard {} first (nothing was finished)",
+                path.display(),
+                i + 1
+            ))
+        };
+        let meta = std::fs::metadata(&path).map_err(|_| missing())?;
+        let mut head = vec![0u8; header.len()];
+        let same = meta.len() == header.len() as u64 + f.bytes
+            && File::open(&path)
+                .and_then(|h| std::os::unix::fs::FileExt::read_exact_at(&h, &mut head, 0))
+                .is_ok()
+            && head == header;
+        if !same {
+            return Err(Error::Refused(format!(
+                "{}: not the shard this plan writes (another input, options or weightcast \
+                 version?); nothing was finished",
+                path.display()
+            )));
+        }
+    }
+    if let Target::Folder(dest) = &target {
+        job.copy_others(dest, &mut summary)?;
+    }
+    if let Some(index) = &layout.index {
+        let mut tmp = temp_file(&dir, index)?;
+        tmp.write_all(index_json(cat, plan, &layout).as_bytes())
+            .map_err(|e| Error::io(tmp.path(), e))?;
+        job.finish(tmp.as_file())?;
+        let dest = dir.join(index);
+        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        summary.files.push(dest);
+    }
+    Ok(summary)
 }
 
-impl Sink for MemSink<'_, '_> {
-    fn begin(&mut self, i: usize) -> Result<()> {
-        self.cur = i;
-        self.pos = 0;
-        Ok(())
-    }
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let dst = &mut self.bufs[self.cur][self.pos..self.pos + bytes.len()];
-        dst.copy_from_slice(bytes);
-        self.pos += bytes.len();
-        Ok(())
+/// Maps in the pages of a fresh destination range with one call (MADV_POPULATE_WRITE)
+/// instead of a page fault per 4 KiB as the cast first writes them: measured about half the
+/// kernel time per page. Where the kernel does not know the advice (before Linux 5.14), the
+/// writes fault the pages in as usual.
+fn prefault(dst: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let p = dst.as_mut_ptr() as usize;
+        let (start, end) = (p.div_ceil(PAGE) * PAGE, (p + dst.len()) / PAGE * PAGE);
+        if end > start {
+            // SAFETY: the range lies inside `dst`, which we hold exclusively and are about to
+            // overwrite; populating only maps pages in (contents of already-mapped pages are
+            // unchanged), so no Rust-visible memory changes.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
     }
 }
 
@@ -549,6 +715,17 @@ impl Job<'_> {
                 .map_err(|e| Error::io(&path, e))?;
             summary.files.push(dest.join(index));
         }
+        self.copy_others(staging.path(), summary)?;
+        self.check_cancel()?;
+        replace_folder(staging, dest)?;
+        Ok(())
+    }
+
+    /// Copies the input folder's other files into `into` (config.json with its dtype and
+    /// quantization updated; ModelOpt's hf_quant_config.json left out of a dequantized
+    /// output).
+    fn copy_others(&self, into: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan) = (self.cat, self.plan);
         let dominant = plan.dominant_float(cat);
         let dequantized = plan.quant == QuantPlan::Dequantize;
         let folder = cat.folder.as_ref().expect("folder input");
@@ -559,31 +736,38 @@ impl Job<'_> {
                 continue;
             }
             let from = folder.dir.join(rel);
-            let to = staging.path().join(rel);
+            let to = into.join(rel);
             if let Some(p) = to.parent() {
                 std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
             }
-            if rel == Path::new("config.json") {
-                match update_config(&from, dominant, dequantized, plan.quant_config.as_ref())? {
-                    Some(text) => {
-                        std::fs::write(&to, text).map_err(|e| Error::io(&to, e))?;
-                        summary.config_dtype = dominant;
-                    }
-                    None => {
+            // Each file appears whole (a temporary beside it, renamed): `--part finish` writes
+            // into the live output folder.
+            let dir = parent_of(&to);
+            let name = to.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = temp_file(&dir, &name)?;
+            let text = if rel == Path::new("config.json") {
+                update_config(&from, dominant, dequantized, plan.quant_config.as_ref())?
+            } else {
+                None
+            };
+            match text {
+                Some(text) => {
+                    std::fs::write(tmp.path(), text).map_err(|e| Error::io(&to, e))?;
+                    summary.config_dtype = dominant;
+                }
+                None => {
+                    if rel == Path::new("config.json") {
                         summary.warnings.push(format!(
                             "{}: not a JSON object; copied unchanged, its dtype may be stale",
                             from.display()
                         ));
-                        std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
                     }
+                    std::fs::copy(&from, tmp.path()).map_err(|e| Error::io(&from, e))?;
                 }
-            } else {
-                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
             }
+            tmp.persist(&to).map_err(|e| Error::io(&to, e.error))?;
             summary.files_copied += 1;
         }
-        self.check_cancel()?;
-        replace_folder(staging, dest)?;
         Ok(())
     }
 }
@@ -681,12 +865,8 @@ impl Job<'_> {
 
     /// Writes one safetensors file: header, then every tensor streamed through the cast.
     /// Returns, per plan entry with any, the count of values that left the target's range.
-    fn write_file(
-        &self,
-        dst: &File,
-        dst_path: &Path,
-        of: &OutputFile,
-    ) -> Result<Vec<(usize, u64)>> {
+    /// The safetensors header of one output file.
+    fn header(&self, of: &OutputFile) -> Result<Vec<u8>> {
         let cat = self.cat;
         let names: Vec<OutTensor<'_>> = of
             .tensors
@@ -717,7 +897,16 @@ impl Job<'_> {
         if !metadata.iter().any(|(k, _)| k == "format") {
             metadata.insert(0, ("format".into(), "pt".into()));
         }
-        let header = encode_header(&metadata, &names)?;
+        encode_header(&metadata, &names)
+    }
+
+    fn write_file(
+        &self,
+        dst: &File,
+        dst_path: &Path,
+        of: &OutputFile,
+    ) -> Result<Vec<(usize, u64)>> {
+        let header = self.header(of)?;
         dst.set_len(header.len() as u64 + of.bytes)
             .map_err(|e| Error::io(dst_path, e))?;
         (&*dst)
@@ -732,10 +921,7 @@ impl Job<'_> {
             .collect::<Result<_>>()?;
         let counts = self.exec().run(
             &pieces,
-            &mut FileSink {
-                file: dst,
-                path: dst_path,
-            },
+            &mut FileSink::new(dst, dst_path, self.opts.sync, header.len() as u64),
         )?;
         self.check_cancel()?;
         self.finish(dst)?;
@@ -862,10 +1048,52 @@ pub trait Sink {
     fn write(&mut self, bytes: &[u8]) -> Result<()>;
 }
 
-/// A safetensors file after its header: pieces are laid end to end.
+/// A safetensors file after its header: pieces are laid end to end. With `sync`, write-back
+/// of every finished stretch starts while the next ones are cast (`sync_file_range`), so the
+/// fsync at the end waits for the last stretch only instead of the whole file.
 struct FileSink<'a> {
     file: &'a File,
     path: &'a Path,
+    sync: bool,
+    /// Bytes written so far (from the start of the file) and where write-back was last
+    /// started.
+    written: u64,
+    flushed: u64,
+}
+
+/// Bytes written between two write-back kicks.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+impl FileSink<'_> {
+    fn new<'a>(file: &'a File, path: &'a Path, sync: bool, start: u64) -> FileSink<'a> {
+        FileSink {
+            file,
+            path,
+            sync,
+            written: start,
+            flushed: 0,
+        }
+    }
+
+    /// Starts write-back of what was written since the last kick (asynchronous: returns at
+    /// once; a file system without it ignores the hint).
+    fn kick(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain system call on a file descriptor we hold open, with a range of
+            // it; it only schedules write-back of dirty pages.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    self.flushed as libc::off64_t,
+                    (self.written - self.flushed) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.flushed = self.written;
+    }
 }
 
 impl Sink for FileSink<'_> {
@@ -874,7 +1102,12 @@ impl Sink for FileSink<'_> {
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let mut f = self.file;
-        f.write_all(bytes).map_err(|e| Error::io(self.path, e))
+        f.write_all(bytes).map_err(|e| Error::io(self.path, e))?;
+        self.written += bytes.len() as u64;
+        if self.sync && self.written - self.flushed >= WRITEBACK_STEP {
+            self.kick();
+        }
+        Ok(())
     }
 }
 
@@ -1008,38 +1241,118 @@ impl Executor<'_> {
     /// Reads `n` bytes at `pos` of piece `p` and casts them; returns the output bytes and the
     /// count of values that left the target's range.
     fn read_cast(&self, pool: &Pool, p: &Piece<'_>, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
+        let mut out = pool.get(Self::out_len(p, n));
+        let mut scratch = pool.get(0);
+        let r = self.read_cast_into(p, pos, n, &mut scratch, &mut out);
+        pool.put(scratch);
+        r.map(|count| (out, count))
+    }
+
+    /// Output bytes of `n` input bytes of piece `p`.
+    fn out_len(p: &Piece<'_>, n: u64) -> usize {
+        if matches!(p.how, How::Fill(_)) || (p.from == p.to && matches!(p.how, How::Cast)) {
+            return n as usize;
+        }
+        (n as usize) / (p.from.bitsize() / 8) * (p.to.bitsize() / 8)
+    }
+
+    /// Reads `n` bytes at `pos` of piece `p` and casts them into `out` (exactly
+    /// [`Self::out_len`] bytes), through `scratch` when the bytes change; returns the count of
+    /// values that left the target's range.
+    fn read_cast_into(
+        &self,
+        p: &Piece<'_>,
+        pos: u64,
+        n: u64,
+        scratch: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<u64> {
         let t = p.entry;
-        let mut buf = pool.get(n as usize);
         if let How::Fill(bytes) = &p.how {
-            buf.copy_from_slice(&bytes[pos as usize..(pos + n) as usize]);
-            return Ok((buf, 0));
+            out.copy_from_slice(&bytes[pos as usize..(pos + n) as usize]);
+            return Ok(0);
         }
-        self.sources.read(t, pos, &mut buf)?;
         if p.from == p.to && matches!(p.how, How::Cast) {
-            return Ok((buf, 0));
+            self.sources.read(t, pos, out)?;
+            return Ok(0);
         }
-        let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
-        let mut out = pool.get(buf.len() / isz * osz);
+        scratch.resize(n as usize, 0);
+        self.sources.read(t, pos, scratch)?;
+        self.cast_bytes(p, pos, scratch, out)
+    }
+
+    /// Casts input bytes of piece `p` that start `pos` bytes into it into `out`.
+    fn cast_bytes(&self, p: &Piece<'_>, pos: u64, scratch: &[u8], out: &mut [u8]) -> Result<u64> {
+        let t = p.entry;
+        let isz = p.from.bitsize() / 8;
         if let How::Quantize(s) = &p.how {
-            s.quantize(p.from, &buf, pos / isz as u64, &mut out);
-            pool.put(buf);
-            return Ok((out, 0));
+            s.quantize(p.from, scratch, pos / isz as u64, out);
+            return Ok(0);
         }
-        let count = match &p.how {
+        match &p.how {
             How::Dequantize(s) => s.dequantize_to(
                 p.from,
-                &buf,
+                scratch,
                 pos / isz as u64,
                 p.to,
-                &mut out,
+                out,
                 self.opts.range(),
             ),
-            _ => cast::cast_checked(p.from, p.to, &buf, &mut out, self.opts.range()),
+            _ => cast::cast_checked(p.from, p.to, scratch, out, self.opts.range()),
         }
-        .map_err(|e| {
-            Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name))
-        })?;
-        pool.put(buf);
-        Ok((out, count))
+        .map_err(|e| Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name)))
+    }
+
+    /// Converts every piece straight into its own buffer (`bufs[i]` holds piece `i`'s output),
+    /// chunks in parallel and in any order: no writer, no chunk copies. Returns, per piece with
+    /// any, the count of values that left the target's range.
+    pub fn run_into(
+        &self,
+        pieces: &[Piece<'_>],
+        bufs: &mut [&mut [u8]],
+    ) -> Result<Vec<(usize, u64)>> {
+        use rayon::prelude::*;
+        /// Input bytes per chunk: small enough that the scratch copy stays in cache.
+        const STEP: usize = 1 << 20;
+        let mut work: Vec<(usize, u64, u64, &mut [u8])> = Vec::new();
+        for (i, (p, buf)) in pieces.iter().zip(bufs.iter_mut()).enumerate() {
+            let isz = p.from.bitsize() / 8;
+            let osz = match &p.how {
+                How::Dequantize(s) => (p.to.bitsize() / 8).max(s.compute.bitsize() / 8),
+                _ => p.to.bitsize() / 8,
+            };
+            let step = (STEP / isz.max(osz).max(1) * isz.max(1)) as u64;
+            let mut rest: &mut [u8] = buf;
+            let mut pos = 0;
+            while pos < p.entry.nbytes {
+                let n = step.min(p.entry.nbytes - pos);
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(Self::out_len(p, n));
+                work.push((i, pos, n, head));
+                rest = tail;
+                pos += n;
+            }
+        }
+        let counts: Vec<(usize, u64)> = work
+            .into_par_iter()
+            .map_init(Vec::new, |scratch, (i, pos, n, dst)| {
+                self.check_cancel()?;
+                prefault(dst);
+                let c = self.read_cast_into(&pieces[i], pos, n, scratch, dst)?;
+                self.progress.advance(n);
+                Ok((i, c))
+            })
+            .collect::<Result<_>>()?;
+        let mut per: Vec<(usize, u64)> = Vec::new();
+        for (i, c) in counts {
+            if c == 0 {
+                continue;
+            }
+            match per.iter_mut().find(|x| x.0 == i) {
+                Some(x) => x.1 += c,
+                None => per.push((i, c)),
+            }
+        }
+        per.sort_unstable();
+        Ok(per)
     }
 }

@@ -141,6 +141,8 @@ pub struct ConvertRequest {
     pub sync: bool,
     /// Set to stop early.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// One part of a split conversion, or the step that finishes it.
+    pub part: Option<crate::convert::Part>,
 }
 
 impl ConvertRequest {
@@ -167,6 +169,7 @@ impl ConvertRequest {
             force: false,
             sync: true,
             cancel: None,
+            part: None,
         }
     }
 }
@@ -325,6 +328,7 @@ impl ConvertRequest {
                 strip_prefix: self.strip_prefix.clone(),
                 strict: self.strict,
             },
+            part: self.part,
         };
         Ok(Prepared {
             cat,

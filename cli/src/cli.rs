@@ -273,6 +273,12 @@ pub struct ConvertArgs {
     /// Split the output into shards of at most SIZE (5GB, 500MB, 2GiB), Hub layout.
     #[arg(long, value_name = "SIZE")]
     pub max_shard_size: Option<String>,
+    /// Split the work by output shard across N processes or machines: part K/N writes only
+    /// its shards (every part computes the same plan; give each the same options); a last
+    /// call with `--part finish` checks them and writes the folder's other files and the
+    /// index. The result is byte-identical to one run.
+    #[arg(long, value_name = "K/N|finish", conflicts_with = "batch")]
+    pub part: Option<String>,
     /// Print the plan and write nothing.
     #[arg(long)]
     pub dry_run: bool,

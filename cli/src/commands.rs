@@ -717,6 +717,7 @@ fn request(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Resul
     r.force = c.force;
     r.sync = !c.no_sync;
     r.cancel = Some(cancel);
+    r.part = c.part.as_deref().map(str::parse).transpose()?;
     Ok(r)
 }
 
@@ -826,6 +827,24 @@ fn print_summary(
     if c.json {
         let v = summary_json(cat, plan, summary, c.output());
         println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !c.quiet && c.part.is_some() {
+        let written: Vec<String> = summary
+            .files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        eprintln!(
+            "weightcast: part {}: {} tensors, {} -> {} in {secs:.2} s; wrote {}",
+            c.part.as_deref().unwrap_or_default(),
+            summary.tensors_cast + summary.tensors_kept,
+            report::bytes(summary.bytes_in),
+            report::bytes(summary.bytes_out),
+            if written.is_empty() {
+                "nothing (no shard falls to this part)".to_string()
+            } else {
+                written.join(", ")
+            }
+        );
     } else if !c.quiet {
         let casts: Vec<String> = plan
             .cast_counts()

@@ -239,6 +239,7 @@ def convert(
     scale: Optional[str] = None,
     scale_format: str = "compressed-tensors",
     sync: bool = True,
+    part: Optional[str] = None,
 ) -> Result:
     """Convert ``src`` (a .safetensors file, an index, a model folder or a PyTorch file) into
     ``dst``, as ``weightcast convert SRC -o DST --to TO``: same engine, same defaults, same
@@ -250,7 +251,9 @@ def convert(
     a list of ``"PATTERN=DTYPE"``. ``on_overflow`` is ``"error"`` (default: raise
     :class:`RefusedError`, write nothing), ``"keep"``, ``"clamp"`` or ``"allow"``.
     ``dry_run=True`` returns the plan and writes nothing. ``progress=True`` shows a bar (tqdm
-    when installed); a callable gets ``(bytes_done, bytes_total)``.
+    when installed); a callable gets ``(bytes_done, bytes_total)``. ``part="K/N"`` writes only
+    part K of N of a sharded output (run the N parts anywhere, with the same options), and
+    ``part="finish"`` then checks them and writes the index: byte-identical to one run.
 
     >>> r = weightcast.convert("model.safetensors", "model-f16.safetensors", to="f16")
     >>> r.totals["cast"], r.written
@@ -281,6 +284,7 @@ def convert(
             scale_format,
             sync,
             strict_rules,
+            part,
         )
     finally:
         close()

@@ -20,6 +20,7 @@ def convert(
     key: Optional[str], inference: bool, strip_prefix: Optional[str], dry_run: bool,
     force: bool, progress: _Progress, cast_optimizer: bool, strict: bool, on_quantized: str,
     scale: Optional[str], scale_format: str, sync: bool, strict_rules: bool,
+    part: Optional[str] = None,
 ) -> str: ...
 def analyze(
     path: str, to: Optional[str], rules: _Rules, key: Optional[str], scale: Optional[str],

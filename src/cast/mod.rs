@@ -203,6 +203,9 @@ fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8], range: Ra
         output.copy_from_slice(input);
         return 0;
     }
+    if let Some(count) = f32_to_16_aligned(from, to, input, output, range) {
+        return count;
+    }
     let isz = from.bitsize() / 8;
     let n = input.len() / isz;
     if to == DType::F64 {
@@ -247,6 +250,55 @@ fn cast_block(from: DType, to: DType, input: &[u8], output: &mut [u8], range: Ra
     }
     encode_block(to, vals, output);
     count
+}
+
+/// f32 -> f16/bf16 straight between aligned buffers (the common case, and most of a model's
+/// bytes): no staging copies. `None` when it does not apply (other types, misaligned
+/// buffers, a big-endian host, or clamping, which the general path does).
+fn f32_to_16_aligned(
+    from: DType,
+    to: DType,
+    input: &[u8],
+    output: &mut [u8],
+    range: Range,
+) -> Option<u64> {
+    if from != DType::F32
+        || !matches!(to, DType::F16 | DType::BF16)
+        || range == Range::Clamp
+        || cfg!(target_endian = "big")
+    {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32 and u16; align_to only reinterprets the
+    // aligned middle, and the fast path runs only when there is nothing before or after it.
+    let (pre, vals, post) = unsafe { input.align_to::<f32>() };
+    let (opre, out, opost) = unsafe { output.align_to_mut::<u16>() };
+    if !pre.is_empty() || !post.is_empty() || !opre.is_empty() || !opost.is_empty() {
+        return None;
+    }
+    let mut count = 0u64;
+    let t = overflow_threshold(to);
+    if range == Range::Count && t.is_finite() {
+        let tb = t.to_bits();
+        count = vals
+            .iter()
+            .map(|&v| {
+                let a = v.to_bits() & 0x7FFF_FFFF;
+                ((a >= tb) & (a < 0x7F80_0000)) as u32
+            })
+            .sum::<u32>() as u64;
+    }
+    match to {
+        DType::F16 => out
+            .reinterpret_cast_mut::<f16>()
+            .convert_from_f32_slice(vals),
+        _ => {
+            for (o, &v) in out.iter_mut().zip(vals) {
+                *o = f32_to_bf16_bits(v);
+            }
+        }
+    }
+    Some(count)
 }
 
 /// Decodes little-endian elements of any castable type but f64 into f32 (exact). `vals` holds

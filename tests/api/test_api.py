@@ -476,3 +476,41 @@ def test_round_trip_load_save(tmp_path, minilm):
     ref = load_file(minilm / "model.safetensors")
     got = load_file(tmp_path / "rt.safetensors")
     assert all(torch.equal(got[k], as_torch(ref[k], torch.bfloat16)) for k in ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fan-out: a conversion split into parts, run as Ray tasks
+
+
+def test_parts_from_python_equal_the_cli(tmp_path, minilm):
+    for k in ("2/2", "1/2", "finish"):
+        weightcast.convert(minilm, tmp_path / "py", "bf16", max_shard_size="20MB", part=k)
+    run("convert", minilm, "-o", tmp_path / "cli", "--to", "bf16", "--max-shard-size", "20MB")
+    assert files_of(tmp_path / "py") == files_of(tmp_path / "cli")
+    with pytest.raises(weightcast.UsageError, match="give K/N"):
+        weightcast.convert(minilm, tmp_path / "x", "f16", part="3/2")
+
+
+def test_ray_runs_the_parts_as_tasks(tmp_path, minilm):
+    """A local Ray cluster converts the parts as independent tasks, then one task finishes:
+    the folder is byte-identical to one run."""
+    ray = pytest.importorskip("ray")
+    n = 4
+    out = tmp_path / "ray-out"
+    opts = dict(max_shard_size="10MB", on_overflow="error")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    try:
+        @ray.remote
+        def part(k: str) -> list:
+            import weightcast as wc
+
+            return wc.convert(str(minilm), str(out), "f16", part=k, **opts).written
+
+        written = ray.get([part.remote(f"{k}/{n}") for k in range(1, n + 1)])
+        assert sum(len(w) for w in written) == len(list(out.glob("*.safetensors"))) >= n
+        ray.get(part.remote("finish"))
+    finally:
+        ray.shutdown()
+    run("convert", minilm, "-o", tmp_path / "one", "--to", "f16", "--max-shard-size", "10MB")
+    assert files_of(out) == files_of(tmp_path / "one")
