@@ -156,12 +156,15 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
-    ap.add_argument("--set", choices=["all", "pt", "fp8", "python"], default="all",
+    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io"], default="all",
                     help="pt: only the PyTorch-file contenders and their references; fp8: "
                          "scaled FP8 quantization and dequantization (and llm-compressor when "
                          "LLMC_PYTHON names a Python with llmcompressor installed); python: "
                          "the Python package's load and convert against safetensors and "
-                         "torch.load (the wheel installed by scripts/api-env)")
+                         "torch.load (the wheel installed by scripts/api-env); io: the "
+                         "machine's limits, warm and cold (page cache dropped before each "
+                         "cold run, as root), and WEIGHTCAST_BIN_B as a second binary to "
+                         "compare")
     args = ap.parse_args()
     if args.generate_only:
         generate(pathlib.Path(args.generate_only), args.layers)
@@ -176,7 +179,7 @@ def main():
                        check=True)
     size = src.stat().st_size
     src_pt = OUT / f"llama-{args.layers}l-f32.pt"
-    if not src_pt.exists():
+    if not src_pt.exists() and args.set in ("all", "pt", "python"):
         # the same weights saved by torch.save (a state dict of contiguous tensors)
         subprocess.run([PY, "-c", SAVE_PT_SCRIPT, str(src), str(src_pt)], check=True)
     out = OUT / "out.safetensors"
@@ -259,6 +262,20 @@ def main():
             ("weightcast.load(.pt, dtype=f16)", [API_PY, "-c", WC_LOAD, str(src_pt)]),
             ("torch.load(.pt, mmap=True) + .half()", [API_PY, "-c", PT_LOAD, str(src_pt)]),
         ]
+    if args.set == "io":
+        contenders = [("weightcast f32->f16", wc("f16"))]
+        other = os.environ.get("WEIGHTCAST_BIN_B")
+        if other:
+            contenders.append(("B: weightcast f32->f16 (WEIGHTCAST_BIN_B)",
+                               [other, *wc("f16")[1:]]))
+        contenders += [
+            ("cold: weightcast f32->f16", wc("f16")),
+            ("cold: cat input > /dev/null (read limit)",
+             ["sh", "-c", f"cat '{src}' > /dev/null"]),
+        ]
+        if other:
+            contenders.append(("cold: B: weightcast f32->f16 (WEIGHTCAST_BIN_B)",
+                               [other, *wc("f16")[1:]]))
     # Output size of the f16 cast, for dd.
     subprocess.run(wc("f16"), check=True)
     f16_size = out.stat().st_size
@@ -267,12 +284,35 @@ def main():
         ("dd, output's size (limit)", dd),
         ("dd, output's size, conv=fsync (limit with sync)", dd + ["conv=fsync"]),
     ]
+    if args.set == "io":
+        contenders.append(("cold: cat input and dd /dev/zero conv=fsync at once (both limits together)",
+                           ["sh", "-c", f"cat '{src}' > /dev/null & dd if=/dev/zero of={out} "
+                            f"bs=8M count={f16_size} iflag=count_bytes status=none conv=fsync; wait"]))
+        # Warm rows first (each round re-reads the input after the cold rows of the last).
+        contenders.sort(key=lambda c: c[0].startswith("cold:"))
+        contenders.append(("cold: dd from /dev/zero, output's size, conv=fsync (write limit)",
+                           ["dd", "if=/dev/zero", f"of={out}", "bs=8M", f"count={f16_size}",
+                            "iflag=count_bytes", "status=none", "conv=fsync"]))
+    cold_ok = True
+
+    def drop_caches() -> bool:
+        """Drops the page cache (as root); False when this process cannot."""
+        try:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return True
+        except OSError:
+            return False
     results = {}
     for r in range(args.runs):
+        subprocess.run(["sh", "-c", f"cat '{src}' > /dev/null"], check=True)  # warm again
         for name, cmd in contenders:
             for o in (out, out_pt):
                 if o.exists():
                     o.unlink()
+            if name.startswith("cold:") and not drop_caches():
+                cold_ok = False
             results.setdefault(name, []).append(timed(cmd))
     med = {n: (statistics.median(w for w, _ in v), max(m for _, m in v)) for n, v in results.items()}
     dd_t = med["dd, output's size (limit)"][0]
@@ -291,6 +331,8 @@ def main():
         lines.append(
             f"| {name} | {t:.2f} | {size / t / 1e9:.2f} | {t / dd_t:.2f}x | {t / dd_sync_t:.2f}x | "
             f"{t / wc_t:.2f}x | {rss / 2**20:.0f} |")
+    if not cold_ok:
+        lines += ["", "**The page cache could not be dropped (not root): the cold rows ran warm.**"]
     if INPROC:
         lines += ["", "In-process seconds (after the imports; medians):", "",
                   "| contender | in-process s |", "|---|---:|"]

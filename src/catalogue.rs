@@ -58,6 +58,8 @@ pub struct SourceFile {
     pub metadata: Option<Vec<(String, String)>>,
     /// Tensor data is stored big-endian (a torch.save `byteorder` of `big`): readers swap it.
     pub big_endian: bool,
+    /// A file read over HTTP(S) by ranges (`path` is then its URL).
+    pub remote: Option<std::sync::Arc<crate::remote::RemoteFile>>,
 }
 
 /// One tensor and where its bytes live.

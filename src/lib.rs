@@ -30,6 +30,7 @@ pub mod load;
 pub mod output;
 pub mod plan;
 pub mod quant;
+pub mod remote;
 pub mod rules;
 pub mod source;
 pub mod stats;

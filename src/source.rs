@@ -10,10 +10,24 @@ use std::sync::{Arc, Mutex};
 use crate::catalogue::{Catalogue, Packed, Strided, TensorEntry};
 use crate::error::{Error, Result};
 
+/// Tells the kernel a file is read from start to end (a larger read-ahead window for a cold
+/// input; a hint only: errors are ignored).
+fn advise_sequential(f: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on a file descriptor we hold open; advice only.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+}
+
 /// Open handles to every weights file of a catalogue.
 pub struct Sources<'a> {
     cat: &'a Catalogue,
-    files: Vec<File>,
+    /// Open local files (`None` for a remote one, read through its [`SourceFile::remote`]).
+    files: Vec<Option<File>>,
     /// Deflate-compressed records, inflated into unlinked temporary files on first read, by
     /// zip entry name.
     inflated: Mutex<HashMap<String, Arc<File>>>,
@@ -27,8 +41,16 @@ impl<'a> Sources<'a> {
         let files = cat
             .files
             .iter()
-            .map(|f| File::open(&f.path).map_err(|e| Error::io(&f.path, e)))
+            .map(|f| match f.remote {
+                Some(_) => Ok(None),
+                None => File::open(&f.path)
+                    .map(Some)
+                    .map_err(|e| Error::io(&f.path, e)),
+            })
             .collect::<Result<Vec<_>>>()?;
+        for f in files.iter().flatten() {
+            advise_sequential(f);
+        }
         Ok(Sources {
             cat,
             files,
@@ -43,19 +65,23 @@ impl<'a> Sources<'a> {
 
     /// Runs `f` on the file a tensor's `offset` is in: its source file, or its inflated record.
     fn with_file<R>(&self, t: &TensorEntry, f: impl FnOnce(&File) -> Result<R>) -> Result<R> {
+        let local = |i: usize| -> Result<&File> {
+            self.files[i].as_ref().ok_or_else(|| {
+                Error::invalid(
+                    &self.cat.files[i].path,
+                    "a remote file holds no compressed records",
+                )
+            })
+        };
         let Some(p) = &t.packed else {
-            return f(&self.files[t.file]);
+            return f(local(t.file)?);
         };
         let file = {
             let mut map = self.inflated.lock().expect("inflated records");
             match map.get(&p.entry) {
                 Some(file) => file.clone(),
                 None => {
-                    let file = Arc::new(inflate(
-                        &self.cat.files[t.file].path,
-                        &self.files[t.file],
-                        p,
-                    )?);
+                    let file = Arc::new(inflate(&self.cat.files[t.file].path, local(t.file)?, p)?);
                     map.insert(p.entry.clone(), file.clone());
                     file
                 }
@@ -126,6 +152,15 @@ impl<'a> Sources<'a> {
 
     fn read_raw(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
         let at = t.offset + pos;
+        if let Some(r) = &self.cat.files[t.file].remote {
+            return r.read_exact_at(buf, at).map_err(|e| match e {
+                Error::Invalid { path, what } => Error::Invalid {
+                    path,
+                    what: format!("tensor `{}`: {what}", t.name),
+                },
+                e => e,
+            });
+        }
         self.with_file(t, |f| {
             f.read_exact_at(buf, at).map_err(|e| {
                 Error::invalid(

@@ -27,6 +27,15 @@ pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
 }
 
 fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
+    if crate::remote::is_url(path) {
+        if key.is_some_and(|k| !k.is_empty()) {
+            return Err(Error::usage(format!(
+                "{}: --key applies to PyTorch checkpoints only",
+                path.display()
+            )));
+        }
+        return open_remote(path);
+    }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
         let mut head = [0u8; 512];
@@ -88,6 +97,45 @@ pub fn open_file(path: &Path) -> Result<Catalogue> {
     })
 }
 
+/// Opens a safetensors file over HTTP(S): its header by range requests; tensor bytes are read
+/// the same way when converted.
+fn open_remote(path: &Path) -> Result<Catalogue> {
+    let url = path.to_str().unwrap_or_default();
+    let remote = std::sync::Arc::new(crate::remote::RemoteFile::open(url)?);
+    let len = remote.len;
+    let header =
+        safetensors::read_header_with(path, len, |buf, pos| remote.read_exact_at(buf, pos))?;
+    let name = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(url)
+        .rsplit('/')
+        .next()
+        .unwrap_or("model.safetensors")
+        .to_string();
+    let sf = SourceFile {
+        path: path.to_path_buf(),
+        name,
+        len,
+        metadata: header.metadata.clone(),
+        big_endian: false,
+        remote: Some(remote),
+    };
+    Ok(Catalogue {
+        path: path.to_path_buf(),
+        kind: InputKind::Safetensors,
+        files: vec![sf],
+        tensors: entries(0, &header),
+        index_metadata: None,
+        folder: None,
+        notes: vec![],
+        globals: vec![],
+        storages: vec![],
+        torch: None,
+        quant: None,
+    })
+}
+
 fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -105,6 +153,7 @@ fn read_source(path: &Path, name: String) -> Result<(File, SourceFile, safetenso
         len,
         metadata: header.metadata.clone(),
         big_endian: false,
+        remote: None,
     };
     Ok((file, sf, header))
 }

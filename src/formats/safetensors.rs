@@ -53,10 +53,20 @@ pub fn is_lfs_pointer(head: &[u8]) -> bool {
 
 /// Reads and validates the header of the safetensors file `file` (of length `file_len`) at `path`.
 pub fn read_header(path: &Path, file: &File, file_len: u64) -> Result<Header> {
+    read_header_with(path, file_len, |buf, pos| {
+        file.read_exact_at(buf, pos).map_err(|e| Error::io(path, e))
+    })
+}
+
+/// [`read_header`] through any positional reader (a local file, a remote one).
+pub fn read_header_with(
+    path: &Path,
+    file_len: u64,
+    read_at: impl Fn(&mut [u8], u64) -> Result<()>,
+) -> Result<Header> {
     let mut head = [0u8; 64];
     let n = (file_len.min(64)) as usize;
-    file.read_exact_at(&mut head[..n], 0)
-        .map_err(|e| Error::io(path, e))?;
+    read_at(&mut head[..n], 0)?;
     if is_lfs_pointer(&head[..n]) {
         return Err(Error::invalid(
             path,
@@ -91,8 +101,7 @@ pub fn read_header(path: &Path, file: &File, file_len: u64) -> Result<Header> {
     }
     // Bounded by MAX_HEADER_SIZE and by the file's real length, checked above.
     let mut buf = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut buf, 8)
-        .map_err(|e| Error::io(path, e))?;
+    read_at(&mut buf, 8)?;
     parse_header(path, &buf, file_len)
 }
 

@@ -552,6 +552,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             len,
             metadata: Some(metadata),
             big_endian: ar.big_endian,
+            remote: None,
         }],
         tensors,
         index_metadata: None,

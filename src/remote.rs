@@ -1,0 +1,227 @@
+//! Reading a safetensors file over HTTP(S) with range requests: the header first, then each
+//! tensor's bytes as the executor asks for them, in bounded memory and never the whole file on
+//! disk. Redirects are followed; a server error, a timeout, a dropped connection or a short body
+//! is retried with backoff; every response must carry the validator (ETag, or Last-Modified,
+//! and the length) the first one had, so a file that changes mid-read is an error, never a
+//! mixed output.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Attempts per range (the first and the retries).
+const ATTEMPTS: u32 = 4;
+
+/// True for a path the user gave as a URL.
+pub fn is_url(path: &Path) -> bool {
+    path.to_str()
+        .is_some_and(|s| s.starts_with("https://") || s.starts_with("http://"))
+}
+
+/// A remote file read by ranges.
+#[derive(Debug)]
+pub struct RemoteFile {
+    url: String,
+    agent: ureq::Agent,
+    token: Option<String>,
+    /// Length in bytes.
+    pub len: u64,
+    /// The ETag (or Last-Modified) of the first response.
+    validator: Option<String>,
+}
+
+/// What one attempt got wrong: retried, or final.
+enum Failure {
+    Retry(String),
+    Final(String),
+}
+
+impl RemoteFile {
+    /// Opens `url`: one range request for its first byte gives its length and validator and
+    /// shows that the server honours ranges. `HF_TOKEN` is sent as a bearer token when set.
+    pub fn open(url: &str) -> Result<RemoteFile> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(20)))
+            .timeout_recv_body(Some(Duration::from_secs(60)))
+            .max_redirects(10)
+            .build()
+            .into();
+        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+        let mut f = RemoteFile {
+            url: url.to_string(),
+            agent,
+            token,
+            len: 0,
+            validator: None,
+        };
+        let mut first = [0u8; 1];
+        let (len, validator) = f.with_retries(|f| f.fetch(0, &mut first))?;
+        f.len = len;
+        f.validator = validator;
+        Ok(f)
+    }
+
+    /// The URL as a path, for messages and the catalogue.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.url)
+    }
+
+    fn err(&self, what: impl Into<String>) -> Error {
+        Error::invalid(self.path(), what)
+    }
+
+    /// Fills `buf` with the bytes at `pos`.
+    pub fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = pos + buf.len() as u64;
+        if end > self.len {
+            return Err(self.err(format!(
+                "bytes {pos}..{end} asked for, but the file is {} bytes",
+                self.len
+            )));
+        }
+        self.with_retries(|f| {
+            let (len, v) = f.fetch(pos, buf)?;
+            if len != f.len || v != f.validator {
+                return Err(Failure::Final(format!(
+                    "changed on the server while it was read (length {} -> {len}, validator \
+                     {:?} -> {v:?}): nothing from it was written",
+                    f.len, f.validator
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `once`, retrying with backoff (0.25 s, 0.5 s, 1 s) what can be retried.
+    fn with_retries<T>(
+        &self,
+        mut once: impl FnMut(&Self) -> std::result::Result<T, Failure>,
+    ) -> Result<T> {
+        let mut delay = Duration::from_millis(250);
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            match once(self) {
+                Ok(t) => return Ok(t),
+                Err(Failure::Final(what)) => return Err(self.err(what)),
+                Err(Failure::Retry(what)) => last = what,
+            }
+        }
+        Err(self.err(format!("{last} (after {ATTEMPTS} attempts)")))
+    }
+
+    /// One range request for `buf.len()` bytes at `pos`; returns the file's length and
+    /// validator as this response gives them.
+    fn fetch(
+        &self,
+        pos: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(u64, Option<String>), Failure> {
+        let end = pos + buf.len() as u64 - 1;
+        let mut req = self
+            .agent
+            .get(&self.url)
+            .header("Range", &format!("bytes={pos}-{end}"));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = match req.call() {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Failure::Retry(format!(
+                    "request for bytes {pos}..={end}: {e}"
+                )))
+            }
+        };
+        let status = resp.status().as_u16();
+        match status {
+            206 => {}
+            200 => {
+                return Err(Failure::Final(
+                    "the server ignores range requests (answered 200 with the whole file): \
+                     weightcast reads remote files by ranges"
+                        .into(),
+                ))
+            }
+            401 | 403 => {
+                return Err(Failure::Final(format!(
+                    "HTTP {status}: access denied{}",
+                    if self.token.is_some() {
+                        " (HF_TOKEN was sent: does it grant access to this repository?)"
+                    } else {
+                        " (a gated or private file: set HF_TOKEN)"
+                    }
+                )))
+            }
+            404 => return Err(Failure::Final("HTTP 404: not found".into())),
+            416 => {
+                return Err(Failure::Final(format!(
+                    "HTTP 416: bytes {pos}..={end} out of range"
+                )))
+            }
+            s if s >= 500 || s == 429 || s == 408 => {
+                return Err(Failure::Retry(format!("HTTP {s} for bytes {pos}..={end}")))
+            }
+            s => return Err(Failure::Final(format!("HTTP {s} for bytes {pos}..={end}"))),
+        }
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        // Content-Range: bytes START-END/TOTAL
+        let range = header("content-range").unwrap_or_default();
+        let parsed = range
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(se, total)| {
+                let (s, e) = se.split_once('-')?;
+                Some((
+                    s.parse::<u64>().ok()?,
+                    e.parse::<u64>().ok()?,
+                    total.parse::<u64>().ok()?,
+                ))
+            });
+        let Some((s, e, total)) = parsed else {
+            return Err(Failure::Final(format!(
+                "no usable Content-Range in the answer for bytes {pos}..={end} (got `{range}`)"
+            )));
+        };
+        if s != pos || e != end {
+            return Err(Failure::Final(format!(
+                "asked for bytes {pos}..={end}, the server sent {s}..={e}"
+            )));
+        }
+        let validator = header("etag").or_else(|| header("last-modified"));
+        let mut reader = resp.body_mut().as_reader();
+        let mut got = 0;
+        while got < buf.len() {
+            match reader.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(Failure::Retry(format!(
+                        "short body: {got} of {} bytes at byte {pos}",
+                        buf.len()
+                    )))
+                }
+                Ok(k) => got += k,
+                Err(e) => {
+                    return Err(Failure::Retry(format!(
+                        "connection lost after {got} of {} bytes at byte {pos}: {e}",
+                        buf.len()
+                    )))
+                }
+            }
+        }
+        Ok((total, validator))
+    }
+}

@@ -1,0 +1,176 @@
+"""Remote inputs: `convert https://.../model.safetensors` (here plain HTTP on loopback, served by
+a real threaded HTTP server with range support started by the test) reads the header, then
+each tensor's bytes, by range requests. Faults: a connection dropped mid-tensor, a short body,
+a 5xx (retried: the output is identical), a 404, a 403 without token, a file that changes
+mid-read, a server without ranges: each a clear error or a correct output, never a partial one."""
+
+import http.server
+import socket
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files = {}  # path -> bytes
+        self.etags = {}  # path -> etag
+        self.faults = {}  # path -> [(after_n_requests, action)]
+        self.counts = {}  # path -> requests served
+        self.token = None  # path prefix -> token required
+        self.ranges = True
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        s = self.server
+        path = self.path.split("?")[0]
+        if path.startswith("/redirect/"):
+            self.send_response(302)
+            self.send_header("Location", path[len("/redirect"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if path.startswith("/gated/") and self.headers.get("Authorization") != f"Bearer {s.token}":
+            return self.fail(403)
+        if path not in s.files:
+            return self.fail(404)
+        n = s.counts.get(path, 0)
+        s.counts[path] = n + 1
+        action = None
+        for i, (after, what) in enumerate(s.faults.get(path, [])):
+            if n >= after:
+                action = what
+                s.faults[path].pop(i)
+                break
+        if action == "500":
+            return self.fail(500)
+        if action == "etag":
+            s.etags[path] = s.etags[path] + "-changed"
+        data = s.files[path]
+        rng = self.headers.get("Range")
+        if not rng or not s.ranges:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", s.etags[path])
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        a, b = rng.split("=")[1].split("-")
+        a, b = int(a), min(int(b), len(data) - 1)
+        body = data[a:b + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", s.etags[path])
+        self.end_headers()
+        if action in ("drop", "short"):
+            # Half the body, then the connection goes away mid-tensor.
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+    def fail(self, code):
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture()
+def server(tmp_path):
+    s = Server()
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layer.{i}.weight": torch.randn(512, 1024, generator=g) for i in range(12)}
+    tensors["steps"] = torch.arange(10)
+    local = tmp_path / "model.safetensors"
+    save_file(tensors, local, metadata={"format": "pt"})
+    for p in ("/org/model.safetensors", "/gated/model.safetensors"):
+        s.files[p] = local.read_bytes()
+        s.etags[p] = '"v1"'
+    s.local = local
+    yield s
+    s.shutdown()
+
+
+def reference(server, tmp_path, *opts):
+    out = tmp_path / "ref.safetensors"
+    run("convert", server.local, "-o", out, "--to", "f16", *opts)
+    return out.read_bytes()
+
+
+def test_remote_equals_local(server, tmp_path):
+    ref = reference(server, tmp_path)
+    for url in (f"{server.url}/org/model.safetensors", f"{server.url}/redirect/org/model.safetensors"):
+        out = tmp_path / "o.safetensors"
+        run("convert", url, "-o", out, "--to", "f16", "--force")
+        assert out.read_bytes() == ref, url
+    # 12 tensors of 2 MiB: read by ranges (chunks), never in one response.
+    assert server.counts["/org/model.safetensors"] > 12
+    p = run("inspect", f"{server.url}/org/model.safetensors")
+    assert "layer.11.weight" in p.stdout
+
+
+@pytest.mark.parametrize("fault", ["drop", "short", "500"])
+def test_faults_are_retried_and_the_output_is_identical(server, tmp_path, fault):
+    ref = reference(server, tmp_path)
+    server.faults["/org/model.safetensors"] = [(5, fault), (9, fault)]
+    out = tmp_path / "o.safetensors"
+    run("convert", f"{server.url}/org/model.safetensors", "-o", out, "--to", "f16")
+    assert out.read_bytes() == ref
+    assert not server.faults["/org/model.safetensors"], "both faults were served"
+
+
+def test_errors_leave_no_output(server, tmp_path):
+    out = tmp_path / "o.safetensors"
+    p = run("convert", f"{server.url}/org/missing.safetensors", "-o", out, "--to", "f16",
+            check=False)
+    assert p.returncode == 1 and "missing.safetensors: HTTP 404" in p.stderr
+    p = run("convert", f"{server.url}/gated/model.safetensors", "-o", out, "--to", "f16",
+            check=False)
+    assert p.returncode == 1 and "HTTP 403" in p.stderr and "HF_TOKEN" in p.stderr
+    server.token = "secret"
+    import os
+
+    env = dict(os.environ, HF_TOKEN="secret")
+    run("convert", f"{server.url}/gated/model.safetensors", "-o", out, "--to", "f16", env=env)
+    assert out.read_bytes() == reference(server, tmp_path)
+    out.unlink()
+    # The file changes on the server mid-read: an error, not a mixed output.
+    server.faults["/org/model.safetensors"] = [(6, "etag")]
+    p = run("convert", f"{server.url}/org/model.safetensors", "-o", out, "--to", "f16",
+            check=False)
+    assert p.returncode == 1 and "changed on the server" in p.stderr
+    assert not out.exists()
+    # Five failures in a row: given up with the reason, nothing written.
+    server.faults["/org/model.safetensors"] = [(0, "500")] * 5
+    p = run("convert", f"{server.url}/org/model.safetensors", "-o", out, "--to", "f16",
+            check=False)
+    assert p.returncode == 1 and "HTTP 500" in p.stderr and "attempts" in p.stderr
+    assert not out.exists()
+    server.ranges = False
+    server.faults.clear()
+    p = run("convert", f"{server.url}/org/model.safetensors", "-o", out, "--to", "f16",
+            check=False)
+    assert p.returncode == 1 and "ignores range requests" in p.stderr
+    assert not out.exists() and not list(tmp_path.glob(".o.safetensors*"))
