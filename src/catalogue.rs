@@ -169,6 +169,9 @@ pub struct FolderInfo {
     pub other_files: Vec<PathBuf>,
     /// Name of the index file, when the weights are sharded.
     pub index_name: Option<String>,
+    /// For a Hugging Face repository read remotely: the temporary folder holding its small
+    /// files (`dir`), kept while the catalogue lives.
+    pub keep: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// Everything weightcast knows about an input before touching any tensor data.

@@ -14,10 +14,190 @@ use crate::error::{Error, Result};
 /// Attempts per range (the first and the retries).
 const ATTEMPTS: u32 = 4;
 
-/// True for a path the user gave as a URL.
+/// True for a path the user gave as a URL (`https://`, `http://`, `hf://`).
 pub fn is_url(path: &Path) -> bool {
-    path.to_str()
-        .is_some_and(|s| s.starts_with("https://") || s.starts_with("http://"))
+    path.to_str().is_some_and(|s| {
+        s.starts_with("https://") || s.starts_with("http://") || s.starts_with("hf://")
+    })
+}
+
+/// Runs `once`, retrying with backoff (0.25 s, 0.5 s, 1 s) what can be retried; the error
+/// is the message to report.
+fn retry<T>(
+    mut once: impl FnMut() -> std::result::Result<T, Failure>,
+) -> std::result::Result<T, String> {
+    let mut delay = Duration::from_millis(250);
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(delay);
+            delay *= 2;
+        }
+        match once() {
+            Ok(t) => return Ok(t),
+            Err(Failure::Final(what)) => return Err(what),
+            Err(Failure::Retry(what)) => last = what,
+        }
+    }
+    Err(format!("{last} (after {ATTEMPTS} attempts)"))
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(20)))
+        .timeout_recv_body(Some(Duration::from_secs(60)))
+        .max_redirects(10)
+        .build()
+        .into()
+}
+
+fn token() -> Option<String> {
+    std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty())
+}
+
+/// A Hugging Face model repository at a revision (`hf://ORG/NAME[@REVISION]`).
+#[derive(Debug, Clone)]
+pub struct HfRepo {
+    spec: String,
+    /// `ORG/NAME`.
+    pub repo: String,
+    /// Branch, tag or commit (`main` by default).
+    pub revision: String,
+    endpoint: String,
+}
+
+/// Files of at most this size are fetched whole (config, tokenizer, index).
+const SMALL_FILE_LIMIT: u64 = 512 << 20;
+
+impl HfRepo {
+    /// Parses `hf://ORG/NAME[@REVISION]`; the Hub is `HF_ENDPOINT` (default huggingface.co).
+    pub fn parse(spec: &str) -> Result<HfRepo> {
+        let rest = spec.strip_prefix("hf://").unwrap_or(spec);
+        let (repo, revision) = match rest.split_once('@') {
+            Some((r, v)) => (r, v),
+            None => (rest, "main"),
+        };
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() != 2
+            || !parts.iter().all(|p| ok(p))
+            || revision.is_empty()
+            || revision.contains("..")
+        {
+            return Err(Error::usage(format!(
+                "{spec}: give hf://ORG/NAME or hf://ORG/NAME@REVISION"
+            )));
+        }
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".into());
+        Ok(HfRepo {
+            spec: spec.to_string(),
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn err(&self, what: impl Into<String>) -> Error {
+        Error::invalid(&self.spec, what)
+    }
+
+    /// The snapshot folder of this revision in the local Hugging Face cache (`HF_HUB_CACHE`,
+    /// `HF_HOME/hub` or `~/.cache/huggingface/hub`), when it is there with its weights.
+    pub fn cached_snapshot(&self) -> Option<PathBuf> {
+        let hub = std::env::var_os("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+            })?;
+        let root = hub.join(format!("models--{}", self.repo.replace('/', "--")));
+        let commit = match std::fs::read_to_string(root.join("refs").join(&self.revision)) {
+            Ok(c) => c.trim().to_string(),
+            // A commit hash given as the revision names its snapshot directly.
+            Err(_) => self.revision.clone(),
+        };
+        let snap = root.join("snapshots").join(commit);
+        let has_weights = ["model.safetensors", "model.safetensors.index.json"]
+            .iter()
+            .any(|f| snap.join(f).is_file());
+        has_weights.then_some(snap)
+    }
+
+    /// The URL files of this revision are under.
+    pub fn resolve_base(&self) -> String {
+        format!("{}/{}/resolve/{}", self.endpoint, self.repo, self.revision)
+    }
+
+    /// The repository's files (the Hub's model API).
+    pub fn list(&self) -> Result<Vec<String>> {
+        let url = format!(
+            "{}/api/models/{}/revision/{}",
+            self.endpoint, self.repo, self.revision
+        );
+        let body = self.get(&url, 64 << 20)?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| self.err(format!("the Hub's file list is not JSON: {e}")))?;
+        let files: Vec<String> = v
+            .get("siblings")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| self.err("the Hub's answer has no `siblings` list"))?
+            .iter()
+            .filter_map(|s| {
+                s.get("rfilename")
+                    .and_then(|f| f.as_str())
+                    .map(str::to_string)
+            })
+            .collect();
+        Ok(files)
+    }
+
+    /// A small file of the repository, whole.
+    pub fn get_small(&self, file: &str) -> Result<Vec<u8>> {
+        self.get(&format!("{}/{file}", self.resolve_base()), SMALL_FILE_LIMIT)
+    }
+
+    /// GET with retries on 5xx and transport errors.
+    fn get(&self, url: &str, limit: u64) -> Result<Vec<u8>> {
+        let agent = agent();
+        retry(|| {
+            let mut req = agent.get(url);
+            if let Some(t) = token() {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            let mut resp = req
+                .call()
+                .map_err(|e| Failure::Retry(format!("{url}: {e}")))?;
+            match resp.status().as_u16() {
+                200 => {}
+                s @ (401 | 403) => {
+                    return Err(Failure::Final(format!(
+                    "{url}: HTTP {s}: access denied (a gated or private repository: set HF_TOKEN)"
+                )))
+                }
+                404 => return Err(Failure::Final(format!("{url}: HTTP 404: not found"))),
+                s if s >= 500 || s == 429 => {
+                    return Err(Failure::Retry(format!("{url}: HTTP {s}")))
+                }
+                s => return Err(Failure::Final(format!("{url}: HTTP {s}"))),
+            }
+            resp.body_mut()
+                .with_config()
+                .limit(limit)
+                .read_to_vec()
+                .map_err(|e| Failure::Retry(format!("{url}: {e}")))
+        })
+        .map_err(|what| self.err(what))
+    }
 }
 
 /// A remote file read by ranges.
@@ -42,14 +222,8 @@ impl RemoteFile {
     /// Opens `url`: one range request for its first byte gives its length and validator and
     /// shows that the server honours ranges. `HF_TOKEN` is sent as a bearer token when set.
     pub fn open(url: &str) -> Result<RemoteFile> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(20)))
-            .timeout_recv_body(Some(Duration::from_secs(60)))
-            .max_redirects(10)
-            .build()
-            .into();
-        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+        let agent = agent();
+        let token = token();
         let mut f = RemoteFile {
             url: url.to_string(),
             agent,
@@ -98,25 +272,12 @@ impl RemoteFile {
         })
     }
 
-    /// Runs `once`, retrying with backoff (0.25 s, 0.5 s, 1 s) what can be retried.
+    /// Runs `once` with [`retry`]; errors name the URL.
     fn with_retries<T>(
         &self,
         mut once: impl FnMut(&Self) -> std::result::Result<T, Failure>,
     ) -> Result<T> {
-        let mut delay = Duration::from_millis(250);
-        let mut last = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(delay);
-                delay *= 2;
-            }
-            match once(self) {
-                Ok(t) => return Ok(t),
-                Err(Failure::Final(what)) => return Err(self.err(what)),
-                Err(Failure::Retry(what)) => last = what,
-            }
-        }
-        Err(self.err(format!("{last} (after {ATTEMPTS} attempts)")))
+        retry(|| once(self)).map_err(|what| self.err(what))
     }
 
     /// One range request for `buf.len()` bytes at `pos`; returns the file's length and

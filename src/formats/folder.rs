@@ -79,32 +79,17 @@ fn is_index_name(path: &Path) -> bool {
 
 /// Opens one safetensors file, telling other formats apart by content.
 pub fn open_file(path: &Path) -> Result<Catalogue> {
-    let (file, sf, header) = read_source(path, file_name(path))?;
-    let tensors = entries(0, &header);
-    let _ = file;
-    Ok(Catalogue {
-        path: path.to_path_buf(),
-        kind: InputKind::Safetensors,
-        files: vec![sf],
-        tensors,
-        index_metadata: None,
-        folder: None,
-        notes: vec![],
-        globals: vec![],
-        storages: vec![],
-        torch: None,
-        quant: None,
-    })
+    let (_file, sf, header) = read_source(path, file_name(path))?;
+    Ok(single_catalogue(path, sf, &header))
 }
 
 /// Opens a safetensors file over HTTP(S): its header by range requests; tensor bytes are read
 /// the same way when converted.
 fn open_remote(path: &Path) -> Result<Catalogue> {
+    if path.to_str().is_some_and(|s| s.starts_with("hf://")) {
+        return open_hf(path);
+    }
     let url = path.to_str().unwrap_or_default();
-    let remote = std::sync::Arc::new(crate::remote::RemoteFile::open(url)?);
-    let len = remote.len;
-    let header =
-        safetensors::read_header_with(path, len, |buf, pos| remote.read_exact_at(buf, pos))?;
     let name = url
         .split(['?', '#'])
         .next()
@@ -113,6 +98,34 @@ fn open_remote(path: &Path) -> Result<Catalogue> {
         .next()
         .unwrap_or("model.safetensors")
         .to_string();
+    let (sf, header) = remote_source(path, name)?;
+    Ok(single_catalogue(path, sf, &header))
+}
+
+/// The catalogue of one safetensors file.
+fn single_catalogue(path: &Path, sf: SourceFile, header: &safetensors::Header) -> Catalogue {
+    Catalogue {
+        path: path.to_path_buf(),
+        kind: InputKind::Safetensors,
+        files: vec![sf],
+        tensors: entries(0, header),
+        index_metadata: None,
+        folder: None,
+        notes: vec![],
+        globals: vec![],
+        storages: vec![],
+        torch: None,
+        quant: None,
+    }
+}
+
+/// A remote safetensors file: its source entry and header, by range requests.
+fn remote_source(path: &Path, name: String) -> Result<(SourceFile, safetensors::Header)> {
+    let url = path.to_str().unwrap_or_default();
+    let remote = std::sync::Arc::new(crate::remote::RemoteFile::open(url)?);
+    let len = remote.len;
+    let header =
+        safetensors::read_header_with(path, len, |buf, pos| remote.read_exact_at(buf, pos))?;
     let sf = SourceFile {
         path: path.to_path_buf(),
         name,
@@ -121,19 +134,77 @@ fn open_remote(path: &Path) -> Result<Catalogue> {
         big_endian: false,
         remote: Some(remote),
     };
-    Ok(Catalogue {
-        path: path.to_path_buf(),
-        kind: InputKind::Safetensors,
-        files: vec![sf],
-        tensors: entries(0, &header),
-        index_metadata: None,
-        folder: None,
-        notes: vec![],
-        globals: vec![],
-        storages: vec![],
-        torch: None,
-        quant: None,
-    })
+    Ok((sf, header))
+}
+
+/// Opens `hf://ORG/NAME[@REVISION]`: from the local Hugging Face cache when its snapshot is
+/// there, otherwise from the Hub (`HF_ENDPOINT`): the repository's small files fetched into a
+/// temporary folder, its safetensors weights (one file or an index and its shards) read by
+/// range requests.
+fn open_hf(path: &Path) -> Result<Catalogue> {
+    let spec = path.to_str().unwrap_or_default();
+    let repo = crate::remote::HfRepo::parse(spec)?;
+    if let Some(snapshot) = repo.cached_snapshot() {
+        let mut cat = open_folder(&snapshot)?;
+        cat.notes.push(format!(
+            "{spec}: read from the local Hugging Face cache ({})",
+            snapshot.display()
+        ));
+        return Ok(cat);
+    }
+    let files = repo.list()?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".weightcast-hf-")
+        .tempdir()
+        .map_err(|e| Error::invalid(path, format!("cannot create a temporary folder: {e}")))?;
+    let is_weights = |n: &str| {
+        [
+            ".safetensors",
+            ".bin",
+            ".pt",
+            ".pth",
+            ".ckpt",
+            ".h5",
+            ".msgpack",
+            ".onnx",
+            ".gguf",
+        ]
+        .iter()
+        .any(|e| n.ends_with(e))
+            || n.ends_with(".bin.index.json")
+    };
+    for f in files.iter().filter(|f| !is_weights(f)) {
+        let rel = safe_relative(path, f)?;
+        let dest = tmp.path().join(rel);
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+        std::fs::write(&dest, repo.get_small(f)?).map_err(|e| Error::io(&dest, e))?;
+    }
+    let base = repo.resolve_base();
+    let index = files
+        .iter()
+        .find(|f| f.as_str() == "model.safetensors.index.json")
+        .cloned();
+    let single = files
+        .iter()
+        .find(|f| f.as_str() == "model.safetensors")
+        .cloned();
+    let (cat, index_name) = match (&index, &single) {
+        (Some(i), _) => (open_index_at(&tmp.path().join(i), Some(&base))?, Some(i.clone())),
+        (None, Some(s)) => {
+            let (sf, header) = remote_source(&PathBuf::from(format!("{base}/{s}")), s.clone())?;
+            (single_catalogue(path, sf, &header), None)
+        }
+        (None, None) => {
+            return Err(Error::invalid(
+                path,
+                "no model.safetensors or model.safetensors.index.json in this repository (weightcast reads a Hub repository's safetensors weights)",
+            ))
+        }
+    };
+    let dir = tmp.path().to_path_buf();
+    as_folder(cat, path, &dir, index_name, Some(std::sync::Arc::new(tmp)))
 }
 
 fn file_name(path: &Path) -> String {
@@ -142,7 +213,14 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn read_source(path: &Path, name: String) -> Result<(File, SourceFile, safetensors::Header)> {
+fn read_source(
+    path: &Path,
+    name: String,
+) -> Result<(Option<File>, SourceFile, safetensors::Header)> {
+    if crate::remote::is_url(path) {
+        let (sf, header) = remote_source(path, name)?;
+        return Ok((None, sf, header));
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     sniff_other_formats(path, &file, len)?;
@@ -155,7 +233,7 @@ fn read_source(path: &Path, name: String) -> Result<(File, SourceFile, safetenso
         big_endian: false,
         remote: None,
     };
-    Ok((file, sf, header))
+    Ok((Some(file), sf, header))
 }
 
 /// Gives a clear message for files that are weights of another format.
@@ -261,6 +339,11 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
 
 /// Opens a `*.safetensors.index.json` and every shard it names.
 pub fn open_index(index_path: &Path) -> Result<Catalogue> {
+    open_index_at(index_path, None)
+}
+
+/// [`open_index`], with the shards at `base/NAME` (URLs) when `base` is given.
+fn open_index_at(index_path: &Path, base: Option<&str>) -> Result<Catalogue> {
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let file = File::open(index_path).map_err(|e| Error::io(index_path, e))?;
     let mut text = String::new();
@@ -300,8 +383,11 @@ pub fn open_index(index_path: &Path) -> Result<Catalogue> {
     let mut tensors: Vec<TensorEntry> = Vec::new();
     for (i, shard) in shard_names.iter().enumerate() {
         let rel = safe_relative(index_path, shard)?;
-        let path = dir.join(rel);
-        if !path.exists() {
+        let path = match base {
+            Some(b) => PathBuf::from(format!("{b}/{shard}")),
+            None => dir.join(rel),
+        };
+        if base.is_none() && !path.exists() {
             return Err(Error::invalid(
                 index_path,
                 format!(
@@ -397,8 +483,7 @@ pub fn open_folder(dir: &Path) -> Result<Catalogue> {
         .iter()
         .filter(|n| n.ends_with(".safetensors"))
         .collect();
-    let (mut cat, index_name) = if let Some(index) = pick(&indexes, "model.safetensors.index.json")
-    {
+    let (cat, index_name) = if let Some(index) = pick(&indexes, "model.safetensors.index.json") {
         (open_index(&dir.join(index))?, Some(index.clone()))
     } else if let Some(single) = pick(&singles, "model.safetensors") {
         (open_file(&dir.join(single))?, None)
@@ -447,6 +532,18 @@ pub fn open_folder(dir: &Path) -> Result<Catalogue> {
             ),
         ));
     };
+    as_folder(cat, dir, dir, index_name, None)
+}
+
+/// Makes the catalogue of a folder's weights the folder's: shown as `path`, its other files
+/// (everything in `dir` but the weights and their index) listed for the output.
+fn as_folder(
+    mut cat: Catalogue,
+    path: &Path,
+    dir: &Path,
+    index_name: Option<String>,
+    keep: Option<std::sync::Arc<tempfile::TempDir>>,
+) -> Result<Catalogue> {
     let weight_names: std::collections::HashSet<&str> = cat
         .files
         .iter()
@@ -455,12 +552,13 @@ pub fn open_folder(dir: &Path) -> Result<Catalogue> {
         .collect();
     let mut other_files = Vec::new();
     collect_other_files(dir, Path::new(""), &weight_names, &mut other_files)?;
-    cat.path = dir.to_path_buf();
+    cat.path = path.to_path_buf();
     cat.kind = InputKind::Folder;
     cat.folder = Some(FolderInfo {
         dir: dir.to_path_buf(),
         other_files,
         index_name,
+        keep,
     });
     Ok(cat)
 }

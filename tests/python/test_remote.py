@@ -174,3 +174,69 @@ def test_errors_leave_no_output(server, tmp_path):
             check=False)
     assert p.returncode == 1 and "ignores range requests" in p.stderr
     assert not out.exists() and not list(tmp_path.glob(".o.safetensors*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# hf://ORG/NAME[@REVISION]: a Hub-shaped tree served through HF_ENDPOINT, and the local cache
+
+
+TINY = __import__("conftest").ROOT / "examples" / "tiny-bert"
+
+
+def serve_repo(server, repo, rev, folder):
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        key = f"/{repo}/resolve/{rev}/{rel}"
+        server.files[key] = p.read_bytes()
+        server.etags[key] = f'"{rel}-1"'
+    listing = {"id": repo, "sha": "0" * 40,
+               "siblings": [{"rfilename": p.relative_to(folder).as_posix()} for p in files]}
+    key = f"/api/models/{repo}/revision/{rev}"
+    server.files[key] = __import__("json").dumps(listing).encode()
+    server.etags[key] = '"list"'
+
+
+def files_of(d):
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_hf_repo_single_and_sharded(server, tmp_path, minilm):
+    import os
+
+    sharded = tmp_path / "sharded-src"
+    run("convert", minilm, "-o", sharded, "--to", "f32", "--max-shard-size", "20MB")
+    serve_repo(server, "org/tiny", "main", TINY)
+    serve_repo(server, "org/sharded", "v1", sharded)
+    env = dict(os.environ, HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "no-cache"))
+    for spec, local in (("hf://org/tiny", TINY), ("hf://org/sharded@v1", sharded)):
+        out, ref = tmp_path / f"out-{local.name}", tmp_path / f"ref-{local.name}"
+        run("convert", spec, "-o", out, "--to", "f16", "--preset", "keep-norms", env=env)
+        run("convert", local, "-o", ref, "--to", "f16", "--preset", "keep-norms")
+        assert files_of(out) == files_of(ref), spec
+    # Weights were read by ranges, never whole.
+    shard = "/org/sharded/resolve/v1/model-00001-of-00005.safetensors"
+    assert server.counts.get(shard, 0) > 2
+    p = run("convert", "hf://org/missing", "-o", tmp_path / "x", "--to", "f16", check=False,
+            env=env)
+    assert p.returncode == 1 and "404" in p.stderr and not (tmp_path / "x").exists()
+    p = run("convert", "hf://org/../etc", "-o", tmp_path / "x", "--to", "f16", check=False,
+            env=env)
+    assert p.returncode == 2 and "hf://ORG/NAME" in p.stderr
+
+
+def test_hf_repo_from_the_local_cache(tmp_path):
+    import os
+    import shutil
+
+    hub = tmp_path / "hub"
+    root = hub / "models--org--cached"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("abc123")
+    shutil.copytree(TINY, root / "snapshots" / "abc123")
+    # No server at all: the cache answers.
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(hub))
+    p = run("convert", "hf://org/cached", "-o", tmp_path / "out", "--to", "f16", env=env)
+    assert "local Hugging Face cache" in p.stderr
+    run("convert", TINY, "-o", tmp_path / "ref", "--to", "f16")
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "ref")
