@@ -156,7 +156,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
-    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io"], default="all",
+    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io", "remote"],
+                    default="all",
                     help="pt: only the PyTorch-file contenders and their references; fp8: "
                          "scaled FP8 quantization and dequantization (and llm-compressor when "
                          "LLMC_PYTHON names a Python with llmcompressor installed); python: "
@@ -276,6 +277,22 @@ def main():
         if other:
             contenders.append(("cold: B: weightcast f32->f16 (WEIGHTCAST_BIN_B)",
                                [other, *wc("f16")[1:]]))
+    server = None
+    if args.set == "remote":
+        port = 18000 + os.getpid() % 1000
+        server = subprocess.Popen([PY, str(ROOT / "bench" / "range_server.py"), str(OUT),
+                                   str(port)])
+        time.sleep(1.0)
+        url = f"http://127.0.0.1:{port}/{src.name}"
+        contenders = [
+            ("weightcast f32->f16", wc("f16")),
+            ("weightcast f32->f16 from http://127.0.0.1 (range requests)",
+             [str(BIN), "convert", url, "-o", str(out), "--to", "f16", "--force", "-q"]),
+            ("weightcast f32->f16 from http://, --no-sync",
+             [str(BIN), "convert", url, "-o", str(out), "--to", "f16", "--force", "-q",
+              "--no-sync"]),
+            ("curl the input to /dev/null (download limit)", ["curl", "-s", "-o", "/dev/null", url]),
+        ]
     # Output size of the f16 cast, for dd.
     subprocess.run(wc("f16"), check=True)
     f16_size = out.stat().st_size
@@ -340,6 +357,8 @@ def main():
             if tuple(cmd) in INPROC:
                 lines.append(f"| {name} | {statistics.median(INPROC[tuple(cmd)]):.2f} |")
     print("\n".join(lines))
+    if server:
+        server.kill()
     (OUT / "results.json").write_text(json.dumps({n: v for n, v in results.items()}, indent=1))
     for o in (out, out_pt, pathlib.Path("/dev/shm/wc-bench.safetensors")):
         if o.exists():
