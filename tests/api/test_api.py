@@ -514,3 +514,35 @@ def test_ray_runs_the_parts_as_tasks(tmp_path, minilm):
         ray.shutdown()
     run("convert", minilm, "-o", tmp_path / "one", "--to", "f16", "--max-shard-size", "10MB")
     assert files_of(out) == files_of(tmp_path / "one")
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote inputs from Python: the same code path as the CLI's (tests/python/test_remote.py)
+
+
+def test_load_and_convert_from_a_hub_shaped_server(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "remote_server", ROOT / "tests" / "python" / "test_remote.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    server = mod.Server()
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        mod.serve_repo(server, "org/tiny", "main", TINY)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache"))
+        sd = weightcast.load("hf://org/tiny", dtype="f16")
+        ref = load_file(TINY / "model.safetensors")
+        assert set(sd) == set(ref)
+        assert all(torch.equal(sd[k], as_torch(ref[k], torch.float16)) for k in ref)
+        url = f"{server.url}/org/tiny/resolve/main/model.safetensors"
+        weightcast.convert(url, tmp_path / "o.safetensors", "bf16")
+        run("convert", TINY / "model.safetensors", "-o", tmp_path / "r.safetensors", "--to", "bf16")
+        assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "r.safetensors").read_bytes()
+        with pytest.raises(weightcast.InvalidFileError, match="404"):
+            weightcast.load("hf://org/missing")
+    finally:
+        server.shutdown()

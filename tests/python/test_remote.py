@@ -27,6 +27,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.token = None  # path prefix -> token required
         self.ranges = True
 
+    def handle_error(self, request, client_address):
+        # The fault injections drop connections on purpose: not worth a traceback.
+        pass
+
     @property
     def url(self):
         return f"http://127.0.0.1:{self.server_address[1]}"
