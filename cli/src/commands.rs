@@ -20,7 +20,7 @@ use weightcast::stats::Bounds;
 use crate::cli::{AnalyzeArgs, Args, Command, ConvertArgs, DiffArgs};
 use crate::{html, report};
 use weightcast::job::ConvertRequest;
-pub(crate) use weightcast::job::{build_rules, check_castable, is_pt, single_target, RuleArg};
+pub(crate) use weightcast::job::{build_rules, is_pt, single_target, RuleArg};
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.cli.command {

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use serde_json::json;
+use weightcast::job::check_castable;
 use weightcast::rules::RuleSet;
 use weightcast::{formats, DType, Error, Plan};
 
