@@ -239,6 +239,19 @@ impl Catalogue {
                 )));
             }
         }
+        // Tied tensors listed once keep naming their twin by its new name.
+        if let Some(doc) = self.torch.as_mut() {
+            if !doc.aliases.is_empty() {
+                let doc = std::sync::Arc::make_mut(doc);
+                for (alias, kept) in &mut doc.aliases {
+                    for name in [alias, kept] {
+                        if let Some(s) = name.strip_prefix(prefix) {
+                            *name = s.to_string();
+                        }
+                    }
+                }
+            }
+        }
         Ok(n)
     }
 

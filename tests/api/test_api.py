@@ -546,3 +546,15 @@ def test_load_and_convert_from_a_hub_shaped_server(tmp_path, monkeypatch):
             weightcast.load("hf://org/missing")
     finally:
         server.shutdown()
+
+
+def test_load_strip_prefix_keeps_tied_weights(tmp_path):
+    """DataParallel names (`module.`) stripped: a tied twin keeps its (stripped) name and
+    still shares memory."""
+    w = torch.randn(4, 3)
+    torch.save({"module.embed.weight": w, "module.lm_head.weight": w, "module.b": torch.ones(3)},
+               tmp_path / "dp.pt")
+    sd = weightcast.load(tmp_path / "dp.pt", dtype="f16", strip_prefix="module.")
+    assert set(sd) == {"embed.weight", "lm_head.weight", "b"}
+    assert torch.equal(sd["lm_head.weight"], w.half())
+    assert sd["lm_head.weight"].data_ptr() == sd["embed.weight"].data_ptr()
