@@ -243,14 +243,7 @@ fn execute(
         elapsed: Duration::ZERO,
         layout,
     };
-    let job = Job {
-        cat,
-        plan,
-        sources: &sources,
-        opts,
-        progress,
-        scales: Mutex::new(Default::default()),
-    };
+    let job = Job::new(cat, plan, &sources, opts, progress);
     match target {
         Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
         Target::Pt(dest) => job.write_pt(dest, &mut summary)?,
@@ -288,14 +281,7 @@ pub fn convert_into(
         ));
     }
     let sources = Sources::open(cat)?;
-    let job = Job {
-        cat,
-        plan,
-        sources: &sources,
-        opts,
-        progress,
-        scales: Mutex::new(Default::default()),
-    };
+    let job = Job::new(cat, plan, &sources, opts, progress);
     let storage_entries: Vec<Option<TensorEntry>> = mem
         .buffers
         .iter()
@@ -369,14 +355,7 @@ fn convert_part(
     check_target(cat, &target, &layout, true)?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let sources = Sources::open(cat)?;
-    let job = Job {
-        cat,
-        plan,
-        sources: &sources,
-        opts,
-        progress,
-        scales: Mutex::new(Default::default()),
-    };
+    let job = Job::new(cat, plan, &sources, opts, progress);
     let mine: Vec<&OutputFile> = match part {
         Part::Shards { k, n } => layout
             .files
@@ -804,7 +783,24 @@ struct Job<'a> {
     scales: Mutex<std::collections::HashMap<usize, Arc<ScaleTable>>>,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    fn new(
+        cat: &'a Catalogue,
+        plan: &'a Plan,
+        sources: &'a Sources<'a>,
+        opts: &'a Options,
+        progress: &'a dyn Progress,
+    ) -> Job<'a> {
+        Job {
+            cat,
+            plan,
+            sources,
+            opts,
+            progress,
+            scales: Mutex::new(Default::default()),
+        }
+    }
+
     fn check_cancel(&self) -> Result<()> {
         match &self.opts.cancel {
             Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted),

@@ -119,6 +119,24 @@ fn single_catalogue(path: &Path, sf: SourceFile, header: &safetensors::Header) -
     }
 }
 
+/// The source entry of a safetensors file (local, or remote when `remote` is given).
+fn safetensors_source(
+    path: &Path,
+    name: String,
+    len: u64,
+    header: &safetensors::Header,
+    remote: Option<std::sync::Arc<crate::remote::RemoteFile>>,
+) -> SourceFile {
+    SourceFile {
+        path: path.to_path_buf(),
+        name,
+        len,
+        metadata: header.metadata.clone(),
+        big_endian: false,
+        remote,
+    }
+}
+
 /// A remote safetensors file: its source entry and header, by range requests.
 fn remote_source(path: &Path, name: String) -> Result<(SourceFile, safetensors::Header)> {
     let url = path.to_str().unwrap_or_default();
@@ -126,14 +144,7 @@ fn remote_source(path: &Path, name: String) -> Result<(SourceFile, safetensors::
     let len = remote.len;
     let header =
         safetensors::read_header_with(path, len, |buf, pos| remote.read_exact_at(buf, pos))?;
-    let sf = SourceFile {
-        path: path.to_path_buf(),
-        name,
-        len,
-        metadata: header.metadata.clone(),
-        big_endian: false,
-        remote: Some(remote),
-    };
+    let sf = safetensors_source(path, name, len, &header, Some(remote));
     Ok((sf, header))
 }
 
@@ -225,14 +236,7 @@ fn read_source(
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     sniff_other_formats(path, &file, len)?;
     let header = safetensors::read_header(path, &file, len)?;
-    let sf = SourceFile {
-        path: path.to_path_buf(),
-        name,
-        len,
-        metadata: header.metadata.clone(),
-        big_endian: false,
-        remote: None,
-    };
+    let sf = safetensors_source(path, name, len, &header, None);
     Ok((Some(file), sf, header))
 }
 
