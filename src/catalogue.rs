@@ -58,8 +58,8 @@ pub struct SourceFile {
     pub metadata: Option<Vec<(String, String)>>,
     /// Tensor data is stored big-endian (a torch.save `byteorder` of `big`): readers swap it.
     pub big_endian: bool,
-    /// A file read over HTTP(S) by ranges (`path` is then its URL).
-    pub remote: Option<std::sync::Arc<crate::remote::RemoteFile>>,
+    /// A file read by ranges over HTTP(S) or from an object store (`path` is then its URL).
+    pub remote: Option<std::sync::Arc<dyn crate::remote::RangeRead>>,
 }
 
 /// One tensor and where its bytes live.

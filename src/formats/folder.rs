@@ -83,17 +83,29 @@ pub fn open_file(path: &Path) -> Result<Catalogue> {
     Ok(single_catalogue(path, sf, &header))
 }
 
-/// Opens a safetensors file over HTTP(S): its header by range requests; tensor bytes are read
-/// the same way when converted.
+/// Opens a remote input: a Hugging Face repository (`hf://`), an object store prefix
+/// (`s3://BUCKET/PREFIX`) or one safetensors file at a URL (`https://...`, `s3://...`): headers by
+/// range requests; tensor bytes are read the same way when converted.
 fn open_remote(path: &Path) -> Result<Catalogue> {
-    if path.to_str().is_some_and(|s| s.starts_with("hf://")) {
-        return open_hf(path);
-    }
     let url = path.to_str().unwrap_or_default();
-    let name = url
-        .split(['?', '#'])
-        .next()
-        .unwrap_or(url)
+    if url.starts_with("hf://") {
+        let repo = crate::remote::HfRepo::parse(url)?;
+        if let Some(snapshot) = repo.cached_snapshot() {
+            let mut cat = open_folder(&snapshot)?;
+            cat.notes.push(format!(
+                "{url}: read from the local Hugging Face cache ({})",
+                snapshot.display()
+            ));
+            return Ok(cat);
+        }
+        return open_remote_dir(path, RemoteDir::Hf(repo));
+    }
+    let bare = url.split(['?', '#']).next().unwrap_or(url);
+    if crate::remote::store::is_store_url(path) && !bare.ends_with(".safetensors") {
+        let dir = crate::remote::store::StoreDir::open(url)?;
+        return open_remote_dir(path, RemoteDir::Store(dir));
+    }
+    let name = bare
         .rsplit('/')
         .next()
         .unwrap_or("model.safetensors")
@@ -125,7 +137,7 @@ fn safetensors_source(
     name: String,
     len: u64,
     header: &safetensors::Header,
-    remote: Option<std::sync::Arc<crate::remote::RemoteFile>>,
+    remote: Option<std::sync::Arc<dyn crate::remote::RangeRead>>,
 ) -> SourceFile {
     SourceFile {
         path: path.to_path_buf(),
@@ -140,34 +152,88 @@ fn safetensors_source(
 /// A remote safetensors file: its source entry and header, by range requests.
 fn remote_source(path: &Path, name: String) -> Result<(SourceFile, safetensors::Header)> {
     let url = path.to_str().unwrap_or_default();
-    let remote = std::sync::Arc::new(crate::remote::RemoteFile::open(url)?);
-    let len = remote.len;
+    let remote = crate::remote::open(url)?;
+    let len = remote.len();
     let header =
         safetensors::read_header_with(path, len, |buf, pos| remote.read_exact_at(buf, pos))?;
     let sf = safetensors_source(path, name, len, &header, Some(remote));
     Ok((sf, header))
 }
 
-/// Opens `hf://ORG/NAME[@REVISION]`: from the local Hugging Face cache when its snapshot is
-/// there, otherwise from the Hub (`HF_ENDPOINT`): the repository's small files fetched into a
-/// temporary folder, its safetensors weights (one file or an index and its shards) read by
-/// range requests.
-fn open_hf(path: &Path) -> Result<Catalogue> {
-    let spec = path.to_str().unwrap_or_default();
-    let repo = crate::remote::HfRepo::parse(spec)?;
-    if let Some(snapshot) = repo.cached_snapshot() {
-        let mut cat = open_folder(&snapshot)?;
-        cat.notes.push(format!(
-            "{spec}: read from the local Hugging Face cache ({})",
-            snapshot.display()
-        ));
-        return Ok(cat);
+/// A remote folder: a Hub repository or the objects under an object store prefix.
+enum RemoteDir {
+    Hf(crate::remote::HfRepo),
+    Store(crate::remote::store::StoreDir),
+}
+
+impl RemoteDir {
+    /// Every file, by its path relative to the folder.
+    fn list(&self) -> Result<Vec<String>> {
+        match self {
+            RemoteDir::Hf(r) => r.list(),
+            RemoteDir::Store(d) => Ok(d.list()?.into_iter().map(|(n, _)| n).collect()),
+        }
     }
-    let files = repo.list()?;
+
+    /// The URL of file `name`.
+    fn url_of(&self, name: &str) -> String {
+        match self {
+            RemoteDir::Hf(r) => format!("{}/{name}", r.resolve_base()),
+            RemoteDir::Store(d) => d.url_of(name),
+        }
+    }
+
+    /// A small file (config, tokenizer, index), whole.
+    fn get_small(&self, name: &str) -> Result<Vec<u8>> {
+        match self {
+            RemoteDir::Hf(r) => r.get_small(name),
+            RemoteDir::Store(d) => d.get(name, SMALL_FILE_LIMIT),
+        }
+    }
+
+    /// A file streamed into `out`.
+    fn download(&self, name: &str, out: &mut File) -> Result<u64> {
+        match self {
+            RemoteDir::Hf(r) => r.download(name, out),
+            RemoteDir::Store(d) => d.download(name, out),
+        }
+    }
+}
+
+/// Files other than weights fetched whole from a remote folder are at most this large.
+const SMALL_FILE_LIMIT: u64 = 512 << 20;
+
+/// Opens a remote folder (`hf://ORG/NAME[@REVISION]` or an object store prefix): its small
+/// files fetched into a temporary folder, its safetensors weights (one file or an index and
+/// its shards) read by range requests. A folder whose weights are PyTorch archives
+/// (`pytorch_model.bin` or its index and shards) is fetched whole into the temporary folder
+/// instead, since the archive reader needs the zip directory at the end of each file; a note
+/// says so.
+fn open_remote_dir(path: &Path, dir: RemoteDir) -> Result<Catalogue> {
+    let mut files = dir.list()?;
+    files.sort();
     let tmp = tempfile::Builder::new()
-        .prefix(".weightcast-hf-")
+        .prefix(".weightcast-remote-")
         .tempdir()
         .map_err(|e| Error::invalid(path, format!("cannot create a temporary folder: {e}")))?;
+    let top = |suffix: &str| -> Vec<&String> {
+        files
+            .iter()
+            .filter(|f| !f.contains('/') && f.ends_with(suffix))
+            .collect()
+    };
+    let index = pick(
+        &top(".safetensors.index.json"),
+        "model.safetensors.index.json",
+    )
+    .cloned();
+    let singles = top(".safetensors");
+    let single = pick(&singles, "model.safetensors").cloned();
+    let is_torch = |n: &str| [".bin", ".pt", ".pth"].iter().any(|e| n.ends_with(e));
+    let torch = index.is_none()
+        && singles.is_empty()
+        && (!top(".bin.index.json").is_empty()
+            || files.iter().any(|f| !f.contains('/') && is_torch(f)));
     let is_weights = |n: &str| {
         [
             ".safetensors",
@@ -184,38 +250,71 @@ fn open_hf(path: &Path) -> Result<Catalogue> {
         .any(|e| n.ends_with(e))
             || n.ends_with(".bin.index.json")
     };
-    for f in files.iter().filter(|f| !is_weights(f)) {
+    let mut fetched = 0u64;
+    for f in &files {
+        let torch_file = torch && (is_torch(f) || f.ends_with(".bin.index.json"));
+        if is_weights(f) && !torch_file {
+            continue;
+        }
         let rel = safe_relative(path, f)?;
         let dest = tmp.path().join(rel);
         if let Some(d) = dest.parent() {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
         }
-        std::fs::write(&dest, repo.get_small(f)?).map_err(|e| Error::io(&dest, e))?;
+        if torch_file {
+            let mut out = File::create(&dest).map_err(|e| Error::io(&dest, e))?;
+            fetched += dir.download(f, &mut out)?;
+        } else {
+            std::fs::write(&dest, dir.get_small(f)?).map_err(|e| Error::io(&dest, e))?;
+        }
     }
-    let base = repo.resolve_base();
-    let index = files
-        .iter()
-        .find(|f| f.as_str() == "model.safetensors.index.json")
-        .cloned();
-    let single = files
-        .iter()
-        .find(|f| f.as_str() == "model.safetensors")
-        .cloned();
+    let keep = Some(std::sync::Arc::new(tmp));
+    let tmp_dir = keep.as_ref().expect("kept").path().to_path_buf();
+    if torch {
+        let mut cat = open_folder(&tmp_dir)?;
+        cat.path = path.to_path_buf();
+        if let Some(f) = cat.folder.as_mut() {
+            f.keep = keep;
+        }
+        cat.notes.push(format!(
+            "{}: PyTorch weights are read from a local copy ({fetched} bytes fetched into a \
+             temporary folder, removed afterwards); safetensors weights are read by ranges",
+            path.display()
+        ));
+        return Ok(cat);
+    }
     let (cat, index_name) = match (&index, &single) {
-        (Some(i), _) => (open_index_at(&tmp.path().join(i), Some(&base))?, Some(i.clone())),
+        (Some(i), _) => {
+            let base = dir.url_of("");
+            let base = base.trim_end_matches('/');
+            (
+                open_index_at(&tmp_dir.join(i), Some(base))?,
+                Some(i.clone()),
+            )
+        }
         (None, Some(s)) => {
-            let (sf, header) = remote_source(&PathBuf::from(format!("{base}/{s}")), s.clone())?;
+            let (sf, header) = remote_source(&PathBuf::from(dir.url_of(s)), s.clone())?;
             (single_catalogue(path, sf, &header), None)
         }
         (None, None) => {
             return Err(Error::invalid(
                 path,
-                "no model.safetensors or model.safetensors.index.json in this repository (weightcast reads a Hub repository's safetensors weights)",
+                if singles.len() > 1 {
+                    format!(
+                        "several safetensors files ({}) and no index: name one file",
+                        singles
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    "no weights here (no .safetensors, no index, no pytorch_model.bin)".to_string()
+                },
             ))
         }
     };
-    let dir = tmp.path().to_path_buf();
-    as_folder(cat, path, &dir, index_name, Some(std::sync::Arc::new(tmp)))
+    as_folder(cat, path, &tmp_dir, index_name, keep)
 }
 
 fn file_name(path: &Path) -> String {

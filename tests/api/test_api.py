@@ -558,3 +558,54 @@ def test_load_strip_prefix_keeps_tied_weights(tmp_path):
     assert set(sd) == {"embed.weight", "lm_head.weight", "b"}
     assert torch.equal(sd["lm_head.weight"], w.half())
     assert sd["lm_head.weight"].data_ptr() == sd["embed.weight"].data_ptr()
+
+
+def test_s3_load_convert_and_an_object_changed_mid_read(tmp_path, monkeypatch):
+    """`load` and `convert` from an S3-compatible server (moto, as in
+    tests/python/test_store.py); an object replaced while it is read is an error, with nothing
+    written."""
+    import importlib.util
+
+    import boto3
+
+    spec = importlib.util.spec_from_file_location(
+        "store_tests", ROOT / "tests" / "python" / "test_store.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    proc, endpoint = mod.start_moto()
+    try:
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="mbucket")
+        s3.bucket = "mbucket"
+        mod.upload_folder(s3, TINY, "tiny")
+        sd = weightcast.load("s3://mbucket/tiny", dtype="f16")
+        ref = load_file(TINY / "model.safetensors")
+        assert set(sd) == set(ref)
+        assert all(torch.equal(sd[k], as_torch(ref[k], torch.float16)) for k in ref)
+        weightcast.convert("s3://mbucket/tiny", "s3://mbucket/out", "bf16")
+        run("convert", TINY, "-o", tmp_path / "ref", "--to", "bf16")
+        assert mod.objects(s3, "out") == mod.files_of(tmp_path / "ref")
+        # 96 MiB read in 8 MiB ranges; the object is replaced (a quick small put) as soon as
+        # progress shows the first ones read, long before the last.
+        g = torch.Generator().manual_seed(2)
+        save_file({f"w{i}": torch.randn(1024, 2048, generator=g) for i in range(12)},
+                  tmp_path / "big.safetensors")
+        s3.upload_file(str(tmp_path / "big.safetensors"), "mbucket", "big/m.safetensors")
+        replaced = []
+
+        def progress(done, total):
+            if done and not replaced:
+                s3.put_object(Bucket="mbucket", Key="big/m.safetensors", Body=b"replaced")
+                replaced.append(done)
+
+        with pytest.raises(weightcast.InvalidFileError, match="changed in the store"):
+            weightcast.convert("s3://mbucket/big/m.safetensors", tmp_path / "o.safetensors", "f16",
+                               progress=progress)
+        assert replaced and not (tmp_path / "o.safetensors").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)

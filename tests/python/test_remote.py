@@ -244,3 +244,47 @@ def test_hf_repo_from_the_local_cache(tmp_path):
     assert "local Hugging Face cache" in p.stderr
     run("convert", TINY, "-o", tmp_path / "ref", "--to", "f16")
     assert files_of(tmp_path / "out") == files_of(tmp_path / "ref")
+
+
+def test_hf_repo_of_pytorch_bin_files(server, tmp_path):
+    """A repository whose weights are `pytorch_model.bin` (one file, or an index and shards):
+    fetched into a temporary folder (the archive reader needs each zip's directory) and
+    converted exactly as the same folder on disk."""
+    import json
+    import os
+    import shutil
+
+    g = torch.Generator().manual_seed(3)
+    sd = {f"layer.{i}.weight": torch.randn(64, 32, generator=g) for i in range(4)}
+    sd["layer.0.steps"] = torch.arange(5)
+    single = tmp_path / "bin-single"
+    single.mkdir()
+    shutil.copy(TINY / "config.json", single / "config.json")
+    torch.save(sd, single / "pytorch_model.bin")
+    sharded = tmp_path / "bin-sharded"
+    sharded.mkdir()
+    shutil.copy(TINY / "config.json", sharded / "config.json")
+    names = sorted(sd)
+    weight_map = {}
+    for k, part in enumerate((names[:2], names[2:])):
+        shard = f"pytorch_model-0000{k + 1}-of-00002.bin"
+        torch.save({n: sd[n] for n in part}, sharded / shard)
+        weight_map.update({n: shard for n in part})
+    (sharded / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    serve_repo(server, "org/bin", "main", single)
+    serve_repo(server, "org/binshards", "main", sharded)
+    env = dict(os.environ, HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "no-cache"))
+    for spec, local in (("hf://org/bin", single), ("hf://org/binshards", sharded)):
+        out, ref = tmp_path / f"out-{local.name}", tmp_path / f"ref-{local.name}"
+        p = run("convert", spec, "-o", out, "--to", "f16", env=env)
+        assert "local copy" in p.stderr, p.stderr
+        run("convert", local, "-o", ref, "--to", "f16")
+        assert files_of(out) == files_of(ref), spec
+        from safetensors.torch import load_file
+
+        got = load_file(out / "model.safetensors") if (out / "model.safetensors").exists() \
+            else {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+        assert set(got) == set(sd)
+        for k, v in sd.items():
+            assert torch.equal(got[k], v.half() if v.is_floating_point() else v), k

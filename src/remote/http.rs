@@ -1,4 +1,4 @@
-//! Reading a safetensors file over HTTP(S) with range requests: the header first, then each
+//! Reading a file over HTTP(S) with range requests: the header first, then each
 //! tensor's bytes as the executor asks for them, in bounded memory and never the whole file on
 //! disk. Redirects are followed; a server error, a timeout, a dropped connection or a short body
 //! is retried with backoff; every response must carry the validator (ETag, or Last-Modified,
@@ -6,41 +6,11 @@
 //! mixed output.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use super::{retry, Failure, RangeRead};
 use crate::error::{Error, Result};
-
-/// Attempts per range (the first and the retries).
-const ATTEMPTS: u32 = 4;
-
-/// True for a path the user gave as a URL (`https://`, `http://`, `hf://`).
-pub fn is_url(path: &Path) -> bool {
-    path.to_str().is_some_and(|s| {
-        s.starts_with("https://") || s.starts_with("http://") || s.starts_with("hf://")
-    })
-}
-
-/// Runs `once`, retrying with backoff (0.25 s, 0.5 s, 1 s) what can be retried; the error
-/// is the message to report.
-fn retry<T>(
-    mut once: impl FnMut() -> std::result::Result<T, Failure>,
-) -> std::result::Result<T, String> {
-    let mut delay = Duration::from_millis(250);
-    let mut last = String::new();
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            std::thread::sleep(delay);
-            delay *= 2;
-        }
-        match once() {
-            Ok(t) => return Ok(t),
-            Err(Failure::Final(what)) => return Err(what),
-            Err(Failure::Retry(what)) => last = what,
-        }
-    }
-    Err(format!("{last} (after {ATTEMPTS} attempts)"))
-}
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -166,6 +136,58 @@ impl HfRepo {
         self.get(&format!("{}/{file}", self.resolve_base()), SMALL_FILE_LIMIT)
     }
 
+    /// A file of the repository, whole, streamed into `out` (PyTorch archives, which are read
+    /// from a local copy); returns its length.
+    pub fn download(&self, file: &str, out: &mut std::fs::File) -> Result<u64> {
+        use std::io::{Seek, Write};
+        let url = format!("{}/{file}", self.resolve_base());
+        let agent = agent();
+        retry(|| {
+            let fail = |what: String| Failure::Retry(format!("{url}: {what}"));
+            out.set_len(0)
+                .and_then(|_| out.rewind())
+                .map_err(|e| Failure::Final(format!("cannot save {url} locally: {e}")))?;
+            let mut req = agent.get(&url);
+            if let Some(t) = token() {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            let mut resp = req.call().map_err(|e| fail(e.to_string()))?;
+            match resp.status().as_u16() {
+                200 => {}
+                s @ (401 | 403) => {
+                    return Err(Failure::Final(format!(
+                        "{url}: HTTP {s}: access denied (a gated or private repository: set \
+                         HF_TOKEN)"
+                    )))
+                }
+                s if s >= 500 || s == 429 => return Err(fail(format!("HTTP {s}"))),
+                s => return Err(Failure::Final(format!("{url}: HTTP {s}"))),
+            }
+            let expected: Option<u64> = resp
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let mut body = resp.body_mut().with_config().limit(u64::MAX).reader();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            loop {
+                let k = body.read(&mut buf).map_err(|e| fail(e.to_string()))?;
+                if k == 0 {
+                    break;
+                }
+                out.write_all(&buf[..k])
+                    .map_err(|e| Failure::Final(format!("cannot save {url} locally: {e}")))?;
+                n += k as u64;
+            }
+            if expected.is_some_and(|e| e != n) {
+                return Err(fail(format!("short body: {n} of {expected:?} bytes")));
+            }
+            Ok(n)
+        })
+        .map_err(|what| self.err(what))
+    }
+
     /// GET with retries on 5xx and transport errors.
     fn get(&self, url: &str, limit: u64) -> Result<Vec<u8>> {
         let agent = agent();
@@ -200,6 +222,21 @@ impl HfRepo {
     }
 }
 
+/// Parses a `Content-Range: bytes START-END/TOTAL` value (decimal digits only) into a range
+/// that lies inside the file (`START <= END < TOTAL`); anything else is `None`.
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let (se, total) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let (s, e) = se.split_once('-')?;
+    let (s, e, total) = (num(s)?, num(e)?, num(total)?);
+    (s <= e && e < total).then_some((s, e, total))
+}
+
 /// A remote file read by ranges.
 #[derive(Debug)]
 pub struct RemoteFile {
@@ -210,12 +247,6 @@ pub struct RemoteFile {
     pub len: u64,
     /// The ETag (or Last-Modified) of the first response.
     validator: Option<String>,
-}
-
-/// What one attempt got wrong: retried, or final.
-enum Failure {
-    Retry(String),
-    Final(String),
 }
 
 impl RemoteFile {
@@ -342,18 +373,7 @@ impl RemoteFile {
         };
         // Content-Range: bytes START-END/TOTAL
         let range = header("content-range").unwrap_or_default();
-        let parsed = range
-            .strip_prefix("bytes ")
-            .and_then(|r| r.split_once('/'))
-            .and_then(|(se, total)| {
-                let (s, e) = se.split_once('-')?;
-                Some((
-                    s.parse::<u64>().ok()?,
-                    e.parse::<u64>().ok()?,
-                    total.parse::<u64>().ok()?,
-                ))
-            });
-        let Some((s, e, total)) = parsed else {
+        let Some((s, e, total)) = parse_content_range(&range) else {
             return Err(Failure::Final(format!(
                 "no usable Content-Range in the answer for bytes {pos}..={end} (got `{range}`)"
             )));
@@ -384,5 +404,37 @@ impl RemoteFile {
             }
         }
         Ok((total, validator))
+    }
+}
+
+impl RangeRead for RemoteFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        RemoteFile::read_exact_at(self, buf, pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 0-9/10"), Some((0, 9, 10)));
+        assert_eq!(parse_content_range("bytes 5-5/6"), Some((5, 5, 6)));
+        for bad in [
+            "bytes 0-10/10",
+            "bytes 5-4/10",
+            "bytes +1-2/10",
+            "bytes 1-2/*",
+            "bytes -2/10",
+            "items 0-1/2",
+            "bytes 0-1/2 ",
+            "bytes 0-99999999999999999999/1",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
     }
 }

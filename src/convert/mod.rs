@@ -24,6 +24,8 @@ use crate::plan::{Plan, QuantPlan, ScaledOut, TensorPlan};
 use crate::quant::ScaleTable;
 use crate::source::Sources;
 
+mod to_store;
+
 /// Bytes per chunk buffer (input or output side).
 const CHUNK_BYTES: usize = 8 << 20;
 /// Chunks in flight between stages.
@@ -195,6 +197,18 @@ pub fn convert(
             cat.path.display(),
             q.scheme,
             q.found_in
+        )));
+    }
+    if crate::remote::store::is_store_url(out) {
+        let mut summary = to_store::convert_to_store(cat, plan, out, opts, progress)?;
+        summary.elapsed = start.elapsed();
+        return Ok(summary);
+    }
+    if crate::remote::is_url(out) {
+        return Err(Error::usage(format!(
+            "{}: outputs go to local paths or object stores (s3://BUCKET/PREFIX), not to \
+             http(s):// or hf:// URLs",
+            out.display()
         )));
     }
     if let Some(part) = opts.part {
