@@ -919,7 +919,9 @@ impl<'a> Job<'a> {
         let header = self.header(of)?;
         dst.set_len(header.len() as u64 + of.bytes)
             .map_err(|e| Error::io(dst_path, e))?;
-        let mut sink = FileSink::new(dst, dst_path, self.opts.sync, &header)?;
+        (&*dst)
+            .write_all(&header)
+            .map_err(|e| Error::io(dst_path, e))?;
 
         self.precompute_scales(&of.tensors)?;
         let pieces: Vec<Piece<'_>> = of
@@ -927,8 +929,10 @@ impl<'a> Job<'a> {
             .iter()
             .map(|&i| self.piece(&self.plan.tensors[i]))
             .collect::<Result<_>>()?;
-        let counts = self.exec().run(&pieces, &mut sink)?;
-        sink.end()?;
+        let counts = self.exec().run(
+            &pieces,
+            &mut FileSink::new(dst, dst_path, self.opts.sync, header.len() as u64),
+        )?;
         self.check_cancel()?;
         self.finish(dst)?;
         // Piece k is plan entry of.tensors[k].
@@ -1065,85 +1069,20 @@ struct FileSink<'a> {
     /// started.
     written: u64,
     flushed: u64,
-    /// Direct I/O (experimental, `WEIGHTCAST_DIRECT_IO=1`).
-    direct: Option<Direct>,
-}
-
-/// Writes that bypass the page cache (O_DIRECT): whole aligned blocks from an aligned buffer.
-struct Direct {
-    fd: File,
-    /// The buffer's storage (`buf_at..buf_at + DIRECT_BUF` is 4 KiB aligned).
-    store: Vec<u8>,
-    buf_at: usize,
-    /// Bytes in the buffer, and the file offset of its first byte.
-    len: usize,
-    at: u64,
-}
-
-const DIRECT_BUF: usize = 8 << 20;
-const DIRECT_ALIGN: usize = 4096;
-
-impl Direct {
-    fn open(path: &Path) -> Option<Direct> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let fd = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok()?;
-        let store = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
-        let buf_at = store.as_ptr().align_offset(DIRECT_ALIGN);
-        Some(Direct {
-            fd,
-            store,
-            buf_at,
-            len: 0,
-            at: 0,
-        })
-    }
-
-    fn buf(&mut self) -> &mut [u8] {
-        &mut self.store[self.buf_at..self.buf_at + DIRECT_BUF]
-    }
 }
 
 /// Bytes written between two write-back kicks.
 const WRITEBACK_STEP: u64 = 32 << 20;
 
 impl FileSink<'_> {
-    /// A sink for `file` that first writes `header` at its start.
-    fn new<'a>(file: &'a File, path: &'a Path, sync: bool, header: &[u8]) -> Result<FileSink<'a>> {
-        let direct = std::env::var_os("WEIGHTCAST_DIRECT_IO")
-            .is_some_and(|v| v == "1")
-            .then(|| Direct::open(path))
-            .flatten();
-        let mut sink = FileSink {
+    fn new<'a>(file: &'a File, path: &'a Path, sync: bool, start: u64) -> FileSink<'a> {
+        FileSink {
             file,
             path,
             sync,
-            written: 0,
+            written: start,
             flushed: 0,
-            direct,
-        };
-        sink.write(header)?;
-        Ok(sink)
-    }
-
-    /// Writes what is left in the direct buffer (its unaligned tail through the page cache).
-    fn end(&mut self) -> Result<()> {
-        let Some(mut d) = self.direct.take() else {
-            return Ok(());
-        };
-        let aligned = d.len / DIRECT_ALIGN * DIRECT_ALIGN;
-        let (at, len) = (d.at, d.len);
-        if aligned > 0 {
-            let fd = d.fd.try_clone().map_err(|e| Error::io(self.path, e))?;
-            fd.write_all_at(&d.buf()[..aligned], at)
-                .map_err(|e| Error::io(self.path, e))?;
         }
-        self.file
-            .write_all_at(&d.buf()[aligned..len], at + aligned as u64)
-            .map_err(|e| Error::io(self.path, e))
     }
 
     /// Starts write-back of what was written since the last kick (asynchronous: returns at
@@ -1167,32 +1106,11 @@ impl FileSink<'_> {
     }
 }
 
-use std::os::unix::fs::FileExt as _;
-
 impl Sink for FileSink<'_> {
     fn begin(&mut self, _i: usize) -> Result<()> {
         Ok(())
     }
-    fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
-        if let Some(d) = &mut self.direct {
-            self.written += bytes.len() as u64;
-            while !bytes.is_empty() {
-                let n = (DIRECT_BUF - d.len).min(bytes.len());
-                let len = d.len;
-                d.buf()[len..len + n].copy_from_slice(&bytes[..n]);
-                d.len += n;
-                bytes = &bytes[n..];
-                if d.len == DIRECT_BUF {
-                    let at = d.at;
-                    let fd = d.fd.try_clone().map_err(|e| Error::io(self.path, e))?;
-                    fd.write_all_at(d.buf(), at)
-                        .map_err(|e| Error::io(self.path, e))?;
-                    d.at += DIRECT_BUF as u64;
-                    d.len = 0;
-                }
-            }
-            return Ok(());
-        }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let mut f = self.file;
         f.write_all(bytes).map_err(|e| Error::io(self.path, e))?;
         self.written += bytes.len() as u64;
