@@ -150,13 +150,25 @@ def timed(cmd) -> tuple[float, int]:
     return wall, ru.ru_maxrss * 1024
 
 
+# The s3 set: the bucket, and boto3 uploading the same bytes as the output.
+S3_SETUP = """
+import sys, pathlib, boto3
+s3 = boto3.client("s3")
+s3.create_bucket(Bucket="bench")
+"""
+S3_PUT = """
+import sys, boto3
+boto3.client("s3").upload_file(sys.argv[1], "bench", "boto3-out.safetensors")
+"""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
-    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io", "remote"],
+    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io", "remote", "s3"],
                     default="all",
                     help="pt: only the PyTorch-file contenders and their references; fp8: "
                          "scaled FP8 quantization and dequantization (and llm-compressor when "
@@ -165,7 +177,8 @@ def main():
                          "torch.load (the wheel installed by scripts/api-env); io: the "
                          "machine's limits, warm and cold (page cache dropped before each "
                          "cold run, as root), and WEIGHTCAST_BIN_B as a second binary to "
-                         "compare")
+                         "compare; s3: to moto's S3 server on loopback (multipart upload) against "
+                         "boto3 uploading the same bytes")
     args = ap.parse_args()
     if args.generate_only:
         generate(pathlib.Path(args.generate_only), args.layers)
@@ -293,9 +306,35 @@ def main():
               "--no-sync"]),
             ("curl the input to /dev/null (download limit)", ["curl", "-s", "-o", "/dev/null", url]),
         ]
+        if os.environ.get("WEIGHTCAST_BIN_B"):
+            contenders.append(("B: weightcast f32->f16 from http:// (WEIGHTCAST_BIN_B)",
+                               [os.environ["WEIGHTCAST_BIN_B"], "convert", url, "-o", str(out),
+                                "--to", "f16", "--force", "-q"]))
+    if args.set == "s3":
+        port = 19000 + os.getpid() % 1000
+        endpoint = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3.0)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+        subprocess.run([PY, "-c", S3_SETUP], check=True)
+        # Only the upload side: moto answers every range request by reading the whole object
+        # and slicing it (moto/s3/responses.py, _handle_range_header), so reading a 1.6 GiB
+        # object by ranges from it measures moto, not the client.
+        contenders = [
+            ("weightcast f32->f16", wc("f16")),
+            ("weightcast f32->f16 to s3:// (multipart upload)",
+             [str(BIN), "convert", str(src), "-o", "s3://bench/out.safetensors", "--to", "f16",
+              "--force", "-q"]),
+            ("boto3: upload the output's bytes (upload limit)",
+             [PY, "-c", S3_PUT, str(OUT / "upload-src.safetensors")]),
+        ]
     # Output size of the f16 cast, for dd.
     subprocess.run(wc("f16"), check=True)
     f16_size = out.stat().st_size
+    if args.set == "s3":
+        shutil.copy(out, OUT / "upload-src.safetensors")
     dd = ["dd", f"if={src}", f"of={out}", "bs=8M", f"count={f16_size}", "iflag=count_bytes", "status=none"]
     contenders += [
         ("dd, output's size (limit)", dd),
