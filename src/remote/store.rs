@@ -59,10 +59,23 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     runtime().block_on(f)
 }
 
-/// An object store error as one line.
+/// An object store error as one line: whitespace collapsed, an XML error body reduced to its
+/// code and message.
 fn one_line(e: &object_store::Error) -> String {
     let s = e.to_string();
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let tag = |name: &str| -> Option<String> {
+        let start = s.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + s[start..].find(&format!("</{name}>"))?;
+        Some(s[start..end].to_string())
+    };
+    match (s.find("<?xml").or_else(|| s.find("<Error>")), tag("Code")) {
+        (Some(at), Some(code)) => {
+            let message = tag("Message").unwrap_or_default();
+            format!("{} {code}: {message}", s[..at].trim_end())
+        }
+        _ => s.trim_end_matches([':', ' ']).to_string(),
+    }
 }
 
 /// Settings from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`), then the AWS shared files.
@@ -226,12 +239,22 @@ fn classify(e: &object_store::Error) -> Failure {
         E::Precondition { .. } => Failure::Final(
             "changed in the store while it was read: nothing from it was written".into(),
         ),
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => Failure::Final(format!(
-            "access denied (check AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket's policy): {}",
-            one_line(e)
-        )),
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => denied(e),
+        _ if ["401 Unauthorized", "403 Forbidden"]
+            .iter()
+            .any(|c| e.to_string().contains(c)) =>
+        {
+            denied(e)
+        }
         _ => Failure::Final(one_line(e)),
     }
+}
+
+fn denied(e: &object_store::Error) -> Failure {
+    Failure::Final(format!(
+        "access denied (check AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket's policy): {}",
+        one_line(e)
+    ))
 }
 
 /// An object read by ranges.

@@ -32,11 +32,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_moto():
+def start_moto(env=None):
     """Starts moto's S3 server on a free loopback port; returns the process and endpoint."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=None if env is None else dict(os.environ, **env))
     for _ in range(400):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -269,3 +270,24 @@ def test_credentials_from_the_shared_files_and_errors(s3, tmp_path, monkeypatch,
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x").exists()
     p = run("convert", TINY, "-o", "https://example.com/out", "--to", "f16", check=False)
     assert p.returncode == 2 and "object stores" in p.stderr
+
+
+def test_access_denied_is_one_clear_line(tmp_path):
+    """A server that checks credentials (moto with authentication on) and keys it does not
+    know: 403 on reading, listing and writing, each one line that says access was denied."""
+    proc, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ACCESS_KEY_ID="unknown", AWS_SECRET_ACCESS_KEY="unknown",
+                   AWS_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, HOME=str(tmp_path))
+        for args in (["s3://private/m.safetensors", "-o", tmp_path / "x.safetensors"],
+                     ["s3://private/folder", "-o", tmp_path / "x"],
+                     [TINY, "-o", "s3://private/out"]):
+            p = run("convert", *args, "--to", "f16", check=False, env=env)
+            assert p.returncode == 1, p.stderr
+            assert "access denied" in p.stderr and "403" in p.stderr, p.stderr
+            assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
