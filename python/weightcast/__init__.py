@@ -242,8 +242,10 @@ def convert(
     part: Optional[str] = None,
 ) -> Result:
     """Convert ``src`` (a .safetensors file, an index, a model folder, a PyTorch file, or
-    remotely ``https://.../model.safetensors`` and ``hf://ORG/NAME[@REVISION]``) into ``dst``, as ``weightcast convert SRC -o DST --to TO``: same engine, same defaults, same
-    output bytes.
+    remotely ``https://.../model.safetensors``, ``hf://ORG/NAME[@REVISION]`` and
+    ``s3://BUCKET/PREFIX``) into ``dst`` (a local path or ``s3://BUCKET/PREFIX``, written by
+    multipart uploads, index last), as ``weightcast convert SRC -o DST --to TO``: same
+    engine, same defaults, same output bytes.
 
     ``to`` is a dtype (``"f16"``, ``"bf16"``, ``"f32"``, ``"f8e4m3"``, ``torch.float16``...),
     ``"auto"`` (keep the source precision), or with ``auto=SNR_DB`` a list of candidates
@@ -423,8 +425,8 @@ def load(
     progress: Progress = None,
 ) -> Dict[str, Any]:
     """Read a state dict from ``path`` (safetensors, shard sets, model folders, PyTorch zip,
-    legacy and TorchScript files, scaled FP8 checkpoints dequantized; ``https://`` safetensors
-    and ``hf://ORG/NAME`` repositories by range requests) into ``{name: tensor}``,
+    legacy and TorchScript files, scaled FP8 checkpoints dequantized; ``https://`` safetensors,
+    ``hf://ORG/NAME`` repositories and ``s3://BUCKET/PREFIX`` by range requests) into ``{name: tensor}``,
     cast to ``dtype`` on the way in (``None``: as stored) with the same rules as
     :func:`convert`.
 
