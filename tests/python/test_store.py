@@ -5,8 +5,9 @@ that puts the inputs and reads the outputs back.
 What must hold: the objects written are byte-identical to the files a local conversion writes
 (names included, as the plan says); nothing is visible at the destination until the whole output
 is written and checked (a refused or interrupted conversion leaves no object and no pending
-multipart upload); parts written by independent processes finish into the same bytes; the
-usual credential sources work; errors name the object."""
+multipart upload); connections dropped mid-answer are retried into the same bytes; parts
+written by independent processes finish into the same bytes; the usual credential sources work;
+errors name the object."""
 
 import json
 import os
@@ -291,3 +292,81 @@ def test_access_denied_is_one_clear_line(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class DropProxy:
+    """A TCP proxy in front of the S3 server that cuts the connection in the middle of the
+    first `drops` answers longer than 1 MiB (a connection dropped mid-tensor)."""
+
+    def __init__(self, upstream_port, drops):
+        import threading
+
+        self.upstream = upstream_port
+        self.drops = drops
+        self.dropped = 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self.pump, args=(client, up), daemon=True).start()
+            threading.Thread(target=self.pump, args=(up, client, True), daemon=True).start()
+
+    def pump(self, src, dst, answers=False):
+        sent = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                if answers and sent > (1 << 20):
+                    with self.lock:
+                        cut = self.dropped < self.drops
+                        if cut:
+                            self.dropped += 1
+                    if cut:
+                        break
+                    sent = -(1 << 62)  # this connection is spared from now on
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_dropped_connections_are_retried(s3, tmp_path, moto, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    save_file({f"w{i}": torch.randn(1024, 1024, generator=g) for i in range(12)},
+              tmp_path / "m.safetensors")
+    s3.upload_file(str(tmp_path / "m.safetensors"), s3.bucket, "in/m.safetensors")
+    run("convert", tmp_path / "m.safetensors", "-o", tmp_path / "ref.safetensors", "--to", "f16")
+    proxy = DropProxy(int(moto.rsplit(":", 1)[1]), drops=2)
+    try:
+        env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+        run("convert", url(s3, "in/m.safetensors"), "-o", tmp_path / "o.safetensors", "--to",
+            "f16", env=env)
+        assert proxy.dropped == 2
+        assert (tmp_path / "o.safetensors").read_bytes() == \
+            (tmp_path / "ref.safetensors").read_bytes()
+    finally:
+        proxy.close()
