@@ -203,7 +203,8 @@ Examples:
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
+    /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint;
+    /// or https://.../x.safetensors, hf://ORG/NAME[@REV], s3://BUCKET/PREFIX.
     #[arg(required_unless_present = "batch")]
     pub input: Option<PathBuf>,
     /// Convert every `INPUT -> OUTPUT` line of FILE (blank lines and `#` comments skipped) with
@@ -246,7 +247,8 @@ pub struct ConvertArgs {
     /// `weight_scale_inv` f32 block scales).
     #[arg(long, value_name = "FORMAT", default_value = "compressed-tensors")]
     pub scale_format: String,
-    /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input.
+    /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input;
+    /// locally or under s3://BUCKET/PREFIX.
     #[arg(short, long, required_unless_present = "batch")]
     pub output: Option<PathBuf>,
     /// Target dtype: float16|half|f16|fp16, bfloat16|bf16, float32|f32, float64|f64,

@@ -168,6 +168,73 @@ pub struct Summary {
     pub layout: Layout,
 }
 
+impl Summary {
+    /// The summary of a whole conversion before it runs (progress told its size).
+    fn whole(plan: &Plan, layout: Layout, progress: &dyn Progress) -> Summary {
+        let totals = plan.totals();
+        progress.begin(totals.bytes_in, plan.tensors.len() + plan.others.len());
+        Summary {
+            files: vec![],
+            tensors_cast: totals.cast,
+            tensors_kept: totals.kept,
+            bytes_in: totals.bytes_in,
+            bytes_out: totals.bytes_out,
+            files_copied: 0,
+            config_dtype: None,
+            warnings: vec![],
+            overflowed: vec![],
+            elapsed: Duration::ZERO,
+            layout,
+        }
+    }
+
+    /// The summary of one part (the tensors of the files `mine`) before it runs.
+    fn part(
+        plan: &Plan,
+        mine: &[&OutputFile],
+        layout: &Layout,
+        progress: &dyn Progress,
+    ) -> Summary {
+        let ts = || {
+            mine.iter()
+                .flat_map(|f| &f.tensors)
+                .map(|&i| &plan.tensors[i])
+        };
+        let (cast, count) = (ts().filter(|p| p.is_cast()).count(), ts().count());
+        let bytes_in = ts().map(|p| p.bytes_in).sum();
+        progress.begin(bytes_in, count);
+        Summary {
+            files: vec![],
+            tensors_cast: cast,
+            tensors_kept: count - cast,
+            bytes_in,
+            bytes_out: ts().map(|p| p.bytes_out).sum(),
+            files_copied: 0,
+            config_dtype: None,
+            warnings: vec![],
+            overflowed: vec![],
+            elapsed: Duration::ZERO,
+            layout: layout.clone(),
+        }
+    }
+}
+
+impl Part {
+    /// The weights files this part writes: shards `i` with `i % n == k - 1`; none for finish.
+    fn files(self, layout: &Layout) -> Vec<&OutputFile> {
+        match self {
+            Part::Shards { k, n } => layout
+                .files
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % n == k - 1)
+                .map(|(_, f)| f)
+                .collect(),
+            Part::Finish => vec![],
+        }
+    }
+}
+
 /// Resolves the output of converting `cat` with `plan` to `out`: the target and its files.
 pub fn prepare(
     cat: &Catalogue,
@@ -242,21 +309,7 @@ fn execute(
     progress: &dyn Progress,
 ) -> Result<Summary> {
     let sources = Sources::open(cat)?;
-    let totals = plan.totals();
-    progress.begin(totals.bytes_in, plan.tensors.len() + plan.others.len());
-    let mut summary = Summary {
-        files: vec![],
-        tensors_cast: totals.cast,
-        tensors_kept: totals.kept,
-        bytes_in: totals.bytes_in,
-        bytes_out: totals.bytes_out,
-        files_copied: 0,
-        config_dtype: None,
-        warnings: vec![],
-        overflowed: vec![],
-        elapsed: Duration::ZERO,
-        layout,
-    };
+    let mut summary = Summary::whole(plan, layout, progress);
     let job = Job::new(cat, plan, &sources, opts, progress);
     match target {
         Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
@@ -370,40 +423,8 @@ fn convert_part(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let sources = Sources::open(cat)?;
     let job = Job::new(cat, plan, &sources, opts, progress);
-    let mine: Vec<&OutputFile> = match part {
-        Part::Shards { k, n } => layout
-            .files
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % n == k - 1)
-            .map(|(_, f)| f)
-            .collect(),
-        Part::Finish => vec![],
-    };
-    let in_files = |fs: &[&OutputFile]| -> (u64, u64, usize) {
-        let ts = fs
-            .iter()
-            .flat_map(|f| &f.tensors)
-            .map(|&i| &plan.tensors[i]);
-        ts.fold((0, 0, 0), |(a, b, c), p| {
-            (a + p.bytes_in, b + p.bytes_out, c + p.is_cast() as usize)
-        })
-    };
-    let (bytes_in, bytes_out, cast) = in_files(&mine);
-    progress.begin(bytes_in, mine.iter().map(|f| f.tensors.len()).sum());
-    let mut summary = Summary {
-        files: vec![],
-        tensors_cast: cast,
-        tensors_kept: mine.iter().map(|f| f.tensors.len()).sum::<usize>() - cast,
-        bytes_in,
-        bytes_out,
-        files_copied: 0,
-        config_dtype: None,
-        warnings: vec![],
-        overflowed: vec![],
-        elapsed: Duration::ZERO,
-        layout: layout.clone(),
-    };
+    let mine = part.files(&layout);
+    let mut summary = Summary::part(plan, &mine, &layout, progress);
     if let Part::Shards { .. } = part {
         for f in mine {
             let dest = dir.join(&f.name);

@@ -109,21 +109,7 @@ pub(super) fn convert_to_store(
             )));
         }
     }
-    let totals = plan.totals();
-    progress.begin(totals.bytes_in, plan.tensors.len() + plan.others.len());
-    let mut summary = Summary {
-        files: vec![],
-        tensors_cast: totals.cast,
-        tensors_kept: totals.kept,
-        bytes_in: totals.bytes_in,
-        bytes_out: totals.bytes_out,
-        files_copied: 0,
-        config_dtype: None,
-        warnings: vec![],
-        overflowed: vec![],
-        elapsed: Duration::ZERO,
-        layout,
-    };
+    let mut summary = Summary::whole(plan, layout, progress);
     let written = match (&target, own) {
         (Target::Pt(_), Some(name)) => {
             job.upload_pt(&dir, &name, &mut summary)?;
@@ -264,37 +250,8 @@ impl Job<'_> {
             ));
         }
         let plan = self.plan;
-        let mine: Vec<&OutputFile> = match part {
-            Part::Shards { k, n } => layout
-                .files
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| i % n == k - 1)
-                .map(|(_, f)| f)
-                .collect(),
-            Part::Finish => vec![],
-        };
-        let ts = || {
-            mine.iter()
-                .flat_map(|f| &f.tensors)
-                .map(|&i| &plan.tensors[i])
-        };
-        let cast = ts().filter(|p| p.is_cast()).count();
-        let count = ts().count();
-        let mut summary = Summary {
-            files: vec![],
-            tensors_cast: cast,
-            tensors_kept: count - cast,
-            bytes_in: ts().map(|p| p.bytes_in).sum(),
-            bytes_out: ts().map(|p| p.bytes_out).sum(),
-            files_copied: 0,
-            config_dtype: None,
-            warnings: vec![],
-            overflowed: vec![],
-            elapsed: Duration::ZERO,
-            layout: layout.clone(),
-        };
-        self.progress.begin(summary.bytes_in, count);
+        let mine = part.files(&layout);
+        let mut summary = Summary::part(plan, &mine, &layout, self.progress);
         if let Part::Shards { .. } = part {
             for f in mine {
                 if !self.opts.force && dir.size_of(&f.name)?.is_some() {
