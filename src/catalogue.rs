@@ -229,6 +229,17 @@ impl Catalogue {
         let mut seen = std::collections::HashSet::new();
         for t in &mut self.tensors {
             if let Some(s) = t.name.strip_prefix(prefix) {
+                if s.is_empty() || s.starts_with('.') {
+                    return Err(crate::error::Error::usage(format!(
+                        "--strip-prefix {prefix}: `{}` would become `{s}`{}",
+                        t.name,
+                        if s.starts_with('.') {
+                            format!(" (did you mean `{prefix}.`?)")
+                        } else {
+                            String::new()
+                        }
+                    )));
+                }
                 t.name = s.to_string();
                 n += 1;
             }

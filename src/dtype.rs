@@ -184,20 +184,9 @@ impl DType {
     }
 
     /// A type the cast kernels read and write: f64, f32, f16, bf16, f8e4m3fn, f8e5m2, AMD's
-    /// f8e4m3fnuz and f8e5m2fnuz, and f8e8m0fnu (MX scales).
+    /// f8e4m3fnuz and f8e5m2fnuz, and f8e8m0fnu (MX scales): the [`CASTABLE`] table.
     pub fn is_castable(self) -> bool {
-        matches!(
-            self,
-            DType::F64
-                | DType::F32
-                | DType::F16
-                | DType::BF16
-                | DType::F8E4M3
-                | DType::F8E5M2
-                | DType::F8E4M3Fnuz
-                | DType::F8E5M2Fnuz
-                | DType::F8E8M0
-        )
+        CASTABLE.iter().any(|(d, _)| *d == self)
     }
 
     /// Bytes taken by `numel` elements, or `None` on overflow or a partial byte.
@@ -223,6 +212,61 @@ impl DType {
     }
 }
 
+/// The dtypes weightcast casts to and from, with the names users type for each (torch's name
+/// first, then the short one help shows, then other spellings). Parsing, `--to`'s help and the
+/// error messages are generated from this table.
+pub const CASTABLE: &[(DType, &[&str])] = &[
+    (DType::F16, &["float16", "f16", "half", "fp16"]),
+    (DType::BF16, &["bfloat16", "bf16"]),
+    (DType::F32, &["float32", "f32", "float", "fp32"]),
+    (DType::F64, &["float64", "f64", "double", "fp64"]),
+    (
+        DType::F8E4M3,
+        &[
+            "float8_e4m3fn",
+            "f8e4m3",
+            "f8e4m3fn",
+            "fp8e4m3",
+            "f8_e4m3",
+            "e4m3",
+        ],
+    ),
+    (
+        DType::F8E5M2,
+        &["float8_e5m2", "f8e5m2", "fp8e5m2", "f8_e5m2", "e5m2"],
+    ),
+    (
+        DType::F8E4M3Fnuz,
+        &["float8_e4m3fnuz", "f8e4m3fnuz", "e4m3fnuz"],
+    ),
+    (
+        DType::F8E5M2Fnuz,
+        &["float8_e5m2fnuz", "f8e5m2fnuz", "e5m2fnuz"],
+    ),
+    (
+        DType::F8E8M0,
+        &["float8_e8m0fnu", "f8e8m0", "f8e8m0fnu", "e8m0"],
+    ),
+];
+
+/// The castable dtypes as help and messages name them: `float16|f16, bfloat16|bf16, ...`.
+pub fn castable_names() -> String {
+    CASTABLE
+        .iter()
+        .map(|(_, n)| format!("{}|{}", n[0], n[1]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The short names of the castable dtypes: `f16, bf16, ...`.
+pub fn castable_short_names() -> String {
+    CASTABLE
+        .iter()
+        .map(|(_, n)| n[1])
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.safetensors_name())
@@ -237,40 +281,22 @@ impl FromStr for DType {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.trim().to_ascii_lowercase();
         let lower = lower.strip_prefix("torch.").unwrap_or(&lower);
-        let d = match lower {
-            "float16" | "half" | "f16" | "fp16" => DType::F16,
-            "bfloat16" | "bf16" => DType::BF16,
-            "float32" | "float" | "f32" | "fp32" => DType::F32,
-            "float64" | "double" | "f64" | "fp64" => DType::F64,
-            "float8_e4m3fn" | "f8e4m3" | "f8e4m3fn" | "fp8e4m3" | "f8_e4m3" | "e4m3" => {
-                DType::F8E4M3
-            }
+        if let Some((d, _)) = CASTABLE.iter().find(|(_, names)| names.contains(&lower)) {
+            return Ok(*d);
+        }
+        match lower {
             // Two fp8 formats answer to this name, with different trade-offs; guessing would
             // silently pick one for the user.
-            "fp8" | "f8" | "float8" => {
-                return Err(Error::usage(format!(
-                    "`{s}` is ambiguous: use f8e4m3 (float8_e4m3fn: more precision, max 448; what \
-                     serving engines load for weights) or f8e5m2 (float8_e5m2: more range, max 57344)"
-                )))
-            }
-            "float8_e5m2" | "f8e5m2" | "fp8e5m2" | "f8_e5m2" | "e5m2" => DType::F8E5M2,
-            "float8_e4m3fnuz" | "f8e4m3fnuz" | "e4m3fnuz" => DType::F8E4M3Fnuz,
-            "float8_e5m2fnuz" | "f8e5m2fnuz" | "e5m2fnuz" => DType::F8E5M2Fnuz,
-            "float8_e8m0fnu" | "f8e8m0" | "f8e8m0fnu" | "e8m0" => DType::F8E8M0,
-            _ => {
-                return DType::from_safetensors_name(&s.trim().to_ascii_uppercase())
-                    .or_else(|| DType::ALL.into_iter().find(|d| d.torch_name() == lower))
-                    .ok_or_else(|| {
-                        Error::usage(format!(
-                            "unknown dtype `{s}`: use float16|half|f16|fp16, bfloat16|bf16, \
-                             float32|float|f32|fp32, float64|double|f64, float8_e4m3fn|f8e4m3, \
-                             float8_e5m2|f8e5m2, float8_e4m3fnuz|f8e4m3fnuz, \
-                             float8_e5m2fnuz|f8e5m2fnuz, float8_e8m0fnu|f8e8m0"
-                        ))
-                    })
-            }
-        };
-        Ok(d)
+            "fp8" | "f8" | "float8" => Err(Error::usage(format!(
+                "`{s}` is ambiguous: use f8e4m3 (float8_e4m3fn: more precision, max 448; what \
+                 serving engines load for weights) or f8e5m2 (float8_e5m2: more range, max 57344)"
+            ))),
+            _ => DType::from_safetensors_name(&s.trim().to_ascii_uppercase())
+                .or_else(|| DType::ALL.into_iter().find(|d| d.torch_name() == lower))
+                .ok_or_else(|| {
+                    Error::usage(format!("unknown dtype `{s}`: use {}", castable_names()))
+                }),
+        }
     }
 }
 

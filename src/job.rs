@@ -75,7 +75,8 @@ pub fn check_castable(target: DType) -> Result<()> {
         Ok(())
     } else {
         Err(Error::usage(format!(
-            "cannot cast to {target}: choose f16, bf16, f32, f64, f8e4m3, f8e5m2, f8e4m3fnuz, f8e5m2fnuz or f8e8m0"
+            "cannot cast to {target}: choose {}",
+            crate::dtype::castable_short_names()
         )))
     }
 }
@@ -133,8 +134,9 @@ pub struct ConvertRequest {
     pub on_quantized: OnQuantized,
     /// Write scaled FP8 with this scale layout.
     pub scale: Option<String>,
-    /// The scaled FP8 format (`compressed-tensors` or `fp8`).
-    pub scale_format: String,
+    /// The scaled FP8 format (`compressed-tensors` or `fp8`); with [`ConvertRequest::scale`]
+    /// only (None: `compressed-tensors`).
+    pub scale_format: Option<String>,
     /// Replace an existing output.
     pub force: bool,
     /// fsync outputs before renaming them into place.
@@ -143,6 +145,9 @@ pub struct ConvertRequest {
     pub cancel: Option<Arc<AtomicBool>>,
     /// One part of a split conversion, or the step that finishes it.
     pub part: Option<crate::convert::Part>,
+    /// Plan only (`--dry-run`): [`ConvertRequest::prepare`] then also runs the checks the
+    /// writing pass makes on the data (the overflow refusal, the flush-to-zero warning).
+    pub dry_run: bool,
 }
 
 impl ConvertRequest {
@@ -165,11 +170,12 @@ impl ConvertRequest {
             strip_prefix: None,
             on_quantized: OnQuantized::Dequantize,
             scale: None,
-            scale_format: "compressed-tensors".into(),
+            scale_format: None,
             force: false,
             sync: true,
             cancel: None,
             part: None,
+            dry_run: false,
         }
     }
 }
@@ -187,6 +193,29 @@ pub struct Prepared {
 }
 
 impl ConvertRequest {
+    /// Refuses options that the output cannot honour, before any input is read.
+    fn check_options(&self, pt_out: bool) -> Result<()> {
+        if let (Some(f), None) = (&self.scale_format, &self.scale) {
+            return Err(Error::usage(format!(
+                "--scale-format {f} applies with --scale LAYOUT (scaled FP8 output) only"
+            )));
+        }
+        if pt_out && self.max_shard_size.is_some() {
+            return Err(Error::usage(format!(
+                "{}: --max-shard-size splits safetensors outputs; a .pt output is one \
+                 torch.save file (write a folder or a .safetensors file to shard it)",
+                self.output.display()
+            )));
+        }
+        if pt_out && self.part.is_some() {
+            return Err(Error::usage(format!(
+                "{}: --part splits a sharded safetensors output; a .pt output is one file",
+                self.output.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads the input and decides everything. `progress` sees the analysis passes of
     /// `auto`, `on_overflow keep` and `max_underflow` (phases `choosing` and `checking`).
     pub fn prepare(&self, progress: &dyn Progress) -> Result<Prepared> {
@@ -226,6 +255,7 @@ impl ConvertRequest {
             None => single_target(self.to.as_deref(), file_to)?,
         };
         let pt_out = is_pt(&self.output);
+        self.check_options(pt_out)?;
         if self.cast_optimizer && (!pt_out || self.inference) {
             return Err(Error::usage(
                 "--cast-optimizer applies to a .pt output of a whole training checkpoint (not with --inference)",
@@ -237,6 +267,9 @@ impl ConvertRequest {
             if cat.strip_prefix(p)? == 0 {
                 warnings.push(format!("--strip-prefix {p}: no tensor name starts with it"));
             }
+        }
+        if let (false, Some(doc)) = (pt_out, cat.torch.as_deref()) {
+            warnings.extend(formats::torch::tied_note(doc));
         }
         // A .pt output keeps the whole file (optimizer state too) unless --inference keeps
         // only the model's weights; the plan covers exactly what is written.
@@ -266,7 +299,8 @@ impl ConvertRequest {
         }
         if let Some(scale) = &self.scale {
             use crate::quant::quantize::{plan_scaled, Format, Scheme};
-            let scheme = Scheme::parse(scale, self.scale_format.parse::<Format>()?)?;
+            let format = self.scale_format.as_deref().unwrap_or("compressed-tensors");
+            let scheme = Scheme::parse(scale, format.parse::<Format>()?)?;
             if target != DType::F8E4M3 || self.auto.is_some() {
                 return Err(Error::usage(format!(
                     "--scale {scale} writes float8_e4m3fn weights: use it with --to f8e4m3 (not --auto)"
@@ -301,7 +335,10 @@ impl ConvertRequest {
             progress.phase("choosing");
             analysis::choose_auto(&cat, &mut plan, &candidates, snr, progress, None)?;
         }
-        if self.on_overflow == OnOverflow::Keep || self.max_underflow.is_some() {
+        // A dry run measures whatever the writing pass would find in the data, so that it
+        // refuses and warns as the run would.
+        let predict = self.dry_run && plan.tensors.iter().any(|p| p.is_cast());
+        if self.on_overflow == OnOverflow::Keep || self.max_underflow.is_some() || predict {
             progress.phase("checking");
             let analyses = analysis::analyze(&cat, &plan, &Bounds::default(), progress, None)?;
             if self.on_overflow == OnOverflow::Keep {
@@ -315,6 +352,31 @@ impl ConvertRequest {
                 if n > 0 {
                     warnings.push(format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
                 }
+            }
+            if predict {
+                let still_cast =
+                    |a: &&analysis::TensorAnalysis| plan.tensors[a.plan_index].is_cast();
+                let name = |a: &analysis::TensorAnalysis| {
+                    cat.tensors[plan.tensors[a.plan_index].tensor].name.clone()
+                };
+                if self.on_overflow == OnOverflow::Error {
+                    let named: Vec<(String, DType, u64)> = analyses
+                        .iter()
+                        .filter(still_cast)
+                        .filter(|a| a.stats.overflow > 0)
+                        .map(|a| (name(a), a.to, a.stats.overflow))
+                        .collect();
+                    if !named.is_empty() {
+                        return Err(crate::convert::overflow_refusal(&cat.path, &named));
+                    }
+                }
+                let flushed: Vec<String> = analyses
+                    .iter()
+                    .filter(still_cast)
+                    .filter(|a| a.stats.flushed_entirely())
+                    .map(name)
+                    .collect();
+                warnings.extend(crate::convert::flushed_warning(&flushed));
             }
         }
         let options = Options {

@@ -21,6 +21,30 @@ pub enum Target {
     Pt(PathBuf),
 }
 
+/// The outputs weightcast writes, as help names them; any other extension is refused.
+pub const OUTPUT_FORMATS: &[(&str, &str)] = &[
+    ("FILE.safetensors", "one safetensors file"),
+    (
+        "NAME.safetensors.index.json",
+        "an index and its shards beside it (Hub layout)",
+    ),
+    (
+        "FILE.pt, .pth, .bin",
+        "a torch.save checkpoint (loads with weights_only=True)",
+    ),
+    (
+        "FOLDER",
+        "a model folder (for a folder input: config, tokenizer and the other files too)",
+    ),
+];
+
+/// Extensions of model formats weightcast reads or knows but does not write: an output named
+/// so is refused rather than written as a folder of that name.
+const FOREIGN_EXTENSIONS: &[&str] = &[
+    "gguf", "ggml", "onnx", "h5", "hdf5", "keras", "msgpack", "npz", "npy", "ckpt", "tflite",
+    "mlmodel", "engine", "pkl", "pickle", "joblib", "json", "zip", "tar", "gz", "nemo",
+];
+
 impl Target {
     /// Chooses the target from the output path and the input kind.
     pub fn resolve(cat: &Catalogue, out: &Path) -> Result<Target> {
@@ -29,15 +53,25 @@ impl Target {
             Ok(Target::Index(out.to_path_buf()))
         } else if name.ends_with(".safetensors") {
             Ok(Target::File(out.to_path_buf()))
-        } else if cat.kind == InputKind::Folder {
-            Ok(Target::Folder(out.to_path_buf()))
         } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
             Ok(Target::Pt(out.to_path_buf()))
+        } else if let Some(ext) = out
+            .extension()
+            .and_then(|e| e.to_str())
+            .filter(|e| FOREIGN_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            Err(Error::usage(format!(
+                "{}: weightcast does not write .{ext} files; outputs are {}",
+                out.display(),
+                output_names()
+            )))
+        } else if cat.kind == InputKind::Folder {
+            Ok(Target::Folder(out.to_path_buf()))
         } else {
             Err(Error::usage(format!(
-                "{}: the output must end in .safetensors or .safetensors.index.json \
-                 (a folder output needs a folder input)",
-                out.display()
+                "{}: the output must be {} (a folder output needs a folder input)",
+                out.display(),
+                output_names()
             )))
         }
     }
@@ -68,6 +102,11 @@ pub struct Layout {
     pub files: Vec<OutputFile>,
     /// The index file name, when one is written.
     pub index: Option<String>,
+}
+
+/// The output formats in one phrase, for messages.
+fn output_names() -> String {
+    ".safetensors, .safetensors.index.json, .pt/.pth/.bin, or a folder".to_string()
 }
 
 /// Parses a shard size the way transformers does: `5GB` = 5·10⁹ bytes, `5GiB` = 5·2³⁰,

@@ -260,6 +260,7 @@ impl Plan {
             rules
         };
         let mut hits = vec![0usize; rules.rules.len()];
+        let classes = classes(cat);
         let mut warnings = Vec::new();
         let mut uncastable = std::collections::BTreeMap::<DType, usize>::new();
         let tensors = cat
@@ -267,7 +268,7 @@ impl Plan {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let (action, rule) = rules.decide(&t.name, &t.shape, t.module_class.as_deref());
+                let (action, rule) = rules.decide(&t.name, &t.shape, classes[i]);
                 if let Some(r) = rule {
                     hits[r] += 1;
                 }
@@ -317,19 +318,46 @@ impl Plan {
         }
         let mut told = std::collections::HashSet::new();
         for rule in &rules.rules {
-            if by_origin[rule.origin.as_str()] == 0 && told.insert(rule.origin.as_str()) {
-                let hint = rule
-                    .selector
-                    .case_hint(cat.tensors.iter().map(|t| t.name.as_str()))
-                    .map(|(p, ex)| {
-                        format!(
-                            " (globs are case-sensitive: did you mean `{p}`? it matches `{ex}`)"
-                        )
-                    })
-                    .unwrap_or_default();
-                warnings.push(format!("rule `{}` matches no tensor{hint}", rule.origin));
-                unmatched.push(rule.origin.clone());
+            let origin = rule.origin.as_str();
+            if by_origin[origin] > 0 || !told.insert(origin) {
+                continue;
             }
+            // Matched, but every tensor it matches is decided by a later rule: say which.
+            let same: Vec<&crate::rules::Rule> =
+                rules.rules.iter().filter(|r| r.origin == origin).collect();
+            let matched: Vec<usize> = cat
+                .tensors
+                .iter()
+                .enumerate()
+                .filter(|(i, t)| {
+                    same.iter()
+                        .any(|r| r.selector.matches(&t.name, &t.shape, classes[*i]))
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if let Some(&first) = matched.first() {
+                let t = &cat.tensors[first];
+                let by = rules
+                    .decide(&t.name, &t.shape, classes[first])
+                    .1
+                    .map_or("a later rule", |r| rules.rules[r].origin.as_str());
+                warnings.push(format!(
+                    "rule `{origin}` decides no tensor: each of the {} it matches is decided by a \
+                     later rule (`{}` by `{by}`); the last rule that matches wins",
+                    matched.len(),
+                    t.name
+                ));
+                continue;
+            }
+            let hint = rule
+                .selector
+                .case_hint(cat.tensors.iter().map(|t| t.name.as_str()))
+                .map(|(p, ex)| {
+                    format!(" (globs are case-sensitive: did you mean `{p}`? it matches `{ex}`)")
+                })
+                .unwrap_or_default();
+            warnings.push(format!("rule `{origin}` matches no tensor{hint}"));
+            unmatched.push(rule.origin.clone());
         }
         for (d, n) in uncastable {
             warnings.push(format!(
@@ -652,4 +680,24 @@ fn kind_of(t: &TensorEntry) -> &'static str {
     } else {
         "integer"
     }
+}
+
+/// The class the rules see for each tensor: its module's class where the input names one,
+/// else [`NORM_BY_STRUCTURE`](crate::rules::NORM_BY_STRUCTURE) where its module is a norm layer
+/// by structure (a state dict's BatchNorm, LayerNorm), else none.
+fn classes(cat: &Catalogue) -> Vec<Option<&str>> {
+    let norms = crate::rules::norm_by_structure(
+        cat.tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice())),
+    );
+    cat.tensors
+        .iter()
+        .zip(norms)
+        .map(|(t, norm)| match (&t.module_class, norm) {
+            (Some(c), _) => Some(c.as_str()),
+            (None, true) => Some(crate::rules::NORM_BY_STRUCTURE),
+            (None, false) => None,
+        })
+        .collect()
 }

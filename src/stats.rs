@@ -30,6 +30,9 @@ pub struct ErrorStats {
     pub overflow: u64,
     /// Finite non-zero values that became zero.
     pub underflow: u64,
+    /// Finite values that became inf or NaN: any one makes every error figure infinite (SNR
+    /// `-inf`, cosine NaN), since the tensor no longer computes.
+    pub nonfinite: u64,
     /// Non-zero results in the target's subnormal range.
     pub subnormal: u64,
     /// Pairs where both values are finite (the error figures cover these).
@@ -64,6 +67,7 @@ impl Default for ErrorStats {
             nonzero: 0,
             overflow: 0,
             underflow: 0,
+            nonfinite: 0,
             subnormal: 0,
             compared: 0,
             max_abs_err: 0.0,
@@ -109,6 +113,11 @@ impl ErrorStats {
             self.subnormal += 1;
         }
         if !y.is_finite() {
+            self.nonfinite += 1;
+            self.max_abs_err = f64::INFINITY;
+            if x != 0.0 {
+                self.max_rel_err = f64::INFINITY;
+            }
             return;
         }
         self.compared += 1;
@@ -164,6 +173,7 @@ impl ErrorStats {
         self.nonzero += o.nonzero;
         self.overflow += o.overflow;
         self.underflow += o.underflow;
+        self.nonfinite += o.nonfinite;
         self.subnormal += o.subnormal;
         self.compared += o.compared;
         self.max_abs_err = self.max_abs_err.max(o.max_abs_err);
@@ -177,42 +187,60 @@ impl ErrorStats {
         self
     }
 
-    /// Root-mean-square error over the compared pairs.
+    /// Root-mean-square error over the compared pairs (infinite once a finite value became
+    /// inf or NaN).
     pub fn rms_err(&self) -> f64 {
-        if self.compared == 0 {
+        if self.nonfinite > 0 {
+            f64::INFINITY
+        } else if self.compared == 0 {
             0.0
         } else {
             (self.sum_sq_err / self.compared as f64).sqrt()
         }
     }
 
-    /// Mean relative error over pairs with x != 0.
+    /// Mean relative error over pairs with x != 0 (infinite once a finite value became inf or
+    /// NaN).
     pub fn mean_rel_err(&self) -> f64 {
-        if self.rel_count == 0 {
+        if self.nonfinite > 0 {
+            f64::INFINITY
+        } else if self.rel_count == 0 {
             0.0
         } else {
             self.sum_rel_err / self.rel_count as f64
         }
     }
 
-    /// Signal-to-noise ratio in dB: 10·log10(Σx² / Σ(y-x)²); infinite when nothing changed.
+    /// Signal-to-noise ratio in dB: 10·log10(Σx² / Σ(y-x)²); infinite when nothing changed,
+    /// `-inf` once a finite value became inf or NaN (the noise is infinite).
     pub fn snr_db(&self) -> f64 {
-        if self.sum_sq_err == 0.0 {
+        if self.nonfinite > 0 {
+            f64::NEG_INFINITY
+        } else if self.sum_sq_err == 0.0 {
             f64::INFINITY
         } else {
             10.0 * (self.sum_sq_x / self.sum_sq_err).log10()
         }
     }
 
-    /// Cosine similarity of the original and the cast values (1 when both are all zeros).
+    /// Cosine similarity of the original and the cast values (1 when both are all zeros; NaN,
+    /// which no threshold accepts, once a finite value became inf or NaN).
     pub fn cosine(&self) -> f64 {
-        if self.sum_sq_x == 0.0 && self.sum_sq_y == 0.0 {
+        if self.nonfinite > 0 {
+            f64::NAN
+        } else if self.sum_sq_x == 0.0 && self.sum_sq_y == 0.0 {
             1.0
         } else if self.sum_sq_x == 0.0 || self.sum_sq_y == 0.0 {
             0.0
         } else {
             self.dot / (self.sum_sq_x.sqrt() * self.sum_sq_y.sqrt())
         }
+    }
+
+    /// Whether the cast flushed every finite non-zero value to zero (the tensor became all
+    /// zeros where it was not).
+    pub fn flushed_entirely(&self) -> bool {
+        self.nonzero > 0 && self.underflow == self.nonzero
     }
 
     /// Fraction of finite non-zero values flushed to zero.
@@ -452,7 +480,7 @@ impl Default for Bounds {
 
 /// The verdict for a tensor's figures.
 pub fn verdict(s: &ErrorStats, b: &Bounds) -> Verdict {
-    if s.overflow > 0 {
+    if s.overflow > 0 || s.nonfinite > 0 {
         Verdict::Overflow
     } else if s.underflow_fraction() > b.underflow_above {
         Verdict::Underflow

@@ -21,12 +21,15 @@ pub fn inspect(path: &std::path::Path, key: Option<&str>) -> Result<Value> {
 
 /// `convert --json` (with `--dry-run` when `dry_run`).
 pub fn convert(req: &ConvertRequest, dry_run: bool, progress: &dyn Progress) -> Result<Value> {
+    let mut req = req.clone();
+    req.dry_run = dry_run;
     let p = req.prepare(progress)?;
     let mut v = if dry_run {
-        let (_, layout) = convert::prepare(&p.cat, &p.plan, &req.output, &p.options)?;
+        let layout = convert::check(&p.cat, &p.plan, &req.output, &p.options)?;
         let mut v = report::plan_json(&p.cat, &p.plan, &layout);
         v["dry_run"] = json!(true);
         v["output"] = json!(req.output);
+        v["replaces_existing"] = json!(commands::output_exists(&req.output));
         v
     } else {
         progress.phase("converting");

@@ -47,7 +47,7 @@ pub enum Command {
     },
     /// Cast the floating-point tensors of a checkpoint to another dtype.
     #[command(
-        after_help = CONVERT_HELP,
+        after_help = convert_help(),
         override_usage = "weightcast convert <INPUT> -o <OUTPUT> --to <DTYPE> [OPTIONS]"
     )]
     Convert(ConvertArgs),
@@ -77,8 +77,7 @@ pub struct RuleFlags {
     /// Read rules from a TOML file.
     #[arg(long, value_name = "FILE")]
     pub rules: Vec<PathBuf>,
-    /// Apply a named set of rules: keep-norms, keep-embeddings, keep-t5-wo.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help = preset_help())]
     pub preset: Vec<String>,
     /// A rule that matches no tensor is an error (exit 2), not a warning.
     #[arg(long)]
@@ -190,16 +189,76 @@ impl ConvertArgs {
     }
 }
 
-const CONVERT_HELP: &str = "\
-Rules are applied in command-line order; the last rule that matches a tensor decides.
-PATTERN is a glob over dotted name components (`*.layernorm.*` never matches `word_embeddings`),
-`re:REGEX` searched in the full name, or `kind:norm|bias|embedding|1d`.
-Integer and bool tensors are never cast.
+/// `convert --help`'s closing text, generated from the tables the code uses: pattern
+/// syntaxes, rule kinds, presets, castable dtypes and output formats.
+pub fn convert_help() -> String {
+    use std::fmt::Write;
+    let mut h = String::from(
+        "Rules are applied in command-line order; the last rule that matches a tensor decides.\n\
+         Integer and bool tensors are never cast.\n\nPATTERN is one of:\n",
+    );
+    for (p, what) in weightcast::rules::PATTERN_SYNTAX {
+        let _ = writeln!(h, "  {p:<11} {what}");
+    }
+    h.push_str("\nKIND (kind:KIND):\n");
+    for (k, what) in weightcast::rules::KINDS {
+        let _ = writeln!(h, "  {k:<11} {what}");
+    }
+    h.push_str("\nPresets (--preset NAME):\n");
+    for (p, what) in weightcast::rules::PRESETS {
+        let _ = writeln!(h, "  {p:<18} {what}");
+    }
+    let _ = writeln!(
+        h,
+        "\nDTYPE (--to): {}, or auto",
+        weightcast::dtype::castable_names()
+    );
+    h.push_str("\nOUTPUT (-o):\n");
+    for (o, what) in weightcast::output::OUTPUT_FORMATS {
+        let _ = writeln!(h, "  {o:<28} {what}");
+    }
+    h.push_str(
+        "\nExamples:\n\
+         \x20 weightcast convert model.safetensors -o model-f16.safetensors --to f16\n\
+         \x20 weightcast convert ./llama -o ./llama-bf16 --to bf16 --preset keep-norms --max-shard-size 5GB\n\
+         \x20 weightcast convert ./bert -o ./bert-f16 --to f16 --keep 're:pooler' --dry-run",
+    );
+    h
+}
 
-Examples:
-  weightcast convert model.safetensors -o model-f16.safetensors --to f16
-  weightcast convert ./llama -o ./llama-bf16 --to bf16 --preset keep-norms --max-shard-size 5GB
-  weightcast convert ./bert -o ./bert-f16 --to f16 --keep 're:pooler' --dry-run";
+/// `--preset`'s help: the preset names from the table.
+fn preset_help() -> String {
+    format!(
+        "Apply a named set of rules: {} (convert --help describes them)",
+        weightcast::rules::PRESETS
+            .iter()
+            .map(|p| p.0)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// `--to`'s help: the castable dtypes from the table.
+fn to_help() -> String {
+    format!(
+        "Target dtype: {}, or auto (keep the source precision, decided from the tensors: a \
+         format move, or dequantizing FP8 to the checkpoint's own dtype). With --auto, a \
+         comma-separated list of candidates in order of preference (e.g. f8e4m3,bf16,f16)",
+        weightcast::dtype::castable_names()
+    )
+}
+
+/// `-o`'s help: the output formats from the table.
+fn output_help() -> String {
+    format!(
+        "Output: {}; locally or under s3://BUCKET/PREFIX",
+        weightcast::output::OUTPUT_FORMATS
+            .iter()
+            .map(|o| o.0)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConvertArgs {
@@ -244,19 +303,12 @@ pub struct ConvertArgs {
     pub scale: Option<String>,
     /// With --scale: compressed-tensors (llm-compressor's format: `weight_scale` in the
     /// weight's dtype; transformers and vLLM load it) or fp8 (vLLM's/DeepSeek's
-    /// `weight_scale_inv` f32 block scales).
-    #[arg(long, value_name = "FORMAT", default_value = "compressed-tensors")]
-    pub scale_format: String,
-    /// Output: a .safetensors file, a *.safetensors.index.json, or a folder for a folder input;
-    /// locally or under s3://BUCKET/PREFIX.
-    #[arg(short, long, required_unless_present = "batch")]
+    /// `weight_scale_inv` f32 block scales). Default compressed-tensors.
+    #[arg(long, value_name = "FORMAT")]
+    pub scale_format: Option<String>,
+    #[arg(short, long, required_unless_present = "batch", help = output_help())]
     pub output: Option<PathBuf>,
-    /// Target dtype: float16|half|f16|fp16, bfloat16|bf16, float32|f32, float64|f64,
-    /// float8_e4m3fn|f8e4m3, float8_e5m2|f8e5m2, or auto (keep the source precision, decided
-    /// from the tensors: a format move, or dequantizing FP8 to the checkpoint's own dtype).
-    /// With --auto, a comma-separated list of candidates in order of preference (e.g.
-    /// f8e4m3,bf16,f16).
-    #[arg(long, value_name = "DTYPE")]
+    #[arg(long, value_name = "DTYPE", help = to_help())]
     pub to: Option<String>,
     #[command(flatten)]
     pub rules: RuleFlags,

@@ -276,8 +276,10 @@ pub(crate) fn audit_scan(
     let mut reports = Vec::new();
     let mut nothing = Vec::new();
     for p in audit_files(paths) {
-        let what = match formats::what_is(&p) {
-            Ok(w) => w,
+        use weightcast::formats::sniff::Kind;
+        use weightcast::formats::torch_container as tc;
+        let kind = match weightcast::formats::sniff::sniff_path(&p) {
+            Ok(k) => k,
             Err(e) => {
                 reports.push(Audited {
                     path: p,
@@ -288,29 +290,36 @@ pub(crate) fn audit_scan(
             }
         };
         // Formats without a pickle have nothing to run; anything else (zip, pickle, npy,
-        // unknown) is read as the loaders that would open it read it.
-        if matches!(
-            what,
-            "a safetensors file" | "a GGUF file" | "a JSON file" | "an empty file"
-        ) || what.starts_with("a Git LFS pointer")
-            || what.starts_with("not a pickle")
-        {
-            nothing.push((p, what));
-            continue;
-        }
-        let scan = {
-            use weightcast::formats::torch_container as tc;
-            let head = std::fs::File::open(&p).ok().map(|f| {
-                let mut b = Vec::with_capacity(16);
-                let _ = std::io::Read::read_to_end(&mut std::io::Read::take(f, 16), &mut b);
-                b
-            });
-            match head.as_deref().and_then(tc::compression) {
-                Some(c) => tc::scan_compressed(&p, c),
-                None => tc::scan(&p),
+        // unknown) is read as the loaders that would open it read it. A safetensors file whose
+        // first bytes also start a pickle, a zip or a tar is read as torch.load would read it
+        // too: if that reading finds a global, the file is a polyglot and is judged by it.
+        let scan = match kind {
+            Kind::Safetensors => {
+                let head = std::fs::File::open(&p).ok().map(|f| {
+                    let mut b = Vec::with_capacity(weightcast::formats::sniff::HEAD);
+                    let limit = weightcast::formats::sniff::HEAD as u64;
+                    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), &mut b);
+                    b
+                });
+                let torch_reads = head
+                    .as_deref()
+                    .is_some_and(|h| weightcast::formats::sniff::by_magic(h, 1).is_torch());
+                match torch_reads.then(|| tc::scan(&p)) {
+                    Some(Ok(s)) if s.pickles.iter().any(|pk| !pk.globals.is_empty()) => Ok(s),
+                    _ => {
+                        nothing.push((p, kind.describe()));
+                        continue;
+                    }
+                }
             }
-            .map_err(|e| e.to_string())
-        };
+            k if k.runs_nothing() => {
+                nothing.push((p, k.describe()));
+                continue;
+            }
+            Kind::Compressed(c) => tc::scan_compressed(&p, c),
+            _ => tc::scan(&p),
+        }
+        .map_err(|e| e.to_string());
         let mut globals: Vec<(String, weightcast::audit::Class, String)> = Vec::new();
         for pk in scan.iter().flat_map(|s| &s.pickles) {
             for (name, class) in pk.judged() {
@@ -693,6 +702,11 @@ fn batch_cmd(
     Ok(if failed > 0 || skipped > 0 { 1 } else { 0 })
 }
 
+/// Whether a local output path exists already (a run with `--force` replaces it).
+pub(crate) fn output_exists(out: &std::path::Path) -> bool {
+    !weightcast::remote::is_url(out) && out.symlink_metadata().is_ok()
+}
+
 /// The library's request for one `convert` command line.
 fn request(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Result<ConvertRequest> {
     let mut r = ConvertRequest::new(c.input(), c.output());
@@ -724,7 +738,8 @@ fn request(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Resul
 fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Result<ExitCode> {
     let pt_out = is_pt(c.output());
     let person = !c.quiet && !c.json;
-    let req = request(c, order, cancel)?;
+    let mut req = request(c, order, cancel)?;
+    req.dry_run = c.dry_run;
     let progress = bar(person, "checking");
     let prepared = req.prepare(&progress);
     progress.0.finish_and_clear();
@@ -738,11 +753,13 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
         warn(w);
     }
     if c.dry_run {
-        let (_, layout) = convert::prepare(&cat, &plan, c.output(), &opts)?;
+        let layout = convert::check(&cat, &plan, c.output(), &opts)?;
+        let replaces = output_exists(c.output());
         if c.json {
             let mut v = report::plan_json(&cat, &plan, &layout);
             v["dry_run"] = json!(true);
             v["output"] = json!(c.output());
+            v["replaces_existing"] = json!(replaces);
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             print!("{}", report::plan_text(&cat, &plan, &layout));
@@ -756,6 +773,12 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
                     } else {
                         "every other value of the input kept"
                     }
+                );
+            }
+            if replaces {
+                println!(
+                    "{} exists: the run replaces it (--force)",
+                    c.output().display()
                 );
             }
             println!("dry run: nothing written");

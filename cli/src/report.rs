@@ -364,7 +364,9 @@ use weightcast::stats::{verdict, Bounds, ErrorStats, Verdict};
 
 /// SNR as text: `inf` when nothing changed.
 pub fn db(x: f64) -> String {
-    if x.is_infinite() {
+    if x == f64::NEG_INFINITY {
+        "-inf".into()
+    } else if x.is_infinite() {
         "inf".into()
     } else {
         format!("{x:.1}")
@@ -379,7 +381,9 @@ fn sci(x: f64) -> String {
     }
 }
 
-/// The figures of one stats record as JSON (infinite SNR as null).
+/// The figures of one stats record as JSON. JSON has no infinity: an infinite SNR is null,
+/// `nonfinite` > 0 says it is `-inf` (finite values became inf or NaN: the error figures are
+/// infinite, shown as null too, and cosine is NaN, null).
 pub fn stats_json(s: &ErrorStats) -> Value {
     let frac = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
     json!({
@@ -388,6 +392,7 @@ pub fn stats_json(s: &ErrorStats) -> Value {
         "max": if s.max.is_finite() { json!(s.max) } else { Value::Null },
         "max_abs": s.max_abs, "nonzero": s.nonzero,
         "overflow": s.overflow, "overflow_fraction": frac(s.overflow, s.count),
+        "nonfinite": s.nonfinite,
         "underflow": s.underflow, "underflow_fraction": s.underflow_fraction(),
         "subnormal": s.subnormal, "subnormal_fraction": frac(s.subnormal, s.count),
         "max_abs_err": s.max_abs_err, "max_rel_err": s.max_rel_err,
@@ -423,9 +428,11 @@ pub fn analysis_json(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], bounds:
             v["from"] = json!(x.from.to_string());
             v["to"] = json!(x.to.to_string());
             v["verdict"] = json!(x.verdict.as_str());
+            v["flushed_entirely"] = json!(x.stats.flushed_entirely());
             v
         }).collect::<Vec<_>>(),
         "totals": {
+            "flushed_entirely": flushed(cat, plan, a),
             "analyzed": a.len(),
             "not_cast": plan.tensors.len() - a.len(),
             "verdicts": verdicts,
@@ -509,7 +516,37 @@ pub fn analysis_text(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], all: bo
         bytes(tot.bytes_in),
         bytes(tot.bytes_out),
     ));
+    let gone = flushed(cat, plan, a);
+    if !gone.is_empty() {
+        out.push_str(&format!(
+            "{} tensor(s) become all zeros (every non-zero value flushes to zero): {}\n",
+            gone.len(),
+            names_list(&gone)
+        ));
+    }
     out
+}
+
+/// The tensors whose every non-zero value the cast flushes to zero.
+fn flushed(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> Vec<String> {
+    a.iter()
+        .filter(|x| x.stats.flushed_entirely())
+        .map(|x| cat.tensors[plan.tensors[x.plan_index].tensor].name.clone())
+        .collect()
+}
+
+/// Up to five names in backticks, then how many more.
+pub fn names_list(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(5)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 5 {
+        s.push_str(&format!(" and {} more", names.len() - 5));
+    }
+    s
 }
 
 /// Why `diff` fails: one line per missing tensor, shape change, or tensor below tolerance.
@@ -530,6 +567,11 @@ pub fn diff_failures(d: &Diff, tolerance: Option<f64>) -> Vec<String> {
             ));
         } else if c.identical == Some(false) {
             f.push(format!("`{}` ({}) differs", c.name, c.a_dtype));
+        } else if let Some(s) = c.stats.as_ref().filter(|s| s.nonfinite > 0) {
+            f.push(format!(
+                "`{}`: {} finite value(s) of A are inf or NaN in B",
+                c.name, s.nonfinite
+            ));
         } else if let (Some(s), Some(tol)) = (&c.stats, tolerance) {
             if s.snr_db() < tol || s.overflow > 0 {
                 f.push(format!(

@@ -422,7 +422,7 @@ fn usage_errors_exit_2() {
         ),
         (
             vec!["convert", &inp, "-o", &outtxt, "--to", "f16"],
-            "must end in .safetensors",
+            "must be .safetensors, .safetensors.index.json, .pt/.pth/.bin",
         ),
         (vec!["convert", &inp, "--bogus"], "unexpected argument"),
         (vec!["frobnicate"], "unrecognized subcommand"),
@@ -634,4 +634,254 @@ fn rules_that_match_nothing_and_ambiguous_dtypes() {
         &d.s("missing.toml"),
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn convert_help_lists_every_table_entry() {
+    let o = run(&["convert", "--help"]);
+    let help = String::from_utf8_lossy(&o.stdout).into_owned();
+    for (p, _) in weightcast::rules::PRESETS {
+        assert!(help.contains(p), "preset {p} missing from --help:\n{help}");
+    }
+    for (k, _) in weightcast::rules::KINDS {
+        assert!(
+            help.contains(&format!("  {k} ")),
+            "kind {k} missing:\n{help}"
+        );
+        weightcast::rules::Selector::parse(&format!("kind:{k}")).expect("a listed kind parses");
+    }
+    for (s, _) in weightcast::rules::PATTERN_SYNTAX {
+        assert!(help.contains(s), "pattern syntax {s} missing:\n{help}");
+    }
+    assert!(help.contains("`**`"), "{help}");
+    for (d, names) in weightcast::dtype::CASTABLE {
+        let shown = format!("{}|{}", names[0], names[1]);
+        assert!(
+            help.contains(&shown),
+            "dtype {d} ({shown}) missing:\n{help}"
+        );
+        for n in *names {
+            assert_eq!(n.parse::<weightcast::DType>().unwrap(), *d, "{n}");
+        }
+    }
+    for (o, _) in weightcast::output::OUTPUT_FORMATS {
+        assert!(help.contains(o), "output {o} missing:\n{help}");
+    }
+    // Every castable dtype is in the table, and nothing else.
+    let castable: Vec<_> = weightcast::DType::ALL
+        .into_iter()
+        .filter(|d| d.is_castable())
+        .collect();
+    assert_eq!(castable.len(), weightcast::dtype::CASTABLE.len());
+}
+
+/// A safetensors file of F32 tensors `(name, values)`.
+fn f32_file(tensors: &[(&str, &[f32])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, vals) in tensors {
+        let start = data.len();
+        for v in *vals {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": [vals.len()], "data_offsets": [start, data.len()]}),
+        );
+    }
+    let h = serde_json::Value::Object(header).to_string();
+    let mut v = raw(&h, 0);
+    v.extend_from_slice(&data);
+    v
+}
+
+#[test]
+fn dry_run_predicts_the_run() {
+    let d = Dir::new();
+    let p = d.path("hot.safetensors");
+    std::fs::write(
+        &p,
+        f32_file(&[("a", &[1e5, 1.0]), ("tiny", &[1e-9, -1e-9])]),
+    )
+    .unwrap();
+    let out = d.s("o.safetensors");
+    // The run refuses the overflow (exit 1): so does the dry run, with the same message.
+    let dry = run(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        &out,
+        "--to",
+        "f16",
+        "--dry-run",
+    ]);
+    let real = run(&["convert", p.to_str().unwrap(), "-o", &out, "--to", "f16"]);
+    assert_eq!(dry.status.code(), Some(1), "{}", stderr(&dry));
+    assert_eq!(real.status.code(), Some(1));
+    assert_eq!(stderr(&dry), stderr(&real));
+    assert!(stderr(&dry).contains("`a` (1 values beyond F16)"));
+    // Clamped: both go through, and both warn that `tiny` became all zeros.
+    let args = ["--to", "f16", "--on-overflow", "clamp"];
+    let dry = run(&[
+        &["convert", p.to_str().unwrap(), "-o", &out, "--dry-run"][..],
+        &args,
+    ]
+    .concat());
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    assert!(stderr(&dry).contains("became all zeros") && stderr(&dry).contains("`tiny`"));
+    assert!(
+        !d.path("o.safetensors").exists(),
+        "a dry run writes nothing"
+    );
+    let real = run(&[&["convert", p.to_str().unwrap(), "-o", &out][..], &args].concat());
+    assert_eq!(real.status.code(), Some(0), "{}", stderr(&real));
+    assert!(stderr(&real).contains("became all zeros") && stderr(&real).contains("`tiny`"));
+    // The output now exists: the run refuses without --force, so does the dry run (exit 2).
+    let dry = run(&[
+        &["convert", p.to_str().unwrap(), "-o", &out, "--dry-run"][..],
+        &args,
+    ]
+    .concat());
+    assert_eq!(dry.status.code(), Some(2), "{}", stderr(&dry));
+    assert!(stderr(&dry).contains("already exists"), "{}", stderr(&dry));
+    // With --force it says it replaces the output.
+    let dry = run(&[
+        &[
+            "convert",
+            p.to_str().unwrap(),
+            "-o",
+            &out,
+            "--dry-run",
+            "--force",
+        ][..],
+        &args,
+    ]
+    .concat());
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    let text = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(text.contains("exists: the run replaces it"), "{text}");
+    let dry = run(&[
+        &[
+            "convert",
+            p.to_str().unwrap(),
+            "-o",
+            &out,
+            "--dry-run",
+            "--force",
+            "--json",
+        ][..],
+        &args,
+    ]
+    .concat());
+    let v: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(v["replaces_existing"], true);
+}
+
+#[test]
+fn diff_fails_on_values_that_became_infinite() {
+    let d = Dir::new();
+    let a = d.path("a.safetensors");
+    let b = d.path("b.safetensors");
+    let vals: Vec<f32> = (0..64)
+        .map(|i| if i % 2 == 0 { 1e5 } else { 1.0 + i as f32 })
+        .collect();
+    std::fs::write(&a, f32_file(&[("w", &vals)])).unwrap();
+    let o = run(&[
+        "convert",
+        a.to_str().unwrap(),
+        "-o",
+        b.to_str().unwrap(),
+        "--to",
+        "f16",
+        "--on-overflow",
+        "allow",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for extra in [&[][..], &["--tolerance", "40"][..]] {
+        let o = run(&[
+            &["diff", a.to_str().unwrap(), b.to_str().unwrap()][..],
+            extra,
+        ]
+        .concat());
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            out.contains("FAIL `w`: 32 finite value(s) of A are inf or NaN in B"),
+            "{out}"
+        );
+        assert!(out.contains("-inf") && !out.contains("\nok\n"), "{out}");
+    }
+    let o = run(&["analyze", a.to_str().unwrap(), "--to", "f16", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let w = &v["tensors"][0];
+    assert_eq!(w["verdict"], "overflow");
+    assert_eq!(w["nonfinite"], 32);
+    assert!(
+        w["snr_db"].is_null() && w["cosine"].is_null() && w["rms_err"].is_null(),
+        "{w}"
+    );
+}
+
+#[test]
+fn options_that_cannot_be_honoured_are_refused() {
+    let d = Dir::new();
+    let p = d.path("in.safetensors");
+    std::fs::write(&p, f32_file(&[("module.0.weight", &[1.0, 2.0])])).unwrap();
+    let inp = p.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["-o", &d.s("o.pt"), "--max-shard-size", "1MB"],
+            "a .pt output is one",
+        ),
+        (
+            &["-o", &d.s("o.safetensors"), "--scale-format", "fp8"],
+            "applies with --scale",
+        ),
+        (
+            &["-o", &d.s("o.safetensors"), "--strip-prefix", "module"],
+            "did you mean `module.`",
+        ),
+        (&["-o", &d.s("model.gguf")], "does not write .gguf"),
+    ];
+    for (args, want) in cases {
+        let o = run(&[&["convert", inp, "--to", "f16"][..], args].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(d.names(), vec!["in.safetensors"]);
+}
+
+#[test]
+fn overridden_rules_are_not_unmatched() {
+    let d = Dir::new();
+    let p = d.path("in.safetensors");
+    std::fs::write(
+        &p,
+        f32_file(&[("lm_head.weight", &[1.0]), ("x.weight", &[1.0])]),
+    )
+    .unwrap();
+    let o = run(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        &d.s("o.safetensors"),
+        "--to",
+        "f16",
+        "--keep",
+        "lm_head",
+        "--rule",
+        "lm_head=bf16",
+        "--strict-rules",
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("rule `--keep lm_head` decides no tensor"),
+        "{err}"
+    );
+    assert!(err.contains("by `--rule lm_head=bf16`"), "{err}");
+    assert!(!err.contains("did you mean"), "{err}");
+    assert!(!err.contains("matches no tensor"), "{err}");
 }

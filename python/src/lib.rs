@@ -198,7 +198,7 @@ fn convert(
     strict: bool,
     on_quantized: &str,
     scale: Option<String>,
-    scale_format: &str,
+    scale_format: Option<&str>,
     sync: bool,
     strict_rules: bool,
     part: Option<String>,
@@ -225,7 +225,7 @@ fn convert(
         .parse()
         .map_err(|e| UsageError::new_err(format!("on_quantized: {e}")))?;
     req.scale = scale;
-    req.scale_format = scale_format.to_string();
+    req.scale_format = scale_format.map(str::to_string);
     req.sync = sync;
     req.part = part
         .as_deref()
@@ -352,13 +352,7 @@ impl Loader {
                     dangerous.join(", ")
                 )));
             }
-            // Tied tensors stay tied in memory: the reader's note about outputs is not news.
-            let mut warnings: Vec<String> = cat
-                .notes
-                .iter()
-                .filter(|n| !n.contains("tied tensor(s) are the same view"))
-                .cloned()
-                .collect();
+            let mut warnings: Vec<String> = cat.notes.clone();
             if let Some(p) = &strip_prefix {
                 if cat.strip_prefix(p)? == 0 {
                     warnings.push(format!("strip_prefix {p}: no tensor name starts with it"));

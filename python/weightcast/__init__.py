@@ -237,7 +237,7 @@ def convert(
     strict_rules: bool = False,
     on_quantized: str = "dequantize",
     scale: Optional[str] = None,
-    scale_format: str = "compressed-tensors",
+    scale_format: Optional[str] = None,
     sync: bool = True,
     part: Optional[str] = None,
 ) -> Result:
@@ -252,7 +252,10 @@ def convert(
     (``"f8e4m3,bf16,f16"``). ``rules`` is a TOML rules file, a mapping ``{pattern: dtype}`` or
     a list of ``"PATTERN=DTYPE"``. ``on_overflow`` is ``"error"`` (default: raise
     :class:`RefusedError`, write nothing), ``"keep"``, ``"clamp"`` or ``"allow"``.
-    ``dry_run=True`` returns the plan and writes nothing. ``progress=True`` shows a bar (tqdm
+    ``dry_run=True`` returns the plan and writes nothing, after every check the run makes: it
+    reads the tensors that are cast and raises as the run would (an overflow under ``"error"``,
+    an existing ``dst`` without ``force``); ``replaces_existing`` says whether ``dst`` exists.
+    ``progress=True`` shows a bar (tqdm
     when installed); a callable gets ``(bytes_done, bytes_total)``. ``part="K/N"`` writes only
     part K of N of a sharded output (run the N parts anywhere, with the same options), and
     ``part="finish"`` then checks them and writes the index: byte-identical to one run.

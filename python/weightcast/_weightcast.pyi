@@ -19,7 +19,7 @@ def convert(
     max_underflow: Optional[float], auto: Optional[float], max_shard_size: Optional[str],
     key: Optional[str], inference: bool, strip_prefix: Optional[str], dry_run: bool,
     force: bool, progress: _Progress, cast_optimizer: bool, strict: bool, on_quantized: str,
-    scale: Optional[str], scale_format: str, sync: bool, strict_rules: bool,
+    scale: Optional[str], scale_format: Optional[str], sync: bool, strict_rules: bool,
     part: Optional[str] = None,
 ) -> str: ...
 def analyze(

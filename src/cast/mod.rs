@@ -88,6 +88,27 @@ pub fn encode_f32(dtype: DType, x: f32, out: &mut [u8]) {
     }
 }
 
+/// Whether any element of the little-endian `bytes` of `dtype` is non-zero (a NaN counts; both
+/// zeros do not). For the flush-to-zero check of a cast: a pass at memory speed.
+pub fn any_nonzero(dtype: DType, bytes: &[u8]) -> bool {
+    fn any<const N: usize>(bytes: &[u8], mask: [u8; N]) -> bool {
+        // Without an early exit within a block, so that it vectorises.
+        bytes.chunks(4096).any(|block| {
+            block.chunks_exact(N).fold(0u8, |acc, e| {
+                acc | e.iter().zip(&mask).fold(0u8, |a, (b, m)| a | (b & m))
+            }) != 0
+        })
+    }
+    match dtype {
+        DType::F64 => any(bytes, [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),
+        DType::F32 => any(bytes, [0xFF, 0xFF, 0xFF, 0x7F]),
+        DType::F16 | DType::BF16 => any(bytes, [0xFF, 0x7F]),
+        DType::F8E4M3 | DType::F8E5M2 => any(bytes, [0x7F]),
+        // fnuz: 0x80 is NaN, not -0; e8m0 has no zero at all.
+        _ => bytes.iter().any(|&b| b != 0) || dtype == DType::F8E8M0,
+    }
+}
+
 /// What the kernels do about finite values beyond the target's range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Range {
@@ -384,6 +405,27 @@ fn encode_block(to: DType, vals: &[f32], output: &mut [u8]) {
 /// bf16 value of an f32 (for callers that want the `half` type).
 pub fn to_bf16(x: f32) -> bf16 {
     bf16::from_bits(f32_to_bf16_bits(x))
+}
+
+#[cfg(test)]
+mod nonzero_tests {
+    use super::*;
+
+    #[test]
+    fn signed_zeros_are_zero_and_everything_else_is_not() {
+        assert!(!any_nonzero(DType::F16, &[0, 0x80, 0, 0]));
+        assert!(any_nonzero(DType::F16, &[1, 0x80, 0, 0]));
+        assert!(!any_nonzero(DType::F32, &(-0.0f32).to_le_bytes()));
+        assert!(any_nonzero(DType::F32, &f32::MIN_POSITIVE.to_le_bytes()));
+        assert!(!any_nonzero(DType::F64, &(-0.0f64).to_le_bytes()));
+        assert!(any_nonzero(DType::F64, &1e-300f64.to_le_bytes()));
+        assert!(!any_nonzero(DType::F8E4M3, &[0x80, 0]));
+        assert!(any_nonzero(DType::F8E4M3Fnuz, &[0x80]));
+        let mut big = vec![0u8; 1 << 16];
+        assert!(!any_nonzero(DType::BF16, &big));
+        big[40001] = 1;
+        assert!(any_nonzero(DType::BF16, &big));
+    }
 }
 
 #[cfg(test)]

@@ -257,26 +257,11 @@ pub fn convert(
     progress: &dyn Progress,
 ) -> Result<Summary> {
     let start = Instant::now();
-    if let QuantPlan::Unsupported(why) = &plan.quant {
-        let q = cat.quant.as_deref().expect("a quantized input");
-        return Err(Error::Refused(format!(
-            "{}: quantized ({}, from {}) in a way weightcast cannot dequantize: {why}; nothing              was written (--on-quantized keep passes its tensors through untouched)",
-            cat.path.display(),
-            q.scheme,
-            q.found_in
-        )));
-    }
+    check_request(cat, plan, out)?;
     if crate::remote::store::is_store_url(out) {
         let mut summary = to_store::convert_to_store(cat, plan, out, opts, progress)?;
         summary.elapsed = start.elapsed();
         return Ok(summary);
-    }
-    if crate::remote::is_url(out) {
-        return Err(Error::usage(format!(
-            "{}: outputs go to local paths or object stores (s3://BUCKET/PREFIX), not to \
-             http(s):// or hf:// URLs",
-            out.display()
-        )));
     }
     if let Some(part) = opts.part {
         let mut summary = convert_part(cat, plan, out, opts, progress, part)?;
@@ -299,6 +284,87 @@ pub fn convert(
     Ok(summary)
 }
 
+/// The refusals [`convert`] makes before it reads any tensor: an input quantized in a way
+/// weightcast cannot dequantize, an output URL that is no object store.
+fn check_request(cat: &Catalogue, plan: &Plan, out: &Path) -> Result<()> {
+    if let QuantPlan::Unsupported(why) = &plan.quant {
+        let q = cat.quant.as_deref().expect("a quantized input");
+        return Err(Error::Refused(format!(
+            "{}: quantized ({}, from {}) in a way weightcast cannot dequantize: {why}; nothing \
+             was written (--on-quantized keep passes its tensors through untouched)",
+            cat.path.display(),
+            q.scheme,
+            q.found_in
+        )));
+    }
+    if crate::remote::is_url(out) && !crate::remote::store::is_store_url(out) {
+        return Err(Error::usage(format!(
+            "{}: outputs go to local paths or object stores (s3://BUCKET/PREFIX), not to \
+             http(s):// or hf:// URLs",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Everything [`convert`] checks before it writes, without writing: the request's refusals,
+/// then (for a local output) the target: an existing output without `force`, the input as its
+/// own output. Returns the layout the run would write. `--dry-run` runs it.
+pub fn check(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> Result<Layout> {
+    check_request(cat, plan, out)?;
+    let (target, layout) = prepare(cat, plan, out, opts)?;
+    if !crate::remote::is_url(out) {
+        // A part checks its own shards (and protects the input) as it writes them.
+        check_target(cat, &target, &layout, opts.force || opts.part.is_some())?;
+    }
+    Ok(layout)
+}
+
+/// The refusal of `--on-overflow error`: `named` lists the tensors (name, target, count) whose
+/// finite values would leave the target's range.
+pub fn overflow_refusal(input: &Path, named: &[(String, DType, u64)]) -> Error {
+    let total: u64 = named.iter().map(|t| t.2).sum();
+    let list: Vec<String> = named
+        .iter()
+        .take(10)
+        .map(|(n, d, c)| format!("`{n}` ({c} values beyond {d})"))
+        .collect();
+    let more = if named.len() > 10 {
+        format!(" and {} more", named.len() - 10)
+    } else {
+        String::new()
+    };
+    Error::Refused(format!(
+        "{}: {total} finite values in {} tensor(s) would overflow: {}{more}; nothing was \
+         written (--on-overflow keep leaves them in their dtype, clamp saturates them, allow \
+         casts them as torch does)",
+        input.display(),
+        named.len(),
+        list.join(", ")
+    ))
+}
+
+/// The warning for tensors a cast turns into all zeros (every non-zero value flushed to
+/// zero), if `names` lists any.
+pub fn flushed_warning(names: &[String]) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
+    let more = if names.len() > 5 {
+        format!(" and {} more", names.len() - 5)
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{} tensor(s) became all zeros: every non-zero value flushed to zero in the cast: \
+         {}{more} (--max-underflow FRACTION keeps the tensors that would lose more than that \
+         fraction in their dtype)",
+        names.len(),
+        shown.join(", ")
+    ))
+}
+
 /// Writes the output of a resolved target.
 fn execute(
     cat: &Catalogue,
@@ -316,6 +382,7 @@ fn execute(
         Target::Pt(dest) => job.write_pt(dest, &mut summary)?,
         Target::Folder(dest) => job.write_folder(dest, &mut summary)?,
     }
+    summary.warnings.extend(job.flushed_warning());
     Ok(summary)
 }
 
@@ -442,6 +509,7 @@ fn convert_part(
             tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
             summary.files.push(dest);
         }
+        summary.warnings.extend(job.flushed_warning());
         return Ok(summary);
     }
     // Finish: every shard as this plan lays it out (size and header), then the rest.
@@ -816,7 +884,12 @@ struct Job<'a> {
     progress: &'a dyn Progress,
     /// Scales computed for a scaled FP8 output, by payload.
     scales: Mutex<std::collections::HashMap<usize, Arc<ScaleTable>>>,
+    /// Per cast tensor (by name): whether any input value and any output value was non-zero.
+    nonzero: Nonzero,
 }
+
+/// Per cast tensor (by name): whether any input value, and any output value, was non-zero.
+type Nonzero = Mutex<std::collections::HashMap<String, (bool, bool)>>;
 
 impl<'a> Job<'a> {
     fn new(
@@ -833,7 +906,23 @@ impl<'a> Job<'a> {
             opts,
             progress,
             scales: Mutex::new(Default::default()),
+            nonzero: Mutex::new(Default::default()),
         }
+    }
+
+    /// The warning for tensors the cast turned into all zeros (every non-zero value flushed),
+    /// in plan order, if any.
+    fn flushed_warning(&self) -> Option<String> {
+        let seen = self.nonzero.lock().expect("nonzero");
+        let names: Vec<String> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|p| &self.cat.tensors[p.tensor].name)
+            .filter(|n| seen.get(*n).is_some_and(|&(i, o)| i && !o))
+            .cloned()
+            .collect();
+        flushed_warning(&names)
     }
 
     fn check_cancel(&self) -> Result<()> {
@@ -863,27 +952,7 @@ impl<'a> Job<'a> {
                 Ok(named.into_iter().map(|(n, _, c)| (n, c)).collect())
             }
             _ if named.is_empty() => Ok(vec![]),
-            _ => {
-                let total: u64 = named.iter().map(|t| t.2).sum();
-                let list: Vec<String> = named
-                    .iter()
-                    .take(10)
-                    .map(|(n, d, c)| format!("`{n}` ({c} values beyond {d})"))
-                    .collect();
-                let more = if named.len() > 10 {
-                    format!(" and {} more", named.len() - 10)
-                } else {
-                    String::new()
-                };
-                Err(Error::Refused(format!(
-                    "{}: {total} finite values in {} tensor(s) would overflow: {}{more}; nothing \
-                     was written (--on-overflow keep leaves them in their dtype, clamp \
-                     saturates them, allow casts them as torch does)",
-                    self.cat.path.display(),
-                    named.len(),
-                    list.join(", ")
-                )))
-            }
+            _ => Err(overflow_refusal(&self.cat.path, &named)),
         }
     }
 
@@ -1040,6 +1109,7 @@ impl<'a> Job<'a> {
             sources: self.sources,
             opts: self.opts,
             progress: self.progress,
+            nonzero: Some(&self.nonzero),
         }
     }
 }
@@ -1165,6 +1235,8 @@ pub struct Executor<'a> {
     sources: &'a Sources<'a>,
     opts: &'a Options,
     progress: &'a dyn Progress,
+    /// Where casts record whether their input and output held a non-zero value.
+    nonzero: Option<&'a Nonzero>,
 }
 
 impl Executor<'_> {
@@ -1332,6 +1404,18 @@ impl Executor<'_> {
             _ => cast::cast_checked(p.from, p.to, scratch, out, self.opts.range()),
         }
         .map_err(|e| Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name)))
+        .inspect(|_| {
+            let Some(seen) = self.nonzero.filter(|_| p.from != p.to) else {
+                return;
+            };
+            let (i, o) = (
+                cast::any_nonzero(p.from, scratch),
+                cast::any_nonzero(p.to, out),
+            );
+            let mut seen = seen.lock().expect("nonzero");
+            let e = seen.entry(t.name.clone()).or_default();
+            *e = (e.0 | i, e.1 | o);
+        })
     }
 
     /// Converts every piece straight into its own buffer (`bufs[i]` holds piece `i`'s output),

@@ -123,6 +123,7 @@ pub(super) fn convert_to_store(
             dir.delete(old)?;
         }
     }
+    summary.warnings.extend(job.flushed_warning());
     Ok(summary)
 }
 

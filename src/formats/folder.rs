@@ -37,22 +37,8 @@ fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         return open_remote(path);
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_file() {
-        let mut head = [0u8; 512];
-        let mut n = 0;
-        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-        while n < head.len() {
-            match f.read(&mut head[n..]).map_err(|e| Error::io(path, e))? {
-                0 => break,
-                k => n += k,
-            }
-        }
-        if crate::formats::torch::is_zip(&head[..n])
-            || crate::formats::torch::is_legacy(&head[..n])
-            || crate::formats::torch_container::is_tar(&head[..n])
-        {
-            return crate::formats::torch::open(path, key);
-        }
+    if meta.is_file() && crate::formats::sniff::sniff_path(path)?.is_torch() {
+        return crate::formats::torch::open(path, key);
     }
     if key.is_some_and(|k| !k.is_empty()) {
         return Err(Error::usage(format!(
@@ -339,20 +325,21 @@ fn read_source(
     Ok((Some(file), sf, header))
 }
 
-/// Gives a clear message for files that are weights of another format.
+/// Gives a clear message for files that are weights of another format (a file that is only a
+/// damaged safetensors file gets the header reader's precise error instead).
 fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut head = [0u8; 9];
-    let n = len.min(9) as usize;
-    file.read_exact_at(&mut head[..n], 0)
-        .map_err(|e| Error::io(path, e))?;
-    let head = &head[..n];
-    match other_format(head, len) {
-        Some(w) => Err(Error::invalid(
+    use crate::formats::sniff::{sniff_file, Kind};
+    match sniff_file(path, file, len)? {
+        k @ (Kind::Zip
+        | Kind::Tar
+        | Kind::Pickle
+        | Kind::Gguf
+        | Kind::Npy
+        | Kind::Compressed(_)) => Err(Error::invalid(
             path,
-            format!("is {w}: legacy (non-zip) torch.save files and other formats are not read yet"),
+            format!("is {}, not a safetensors file", k.describe()),
         )),
-        None => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -360,65 +347,7 @@ fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
 /// wants): a folder, safetensors, a PyTorch file, a pickle, a zip, GGUF, NumPy, a Git LFS
 /// pointer, JSON, empty, or unknown.
 pub fn what_is(path: &Path) -> Result<&'static str> {
-    use std::os::unix::fs::FileExt;
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
-        return Ok("a folder");
-    }
-    let len = meta.len();
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut head = [0u8; 64];
-    let n = len.min(64) as usize;
-    file.read_exact_at(&mut head[..n], 0)
-        .map_err(|e| Error::io(path, e))?;
-    let head = &head[..n];
-    Ok(if len == 0 {
-        "an empty file"
-    } else if head.starts_with(b"version https://git-lfs") {
-        "a Git LFS pointer (the weights themselves were not downloaded)"
-    } else if head.starts_with(b"PK\x03\x04") {
-        "a zip archive (a torch.save checkpoint is one)"
-    } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| *p <= 5) {
-        "a pickle (a legacy torch.save checkpoint is one)"
-    } else if head.starts_with(b"GGUF") {
-        "a GGUF file"
-    } else if head.starts_with(b"\x93NUMPY") {
-        "a NumPy array file"
-    } else if head.len() >= 9
-        && u64::from_le_bytes(head[..8].try_into().expect("8 bytes"))
-            .checked_add(8)
-            .is_some_and(|end| end <= len)
-        && head[8] == b'{'
-    {
-        "a safetensors file"
-    } else if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        "a JSON file"
-    } else if let Some(c) = crate::formats::torch_container::compression(head) {
-        c.describe()
-    } else if !crate::formats::pickle::is_opcode(head[0]) {
-        "not a pickle (its first byte is no pickle opcode: an unpickler stops there)"
-    } else {
-        "a file of unknown format"
-    })
-}
-
-/// What a file that does not look like safetensors looks like instead, from its first bytes.
-fn other_format(head: &[u8], len: u64) -> Option<&'static str> {
-    if head.len() == 9 {
-        let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        if n <= len.saturating_sub(8) && b"{ \t\r\n".contains(&head[8]) {
-            return None;
-        }
-    }
-    if head.starts_with(b"PK\x03\x04") {
-        Some("a zip archive that is not a torch.save checkpoint")
-    } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| *p <= 5) {
-        Some("a pickle (a legacy torch.save checkpoint?)")
-    } else if head.starts_with(b"GGUF") {
-        Some("a GGUF file")
-    } else {
-        None
-    }
+    Ok(crate::formats::sniff::sniff_path(path)?.describe())
 }
 
 fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
@@ -768,16 +697,4 @@ fn collect_other_files(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_128_byte_header_is_not_a_pickle() {
-        let mut head = 128u64.to_le_bytes().to_vec();
-        head.push(b'{');
-        assert_eq!(super::other_format(&head, 1000), None);
-        assert!(super::other_format(&[0x80, 2, 0x8a, 0x0a, 0, 0, 0, 0, 0], 1000).is_some());
-        assert!(super::other_format(b"PK\x03\x04\x14\0\0\0\0", 1000).is_some());
-    }
 }

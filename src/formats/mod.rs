@@ -4,6 +4,7 @@
 pub mod folder;
 pub mod pickle;
 pub mod safetensors;
+pub mod sniff;
 pub mod torch;
 pub mod torch_container;
 pub mod torch_write;

@@ -72,12 +72,6 @@ pub struct Archive {
 
 pub use crate::formats::torch_container::is_zip;
 
-/// Whether the file starts like a legacy (non-zip) torch.save file: a pickle (PROTO 2 to 5),
-/// as torch.load sees any file that is not a zip.
-pub fn is_legacy(head: &[u8]) -> bool {
-    head.len() >= 3 && head[0] == 0x80 && (2..=5).contains(&head[1])
-}
-
 /// The magic number legacy torch.save files start with, as LONG1 bytes (little-endian).
 const LEGACY_MAGIC: [u8; 10] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19];
 
@@ -444,6 +438,24 @@ pub struct TorchDoc {
     pub aliases: Vec<(String, String)>,
 }
 
+/// What a safetensors output does with tied tensors (the same view of one storage under two
+/// names): it writes them once. A `.pt` output keeps them tied, so nothing to say there.
+pub fn tied_note(doc: &TorchDoc) -> Option<String> {
+    if doc.aliases.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} tied tensor(s) are the same view of a storage as another (a .pt output keeps them \
+         tied, safetensors writes them once): {}",
+        doc.aliases.len(),
+        doc.aliases
+            .iter()
+            .map(|(a, k)| format!("`{a}` = `{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 /// Opens a PyTorch checkpoint (torch.save zip, legacy, TorchScript) as a catalogue. `key`
 /// selects the entry holding the state dict (dotted, e.g. `model_state_dict`); without it, a
 /// training checkpoint's state dict is found by [`STATE_DICT_KEYS`].
@@ -457,27 +469,19 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let mut notes = Vec::new();
     let mut dec = Decoder::new(&ar);
     let (tensors, others, aliases) = decode_all(path, pk, selected, &mut dec, &mut notes)?;
-    dec.pin_unread_storages(pk.root);
-    if !aliases.is_empty() {
-        notes.push(format!(
-            "{} tied tensor(s) are the same view of a storage as another (a .pt output keeps them tied, safetensors writes them once): {}",
-            aliases.len(),
-            aliases
-                .iter()
-                .map(|(a, k)| format!("`{a}` = `{k}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    if let Some(k) = key.filter(|k| !k.is_empty() && tensors.is_empty()) {
+        return Err(Error::usage(format!(
+            "{}: --key {k}: the entry holds no tensor (entries of the checkpoint: {})",
+            path.display(),
+            dict_keys(pk, pk.root).join(", ")
+        )));
     }
+    dec.pin_unread_storages(pk.root);
     let entries = top_entries(pk, entry.as_deref(), &others);
-    if let Some(p) = &entry {
+    // An entry named by --key is what the user asked for: nothing to tell.
+    if let Some(p) = entry.as_ref().filter(|_| key.is_none()) {
         notes.push(format!(
-            "the state dict is the entry `{p}`{}{}",
-            if key.is_none() {
-                " (found by its name; --key chooses another)"
-            } else {
-                ""
-            },
+            "the state dict is the entry `{p}` (found by its name; --key chooses another){}",
             if entries.is_empty() {
                 String::new()
             } else {

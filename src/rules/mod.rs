@@ -39,6 +39,73 @@ pub enum Kind {
     Conv,
 }
 
+/// The class given to the rules for a tensor whose module class is unknown but whose module is
+/// a norm layer by its structure (see [`norm_by_structure`]): `kind:norm` matches it, `class:`
+/// never does.
+pub const NORM_BY_STRUCTURE: &str = "(a norm layer, by its structure)";
+
+/// For each of `tensors` (name, shape), whether its module is a norm layer by structure: it
+/// has BatchNorm's `running_mean` and `running_var` buffers, or its tensors are exactly a 1-D
+/// `weight` and `bias` of the same length (LayerNorm, GroupNorm, an affine norm). For state
+/// dicts, where no module class is known.
+pub fn norm_by_structure<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u64])>) -> Vec<bool> {
+    let tensors: Vec<(&str, &[u64])> = tensors.collect();
+    let split = |n: &'a str| n.rsplit_once('.').unwrap_or(("", n));
+    let mut modules: std::collections::HashMap<&str, Vec<(&str, &[u64])>> = Default::default();
+    for &(n, shape) in &tensors {
+        let (m, leaf) = split(n);
+        modules.entry(m).or_default().push((leaf, shape));
+    }
+    let is_norm = |members: &[(&str, &[u64])]| {
+        let get = |want: &str| members.iter().find(|(l, _)| *l == want).map(|x| x.1);
+        if get("running_mean").is_some() && get("running_var").is_some() {
+            return true;
+        }
+        match (members.len(), get("weight"), get("bias")) {
+            (2, Some(w), Some(b)) => w.len() == 1 && w == b,
+            _ => false,
+        }
+    };
+    let verdicts: std::collections::HashMap<&str, bool> = modules
+        .iter()
+        .map(|(m, members)| (*m, is_norm(members)))
+        .collect();
+    tensors.iter().map(|(n, _)| verdicts[split(n).0]).collect()
+}
+
+/// The tensor kinds `kind:NAME` selects, as help names them (each parses with [`Selector::parse`]).
+pub const KINDS: &[(&str, &str)] = &[
+    (
+        "norm",
+        "norm layers: by module class, by name (norm, ln_*), or by structure (BatchNorm's \
+         running statistics, 1-D weight/bias pairs)",
+    ),
+    ("bias", "biases"),
+    ("embedding", "token/position embeddings and the output head"),
+    ("1d", "tensors of at most one dimension"),
+    ("2d", "matrices"),
+    (
+        "conv",
+        "convolution weights (by module class; 3-D to 5-D tensors without one)",
+    ),
+];
+
+/// The pattern syntaxes, as help names them.
+pub const PATTERN_SYNTAX: &[(&str, &str)] = &[
+    (
+        "GLOB",
+        "a glob over dotted name components: `*` one component, `**` any run of them \
+         (`*.layernorm.*` never matches `word_embeddings`)",
+    ),
+    ("re:REGEX", "a regular expression searched in the full name"),
+    ("kind:KIND", "a kind of tensor (below)"),
+    (
+        "class:NAME",
+        "the class of the module holding the tensor (Linear, torch.nn.Conv2d), where the \
+         checkpoint names it",
+    ),
+];
+
 impl Kind {
     fn parse(s: &str) -> Option<Kind> {
         Some(match s {
@@ -52,14 +119,17 @@ impl Kind {
         })
     }
 
-    /// Whether a tensor of this name and shape, in a module of class `class` (when known), is
-    /// of this kind.
+    /// Whether a tensor of this name and shape, in a module of class `class` (when known, or
+    /// [`NORM_BY_STRUCTURE`]), is of this kind.
     pub fn matches(self, name: &str, shape: &[u64], class: Option<&str>) -> bool {
         let comps: Vec<String> = name.split('.').map(|c| c.to_ascii_lowercase()).collect();
+        let by_structure = class == Some(NORM_BY_STRUCTURE);
+        let class = class.filter(|_| !by_structure);
         let class_name = class.map(|c| c.rsplit('.').next().unwrap_or(c));
         match self {
             Kind::Norm => {
-                class_name.is_some_and(|c| c.contains("Norm"))
+                by_structure
+                    || class_name.is_some_and(|c| c.contains("Norm"))
                     || comps.iter().any(|c| {
                         c.contains("norm") || c == "ln" || c.starts_with("ln_") || c == "ln_f"
                     })
@@ -105,9 +175,19 @@ impl Selector {
     /// Parses a pattern as written on the command line or in a rules file.
     pub fn parse(pattern: &str) -> Result<Selector> {
         if let Some(re) = pattern.strip_prefix("re:") {
-            return Regex::new(re)
-                .map(Selector::Regex)
-                .map_err(|e| Error::usage(format!("pattern `{pattern}`: invalid regex: {e}")));
+            return Regex::new(re).map(Selector::Regex).map_err(|e| {
+                // The regex crate's message spans lines (the pattern, a caret, the error):
+                // keep the error itself on one line.
+                let text = e.to_string();
+                let why = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .trim_start_matches("error: ");
+                Error::usage(format!("pattern `{pattern}`: invalid regex: {why}"))
+            });
         }
         if let Some(k) = pattern.strip_prefix("kind:") {
             return Kind::parse(k).map(Selector::Kind).ok_or_else(|| {
@@ -146,7 +226,7 @@ impl Selector {
             Selector::Regex(re) => re.is_match(name),
             Selector::ModelFp32(re) => re.as_ref().is_some_and(|re| re.is_match(name)),
             Selector::Kind(k) => k.matches(name, shape, class),
-            Selector::Class(want) => class.is_some_and(|c| {
+            Selector::Class(want) => class.filter(|c| *c != NORM_BY_STRUCTURE).is_some_and(|c| {
                 c == want
                     || c.rsplit('.').next() == Some(want.as_str())
                     // torch.nn.Linear is torch.nn.modules.linear.Linear
@@ -184,6 +264,10 @@ impl Selector {
                         .unwrap_or_else(|| orig.clone())
                 })
                 .collect();
+            if fixed == *pat {
+                // The pattern itself matches: nothing to suggest.
+                return None;
+            }
             return Some((fixed.join("."), name.to_string()));
         }
         None
