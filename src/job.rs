@@ -207,12 +207,6 @@ impl ConvertRequest {
                 self.output.display()
             )));
         }
-        if pt_out && self.part.is_some() {
-            return Err(Error::usage(format!(
-                "{}: --part splits a sharded safetensors output; a .pt output is one file",
-                self.output.display()
-            )));
-        }
         Ok(())
     }
 

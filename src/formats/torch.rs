@@ -344,12 +344,17 @@ pub struct Found {
 
 /// The class an object is an instance of, when it was pickled as an instance (a module: made
 /// by its class or `copyreg._reconstructor(cls, ...)`, then given its `__dict__` by BUILD).
+/// A state dict's `OrderedDict` (given its `_metadata` by BUILD) is a container, not a module:
+/// none.
 fn instance_class(pk: &Pickle, id: NodeId) -> Option<String> {
     let Node::Object(o) = pk.node(id) else {
         return None;
     };
     o.state?;
     let (m, n) = pk.callee(id)?;
+    if matches!((m, n), ("collections", "OrderedDict") | ("builtins", "dict")) {
+        return None;
+    }
     if (m, n) == ("copyreg", "_reconstructor") {
         let Call::Reduce { args, .. } = o.call else {
             return None;

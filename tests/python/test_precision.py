@@ -32,7 +32,20 @@ def numpy_figures(x: torch.Tensor, to: str) -> dict:
     nz = xs != 0
     rel = np.abs(err[nz]) / np.abs(xs[nz])
     sxx, syy, sdot = (xs * xs).sum(), (ys * ys).sum(), (xs * ys).sum()
+    nonfinite = int((fin & ~np.isfinite(y)).sum())
+    if nonfinite:
+        # A finite value that became inf or NaN makes every error figure infinite (JSON null)
+        # and the cosine NaN (null): the tensor no longer computes.
+        return {
+            "overflow": int((fin & ~np.isfinite(y)).sum()), "nonfinite": nonfinite,
+            "underflow": int((fin & (x != 0) & (y == 0)).sum()),
+            "subnormal": int(((y != 0) & (np.abs(y) < MIN_NORMAL[to])).sum()),
+            "max_abs": float(np.abs(x[fin]).max()),
+            **{k: None for k in ["max_abs_err", "max_rel_err", "mean_rel_err", "rms_err",
+                                 "snr_db", "cosine"]},
+        }
     return {
+        "nonfinite": 0,
         "overflow": int((fin & ((~np.isfinite(y)) | ((to == "f8e4m3") & (np.abs(x) >= 464))))
                         .sum()),
         "underflow": int((fin & (x != 0) & (y == 0)).sum()),
@@ -48,7 +61,7 @@ def numpy_figures(x: torch.Tensor, to: str) -> dict:
 
 
 def check(got: dict, want: dict, name: str):
-    for k in ["overflow", "underflow", "subnormal"]:
+    for k in ["overflow", "nonfinite", "underflow", "subnormal"]:
         assert got[k] == want[k], f"{name} {k}: {got[k]} != {want[k]}"
     for k in ["max_abs", "max_abs_err", "max_rel_err", "mean_rel_err", "rms_err", "snr_db", "cosine"]:
         if want[k] is None:

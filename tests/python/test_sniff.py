@@ -39,7 +39,8 @@ def test_every_library_header_length_reads_as_safetensors(tmp_path):
     assert len(lengths) >= 8000
     pickle_like = [n for n in lengths if files[n].read_bytes()[:2] in
                    (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")]
-    assert len(pickle_like) > 100  # the lengths that tripped the old sniffer are in the set
+    # The lengths that tripped the old sniffer (0x280, 0x380, 0x480, 0x580) are in the set.
+    assert pickle_like == [0x280, 0x380, 0x480, 0x580]
 
     # audit: one process over the whole folder, every file "no pickle", exit 0.
     p = run("audit", tmp_path, "--json", check=False)
@@ -57,16 +58,46 @@ def test_every_library_header_length_reads_as_safetensors(tmp_path):
         assert set(doc["tensors"][0]["name"]) == {"w"}
 
 
-def test_a_polyglot_safetensors_pickle_is_judged_as_torch_load_reads_it(tmp_path):
-    """A file that is a valid safetensors file *and* a pickle torch.load would run: the
-    pickle's global is reported, not hidden behind the safetensors verdict."""
-    # 80 02 | c os\nsystem\n ... : the header length's bytes are the pickle's first opcodes.
+def test_a_pickle_with_a_json_object_after_it_is_still_a_pickle(tmp_path):
+    """The sniffer validates the length before it believes the JSON: a dangerous pickle
+    followed by `{}` (its first 8 bytes read as a header length far past the file) is judged
+    as the pickle torch.load would run, not passed as safetensors."""
     pk = b"\x80\x02cos\nsystem\n(X\x04\x00\x00\x00trueR."
-    header_len = struct.unpack("<Q", pk[:8])[0]
-    # Such a length is far beyond any real header: the file is not valid safetensors, and is
-    # judged (dangerous) as the pickle it is.
+    assert struct.unpack("<Q", pk[:8])[0] > 1 << 40
     path = tmp_path / "polyglot.safetensors"
     path.write_bytes(pk + b"{}")
     p = run("audit", path, "--json", check=False)
     doc = json.loads(p.stdout)
-    assert p.returncode == 1 and doc["files"][0]["verdict"] == "dangerous", (header_len, doc)
+    assert p.returncode == 1 and doc["files"][0]["verdict"] == "dangerous", doc
+    assert doc["files"][0]["dangerous"] == ["os.system"], doc
+    p = run("inspect", path, check=False)
+    assert p.returncode != 0 and "safetensors" not in p.stderr.split(":")[-1], p.stderr
+
+
+def test_kind_norm_finds_norm_layers_of_state_dicts_by_structure(tmp_path):
+    """torchvision's state dicts name BatchNorm `bn1`, `layer1.0.bn2`, `downsample.1`: no
+    module class, no "norm" in the name. kind:norm finds them by their running statistics;
+    an nn.Sequential's LayerNorm by its 1-D weight/bias pair. Nothing else is kept."""
+    import torch
+    import torchvision
+
+    for name, model in [
+        ("resnet18", torchvision.models.resnet18(weights=None)),
+        ("seq", torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
+                                    torch.nn.Conv1d(8, 8, 3), torch.nn.BatchNorm1d(8))),
+    ]:
+        sd = model.state_dict()
+        path = tmp_path / f"{name}.pt"
+        torch.save(sd, path)
+        p = run("convert", path, "-o", tmp_path / f"{name}.safetensors", "--to", "f16",
+                "--keep", "kind:norm", "--dry-run", "--json")
+        to = {t["name"]: t["to"] for t in json.loads(p.stdout)["tensors"]}
+        norms = {m for m, mod in model.named_modules()
+                 if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d,
+                                     torch.nn.LayerNorm))}
+        assert norms, name
+        for n, t in sd.items():
+            in_norm = n.rsplit(".", 1)[0] in norms
+            if not t.is_floating_point():
+                continue
+            assert (to[n] == "F32") == in_norm, (name, n, to[n])
