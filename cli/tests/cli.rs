@@ -885,3 +885,44 @@ fn overridden_rules_are_not_unmatched() {
     assert!(!err.contains("did you mean"), "{err}");
     assert!(!err.contains("matches no tensor"), "{err}");
 }
+
+#[test]
+fn the_readme_rules_file_passes_strict_rules() {
+    // The rules file the README shows, taken from it, on a model with the tensors it names.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("  - Rules file:\n    ```toml\n")
+        .expect("the README's rules file");
+    let body = &readme[start..];
+    let body = &body[body.find("```toml\n").unwrap() + 8..];
+    let toml: String = body[..body.find("```").unwrap()]
+        .lines()
+        .map(|l| l.trim_start())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let d = Dir::new();
+    std::fs::write(d.path("rules.toml"), toml).unwrap();
+    let p = d.path("in.safetensors");
+    let names = [
+        "embed.word_embeddings.weight",
+        "enc.0.LayerNorm.weight",
+        "enc.0.dense.weight",
+        "lm_head.weight",
+    ];
+    let tensors: Vec<(&str, &[f32])> = names.iter().map(|n| (*n, &[1.0f32, 2.0][..])).collect();
+    std::fs::write(&p, f32_file(&tensors)).unwrap();
+    let o = run(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        &d.s("o.safetensors"),
+        "--rules",
+        &d.s("rules.toml"),
+        "--strict-rules",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("decides no tensor"), "{}", stderr(&o));
+}

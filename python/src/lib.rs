@@ -124,7 +124,16 @@ fn run<T: Send>(
                 ))
             }
         };
+        // The rule at the commit point: an interruption the work saw before it committed
+        // (renamed its output into place) stopped it, and nothing was written. One that came
+        // after the work had finished cannot undo it: it is still raised, saying so.
         match (interrupted, result) {
+            (Some(e), Ok(_)) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
+                Err(PyKeyboardInterrupt::new_err(
+                    "interrupted after the work had finished: its output, if any, was written \
+                     completely",
+                ))
+            }
             (Some(e), _) => Err(e),
             (None, r) => r.map_err(to_py),
         }

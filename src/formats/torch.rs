@@ -352,7 +352,10 @@ fn instance_class(pk: &Pickle, id: NodeId) -> Option<String> {
     };
     o.state?;
     let (m, n) = pk.callee(id)?;
-    if matches!((m, n), ("collections", "OrderedDict") | ("builtins", "dict")) {
+    if matches!(
+        (m, n),
+        ("collections", "OrderedDict") | ("builtins", "dict")
+    ) {
         return None;
     }
     if (m, n) == ("copyreg", "_reconstructor") {

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -197,21 +198,57 @@ def test_progress_callable_and_interrupt(tmp_path, minilm):
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
 
     # A real SIGINT in the middle of a conversion: KeyboardInterrupt, and no output at all.
-    big = tmp_path / "big.safetensors"
-    save_file({f"w{i}": torch.randn(4096, 4096) for i in range(8)}, big)  # 512 MiB
+    # Deterministic: the input comes from the loopback server, which holds one range back
+    # until the interrupt has been delivered, so the work cannot finish first. The callback
+    # sends SIGINT while the range is held; the release thread needs the GIL, which the
+    # native loop gives back only after it has set the cancel flag.
+    mod = _remote_server_module()
+    server = mod.Server()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    big = {f"w{i}": torch.randn(1024, 1024) for i in range(8)}  # 32 MiB: 4 ranges of 8 MiB
+    server.files["/big.safetensors"] = _safetensors_bytes(big)
+    server.etags["/big.safetensors"] = '"big"'
+    server.faults["/big.safetensors"] = [(2, "hold")]
+    interrupted = threading.Event()
+    threading.Thread(target=lambda: (interrupted.wait(120), server.release.set()),
+                     daemon=True).start()
     sent = []
 
     def interrupt(done, total):
-        if 0 < done < total // 2 and not sent:
+        if server.held.is_set() and not sent:
             sent.append(done)
-            os.kill(os.getpid(), signal.SIGINT)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(30)  # the handler raises here, at once
+            except KeyboardInterrupt:
+                interrupted.set()
+                raise
 
-    with pytest.raises(KeyboardInterrupt):
-        weightcast.convert(big, tmp_path / "b" / "big16.safetensors", "f16", progress=interrupt)
-    assert sent, "the signal was sent during the conversion"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            weightcast.convert(f"{server.url}/big.safetensors",
+                               tmp_path / "b" / "big16.safetensors", "f16", progress=interrupt)
+    finally:
+        server.release.set()
+        server.shutdown()
+    assert sent and interrupted.is_set(), "the signal was sent while a range was held"
     assert not (tmp_path / "b").exists()
-    big.unlink()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], list(tmp_path.iterdir())
+
+    # An interrupt that comes after the work committed its output cannot undo it: it is
+    # raised, saying the output is complete (the callback is called once more after the
+    # work finished, so this is deterministic too).
+    out = tmp_path / "c.safetensors"
+
+    def late(done, total):
+        if out.exists():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="written completely"):
+        weightcast.convert(minilm / "model.safetensors", out, "f16", progress=late)
+    ref = tmp_path / "r.safetensors"
+    weightcast.convert(minilm / "model.safetensors", ref, "f16")
+    assert out.read_bytes() == ref.read_bytes()
 
     # An exception from the callable stops the work the same way.
     def boom(done, total):
@@ -221,22 +258,53 @@ def test_progress_callable_and_interrupt(tmp_path, minilm):
         weightcast.load(minilm, dtype="f16", progress=boom)
 
 
-def test_gil_is_released(minilm):
-    """Another Python thread runs while weightcast works."""
-    ticks = [0]
-    stop = threading.Event()
+def _remote_server_module():
+    import importlib.util
 
-    def spin():
-        while not stop.is_set():
-            ticks[0] += 1
+    spec = importlib.util.spec_from_file_location(
+        "remote_server", ROOT / "tests" / "python" / "test_remote.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    t = threading.Thread(target=spin)
+
+def _safetensors_bytes(tensors) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def test_gil_is_released(tmp_path):
+    """Other Python threads run while weightcast works, provably during the call: the input
+    comes from a loopback server (itself Python threads) that holds one range back; while it
+    is held, the native call cannot have finished, and another thread counts before releasing
+    it. With the GIL held throughout, neither the server nor the counter could run."""
+    mod = _remote_server_module()
+    server = mod.Server()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.files["/m.safetensors"] = _safetensors_bytes(
+        {f"w{i}": torch.randn(1024, 1024) for i in range(4)})
+    server.etags["/m.safetensors"] = '"m"'
+    server.faults["/m.safetensors"] = [(1, "hold")]
+    counted = []
+
+    def count_then_release():
+        if server.held.wait(120):
+            k, end = 0, time.monotonic() + 0.2
+            while time.monotonic() < end:
+                k += 1
+            counted.append(k)
+        server.release.set()
+
+    t = threading.Thread(target=count_then_release, daemon=True)
     t.start()
-    before = ticks[0]
-    weightcast.analyze(minilm, "f16")
-    stop.set()
+    try:
+        weightcast.convert(f"{server.url}/m.safetensors", tmp_path / "o.safetensors", "f16")
+    finally:
+        server.release.set()
+        server.shutdown()
     t.join()
-    assert ticks[0] - before > 1000
+    assert counted and counted[0] > 1000, counted
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.counts = {}  # path -> requests served
         self.token = None  # path prefix -> token required
         self.ranges = True
+        # The "hold" fault: the request waits for `release` (set by the test) after `held`.
+        self.held = threading.Event()
+        self.release = threading.Event()
 
     def handle_error(self, request, client_address):
         # The fault injections drop connections on purpose: not worth a traceback.
@@ -65,6 +68,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 break
         if action == "500":
             return self.fail(500)
+        if action == "hold":
+            s.held.set()
+            s.release.wait(120)
         if action == "etag":
             s.etags[path] = s.etags[path] + "-changed"
         data = s.files[path]
