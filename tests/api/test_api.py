@@ -143,7 +143,9 @@ def test_convert_is_the_cli(tmp_path, src, out, kw):
     r = weightcast.convert(src, py, **kw)
     run(*cli_args(src, cli, kw))
     assert files_of(py) == files_of(cli)
-    dry = json.loads(run(*cli_args(src, cli, kw), "--dry-run", "--json").stdout)
+    # The output exists now: a dry run predicts a run that replaces it (--force).
+    dry = json.loads(run(*cli_args(src, cli, kw), "--dry-run", "--force", "--json").stdout)
+    assert dry["replaces_existing"] is True
     assert plan.to_dict()["tensors"] == dry["tensors"]
     assert r.to_dict()["tensors"] == dry["tensors"]
     assert r.totals == dry["totals"]
@@ -677,3 +679,18 @@ def test_s3_load_convert_and_an_object_changed_mid_read(tmp_path, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_save_keep_kind_norm_on_a_sequential(tmp_path):
+    """The README's `save(..., keep="kind:norm")` on an nn.Sequential's state dict: no module
+    classes, no "norm" in the names; the LayerNorm and the BatchNorm are found by structure."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
+                                torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    sd = model.state_dict()
+    weightcast.save(sd, tmp_path / "m.safetensors", dtype="f16", keep="kind:norm")
+    got = load_file(tmp_path / "m.safetensors")
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            continue
+        want = torch.float32 if k.split(".")[0] in ("1", "3") else torch.float16
+        assert got[k].dtype == want, (k, got[k].dtype)
