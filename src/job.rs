@@ -210,6 +210,64 @@ impl ConvertRequest {
         Ok(())
     }
 
+    /// The passes over the data before writing: `--on-overflow keep` and `--max-underflow`
+    /// decide tensors from what their cast would do; a dry run measures whatever the writing
+    /// pass would find (the overflow refusal, the flush-to-zero warning), so that it refuses
+    /// and warns as the run would.
+    fn check_data(
+        &self,
+        cat: &Catalogue,
+        plan: &mut Plan,
+        progress: &dyn Progress,
+        warnings: &mut Vec<String>,
+    ) -> Result<()> {
+        // A dry run measures whatever the writing pass would find in the data, so that it
+        // refuses and warns as the run would.
+        let predict = self.dry_run && plan.tensors.iter().any(|p| p.is_cast());
+        if self.on_overflow == OnOverflow::Keep || self.max_underflow.is_some() || predict {
+            progress.phase("checking");
+            let analyses = analysis::analyze(cat, plan, &Bounds::default(), progress, None)?;
+            if self.on_overflow == OnOverflow::Keep {
+                let n = analysis::keep_overflowing(cat, plan, &analyses);
+                if n > 0 {
+                    warnings.push(format!("{n} tensor(s) kept in their dtype: their values would overflow (--on-overflow keep)"));
+                }
+            }
+            if let Some(f) = self.max_underflow {
+                let n = analysis::keep_underflowing(cat, plan, &analyses, f);
+                if n > 0 {
+                    warnings.push(format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
+                }
+            }
+            if predict {
+                let still_cast =
+                    |a: &&analysis::TensorAnalysis| plan.tensors[a.plan_index].is_cast();
+                let name = |a: &analysis::TensorAnalysis| {
+                    cat.tensors[plan.tensors[a.plan_index].tensor].name.clone()
+                };
+                if self.on_overflow == OnOverflow::Error {
+                    let named: Vec<(String, DType, u64)> = analyses
+                        .iter()
+                        .filter(still_cast)
+                        .filter(|a| a.stats.overflow > 0)
+                        .map(|a| (name(a), a.to, a.stats.overflow))
+                        .collect();
+                    if !named.is_empty() {
+                        return Err(crate::convert::overflow_refusal(&cat.path, &named));
+                    }
+                }
+                let flushed: Vec<String> = analyses
+                    .iter()
+                    .filter(still_cast)
+                    .filter(|a| a.stats.flushed_entirely())
+                    .map(name)
+                    .collect();
+                warnings.extend(crate::convert::flushed_warning(&flushed));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the input and decides everything. `progress` sees the analysis passes of
     /// `auto`, `on_overflow keep` and `max_underflow` (phases `choosing` and `checking`).
     pub fn prepare(&self, progress: &dyn Progress) -> Result<Prepared> {
@@ -329,50 +387,7 @@ impl ConvertRequest {
             progress.phase("choosing");
             analysis::choose_auto(&cat, &mut plan, &candidates, snr, progress, None)?;
         }
-        // A dry run measures whatever the writing pass would find in the data, so that it
-        // refuses and warns as the run would.
-        let predict = self.dry_run && plan.tensors.iter().any(|p| p.is_cast());
-        if self.on_overflow == OnOverflow::Keep || self.max_underflow.is_some() || predict {
-            progress.phase("checking");
-            let analyses = analysis::analyze(&cat, &plan, &Bounds::default(), progress, None)?;
-            if self.on_overflow == OnOverflow::Keep {
-                let n = analysis::keep_overflowing(&cat, &mut plan, &analyses);
-                if n > 0 {
-                    warnings.push(format!("{n} tensor(s) kept in their dtype: their values would overflow (--on-overflow keep)"));
-                }
-            }
-            if let Some(f) = self.max_underflow {
-                let n = analysis::keep_underflowing(&cat, &mut plan, &analyses, f);
-                if n > 0 {
-                    warnings.push(format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
-                }
-            }
-            if predict {
-                let still_cast =
-                    |a: &&analysis::TensorAnalysis| plan.tensors[a.plan_index].is_cast();
-                let name = |a: &analysis::TensorAnalysis| {
-                    cat.tensors[plan.tensors[a.plan_index].tensor].name.clone()
-                };
-                if self.on_overflow == OnOverflow::Error {
-                    let named: Vec<(String, DType, u64)> = analyses
-                        .iter()
-                        .filter(still_cast)
-                        .filter(|a| a.stats.overflow > 0)
-                        .map(|a| (name(a), a.to, a.stats.overflow))
-                        .collect();
-                    if !named.is_empty() {
-                        return Err(crate::convert::overflow_refusal(&cat.path, &named));
-                    }
-                }
-                let flushed: Vec<String> = analyses
-                    .iter()
-                    .filter(still_cast)
-                    .filter(|a| a.stats.flushed_entirely())
-                    .map(name)
-                    .collect();
-                warnings.extend(crate::convert::flushed_warning(&flushed));
-            }
-        }
+        self.check_data(&cat, &mut plan, progress, &mut warnings)?;
         let options = Options {
             force: self.force,
             max_shard_size: self.max_shard_size,

@@ -261,7 +261,6 @@ impl Plan {
         };
         let mut hits = vec![0usize; rules.rules.len()];
         let classes = classes(cat);
-        let mut warnings = Vec::new();
         let mut uncastable = std::collections::BTreeMap::<DType, usize>::new();
         let tensors = cat
             .tensors
@@ -310,55 +309,7 @@ impl Plan {
                 }
             })
             .collect();
-        let mut unmatched = Vec::new();
-        // A preset's rules share one origin: it is unmatched only when none of them matches.
-        let mut by_origin = std::collections::HashMap::<&str, usize>::new();
-        for (rule, n) in rules.rules.iter().zip(&hits) {
-            *by_origin.entry(rule.origin.as_str()).or_default() += n;
-        }
-        let mut told = std::collections::HashSet::new();
-        for rule in &rules.rules {
-            let origin = rule.origin.as_str();
-            if by_origin[origin] > 0 || !told.insert(origin) {
-                continue;
-            }
-            // Matched, but every tensor it matches is decided by a later rule: say which.
-            let same: Vec<&crate::rules::Rule> =
-                rules.rules.iter().filter(|r| r.origin == origin).collect();
-            let matched: Vec<usize> = cat
-                .tensors
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| {
-                    same.iter()
-                        .any(|r| r.selector.matches(&t.name, &t.shape, classes[*i]))
-                })
-                .map(|(i, _)| i)
-                .collect();
-            if let Some(&first) = matched.first() {
-                let t = &cat.tensors[first];
-                let by = rules
-                    .decide(&t.name, &t.shape, classes[first])
-                    .1
-                    .map_or("a later rule", |r| rules.rules[r].origin.as_str());
-                warnings.push(format!(
-                    "rule `{origin}` decides no tensor: each of the {} it matches is decided by a \
-                     later rule (`{}` by `{by}`); the last rule that matches wins",
-                    matched.len(),
-                    t.name
-                ));
-                continue;
-            }
-            let hint = rule
-                .selector
-                .case_hint(cat.tensors.iter().map(|t| t.name.as_str()))
-                .map(|(p, ex)| {
-                    format!(" (globs are case-sensitive: did you mean `{p}`? it matches `{ex}`)")
-                })
-                .unwrap_or_default();
-            warnings.push(format!("rule `{origin}` matches no tensor{hint}"));
-            unmatched.push(rule.origin.clone());
-        }
+        let (mut warnings, unmatched) = rule_diagnostics(cat, rules, &hits, &classes);
         for (d, n) in uncastable {
             warnings.push(format!(
                 "{n} tensor(s) of {d} kept as they are: weightcast does not cast {d}"
@@ -680,6 +631,68 @@ fn kind_of(t: &TensorEntry) -> &'static str {
     } else {
         "integer"
     }
+}
+
+/// What the rules that decide no tensor are told: overridden by a later rule (each match
+/// decided by it), or matching nothing (with a "did you mean" where only case differs). Returns
+/// the warnings and the origins of the rules that match nothing (`--strict-rules` refuses those).
+fn rule_diagnostics(
+    cat: &Catalogue,
+    rules: &RuleSet,
+    hits: &[usize],
+    classes: &[Option<&str>],
+) -> (Vec<String>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut unmatched = Vec::new();
+    // A preset's rules share one origin: it is unmatched only when none of them matches.
+    let mut by_origin = std::collections::HashMap::<&str, usize>::new();
+    for (rule, n) in rules.rules.iter().zip(hits) {
+        *by_origin.entry(rule.origin.as_str()).or_default() += n;
+    }
+    let mut told = std::collections::HashSet::new();
+    for rule in &rules.rules {
+        let origin = rule.origin.as_str();
+        if by_origin[origin] > 0 || !told.insert(origin) {
+            continue;
+        }
+        // Matched, but every tensor it matches is decided by a later rule: say which.
+        let same: Vec<&crate::rules::Rule> =
+            rules.rules.iter().filter(|r| r.origin == origin).collect();
+        let matched: Vec<usize> = cat
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| {
+                same.iter()
+                    .any(|r| r.selector.matches(&t.name, &t.shape, classes[*i]))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if let Some(&first) = matched.first() {
+            let t = &cat.tensors[first];
+            let by = rules
+                .decide(&t.name, &t.shape, classes[first])
+                .1
+                .map_or("a later rule", |r| rules.rules[r].origin.as_str());
+            warnings.push(format!(
+                "rule `{origin}` decides no tensor: each of the {} it matches is decided by a \
+                 later rule (`{}` by `{by}`); the last rule that matches wins",
+                matched.len(),
+                t.name
+            ));
+            continue;
+        }
+        let hint = rule
+            .selector
+            .case_hint(cat.tensors.iter().map(|t| t.name.as_str()))
+            .map(|(p, ex)| {
+                format!(" (globs are case-sensitive: did you mean `{p}`? it matches `{ex}`)")
+            })
+            .unwrap_or_default();
+        warnings.push(format!("rule `{origin}` matches no tensor{hint}"));
+        unmatched.push(rule.origin.clone());
+    }
+    (warnings, unmatched)
 }
 
 /// The class the rules see for each tensor: its module's class where the input names one,

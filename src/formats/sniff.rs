@@ -127,7 +127,7 @@ pub fn is_safetensors(
         return Ok(false);
     }
     let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-    if n < 2 || n > MAX_HEADER_SIZE || n > len - 8 {
+    if !(2..=MAX_HEADER_SIZE).contains(&n) || n > len - 8 {
         return Ok(false);
     }
     // A JSON object starts with `{` after optional whitespace: cheap to rule out first.
