@@ -388,6 +388,19 @@ impl ConvertRequest {
             analysis::choose_auto(&cat, &mut plan, &candidates, snr, progress, None)?;
         }
         self.check_data(&cat, &mut plan, progress, &mut warnings)?;
+        if let Some(max) = self.max_shard_size {
+            let over: Vec<&crate::plan::TensorPlan> =
+                plan.tensors.iter().filter(|p| p.bytes_out > max).collect();
+            if let Some(first) = over.first() {
+                warnings.push(format!(
+                    "{} tensor(s) are larger than --max-shard-size {max} bytes: each is written \
+                     in a shard of its own, over the limit (`{}`: {} bytes)",
+                    over.len(),
+                    cat.tensors[first.tensor].name,
+                    first.bytes_out
+                ));
+            }
+        }
         let options = Options {
             force: self.force,
             max_shard_size: self.max_shard_size,

@@ -926,3 +926,29 @@ fn the_readme_rules_file_passes_strict_rules() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("decides no tensor"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_tensor_larger_than_the_shard_size_is_told() {
+    let d = Dir::new();
+    let p = d.path("in.safetensors");
+    let big = vec![1.0f32; 64];
+    std::fs::write(&p, f32_file(&[("big", &big), ("small", &[1.0])])).unwrap();
+    let o = run(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        &d.s("o.safetensors"),
+        "--to",
+        "f16",
+        "--max-shard-size",
+        "100",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 tensor(s) are larger than --max-shard-size 100 bytes")
+            && stderr(&o).contains("`big`: 128 bytes"),
+        "{}",
+        stderr(&o)
+    );
+}
