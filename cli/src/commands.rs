@@ -26,6 +26,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     match args.cli.command {
         Command::Inspect { path, key, json } => {
             let cat = open(&path, key.as_deref())?;
+            if let Some(n) = cat.torch.as_deref().and_then(formats::torch::tied_note) {
+                warn(&n);
+            }
             if json {
                 println!(
                     "{}",
