@@ -222,6 +222,16 @@ impl Catalogue {
             .unwrap_or_default()
     }
 
+    /// What the input is, in words: its kind, and for a model folder what its weights are.
+    pub fn describe(&self) -> &'static str {
+        match self.kind {
+            InputKind::Folder if !self.files.iter().any(|f| f.name.ends_with(".safetensors")) => {
+                "model folder (PyTorch weights)"
+            }
+            k => k.describe(),
+        }
+    }
+
     /// Removes `prefix` from tensor names (`module.` of DataParallel); returns how many were
     /// renamed. Two tensors ending with the same name are an error.
     pub fn strip_prefix(&mut self, prefix: &str) -> crate::error::Result<usize> {

@@ -803,6 +803,24 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
     Ok(0)
 }
 
+/// What the summary line names as written: the output when it is what was written (a file,
+/// a folder, an object prefix), else (a file output sharded by --max-shard-size) its index and
+/// how many shards.
+fn written_name(out: &std::path::Path, summary: &convert::Summary) -> String {
+    let index = summary.layout.index.as_ref();
+    match (index, out.file_name().and_then(|n| n.to_str())) {
+        (Some(i), Some(name)) if name.ends_with(".safetensors") && !name.ends_with(i) => {
+            let dir = out.parent().unwrap_or(std::path::Path::new(""));
+            format!(
+                "{} ({} shards beside it)",
+                dir.join(i).display(),
+                summary.layout.files.len()
+            )
+        }
+        _ => out.display().to_string(),
+    }
+}
+
 /// The warnings, the clamp report and the summary line (or JSON) of a finished conversion.
 /// `convert --json`'s document for a finished conversion.
 pub(crate) fn summary_json(
@@ -890,7 +908,7 @@ fn print_summary(
             report::bytes(summary.bytes_out),
             secs,
             report::bytes(rate as u64),
-            c.output().display()
+            written_name(c.output(), summary)
         );
     }
     Ok(())

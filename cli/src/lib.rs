@@ -19,6 +19,13 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    // With --json (or --format json), an error is a JSON document on stdout too, so that a
+    // script reading stdout gets one whatever happened.
+    let json = argv.iter().any(|a| a == "--json" || a == "--format=json")
+        || argv
+            .windows(2)
+            .any(|w| w[0] == "--format" && w[1] == "json");
     let args = match cli::parse(argv) {
         Ok(a) => a,
         Err(e) => {
@@ -44,14 +51,23 @@ where
     match commands::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("weightcast: error: {}", report::one_line(&e.to_string()));
-            if e.downcast_ref::<weightcast::Error>()
+            let message = report::one_line(&e.to_string());
+            eprintln!("weightcast: error: {message}");
+            let code = if e
+                .downcast_ref::<weightcast::Error>()
                 .is_some_and(|e| e.is_usage())
             {
                 2
             } else {
                 1
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": message, "exit_code": code})
+                );
             }
+            code
         }
     }
 }

@@ -64,7 +64,7 @@ pub fn inspect_text(cat: &Catalogue) -> String {
     let mut s = format!(
         "{}: {}, {} file(s), {} tensors, {} parameters, {}\n\n",
         cat.path.display(),
-        cat.kind.describe(),
+        cat.describe(),
         cat.files.len(),
         cat.tensors.len(),
         cat.total_params(),
@@ -170,7 +170,7 @@ pub fn inspect_json(cat: &Catalogue) -> Value {
             "payloads": q.scaled.len(), "unsupported": q.unsupported,
         })),
         "path": cat.path,
-        "format": cat.kind.describe(),
+        "format": cat.describe(),
         "files": cat.files.iter().map(|f| json!({"name": f.name, "bytes": f.len})).collect::<Vec<_>>(),
         "tensor_count": cat.tensors.len(),
         "parameter_count": cat.total_params(),

@@ -37,7 +37,6 @@ def _fixture_module():
 # needs that class where the pickle says it is.
 setattr(sys.modules["__main__"], "Custom", _fixture_module().Custom)
 TORCH = FIXTURES / "torch"
-MARKER = pathlib.Path("/tmp/weightcast-malicious-pickle-ran")
 CLI = pathlib.Path(sys.executable).parent / "weightcast"
 
 
@@ -425,17 +424,16 @@ def test_load_keeps_views_and_tied_weights_sharing(name):
         assert ours[b].reshape(-1)[0].item() == 123.0
 
 
-def test_load_refuses_a_malicious_pickle_without_running_it():
-    MARKER.unlink(missing_ok=True)
+def test_load_refuses_a_malicious_pickle_without_running_it(marker):
     with pytest.raises(weightcast.RefusedError, match="dangerous|references"):
         weightcast.load(TORCH / "malicious.pt")
-    assert not MARKER.exists()
+    assert not marker.exists()
     corpus = list((FIXTURES / "torch").glob("malicious*")) + \
         list((ROOT / "tests" / "fixtures").rglob("*evil*"))
     for p in corpus:
         with pytest.raises(weightcast.Error):
             weightcast.load(p)
-    assert not MARKER.exists()
+    assert not marker.exists()
 
 
 def test_load_safetensors_folder_and_numpy(minilm, tmp_path):

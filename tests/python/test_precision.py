@@ -211,10 +211,8 @@ def test_diff(minilm, tmp_path):
     assert p.returncode == 1 and "`pooler.dense.bias` is only in A" in p.stdout
 
 
-def test_html_report_renders(minilm, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("chromium is not installed (scripts/test installs it)")
+def test_html_report_content(minilm, tmp_path):
+    """What the page says, read from the HTML itself (no browser needed)."""
     report = tmp_path / "r.html"
     a = analyze(minilm, "f8e4m3", "--report", report, "--preset", "keep-norms")
     html = report.read_text()
@@ -229,6 +227,19 @@ def test_html_report_renders(minilm, tmp_path):
     analyze(minilm, "f16", "--report", high, "--lossy-below", "20")
     assert 'class="snr-ok"' in high.read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html
+    snr = a["totals"]["model"]["snr_db"]
+    assert f"{snr:.1f} dB" in html, "the model SNR is on the page"
+    assert a["tensors"][0]["name"] in html and html.count("<rect") >= 3 * 7, \
+        "the worst tensor, and three charts of 7 layer groups"
+
+
+def test_html_report_renders(minilm, tmp_path):
+    """What a browser shows: the rendered DOM and a screenshot (Chromium, headless)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed (scripts/test installs it)")
+    report = tmp_path / "r.html"
+    a = analyze(minilm, "f8e4m3", "--report", report, "--preset", "keep-norms")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]

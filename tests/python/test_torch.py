@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from conftest import ROOT, run
 
 FIX = ROOT / "tests" / "fixtures" / "torch"
-MARKER = pathlib.Path("/tmp/weightcast-malicious-pickle-ran")
 
 
 def _fixture_module():
@@ -111,8 +110,13 @@ def test_views(tmp_path):
         assert torch.equal(got[k], v.contiguous().bfloat16()), k
 
 
-def test_malicious_pickle_never_runs(tmp_path):
-    MARKER.unlink(missing_ok=True)
+def test_the_malicious_fixture_is_armed(marker):
+    """The control: torch.load without weights_only runs its payload, which leaves the mark."""
+    torch.load(FIX / "malicious.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_malicious_pickle_never_runs(tmp_path, marker):
     out = tmp_path / "o.safetensors"
     p = run("inspect", FIX / "malicious.pt")
     assert "posix.system" in p.stderr and "dangerous" in p.stderr
@@ -127,7 +131,7 @@ def test_malicious_pickle_never_runs(tmp_path):
     assert "dangerous  posix.system" in p.stdout
     a = json.loads(run("audit", FIX / "malicious.pt", "--json", check=False).stdout)
     assert a["dangerous"] and a["files"][0]["dangerous"] == ["posix.system"]
-    assert not MARKER.exists(), "the pickle's os.system call must never run"
+    assert not marker.exists(), "the pickle's os.system call must never run"
 
 
 def test_audit_clean_files():
@@ -316,12 +320,11 @@ def test_pt_modules_and_rules(tmp_path):
     assert t["optimizer"]["param_groups"] == src["optimizer"]["param_groups"]
 
 
-def test_pt_refuses_dangerous_and_overflow(tmp_path):
+def test_pt_refuses_dangerous_and_overflow(tmp_path, marker):
     out = tmp_path / "x.pt"
-    MARKER.unlink(missing_ok=True)
     p = run("convert", FIX / "malicious.pt", "-o", out, "--to", "f16", check=False)
     assert p.returncode == 1 and "dangerous globals (posix.system)" in p.stderr
-    assert not out.exists() and not MARKER.exists()
+    assert not out.exists() and not marker.exists()
     hot = tmp_path / "hot.pt"
     torch.save({"w": torch.tensor([1.0, 1e6])}, hot)
     p = run("convert", hot, "-o", out, "--to", "f16", check=False)
