@@ -87,10 +87,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = data[a:b + 1]
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+        if action == "short":
+            # A complete, well-formed answer whose body is shorter than the range it claims:
+            # the connection stays up; the reader sees the body end early.
+            self.send_header("Content-Length", str(len(body) // 2))
+            self.send_header("ETag", s.etags[path])
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            return
         self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", s.etags[path])
         self.end_headers()
-        if action in ("drop", "short"):
+        if action == "drop":
             # Half the body, then the connection goes away mid-tensor.
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
