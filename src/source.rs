@@ -34,6 +34,18 @@ pub struct Sources<'a> {
 }
 
 impl<'a> Sources<'a> {
+    /// An error if a remote input changed since it was opened (see
+    /// [`RangeRead::check_unchanged`](crate::remote::RangeRead::check_unchanged)); local
+    /// inputs are never modified by us and are not checked.
+    pub fn check_unchanged(&self) -> Result<()> {
+        for f in &self.cat.files {
+            if let Some(r) = &f.remote {
+                r.check_unchanged()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Opens every file of `cat` read-only. Compressed records a tensor lives in (a re-zipped
     /// torch archive) are inflated into temporary files when first read: streamed, so memory
     /// stays bounded; disk holds each such record once.

@@ -461,7 +461,7 @@ pub fn convert_into(
             (name, pieces[k].to, n)
         })
         .collect();
-    job.check_overflow(named)
+    job.written(named)
 }
 
 /// One part of a split conversion (see [`Part`]).
@@ -505,7 +505,7 @@ fn convert_part(
             let overflow = job.write_file(tmp.as_file(), tmp.path(), f)?;
             summary
                 .overflowed
-                .extend(job.check_overflow(job.named(&overflow))?);
+                .extend(job.written(job.named(&overflow))?);
             tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
             summary.files.push(dest);
         }
@@ -698,7 +698,7 @@ impl Job<'_> {
             overflow.extend(self.write_file(tmp.as_file(), tmp.path(), f)?);
             staged.push((tmp, dir.join(&f.name)));
         }
-        summary.overflowed = self.check_overflow(self.named(&overflow))?;
+        summary.overflowed = self.written(self.named(&overflow))?;
         if let Some(index) = &layout.index {
             let mut tmp = temp_file(&dir, index)?;
             let text = index_json(cat, plan, &layout);
@@ -762,7 +762,7 @@ impl Job<'_> {
             .iter()
             .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
             .collect();
-        summary.overflowed = self.check_overflow(named)?;
+        summary.overflowed = self.written(named)?;
         self.finish(tmp.as_file())?;
         tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
         summary.files.push(dest.to_path_buf());
@@ -790,7 +790,7 @@ impl Job<'_> {
             overflow.extend(self.write_file(&file, &path, f)?);
             summary.files.push(dest.join(&f.name));
         }
-        summary.overflowed = self.check_overflow(self.named(&overflow))?;
+        summary.overflowed = self.written(self.named(&overflow))?;
         if let Some(index) = &layout.index {
             let path = staging.path().join(index);
             std::fs::write(&path, index_json(cat, plan, &layout))
@@ -941,6 +941,14 @@ impl<'a> Job<'a> {
                 (self.cat.tensors[p.tensor].name.clone(), p.to, n)
             })
             .collect()
+    }
+
+    /// Once every tensor is written and before anything is committed: a remote input that
+    /// changed meanwhile is an error, then the overflow counts become an error or the clamp
+    /// report ([`Job::check_overflow`]).
+    fn written(&self, named: Vec<(String, DType, u64)>) -> Result<Vec<(String, u64)>> {
+        self.sources.check_unchanged()?;
+        self.check_overflow(named)
     }
 
     /// Turns the overflow counts of the written tensors (or storages) into an error

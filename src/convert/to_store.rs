@@ -165,7 +165,7 @@ impl Job<'_> {
             overflow.extend(counts);
             pending.push(up);
         }
-        summary.overflowed = self.check_overflow(self.named(&overflow))?;
+        summary.overflowed = self.written(self.named(&overflow))?;
         self.check_cancel()?;
         // The folder's other files (config.json updated) are prepared before anything is
         // made visible.
@@ -264,7 +264,7 @@ impl Job<'_> {
                 let (up, counts) = self.upload_file(dir, f)?;
                 summary
                     .overflowed
-                    .extend(self.check_overflow(self.named(&counts))?);
+                    .extend(self.written(self.named(&counts))?);
                 up.complete()?;
                 summary.files.push(PathBuf::from(dir.url_of(&f.name)));
             }

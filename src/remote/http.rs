@@ -419,6 +419,21 @@ impl RangeRead for RemoteFile {
     fn len(&self) -> u64 {
         self.len
     }
+
+    fn check_unchanged(&self) -> Result<()> {
+        let mut one = [0u8; 1];
+        self.with_retries(|f| {
+            let (len, v) = f.fetch(0, &mut one)?;
+            if len != f.len || v != f.validator {
+                return Err(Failure::Final(format!(
+                    "changed on the server while it was read (checked after the last range: \
+                     length {} -> {len}, validator {:?} -> {v:?}): nothing from it was written",
+                    f.len, f.validator
+                )));
+            }
+            Ok(())
+        })
+    }
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         RemoteFile::read_exact_at(self, buf, pos)
     }

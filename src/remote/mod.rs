@@ -27,6 +27,10 @@ pub trait RangeRead: Send + Sync + std::fmt::Debug {
     }
     /// Fills `buf` with the bytes at `pos`; an error names the file.
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()>;
+    /// An error if the file is no longer the one opened (its length or validator changed):
+    /// asked once every range was read, before an output is committed, since a replacement
+    /// after the last range would pass the per-range checks.
+    fn check_unchanged(&self) -> Result<()>;
 }
 
 /// True for a path the user gave as a URL (`https://`, `http://`, `hf://`, or an object

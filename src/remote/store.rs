@@ -288,6 +288,19 @@ impl RangeRead for StoreFile {
         self.len
     }
 
+    fn check_unchanged(&self) -> Result<()> {
+        let meta = retry(|| block_on(self.store.head(&self.path)).map_err(|e| classify(&e)))
+            .map_err(|what| Error::invalid(&self.url, what))?;
+        if meta.size != self.len || meta.e_tag != self.etag {
+            return Err(Error::invalid(
+                &self.url,
+                "changed in the store while it was read (checked after the last range): \
+                 nothing from it was written",
+            ));
+        }
+        Ok(())
+    }
+
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         if buf.is_empty() {
             return Ok(());

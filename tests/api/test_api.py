@@ -658,7 +658,9 @@ def test_s3_load_convert_and_an_object_changed_mid_read(tmp_path, monkeypatch):
         run("convert", TINY, "-o", tmp_path / "ref", "--to", "bf16")
         assert mod.objects(s3, "out") == mod.files_of(tmp_path / "ref")
         # 96 MiB read in 8 MiB ranges; the object is replaced (a quick small put) as soon as
-        # progress shows the first ones read, long before the last.
+        # progress shows the first ones read. Whether the replacement lands before the last
+        # range or after it, the reader catches it: each range is read if-match the ETag, and
+        # the object is checked once more after the last range, before anything is committed.
         g = torch.Generator().manual_seed(2)
         save_file({f"w{i}": torch.randn(1024, 2048, generator=g) for i in range(12)},
                   tmp_path / "big.safetensors")

@@ -302,3 +302,21 @@ def test_hf_repo_of_pytorch_bin_files(server, tmp_path):
         assert set(got) == set(sd)
         for k, v in sd.items():
             assert torch.equal(got[k], v.half() if v.is_floating_point() else v), k
+
+
+def test_a_file_replaced_after_its_last_range_is_caught_before_the_commit(server, tmp_path):
+    """The per-range checks cannot see a replacement after the last range was read: the
+    reader asks once more before the output is committed. The replacement is made to happen
+    exactly then: a clean run's request count gives the index of that last request."""
+    path = "/org/model.safetensors"
+    ok = tmp_path / "ok.safetensors"
+    server.counts.clear()
+    run("convert", f"{server.url}{path}", "-o", ok, "--to", "f16")
+    last = server.counts[path] - 1
+    server.counts.clear()
+    server.faults[path] = [(last, "etag")]
+    out = tmp_path / "o.safetensors"
+    p = run("convert", f"{server.url}{path}", "-o", out, "--to", "f16", check=False)
+    assert not server.faults[path], "the replacement came with the last request"
+    assert p.returncode == 1 and "checked after the last range" in p.stderr, p.stderr
+    assert not out.exists() and not list(tmp_path.glob(".o.safetensors*"))
