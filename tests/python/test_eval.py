@@ -365,3 +365,59 @@ def test_llama3_rope_scaling_matches_transformers(minilm, tmp_path):
     (folder / "config.json").write_text(json.dumps(saved))
     p = run("eval", folder, "--dtypes", "f16", check=False)
     assert p.returncode == 1 and "RoPE scaling `yarn`" in p.stderr, p.stderr
+
+
+def test_candidate_metrics_equal_an_independent_computation(minilm, tmp_path):
+    """eval's figures recomputed with torch from the outputs it emits: per-token KL(ref || cand),
+    top-1 agreement and perplexity for a causal LM; cosine and nearest-neighbour agreement for
+    an encoder. The candidates are f16, bf16 and a damaged model, so the figures differ."""
+    folder = tmp_path / "llama"
+    tiny_llama(folder, minilm)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] * 30
+    save_file(sd, damaged / "model.safetensors", metadata={"format": "pt"})
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("\n".join(SENTENCES) + "\n")
+    r = eval_json(folder, "--dtypes", "f16,bf16", "--candidate", damaged, "--inputs", inputs,
+                  "--emit-embeddings", "--runs", "1")
+    ref = r["candidates"][0]
+    ref_logits = [torch.tensor(x, dtype=torch.float64) for x in ref["logits"]]
+    ref_ppl = None
+    for c in r["candidates"]:
+        kls, agree, nll, predicted = [], 0, 0.0, 0
+        for ids, lr, lc in zip(ref["ids"], ref_logits, c["logits"]):
+            lc = torch.tensor(lc, dtype=torch.float64)
+            lp, lq = torch.log_softmax(lr, -1), torch.log_softmax(lc, -1)
+            kls += (lp.exp() * (lp - lq)).sum(-1).tolist()
+            agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+            nll -= float(lq[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+            predicted += len(ids) - 1
+        ppl = float(np.exp(nll / predicted))
+        ref_ppl = ref_ppl or ppl
+        assert abs(c["kl_mean"] - np.mean(kls)) <= 1e-9 + 1e-6 * np.mean(kls), c["name"]
+        assert abs(c["kl_max"] - max(kls)) <= 1e-9 + 1e-6 * max(kls), c["name"]
+        assert c["top1_agreement"] == agree / sum(len(x) for x in ref["ids"]), c["name"]
+        assert abs(c["perplexity"] - ppl) <= 1e-6 * ppl, c["name"]
+        assert abs(c["perplexity_ratio"] - ppl / ref_ppl) <= 1e-6, c["name"]
+    assert r["candidates"][3]["kl_mean"] > 100 * r["candidates"][1]["kl_mean"] > 0
+
+    # The encoder: cosines and nearest neighbours from the emitted embeddings.
+    r = eval_json(minilm, "--dtypes", "f16,bf16", "--inputs", inputs, "--emit-embeddings",
+                  "--runs", "1")
+    ref = torch.tensor(r["candidates"][0]["embeddings"], dtype=torch.float64)
+
+    def nearest(e):
+        sim = torch.nn.functional.cosine_similarity(e[:, None], e[None, :], dim=-1)
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(-1)
+
+    for c in r["candidates"]:
+        e = torch.tensor(c["embeddings"], dtype=torch.float64)
+        cos = torch.nn.functional.cosine_similarity(ref, e, dim=-1)
+        assert abs(c["cosine_min"] - float(cos.min())) <= 1e-12, c["name"]
+        assert abs(c["cosine_mean"] - float(cos.mean())) <= 1e-12, c["name"]
+        assert abs(c["max_abs_diff"] - float((ref - e).abs().max())) <= 1e-12, c["name"]
+        kept = float((nearest(ref) == nearest(e)).double().mean())
+        assert c["neighbours_kept"] == kept, c["name"]
