@@ -56,6 +56,33 @@ pub enum DType {
 }
 
 impl DType {
+    /// The dtype of a storage class (`FloatStorage`, C++ `Float8_e4m3fnStorage`), as torch
+    /// names them.
+    pub fn from_storage_name(name: &str) -> Option<DType> {
+        Some(match name.strip_suffix("Storage")? {
+            "Double" => DType::F64,
+            "Float" => DType::F32,
+            "Half" => DType::F16,
+            "BFloat16" => DType::BF16,
+            "Long" => DType::I64,
+            "Int" => DType::I32,
+            "Short" => DType::I16,
+            "Char" => DType::I8,
+            "Byte" => DType::U8,
+            "Bool" => DType::Bool,
+            "ComplexFloat" => DType::C64,
+            "Float8_e4m3fn" => DType::F8E4M3,
+            "Float8_e5m2" => DType::F8E5M2,
+            "Float8_e4m3fnuz" => DType::F8E4M3Fnuz,
+            "Float8_e5m2fnuz" => DType::F8E5M2Fnuz,
+            "Float8_e8m0fnu" => DType::F8E8M0,
+            "UInt16" => DType::U16,
+            "UInt32" => DType::U32,
+            "UInt64" => DType::U64,
+            _ => return None,
+        })
+    }
+
     /// Every variant, for tables and tests.
     pub const ALL: [DType; 22] = [
         DType::Bool,

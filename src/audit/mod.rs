@@ -296,7 +296,7 @@ pub fn resolve(module: &str, name: &str, protocol: u8, torch: bool) -> (String, 
 
 /// Storage type names torch's unpickler turns into a `StorageType` without importing anything.
 fn is_storage_type(name: &str) -> bool {
-    crate::formats::torch::storage_dtype(name).is_some()
+    crate::dtype::DType::from_storage_name(name).is_some()
         || matches!(
             name,
             "QInt8Storage"

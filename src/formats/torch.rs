@@ -70,6 +70,7 @@ pub struct Archive {
     records: HashMap<String, Record>,
 }
 
+pub use crate::catalogue::torch::{OtherTensor, Rebuild, Site, TensorRef, TorchDoc};
 pub use crate::formats::torch_container::is_zip;
 
 /// The magic number legacy torch.save files start with, as LONG1 bytes (little-endian).
@@ -124,7 +125,7 @@ fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Archive> {
                     _ => continue,
                 };
                 if let Some((_, sname)) = main.global(t[1]) {
-                    let size = storage_dtype(sname)
+                    let size = DType::from_storage_name(sname)
                         .map(|d| (d.bitsize() as u64 / 8).max(1))
                         .unwrap_or(1);
                     elsize.insert(key, size);
@@ -366,84 +367,6 @@ fn instance_class(pk: &Pickle, id: NodeId) -> Option<String> {
         return Some(format!("{m}.{n}"));
     }
     Some(format!("{m}.{n}"))
-}
-
-/// Where a tensor's `_rebuild_tensor_v2/v3` call sits in the pickle: what a `.pt` writer
-/// rewrites when it converts the tensor's storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Site {
-    /// An object made by REDUCE of `_rebuild_tensor_v2/v3` with its argument tuple.
-    Call(NodeId),
-    /// `_rebuild_from_type_v2(func, type, args, state)` (a tensor carrying Python attributes):
-    /// the inner call is its arguments 0 (the function) and 2 (its argument tuple).
-    FromType(NodeId),
-}
-
-/// Which list a tensor of the pickle is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TensorRef {
-    /// [`Catalogue::tensors`]: the selected state dict.
-    Selected(usize),
-    /// [`TorchDoc::others`]: the rest of the file (optimizer state, EMA copies, ...).
-    Other(usize),
-}
-
-/// One tensor rebuild of the pickle, decoded once for every consumer.
-#[derive(Debug, Clone)]
-pub struct Rebuild {
-    /// The tensor's node (a Parameter or subclass wrapper included).
-    pub node: NodeId,
-    /// Where its `_rebuild_tensor_v2/v3` call is.
-    pub site: Site,
-    /// Whether that call is `_rebuild_tensor_v3` (the dtype as its seventh argument).
-    pub v3: bool,
-    /// Its storage's persistent-id node.
-    pub persid: NodeId,
-    /// Index into [`Catalogue::storages`].
-    pub storage: usize,
-    /// The catalogue tensor it is (tied weights: several rebuilds, one tensor).
-    pub tensor: TensorRef,
-}
-
-/// A tensor outside the selected state dict.
-#[derive(Debug, Clone)]
-pub struct OtherTensor {
-    /// Where its bytes are; its name is its path from the top of the file
-    /// (`optimizer_state_dict.state.0.exp_avg`).
-    pub entry: TensorEntry,
-    /// The top-level entry it is under (`optimizer_state_dict`).
-    pub section: String,
-}
-
-/// A PyTorch file's pickle and how its tensors map to the catalogue: what a `.pt` output
-/// writes back, decided by the plan.
-#[derive(Debug, Clone)]
-pub struct TorchDoc {
-    /// The parsed `data.pkl` (or a legacy file's main pickle).
-    pub pickle: Pickle,
-    /// A legacy (non-zip) file.
-    pub legacy: bool,
-    /// A TorchScript archive.
-    pub torchscript: bool,
-    /// The node whose tensors are the catalogue's tensors (the state dict).
-    pub selected: NodeId,
-    /// The entry it was taken from (`model_state_dict`), when not the whole file.
-    pub entry: Option<String>,
-    /// Every tensor rebuild reachable from the top of the pickle.
-    pub rebuilds: Vec<Rebuild>,
-    /// Tensors outside the selected state dict.
-    pub others: Vec<OtherTensor>,
-    /// Top-level entries other than the selected one: (name, tensors, tensor bytes).
-    pub entries: Vec<(String, usize, u64)>,
-    /// What two readers would read differently in the file (a `.pt` output refuses it).
-    pub ambiguities: Vec<String>,
-    /// Every global of every pickle torch.load would unpickle (the main one's and, for a
-    /// legacy file, the other pickles of its stack), as (shown name, class) once resolved as
-    /// the unpickler resolves it.
-    pub globals: Vec<(String, Class)>,
-    /// Tied tensors left out of the catalogue: (name, the catalogue tensor it is the same
-    /// view as). A loader into memory gives both names the same tensor.
-    pub aliases: Vec<(String, String)>,
 }
 
 /// What a safetensors output does with tied tensors (the same view of one storage under two
@@ -902,32 +825,6 @@ fn walk(
     Ok(())
 }
 
-/// Storage class names (`torch.FloatStorage`, C++ `torch.Float8_e4m3fnStorage`) to dtypes.
-pub(crate) fn storage_dtype(name: &str) -> Option<DType> {
-    Some(match name.strip_suffix("Storage")? {
-        "Double" => DType::F64,
-        "Float" => DType::F32,
-        "Half" => DType::F16,
-        "BFloat16" => DType::BF16,
-        "Long" => DType::I64,
-        "Int" => DType::I32,
-        "Short" => DType::I16,
-        "Char" => DType::I8,
-        "Byte" => DType::U8,
-        "Bool" => DType::Bool,
-        "ComplexFloat" => DType::C64,
-        "Float8_e4m3fn" => DType::F8E4M3,
-        "Float8_e5m2" => DType::F8E5M2,
-        "Float8_e4m3fnuz" => DType::F8E4M3Fnuz,
-        "Float8_e5m2fnuz" => DType::F8E5M2Fnuz,
-        "Float8_e8m0fnu" => DType::F8E8M0,
-        "UInt16" => DType::U16,
-        "UInt32" => DType::U32,
-        "UInt64" => DType::U64,
-        _ => return None,
-    })
-}
-
 /// A tensor's rebuild call, decoded: where it is and the view it makes.
 #[derive(Debug, Clone)]
 struct Decoded {
@@ -1195,7 +1092,8 @@ fn tensor_call(
             .find(|x| x.torch_name() == name)
             .ok_or_else(|| format!("dtype torch.{name} has no safetensors equivalent"))?
     } else {
-        storage_dtype(sname).ok_or_else(|| format!("storage type {smod}.{sname} is not read"))?
+        DType::from_storage_name(sname)
+            .ok_or_else(|| format!("storage type {smod}.{sname} is not read"))?
     };
     let offset = pk
         .int(get(1)?)

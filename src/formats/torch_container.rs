@@ -619,7 +619,7 @@ fn scan_tar(path: &Path, file: &File, len: u64) -> Result<Scan> {
                 .seq(args.root)
                 .and_then(|t| t.get(2))
                 .and_then(|&g| args.global(g))
-                .and_then(|(_, n)| crate::formats::torch::storage_dtype(n))
+                .and_then(|(_, n)| crate::dtype::DType::from_storage_name(n))
                 .map(|d| (d.bitsize() / 8).max(1) as u64)
                 .ok_or_else(|| format!("storage {i} has no storage type"))?;
             let mut c = [0u8; 8];

@@ -2,6 +2,9 @@
 //! where its bytes are, and the objects around the tensors (metadata, the folder's other files).
 //! Formats build it; planning and conversion read it. It never holds tensor data.
 
+pub mod quant;
+pub mod torch;
+
 use std::path::PathBuf;
 
 use crate::dtype::DType;
@@ -197,10 +200,10 @@ pub struct Catalogue {
     pub storages: Vec<StorageEntry>,
     /// For a single PyTorch file: its pickle, every tensor rebuild in it, the tensors outside the
     /// selected state dict and the other top-level entries (what a `.pt` output writes back).
-    pub torch: Option<std::sync::Arc<crate::formats::torch::TorchDoc>>,
+    pub torch: Option<std::sync::Arc<torch::TorchDoc>>,
     /// The quantization scheme of a scaled-FP8 input: payloads, their scales, and where the
     /// scheme is declared.
-    pub quant: Option<std::sync::Arc<crate::quant::Quantization>>,
+    pub quant: Option<std::sync::Arc<quant::Quantization>>,
 }
 
 impl Catalogue {
