@@ -390,7 +390,7 @@ impl Plan {
                         None => (
                             compute,
                             format!(
-                                "{how} to its scale's {compute}: kept payloads need the scales                                  this output drops (--on-quantized keep keeps both)"
+                                "{how} to its scale's {compute}: kept payloads need the scales this output drops (--on-quantized keep keeps both)"
                             ),
                         ),
                     };
@@ -676,7 +676,7 @@ fn rule_diagnostics(
                 .map_or("a later rule", |r| rules.rules[r].origin.as_str());
             warnings.push(format!(
                 "rule `{origin}` decides no tensor: each of the {} it matches is decided by a \
-                 later rule (`{}` by `{by}`); the last rule that matches wins",
+ later rule (`{}` by `{by}`); the last rule that matches wins",
                 matched.len(),
                 t.name
             ));

@@ -131,7 +131,7 @@ fn snr_bars(labels: &[String], v: &[f64], lossy: f64) -> String {
     let n = v.len().max(1) as f64;
     let bw = (w - left) / n;
     let title = format!(
-        "SNR per layer (dB, higher is better): red below the lossy line ({lossy} dB,          --lossy-below), amber within 6 dB above it, green beyond, grey when exact"
+        "SNR per layer (dB, higher is better): red below the lossy line ({lossy} dB, --lossy-below), amber within 6 dB above it, green beyond, grey when exact"
     );
     let mut s = format!(
         "<figure id=\"snr-chart\"><figcaption>{}</figcaption><svg viewBox=\"0 0 {w} {}\" width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"SNR per layer\">",
@@ -140,7 +140,7 @@ fn snr_bars(labels: &[String], v: &[f64], lossy: f64) -> String {
     let _ = write!(
         s,
         "<line x1=\"{left}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" stroke=\"#999\"/>\
-         <text x=\"0\" y=\"12\" font-size=\"11\">{top:.0} dB</text>"
+ <text x=\"0\" y=\"12\" font-size=\"11\">{top:.0} dB</text>"
     );
     for (i, (&x, l)) in v.iter().zip(labels).enumerate() {
         let (fill, class) = if !x.is_finite() {
@@ -157,8 +157,8 @@ fn snr_bars(labels: &[String], v: &[f64], lossy: f64) -> String {
         let _ = write!(
             s,
             "<rect class=\"snr-{class}\" x=\"{:.1}\" y=\"{top_y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"><title>{}: {} dB</title></rect>\
-             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text>\
-             <text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{}</text>",
+ <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text>\
+ <text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{}</text>",
             bx + 1.0, (bw - 2.0).max(1.0), h - top_y, esc(l), esc(&db(x)),
             bx + bw / 2.0, (top_y - 3.0).max(10.0), esc(&db(x)),
             bx + bw / 2.0, h + 14.0, esc(l)
@@ -168,7 +168,7 @@ fn snr_bars(labels: &[String], v: &[f64], lossy: f64) -> String {
     let _ = write!(
         s,
         "<line id=\"lossy-line\" x1=\"{left}\" y1=\"{ly:.1}\" x2=\"{w}\" y2=\"{ly:.1}\" stroke=\"#c33\" stroke-dasharray=\"6 4\"/>\
-         <text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#c33\" text-anchor=\"end\">lossy below {lossy} dB</text>",
+ <text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#c33\" text-anchor=\"end\">lossy below {lossy} dB</text>",
         w - 2.0, ly - 3.0
     );
     s.push_str("</svg></figure>");
@@ -216,7 +216,7 @@ fn range_strip(x: &TensorAnalysis) -> String {
         let _ = write!(
             s,
             "<line x1=\"{x0:.1}\" y1=\"0\" x2=\"{x0:.1}\" y2=\"{h}\" stroke=\"#555\"/>\
-             <text x=\"{x0:.1}\" y=\"{}\" font-size=\"8\" text-anchor=\"{anchor}\">{label} {v:.1e}</text>",
+ <text x=\"{x0:.1}\" y=\"{}\" font-size=\"8\" text-anchor=\"{anchor}\">{label} {v:.1e}</text>",
             h + 10.0
         );
     }

@@ -952,3 +952,47 @@ fn a_tensor_larger_than_the_shard_size_is_told() {
         stderr(&o)
     );
 }
+
+#[test]
+fn messages_have_no_runs_of_spaces() {
+    // A string literal broken across lines without `\` keeps the next line's indentation: the
+    // message then shows a run of spaces. Scan every string literal of the sources.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut bad = Vec::new();
+    let mut stack = vec![
+        root.join("src"),
+        root.join("cli/src"),
+        root.join("python/src"),
+    ];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    // Text after a quote, up to the next quote, with a run of 3+ spaces between
+                    // words (alignment in format specs and help tables is padded by `{:<N}`).
+                    for lit in line.split('"').skip(1).step_by(2) {
+                        if lit.starts_with(' ') {
+                            continue; // an indented table row, aligned on purpose
+                        }
+                        let words: Vec<&str> = lit.split("   ").collect();
+                        if words.len() > 1
+                            && words.first().is_some_and(|w| !w.trim().is_empty())
+                            && words.last().is_some_and(|w| !w.trim().is_empty())
+                        {
+                            bad.push(format!("{}:{}: {lit}", p.display(), n + 1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "runs of spaces in messages:\n{}",
+        bad.join("\n")
+    );
+}

@@ -545,7 +545,7 @@ fn convert_part(
         let mut tmp = temp_file(&dir, index)?;
         tmp.write_all(index_json(cat, plan, &layout).as_bytes())
             .map_err(|e| Error::io(tmp.path(), e))?;
-        job.finish(tmp.as_file())?;
+        job.finish(tmp.as_file(), tmp.path())?;
         let dest = dir.join(index);
         tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
         summary.files.push(dest);
@@ -704,7 +704,7 @@ impl Job<'_> {
             let text = index_json(cat, plan, &layout);
             tmp.write_all(text.as_bytes())
                 .map_err(|e| Error::io(tmp.path(), e))?;
-            self.finish(tmp.as_file())?;
+            self.finish(tmp.as_file(), tmp.path())?;
             staged.push((tmp, dir.join(index)));
         }
         for (tmp, dest) in staged {
@@ -763,7 +763,7 @@ impl Job<'_> {
             .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
             .collect();
         summary.overflowed = self.written(named)?;
-        self.finish(tmp.as_file())?;
+        self.finish(tmp.as_file(), tmp.path())?;
         tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
         summary.files.push(dest.to_path_buf());
         Ok(())
@@ -964,9 +964,10 @@ impl<'a> Job<'a> {
         }
     }
 
-    fn finish(&self, file: &File) -> Result<()> {
+    /// Flushes a written output file to disk (unless `--no-sync`); an error names it.
+    fn finish(&self, file: &File, path: &Path) -> Result<()> {
         if self.opts.sync {
-            file.sync_all().map_err(|e| Error::io("output", e))?;
+            file.sync_all().map_err(|e| Error::io(path, e))?;
         }
         Ok(())
     }
@@ -1032,7 +1033,7 @@ impl<'a> Job<'a> {
             &mut FileSink::new(dst, dst_path, self.opts.sync, header.len() as u64),
         )?;
         self.check_cancel()?;
-        self.finish(dst)?;
+        self.finish(dst, dst_path)?;
         // Piece k is plan entry of.tensors[k].
         Ok(counts
             .into_iter()

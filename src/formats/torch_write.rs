@@ -78,21 +78,21 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
     if doc.torchscript {
         return Err(Error::usage(format!(
             "{}: writing a converted TorchScript archive is refused: its code may assume the old dtypes; \
-             extract its tensors to .safetensors instead",
+ extract its tensors to .safetensors instead",
             path.display()
         )));
     }
     refuse_globals(path, &doc.globals, export.strict)?;
     if plan.quant == crate::plan::QuantPlan::Dequantize {
         return Err(Error::usage(format!(
-            "{}: dequantizing a scaled FP8 PyTorch file into a .pt is not supported; write              .safetensors, or pass --on-quantized keep",
+            "{}: dequantizing a scaled FP8 PyTorch file into a .pt is not supported; write .safetensors, or pass --on-quantized keep",
             path.display()
         )));
     }
     if !doc.ambiguities.is_empty() {
         return Err(Error::Refused(format!(
             "{}: the file reads differently in different readers ({}); refusing to write it to a \
-             .pt. Extract its tensors to .safetensors instead",
+ .pt. Extract its tensors to .safetensors instead",
             path.display(),
             doc.ambiguities.join("; ")
         )));
@@ -285,14 +285,14 @@ fn refuse_globals(path: &Path, globals: &[(String, Class)], strict: bool) -> Res
     Err(Error::Refused(if strict {
         format!(
             "{}: the pickle references globals outside torch's weights-only allowlist ({}); \
-             refusing to write it to a .pt (--strict). Extract its tensors to .safetensors instead",
+ refusing to write it to a .pt (--strict). Extract its tensors to .safetensors instead",
             path.display(),
             bad.join(", ")
         )
     } else {
         format!(
             "{}: the pickle references dangerous globals ({}); refusing to write it to a .pt. \
-             Extract its tensors to .safetensors instead (that is how to clean such a file)",
+ Extract its tensors to .safetensors instead (that is how to clean such a file)",
             path.display(),
             bad.join(", ")
         )
