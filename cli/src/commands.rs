@@ -821,7 +821,6 @@ fn written_name(out: &std::path::Path, summary: &convert::Summary) -> String {
     }
 }
 
-/// The warnings, the clamp report and the summary line (or JSON) of a finished conversion.
 /// `convert --json`'s document for a finished conversion.
 pub(crate) fn summary_json(
     cat: &weightcast::Catalogue,
@@ -842,6 +841,7 @@ pub(crate) fn summary_json(
     v
 }
 
+/// The warnings, the clamp report and the summary line (or JSON) of a finished conversion.
 fn print_summary(
     c: &ConvertArgs,
     cat: &weightcast::Catalogue,

@@ -972,8 +972,6 @@ impl<'a> Job<'a> {
         Ok(())
     }
 
-    /// Writes one safetensors file: header, then every tensor streamed through the cast.
-    /// Returns, per plan entry with any, the count of values that left the target's range.
     /// The safetensors header of one output file.
     fn header(&self, of: &OutputFile) -> Result<Vec<u8>> {
         let cat = self.cat;
@@ -1009,6 +1007,8 @@ impl<'a> Job<'a> {
         encode_header(&metadata, &names)
     }
 
+    /// Writes one safetensors file: header, then every tensor streamed through the cast.
+    /// Returns, per plan entry with any, the count of values that left the target's range.
     fn write_file(
         &self,
         dst: &File,
