@@ -192,7 +192,7 @@ def test_convert_errors(tmp_path):
     assert r.totals["kept"] == 1
 
 
-def test_progress_callable_and_interrupt(tmp_path, minilm):
+def test_progress_callable_and_interrupt(tmp_path, minilm, watchdog):
     seen = []
     weightcast.convert(minilm, tmp_path / "a", "f16", progress=lambda d, t: seen.append((d, t)))
     assert seen and seen[-1][0] == seen[-1][1] > 80_000_000
@@ -259,6 +259,19 @@ def test_progress_callable_and_interrupt(tmp_path, minilm):
         weightcast.load(minilm, dtype="f16", progress=boom)
 
 
+@pytest.fixture()
+def watchdog():
+    """A test that needs other Python threads to run (the loopback server) would hang, not
+    fail, if the native call held the GIL. faulthandler's watchdog is a C thread that needs no
+    GIL: past the limit it prints every thread's stack and ends the process, so the run fails
+    in bounded time. (A normal run of such a test takes seconds.)"""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 def _remote_server_module():
     import importlib.util
 
@@ -275,7 +288,7 @@ def _safetensors_bytes(tensors) -> bytes:
     return save(tensors)
 
 
-def test_gil_is_released(tmp_path):
+def test_gil_is_released(tmp_path, watchdog):
     """Other Python threads run while weightcast works, provably during the call: the input
     comes from a loopback server (itself Python threads) that holds one range back; while it
     is held, the native call cannot have finished, and another thread counts before releasing
