@@ -23,7 +23,8 @@ Errors are :class:`Error` subclasses with the command line's one-line messages:
 :class:`InvalidFileError` (a file is not what its format requires), :class:`RefusedError`
 (a dangerous pickle, values that would overflow) and :class:`UsageError` (bad options).
 Every call releases the GIL while it works; Ctrl-C raises ``KeyboardInterrupt`` and leaves
-no partial output.
+no partial output (an interrupt that arrives after the work has committed its output is raised
+saying the output is complete).
 """
 
 from __future__ import annotations
