@@ -63,7 +63,7 @@ impl Target {
             Err(Error::usage(format!(
                 "{}: weightcast does not write .{ext} files; outputs are {}",
                 out.display(),
-                output_names()
+                OUTPUT_NAMES
             )))
         } else if cat.kind == InputKind::Folder {
             Ok(Target::Folder(out.to_path_buf()))
@@ -71,7 +71,7 @@ impl Target {
             Err(Error::usage(format!(
                 "{}: the output must be {} (a folder output needs a folder input)",
                 out.display(),
-                output_names()
+                OUTPUT_NAMES
             )))
         }
     }
@@ -104,10 +104,8 @@ pub struct Layout {
     pub index: Option<String>,
 }
 
-/// The output formats in one phrase, for messages.
-fn output_names() -> String {
-    ".safetensors, .safetensors.index.json, .pt/.pth/.bin, or a folder".to_string()
-}
+/// The output formats of [`OUTPUT_FORMATS`] in one phrase, for messages.
+const OUTPUT_NAMES: &str = ".safetensors, .safetensors.index.json, .pt/.pth/.bin, or a folder";
 
 /// Parses a shard size the way transformers does: `5GB` = 5·10⁹ bytes, `5GiB` = 5·2³⁰,
 /// `500MB`, `100KB`, or a plain number of bytes.

@@ -37,8 +37,11 @@ fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         return open_remote(path);
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_file() && crate::formats::sniff::sniff_path(path)?.is_torch() {
-        return crate::formats::torch::open(path, key);
+    if meta.is_file() {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        if crate::formats::sniff::foreign(path, &file, meta.len())?.is_some_and(|k| k.is_torch()) {
+            return crate::formats::torch::open(path, key);
+        }
     }
     if key.is_some_and(|k| !k.is_empty()) {
         return Err(Error::usage(format!(
@@ -328,18 +331,12 @@ fn read_source(
 /// Gives a clear message for files that are weights of another format (a file that is only a
 /// damaged safetensors file gets the header reader's precise error instead).
 fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
-    use crate::formats::sniff::{sniff_file, Kind};
-    match sniff_file(path, file, len)? {
-        k @ (Kind::Zip
-        | Kind::Tar
-        | Kind::Pickle
-        | Kind::Gguf
-        | Kind::Npy
-        | Kind::Compressed(_)) => Err(Error::invalid(
+    match crate::formats::sniff::foreign(path, file, len)? {
+        Some(k) => Err(Error::invalid(
             path,
             format!("is {}, not a safetensors file", k.describe()),
         )),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

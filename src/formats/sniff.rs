@@ -114,6 +114,26 @@ pub fn sniff_file(path: &Path, file: &File, len: u64) -> Result<Kind> {
     Ok(by_magic(&head, len))
 }
 
+/// The other format a file is, when its first bytes name one (a zip, tar or pickle that
+/// `torch.load` reads; GGUF, NumPy, a compressed stream) and it is no valid safetensors file.
+/// `None` for anything else, without reading the header unless the magic bytes need the veto:
+/// the cheap check readers make before they open a file as safetensors or as a PyTorch file.
+pub fn foreign(path: &Path, file: &File, len: u64) -> Result<Option<Kind>> {
+    let mut head = vec![0u8; (HEAD as u64).min(len) as usize];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io(path, e))?;
+    let kind = by_magic(&head, len);
+    let named = kind.is_torch() || matches!(kind, Kind::Gguf | Kind::Npy | Kind::Compressed(_));
+    if !named
+        || is_safetensors(&head, len, |buf, pos| {
+            file.read_exact_at(buf, pos).map_err(|e| Error::io(path, e))
+        })?
+    {
+        return Ok(None);
+    }
+    Ok(Some(kind))
+}
+
 /// Whether a file that starts with `head` (its first bytes, at least 8 where the file has
 /// them) and is `len` bytes long is a safetensors file: its header length fits the file and the
 /// limit, and the header parses as a JSON object. `read_at` reads the header (at most
