@@ -20,7 +20,10 @@ fuzz_target!(|bytes: &[u8]| {
         if n <= len - 8 {
             let header = &bytes[8..8 + n as usize];
             if parse_header(std::path::Path::new("fuzz.safetensors"), header, len).is_ok() {
-                assert!(sniffed, "a file the reader accepts must sniff as safetensors");
+                assert!(
+                    sniffed,
+                    "a file the reader accepts must sniff as safetensors"
+                );
             }
         }
     }
