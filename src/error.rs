@@ -64,3 +64,68 @@ impl Error {
         matches!(self, Error::Usage(_))
     }
 }
+
+/// Up to `shown` of `items` (already formatted), comma-separated, then how many more: the
+/// lists in messages and reports.
+pub fn listed(items: &[String], shown: usize) -> String {
+    let mut s = items
+        .iter()
+        .take(shown)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > shown {
+        s.push_str(&format!(" and {} more", items.len() - shown));
+    }
+    s
+}
+
+/// Up to five names in backticks, then how many more.
+pub fn names(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    listed(&quoted, 5)
+}
+
+/// A message on one line: control characters (a newline in a tensor or zip entry name read
+/// from the file, an escape sequence) are written escaped, as `\u{1c}`.
+pub fn one_line(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for c in msg.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Who asked: messages name an option as the caller wrote it (`--max-underflow` on the
+/// command line, `max_underflow=` in Python).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Caller {
+    /// The `weightcast` command.
+    #[default]
+    Cli,
+    /// The Python package.
+    Python,
+}
+
+impl Caller {
+    /// Option `name` (written with dashes) as this caller writes it.
+    pub fn flag(self, name: &str) -> String {
+        match self {
+            Caller::Cli => format!("--{name}"),
+            Caller::Python => format!("{}=", name.replace('-', "_")),
+        }
+    }
+
+    /// Option `name` given the text `value`, as this caller writes it (`--to f16`,
+    /// `to="f16"`).
+    pub fn given(self, name: &str, value: &str) -> String {
+        match self {
+            Caller::Cli => format!("--{name} {value}"),
+            Caller::Python => format!("{}=\"{value}\"", name.replace('-', "_")),
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub mod analysis;
 pub mod audit;
 pub mod cast;
 pub mod catalogue;
+pub mod commands;
 pub mod convert;
 pub mod diff;
 pub mod dtype;
@@ -25,7 +26,6 @@ pub mod error;
 #[cfg(feature = "eval")]
 pub mod eval;
 pub mod formats;
-pub mod job;
 pub mod load;
 pub mod output;
 pub mod plan;

@@ -350,7 +350,7 @@ pub struct ConvertArgs {
     pub no_sync: bool,
 }
 
-pub use weightcast::job::RuleArg;
+pub use weightcast::commands::RuleArg;
 
 /// Parsed arguments plus the rule flags in the order they were given.
 #[derive(Debug)]

@@ -9,18 +9,20 @@ use std::sync::Arc;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use weightcast::commands::analyze::AnalyzeRequest;
+use weightcast::commands::audit::{AuditReport, AuditRequest};
+use weightcast::commands::convert::ConvertDoc;
+use weightcast::commands::diff::DiffRequest;
+use weightcast::commands::{output_exists, ConvertRequest};
 use weightcast::convert::{self, Progress};
+use weightcast::error::one_line;
 use weightcast::output::parse_size;
 use weightcast::plan::Scope;
-use weightcast::{formats, DType, Error, Plan};
-
-use weightcast::analysis;
-use weightcast::stats::Bounds;
+use weightcast::{formats, Error, Plan};
 
 use crate::cli::{AnalyzeArgs, Args, Command, ConvertArgs, DiffArgs};
-use crate::{html, report};
-use weightcast::job::ConvertRequest;
-pub(crate) use weightcast::job::{build_rules, is_pt, single_target, RuleArg};
+use crate::report;
+pub(crate) use weightcast::commands::{is_pt, RuleArg};
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.cli.command {
@@ -32,7 +34,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&report::inspect_json(&cat))?
+                    serde_json::to_string_pretty(&weightcast::commands::inspect::inspect(&cat))?
                 );
             } else {
                 print!("{}", report::inspect_text(&cat));
@@ -75,95 +77,30 @@ pub(crate) fn bar(show: bool, what: &str) -> Bar {
     Bar(bar)
 }
 
-/// What `analyze` measured, and what the user should be told.
-pub(crate) struct Analyzed {
-    pub cat: weightcast::Catalogue,
-    pub plan: Plan,
-    pub analyses: Vec<analysis::TensorAnalysis>,
-    pub bounds: Bounds,
-    pub warnings: Vec<String>,
-}
-
-/// Plans `input` as `analyze` does and measures every tensor's cast, worst first.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn analyze_run(
-    input: &std::path::Path,
-    key: Option<&str>,
-    to: Option<&str>,
-    order: &[RuleArg],
-    strict_rules: bool,
-    scale: Option<&str>,
-    scale_format: &str,
-    lossy_below: f64,
-    progress: &dyn Progress,
-) -> Result<Analyzed, Error> {
-    let (rules, file_to) = build_rules(order)?;
-    let target = single_target(to, file_to)?;
-    let mut cat = formats::open_with(input, key)?;
-    let mut warnings = cat.notes.clone();
-    let mut plan = Plan::new(&cat, &rules, target);
-    if let Some(scale) = scale {
-        use weightcast::quant::quantize::{plan_scaled, Format, Scheme};
-        let scheme = Scheme::parse(scale, scale_format.parse::<Format>()?)?;
-        if target != DType::F8E4M3 {
-            return Err(Error::usage(format!(
-                "--scale {scale} measures float8_e4m3fn weights: use it with --to f8e4m3"
-            )));
-        }
-        plan_scaled(&mut cat, &mut plan, &scheme)?;
-    }
-    warnings.extend(plan.warnings.iter().cloned());
-    weightcast::job::check_unmatched(&plan, strict_rules)?;
-    let bounds = Bounds {
-        lossy_below_db: lossy_below,
-        ..Bounds::default()
-    };
-    let mut analyses = analysis::analyze(&cat, &plan, &bounds, progress, None)?;
-    analysis::worst_first(&mut analyses);
-    Ok(Analyzed {
-        cat,
-        plan,
-        analyses,
-        bounds,
-        warnings,
-    })
-}
-
 fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
     let progress = bar(!a.json, "analyzing");
-    let r = analyze_run(
-        &a.input,
-        a.key.as_deref(),
-        a.to.as_deref(),
-        order,
-        a.rules.strict_rules,
-        a.scale.as_deref(),
-        &a.scale_format,
-        a.lossy_below,
-        &progress,
-    );
+    let req = AnalyzeRequest {
+        input: a.input.clone(),
+        to: a.to.clone(),
+        rules: order.to_vec(),
+        strict_rules: a.rules.strict_rules,
+        key: a.key.clone(),
+        scale: a.scale.clone(),
+        scale_format: a.scale_format.clone(),
+        lossy_below: a.lossy_below,
+        report: a.report.clone(),
+        caller: weightcast::commands::Caller::Cli,
+    };
+    let r = req.run(&progress);
     progress.0.finish_and_clear();
-    let Analyzed {
-        cat,
-        plan,
-        analyses,
-        bounds,
-        warnings,
-    } = r?;
-    for w in &warnings {
+    let an = r?;
+    for w in &an.warnings {
         warn(w);
     }
-    if let Some(path) = &a.report {
-        let page = html::analysis_page(&cat, &plan, &analyses, &bounds);
-        write_atomic(path, page.as_bytes())?;
-    }
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::analysis_json(&cat, &plan, &analyses, &bounds))?
-        );
+        println!("{}", serde_json::to_string_pretty(&an.doc())?);
     } else {
-        print!("{}", report::analysis_text(&cat, &plan, &analyses, a.all));
+        print!("{}", report::analysis_text(&an, a.all));
         if let Some(p) = &a.report {
             println!("report: {}", p.display());
         }
@@ -171,49 +108,29 @@ fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
     Ok(0)
 }
 
-/// Writes a small file atomically (temp file beside it, then rename).
-pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".weightcast-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
-}
-
 fn diff_cmd(d: DiffArgs) -> Result<ExitCode> {
-    let a = open(&d.a, None)?;
-    let b = open(&d.b, None)?;
-    let diff = weightcast::diff::diff(&a, &b)?;
-    let failures = report::diff_failures(&diff, d.tolerance);
+    let req = DiffRequest {
+        a: d.a.clone(),
+        b: d.b.clone(),
+        tolerance: d.tolerance,
+    };
+    let r = req.run()?;
+    for w in &r.warnings {
+        warn(w);
+    }
     if d.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::diff_json(
-                &d.a,
-                &d.b,
-                &diff,
-                d.tolerance,
-                &failures
-            ))?
-        );
+        println!("{}", serde_json::to_string_pretty(&req.doc(&r))?);
     } else {
         print!(
             "{}",
-            report::diff_text(&diff, d.tolerance, &failures, d.all)
+            report::diff_text(&r.diff, d.tolerance, &r.failures, d.all)
         );
     }
-    Ok(if failures.is_empty() { 0 } else { 1 })
+    Ok(if r.failures.is_empty() { 0 } else { 1 })
 }
 
 pub(crate) fn warn(msg: &str) {
-    eprintln!("weightcast: warning: {}", report::one_line(msg));
+    eprintln!("weightcast: warning: {}", one_line(msg));
 }
 
 /// Opens an input and reports what reading it found (tensors left out, dangerous globals).
@@ -228,140 +145,29 @@ pub(crate) fn open(
     Ok(cat)
 }
 
-/// What audit found in one file.
-pub(crate) struct Audited {
-    path: std::path::PathBuf,
-    /// The scan, or why the file could not be read.
-    scan: Result<weightcast::formats::torch_container::Scan, String>,
-    /// (shown name, class, the pickle it is in), worst first.
-    globals: Vec<(String, weightcast::audit::Class, String)>,
-}
-
-impl Audited {
-    /// dangerous (or ambiguous), unreadable, incomplete, other, clean.
-    fn verdict(&self) -> &'static str {
-        use weightcast::audit::Class;
-        let dangerous = self.globals.iter().any(|g| g.1 == Class::Dangerous);
-        match &self.scan {
-            _ if dangerous => "dangerous",
-            Ok(s) if !s.ambiguities.is_empty() => "dangerous",
-            Err(_) => "unreadable",
-            Ok(s) if s.incomplete.is_some() => "incomplete",
-            _ if self.globals.iter().any(|g| g.1 == Class::Other) => "other",
-            _ => "clean",
-        }
-    }
-}
-
 fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, format: &str) -> Result<ExitCode> {
     if !matches!(format, "text" | "json" | "sarif") {
         return Err(Error::usage(format!("--format {format}: use text, json or sarif")).into());
     }
-    let (reports, nothing, code) = audit_scan(paths, strict);
-    match format {
-        "json" => println!(
-            "{}",
-            serde_json::to_string_pretty(&audit_json(&reports, &nothing, strict, code))?
-        ),
-        "sarif" => print_audit_sarif(&reports, strict)?,
-        _ => print_audit_text(&reports, &nothing),
-    }
-    Ok(code)
-}
-
-/// What `audit` found in each file (recursing into folders), the files without a pickle,
-/// and the exit code.
-#[allow(clippy::type_complexity)]
-pub(crate) fn audit_scan(
-    paths: &[std::path::PathBuf],
-    strict: bool,
-) -> (Vec<Audited>, Vec<(std::path::PathBuf, &'static str)>, u8) {
-    let mut reports = Vec::new();
-    let mut nothing = Vec::new();
-    for p in audit_files(paths) {
-        use weightcast::formats::sniff::Kind;
-        use weightcast::formats::torch_container as tc;
-        let kind = match weightcast::formats::sniff::sniff_path(&p) {
-            Ok(k) => k,
-            Err(e) => {
-                reports.push(Audited {
-                    path: p,
-                    scan: Err(e.to_string()),
-                    globals: vec![],
-                });
-                continue;
-            }
-        };
-        // Formats without a pickle have nothing to run; anything else (zip, pickle, npy,
-        // unknown) is read as the loaders that would open it read it. A safetensors file whose
-        // first bytes also start a pickle, a zip or a tar is read as torch.load would read it
-        // too: if that reading finds a global, the file is a polyglot and is judged by it.
-        let scan = match kind {
-            Kind::Safetensors => {
-                let head = std::fs::File::open(&p).ok().map(|f| {
-                    let mut b = Vec::with_capacity(weightcast::formats::sniff::HEAD);
-                    let limit = weightcast::formats::sniff::HEAD as u64;
-                    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), &mut b);
-                    b
-                });
-                let torch_reads = head
-                    .as_deref()
-                    .is_some_and(|h| weightcast::formats::sniff::by_magic(h, 1).is_torch());
-                match torch_reads.then(|| tc::scan(&p)) {
-                    Some(Ok(s)) if s.pickles.iter().any(|pk| !pk.globals.is_empty()) => Ok(s),
-                    _ => {
-                        nothing.push((p, kind.describe()));
-                        continue;
-                    }
-                }
-            }
-            k if k.runs_nothing() => {
-                nothing.push((p, k.describe()));
-                continue;
-            }
-            Kind::Compressed(c) => tc::scan_compressed(&p, c),
-            _ => tc::scan(&p),
-        }
-        .map_err(|e| e.to_string());
-        let mut globals: Vec<(String, weightcast::audit::Class, String)> = Vec::new();
-        for pk in scan.iter().flat_map(|s| &s.pickles) {
-            for (name, class) in pk.judged() {
-                if !globals.iter().any(|g| g.0 == name) {
-                    globals.push((name, class, pk.label.clone()));
-                }
-            }
-        }
-        globals.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        reports.push(Audited {
-            path: p,
-            scan,
-            globals,
-        });
-    }
-    let verdicts: Vec<&str> = reports.iter().map(Audited::verdict).collect();
-    // 1: something dangerous (with --strict: anything not allowlisted); 2: a file could not be
-    // read to its end; 0: nothing to fear in what was read.
-    let code = if verdicts
-        .iter()
-        .any(|v| *v == "dangerous" || (strict && *v == "other"))
-    {
-        1
-    } else if verdicts
-        .iter()
-        .any(|v| matches!(*v, "unreadable" | "incomplete"))
-    {
-        2
-    } else {
-        0
+    let req = AuditRequest {
+        paths: paths.to_vec(),
+        strict,
     };
-    (reports, nothing, code)
+    let r = req.run();
+    match format {
+        "json" => println!("{}", serde_json::to_string_pretty(&r.doc())?),
+        "sarif" => print_audit_sarif(&r)?,
+        _ => print_audit_text(&r),
+    }
+    Ok(r.exit_code())
 }
 
 /// SARIF 2.1.0: one result per dangerous (error) or unlisted (warning; error with --strict)
 /// global occurrence, with the file and the byte offset of the opcode that names it; one per
 /// ambiguity (error) and per file not read to its end (warning).
-fn print_audit_sarif(reports: &[Audited], strict: bool) -> Result<()> {
+fn print_audit_sarif(report: &AuditReport) -> Result<()> {
     use weightcast::audit::Class;
+    let strict = report.strict;
     let mut results = Vec::new();
     let loc = |path: &std::path::Path, offset: Option<u64>| {
         let mut l =
@@ -371,7 +177,7 @@ fn print_audit_sarif(reports: &[Audited], strict: bool) -> Result<()> {
         }
         l
     };
-    for r in reports {
+    for r in &report.files {
         let scan = match &r.scan {
             Ok(s) => s,
             Err(e) => {
@@ -423,79 +229,32 @@ fn print_audit_sarif(reports: &[Audited], strict: bool) -> Result<()> {
     Ok(())
 }
 
-/// `audit --json`'s document.
-pub(crate) fn audit_json(
-    reports: &[Audited],
-    nothing: &[(std::path::PathBuf, &str)],
-    strict: bool,
-    code: u8,
-) -> serde_json::Value {
+fn print_audit_text(report: &AuditReport) {
     use weightcast::audit::Class;
-    let v: Vec<_> = reports
-        .iter()
-        .map(|r| {
-            let of = |c: Class| {
-                r.globals
-                    .iter()
-                    .filter(|x| x.1 == c)
-                    .map(|x| x.0.clone())
-                    .collect::<Vec<_>>()
-            };
-            let mut j = json!({
-                "path": r.path, "verdict": r.verdict(),
-                "dangerous": of(Class::Dangerous), "other": of(Class::Other),
-                "allowed": of(Class::Allowed),
-            });
-            match &r.scan {
-                Ok(scan) => {
-                    j["findings"] = json!(scan.pickles.iter().flat_map(|k| k.findings().into_iter().map(move |f| json!({
-                        "name": f.name, "class": f.class.as_str(), "offset": f.offset,
-                        "opcode": f.opcode, "called": f.called, "pickle": k.label,
-                    }))).collect::<Vec<_>>());
-                    j["container"] = json!(scan.container);
-                    j["pickles"] = json!(scan.pickles.iter().map(|k| json!({
-                        "label": k.label, "offset": k.offset,
-                        "globals": k.judged().into_iter().map(|(n, c)| json!({"name": n, "class": c.as_str()})).collect::<Vec<_>>(),
-                    })).collect::<Vec<_>>());
-                    j["stops"] = json!(scan.stops);
-                    j["ambiguities"] = json!(scan.ambiguities);
-                    j["incomplete"] = json!(scan.incomplete);
-                }
-                Err(e) => j["error"] = json!(e),
-            }
-            j
-        })
-        .collect();
-    let none: Vec<_> = nothing
-        .iter()
-        .map(|(p, w)| json!({"path": p, "format": w, "verdict": "no pickle"}))
-        .collect();
-    let dangerous = reports.iter().any(|r| r.verdict() == "dangerous");
-    json!({"files": v, "no_pickle": none,
-        "dangerous": dangerous, "strict": strict, "failed": code == 1, "exit_code": code})
-}
-
-fn print_audit_text(reports: &[Audited], nothing: &[(std::path::PathBuf, &str)]) {
-    use weightcast::audit::Class;
-    for (p, what) in nothing {
+    for (p, kind) in &report.no_pickle {
         println!(
-            "{}: {what}: no pickle, nothing to run",
-            report::one_line(&p.display().to_string())
+            "{}: {}: no pickle, nothing to run",
+            one_line(&p.display().to_string()),
+            kind.describe()
         );
     }
-    for r in reports {
-        let path = report::one_line(&r.path.display().to_string());
+    for r in &report.files {
+        let path = one_line(&r.path.display().to_string());
         let scan = match &r.scan {
             Ok(s) => s,
             Err(e) => {
-                println!("{path}: unreadable: {}", report::one_line(e));
+                println!("{path}: unreadable: {}", one_line(e));
                 continue;
             }
         };
-        let d = r.globals.iter().filter(|x| x.1 == Class::Dangerous).count();
+        let d = r
+            .globals
+            .iter()
+            .filter(|x| x.class == Class::Dangerous)
+            .count();
         println!(
             "{path}: {}: {}, {} pickle(s) a loader would unpickle; {} globals, {} dangerous{}",
-            r.verdict(),
+            r.verdict().as_str(),
             scan.container,
             scan.pickles.len(),
             r.globals.len(),
@@ -507,59 +266,22 @@ fn print_audit_text(reports: &[Audited], nothing: &[(std::path::PathBuf, &str)])
             }
         );
         for a in &scan.ambiguities {
-            println!("  ambiguous  {}", report::one_line(a));
+            println!("  ambiguous  {}", one_line(a));
         }
-        for (name, c, label) in &r.globals {
-            if *c == Class::Dangerous && scan.pickles.len() > 1 {
-                println!("  {:<9}  {name}  (in {label})", c.as_str());
+        for g in &r.globals {
+            if g.class == Class::Dangerous && scan.pickles.len() > 1 {
+                println!("  {:<9}  {}  (in {})", g.class.as_str(), g.name, g.pickle);
             } else {
-                println!("  {:<9}  {name}", c.as_str());
+                println!("  {:<9}  {}", g.class.as_str(), g.name);
             }
         }
         if let Some(s) = &scan.stops {
             println!("  note       {s}");
         }
         if let Some(s) = &scan.incomplete {
-            println!("  incomplete {}", report::one_line(s));
+            println!("  incomplete {}", one_line(s));
         }
     }
-}
-
-/// The files to audit: each path given, and every file below a folder (recursively, links not
-/// followed, `.git` skipped), in name order.
-/// A path that cannot be read is kept, to be reported unreadable.
-fn audit_files(paths: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo: Vec<std::path::PathBuf> = paths.iter().rev().cloned().collect();
-    let mut given = true;
-    while let Some(p) = todo.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            out.push(p);
-            continue;
-        };
-        let is_dir = if meta.file_type().is_symlink() {
-            // Hugging Face cache snapshots are links to blobs: follow links to files.
-            std::fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false) && given
-        } else {
-            meta.is_dir()
-        };
-        if is_dir {
-            let Ok(dir) = std::fs::read_dir(&p) else {
-                out.push(p);
-                continue;
-            };
-            let mut entries: Vec<_> = dir
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|e| e.file_name().is_some_and(|n| n != ".git"))
-                .collect();
-            entries.sort();
-            todo.extend(entries.into_iter().rev());
-        } else {
-            out.push(p);
-        }
-        given = todo.len() >= paths.len();
-    }
-    out
 }
 
 pub(crate) struct Bar(pub(crate) ProgressBar);
@@ -670,7 +392,7 @@ fn batch_cmd(
         let error = match &r {
             Ok(code) if *code == 0 => None,
             Ok(_) => Some("interrupted".to_string()),
-            Err(e) => Some(report::one_line(&e.to_string())),
+            Err(e) => Some(one_line(&e.to_string())),
         };
         if let (Some(e), false) = (&error, c.json) {
             eprintln!("weightcast: error: {e}");
@@ -703,11 +425,6 @@ fn batch_cmd(
         );
     }
     Ok(if failed > 0 || skipped > 0 { 1 } else { 0 })
-}
-
-/// Whether a local output path exists already (a run with `--force` replaces it).
-pub(crate) fn output_exists(out: &std::path::Path) -> bool {
-    !weightcast::remote::is_url(out) && out.symlink_metadata().is_ok()
 }
 
 /// The library's request for one `convert` command line.
@@ -746,26 +463,19 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
     let progress = bar(person, "checking");
     let prepared = req.prepare(&progress);
     progress.0.finish_and_clear();
-    let weightcast::job::Prepared {
-        cat,
-        plan,
-        options: opts,
-        warnings,
-    } = prepared?;
-    for w in &warnings {
+    let prepared = prepared?;
+    for w in &prepared.warnings {
         warn(w);
     }
     if c.dry_run {
-        let layout = convert::check(&cat, &plan, c.output(), &opts)?;
+        let layout = convert::check(&prepared.cat, &prepared.plan, c.output(), &prepared.options)?;
         let replaces = output_exists(c.output());
         if c.json {
-            let mut v = report::plan_json(&cat, &plan, &layout);
-            v["dry_run"] = json!(true);
-            v["output"] = json!(c.output());
-            v["replaces_existing"] = json!(replaces);
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let doc = ConvertDoc::planned(&prepared, &layout, c.output());
+            println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
-            print!("{}", report::plan_text(&cat, &plan, &layout));
+            let (cat, plan) = (&prepared.cat, &prepared.plan);
+            print!("{}", report::plan_text(cat, plan, &layout));
             if pt_out {
                 println!(
                     "writes {}: a torch.save checkpoint with {} (views and tied tensors share one \
@@ -788,6 +498,12 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
         }
         return Ok(0);
     }
+    let weightcast::commands::Prepared {
+        cat,
+        plan,
+        options: opts,
+        ..
+    } = prepared;
     let progress = bar(person, "converting");
     let result = convert::convert(&cat, &plan, c.output(), &opts, &progress);
     progress.0.finish_and_clear();
@@ -821,26 +537,6 @@ fn written_name(out: &std::path::Path, summary: &convert::Summary) -> String {
     }
 }
 
-/// `convert --json`'s document for a finished conversion.
-pub(crate) fn summary_json(
-    cat: &weightcast::Catalogue,
-    plan: &Plan,
-    summary: &convert::Summary,
-    output: &std::path::Path,
-) -> serde_json::Value {
-    let secs = summary.elapsed.as_secs_f64();
-    let mut v = report::plan_json(cat, plan, &summary.layout);
-    v["dry_run"] = json!(false);
-    v["output"] = json!(output);
-    v["written"] = json!(summary.files);
-    v["files_copied"] = json!(summary.files_copied);
-    v["config_dtype"] = json!(summary.config_dtype.map(|d| d.torch_name()));
-    v["seconds"] = json!(secs);
-    v["overflowed"] = json!(summary.overflowed);
-    v["input_bytes_per_second"] = json!(summary.bytes_in as f64 / secs.max(1e-9));
-    v
-}
-
 /// The warnings, the clamp report and the summary line (or JSON) of a finished conversion.
 fn print_summary(
     c: &ConvertArgs,
@@ -869,7 +565,7 @@ fn print_summary(
     let secs = summary.elapsed.as_secs_f64();
     let rate = summary.bytes_in as f64 / secs.max(1e-9);
     if c.json {
-        let v = summary_json(cat, plan, summary, c.output());
+        let v = ConvertDoc::finished(cat, plan, summary, c.output());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !c.quiet && c.part.is_some() {
         let written: Vec<String> = summary
@@ -881,8 +577,8 @@ fn print_summary(
             "weightcast: part {}: {} tensors, {} -> {} in {secs:.2} s; wrote {}",
             c.part.as_deref().unwrap_or_default(),
             summary.tensors_cast + summary.tensors_kept,
-            report::bytes(summary.bytes_in),
-            report::bytes(summary.bytes_out),
+            weightcast::commands::document::bytes(summary.bytes_in),
+            weightcast::commands::document::bytes(summary.bytes_out),
             if written.is_empty() {
                 "nothing (no shard falls to this part)".to_string()
             } else {
@@ -904,10 +600,10 @@ fn print_summary(
             "weightcast: {} tensors ({casts}, {} kept), {} -> {} in {:.2} s ({}/s) -> {}",
             summary.tensors_cast + summary.tensors_kept,
             summary.tensors_kept,
-            report::bytes(summary.bytes_in),
-            report::bytes(summary.bytes_out),
+            weightcast::commands::document::bytes(summary.bytes_in),
+            weightcast::commands::document::bytes(summary.bytes_out),
             secs,
-            report::bytes(rate as u64),
+            weightcast::commands::document::bytes(rate as u64),
             written_name(c.output(), summary)
         );
     }

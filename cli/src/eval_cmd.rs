@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use serde_json::json;
-use weightcast::job::check_castable;
+use weightcast::commands::{build_rules, check_castable};
 use weightcast::rules::RuleSet;
 use weightcast::{formats, DType, Error, Plan};
 
@@ -104,92 +104,7 @@ pub(crate) fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         .filter(|r| ok(r))
         .min_by_key(|r| r.weight_bytes)
         .map(|r| r.name.clone());
-    if e.json {
-        let v = json!({
-            "model": e.model,
-            "inputs": inputs.len(),
-            "compute": e.compute,
-            "min_cosine": e.min_cosine,
-            "candidates": rows.iter().map(|r| {
-                let mut v = json!({
-                    "name": r.name, "weight_bytes": r.weight_bytes, "compute": r.compute.torch_name(),
-                    "cosine_min": r.metrics.cosine_min, "cosine_mean": r.metrics.cosine_mean,
-                    "max_abs_diff": r.metrics.max_abs_diff, "neighbours_kept": r.metrics.neighbours_kept,
-                    "non_finite": r.metrics.non_finite, "median_batch_seconds": r.run.median_batch_s,
-                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.peak_rss,
-                    "passes": ok(r), "note": r.note,
-                    "first_non_finite": r.run.first_non_finite,
-                });
-                if e.emit_embeddings {
-                    v["embeddings"] = json!(r.run.embeddings);
-                }
-                v
-            }).collect::<Vec<_>>(),
-            "recommendation": best,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "{}: {} inputs, batch {}, compute {}, median of {} timed passes",
-            e.model.display(),
-            inputs.len(),
-            e.batch,
-            e.compute,
-            e.runs
-        );
-        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(24);
-        println!(
-            "{:<w$} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9} {:>9}  verdict",
-            "candidate",
-            "weights",
-            "compute",
-            "cos min",
-            "cos mean",
-            "max |diff|",
-            "NN kept",
-            "ms/batch",
-            "tok/s",
-            "peak RSS"
-        );
-        for r in &rows {
-            let verdict = if r.metrics.non_finite {
-                "NaN/inf!".to_string()
-            } else if ok(r) {
-                "ok".into()
-            } else {
-                format!("below {}", e.min_cosine)
-            };
-            println!(
-                "{:<w$} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0} {:>9}  {verdict}{}",
-                r.name,
-                report::bytes(r.weight_bytes),
-                r.compute.torch_name(),
-                r.metrics.cosine_min,
-                r.metrics.cosine_mean,
-                r.metrics.max_abs_diff,
-                100.0 * r.metrics.neighbours_kept,
-                1000.0 * r.run.median_batch_s,
-                r.run.tokens_per_s,
-                r.peak_rss.map(report::bytes).unwrap_or_else(|| "?".into()),
-                r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
-            );
-        }
-        match &best {
-            Some(b) => println!(
-                "recommendation: {b}, the smallest candidate with cosine >= {} on every input",
-                e.min_cosine
-            ),
-            None => println!(
-                "recommendation: keep f32: no candidate keeps cosine >= {}",
-                e.min_cosine
-            ),
-        }
-        println!(
-            "speed is this machine's CPU ({} threads): f16/bf16 matmuls may run slower than f32 here \
-             even though they halve memory; on GPUs they are usually faster",
-            weightcast::eval::thread_count()
-        );
-    }
+    print_encoder(&e, inputs.len(), &rows, best.as_deref())?;
     warn_non_finite(rows.iter().filter(|r| r.metrics.non_finite).map(|r| {
         (
             r.name.as_str(),
@@ -255,6 +170,201 @@ fn warn_non_finite<'a>(bad: impl Iterator<Item = (&'a str, DType, Option<&'a str
     }
 }
 
+/// One candidate of a causal LM's `eval`.
+struct LmRow {
+    name: String,
+    bytes: u64,
+    compute: DType,
+    m: weightcast::eval::metrics::LmMetrics,
+    run: weightcast::eval::LmRun,
+    rss: Option<u64>,
+    note: Option<String>,
+}
+
+/// `eval`'s table (or `--json` document) for an encoder.
+fn print_encoder(e: &EvalArgs, inputs: usize, rows: &[EvalRow], best: Option<&str>) -> Result<()> {
+    let ok = |r: &EvalRow| !r.metrics.non_finite && r.metrics.cosine_min >= e.min_cosine;
+    if e.json {
+        let v = json!({
+            "model": e.model,
+            "inputs": inputs,
+            "compute": e.compute,
+            "min_cosine": e.min_cosine,
+            "candidates": rows.iter().map(|r| {
+                let mut v = json!({
+                    "name": r.name, "weight_bytes": r.weight_bytes, "compute": r.compute.torch_name(),
+                    "cosine_min": r.metrics.cosine_min, "cosine_mean": r.metrics.cosine_mean,
+                    "max_abs_diff": r.metrics.max_abs_diff, "neighbours_kept": r.metrics.neighbours_kept,
+                    "non_finite": r.metrics.non_finite, "median_batch_seconds": r.run.median_batch_s,
+                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.peak_rss,
+                    "passes": ok(r), "note": r.note,
+                    "first_non_finite": r.run.first_non_finite,
+                });
+                if e.emit_embeddings {
+                    v["embeddings"] = json!(r.run.embeddings);
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "recommendation": best,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: {} inputs, batch {}, compute {}, median of {} timed passes",
+            e.model.display(),
+            inputs,
+            e.batch,
+            e.compute,
+            e.runs
+        );
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(24);
+        println!(
+            "{:<w$} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>10} {:>9} {:>9}  verdict",
+            "candidate",
+            "weights",
+            "compute",
+            "cos min",
+            "cos mean",
+            "max |diff|",
+            "NN kept",
+            "ms/batch",
+            "tok/s",
+            "peak RSS"
+        );
+        for r in rows {
+            let verdict = if r.metrics.non_finite {
+                "NaN/inf!".to_string()
+            } else if ok(r) {
+                "ok".into()
+            } else {
+                format!("below {}", e.min_cosine)
+            };
+            println!(
+                "{:<w$} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0} {:>9}  {verdict}{}",
+                r.name,
+                report::bytes(r.weight_bytes),
+                r.compute.torch_name(),
+                r.metrics.cosine_min,
+                r.metrics.cosine_mean,
+                r.metrics.max_abs_diff,
+                100.0 * r.metrics.neighbours_kept,
+                1000.0 * r.run.median_batch_s,
+                r.run.tokens_per_s,
+                r.peak_rss.map(report::bytes).unwrap_or_else(|| "?".into()),
+                r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+            );
+        }
+        match best {
+            Some(b) => println!(
+                "recommendation: {b}, the smallest candidate with cosine >= {} on every input",
+                e.min_cosine
+            ),
+            None => println!(
+                "recommendation: keep f32: no candidate keeps cosine >= {}",
+                e.min_cosine
+            ),
+        }
+        println!(
+            "speed is this machine's CPU ({} threads): f16/bf16 matmuls may run slower than f32 here \
+             even though they halve memory; on GPUs they are usually faster",
+            weightcast::eval::thread_count()
+        );
+    }
+    Ok(())
+}
+
+/// `eval`'s table (or `--json` document) for a causal LM.
+fn print_lm(
+    e: &EvalArgs,
+    inputs: usize,
+    rows: &[LmRow],
+    best: Option<&str>,
+    emitted: &[Vec<Vec<Vec<f32>>>],
+    ids: &[Vec<u32>],
+) -> Result<()> {
+    let ref_ppl = rows[0].m.perplexity;
+    let ok = |r: &LmRow| !r.m.non_finite && r.m.top1_agreement >= e.min_top1;
+    if e.json {
+        let v = json!({
+            "model": e.model, "inputs": inputs, "compute": e.compute,
+            "candidates": rows.iter().enumerate().map(|(i, r)| {
+                let mut v = json!({
+                    "name": r.name, "weight_bytes": r.bytes, "compute": r.compute.torch_name(),
+                    "kl_mean": r.m.kl_mean, "kl_max": r.m.kl_max, "top1_agreement": r.m.top1_agreement,
+                    "perplexity": r.m.perplexity, "perplexity_ratio": r.m.perplexity / ref_ppl,
+                    "non_finite": r.m.non_finite, "median_token_seconds": r.run.median_token_s,
+                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss, "passes": ok(r),
+                    "note": r.note,
+                });
+                if e.emit_embeddings {
+                    v["logits"] = json!(emitted[i]);
+                    v["ids"] = json!(ids);
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "recommendation": best,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: {} inputs, compute {}, causal LM",
+            e.model.display(),
+            inputs,
+            e.compute
+        );
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(24);
+        println!(
+            "{:<w$} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8} {:>9}  verdict",
+            "candidate",
+            "weights",
+            "compute",
+            "KL mean",
+            "KL max",
+            "top-1",
+            "ppl",
+            "ppl ratio",
+            "ms/token",
+            "tok/s",
+            "peak RSS"
+        );
+        for r in rows {
+            println!(
+                "{:<w$} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0} {:>9}  {}{}",
+                r.name,
+                report::bytes(r.bytes),
+                r.compute.torch_name(),
+                r.m.kl_mean,
+                r.m.kl_max,
+                100.0 * r.m.top1_agreement,
+                r.m.perplexity,
+                r.m.perplexity / ref_ppl,
+                1000.0 * r.run.median_token_s,
+                r.run.tokens_per_s,
+                r.rss.map(report::bytes).unwrap_or_else(|| "?".into()),
+                if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" },
+                r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+            );
+        }
+        match best {
+            Some(b) => println!(
+                "recommendation: {b}, the smallest candidate with top-1 agreement >= {}",
+                e.min_top1
+            ),
+            None => println!(
+                "recommendation: keep f32: no candidate keeps top-1 agreement >= {}",
+                e.min_top1
+            ),
+        }
+        println!(
+            "speed is this machine's CPU ({} threads), one token at a time with the KV cache: \
+             f16/bf16 matmuls may run slower than f32 here even though they halve memory; on \
+             GPUs they are usually faster",
+            weightcast::eval::thread_count()
+        );
+    }
+    Ok(())
+}
+
 /// `eval` for causal LMs: per-token KL, top-1 agreement and perplexity against the f32 reference.
 fn eval_lm(
     e: &EvalArgs,
@@ -296,16 +406,7 @@ fn eval_lm(
         spill.push(row)
     })
     .map_err(|err| in_weights(&e.model, err))?;
-    struct Row {
-        name: String,
-        bytes: u64,
-        compute: DType,
-        m: metrics::LmMetrics,
-        run: weightcast::eval::LmRun,
-        rss: Option<u64>,
-        note: Option<String>,
-    }
-    let mut rows = vec![Row {
+    let mut rows = vec![LmRow {
         name: "f32 (reference)".into(),
         bytes: ref_bytes,
         compute: DType::F32,
@@ -335,7 +436,7 @@ fn eval_lm(
             Ok(())
         })
         .map_err(|err| in_weights(&c.path, err))?;
-        rows.push(Row {
+        rows.push(LmRow {
             name,
             bytes,
             compute,
@@ -345,92 +446,14 @@ fn eval_lm(
             note,
         });
     }
-    let ref_ppl = rows[0].m.perplexity;
-    let ok = |r: &Row| !r.m.non_finite && r.m.top1_agreement >= e.min_top1;
+    let ok = |r: &LmRow| !r.m.non_finite && r.m.top1_agreement >= e.min_top1;
     let best = rows
         .iter()
         .skip(1)
         .filter(|r| ok(r))
         .min_by_key(|r| r.bytes)
         .map(|r| r.name.clone());
-    if e.json {
-        let v = json!({
-            "model": e.model, "inputs": inputs.len(), "compute": e.compute,
-            "candidates": rows.iter().enumerate().map(|(i, r)| {
-                let mut v = json!({
-                    "name": r.name, "weight_bytes": r.bytes, "compute": r.compute.torch_name(),
-                    "kl_mean": r.m.kl_mean, "kl_max": r.m.kl_max, "top1_agreement": r.m.top1_agreement,
-                    "perplexity": r.m.perplexity, "perplexity_ratio": r.m.perplexity / ref_ppl,
-                    "non_finite": r.m.non_finite, "median_token_seconds": r.run.median_token_s,
-                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss, "passes": ok(r),
-                    "note": r.note,
-                });
-                if e.emit_embeddings {
-                    v["logits"] = json!(emitted[i]);
-                    v["ids"] = json!(ids);
-                }
-                v
-            }).collect::<Vec<_>>(),
-            "recommendation": best,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "{}: {} inputs, compute {}, causal LM",
-            e.model.display(),
-            inputs.len(),
-            e.compute
-        );
-        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(24);
-        println!(
-            "{:<w$} {:>10} {:>9} {:>10} {:>10} {:>8} {:>10} {:>9} {:>10} {:>8} {:>9}  verdict",
-            "candidate",
-            "weights",
-            "compute",
-            "KL mean",
-            "KL max",
-            "top-1",
-            "ppl",
-            "ppl ratio",
-            "ms/token",
-            "tok/s",
-            "peak RSS"
-        );
-        for r in &rows {
-            println!(
-                "{:<w$} {:>10} {:>9} {:>10.2e} {:>10.2e} {:>7.1}% {:>10.3} {:>9.4} {:>10.2} {:>8.0} {:>9}  {}{}",
-                r.name,
-                report::bytes(r.bytes),
-                r.compute.torch_name(),
-                r.m.kl_mean,
-                r.m.kl_max,
-                100.0 * r.m.top1_agreement,
-                r.m.perplexity,
-                r.m.perplexity / ref_ppl,
-                1000.0 * r.run.median_token_s,
-                r.run.tokens_per_s,
-                r.rss.map(report::bytes).unwrap_or_else(|| "?".into()),
-                if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" },
-                r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
-            );
-        }
-        match &best {
-            Some(b) => println!(
-                "recommendation: {b}, the smallest candidate with top-1 agreement >= {}",
-                e.min_top1
-            ),
-            None => println!(
-                "recommendation: keep f32: no candidate keeps top-1 agreement >= {}",
-                e.min_top1
-            ),
-        }
-        println!(
-            "speed is this machine's CPU ({} threads), one token at a time with the KV cache: \
-             f16/bf16 matmuls may run slower than f32 here even though they halve memory; on \
-             GPUs they are usually faster",
-            weightcast::eval::thread_count()
-        );
-    }
+    print_lm(e, inputs.len(), &rows, best.as_deref(), &emitted, &ids)?;
     warn_non_finite(
         rows.iter()
             .filter(|r| r.m.non_finite)

@@ -1,17 +1,15 @@
 //! The `weightcast` command: a thin layer over the library that owns all output, progress bars,
 //! `--json` and exit codes (0 success, 1 failure, 2 bad usage, 130 interrupted).
 //!
-//! The binary calls [`main`] with the process's arguments; the Python package's `weightcast`
-//! command calls it too, so both are the same program.
+//! The binary calls [`main`] with the process's arguments; the Python wheel ships this binary
+//! as its `weightcast` command, so both are the same program.
 
-pub mod api;
 mod cli;
 mod commands;
 #[cfg(feature = "eval")]
 mod eval_cmd;
-mod html;
 mod report;
-pub use report::one_line;
+pub use weightcast::error::one_line;
 
 /// Runs the command line `argv` (program name first) and returns the exit code.
 pub fn main<I, T>(argv: I) -> u8
@@ -51,7 +49,7 @@ where
     match commands::run(args) {
         Ok(code) => code,
         Err(e) => {
-            let message = report::one_line(&e.to_string());
+            let message = one_line(&e.to_string());
             eprintln!("weightcast: error: {message}");
             let code = if e
                 .downcast_ref::<weightcast::Error>()

@@ -1,35 +1,12 @@
-//! Human-readable tables and JSON for the commands.
+//! Human-readable tables for the commands (their JSON documents are the library's:
+//! `weightcast::commands`).
 
-use serde_json::{json, Value};
 use weightcast::catalogue::Catalogue;
+use weightcast::commands::analyze::Analyzed;
+pub use weightcast::commands::diff::shape;
+pub use weightcast::commands::document::{bytes, db};
 use weightcast::output::Layout;
 use weightcast::plan::Plan;
-
-/// Decimal sizes, as the Hub shows them.
-pub fn bytes(n: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < units.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
-
-pub fn shape(s: &[u64]) -> String {
-    format!(
-        "[{}]",
-        s.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
 
 fn table(rows: &[Vec<String>], right: &[bool]) -> String {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -163,46 +140,6 @@ fn role_text(cat: &Catalogue, role: Option<weightcast::quant::Role>) -> String {
     }
 }
 
-pub fn inspect_json(cat: &Catalogue) -> Value {
-    json!({
-        "quantization": cat.quant.as_deref().map(|q| json!({
-            "scheme": q.scheme, "found_in": q.found_in, "layouts": q.layouts(),
-            "payloads": q.scaled.len(), "unsupported": q.unsupported,
-        })),
-        "path": cat.path,
-        "format": cat.describe(),
-        "files": cat.files.iter().map(|f| json!({"name": f.name, "bytes": f.len})).collect::<Vec<_>>(),
-        "tensor_count": cat.tensors.len(),
-        "parameter_count": cat.total_params(),
-        "bytes": cat.total_bytes(),
-        "dtypes": cat.dtype_totals().into_iter().map(|(d, n, p, b)| {
-            (d.to_string(), json!({"tensors": n, "parameters": p, "bytes": b}))
-        }).collect::<serde_json::Map<_, _>>(),
-        "metadata": cat.metadata().into_iter().map(|(k, v)| (k, Value::String(v))).collect::<serde_json::Map<_, _>>(),
-        "globals": {
-            "allowed": cat.globals.iter().filter(|g| g.1 == weightcast::audit::Class::Allowed).map(|g| &g.0).collect::<Vec<_>>(),
-            "other": cat.globals.iter().filter(|g| g.1 == weightcast::audit::Class::Other).map(|g| &g.0).collect::<Vec<_>>(),
-            "dangerous": cat.globals.iter().filter(|g| g.1 == weightcast::audit::Class::Dangerous).map(|g| &g.0).collect::<Vec<_>>(),
-        },
-        "notes": cat.notes,
-        "tensors": cat.tensors.iter().map(|t| json!({
-            "name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape,
-            "bytes": t.nbytes, "file": cat.files[t.file].name, "module_class": t.module_class,
-        })).enumerate().map(|(i, mut v)| {
-            if let Some(q) = cat.quant.as_deref() {
-                v["role"] = match q.role(i) {
-                    Some(weightcast::quant::Role::Payload(s, l)) => json!({
-                        "payload": {"scale": cat.tensors[s].name, "layout": l.describe()}}),
-                    Some(weightcast::quant::Role::Scale) => json!("scale"),
-                    Some(weightcast::quant::Role::Companion) => json!("companion"),
-                    None => Value::Null,
-                };
-            }
-            v
-        }).collect::<Vec<_>>(),
-    })
-}
-
 pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
     let mut rows = vec![vec![
         "name".into(),
@@ -306,72 +243,10 @@ fn planned<'a>(
         )
 }
 
-pub fn plan_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> Value {
-    let t = plan.totals();
-    let entry = |e: &weightcast::catalogue::TensorEntry, p: &weightcast::plan::TensorPlan| {
-        json!({
-            "name": e.name, "shape": e.shape, "from": p.from.to_string(), "to": p.to.to_string(),
-            "cast": p.is_cast(), "bytes_before": p.bytes_in, "bytes_after": p.bytes_out,
-            "rule": p.reason,
-            "quantize": match p.scaled {
-                Some(weightcast::plan::ScaledOut::Payload { scale, layout, .. }) => json!({
-                    "scale": cat.tensors[scale].name, "layout": layout.describe()}),
-                Some(weightcast::plan::ScaledOut::Scale { payload }) => json!({
-                    "scale_of": cat.tensors[payload].name}),
-                None => Value::Null,
-            },
-            "dequantize": p.dequant.map(|d| json!({
-                "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
-                "compute": d.compute.to_string(),
-            })),
-        })
-    };
-    let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
-    json!({
-        "input": cat.path,
-        "target": plan.target.torch_name(),
-        "tensors": plan.tensors.iter().map(|p| entry(&cat.tensors[p.tensor], p)).collect::<Vec<_>>(),
-        "other_tensors": plan.others.iter().map(|p| {
-            let o = &others[p.tensor];
-            let mut v = entry(&o.entry, p);
-            v["entry"] = json!(o.section);
-            v
-        }).collect::<Vec<_>>(),
-        "dropped": plan.dropped.iter().map(|(n, k, b)| json!({"entry": n, "tensors": k, "bytes": b})).collect::<Vec<_>>(),
-        "state_dict_entry": cat.torch.as_deref().and_then(|d| d.entry.clone()),
-        "whole_file": matches!(plan.scope, weightcast::plan::Scope::WholeFile { .. }),
-        "totals": {"tensors": plan.tensors.len() + plan.others.len(), "cast": t.cast, "kept": t.kept,
-                   "bytes_before": t.bytes_in, "bytes_after": t.bytes_out},
-        "files": layout.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.bytes})).collect::<Vec<_>>(),
-        "index": layout.index,
-        "warnings": plan.warnings,
-        "removed": plan.removed.iter().map(|(i, why)| json!({"name": cat.tensors[*i].name, "reason": why})).collect::<Vec<_>>(),
-        "quantization": cat.quant.as_deref().map(|q| json!({
-            "scheme": q.scheme, "found_in": q.found_in, "layouts": q.layouts(),
-            "action": match &plan.quant {
-                QuantPlan::Dequantize => "dequantize", QuantPlan::Keep => "keep",
-                QuantPlan::Unsupported(_) => "unsupported", QuantPlan::None => "none",
-            },
-            "unsupported": q.unsupported,
-        })),
-    })
-}
-
-use weightcast::analysis::{totals, TensorAnalysis};
+use weightcast::analysis::totals;
 use weightcast::diff::Diff;
 use weightcast::plan::QuantPlan;
-use weightcast::stats::{verdict, Bounds, ErrorStats, Verdict};
-
-/// SNR as text: `inf` when nothing changed.
-pub fn db(x: f64) -> String {
-    if x == f64::NEG_INFINITY {
-        "-inf".into()
-    } else if x.is_infinite() {
-        "inf".into()
-    } else {
-        format!("{x:.1}")
-    }
-}
+use weightcast::stats::Verdict;
 
 fn sci(x: f64) -> String {
     if x == 0.0 {
@@ -381,71 +256,8 @@ fn sci(x: f64) -> String {
     }
 }
 
-/// The figures of one stats record as JSON. JSON has no infinity: an infinite SNR is null,
-/// `nonfinite` > 0 says it is `-inf` (finite values became inf or NaN: the error figures are
-/// infinite, shown as null too, and cosine is NaN, null).
-pub fn stats_json(s: &ErrorStats) -> Value {
-    let frac = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
-    json!({
-        "count": s.count, "nan_in": s.nan_in, "inf_in": s.inf_in,
-        "min": if s.min.is_finite() { json!(s.min) } else { Value::Null },
-        "max": if s.max.is_finite() { json!(s.max) } else { Value::Null },
-        "max_abs": s.max_abs, "nonzero": s.nonzero,
-        "overflow": s.overflow, "overflow_fraction": frac(s.overflow, s.count),
-        "nonfinite": s.nonfinite,
-        "underflow": s.underflow, "underflow_fraction": s.underflow_fraction(),
-        "subnormal": s.subnormal, "subnormal_fraction": frac(s.subnormal, s.count),
-        "max_abs_err": s.max_abs_err, "max_rel_err": s.max_rel_err,
-        "mean_rel_err": s.mean_rel_err(), "rms_err": s.rms_err(),
-        "snr_db": if s.snr_db().is_finite() { json!(s.snr_db()) } else { Value::Null },
-        "cosine": s.cosine(),
-    })
-}
-
-pub fn analysis_json(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], bounds: &Bounds) -> Value {
-    let t = totals(a);
-    let mut verdicts = serde_json::Map::new();
-    for v in [
-        Verdict::Overflow,
-        Verdict::Underflow,
-        Verdict::Lossy,
-        Verdict::Ok,
-        Verdict::Exact,
-    ] {
-        verdicts.insert(
-            v.as_str().into(),
-            json!(a.iter().filter(|x| x.verdict == v).count()),
-        );
-    }
-    let tot = plan.totals();
-    json!({
-        "input": cat.path,
-        "target": plan.target.torch_name(),
-        "bounds": {"lossy_below_db": bounds.lossy_below_db, "underflow_above": bounds.underflow_above},
-        "tensors": a.iter().map(|x| {
-            let mut v = stats_json(&x.stats);
-            v["name"] = json!(cat.tensors[plan.tensors[x.plan_index].tensor].name);
-            v["from"] = json!(x.from.to_string());
-            v["to"] = json!(x.to.to_string());
-            v["verdict"] = json!(x.verdict.as_str());
-            v["flushed_entirely"] = json!(x.stats.flushed_entirely());
-            v
-        }).collect::<Vec<_>>(),
-        "totals": {
-            "flushed_entirely": flushed(cat, plan, a),
-            "analyzed": a.len(),
-            "not_cast": plan.tensors.len() - a.len(),
-            "verdicts": verdicts,
-            "model": stats_json(&t),
-            "model_verdict": verdict(&t, bounds).as_str(),
-            "bytes_before": tot.bytes_in,
-            "bytes_after": tot.bytes_out,
-        },
-        "warnings": plan.warnings,
-    })
-}
-
-pub fn analysis_text(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], all: bool) -> String {
+pub fn analysis_text(an: &Analyzed, all: bool) -> String {
+    let (plan, a) = (&an.plan, &an.analyses[..]);
     let mut rows = vec![[
         "verdict",
         "name",
@@ -468,7 +280,7 @@ pub fn analysis_text(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], all: bo
         let s = &x.stats;
         rows.push(vec![
             x.verdict.as_str().into(),
-            cat.tensors[plan.tensors[x.plan_index].tensor].name.clone(),
+            an.name(x).to_string(),
             format!("{}->{}", x.from, x.to),
             sci(s.max_abs),
             s.overflow.to_string(),
@@ -495,7 +307,7 @@ pub fn analysis_text(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], all: bo
         ));
     }
     let t = totals(a);
-    let count = |v: Verdict| a.iter().filter(|x| x.verdict == v).count();
+    let count = |v: Verdict| an.count(v);
     let tot = plan.totals();
     out.push_str(&format!(
         "\n{} tensors cast to {} ({} not cast): {} overflow, {} underflow, {} lossy, {} ok, {} exact\n\
@@ -516,98 +328,15 @@ pub fn analysis_text(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis], all: bo
         bytes(tot.bytes_in),
         bytes(tot.bytes_out),
     ));
-    let gone = flushed(cat, plan, a);
+    let gone = an.flushed();
     if !gone.is_empty() {
         out.push_str(&format!(
             "{} tensor(s) become all zeros (every non-zero value flushes to zero): {}\n",
             gone.len(),
-            names_list(&gone)
+            weightcast::error::names(&gone)
         ));
     }
     out
-}
-
-/// The tensors whose every non-zero value the cast flushes to zero.
-fn flushed(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> Vec<String> {
-    a.iter()
-        .filter(|x| x.stats.flushed_entirely())
-        .map(|x| cat.tensors[plan.tensors[x.plan_index].tensor].name.clone())
-        .collect()
-}
-
-/// Up to five names in backticks, then how many more.
-pub fn names_list(names: &[String]) -> String {
-    let mut s = names
-        .iter()
-        .take(5)
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > 5 {
-        s.push_str(&format!(" and {} more", names.len() - 5));
-    }
-    s
-}
-
-/// Why `diff` fails: one line per missing tensor, shape change, or tensor below tolerance.
-pub fn diff_failures(d: &Diff, tolerance: Option<f64>) -> Vec<String> {
-    let mut f: Vec<String> = d
-        .only_a
-        .iter()
-        .map(|n| format!("`{n}` is only in A"))
-        .collect();
-    f.extend(d.only_b.iter().map(|n| format!("`{n}` is only in B")));
-    for c in &d.common {
-        if c.a_shape != c.b_shape {
-            f.push(format!(
-                "`{}` changed shape {} -> {}",
-                c.name,
-                shape(&c.a_shape),
-                shape(&c.b_shape)
-            ));
-        } else if c.identical == Some(false) {
-            f.push(format!("`{}` ({}) differs", c.name, c.a_dtype));
-        } else if let Some(s) = c.stats.as_ref().filter(|s| s.nonfinite > 0) {
-            f.push(format!(
-                "`{}`: {} finite value(s) of A are inf or NaN in B",
-                c.name, s.nonfinite
-            ));
-        } else if let (Some(s), Some(tol)) = (&c.stats, tolerance) {
-            if s.snr_db() < tol || s.overflow > 0 {
-                f.push(format!(
-                    "`{}`: SNR {} dB below {tol} dB",
-                    c.name,
-                    db(s.snr_db())
-                ));
-            }
-        }
-    }
-    f
-}
-
-pub fn diff_json(
-    a: &std::path::Path,
-    b: &std::path::Path,
-    d: &Diff,
-    tolerance: Option<f64>,
-    failures: &[String],
-) -> Value {
-    json!({
-        "a": a, "b": b, "tolerance_db": tolerance,
-        "only_a": d.only_a, "only_b": d.only_b,
-        "common": d.common.iter().map(|c| {
-            let mut v = c.stats.as_ref().map(stats_json).unwrap_or_else(|| json!({}));
-            v["name"] = json!(c.name);
-            v["a_dtype"] = json!(c.a_dtype.to_string());
-            v["b_dtype"] = json!(c.b_dtype.to_string());
-            v["a_shape"] = json!(c.a_shape);
-            v["b_shape"] = json!(c.b_shape);
-            if let Some(i) = c.identical { v["identical"] = json!(i); }
-            v
-        }).collect::<Vec<_>>(),
-        "failures": failures,
-        "ok": failures.is_empty(),
-    })
 }
 
 pub fn diff_text(d: &Diff, tolerance: Option<f64>, failures: &[String], all: bool) -> String {
@@ -685,20 +414,6 @@ pub fn diff_text(d: &Diff, tolerance: Option<f64>, failures: &[String], all: boo
     } else {
         for f in failures {
             out.push_str(&format!("FAIL {f}\n"));
-        }
-    }
-    out
-}
-
-/// A message on one line: control characters (a newline in a tensor or zip entry name read
-/// from the file, an escape sequence) are written escaped, as `\u{1c}`.
-pub fn one_line(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    for c in msg.chars() {
-        if c.is_control() {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
         }
     }
     out

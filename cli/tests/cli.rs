@@ -996,3 +996,39 @@ fn messages_have_no_runs_of_spaces() {
         bad.join("\n")
     );
 }
+
+/// The Python extension links the core library alone: no command-line crate, argument parser,
+/// progress bars or model runtime (the wheel carries the command as its own binary).
+#[test]
+fn python_extension_links_the_core_alone() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(env!("CARGO"))
+        .args(["tree", "--offline", "--locked", "-p", "weightcast-python"])
+        .args(["-e", "normal", "--prefix", "none"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("weightcast v")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("pyo3 v")), "{text}");
+    for crate_ in [
+        "weightcast-cli",
+        "clap",
+        "indicatif",
+        "candle-core",
+        "tokenizers",
+    ] {
+        assert!(
+            !text.lines().any(|l| l.starts_with(&format!("{crate_} v"))),
+            "{crate_} in the extension's tree:\n{text}"
+        );
+    }
+}

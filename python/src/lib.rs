@@ -13,8 +13,12 @@ use pyo3::exceptions::{PyException, PyKeyboardInterrupt};
 use pyo3::prelude::*;
 use pyo3::types::PyByteArray;
 
+use weightcast::commands::analyze::AnalyzeRequest;
+use weightcast::commands::audit::AuditRequest;
+use weightcast::commands::diff::DiffRequest;
+use weightcast::commands::load::LoadRequest;
+use weightcast::commands::{Caller, ConvertRequest, RuleArg};
 use weightcast::convert::{OnOverflow, Options, Progress};
-use weightcast::job::{ConvertRequest, RuleArg};
 use weightcast::{DType, Error};
 
 create_exception!(
@@ -44,7 +48,7 @@ create_exception!(
 
 /// The Python exception for a library error, with the command line's one-line message.
 fn to_py(e: Error) -> PyErr {
-    let msg = weightcast_cli::one_line(&e.to_string());
+    let msg = weightcast::error::one_line(&e.to_string());
     match e {
         Error::Usage(_) => UsageError::new_err(msg),
         Error::Refused(_) => RefusedError::new_err(msg),
@@ -165,10 +169,13 @@ fn parse_overflow(s: &str) -> PyResult<OnOverflow> {
     })
 }
 
-/// The whole command line (program name first); returns the exit code.
-#[pyfunction]
-fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
-    py.detach(|| weightcast_cli::main(argv))
+/// A document as JSON text, with the warnings for the user in its `_warnings` list (the
+/// Python layer issues and removes it).
+fn with_warnings(doc: &impl serde::Serialize, warnings: &[String]) -> Result<String, Error> {
+    let mut v = serde_json::to_value(doc)
+        .map_err(|e| Error::Usage(format!("the result cannot be written as JSON: {e}")))?;
+    v["_warnings"] = serde_json::json!(warnings);
+    Ok(v.to_string())
 }
 
 /// `inspect --json` as text.
@@ -176,8 +183,8 @@ fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
 #[pyo3(signature = (path, key=None))]
 fn inspect(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult<String> {
     run(py, None, |_, _| {
-        let v = weightcast_cli::api::inspect(&path, key.as_deref())?;
-        Ok(v.to_string())
+        let cat = weightcast::formats::open_with(&path, key.as_deref())?;
+        with_warnings(&weightcast::commands::inspect::inspect(&cat), &cat.notes)
     })
 }
 
@@ -213,6 +220,8 @@ fn convert(
     part: Option<String>,
 ) -> PyResult<String> {
     let mut req = ConvertRequest::new(src, dst);
+    req.caller = Caller::Python;
+    req.dry_run = dry_run;
     req.to = to;
     req.rules = rule_args(rules)?;
     req.strict_rules = strict_rules;
@@ -243,7 +252,8 @@ fn convert(
         .map_err(to_py)?;
     run(py, progress.as_ref(), move |cancel, counter| {
         req.cancel = Some(cancel.clone());
-        Ok(weightcast_cli::api::convert(&req, dry_run, counter)?.to_string())
+        let (doc, warnings) = req.run(counter)?;
+        with_warnings(&doc, &warnings)
     })
 }
 
@@ -263,21 +273,21 @@ fn analyze(
     report: Option<PathBuf>,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<String> {
-    let rules = rule_args(rules)?;
-    let scale_format = scale_format.to_string();
+    let req = AnalyzeRequest {
+        input: path,
+        to,
+        rules: rule_args(rules)?,
+        strict_rules: false,
+        key,
+        scale,
+        scale_format: scale_format.to_string(),
+        lossy_below,
+        report,
+        caller: Caller::Python,
+    };
     run(py, progress.as_ref(), move |_, counter| {
-        Ok(weightcast_cli::api::analyze(
-            &path,
-            to.as_deref(),
-            &rules,
-            key.as_deref(),
-            scale.as_deref(),
-            &scale_format,
-            lossy_below,
-            report.as_deref(),
-            counter,
-        )?
-        .to_string())
+        let a = req.run(counter)?;
+        with_warnings(&a.doc(), &a.warnings)
     })
 }
 
@@ -285,8 +295,10 @@ fn analyze(
 #[pyfunction]
 #[pyo3(signature = (a, b, tolerance=None))]
 fn diff(py: Python<'_>, a: PathBuf, b: PathBuf, tolerance: Option<f64>) -> PyResult<String> {
+    let req = DiffRequest { a, b, tolerance };
     run(py, None, move |_, _| {
-        Ok(weightcast_cli::api::diff(&a, &b, tolerance)?.to_string())
+        let d = req.run()?;
+        with_warnings(&req.doc(&d), &d.warnings)
     })
 }
 
@@ -294,8 +306,11 @@ fn diff(py: Python<'_>, a: PathBuf, b: PathBuf, tolerance: Option<f64>) -> PyRes
 #[pyfunction]
 #[pyo3(signature = (paths, strict=false))]
 fn audit(py: Python<'_>, paths: Vec<PathBuf>, strict: bool) -> PyResult<String> {
+    let req = AuditRequest { paths, strict };
     run(py, None, move |_, _| {
-        Ok(weightcast_cli::api::audit(&paths, strict).to_string())
+        let doc = req.run().doc();
+        serde_json::to_string(&doc)
+            .map_err(|e| Error::Usage(format!("the result cannot be written as JSON: {e}")))
     })
 }
 
@@ -343,66 +358,23 @@ impl Loader {
         on_overflow: &str,
         strip_prefix: Option<String>,
     ) -> PyResult<Loader> {
-        let on_overflow = parse_overflow(on_overflow)?;
-        let rules = rule_args(rules)?;
+        let req = LoadRequest {
+            input: path,
+            dtype,
+            rules: rule_args(rules)?,
+            key,
+            on_overflow: parse_overflow(on_overflow)?,
+            strip_prefix,
+            caller: Caller::Python,
+        };
         run(py, None, move |_, _| {
-            let mut cat = weightcast::formats::open_with(&path, key.as_deref())?;
-            let dangerous: Vec<&str> = cat
-                .globals
-                .iter()
-                .filter(|g| g.1 == weightcast::audit::Class::Dangerous)
-                .map(|g| g.0.as_str())
-                .collect();
-            if !dangerous.is_empty() {
-                return Err(Error::Refused(format!(
-                    "{}: its pickle references {} (code a pickle loader would run); nothing \
-                     was loaded (weightcast.audit shows where)",
-                    path.display(),
-                    dangerous.join(", ")
-                )));
-            }
-            let mut warnings: Vec<String> = cat.notes.clone();
-            if let Some(p) = &strip_prefix {
-                if cat.strip_prefix(p)? == 0 {
-                    warnings.push(format!("strip_prefix {p}: no tensor name starts with it"));
-                }
-            }
-            let plan =
-                match dtype {
-                    None if rules.is_empty() => weightcast::Plan::stored(&cat),
-                    None => return Err(Error::usage(
-                        "rules without dtype: give dtype= (the target of tensors no rule keeps)",
-                    )),
-                    Some(d) => {
-                        let (rules, _) = weightcast::job::build_rules(&rules)?;
-                        let to = if d == "auto" {
-                            weightcast::Plan::auto_target(&cat).unwrap_or(DType::F32)
-                        } else {
-                            let t: DType = d.parse()?;
-                            weightcast::job::check_castable(t)?;
-                            t
-                        };
-                        let mut plan = weightcast::Plan::new(&cat, &rules, to);
-                        if d == "auto" {
-                            plan.keep_source_precision();
-                        }
-                        plan
-                    }
-                };
-            if let weightcast::plan::QuantPlan::Unsupported(why) = &plan.quant {
-                return Err(Error::Refused(format!(
-                    "{}: quantized in a way weightcast cannot dequantize: {why}",
-                    path.display()
-                )));
-            }
-            warnings.extend(plan.warnings.iter().cloned());
-            let mem = weightcast::load::layout(&cat, &plan)?;
+            let l = req.prepare()?;
             Ok(Loader {
-                cat,
-                plan,
-                mem,
-                on_overflow,
-                warnings,
+                cat: l.cat,
+                plan: l.plan,
+                mem: l.mem,
+                on_overflow: req.on_overflow,
+                warnings: l.warnings,
             })
         })
     }
@@ -533,7 +505,6 @@ fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidFileError", py.get_type::<InvalidFileError>())?;
     m.add("RefusedError", py.get_type::<RefusedError>())?;
     m.add("UsageError", py.get_type::<UsageError>())?;
-    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(analyze, m)?)?;

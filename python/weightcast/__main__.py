@@ -1,17 +1,31 @@
-"""The ``weightcast`` command installed by the wheel: the same program as the Rust binary
-(its code is linked into the extension), with the same output and exit codes."""
+"""The ``weightcast`` command installed by the wheel: the Rust binary the wheel carries
+(``weightcast/_bin/weightcast``), run in place of this process, so that its output, exit codes
+and signals are the command line's own."""
 
+import os
 import signal
 import sys
 
-from ._weightcast import cli_main
+
+def _binary() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bin", "weightcast")
 
 
 def main() -> None:
-    # Output piped into `head` ends quietly, as the binary does (Python ignores SIGPIPE).
+    exe = _binary()
+    if not os.access(exe, os.X_OK):
+        sys.stderr.write(
+            f"weightcast: error: {exe} is missing: this wheel was built without the command "
+            "(build wheels with scripts/wheel)\n"
+        )
+        sys.exit(1)
+    # Python ignores SIGPIPE, and an ignored signal stays ignored across exec: give the command
+    # the default, so that output piped into `head` ends it quietly.
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(cli_main(["weightcast", *sys.argv[1:]]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(exe, [exe, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::cast;
 use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{Caller, Error, Result};
 use crate::formats::safetensors::{encode_header, OutTensor};
 use crate::output::{check_target, index_json, layout, Layout, OutputFile, Target};
 use crate::plan::{Plan, QuantPlan, ScaledOut, TensorPlan};
@@ -63,6 +63,8 @@ pub struct Options {
     /// One part of a conversion split across processes or machines (`--part K/N`), or the
     /// step that finishes it.
     pub part: Option<Part>,
+    /// Who asked (the vocabulary of messages).
+    pub caller: crate::error::Caller,
 }
 
 /// A conversion split by output shard across N independent processes (`--part K/N`), each
@@ -322,46 +324,38 @@ pub fn check(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> Result
 
 /// The refusal of `--on-overflow error`: `named` lists the tensors (name, target, count) whose
 /// finite values would leave the target's range.
-pub fn overflow_refusal(input: &Path, named: &[(String, DType, u64)]) -> Error {
+pub fn overflow_refusal(input: &Path, named: &[(String, DType, u64)], caller: Caller) -> Error {
     let total: u64 = named.iter().map(|t| t.2).sum();
     let list: Vec<String> = named
         .iter()
-        .take(10)
         .map(|(n, d, c)| format!("`{n}` ({c} values beyond {d})"))
         .collect();
-    let more = if named.len() > 10 {
-        format!(" and {} more", named.len() - 10)
-    } else {
-        String::new()
-    };
     Error::Refused(format!(
-        "{}: {total} finite values in {} tensor(s) would overflow: {}{more}; nothing was \
-         written (--on-overflow keep leaves them in their dtype, clamp saturates them, allow \
-         casts them as torch does)",
+        "{}: {total} finite values in {} tensor(s) would overflow: {}; nothing was \
+         written ({} leaves them in their dtype, clamp saturates them, allow casts them as \
+         torch does)",
         input.display(),
         named.len(),
-        list.join(", ")
+        crate::error::listed(&list, 10),
+        caller.given("on-overflow", "keep")
     ))
 }
 
 /// The warning for tensors a cast turns into all zeros (every non-zero value flushed to
 /// zero), if `names` lists any.
-pub fn flushed_warning(names: &[String]) -> Option<String> {
+pub fn flushed_warning(names: &[String], caller: Caller) -> Option<String> {
     if names.is_empty() {
         return None;
     }
-    let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
-    let more = if names.len() > 5 {
-        format!(" and {} more", names.len() - 5)
-    } else {
-        String::new()
-    };
     Some(format!(
         "{} tensor(s) became all zeros: every non-zero value flushed to zero in the cast: \
-         {}{more} (--max-underflow FRACTION keeps the tensors that would lose more than that \
-         fraction in their dtype)",
+         {} ({} keeps the tensors that would lose more than that fraction in their dtype)",
         names.len(),
-        shown.join(", ")
+        crate::error::names(names),
+        match caller {
+            Caller::Cli => "--max-underflow FRACTION".to_string(),
+            Caller::Python => "max_underflow=FRACTION".to_string(),
+        }
     ))
 }
 
@@ -922,7 +916,7 @@ impl<'a> Job<'a> {
             .filter(|n| seen.get(*n).is_some_and(|&(i, o)| i && !o))
             .cloned()
             .collect();
-        flushed_warning(&names)
+        flushed_warning(&names, self.opts.caller)
     }
 
     fn check_cancel(&self) -> Result<()> {
@@ -960,7 +954,7 @@ impl<'a> Job<'a> {
                 Ok(named.into_iter().map(|(n, _, c)| (n, c)).collect())
             }
             _ if named.is_empty() => Ok(vec![]),
-            _ => Err(overflow_refusal(&self.cat.path, &named)),
+            _ => Err(overflow_refusal(&self.cat.path, &named, self.opts.caller)),
         }
     }
 

@@ -164,120 +164,133 @@ fn json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("not valid JSON: {e}")))
 }
 
+/// The architecture `config.json` describes, with the spellings and defaults candle's configs
+/// need filled in.
+fn read_arch(cfg_path: &Path) -> Result<Arch> {
+    let cfg = json(cfg_path)?;
+    let model_type = cfg
+        .get("model_type")
+        .and_then(|m| m.as_str())
+        .unwrap_or("?")
+        .to_string();
+    // transformers >= 5 writes `rope_parameters.rope_theta` and a null `sliding_window`;
+    // candle's configs read the older spellings.
+    let mut cfg = cfg;
+    if let Some(obj) = cfg.as_object_mut() {
+        if !obj.contains_key("rope_theta") {
+            if let Some(t) = obj
+                .get("rope_parameters")
+                .and_then(|r| r.get("rope_theta"))
+                .cloned()
+            {
+                obj.insert("rope_theta".into(), t);
+            }
+        }
+        rope_scaling(obj, &model_type).map_err(|e| Error::invalid(cfg_path, e))?;
+        if obj.get("sliding_window").is_some_and(|v| v.is_null()) {
+            let m = obj
+                .get("max_position_embeddings")
+                .cloned()
+                .unwrap_or(4096.into());
+            obj.insert("sliding_window".into(), m);
+        }
+    }
+    if model_type == "bert" {
+        // transformers' BertConfig defaults, for the fields a config.json may leave out
+        // (dropout and initialisation do nothing at inference, but candle requires them).
+        if let Some(obj) = cfg.as_object_mut() {
+            for (k, v) in [
+                ("vocab_size", serde_json::json!(30522)),
+                ("hidden_size", serde_json::json!(768)),
+                ("num_hidden_layers", serde_json::json!(12)),
+                ("num_attention_heads", serde_json::json!(12)),
+                ("intermediate_size", serde_json::json!(3072)),
+                ("hidden_act", serde_json::json!("gelu")),
+                ("hidden_dropout_prob", serde_json::json!(0.1)),
+                ("max_position_embeddings", serde_json::json!(512)),
+                ("type_vocab_size", serde_json::json!(2)),
+                ("initializer_range", serde_json::json!(0.02)),
+                ("layer_norm_eps", serde_json::json!(1e-12)),
+                ("pad_token_id", serde_json::json!(0)),
+                ("classifier_dropout", serde_json::Value::Null),
+            ] {
+                obj.entry(k).or_insert(v);
+            }
+        }
+    }
+    let arch = match model_type.as_str() {
+        "bert" => Arch::Bert(
+            serde_json::from_value(cfg)
+                .map_err(|e| Error::invalid(cfg_path, format!("not a BERT config: {e}")))?,
+        ),
+        "llama" | "mistral" => {
+            let c: llama::LlamaConfig = serde_json::from_value(cfg)
+                .map_err(|e| Error::invalid(cfg_path, format!("not a Llama config: {e}")))?;
+            Arch::Llama(c.into_config(false))
+        }
+        "qwen2" => Arch::Qwen2(
+            serde_json::from_value(cfg)
+                .map_err(|e| Error::invalid(cfg_path, format!("not a Qwen2 config: {e}")))?,
+        ),
+        _ => {
+            return Err(Error::usage(format!(
+                "{}: model_type `{model_type}` is not supported by eval (supported: {})",
+                cfg_path.display(),
+                SUPPORTED.join(", ")
+            )))
+        }
+    };
+    check_config(&arch).map_err(|what| Error::invalid(cfg_path, what))?;
+    Ok(arch)
+}
+
+/// The folder's `tokenizer.json`, truncated to what the model reads and padded as it needs.
+fn read_tokenizer(dir: &Path, arch: &Arch, max_positions: usize) -> Result<tokenizers::Tokenizer> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(Error::invalid(dir, "no tokenizer.json in the model folder"));
+    }
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| Error::invalid(&tok_path, format!("cannot load tokenizer: {e}")))?;
+    let max_len = json(&dir.join("sentence_bert_config.json"))
+        .ok()
+        .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))
+        .unwrap_or(max_positions as u64) as usize;
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max_len.min(max_positions),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::invalid(&tok_path, format!("truncation: {e}")))?;
+    // A tokenizer.json may carry its own padding (all-MiniLM-L6-v2's pads every input to
+    // 128): an encoder pads a batch to its longest input and masks the rest; a causal LM
+    // reads each input alone, with no padding to predict.
+    match arch {
+        Arch::Bert(c) => {
+            tokenizer.with_padding(Some(tokenizers::PaddingParams {
+                strategy: tokenizers::PaddingStrategy::BatchLongest,
+                pad_id: c.pad_token_id as u32,
+                ..Default::default()
+            }));
+        }
+        Arch::Llama(_) | Arch::Qwen2(_) => {
+            tokenizer.with_padding(None);
+        }
+    }
+    Ok(tokenizer)
+}
+
 impl EvalModel {
     /// Loads `config.json`, `tokenizer.json` and the sentence-transformers pooling of a folder.
     pub fn open(dir: &Path) -> Result<EvalModel> {
         let cfg_path = dir.join("config.json");
-        let cfg = json(&cfg_path)?;
-        let model_type = cfg
-            .get("model_type")
-            .and_then(|m| m.as_str())
-            .unwrap_or("?")
-            .to_string();
-        // transformers >= 5 writes `rope_parameters.rope_theta` and a null `sliding_window`;
-        // candle's configs read the older spellings.
-        let mut cfg = cfg;
-        if let Some(obj) = cfg.as_object_mut() {
-            if !obj.contains_key("rope_theta") {
-                if let Some(t) = obj
-                    .get("rope_parameters")
-                    .and_then(|r| r.get("rope_theta"))
-                    .cloned()
-                {
-                    obj.insert("rope_theta".into(), t);
-                }
-            }
-            rope_scaling(obj, &model_type).map_err(|e| Error::invalid(&cfg_path, e))?;
-            if obj.get("sliding_window").is_some_and(|v| v.is_null()) {
-                let m = obj
-                    .get("max_position_embeddings")
-                    .cloned()
-                    .unwrap_or(4096.into());
-                obj.insert("sliding_window".into(), m);
-            }
-        }
-        if model_type == "bert" {
-            // transformers' BertConfig defaults, for the fields a config.json may leave out
-            // (dropout and initialisation do nothing at inference, but candle requires them).
-            if let Some(obj) = cfg.as_object_mut() {
-                for (k, v) in [
-                    ("vocab_size", serde_json::json!(30522)),
-                    ("hidden_size", serde_json::json!(768)),
-                    ("num_hidden_layers", serde_json::json!(12)),
-                    ("num_attention_heads", serde_json::json!(12)),
-                    ("intermediate_size", serde_json::json!(3072)),
-                    ("hidden_act", serde_json::json!("gelu")),
-                    ("hidden_dropout_prob", serde_json::json!(0.1)),
-                    ("max_position_embeddings", serde_json::json!(512)),
-                    ("type_vocab_size", serde_json::json!(2)),
-                    ("initializer_range", serde_json::json!(0.02)),
-                    ("layer_norm_eps", serde_json::json!(1e-12)),
-                    ("pad_token_id", serde_json::json!(0)),
-                    ("classifier_dropout", serde_json::Value::Null),
-                ] {
-                    obj.entry(k).or_insert(v);
-                }
-            }
-        }
-        let arch = match model_type.as_str() {
-            "bert" => Arch::Bert(
-                serde_json::from_value(cfg)
-                    .map_err(|e| Error::invalid(&cfg_path, format!("not a BERT config: {e}")))?,
-            ),
-            "llama" | "mistral" => {
-                let c: llama::LlamaConfig = serde_json::from_value(cfg)
-                    .map_err(|e| Error::invalid(&cfg_path, format!("not a Llama config: {e}")))?;
-                Arch::Llama(c.into_config(false))
-            }
-            "qwen2" => Arch::Qwen2(
-                serde_json::from_value(cfg)
-                    .map_err(|e| Error::invalid(&cfg_path, format!("not a Qwen2 config: {e}")))?,
-            ),
-            _ => {
-                return Err(Error::usage(format!(
-                    "{}: model_type `{model_type}` is not supported by eval (supported: {})",
-                    cfg_path.display(),
-                    SUPPORTED.join(", ")
-                )))
-            }
-        };
-        check_config(&arch).map_err(|what| Error::invalid(&cfg_path, what))?;
+        let arch = read_arch(&cfg_path)?;
         let max_positions = match &arch {
             Arch::Bert(c) => c.max_position_embeddings,
             Arch::Llama(c) => c.max_position_embeddings,
             Arch::Qwen2(c) => c.max_position_embeddings,
         };
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
-            return Err(Error::invalid(dir, "no tokenizer.json in the model folder"));
-        }
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| Error::invalid(&tok_path, format!("cannot load tokenizer: {e}")))?;
-        let max_len = json(&dir.join("sentence_bert_config.json"))
-            .ok()
-            .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))
-            .unwrap_or(max_positions as u64) as usize;
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len.min(max_positions),
-                ..Default::default()
-            }))
-            .map_err(|e| Error::invalid(&tok_path, format!("truncation: {e}")))?;
-        // A tokenizer.json may carry its own padding (all-MiniLM-L6-v2's pads every input to
-        // 128): an encoder pads a batch to its longest input and masks the rest; a causal LM
-        // reads each input alone, with no padding to predict.
-        match &arch {
-            Arch::Bert(c) => {
-                tokenizer.with_padding(Some(tokenizers::PaddingParams {
-                    strategy: tokenizers::PaddingStrategy::BatchLongest,
-                    pad_id: c.pad_token_id as u32,
-                    ..Default::default()
-                }));
-            }
-            Arch::Llama(_) | Arch::Qwen2(_) => {
-                tokenizer.with_padding(None);
-            }
-        }
+        let tokenizer = read_tokenizer(dir, &arch, max_positions)?;
         let pooling = json(&dir.join("1_Pooling/config.json")).ok();
         let mean_pooling = pooling
             .as_ref()

@@ -136,8 +136,46 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header> {
         }
     }
     tensors.sort_by_key(|t| (t.begin, t.end));
+    let expected = check_offsets(path, &tensors, data_start)?;
+    let needed = data_start
+        .checked_add(expected)
+        .ok_or_else(|| Error::invalid(path, "tensor offsets overflow"))?;
+    if needed > file_len {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "file is truncated: its tensors end at byte {needed} but the file has {file_len} \
+                 bytes{}",
+                tensors
+                    .iter()
+                    .find(|t| data_start + t.end > file_len)
+                    .map(|t| format!(" (tensor `{}` is cut off)", t.name))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if needed < file_len {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "{} unexpected bytes after the last tensor (from byte {needed}): the data buffer \
+                 must be fully covered",
+                file_len - needed
+            ),
+        ));
+    }
+    Ok(Header {
+        metadata,
+        tensors,
+        data_start,
+    })
+}
+
+/// Checks that the tensors (sorted by offset) tile the data buffer from 0 without a gap or an
+/// overlap, each holding exactly its shape's bytes; returns where the last one ends.
+fn check_offsets(path: &Path, tensors: &[TensorInfo], data_start: u64) -> Result<u64> {
     let mut expected = 0u64;
-    for t in &tensors {
+    for t in tensors {
         if t.begin != expected || t.end < t.begin {
             let what = if t.begin < expected {
                 "overlaps the previous tensor"
@@ -194,38 +232,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header> {
         }
         expected = t.end;
     }
-    let needed = data_start
-        .checked_add(expected)
-        .ok_or_else(|| Error::invalid(path, "tensor offsets overflow"))?;
-    if needed > file_len {
-        return Err(Error::invalid(
-            path,
-            format!(
-                "file is truncated: its tensors end at byte {needed} but the file has {file_len} \
-                 bytes{}",
-                tensors
-                    .iter()
-                    .find(|t| data_start + t.end > file_len)
-                    .map(|t| format!(" (tensor `{}` is cut off)", t.name))
-                    .unwrap_or_default()
-            ),
-        ));
-    }
-    if needed < file_len {
-        return Err(Error::invalid(
-            path,
-            format!(
-                "{} unexpected bytes after the last tensor (from byte {needed}): the data buffer \
-                 must be fully covered",
-                file_len - needed
-            ),
-        ));
-    }
-    Ok(Header {
-        metadata,
-        tensors,
-        data_start,
-    })
+    Ok(expected)
 }
 
 fn parse_metadata(path: &Path, value: Value) -> Result<Vec<(String, String)>> {

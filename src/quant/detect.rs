@@ -80,9 +80,46 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
         ..Default::default()
     };
     // What the declarations say: the scheme's name, the block shape and the strategy they give.
+    let (block, strategy) = declared_scheme(&mut q, config.as_ref(), modelopt.as_ref(), comfy);
+    pair_scales(cat, &mut q, &by_name, block, strategy.as_deref());
+    find_companions(cat, &mut q);
+    let declared_any = declared.config || declared.hf_quant_config || declared.metadata;
+    if !declared_any && q.scaled.is_empty() && q.unsupported.is_none() {
+        return None;
+    }
+    if q.scheme.is_empty() {
+        q.scheme = "scaled fp8".into();
+        q.found_in = "tensor names".into();
+    }
+    // FP8 tensors that no scale covers under a declared FP8 scheme: their scale is missing.
+    if declared_any && q.unsupported.is_none() && fp8_payloads {
+        let ignore = ignored(&config);
+        if let Some(t) = cat.tensors.iter().enumerate().find(|(i, t)| {
+            is_payload_dtype(t.dtype)
+                && t.shape.len() >= 2
+                && !q.scaled.iter().any(|s| s.payload == *i)
+                && !ignore.iter().any(|g| t.name.starts_with(g.as_str()))
+        }) {
+            q.unsupported = Some(format!("`{}` is {} and has no scale", t.1.name, t.1.dtype));
+        }
+    }
+    if q.scaled.is_empty() && q.unsupported.is_none() && !declared_any {
+        return None;
+    }
+    Some(q)
+}
+
+/// The scheme the declarations name (config.json, hf_quant_config.json, safetensors
+/// metadata, in that order), with the block shape and the scale strategy they give.
+fn declared_scheme(
+    q: &mut Quantization,
+    config: Option<&Value>,
+    modelopt: Option<&Value>,
+    comfy: bool,
+) -> (Option<(u64, u64)>, Option<String>) {
     let mut block: Option<(u64, u64)> = None;
     let mut strategy: Option<String> = None;
-    if let Some(c) = &config {
+    if let Some(c) = config {
         let method = c
             .get("quant_method")
             .and_then(Value::as_str)
@@ -100,53 +137,7 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
                     }
                 }
             }
-            "compressed-tensors" => {
-                let format = c.get("format").and_then(Value::as_str).unwrap_or("");
-                q.scheme = format!("compressed-tensors {format}");
-                let groups = c
-                    .get("config_groups")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default();
-                let mut formats: Vec<String> = groups
-                    .values()
-                    .filter_map(|g| g.get("format").and_then(Value::as_str))
-                    .map(String::from)
-                    .collect();
-                formats.push(format.to_string());
-                formats.retain(|f| !f.is_empty());
-                formats.dedup();
-                if let Some(f) = formats.iter().find(|f| f.as_str() != "float-quantized") {
-                    q.unsupported = Some(format!(
-                        "compressed-tensors format `{f}` (weightcast dequantizes \
-                         float-quantized)"
-                    ));
-                }
-                for g in groups.values() {
-                    let Some(w) = g.get("weights").filter(|w| w.is_object()) else {
-                        continue;
-                    };
-                    let ty = w.get("type").and_then(Value::as_str).unwrap_or("");
-                    let bits = w.get("num_bits").and_then(Value::as_u64).unwrap_or(0);
-                    if q.unsupported.is_none() && (ty != "float" || bits != 8) {
-                        q.unsupported = Some(format!(
-                            "compressed-tensors weights of type `{ty}` with {bits} bits"
-                        ));
-                    }
-                    if w.get("symmetric").and_then(Value::as_bool) == Some(false)
-                        && q.unsupported.is_none()
-                    {
-                        q.unsupported = Some("asymmetric compressed-tensors weights".into());
-                    }
-                    let s = w.get("strategy").and_then(Value::as_str).unwrap_or("");
-                    if s == "group" || s == "tensor_group" {
-                        q.unsupported
-                            .get_or_insert(format!("compressed-tensors `{s}` strategy"));
-                    }
-                    strategy.get_or_insert(s.to_string());
-                    block = block.or(pair(w.get("block_structure")));
-                }
-            }
+            "compressed-tensors" => compressed_tensors(c, q, &mut block, &mut strategy),
             "modelopt" => {
                 let algo = c
                     .get("quant_algo")
@@ -171,7 +162,7 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
                 q.unsupported = Some(format!("quant_method `{m}`"));
             }
         }
-    } else if let Some(m) = &modelopt {
+    } else if let Some(m) = modelopt {
         let algo = m
             .pointer("/quantization/quant_algo")
             .and_then(Value::as_str)
@@ -186,8 +177,69 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
         q.scheme = "ComfyUI scaled fp8".into();
         q.found_in = "safetensors metadata _quantization_metadata".into();
     }
+    (block, strategy)
+}
 
-    // Pair every scale with its payload.
+/// compressed-tensors' `quantization_config`: float-quantized 8-bit symmetric weights only.
+fn compressed_tensors(
+    c: &Value,
+    q: &mut Quantization,
+    block: &mut Option<(u64, u64)>,
+    strategy: &mut Option<String>,
+) {
+    let format = c.get("format").and_then(Value::as_str).unwrap_or("");
+    q.scheme = format!("compressed-tensors {format}");
+    let groups = c
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let mut formats: Vec<String> = groups
+        .values()
+        .filter_map(|g| g.get("format").and_then(Value::as_str))
+        .map(String::from)
+        .collect();
+    formats.push(format.to_string());
+    formats.retain(|f| !f.is_empty());
+    formats.dedup();
+    if let Some(f) = formats.iter().find(|f| f.as_str() != "float-quantized") {
+        q.unsupported = Some(format!(
+            "compressed-tensors format `{f}` (weightcast dequantizes \
+                 float-quantized)"
+        ));
+    }
+    for g in groups.values() {
+        let Some(w) = g.get("weights").filter(|w| w.is_object()) else {
+            continue;
+        };
+        let ty = w.get("type").and_then(Value::as_str).unwrap_or("");
+        let bits = w.get("num_bits").and_then(Value::as_u64).unwrap_or(0);
+        if q.unsupported.is_none() && (ty != "float" || bits != 8) {
+            q.unsupported = Some(format!(
+                "compressed-tensors weights of type `{ty}` with {bits} bits"
+            ));
+        }
+        if w.get("symmetric").and_then(Value::as_bool) == Some(false) && q.unsupported.is_none() {
+            q.unsupported = Some("asymmetric compressed-tensors weights".into());
+        }
+        let s = w.get("strategy").and_then(Value::as_str).unwrap_or("");
+        if s == "group" || s == "tensor_group" {
+            q.unsupported
+                .get_or_insert(format!("compressed-tensors `{s}` strategy"));
+        }
+        strategy.get_or_insert(s.to_string());
+        *block = block.or(pair(w.get("block_structure")));
+    }
+}
+
+/// Pairs every scale with its payload (`X.weight` beside `X.weight_scale_inv`, ...).
+fn pair_scales(
+    cat: &Catalogue,
+    q: &mut Quantization,
+    by_name: &HashMap<&str, usize>,
+    block: Option<(u64, u64)>,
+    strategy: Option<&str>,
+) {
     for (i, t) in cat.tensors.iter().enumerate() {
         let Some((stem, payload_suffix)) = split_scale(&t.name) else {
             continue;
@@ -217,7 +269,7 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
             ));
             continue;
         }
-        match layout_of(payload, t, block, strategy.as_deref()) {
+        match layout_of(payload, t, block, strategy) {
             Ok(layout) => q.scaled.push(Scaled {
                 payload: p,
                 scale: i,
@@ -241,6 +293,10 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
             ));
         }
     }
+}
+
+/// The scheme's other tensors (activation scales, markers) and foreign schemes' tensors.
+fn find_companions(cat: &Catalogue, q: &mut Quantization) {
     for (i, t) in cat.tensors.iter().enumerate() {
         let last = t.name.rsplit('.').next().unwrap_or("");
         if COMPANION_NAMES.contains(&last) || t.name == "scaled_fp8" {
@@ -252,31 +308,6 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
     }
     q.companions.sort_unstable();
     q.companions.dedup();
-
-    let declared_any = declared.config || declared.hf_quant_config || declared.metadata;
-    if !declared_any && q.scaled.is_empty() && q.unsupported.is_none() {
-        return None;
-    }
-    if q.scheme.is_empty() {
-        q.scheme = "scaled fp8".into();
-        q.found_in = "tensor names".into();
-    }
-    // FP8 tensors that no scale covers under a declared FP8 scheme: their scale is missing.
-    if declared_any && q.unsupported.is_none() && fp8_payloads {
-        let ignore = ignored(&config);
-        if let Some(t) = cat.tensors.iter().enumerate().find(|(i, t)| {
-            is_payload_dtype(t.dtype)
-                && t.shape.len() >= 2
-                && !q.scaled.iter().any(|s| s.payload == *i)
-                && !ignore.iter().any(|g| t.name.starts_with(g.as_str()))
-        }) {
-            q.unsupported = Some(format!("`{}` is {} and has no scale", t.1.name, t.1.dtype));
-        }
-    }
-    if q.scaled.is_empty() && q.unsupported.is_none() && !declared_any {
-        return None;
-    }
-    Some(q)
 }
 
 /// Module prefixes a config leaves unquantized (not a full matcher: used to avoid asking for

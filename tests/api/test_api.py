@@ -59,7 +59,8 @@ def test_wheel_has_stubs_and_the_command():
     wheels = list((ROOT / "target" / "wheels").glob("weightcast-*.whl"))
     assert len(wheels) == 1, wheels
     names = zipfile.ZipFile(wheels[0]).namelist()
-    for f in ["weightcast/__init__.py", "weightcast/py.typed", "weightcast/_weightcast.pyi"]:
+    for f in ["weightcast/__init__.py", "weightcast/py.typed", "weightcast/_weightcast.pyi",
+              "weightcast/_bin/weightcast"]:
         assert f in names, f
     assert any(n.startswith("weightcast/_weightcast") and n.endswith(".so") for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
@@ -184,12 +185,44 @@ def test_convert_errors(tmp_path):
         weightcast.convert(big, tmp_path / "big16.safetensors", "f16")
     assert not (tmp_path / "big16.safetensors").exists()
     p = run("convert", big, "-o", tmp_path / "x.safetensors", "--to", "f16", check=False)
-    assert p.returncode == 1 and str(e.value) in p.stderr
+    # The same refusal in each caller's words: the command names its flag, Python its keyword.
+    assert 'on_overflow="keep"' in str(e.value) and "--" not in str(e.value)
+    assert p.returncode == 1
+    assert str(e.value).replace('on_overflow="keep"', "--on-overflow keep") in p.stderr
     r = weightcast.convert(big, tmp_path / "big16.safetensors", "f16", on_overflow="keep")
     assert load_file(tmp_path / "big16.safetensors")["w"].dtype == torch.float32
     with pytest.warns(UserWarning, match="kept in their dtype"):
         weightcast.convert(big, tmp_path / "big16b.safetensors", "f16", on_overflow="keep")
     assert r.totals["kept"] == 1
+
+
+def test_errors_speak_the_callers_words(tmp_path):
+    """A Python caller is told about keywords (`auto=`), never about the command's flags."""
+    cases = [
+        (dict(to="f16,bf16"), ['to="f16,bf16"', "auto="]),
+        (dict(to="f16", max_underflow=2.0), ["max_underflow=2"]),
+        (dict(to="f16", scale="channel"), ['scale="channel"', 'to="f8e4m3"']),
+        (dict(to="f16", scale_format="fp8"), ['scale_format="fp8"', "scale="]),
+        (dict(to="auto", auto=30.0), ['to="auto"', "auto="]),
+        (dict(to="f16", max_shard_size="1MB"), ["max_shard_size="]),
+    ]
+    for kw, words in cases:
+        out = tmp_path / ("o.pt" if "max_shard_size" in kw else "o")
+        with pytest.raises(weightcast.UsageError) as e:
+            weightcast.convert(TINY, out, **kw)
+        msg = str(e.value)
+        assert all(w in msg for w in words) and "--" not in msg, (kw, msg)
+    # The command line keeps its own words for the same requests.
+    p = run("convert", TINY, "-o", tmp_path / "o", "--to", "f16,bf16", check=False)
+    assert p.returncode == 2 and "--auto" in p.stderr
+    # load(dtype="auto") refuses a file without a floating tensor, as convert does (it used to
+    # load it as f32).
+    ints = tmp_path / "ints.safetensors"
+    save_file({"i": torch.arange(3)}, ints)
+    with pytest.raises(weightcast.UsageError, match='dtype="auto".*no floating tensor'):
+        weightcast.load(ints, dtype="auto")
+    with pytest.raises(weightcast.UsageError, match='to="auto".*no floating tensor'):
+        weightcast.convert(ints, tmp_path / "i2.safetensors", "auto")
 
 
 def test_progress_callable_and_interrupt(tmp_path, minilm, watchdog):

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use weightcast::analysis::{totals, TensorAnalysis};
-use weightcast::catalogue::Catalogue;
-use weightcast::plan::Plan;
-use weightcast::stats::{min_normal, min_subnormal, Bounds, ErrorStats, Verdict};
+use crate::analysis::{totals, TensorAnalysis};
+use crate::catalogue::Catalogue;
+use crate::plan::Plan;
+use crate::stats::{min_normal, min_subnormal, ErrorStats, Verdict};
 
-use crate::report::{bytes, db};
+use super::analyze::Analyzed;
+use super::document::{bytes, db};
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -232,17 +233,22 @@ fn range_strip(x: &TensorAnalysis) -> String {
     s
 }
 
-pub fn analysis_page(
-    cat: &Catalogue,
-    plan: &Plan,
-    a: &[TensorAnalysis],
-    bounds: &Bounds,
-) -> String {
+/// The whole page.
+pub fn analysis_page(an: &Analyzed) -> String {
+    let mut s = head(an);
+    depth(an, &mut s);
+    worst(an, &mut s);
+    rules(&an.plan, &mut s);
+    s.push_str("</table><p>Made by weightcast; figures in float64 against the exact values the cast writes.</p></body></html>\n");
+    s
+}
+
+/// The title and the summary cards.
+fn head(an: &Analyzed) -> String {
+    let (cat, plan, a) = (&an.cat, &an.plan, &an.analyses[..]);
     let t = totals(a);
     let tot = plan.totals();
-    let groups = by_layer(cat, plan, a);
-    let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
-    let count = |v: Verdict| a.iter().filter(|x| x.verdict == v).count();
+    let count = |v: Verdict| an.count(v);
     let mut s = String::new();
     let _ = write!(
         s,
@@ -295,9 +301,17 @@ pub fn analysis_page(
         ),
         "verdicts",
     ));
-    s.push_str("</div><h2>Along the depth of the model</h2>");
+    s.push_str("</div>");
+    s
+}
+
+/// Charts and a table per layer.
+fn depth(an: &Analyzed, s: &mut String) {
+    let groups = by_layer(&an.cat, &an.plan, &an.analyses);
+    let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
+    s.push_str("<h2>Along the depth of the model</h2>");
     let snr: Vec<f64> = groups.iter().map(|g| g.stats.snr_db()).collect();
-    s.push_str(&snr_bars(&labels, &snr, bounds.lossy_below_db));
+    s.push_str(&snr_bars(&labels, &snr, an.bounds.lossy_below_db));
     let ovf: Vec<f64> = groups.iter().map(|g| g.stats.overflow as f64).collect();
     s.push_str(&bars(
         "values overflowing per layer",
@@ -327,13 +341,19 @@ pub fn analysis_page(
             g.stats.underflow
         );
     }
-    s.push_str("</table><h2>Worst tensors</h2><table id=\"worst\"><tr><th>verdict</th><th>name</th><th>cast</th><th>max |x|</th><th>overflow</th><th>underflow</th><th>max rel err</th><th>SNR dB</th><th>cosine</th></tr>");
+    s.push_str("</table>");
+}
+
+/// The worst tensors: figures, and where their values fall against the target's range.
+fn worst(an: &Analyzed, s: &mut String) {
+    let (plan, a) = (&an.plan, &an.analyses[..]);
+    s.push_str("<h2>Worst tensors</h2><table id=\"worst\"><tr><th>verdict</th><th>name</th><th>cast</th><th>max |x|</th><th>overflow</th><th>underflow</th><th>max rel err</th><th>SNR dB</th><th>cosine</th></tr>");
     for x in a.iter().take(30) {
         let st = &x.stats;
         let _ = write!(
             s,
             "<tr><td class=\"{v}\">{v}</td><td>{}</td><td>{}→{}</td><td>{:.3e}</td><td>{}</td><td>{}</td><td>{:.3e}</td><td>{}</td><td>{:.6}</td></tr>",
-            esc(&cat.tensors[plan.tensors[x.plan_index].tensor].name),
+            esc(an.name(x)),
             x.from, x.to, st.max_abs, st.overflow, st.underflow, st.max_rel_err, db(st.snr_db()), st.cosine(),
             v = x.verdict.as_str()
         );
@@ -345,7 +365,7 @@ pub fn analysis_page(
         let _ = write!(
             s,
             "<tr><td>{}</td><td>{}→{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&cat.tensors[p.tensor].name),
+            esc(&an.cat.tensors[p.tensor].name),
             x.from,
             x.to,
             if scaled {
@@ -358,9 +378,12 @@ pub fn analysis_page(
             x.stats.overflow
         );
     }
-    s.push_str(
-        "</table><h2>Rules applied</h2><table id=\"rules\"><tr><th>rule</th><th>tensors</th></tr>",
-    );
+    s.push_str("</table>");
+}
+
+/// How many tensors each rule decided.
+fn rules(plan: &Plan, s: &mut String) {
+    s.push_str("<h2>Rules applied</h2><table id=\"rules\"><tr><th>rule</th><th>tensors</th></tr>");
     let mut rules: Vec<(String, usize)> = Vec::new();
     for p in &plan.tensors {
         match rules.iter_mut().find(|r| r.0 == p.reason) {
@@ -371,8 +394,6 @@ pub fn analysis_page(
     for (r, n) in &rules {
         let _ = write!(s, "<tr><td>{}</td><td>{n}</td></tr>", esc(r));
     }
-    s.push_str("</table><p>Made by weightcast; figures in float64 against the exact values the cast writes.</p></body></html>\n");
-    s
 }
 
 #[cfg(test)]

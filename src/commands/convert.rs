@@ -1,0 +1,514 @@
+//! One conversion as a person asks for it: the command line's `convert` flags and the Python
+//! API's `convert()` keywords both become a [`ConvertRequest`], and [`ConvertRequest::prepare`]
+//! reads the input and decides everything (rules, targets, the per-tensor checks of `--auto`,
+//! `--on-overflow keep` and `--max-underflow`, scaled FP8). What it returns is what is written;
+//! [`crate::convert::convert`] then writes it ([`ConvertRequest::run`] does both and returns
+//! the `--json` document). Messages for the user come back as warnings, never printed here.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::analysis;
+use crate::catalogue::Catalogue;
+use crate::convert::{OnOverflow, Options, Progress};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::formats;
+use crate::plan::{Plan, Scope};
+use crate::quant::OnQuantized;
+use crate::stats::Bounds;
+
+use super::document::PlanDoc;
+use super::{build_rules, check_castable, check_unmatched, is_pt, single_target, Caller, RuleArg};
+
+/// Everything a conversion can be asked.
+#[derive(Debug, Clone)]
+pub struct ConvertRequest {
+    /// The input: a file, an index or a model folder.
+    pub input: PathBuf,
+    /// The output.
+    pub output: PathBuf,
+    /// `--to`: a dtype, `auto`, or with [`ConvertRequest::auto`] a comma-separated list.
+    pub to: Option<String>,
+    /// The rules, in order.
+    pub rules: Vec<RuleArg>,
+    /// A rule that matches nothing is an error.
+    pub strict_rules: bool,
+    /// What to do when values would overflow.
+    pub on_overflow: OnOverflow,
+    /// Keep tensors whose non-zero values would flush to zero above this fraction.
+    pub max_underflow: Option<f64>,
+    /// Per tensor, the first candidate that keeps this SNR (dB).
+    pub auto: Option<f64>,
+    /// Shard size in bytes.
+    pub max_shard_size: Option<u64>,
+    /// The state dict's entry in a training checkpoint.
+    pub key: Option<String>,
+    /// Keep only the model's weights.
+    pub inference: bool,
+    /// Cast optimizer state too (`.pt` output of a whole checkpoint).
+    pub cast_optimizer: bool,
+    /// Refuse globals outside torch's weights-only allowlist in a `.pt` output.
+    pub strict: bool,
+    /// Remove this prefix from tensor names.
+    pub strip_prefix: Option<String>,
+    /// What to do with a scaled FP8 input.
+    pub on_quantized: OnQuantized,
+    /// Write scaled FP8 with this scale layout.
+    pub scale: Option<String>,
+    /// The scaled FP8 format (`compressed-tensors` or `fp8`); with [`ConvertRequest::scale`]
+    /// only (None: `compressed-tensors`).
+    pub scale_format: Option<String>,
+    /// Replace an existing output.
+    pub force: bool,
+    /// fsync outputs before renaming them into place.
+    pub sync: bool,
+    /// Set to stop early.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// One part of a split conversion, or the step that finishes it.
+    pub part: Option<crate::convert::Part>,
+    /// Plan only (`--dry-run`): [`ConvertRequest::prepare`] then also runs the checks the
+    /// writing pass makes on the data (the overflow refusal, the flush-to-zero warning).
+    pub dry_run: bool,
+    /// Who asked (the vocabulary of messages).
+    pub caller: Caller,
+}
+
+impl ConvertRequest {
+    /// A request with the command line's defaults.
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>) -> ConvertRequest {
+        ConvertRequest {
+            input: input.into(),
+            output: output.into(),
+            to: None,
+            rules: vec![],
+            strict_rules: false,
+            on_overflow: OnOverflow::Error,
+            max_underflow: None,
+            auto: None,
+            max_shard_size: None,
+            key: None,
+            inference: false,
+            cast_optimizer: false,
+            strict: false,
+            strip_prefix: None,
+            on_quantized: OnQuantized::Dequantize,
+            scale: None,
+            scale_format: None,
+            force: false,
+            sync: true,
+            cancel: None,
+            part: None,
+            dry_run: false,
+            caller: Caller::Cli,
+        }
+    }
+}
+
+/// A decided conversion: what is written, how, and what the user should be told.
+pub struct Prepared {
+    /// The input.
+    pub cat: Catalogue,
+    /// What is written.
+    pub plan: Plan,
+    /// How the executor writes it.
+    pub options: Options,
+    /// Messages for the user, in order.
+    pub warnings: Vec<String>,
+}
+
+impl ConvertRequest {
+    /// Option `name` as the caller wrote it.
+    fn flag(&self, name: &str) -> String {
+        self.caller.flag(name)
+    }
+
+    /// The candidates of `auto` (empty without it) and the default target (f32 for `to =
+    /// auto` until the tensors are read), checked before any input is read.
+    fn targets(&self, file_to: Option<DType>) -> Result<(Vec<DType>, DType)> {
+        let c = self.caller;
+        let auto_to = self.to.as_deref() == Some("auto");
+        if auto_to && self.auto.is_some() {
+            return Err(Error::usage(format!(
+                "{} keeps the source precision: not with {}",
+                c.given("to", "auto"),
+                c.flag("auto")
+            )));
+        }
+        let candidates: Vec<DType> = match (self.auto, &self.to) {
+            (Some(_), Some(list)) => list
+                .split(',')
+                .map(|t| {
+                    t.parse::<DType>()
+                        .and_then(|d| check_castable(d).map(|_| d))
+                })
+                .collect::<Result<_>>()?,
+            (Some(_), None) => {
+                return Err(Error::usage(format!(
+                    "{} needs {} with candidates (e.g. {})",
+                    c.flag("auto"),
+                    c.flag("to"),
+                    c.given("to", "f8e4m3,bf16,f16")
+                )))
+            }
+            (None, _) => vec![],
+        };
+        let target = match candidates.first() {
+            Some(&d) => d,
+            None if auto_to => DType::F32, // decided from the tensors once they are read
+            None => single_target(self.to.as_deref(), file_to, c)?,
+        };
+        Ok((candidates, target))
+    }
+
+    /// Refuses options that the output cannot honour, before any input is read.
+    fn check_options(&self, pt_out: bool, target: DType) -> Result<()> {
+        if let Some(f) = self.max_underflow {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(Error::usage(format!(
+                    "{}{f}: give a fraction between 0 and 1",
+                    self.given_number("max-underflow")
+                )));
+            }
+        }
+        if let (Some(f), None) = (&self.scale_format, &self.scale) {
+            return Err(Error::usage(format!(
+                "{} applies with {} (scaled FP8 output) only",
+                self.caller.given("scale-format", f),
+                self.flag("scale")
+            )));
+        }
+        if pt_out && self.max_shard_size.is_some() {
+            return Err(Error::usage(format!(
+                "{}: {} splits safetensors outputs; a .pt output is one torch.save file (write \
+                 a folder or a .safetensors file to shard it)",
+                self.output.display(),
+                self.flag("max-shard-size")
+            )));
+        }
+        if self.cast_optimizer && (!pt_out || self.inference) {
+            return Err(Error::usage(format!(
+                "{} applies to a .pt output of a whole training checkpoint (not with {})",
+                self.flag("cast-optimizer"),
+                self.flag("inference")
+            )));
+        }
+        if let Some(scale) = &self.scale {
+            use crate::quant::quantize::{Format, Scheme};
+            let format = self.scale_format.as_deref().unwrap_or("compressed-tensors");
+            Scheme::parse(scale, format.parse::<Format>()?)?;
+            if target != DType::F8E4M3 || self.auto.is_some() {
+                return Err(Error::usage(format!(
+                    "{} writes float8_e4m3fn weights: use it with {} (not {})",
+                    self.caller.given("scale", scale),
+                    self.caller.given("to", "f8e4m3"),
+                    self.flag("auto")
+                )));
+            }
+            if pt_out {
+                return Err(Error::usage(format!(
+                    "{} writes a safetensors model (a folder, or a .safetensors file): not .pt",
+                    self.flag("scale")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `--name ` or `name=`, before a number.
+    fn given_number(&self, name: &str) -> String {
+        match self.caller {
+            Caller::Cli => format!("--{name} "),
+            Caller::Python => self.flag(name),
+        }
+    }
+
+    /// The passes over the data before writing: `--on-overflow keep` and `--max-underflow`
+    /// decide tensors from what their cast would do; a dry run measures whatever the writing
+    /// pass would find (the overflow refusal, the flush-to-zero warning), so that it refuses
+    /// and warns as the run would.
+    fn check_data(
+        &self,
+        cat: &Catalogue,
+        plan: &mut Plan,
+        progress: &dyn Progress,
+        warnings: &mut Vec<String>,
+    ) -> Result<()> {
+        let predict = self.dry_run && plan.tensors.iter().any(|p| p.is_cast());
+        if self.on_overflow != OnOverflow::Keep && self.max_underflow.is_none() && !predict {
+            return Ok(());
+        }
+        progress.phase("checking");
+        let analyses = analysis::analyze(cat, plan, &Bounds::default(), progress, None)?;
+        if self.on_overflow == OnOverflow::Keep {
+            let n = analysis::keep_overflowing(cat, plan, &analyses);
+            if n > 0 {
+                warnings.push(format!(
+                    "{n} tensor(s) kept in their dtype: their values would overflow ({})",
+                    self.caller.given("on-overflow", "keep")
+                ));
+            }
+        }
+        if let Some(f) = self.max_underflow {
+            let n = analysis::keep_underflowing(cat, plan, &analyses, f);
+            if n > 0 {
+                warnings.push(format!("{n} tensor(s) kept in their dtype: more than {f} of their non-zero values would flush to zero"));
+            }
+        }
+        if predict {
+            let still_cast = |a: &&analysis::TensorAnalysis| plan.tensors[a.plan_index].is_cast();
+            let name = |a: &analysis::TensorAnalysis| {
+                cat.tensors[plan.tensors[a.plan_index].tensor].name.clone()
+            };
+            if self.on_overflow == OnOverflow::Error {
+                let named: Vec<(String, DType, u64)> = analyses
+                    .iter()
+                    .filter(still_cast)
+                    .filter(|a| a.stats.overflow > 0)
+                    .map(|a| (name(a), a.to, a.stats.overflow))
+                    .collect();
+                if !named.is_empty() {
+                    return Err(crate::convert::overflow_refusal(
+                        &cat.path,
+                        &named,
+                        self.caller,
+                    ));
+                }
+            }
+            let flushed: Vec<String> = analyses
+                .iter()
+                .filter(still_cast)
+                .filter(|a| a.stats.flushed_entirely())
+                .map(name)
+                .collect();
+            warnings.extend(crate::convert::flushed_warning(&flushed, self.caller));
+        }
+        Ok(())
+    }
+
+    /// Opens the input as asked (`key`, `strip_prefix`); its notes become warnings.
+    fn open_input(&self, pt_out: bool, warnings: &mut Vec<String>) -> Result<Catalogue> {
+        let mut cat = formats::open_with(&self.input, self.key.as_deref())?;
+        warnings.extend(cat.notes.iter().cloned());
+        if let Some(p) = &self.strip_prefix {
+            if cat.strip_prefix(p)? == 0 {
+                warnings.push(format!(
+                    "{}: no tensor name starts with it",
+                    self.caller.given("strip-prefix", p)
+                ));
+            }
+        }
+        if let (false, Some(doc)) = (pt_out, cat.torch.as_deref()) {
+            warnings.extend(formats::torch::tied_note(doc));
+        }
+        Ok(cat)
+    }
+
+    /// The plan of `cat`: the rules' targets, `to = auto`, `on_quantized`, scaled FP8.
+    fn plan(
+        &self,
+        cat: &mut Catalogue,
+        rules: &crate::rules::RuleSet,
+        target: DType,
+        pt_out: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<Plan> {
+        // A .pt output keeps the whole file (optimizer state too) unless --inference keeps
+        // only the model's weights; the plan covers exactly what is written.
+        let scope = if pt_out && !self.inference {
+            Scope::WholeFile {
+                cast_others: self.cast_optimizer,
+            }
+        } else {
+            Scope::StateDict
+        };
+        let auto_to = self.to.as_deref() == Some("auto");
+        let target = if auto_to {
+            Plan::auto_target(cat).ok_or_else(|| {
+                Error::usage(format!(
+                    "{}: {} has no floating tensor to take a precision from",
+                    self.caller.given("to", "auto"),
+                    self.input.display()
+                ))
+            })?
+        } else {
+            target
+        };
+        let mut plan = Plan::with_scope(cat, rules, target, scope);
+        if auto_to {
+            plan.keep_source_precision();
+        }
+        if self.on_quantized == OnQuantized::Keep {
+            plan.keep_quantized(cat);
+        }
+        if let Some(scale) = &self.scale {
+            use crate::quant::quantize::{plan_scaled, Format, Scheme};
+            let format = self.scale_format.as_deref().unwrap_or("compressed-tensors");
+            let scheme = Scheme::parse(scale, format.parse::<Format>()?)?;
+            plan_scaled(cat, &mut plan, &scheme)?;
+            if cat.folder.is_none() {
+                warnings.push(
+                    "a single .safetensors file carries no quantization_config: loaders find the \
+                     scheme in a model folder's config.json (convert the folder)"
+                        .into(),
+                );
+            }
+        }
+        warnings.extend(plan.warnings.iter().cloned());
+        check_unmatched(&plan, self.strict_rules, self.caller)?;
+        if let (true, Some(doc)) = (self.inference, cat.torch.as_deref()) {
+            if let Some(e) = &doc.entry {
+                warnings.push(format!(
+                    "{} kept the entry `{e}`; dropped {} ({} tensor bytes saved)",
+                    self.flag("inference"),
+                    formats::torch::describe_dropped(&plan.dropped),
+                    plan.dropped.iter().map(|d| d.2).sum::<u64>()
+                ));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Reads the input and decides everything. `progress` sees the analysis passes of
+    /// `auto`, `on_overflow keep` and `max_underflow` (phases `choosing` and `checking`).
+    pub fn prepare(&self, progress: &dyn Progress) -> Result<Prepared> {
+        let mut warnings = Vec::new();
+        let (rules, file_to) = build_rules(&self.rules)?;
+        let (candidates, target) = self.targets(file_to)?;
+        let pt_out = is_pt(&self.output);
+        self.check_options(pt_out, target)?;
+        let mut cat = self.open_input(pt_out, &mut warnings)?;
+        let mut plan = self.plan(&mut cat, &rules, target, pt_out, &mut warnings)?;
+        if let Some(snr) = self.auto {
+            progress.phase("choosing");
+            analysis::choose_auto(&cat, &mut plan, &candidates, snr, progress, None)?;
+        }
+        self.check_data(&cat, &mut plan, progress, &mut warnings)?;
+        if let Some(max) = self.max_shard_size {
+            let over: Vec<&crate::plan::TensorPlan> =
+                plan.tensors.iter().filter(|p| p.bytes_out > max).collect();
+            if let Some(first) = over.first() {
+                warnings.push(format!(
+                    "{} tensor(s) are larger than {}{max} bytes: each is written in a shard of \
+                     its own, over the limit (`{}`: {} bytes)",
+                    over.len(),
+                    self.given_number("max-shard-size"),
+                    cat.tensors[first.tensor].name,
+                    first.bytes_out
+                ));
+            }
+        }
+        let options = Options {
+            force: self.force,
+            max_shard_size: self.max_shard_size,
+            cancel: self.cancel.clone(),
+            sync: self.sync,
+            on_overflow: self.on_overflow,
+            pt_export: formats::torch_write::PtExport {
+                inference: self.inference,
+                strip_prefix: self.strip_prefix.clone(),
+                strict: self.strict,
+            },
+            part: self.part,
+            caller: self.caller,
+        };
+        Ok(Prepared {
+            cat,
+            plan,
+            options,
+            warnings,
+        })
+    }
+
+    /// Prepares and runs the conversion (with [`ConvertRequest::dry_run`], only checks it):
+    /// the `--json` document and the warnings for the user, in order.
+    pub fn run(&self, progress: &dyn Progress) -> Result<(ConvertDoc, Vec<String>)> {
+        let p = self.prepare(progress)?;
+        if self.dry_run {
+            let layout = crate::convert::check(&p.cat, &p.plan, &self.output, &p.options)?;
+            let doc = ConvertDoc::planned(&p, &layout, &self.output);
+            return Ok((doc, p.warnings));
+        }
+        progress.phase("converting");
+        let summary = crate::convert::convert(&p.cat, &p.plan, &self.output, &p.options, progress)?;
+        let doc = ConvertDoc::finished(&p.cat, &p.plan, &summary, &self.output);
+        let mut warnings = p.warnings;
+        warnings.extend(summary.warnings.iter().cloned());
+        Ok((doc, warnings))
+    }
+}
+
+/// `convert --json`: the plan, and for a finished run what was written.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertDoc {
+    /// What every output gets.
+    #[serde(flatten)]
+    pub plan: PlanDoc,
+    /// Whether nothing was written.
+    pub dry_run: bool,
+    /// The output asked for.
+    pub output: PathBuf,
+    /// A dry run: whether the run would replace an existing output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces_existing: Option<bool>,
+    /// A finished run: what it wrote.
+    #[serde(flatten)]
+    pub written: Option<Written>,
+}
+
+/// What a finished conversion wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Written {
+    /// The files written.
+    pub written: Vec<PathBuf>,
+    /// Files of a model folder copied as they are.
+    pub files_copied: usize,
+    /// The dtype written into `config.json`.
+    pub config_dtype: Option<&'static str>,
+    /// Wall time.
+    pub seconds: f64,
+    /// Tensors with values clamped (`on_overflow clamp`), and how many values.
+    pub overflowed: Vec<(String, u64)>,
+    /// Input bytes per second.
+    pub input_bytes_per_second: f64,
+}
+
+impl ConvertDoc {
+    /// The document of a dry run.
+    pub fn planned(p: &Prepared, layout: &crate::output::Layout, output: &Path) -> ConvertDoc {
+        ConvertDoc {
+            plan: PlanDoc::new(&p.cat, &p.plan, layout),
+            dry_run: true,
+            output: output.to_path_buf(),
+            replaces_existing: Some(super::output_exists(output)),
+            written: None,
+        }
+    }
+
+    /// The document of a finished conversion.
+    pub fn finished(
+        cat: &Catalogue,
+        plan: &Plan,
+        summary: &crate::convert::Summary,
+        output: &Path,
+    ) -> ConvertDoc {
+        let secs = summary.elapsed.as_secs_f64();
+        ConvertDoc {
+            plan: PlanDoc::new(cat, plan, &summary.layout),
+            dry_run: false,
+            output: output.to_path_buf(),
+            replaces_existing: None,
+            written: Some(Written {
+                written: summary.files.clone(),
+                files_copied: summary.files_copied,
+                config_dtype: summary.config_dtype.map(|d| d.torch_name()),
+                seconds: secs,
+                overflowed: summary.overflowed.clone(),
+                input_bytes_per_second: summary.bytes_in as f64 / secs.max(1e-9),
+            }),
+        }
+    }
+}
