@@ -91,7 +91,7 @@ pub fn measure_scaled(
     sources: &Sources<'_>,
     cat: &Catalogue,
     tensor: usize,
-    layout: crate::quant::Layout,
+    layout: crate::quant::ScaleLayout,
     compute: DType,
     cancel: Option<&AtomicBool>,
 ) -> Result<ErrorStats> {

@@ -8,7 +8,7 @@
 
 use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
-use crate::quant::{Layout, Role};
+use crate::quant::{Role, ScaleLayout};
 use crate::rules::{Action, RuleSet};
 
 /// The decision for one tensor.
@@ -45,7 +45,7 @@ pub enum ScaledOut {
         /// Catalogue index of its scale (an entry the planner added).
         scale: usize,
         /// How the scale covers it.
-        layout: Layout,
+        layout: ScaleLayout,
         /// The scale's dtype (the quotient is rounded to it before the cast).
         compute: DType,
     },
@@ -62,7 +62,7 @@ pub struct Dequant {
     /// Catalogue index of the scale tensor.
     pub scale: usize,
     /// How it covers the payload.
-    pub layout: Layout,
+    pub layout: ScaleLayout,
     /// The scale's dtype, in which the product is rounded.
     pub compute: DType,
 }
@@ -188,6 +188,11 @@ pub enum Scope {
         /// Cast the floating tensors outside the state dict too.
         cast_others: bool,
     },
+    /// The checkpoint for inference (a `.pt` output with `--inference`): its structure and
+    /// every entry but the training state (optimizer, scheduler, AMP scaler, RNG states,
+    /// gradient buffers), which is dropped; the kept entries' tensors outside the state dict
+    /// keep their dtypes.
+    Inference,
 }
 
 impl Plan {
@@ -327,6 +332,23 @@ impl Plan {
                     .map(|(i, o)| other_plan(i, &o.entry, &o.section, cast_others, target))
                     .collect();
                 (others, vec![])
+            }
+            (Some(d), Scope::Inference) => {
+                let training = |section: &str| d.training.iter().any(|t| t.0 == section);
+                let others = d
+                    .others
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, o)| !training(&o.section))
+                    .map(|(i, o)| other_plan(i, &o.entry, &o.section, false, target))
+                    .collect();
+                let dropped = d
+                    .entries
+                    .iter()
+                    .filter(|e| training(&e.0))
+                    .cloned()
+                    .collect();
+                (others, dropped)
             }
         };
         let mut plan = Plan {

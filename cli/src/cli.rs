@@ -275,10 +275,16 @@ pub struct ConvertArgs {
     /// model_state_dict); found automatically otherwise.
     #[arg(long, value_name = "PATH")]
     pub key: Option<String>,
-    /// Keep only the model's weights (drop optimizer, scheduler, EMA and other training state,
-    /// with a report) and clear requires_grad.
+    /// For inference: drop the training state (optimizer, LR scheduler, AMP scaler, RNG
+    /// states, gradient buffers: recognised by structure, not only by name), keep the rest of
+    /// a .pt checkpoint (vocabularies, class counts, config), clear requires_grad; a report
+    /// lists both.
     #[arg(long)]
     pub inference: bool,
+    /// Write the state dict alone (a .pt output of a training checkpoint drops every other
+    /// entry; safetensors outputs always hold the state dict alone).
+    #[arg(long)]
+    pub state_dict_only: bool,
     /// For a .pt output of a training checkpoint: also cast the floating tensors outside the
     /// state dict (optimizer moments, EMA weights); 0-d tensors (step counters) stay. By
     /// default they keep their dtypes.

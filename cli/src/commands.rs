@@ -439,6 +439,7 @@ fn request(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Resul
     r.max_shard_size = c.max_shard_size.as_deref().map(parse_size).transpose()?;
     r.key = c.key.clone();
     r.inference = c.inference;
+    r.state_dict_only = c.state_dict_only;
     r.cast_optimizer = c.cast_optimizer;
     r.strict = c.strict;
     r.strip_prefix = c.strip_prefix.clone();
@@ -481,10 +482,11 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
                     "writes {}: a torch.save checkpoint with {} (views and tied tensors share one \
                      converted storage)",
                     c.output().display(),
-                    if plan.scope == Scope::StateDict && !plan.dropped.is_empty() {
-                        "the state dict alone"
-                    } else {
-                        "every other value of the input kept"
+                    match plan.scope {
+                        Scope::StateDict if !plan.dropped.is_empty() => "the state dict alone",
+                        Scope::Inference if !plan.dropped.is_empty() =>
+                            "the checkpoint without its training state",
+                        _ => "every other value of the input kept",
                     }
                 );
             }

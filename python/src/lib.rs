@@ -19,7 +19,7 @@ use weightcast::commands::diff::DiffRequest;
 use weightcast::commands::load::LoadRequest;
 use weightcast::commands::{Caller, ConvertRequest, RuleArg};
 use weightcast::convert::{OnOverflow, Options, Progress};
-use weightcast::{DType, Error};
+use weightcast::Error;
 
 create_exception!(
     _weightcast,
@@ -192,7 +192,7 @@ fn inspect(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult<Strin
 #[pyfunction]
 #[pyo3(signature = (src, dst, to, rules, on_overflow, max_underflow, auto, max_shard_size,
     key, inference, strip_prefix, dry_run, force, progress, cast_optimizer, strict,
-    on_quantized, scale, scale_format, sync, strict_rules, part=None))]
+    on_quantized, scale, scale_format, sync, strict_rules, part=None, state_dict_only=false))]
 #[allow(clippy::too_many_arguments)]
 fn convert(
     py: Python<'_>,
@@ -218,6 +218,7 @@ fn convert(
     sync: bool,
     strict_rules: bool,
     part: Option<String>,
+    state_dict_only: bool,
 ) -> PyResult<String> {
     let mut req = ConvertRequest::new(src, dst);
     req.caller = Caller::Python;
@@ -235,6 +236,7 @@ fn convert(
         .map_err(to_py)?;
     req.key = key;
     req.inference = inference;
+    req.state_dict_only = state_dict_only;
     req.strip_prefix = strip_prefix;
     req.force = force;
     req.cast_optimizer = cast_optimizer;
@@ -458,44 +460,112 @@ impl Loader {
     }
 }
 
-/// Writes tensors given as (name, dtype, shape, bytes) to a safetensors file as they are (the
-/// first step of `weightcast.save`, which then converts it).
-#[pyfunction]
-#[pyo3(signature = (path, tensors, metadata))]
-fn write_safetensors(
-    py: Python<'_>,
-    path: PathBuf,
-    tensors: Vec<(String, String, Vec<u64>, Bound<'_, PyAny>)>,
-    metadata: Vec<(String, String)>,
-) -> PyResult<()> {
-    use std::io::Write;
-    use weightcast::formats::safetensors::{encode_header, OutTensor};
-    let mut parts: Vec<(String, DType, Vec<u64>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (name, dtype, shape, data) in tensors {
-        let d: DType = dtype.parse().map_err(to_py)?;
-        let bytes: Vec<u8> = data.extract()?;
-        parts.push((name, d, shape, bytes));
+/// The bytes of the tensors `weightcast.save` was given, one after another, read where they
+/// are: raw pointers into buffers that the calling frame holds (and nothing writes) until the
+/// work returns.
+#[derive(Debug)]
+struct Borrowed {
+    /// (address, length) of each tensor's bytes, in order.
+    parts: Vec<(usize, usize)>,
+    /// Where each part starts in the virtual file.
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl weightcast::remote::RangeRead for Borrowed {
+    fn len(&self) -> u64 {
+        self.len
     }
-    py.detach(|| -> Result<(), Error> {
-        let outs: Vec<OutTensor<'_>> = parts
-            .iter()
-            .map(|(n, d, s, b)| OutTensor {
-                name: n,
-                dtype: *d,
-                shape: s,
-                nbytes: b.len() as u64,
-            })
-            .collect();
-        let header = encode_header(&metadata, &outs)?;
-        let mut f =
-            std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
-        f.write_all(&header).map_err(|e| Error::io(&path, e))?;
-        for (_, _, _, b) in &parts {
-            f.write_all(b).map_err(|e| Error::io(&path, e))?;
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<(), Error> {
+        let end = pos
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| Error::usage("a read past the tensors given"))?;
+        let mut i = self.starts.partition_point(|&s| s <= pos).saturating_sub(1);
+        let mut at = pos;
+        while at < end {
+            let (addr, n) = self.parts[i];
+            let off = (at - self.starts[i]) as usize;
+            let take = (n - off).min((end - at) as usize);
+            let dst = (at - pos) as usize;
+            // SAFETY: `addr..addr + n` is a live buffer of `n` bytes (see `Borrowed`), and
+            // `off + take <= n`.
+            let src = unsafe { std::slice::from_raw_parts((addr as *const u8).add(off), take) };
+            buf[dst..dst + take].copy_from_slice(src);
+            at += take as u64;
+            i += 1;
         }
-        f.flush().map_err(|e| Error::io(&path, e))
-    })
-    .map_err(to_py)
+        Ok(())
+    }
+    fn check_unchanged(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// A tensor given to `save`: (name, dtype, shape, address, byte length, owner).
+type GivenTensor<'py> = (String, String, Vec<u64>, usize, usize, Bound<'py, PyAny>);
+
+/// `weightcast.save`: tensors given as (name, dtype, shape, address, byte length, owner)
+/// streamed from their memory through the cast into `dst` (a `convert` whose input is the
+/// tensors). `owner` is the object whose memory `address` points into (a contiguous CPU
+/// tensor or array): held here until the work is over.
+#[pyfunction]
+#[pyo3(signature = (dst, tensors, metadata, to, rules, on_overflow, max_shard_size, force,
+    progress))]
+#[allow(clippy::too_many_arguments)]
+fn save(
+    py: Python<'_>,
+    dst: PathBuf,
+    tensors: Vec<GivenTensor<'_>>,
+    metadata: Vec<(String, String)>,
+    to: Option<String>,
+    rules: Vec<(String, String)>,
+    on_overflow: &str,
+    max_shard_size: Option<String>,
+    force: bool,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<String> {
+    use weightcast::formats::memory::{catalogue, MemoryTensor};
+    let mut held: Vec<Bound<'_, PyAny>> = Vec::with_capacity(tensors.len());
+    let mut described = Vec::with_capacity(tensors.len());
+    let (mut parts, mut starts, mut len) = (Vec::new(), Vec::new(), 0u64);
+    for (name, dtype, shape, addr, n, owner) in tensors {
+        if addr == 0 && n > 0 {
+            return Err(UsageError::new_err(format!("`{name}`: no data address")));
+        }
+        described.push(MemoryTensor {
+            name,
+            dtype: dtype.parse().map_err(to_py)?,
+            shape,
+            nbytes: n as u64,
+        });
+        parts.push((addr, n));
+        starts.push(len);
+        len += n as u64;
+        held.push(owner);
+    }
+    let bytes = std::sync::Arc::new(Borrowed { parts, starts, len });
+    let mut req = ConvertRequest::new(PathBuf::from("<tensors given to weightcast.save>"), dst);
+    req.caller = Caller::Python;
+    req.to = to;
+    req.rules = rule_args(rules)?;
+    req.on_overflow = parse_overflow(on_overflow)?;
+    req.max_shard_size = max_shard_size
+        .as_deref()
+        .map(weightcast::output::parse_size)
+        .transpose()
+        .map_err(to_py)?;
+    req.force = force;
+    let label = req.input.clone();
+    let result = run(py, progress.as_ref(), move |cancel, counter| {
+        req.cancel = Some(cancel.clone());
+        let cat = catalogue(&label, &described, metadata, bytes)?;
+        let (doc, warnings) = req.run_from(Some(cat), counter)?;
+        with_warnings(&doc, &warnings)
+    });
+    // The buffers are released only now that the work (and every read of them) is over.
+    drop(held);
+    result
 }
 
 #[pymodule]
@@ -510,7 +580,7 @@ fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(analyze, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(audit, m)?)?;
-    m.add_function(wrap_pyfunction!(write_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_class::<Loader>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -229,6 +229,7 @@ def convert(
     max_shard_size: Union[int, str, None] = None,
     key: Optional[str] = None,
     inference: bool = False,
+    state_dict_only: bool = False,
     strip_prefix: Optional[str] = None,
     dry_run: bool = False,
     force: bool = False,
@@ -260,6 +261,9 @@ def convert(
     when installed); a callable gets ``(bytes_done, bytes_total)``. ``part="K/N"`` writes only
     part K of N of a sharded output (run the N parts anywhere, with the same options), and
     ``part="finish"`` then checks them and writes the index: byte-identical to one run.
+    ``inference=True`` drops a training checkpoint's training state (optimizer, scheduler,
+    AMP scaler, RNG states, gradient buffers) and keeps the rest of a ``.pt`` checkpoint;
+    ``state_dict_only=True`` writes the state dict alone.
 
     >>> r = weightcast.convert("model.safetensors", "model-f16.safetensors", to="f16")
     >>> r.totals["cast"], r.written
@@ -291,6 +295,7 @@ def convert(
             sync,
             strict_rules,
             part,
+            state_dict_only,
         )
     finally:
         close()
@@ -509,24 +514,24 @@ def load(
     return out
 
 
-def _tensor_bytes(t: Any):
-    """(dtype name, shape, bytes-like) of a torch tensor or numpy array."""
+def _tensor_memory(t: Any):
+    """(dtype name, shape, address, byte length, owner) of a torch tensor or numpy array: the
+    memory weightcast reads it from, without a copy (one is made only for a tensor that is not
+    a contiguous CPU tensor already; `owner` keeps that memory alive)."""
     mod = type(t).__module__
     if mod.startswith("torch"):
-        import torch
-
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
         name = str(t.dtype)[len("torch."):]
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        return name, list(t.shape), (memoryview(raw).tobytes() if len(raw) else b"")
+        return name, list(t.shape), t.data_ptr(), t.numel() * t.element_size(), t
     import numpy as np
 
     a = np.ascontiguousarray(t)
-    name = a.dtype.name
-    return name, list(a.shape), a.tobytes()
+    if not a.dtype.isnative and a.dtype.itemsize > 1:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a.dtype.name, list(a.shape), a.__array_interface__["data"][0], a.nbytes, a
 
 
 def save(
@@ -548,43 +553,39 @@ def save(
     ``*.safetensors.index.json`` shard set, or a ``.pt`` file that
     ``torch.load(weights_only=True)`` reads; cast to ``dtype`` on the way out (``None``: as
     they are) with the same rules as :func:`convert`. The output appears whole or not at all.
+    The tensors are read where they are, streamed through the cast into the output: no copy
+    of the model, no temporary file.
 
     >>> weightcast.save(model.state_dict(), "model.safetensors", dtype="bf16")
     """
-    import tempfile
-
     dst = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     parts = []
     for name, t in tensors.items():
-        dt, shape, raw = _tensor_bytes(t)
-        parts.append((str(name), dt, shape, raw))
+        dt, shape, addr, n, owner = _tensor_memory(t)
+        parts.append((str(name), dt, shape, addr, n, owner))
+    to = _dtype_text(dtype)
+    if to is None:
+        # As they are: every tensor keeps its dtype (and a file without floating tensors has
+        # nothing to cast).
+        floating = any(p[1].startswith(("float", "bfloat")) for p in parts)
+        to = "auto" if floating else "f32"
     meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
-    fd, tmp = tempfile.mkstemp(prefix=".weightcast-save-", suffix=".safetensors", dir=parent)
-    os.close(fd)
+    cb, close = _progress(progress, "saving")
     try:
-        _native.write_safetensors(tmp, parts, meta)
-        parts_dtypes = [(p[0], p[1]) for p in parts]
-        del parts
-        to = _dtype_text(dtype)
-        if to is None:
-            # As they are: every tensor keeps its dtype (and a file without floating tensors
-            # has nothing to cast).
-            floating = any(p[1].startswith(("float", "bfloat")) for p in parts_dtypes)
-            to = "auto" if floating else "f32"
-        return convert(
-            tmp,
+        text = _native.save(
             dst,
-            to if to is not None else "auto",
-            keep=keep,
-            only=only,
-            rules=rules,
-            preset=preset,
-            on_overflow=on_overflow,
-            max_shard_size=max_shard_size,
-            force=force,
-            progress=progress,
+            parts,
+            meta,
+            to,
+            _rules(keep, only, rules, preset),
+            on_overflow,
+            None if max_shard_size is None else str(max_shard_size),
+            force,
+            cb,
         )
     finally:
-        os.unlink(tmp)
+        close()
+    doc = json.loads(text)
+    _warn(doc)
+    return Result(doc)

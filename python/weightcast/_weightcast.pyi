@@ -19,7 +19,7 @@ def convert(
     key: Optional[str], inference: bool, strip_prefix: Optional[str], dry_run: bool,
     force: bool, progress: _Progress, cast_optimizer: bool, strict: bool, on_quantized: str,
     scale: Optional[str], scale_format: Optional[str], sync: bool, strict_rules: bool,
-    part: Optional[str] = None,
+    part: Optional[str] = None, state_dict_only: bool = False,
 ) -> str: ...
 def analyze(
     path: str, to: Optional[str], rules: _Rules, key: Optional[str], scale: Optional[str],
@@ -27,9 +27,11 @@ def analyze(
 ) -> str: ...
 def diff(a: str, b: str, tolerance: Optional[float] = None) -> str: ...
 def audit(paths: Sequence[str], strict: bool = False) -> str: ...
-def write_safetensors(
-    path: str, tensors: List[Tuple[str, str, List[int], bytes]], metadata: List[Tuple[str, str]]
-) -> None: ...
+def save(
+    dst: str, tensors: List[Tuple[str, str, List[int], int, int, Any]],
+    metadata: List[Tuple[str, str]], to: Optional[str], rules: _Rules, on_overflow: str,
+    max_shard_size: Optional[str], force: bool, progress: _Progress,
+) -> str: ...
 
 class Loader:
     warnings: List[str]

@@ -24,6 +24,8 @@ pub enum InputKind {
     TorchLegacy,
     /// A TorchScript archive (`torch.jit.save`).
     TorchScript,
+    /// Tensors in the caller's memory (`weightcast.save`).
+    Memory,
 }
 
 impl InputKind {
@@ -44,6 +46,7 @@ impl InputKind {
             InputKind::Torch => "PyTorch checkpoint (torch.save zip)",
             InputKind::TorchLegacy => "PyTorch checkpoint (legacy stacked pickles)",
             InputKind::TorchScript => "TorchScript archive",
+            InputKind::Memory => "tensors in memory",
         }
     }
 }

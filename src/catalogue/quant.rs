@@ -4,7 +4,7 @@
 
 /// How a scale tensor covers its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Layout {
+pub enum ScaleLayout {
     /// One scale for the whole tensor (shape `()`, `(1,)` or `(1, 1)`).
     Tensor,
     /// One scale per output row (shape `(out, 1)` or `(out,)`).
@@ -13,13 +13,13 @@ pub enum Layout {
     Block(u64, u64),
 }
 
-impl Layout {
+impl ScaleLayout {
     /// What the plan says: `per tensor`, `per channel`, `block 128x128`.
     pub fn describe(self) -> String {
         match self {
-            Layout::Tensor => "per tensor".into(),
-            Layout::Channel => "per channel".into(),
-            Layout::Block(r, c) => format!("block {r}x{c}"),
+            ScaleLayout::Tensor => "per tensor".into(),
+            ScaleLayout::Channel => "per channel".into(),
+            ScaleLayout::Block(r, c) => format!("block {r}x{c}"),
         }
     }
 }
@@ -32,14 +32,14 @@ pub struct Scaled {
     /// Catalogue index of its scale.
     pub scale: usize,
     /// How the scale covers the payload.
-    pub layout: Layout,
+    pub layout: ScaleLayout,
 }
 
 /// What a tensor is to the quantization scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Scaled values; the scale is the catalogue tensor given.
-    Payload(usize, Layout),
+    Payload(usize, ScaleLayout),
     /// The scale of a payload.
     Scale,
     /// Another tensor of the scheme (activation scales, markers): meaningless once dequantized.

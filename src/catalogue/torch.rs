@@ -72,6 +72,9 @@ pub struct TorchDoc {
     pub others: Vec<OtherTensor>,
     /// Top-level entries other than the selected one: (name, tensors, tensor bytes).
     pub entries: Vec<(String, usize, u64)>,
+    /// The entries among them that are training state (optimizer, scheduler, AMP scaler,
+    /// RNG states, gradient buffers), and what each is: what `--inference` drops.
+    pub training: Vec<(String, &'static str)>,
     /// What two readers would read differently in the file (a `.pt` output refuses it).
     pub ambiguities: Vec<String>,
     /// Every global of every pickle torch.load would unpickle (the main one's and, for a

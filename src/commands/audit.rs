@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::audit::Class;
 use crate::formats::sniff::{self, Kind};
-use crate::formats::torch_container::{self as tc, Scan};
+use crate::formats::torch_scan::{self as tc, Scan};
 
 /// What a file is, decided from its content.
 pub type FileKind = Kind;

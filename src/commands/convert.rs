@@ -47,8 +47,13 @@ pub struct ConvertRequest {
     pub max_shard_size: Option<u64>,
     /// The state dict's entry in a training checkpoint.
     pub key: Option<String>,
-    /// Keep only the model's weights.
+    /// For inference: a `.pt` output keeps the checkpoint without its training state
+    /// (optimizer, scheduler, AMP scaler, RNG states, gradient buffers); `requires_grad` is
+    /// cleared.
     pub inference: bool,
+    /// A `.pt` output holds the state dict alone (the other entries of a training checkpoint
+    /// are dropped).
+    pub state_dict_only: bool,
     /// Cast optimizer state too (`.pt` output of a whole checkpoint).
     pub cast_optimizer: bool,
     /// Refuse globals outside torch's weights-only allowlist in a `.pt` output.
@@ -92,6 +97,7 @@ impl ConvertRequest {
             max_shard_size: None,
             key: None,
             inference: false,
+            state_dict_only: false,
             cast_optimizer: false,
             strict: false,
             strip_prefix: None,
@@ -189,11 +195,12 @@ impl ConvertRequest {
                 self.flag("max-shard-size")
             )));
         }
-        if self.cast_optimizer && (!pt_out || self.inference) {
+        if self.cast_optimizer && (!pt_out || self.inference || self.state_dict_only) {
             return Err(Error::usage(format!(
-                "{} applies to a .pt output of a whole training checkpoint (not with {})",
+                "{} applies to a .pt output of a whole training checkpoint (not with {} or {})",
                 self.flag("cast-optimizer"),
-                self.flag("inference")
+                self.flag("inference"),
+                self.flag("state-dict-only")
             )));
         }
         if let Some(scale) = &self.scale {
@@ -289,9 +296,13 @@ impl ConvertRequest {
         Ok(())
     }
 
-    /// Opens the input as asked (`key`, `strip_prefix`); its notes become warnings.
-    fn open_input(&self, pt_out: bool, warnings: &mut Vec<String>) -> Result<Catalogue> {
-        let mut cat = formats::open_with(&self.input, self.key.as_deref())?;
+    /// Takes the opened input as asked (`strip_prefix`); its notes become warnings.
+    fn adopt(
+        &self,
+        mut cat: Catalogue,
+        pt_out: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<Catalogue> {
         warnings.extend(cat.notes.iter().cloned());
         if let Some(p) = &self.strip_prefix {
             if cat.strip_prefix(p)? == 0 {
@@ -316,14 +327,15 @@ impl ConvertRequest {
         pt_out: bool,
         warnings: &mut Vec<String>,
     ) -> Result<Plan> {
-        // A .pt output keeps the whole file (optimizer state too) unless --inference keeps
-        // only the model's weights; the plan covers exactly what is written.
-        let scope = if pt_out && !self.inference {
-            Scope::WholeFile {
+        // A .pt output keeps the whole file (optimizer state too), or without its training
+        // state (--inference), or the state dict alone (--state-dict-only); the plan covers
+        // exactly what is written.
+        let scope = match (pt_out, self.state_dict_only, self.inference) {
+            (false, _, _) | (true, true, _) => Scope::StateDict,
+            (true, false, true) => Scope::Inference,
+            (true, false, false) => Scope::WholeFile {
                 cast_others: self.cast_optimizer,
-            }
-        } else {
-            Scope::StateDict
+            },
         };
         let auto_to = self.to.as_deref() == Some("auto");
         let target = if auto_to {
@@ -359,28 +371,85 @@ impl ConvertRequest {
         }
         warnings.extend(plan.warnings.iter().cloned());
         check_unmatched(&plan, self.strict_rules, self.caller)?;
-        if let (true, Some(doc)) = (self.inference, cat.torch.as_deref()) {
-            if let Some(e) = &doc.entry {
-                warnings.push(format!(
-                    "{} kept the entry `{e}`; dropped {} ({} tensor bytes saved)",
-                    self.flag("inference"),
-                    formats::torch::describe_dropped(&plan.dropped),
-                    plan.dropped.iter().map(|d| d.2).sum::<u64>()
-                ));
-            }
+        if let Some(w) = self.dropped_note(cat, &plan) {
+            warnings.push(w);
         }
         Ok(plan)
+    }
+
+    /// What `inference` or `state_dict_only` left out of a training checkpoint, in words.
+    fn dropped_note(&self, cat: &Catalogue, plan: &Plan) -> Option<String> {
+        let doc = cat.torch.as_deref()?;
+        let e = doc.entry.as_ref()?;
+        let saved = plan.dropped.iter().map(|d| d.2).sum::<u64>();
+        match plan.scope {
+            Scope::Inference if plan.dropped.is_empty() => Some(format!(
+                "{}: the checkpoint holds no training state; every entry kept",
+                self.flag("inference")
+            )),
+            Scope::Inference => {
+                let what: Vec<String> = plan
+                    .dropped
+                    .iter()
+                    .map(|d| {
+                        let why = doc.training.iter().find(|t| t.0 == d.0).map(|t| t.1);
+                        format!("`{}` ({})", d.0, why.unwrap_or("training state"))
+                    })
+                    .collect();
+                let kept: Vec<String> = doc
+                    .entries
+                    .iter()
+                    .filter(|x| !plan.dropped.iter().any(|d| d.0 == x.0))
+                    .map(|x| format!("`{}`", x.0))
+                    .collect();
+                Some(format!(
+                    "{} dropped the training state: {} ({saved} tensor bytes saved); kept the \
+                     state dict `{e}`{}",
+                    self.flag("inference"),
+                    what.join(", "),
+                    if kept.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and {}", kept.join(", "))
+                    }
+                ))
+            }
+            Scope::StateDict if self.inference || self.state_dict_only => Some(format!(
+                "{} kept the entry `{e}`; dropped {} ({saved} tensor bytes saved)",
+                self.flag(if self.state_dict_only {
+                    "state-dict-only"
+                } else {
+                    "inference"
+                }),
+                formats::torch::describe_dropped(&plan.dropped),
+            )),
+            _ => None,
+        }
     }
 
     /// Reads the input and decides everything. `progress` sees the analysis passes of
     /// `auto`, `on_overflow keep` and `max_underflow` (phases `choosing` and `checking`).
     pub fn prepare(&self, progress: &dyn Progress) -> Result<Prepared> {
+        self.prepare_from(None, progress)
+    }
+
+    /// [`ConvertRequest::prepare`] with the input already in a catalogue (tensors in memory:
+    /// `weightcast.save`), or read from [`ConvertRequest::input`] when `cat` is `None`.
+    pub fn prepare_from(
+        &self,
+        cat: Option<Catalogue>,
+        progress: &dyn Progress,
+    ) -> Result<Prepared> {
         let mut warnings = Vec::new();
         let (rules, file_to) = build_rules(&self.rules)?;
         let (candidates, target) = self.targets(file_to)?;
         let pt_out = is_pt(&self.output);
         self.check_options(pt_out, target)?;
-        let mut cat = self.open_input(pt_out, &mut warnings)?;
+        let cat = match cat {
+            Some(c) => c,
+            None => formats::open_with(&self.input, self.key.as_deref())?,
+        };
+        let mut cat = self.adopt(cat, pt_out, &mut warnings)?;
         let mut plan = self.plan(&mut cat, &rules, target, pt_out, &mut warnings)?;
         if let Some(snr) = self.auto {
             progress.phase("choosing");
@@ -426,7 +495,17 @@ impl ConvertRequest {
     /// Prepares and runs the conversion (with [`ConvertRequest::dry_run`], only checks it):
     /// the `--json` document and the warnings for the user, in order.
     pub fn run(&self, progress: &dyn Progress) -> Result<(ConvertDoc, Vec<String>)> {
-        let p = self.prepare(progress)?;
+        self.run_from(None, progress)
+    }
+
+    /// [`ConvertRequest::run`] with the input already in a catalogue (see
+    /// [`ConvertRequest::prepare_from`]).
+    pub fn run_from(
+        &self,
+        cat: Option<Catalogue>,
+        progress: &dyn Progress,
+    ) -> Result<(ConvertDoc, Vec<String>)> {
+        let p = self.prepare_from(cat, progress)?;
         if self.dry_run {
             let layout = crate::convert::check(&p.cat, &p.plan, &self.output, &p.options)?;
             let doc = ConvertDoc::planned(&p, &layout, &self.output);

@@ -152,6 +152,8 @@ pub struct Dropped {
     pub tensors: usize,
     /// Their bytes.
     pub bytes: u64,
+    /// What it is, when it is training state.
+    pub training_state: Option<&'static str>,
 }
 
 /// The plan's totals.
@@ -210,8 +212,11 @@ pub struct PlanDoc {
     pub dropped: Vec<Dropped>,
     /// The state dict's entry in a training checkpoint.
     pub state_dict_entry: Option<String>,
-    /// Whether the whole checkpoint is written (not only the state dict).
+    /// Whether the checkpoint is written (not only the state dict): whole, or without its
+    /// training state (`scope` says which).
     pub whole_file: bool,
+    /// `state_dict`, `whole_file` or `inference` (the checkpoint without its training state).
+    pub scope: &'static str,
     /// Totals.
     pub totals: PlanTotals,
     /// The weights files.
@@ -283,10 +288,20 @@ impl PlanDoc {
                     entry: n.clone(),
                     tensors: *k,
                     bytes: *b,
+                    training_state: cat
+                        .torch
+                        .as_deref()
+                        .and_then(|d| d.training.iter().find(|t| &t.0 == n))
+                        .map(|t| t.1),
                 })
                 .collect(),
             state_dict_entry: cat.torch.as_deref().and_then(|d| d.entry.clone()),
-            whole_file: matches!(plan.scope, Scope::WholeFile { .. }),
+            whole_file: !matches!(plan.scope, Scope::StateDict),
+            scope: match plan.scope {
+                Scope::StateDict => "state_dict",
+                Scope::WholeFile { .. } => "whole_file",
+                Scope::Inference => "inference",
+            },
             totals: PlanTotals {
                 tensors: plan.tensors.len() + plan.others.len(),
                 cast: t.cast,

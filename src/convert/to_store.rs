@@ -7,9 +7,9 @@
 //! check of all of them, then the folder's other files, then the index, last (the marker that
 //! the output is complete). An error or an interruption aborts the pending uploads.
 
+use super::executor::CHUNK_BYTES;
 use super::*;
-use crate::remote::store::{StoreDir, StoreFile, Upload};
-use crate::remote::RangeRead;
+use crate::remote::store::{StoreDir, Upload};
 
 impl Sink for Upload {
     fn begin(&mut self, _i: usize) -> Result<()> {
@@ -22,7 +22,7 @@ impl Sink for Upload {
 
 /// The URL of the folder a target's files go into (a folder's own; a file's parent) and the
 /// target's own file name (`None` for a folder).
-fn split_target(target: &Target) -> (String, Option<String>) {
+pub(super) fn split_target(target: &Target) -> (String, Option<String>) {
     let url = target
         .path()
         .to_string_lossy()
@@ -45,7 +45,7 @@ pub(super) fn convert_to_store(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Summary> {
-    let (target, layout) = prepare(cat, plan, out, opts)?;
+    let (target, layout) = resolve(cat, plan, out, opts)?;
     let (dir_url, own) = split_target(&target);
     if matches!(target, Target::Pt(_)) && opts.part.is_some() {
         return Err(Error::usage(
@@ -130,7 +130,11 @@ pub(super) fn convert_to_store(
 impl Job<'_> {
     /// Uploads one weights file (header, then every tensor through the executor) without
     /// completing it; returns the upload and, per plan entry with any, the overflow counts.
-    fn upload_file(&self, dir: &StoreDir, f: &OutputFile) -> Result<(Upload, Vec<(usize, u64)>)> {
+    pub(super) fn upload_file(
+        &self,
+        dir: &StoreDir,
+        f: &OutputFile,
+    ) -> Result<(Upload, Vec<(usize, u64)>)> {
         let header = self.header(f)?;
         let mut up = dir.upload(&f.name, header.len() as u64 + f.bytes)?;
         up.write(&header)?;
@@ -151,7 +155,7 @@ impl Job<'_> {
 
     /// Weights files, then (for a folder) the other files, then the index; returns the names
     /// of the objects written.
-    fn write_store(
+    pub(super) fn write_store(
         &self,
         dir: &StoreDir,
         target: &Target,
@@ -190,7 +194,7 @@ impl Job<'_> {
 
     /// Uploads the other files [`Job::copy_others`] prepared in `staging`; returns their
     /// names.
-    fn put_others(&self, dir: &StoreDir, staging: &Path) -> Result<Vec<String>> {
+    pub(super) fn put_others(&self, dir: &StoreDir, staging: &Path) -> Result<Vec<String>> {
         let mut names = Vec::new();
         let Some(folder) = &self.cat.folder else {
             return Ok(names);
@@ -211,7 +215,12 @@ impl Job<'_> {
 
     /// A `torch.save` output: written into a local temporary file (the zip writer goes back to
     /// patch its records), then uploaded.
-    fn upload_pt(&self, dir: &StoreDir, name: &str, summary: &mut Summary) -> Result<()> {
+    pub(super) fn upload_pt(
+        &self,
+        dir: &StoreDir,
+        name: &str,
+        summary: &mut Summary,
+    ) -> Result<()> {
         use std::io::Read;
         let staging = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
         let local = staging.path().join(name);
@@ -236,7 +245,7 @@ impl Job<'_> {
     /// `--part K/N` into an object store: this part's shards, each completed once written and
     /// checked; `--part finish`: every shard checked (size and header), then the other files
     /// and the index.
-    fn store_part(
+    pub(super) fn store_part(
         &self,
         dir: &StoreDir,
         target: &Target,
@@ -250,57 +259,13 @@ impl Job<'_> {
                  file",
             ));
         }
-        let plan = self.plan;
-        let mine = part.files(&layout);
-        let mut summary = Summary::part(plan, &mine, &layout, self.progress);
-        if let Part::Shards { .. } = part {
-            for f in mine {
-                if !self.opts.force && dir.size_of(&f.name)?.is_some() {
-                    return Err(Error::usage(format!(
-                        "{}: already exists (use --force to replace it)",
-                        dir.url_of(&f.name)
-                    )));
-                }
-                let (up, counts) = self.upload_file(dir, f)?;
-                summary
-                    .overflowed
-                    .extend(self.written(self.named(&counts))?);
-                up.complete()?;
-                summary.files.push(PathBuf::from(dir.url_of(&f.name)));
-            }
-            return Ok(summary);
-        }
-        for (i, f) in layout.files.iter().enumerate() {
-            let url = dir.url_of(&f.name);
-            let header = self.header(f)?;
-            let Some(size) = dir.size_of(&f.name)? else {
-                return Err(Error::Refused(format!(
-                    "{url}: missing; run the part that writes shard {} first (nothing was \
-                     finished)",
-                    i + 1
-                )));
-            };
-            let mut head = vec![0u8; header.len()];
-            let same = size == header.len() as u64 + f.bytes
-                && StoreFile::open(&url)
-                    .and_then(|s| s.read_exact_at(&mut head, 0))
-                    .is_ok()
-                && head == header;
-            if !same {
-                return Err(Error::Refused(format!(
-                    "{url}: not the shard this plan writes (another input, options or weightcast \
-                     version?); nothing was finished"
-                )));
-            }
-        }
-        let staging = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        if matches!(target, Target::Folder(_)) {
-            self.copy_others(staging.path(), &mut summary)?;
-            summary.files_copied = self.put_others(dir, staging.path())?.len();
-        }
-        let index = layout.index.as_ref().expect("checked above");
-        dir.put(index, index_json(self.cat, plan, &layout).into_bytes())?;
-        summary.files.push(PathBuf::from(dir.url_of(index)));
-        Ok(summary)
+        let folder = matches!(target, Target::Folder(_));
+        super::part::run(
+            &super::part::StorePrefix { dir },
+            self,
+            folder,
+            &layout,
+            part,
+        )
     }
 }

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use crate::catalogue::{Catalogue, FolderInfo, InputKind, SourceFile, TensorEntry};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::safetensors;
 
@@ -205,24 +206,10 @@ fn open_remote_dir(path: &Path, dir: RemoteDir) -> Result<Catalogue> {
         .prefix(".weightcast-remote-")
         .tempdir()
         .map_err(|e| Error::invalid(path, format!("cannot create a temporary folder: {e}")))?;
-    let top = |suffix: &str| -> Vec<&String> {
-        files
-            .iter()
-            .filter(|f| !f.contains('/') && f.ends_with(suffix))
-            .collect()
-    };
-    let index = pick(
-        &top(".safetensors.index.json"),
-        "model.safetensors.index.json",
-    )
-    .cloned();
-    let singles = top(".safetensors");
-    let single = pick(&singles, "model.safetensors").cloned();
+    let top: Vec<&String> = files.iter().filter(|f| !f.contains('/')).collect();
+    let weights = which_weights(&top).map_err(|e| Error::invalid(path, e))?;
     let is_torch = |n: &str| [".bin", ".pt", ".pth"].iter().any(|e| n.ends_with(e));
-    let torch = index.is_none()
-        && singles.is_empty()
-        && (!top(".bin.index.json").is_empty()
-            || files.iter().any(|f| !f.contains('/') && is_torch(f)));
+    let torch = matches!(weights, Weights::TorchIndex(_) | Weights::Torch(_));
     let is_weights = |n: &str| {
         [
             ".safetensors",
@@ -272,36 +259,17 @@ fn open_remote_dir(path: &Path, dir: RemoteDir) -> Result<Catalogue> {
         ));
         return Ok(cat);
     }
-    let (cat, index_name) = match (&index, &single) {
-        (Some(i), _) => {
+    let (cat, index_name) = match weights {
+        Weights::SafetensorsIndex(i) => {
             let base = dir.url_of("");
             let base = base.trim_end_matches('/');
-            (
-                open_index_at(&tmp_dir.join(i), Some(base))?,
-                Some(i.clone()),
-            )
+            (open_index_at(&tmp_dir.join(&i), Some(base))?, Some(i))
         }
-        (None, Some(s)) => {
-            let (sf, header) = remote_source(&PathBuf::from(dir.url_of(s)), s.clone())?;
+        Weights::Safetensors(s) => {
+            let (sf, header) = remote_source(&PathBuf::from(dir.url_of(&s)), s.clone())?;
             (single_catalogue(path, sf, &header), None)
         }
-        (None, None) => {
-            return Err(Error::invalid(
-                path,
-                if singles.len() > 1 {
-                    format!(
-                        "several safetensors files ({}) and no index: name one file",
-                        singles
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                } else {
-                    "no weights here (no .safetensors, no index, no pytorch_model.bin)".to_string()
-                },
-            ))
-        }
+        Weights::TorchIndex(_) | Weights::Torch(_) => unreachable!("opened from the copy above"),
     };
     as_folder(cat, path, &tmp_dir, index_name, keep)
 }
@@ -504,62 +472,16 @@ pub fn open_folder(dir: &Path) -> Result<Catalogue> {
         }
     }
     names.sort();
-    let indexes: Vec<&String> = names
-        .iter()
-        .filter(|n| n.ends_with(".safetensors.index.json"))
-        .collect();
-    let singles: Vec<&String> = names
-        .iter()
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
-    let (cat, index_name) = if let Some(index) = pick(&indexes, "model.safetensors.index.json") {
-        (open_index(&dir.join(index))?, Some(index.clone()))
-    } else if let Some(single) = pick(&singles, "model.safetensors") {
-        (open_file(&dir.join(single))?, None)
-    } else if singles.is_empty() {
-        let bin_indexes: Vec<&String> = names
-            .iter()
-            .filter(|n| n.ends_with(".bin.index.json"))
-            .collect();
-        let torch: Vec<&String> = names
-            .iter()
-            .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
-            .collect();
-        if let Some(index) = pick(&bin_indexes, "pytorch_model.bin.index.json") {
-            (open_torch_index(&dir.join(index))?, Some(index.clone()))
-        } else if let Some(single) = pick(&torch, "pytorch_model.bin") {
-            let mut c = crate::formats::torch::open(&dir.join(single), None)?;
-            c.files[0].name = single.clone();
+    let refs: Vec<&String> = names.iter().collect();
+    let (cat, index_name) = match which_weights(&refs).map_err(|e| Error::invalid(dir, e))? {
+        Weights::SafetensorsIndex(i) => (open_index(&dir.join(&i))?, Some(i)),
+        Weights::Safetensors(f) => (open_file(&dir.join(f))?, None),
+        Weights::TorchIndex(i) => (open_torch_index(&dir.join(&i))?, Some(i)),
+        Weights::Torch(f) => {
+            let mut c = crate::formats::torch::open(&dir.join(&f), None)?;
+            c.files[0].name = f;
             (c, None)
-        } else {
-            return Err(Error::invalid(
-                dir,
-                if torch.is_empty() {
-                    "no weights in this folder (no .safetensors, no pytorch_model.bin)".to_string()
-                } else {
-                    format!(
-                        "several PyTorch files ({}) and no index: pass one file",
-                        torch
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                },
-            ));
         }
-    } else {
-        return Err(Error::invalid(
-            dir,
-            format!(
-                "several safetensors files ({}) and no index: pass one file or add an index",
-                singles
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
     };
     as_folder(cat, dir, dir, index_name, None)
 }
@@ -654,6 +576,69 @@ fn open_torch_index(index_path: &Path) -> Result<Catalogue> {
     Ok(cat)
 }
 
+/// Which files of a model folder are its weights, from the names of its top-level files: a
+/// safetensors index (`model.safetensors.index.json` preferred), else one safetensors file
+/// (`model.safetensors`), else (no safetensors file) a PyTorch index or one PyTorch file
+/// (`pytorch_model.bin`). The one rule for local and remote folders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Weights {
+    /// A safetensors index and its shards.
+    SafetensorsIndex(String),
+    /// One safetensors file.
+    Safetensors(String),
+    /// `pytorch_model.bin.index.json` and its `.bin` shards.
+    TorchIndex(String),
+    /// One torch.save file.
+    Torch(String),
+}
+
+/// The weights among `names`, or why there are none (or several and no index).
+fn which_weights(names: &[&String]) -> std::result::Result<Weights, String> {
+    let with = |suffix: &str| -> Vec<&String> {
+        names
+            .iter()
+            .copied()
+            .filter(|n| n.ends_with(suffix))
+            .collect()
+    };
+    let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    let singles = with(".safetensors");
+    if let Some(i) = pick(
+        &with(".safetensors.index.json"),
+        "model.safetensors.index.json",
+    ) {
+        return Ok(Weights::SafetensorsIndex(i.clone()));
+    }
+    if let Some(s) = pick(&singles, "model.safetensors") {
+        return Ok(Weights::Safetensors(s.clone()));
+    }
+    if !singles.is_empty() {
+        return Err(format!(
+            "several safetensors files ({}) and no index: pass one file or add an index",
+            list(&singles)
+        ));
+    }
+    let torch: Vec<&String> = names
+        .iter()
+        .copied()
+        .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
+        .collect();
+    if let Some(i) = pick(&with(".bin.index.json"), "pytorch_model.bin.index.json") {
+        return Ok(Weights::TorchIndex(i.clone()));
+    }
+    if let Some(t) = pick(&torch, "pytorch_model.bin") {
+        return Ok(Weights::Torch(t.clone()));
+    }
+    Err(if torch.is_empty() {
+        "no weights here (no .safetensors, no index, no pytorch_model.bin)".to_string()
+    } else {
+        format!(
+            "several PyTorch files ({}) and no index: pass one file",
+            list(&torch)
+        )
+    })
+}
+
 fn pick<'a>(candidates: &[&'a String], preferred: &str) -> Option<&'a String> {
     candidates
         .iter()
@@ -694,4 +679,38 @@ fn collect_other_files(
         }
     }
     Ok(())
+}
+
+/// Sets `torch_dtype` (and `dtype`, where present) in a config.json to `dtype`, keeping key
+/// order. Returns `None` when the file is not a JSON object.
+pub(crate) fn update_config(
+    path: &Path,
+    dtype: Option<DType>,
+    dequantized: bool,
+    quant_config: Option<&serde_json::Value>,
+) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(&text)
+    else {
+        return Ok(None);
+    };
+    if dequantized {
+        map.remove("quantization_config");
+    }
+    if let Some(q) = quant_config {
+        map.insert("quantization_config".into(), q.clone());
+    }
+    if let Some(d) = dtype {
+        let v = serde_json::Value::String(d.torch_name().to_string());
+        let has_dtype = map.contains_key("dtype");
+        if map.contains_key("torch_dtype") || !has_dtype {
+            map.insert("torch_dtype".into(), v.clone());
+        }
+        if has_dtype {
+            map.insert("dtype".into(), v);
+        }
+    }
+    let mut s = serde_json::to_string_pretty(&serde_json::Value::Object(map)).expect("JSON");
+    s.push('\n');
+    Ok(Some(s))
 }

@@ -1,12 +1,14 @@
 //! Formats at the edge: each reads its files into a [`Catalogue`](crate::catalogue::Catalogue)
 //! or writes one out.
 
+pub mod checkpoint;
 pub mod folder;
+pub mod memory;
 pub mod pickle;
 pub mod safetensors;
 pub mod sniff;
 pub mod torch;
-pub mod torch_container;
+pub mod torch_scan;
 pub mod torch_write;
 
 pub use folder::{open, open_with, what_is};

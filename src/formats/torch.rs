@@ -23,8 +23,6 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, Call, Node, NodeId, Pickle};
 
-/// Largest `data.pkl` read into memory.
-const MAX_PICKLE: u64 = 1 << 30;
 /// Largest storage span read at once to gather a non-contiguous view.
 const MAX_GATHER: u64 = 1 << 30;
 /// Deepest nesting followed when looking for tensors.
@@ -71,10 +69,8 @@ pub struct Archive {
 }
 
 pub use crate::catalogue::torch::{OtherTensor, Rebuild, Site, TensorRef, TorchDoc};
-pub use crate::formats::torch_container::is_zip;
-
-/// The magic number legacy torch.save files start with, as LONG1 bytes (little-endian).
-const LEGACY_MAGIC: [u8; 10] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19];
+pub use crate::formats::torch_scan::is_zip;
+use crate::formats::torch_scan::{LEGACY_MAGIC, MAX_PICKLE};
 
 /// Reads a legacy torch.save file: magic, protocol version, sys_info, the main pickle, the list
 /// of storage keys, then each storage as an 8-byte element count and its bytes.
@@ -115,21 +111,13 @@ fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Archive> {
         .is_some_and(|v| sys_info.node(v) == &Node::Bool(false));
     // Element size of each storage, from the persistent ids of the main pickle.
     let mut elsize: HashMap<String, u64> = HashMap::new();
-    for n in &main.nodes {
-        if let Node::PersId(t) = n {
-            let Some(t) = main.seq(*t) else { continue };
-            if t.len() >= 5 && main.str(t[0]) == Some("storage") {
-                let key = match main.node(t[2]) {
-                    Node::Str(s) => s.clone(),
-                    Node::Int(i) => i.to_string(),
-                    _ => continue,
-                };
-                if let Some((_, sname)) = main.global(t[1]) {
-                    let size = DType::from_storage_name(sname)
-                        .map(|d| (d.bitsize() as u64 / 8).max(1))
-                        .unwrap_or(1);
-                    elsize.insert(key, size);
-                }
+    for id in 0..main.nodes.len() {
+        if let Some(sid) = storage_id(&main, id) {
+            if let Some((_, sname)) = sid.storage_type(&main) {
+                let size = DType::from_storage_name(sname)
+                    .map(|d| (d.bitsize() as u64 / 8).max(1))
+                    .unwrap_or(1);
+                elsize.insert(sid.key, size);
             }
         }
     }
@@ -190,7 +178,7 @@ fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Archive> {
     })
 }
 
-use crate::formats::torch_container::has_zip_end;
+use crate::formats::torch_scan::has_zip_end;
 
 /// The five stacked pickles of a legacy file and where the raw storages begin.
 fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> {
@@ -215,8 +203,8 @@ fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> 
 /// container is decided as torch decides it: a zip when the first four bytes are a zip local
 /// header, stacked pickles otherwise.
 pub fn read_archive(path: &Path) -> Result<Archive> {
-    use crate::formats::torch_container::{zip_ambiguities, Container};
-    let (file, file_len, container) = crate::formats::torch_container::open(path)?;
+    use crate::formats::torch_scan::{zip_ambiguities, Container};
+    let (file, file_len, container) = crate::formats::torch_scan::open(path)?;
     match container {
         Container::Tar => {
             return Err(Error::invalid(
@@ -231,7 +219,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     }
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
-        .map_err(|e| crate::formats::torch_container::zip_error(path, e))?;
+        .map_err(|e| crate::formats::torch_scan::zip_error(path, e))?;
     let ambiguities = zip_ambiguities(&file, file_len, &mut zip);
     let mut records = HashMap::new();
     let mut prefix: Option<String> = None;
@@ -287,7 +275,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     let prefix = prefix.unwrap_or_default();
     let torchscript = records.contains_key("constants.pkl");
     let read_record = |zip: &mut zip::ZipArchive<_>, rest: &str, limit: u64| -> Result<Vec<u8>> {
-        crate::formats::torch_container::read_record(path, zip, &format!("{prefix}{rest}"), limit)
+        crate::formats::torch_scan::read_record(path, zip, &format!("{prefix}{rest}"), limit)
             .map(|(_, buf)| buf)
     };
     if !records.contains_key("data.pkl") {
@@ -409,6 +397,14 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     }
     dec.pin_unread_storages(pk.root);
     let entries = top_entries(pk, entry.as_deref(), &others);
+    let training: Vec<(String, &'static str)> = entries
+        .iter()
+        .filter_map(|(name, _, _)| {
+            let value = dict_get(pk, pk.root, name)?;
+            let why = crate::formats::checkpoint::training_state(pk, name, value, &others)?;
+            Some((name.clone(), why))
+        })
+        .collect();
     // An entry named by --key is what the user asked for: nothing to tell.
     if let Some(p) = entry.as_ref().filter(|_| key.is_none()) {
         notes.push(format!(
@@ -465,6 +461,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         rebuilds,
         others,
         entries,
+        training,
         ambiguities: ar.ambiguities.clone(),
         globals: globals.clone(),
         aliases: aliases.clone(),
@@ -619,20 +616,42 @@ pub fn reachable(pk: &Pickle, root: NodeId) -> Vec<NodeId> {
     out
 }
 
-/// The storage key of a persistent id `("storage", type, key, location, numel)`.
-pub fn persid_key(pk: &Pickle, persid: NodeId) -> Option<String> {
+/// A storage's persistent id as torch.save writes it: `("storage", type, key, location,
+/// numel)` (a legacy file adds a view field). The one parser of persistent ids.
+pub struct StorageId<'p> {
+    /// The tuple's items.
+    pub items: &'p [NodeId],
+    /// The storage key (a legacy file's keys are integers, written as text).
+    pub key: String,
+}
+
+impl StorageId<'_> {
+    /// The storage type's global (`torch`, `FloatStorage`).
+    pub fn storage_type<'a>(&self, pk: &'a Pickle) -> Option<(&'a str, &'a str)> {
+        pk.global(self.items[1])
+    }
+}
+
+/// The storage id node `persid` holds, if it is one.
+pub fn storage_id(pk: &Pickle, persid: NodeId) -> Option<StorageId<'_>> {
     let Node::PersId(t) = pk.node(persid) else {
         return None;
     };
-    let t = pk.seq(*t)?;
-    if t.len() < 5 || pk.str(t[0]) != Some("storage") {
+    let items = pk.seq(*t)?;
+    if items.len() < 5 || pk.str(items[0]) != Some("storage") {
         return None;
     }
-    match pk.node(t[2]) {
-        Node::Str(s) => Some(s.clone()),
-        Node::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
+    let key = match pk.node(items[2]) {
+        Node::Str(s) => s.clone(),
+        Node::Int(i) => i.to_string(),
+        _ => return None,
+    };
+    Some(StorageId { items, key })
+}
+
+/// The storage key of a persistent id `("storage", type, key, location, numel)`.
+pub fn persid_key(pk: &Pickle, persid: NodeId) -> Option<String> {
+    storage_id(pk, persid).map(|s| s.key)
 }
 
 /// "`optimizer` (8 tensors, 1234 bytes), `epoch`".
@@ -1073,18 +1092,18 @@ fn tensor_call(
             .ok_or_else(|| format!("rebuild call has no argument {i}"))
     };
     let persid = get(0)?;
-    let Node::PersId(pid) = pk.node(persid) else {
+    if !matches!(pk.node(persid), Node::PersId(_)) {
         return Err("storage is not a persistent id".into());
-    };
-    let pid = pk.seq(*pid).ok_or("storage id is not a tuple")?;
-    if pid.len() < 5 || pk.str(pid[0]) != Some("storage") {
-        return Err("storage id is not (\"storage\", type, key, location, numel)".into());
     }
+    let sid = storage_id(pk, persid).ok_or(
+        "storage id is not (\"storage\", type, key, location, numel) with a string or integer key",
+    )?;
+    let pid = sid.items;
     if pid.len() > 5 && pk.node(pid[5]) != &Node::None {
         return Err("legacy storage views (pre-1.0 files) are not read".into());
     }
-    let (smod, sname) = pk.global(pid[1]).ok_or("storage type is not a global")?;
-    let key = persid_key(pk, persid).ok_or("storage key is not a string")?;
+    let (smod, sname) = sid.storage_type(pk).ok_or("storage type is not a global")?;
+    let key = sid.key.clone();
     let dtype = if v3 {
         let (_, name) = pk.global(get(6)?).ok_or("v3 dtype is not a torch dtype")?;
         DType::ALL

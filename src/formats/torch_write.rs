@@ -98,8 +98,10 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
         )));
     }
     let mut pk = doc.pickle.clone();
-    if plan.scope == Scope::StateDict {
-        pk.root = doc.selected;
+    match plan.scope {
+        Scope::StateDict => pk.root = doc.selected,
+        Scope::Inference => drop_entries(&mut pk, &plan.dropped),
+        Scope::WholeFile { .. } => {}
     }
     if let Some(prefix) = &export.strip_prefix {
         strip_prefix(path, &mut pk, doc.selected, prefix)?;
@@ -150,7 +152,7 @@ fn storage_decisions(
     for r in rebuilds {
         let entry = match r.tensor {
             TensorRef::Selected(i) => plan.tensors.get(i),
-            TensorRef::Other(i) => plan.others.get(i),
+            TensorRef::Other(i) => plan.others.iter().find(|p| p.tensor == i),
         };
         let d = match entry {
             Some(p) => (p.from, p.to),
@@ -459,15 +461,11 @@ impl<'a> Rewriter<'a> {
     /// and a legacy file's 6-tuple loses its (empty) view field.
     fn normalize_storage_ids(&mut self, path: &Path) -> Result<()> {
         for id in reachable(self.pk, self.pk.root) {
-            let Node::PersId(t) = self.pk.node(id).clone() else {
+            let Some(mut items) =
+                crate::formats::torch::storage_id(self.pk, id).map(|s| s.items.to_vec())
+            else {
                 continue;
             };
-            let Some(mut items) = self.pk.seq(t).map(<[NodeId]>::to_vec) else {
-                continue;
-            };
-            if items.len() < 5 || self.pk.str(items[0]) != Some("storage") {
-                continue;
-            }
             if items.len() > 5 && self.pk.node(items[5]) != &Node::None {
                 return Err(Error::usage(format!(
                     "{}: a pre-1.0 storage view cannot be written to the zip format",
@@ -484,6 +482,21 @@ impl<'a> Rewriter<'a> {
         }
         Ok(())
     }
+}
+
+/// Removes the top-level entries `dropped` names from the checkpoint's dict (a new root node:
+/// the rest of the pickle is shared, and what only they reached is no longer written).
+fn drop_entries(pk: &mut Pickle, dropped: &[(String, usize, u64)]) {
+    let gone = |pk: &Pickle, k: NodeId| pk.str(k).is_some_and(|k| dropped.iter().any(|d| d.0 == k));
+    let node = match pk.node(pk.root).clone() {
+        Node::Dict(items) => Node::Dict(items.into_iter().filter(|&(k, _)| !gone(pk, k)).collect()),
+        Node::Object(mut o) => {
+            o.items.retain(|&(k, _)| !gone(pk, k));
+            Node::Object(o)
+        }
+        _ => return,
+    };
+    pk.root = add(pk, node);
 }
 
 /// Sets `requires_grad` to False in every tensor rebuild and Parameter wrapper.

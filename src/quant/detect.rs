@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{is_payload_dtype, Declared, Layout, Quantization, Scaled};
+use super::{is_payload_dtype, Declared, Quantization, ScaleLayout, Scaled};
 use crate::catalogue::{Catalogue, TensorEntry};
 
 /// Largest config file read.
@@ -350,10 +350,10 @@ fn layout_of(
     s: &TensorEntry,
     block: Option<(u64, u64)>,
     strategy: Option<&str>,
-) -> Result<Layout, String> {
+) -> Result<ScaleLayout, String> {
     let n = s.numel();
     if n == 1 && !matches!(strategy, Some("block")) {
-        return Ok(Layout::Tensor);
+        return Ok(ScaleLayout::Tensor);
     }
     if p.shape.len() != 2 {
         return Err("a scale per channel or block needs a 2-D weight".into());
@@ -361,7 +361,7 @@ fn layout_of(
     let (out, inn) = (p.shape[0], p.shape[1]);
     let is_channel = n == out && (s.shape == [out, 1] || s.shape == [out]);
     if is_channel && !matches!(strategy, Some("block") | Some("tensor")) {
-        return Ok(Layout::Channel);
+        return Ok(ScaleLayout::Channel);
     }
     if s.shape.len() == 2 && !matches!(strategy, Some("channel") | Some("tensor")) {
         let (r, c) = (s.shape[0], s.shape[1]);
@@ -370,13 +370,13 @@ fn layout_of(
         };
         if let Some(b) = block {
             return if fits(b) {
-                Ok(Layout::Block(b.0, b.1))
+                Ok(ScaleLayout::Block(b.0, b.1))
             } else {
                 Err(format!("does not fit blocks of {}x{}", b.0, b.1))
             };
         }
         if fits((128, 128)) {
-            return Ok(Layout::Block(128, 128));
+            return Ok(ScaleLayout::Block(128, 128));
         }
         return Err("no block size in the config, and 128x128 does not fit".into());
     }

@@ -21,7 +21,7 @@ use crate::source::Sources;
 /// values; the payload it scales would be a TB).
 const MAX_SCALE_VALUES: u64 = 1 << 28;
 
-pub use crate::catalogue::quant::{Declared, Layout, Quantization, Role, Scaled};
+pub use crate::catalogue::quant::{Declared, Quantization, Role, ScaleLayout, Scaled};
 
 /// What to do with a quantized input (`--on-quantized`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl std::str::FromStr for OnQuantized {
 #[derive(Debug, Clone)]
 pub struct ScaleTable {
     /// How the scale covers the payload.
-    pub layout: Layout,
+    pub layout: ScaleLayout,
     /// Columns of the payload (its last dimension; 1 for 0-d and 1-D per-tensor payloads).
     pub cols: u64,
     /// Columns of the scale grid (block layout).
@@ -96,7 +96,7 @@ impl ScaleTable {
             1
         };
         let scale_cols = match s.layout {
-            Layout::Block(_, bc) => cols.div_ceil(bc),
+            ScaleLayout::Block(_, bc) => cols.div_ceil(bc),
             _ => 1,
         };
         Ok(ScaleTable {
@@ -112,7 +112,7 @@ impl ScaleTable {
     /// offsets `0..n`) that share one scale.
     #[inline]
     pub fn runs(&self, first: u64, n: usize, mut f: impl FnMut(std::ops::Range<usize>, f32)) {
-        if self.layout == Layout::Tensor {
+        if self.layout == ScaleLayout::Tensor {
             f(0..n, self.values[0]);
             return;
         }
@@ -121,7 +121,7 @@ impl ScaleTable {
         while k < n {
             let (row, col) = (e / self.cols, e % self.cols);
             let (len, s) = match self.layout {
-                Layout::Block(br, bc) => (
+                ScaleLayout::Block(br, bc) => (
                     (bc - col % bc).min(self.cols - col),
                     self.values[(row / br * self.scale_cols + col / bc) as usize],
                 ),
@@ -221,9 +221,11 @@ mod tests {
         for r in 0..rows {
             for c in 0..t.cols {
                 let s = match t.layout {
-                    Layout::Tensor => t.values[0],
-                    Layout::Channel => t.values[r as usize],
-                    Layout::Block(br, bc) => t.values[(r / br * t.scale_cols + c / bc) as usize],
+                    ScaleLayout::Tensor => t.values[0],
+                    ScaleLayout::Channel => t.values[r as usize],
+                    ScaleLayout::Block(br, bc) => {
+                        t.values[(r / br * t.scale_cols + c / bc) as usize]
+                    }
                 };
                 out.push(cast::fp8::e4m3_to_f32(q[(r * t.cols + c) as usize]) * s);
             }
@@ -235,15 +237,19 @@ mod tests {
     fn dequantize_matches_element_indexing_from_any_chunk_start() {
         let (rows, cols) = (5u64, 7u64);
         let q: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 120) as u8).collect();
-        for layout in [Layout::Tensor, Layout::Channel, Layout::Block(2, 3)] {
+        for layout in [
+            ScaleLayout::Tensor,
+            ScaleLayout::Channel,
+            ScaleLayout::Block(2, 3),
+        ] {
             let scale_cols = match layout {
-                Layout::Block(_, bc) => cols.div_ceil(bc),
+                ScaleLayout::Block(_, bc) => cols.div_ceil(bc),
                 _ => 1,
             };
             let n = match layout {
-                Layout::Tensor => 1,
-                Layout::Channel => rows,
-                Layout::Block(br, _) => rows.div_ceil(br) * scale_cols,
+                ScaleLayout::Tensor => 1,
+                ScaleLayout::Channel => rows,
+                ScaleLayout::Block(br, _) => rows.div_ceil(br) * scale_cols,
             };
             let t = ScaleTable {
                 layout,

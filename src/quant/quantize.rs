@@ -12,7 +12,7 @@
 
 use serde_json::{json, Value};
 
-use super::{Layout, ScaleTable};
+use super::{ScaleLayout, ScaleTable};
 use crate::cast;
 use crate::catalogue::{Catalogue, TensorEntry};
 use crate::dtype::DType;
@@ -52,7 +52,7 @@ impl std::str::FromStr for Format {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scheme {
     /// One scale per tensor, per output channel or per block.
-    pub layout: Layout,
+    pub layout: ScaleLayout,
     /// The file layout.
     pub format: Format,
 }
@@ -61,16 +61,16 @@ impl Scheme {
     /// Parses `--scale tensor|channel|block[:RxC]` with a format.
     pub fn parse(scale: &str, format: Format) -> Result<Scheme> {
         let layout = match scale {
-            "tensor" => Layout::Tensor,
-            "channel" => Layout::Channel,
-            "block" => Layout::Block(128, 128),
+            "tensor" => ScaleLayout::Tensor,
+            "channel" => ScaleLayout::Channel,
+            "block" => ScaleLayout::Block(128, 128),
             s => {
                 let dims = s.strip_prefix("block:").and_then(|d| {
                     let (r, c) = d.split_once('x')?;
                     Some((r.parse::<u64>().ok()?, c.parse::<u64>().ok()?))
                 });
                 match dims {
-                    Some((r, c)) if r > 0 && c > 0 => Layout::Block(r, c),
+                    Some((r, c)) if r > 0 && c > 0 => ScaleLayout::Block(r, c),
                     _ => {
                         return Err(Error::usage(format!(
                             "--scale {s}: use tensor, channel, block or block:RxC (e.g. \
@@ -80,7 +80,7 @@ impl Scheme {
                 }
             }
         };
-        if format == Format::Fp8 && !matches!(layout, Layout::Block(..)) {
+        if format == Format::Fp8 && !matches!(layout, ScaleLayout::Block(..)) {
             return Err(Error::usage(
                 "--scale-format fp8 writes block scales (vLLM's and DeepSeek's layout): use \
                  --scale block, or compressed-tensors for tensor and channel scales",
@@ -108,9 +108,9 @@ impl Scheme {
     /// The scale tensor's shape for a `[out, in]` weight.
     pub fn scale_shape(&self, shape: &[u64]) -> Vec<u64> {
         match self.layout {
-            Layout::Tensor => vec![1],
-            Layout::Channel => vec![shape[0], 1],
-            Layout::Block(r, c) => vec![shape[0].div_ceil(r), shape[1].div_ceil(c)],
+            ScaleLayout::Tensor => vec![1],
+            ScaleLayout::Channel => vec![shape[0], 1],
+            ScaleLayout::Block(r, c) => vec![shape[0].div_ceil(r), shape[1].div_ceil(c)],
         }
     }
 
@@ -120,7 +120,7 @@ impl Scheme {
     pub fn config(&self, ignore: &[String]) -> Value {
         match self.format {
             Format::Fp8 => {
-                let Layout::Block(r, c) = self.layout else {
+                let ScaleLayout::Block(r, c) = self.layout else {
                     unreachable!("checked by Scheme::parse")
                 };
                 json!({
@@ -139,15 +139,15 @@ impl Scheme {
                     })
                 };
                 let (weights, inputs) = match self.layout {
-                    Layout::Tensor => (
+                    ScaleLayout::Tensor => (
                         args("tensor", Value::Null, Value::Null, false),
                         args("token", Value::Null, Value::Null, true),
                     ),
-                    Layout::Channel => (
+                    ScaleLayout::Channel => (
                         args("channel", Value::Null, Value::Null, false),
                         args("token", Value::Null, Value::Null, true),
                     ),
-                    Layout::Block(r, c) => (
+                    ScaleLayout::Block(r, c) => (
                         args("block", json!([r, c]), Value::Null, false),
                         args("group", Value::Null, json!(c), true),
                     ),
@@ -232,7 +232,7 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             out.push(p);
             continue;
         }
-        if let (Format::Fp8, Layout::Block(r, c)) = (scheme.format, scheme.layout) {
+        if let (Format::Fp8, ScaleLayout::Block(r, c)) = (scheme.format, scheme.layout) {
             if t.shape[0] % r != 0 || t.shape[1] % c != 0 {
                 plan.warnings.push(format!(
                     "`{}` {:?} is not a whole number of {r}x{c} blocks: vLLM's fp8 block \
@@ -307,19 +307,19 @@ pub fn compute_scales(
     cat: &Catalogue,
     sources: &Sources<'_>,
     payload: usize,
-    layout: Layout,
+    layout: ScaleLayout,
     compute: DType,
 ) -> Result<ScaleTable> {
     let t = &cat.tensors[payload];
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let scale_cols = match layout {
-        Layout::Block(_, bc) => cols.div_ceil(bc),
+        ScaleLayout::Block(_, bc) => cols.div_ceil(bc),
         _ => 1,
     };
     let groups = match layout {
-        Layout::Tensor => 1,
-        Layout::Channel => rows,
-        Layout::Block(br, _) => rows.div_ceil(br) * scale_cols,
+        ScaleLayout::Tensor => 1,
+        ScaleLayout::Channel => rows,
+        ScaleLayout::Block(br, _) => rows.div_ceil(br) * scale_cols,
     } as usize;
     let mut table = ScaleTable {
         layout,
@@ -433,9 +433,9 @@ impl ScaleTable {
     /// The index in [`ScaleTable::values`] of the scale of element `e`.
     pub fn group_of(&self, e: u64) -> usize {
         match self.layout {
-            Layout::Tensor => 0,
-            Layout::Channel => (e / self.cols) as usize,
-            Layout::Block(br, bc) => {
+            ScaleLayout::Tensor => 0,
+            ScaleLayout::Channel => (e / self.cols) as usize,
+            ScaleLayout::Block(br, bc) => {
                 ((e / self.cols) / br * self.scale_cols + (e % self.cols) / bc) as usize
             }
         }
@@ -458,15 +458,15 @@ mod tests {
         let ct = Format::CompressedTensors;
         assert_eq!(
             Scheme::parse("channel", ct).unwrap().layout,
-            Layout::Channel
+            ScaleLayout::Channel
         );
         assert_eq!(
             Scheme::parse("block", ct).unwrap().layout,
-            Layout::Block(128, 128)
+            ScaleLayout::Block(128, 128)
         );
         assert_eq!(
             Scheme::parse("block:64x32", ct).unwrap().layout,
-            Layout::Block(64, 32)
+            ScaleLayout::Block(64, 32)
         );
         assert!(Scheme::parse("block:0x32", ct).is_err());
         assert!(Scheme::parse("row", ct).is_err());
@@ -479,15 +479,19 @@ mod tests {
         let x: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.013).collect();
         let mut raw = vec![0u8; 60];
         cast::encode_f32_slice(DType::F32, &x, &mut raw);
-        for layout in [Layout::Tensor, Layout::Channel, Layout::Block(2, 2)] {
+        for layout in [
+            ScaleLayout::Tensor,
+            ScaleLayout::Channel,
+            ScaleLayout::Block(2, 2),
+        ] {
             let scale_cols = match layout {
-                Layout::Block(_, c) => cols.div_ceil(c),
+                ScaleLayout::Block(_, c) => cols.div_ceil(c),
                 _ => 1,
             };
             let groups = match layout {
-                Layout::Tensor => 1,
-                Layout::Channel => rows,
-                Layout::Block(r, _) => rows.div_ceil(r) * scale_cols,
+                ScaleLayout::Tensor => 1,
+                ScaleLayout::Channel => rows,
+                ScaleLayout::Block(r, _) => rows.div_ceil(r) * scale_cols,
             };
             let t = ScaleTable {
                 layout,

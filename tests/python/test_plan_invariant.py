@@ -135,7 +135,8 @@ def test_output_is_the_plan(tmp_path, src, out, rules):
     check(src, out, json.loads(dry.stdout))
 
 
-@pytest.mark.parametrize("extra", [["--inference"], ["--cast-optimizer"], ["--key", "model"]])
+@pytest.mark.parametrize("extra", [["--inference"], ["--state-dict-only"], ["--cast-optimizer"],
+                                   ["--key", "model"]])
 @pytest.mark.parametrize("name", ["training.pt", "legacy_training.pt"])
 def test_training_checkpoint_outputs_are_the_plan(tmp_path, name, extra):
     out = tmp_path / "out.pt"
@@ -144,7 +145,13 @@ def test_training_checkpoint_outputs_are_the_plan(tmp_path, name, extra):
     run(*args)
     check(FIX / name, out, plan)
     if "--inference" in extra:
-        assert plan["dropped"] and not plan["other_tensors"]
+        # the training state (training.pt's optimizer) dropped; `epoch` and the structure kept
+        assert plan["scope"] == "inference" and not plan["other_tensors"]
+        assert [d["entry"] for d in plan["dropped"]] == (["optimizer"] if name == "training.pt" else [])
+        loaded = torch.load(out, weights_only=True)
+        assert set(loaded) == set(torch.load(FIX / name, weights_only=True)) - {"optimizer"}
+    elif "--state-dict-only" in extra:
+        assert plan["scope"] == "state_dict" and plan["dropped"] and not plan["other_tensors"]
     else:
         assert not plan["dropped"]
         assert bool(plan["other_tensors"]) == (name == "training.pt")  # its optimizer state

@@ -462,12 +462,21 @@ def test_hf_folder_with_pytorch_bins(minilm, tmp_path):
 
 def test_inference_export_and_strip_prefix(tmp_path):
     out = tmp_path / "inf.pt"
+    # --inference drops the optimizer and keeps the checkpoint around the state dict
     p = run("convert", FIX / "training.pt", "-o", out, "--to", "f16", "--inference")
-    assert "dropped `epoch`, `optimizer` (12 tensors, 480 bytes)" in p.stderr
+    assert "dropped the training state: `optimizer` (optimizer state)" in p.stderr, p.stderr
+    assert "kept the state dict `model` and `epoch`, `vocab`, `config`" in p.stderr, p.stderr
     got = torch.load(out, weights_only=True)
-    ref = torch.load(FIX / "training.pt", weights_only=True)["model"]
-    assert_same_tree(got, torch_cast(ref, torch.float16))
+    full = torch.load(FIX / "training.pt", weights_only=True)
+    assert set(got) == {"epoch", "model", "vocab", "config"}
+    assert got["vocab"] == full["vocab"] and got["config"] == full["config"]
+    assert_same_tree(got["model"], torch_cast(full["model"], torch.float16))
     assert out.stat().st_size < (FIX / "training.pt").stat().st_size
+    # --state-dict-only writes the bare state dict
+    bare = tmp_path / "bare.pt"
+    p = run("convert", FIX / "training.pt", "-o", bare, "--to", "f16", "--state-dict-only")
+    assert "dropped `epoch`, `optimizer` (12 tensors, 480 bytes)" in p.stderr
+    assert_same_tree(torch.load(bare, weights_only=True), torch_cast(full["model"], torch.float16))
     # a pickled module: parameters stay Parameters, requires_grad cleared
     run("convert", FIX / "sequential.pt", "-o", out, "--to", "f16", "--inference", "--force")
     m = torch.load(out, weights_only=False)
@@ -832,3 +841,71 @@ def test_tar_checkpoints_are_audited_as_torch_reads_them(tmp_path):
         # a verdict (0 or 1) or "could not read it to its end" (2), never a panic
         assert p.returncode in (0, 1, 2) and "panicked" not in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) <= 1, p.stderr
+
+
+def test_inference_keeps_what_inference_needs(tmp_path):
+    """A training checkpoint as an OCR project saves it, entries renamed: --inference drops the
+    optimizer, scheduler, AMP scaler and RNG states (found by structure, whatever their names)
+    and keeps the vocabularies and the class count the model cannot be used without."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    char2idx = {c: i for i, c in enumerate("abcde")}
+    ckpt = {
+        "net": model.state_dict(),
+        "char2idx": char2idx,
+        "idx2char": {i: c for c, i in char2idx.items()},
+        "num_classes": 5,
+        "epoch": 7,
+        "o": opt.state_dict(),          # an optimizer under a name that says nothing
+        "lr_sched": sched.state_dict(),
+        "gs": scaler.state_dict(),      # a grad scaler, renamed too
+        "torch_rng": torch.get_rng_state(),
+        "np_rng": np.random.get_state(),
+        "py_rng": random.getstate(),
+    }
+    assert ckpt["gs"], "the CPU grad scaler has a state to save"
+    src = tmp_path / "ocr.pt"
+    torch.save(ckpt, src)
+    out = tmp_path / "ocr-f16.pt"
+    args = ["convert", src, "-o", out, "--to", "f16", "--key", "net", "--inference"]
+    plan = json.loads(run(*args, "--dry-run", "--json").stdout)
+    assert plan["scope"] == "inference" and plan["whole_file"]
+    dropped = {d["entry"]: d["training_state"] for d in plan["dropped"]}
+    assert dropped == {
+        "o": "optimizer state",
+        "lr_sched": "learning-rate scheduler state",
+        "gs": "AMP grad scaler state",
+        "torch_rng": "random number generator state",
+        "np_rng": "random number generator state",
+        "py_rng": "random number generator state",
+    }, dropped
+    # The tensors the output holds outside the state dict: none (the RNG tensor is dropped).
+    assert plan["other_tensors"] == []
+    p = run(*args)
+    assert "dropped the training state" in p.stderr
+    got = torch.load(out, weights_only=False)
+    assert set(got) == {"net", "char2idx", "idx2char", "num_classes", "epoch"}
+    assert got["char2idx"] == char2idx and got["idx2char"][2] == "c" and got["num_classes"] == 5
+    for k, v in model.state_dict().items():
+        assert got["net"][k].dtype == torch.float16 and torch.equal(got["net"][k], v.half()), k
+    # The converted model runs.
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 5))
+    m.load_state_dict({k: v.float() for k, v in got["net"].items()})
+    assert m(torch.randn(2, 4)).shape == (2, 5)
+    # The bare state dict stays a flag away; without either flag every entry is kept.
+    bare = tmp_path / "bare.pt"
+    run("convert", src, "-o", bare, "--to", "f16", "--key", "net", "--state-dict-only")
+    assert set(torch.load(bare, weights_only=True)) == set(model.state_dict())
+    whole = tmp_path / "whole.pt"
+    run("convert", src, "-o", whole, "--to", "f16", "--key", "net")
+    assert set(torch.load(whole, weights_only=False)) == set(ckpt)

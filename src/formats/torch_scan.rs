@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::formats::pickle::{self, Node, Pickle};
 
 /// Largest pickle read into memory.
-const MAX_PICKLE: u64 = 1 << 30;
+pub const MAX_PICKLE: u64 = 1 << 30;
 
 /// The error for a zip the `zip` crate cannot open, said as a person would: a missing end
 /// record is a truncated file.
@@ -741,9 +741,12 @@ fn scan_stack(file: &File, len: u64) -> Result<Scan> {
     Ok(out)
 }
 
-fn is_magic(pk: &Pickle) -> bool {
-    const MAGIC: [u8; 10] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19];
-    matches!(pk.node(pk.root), Node::BigInt(b) if b.as_slice() == &MAGIC[..])
+/// The magic number legacy torch.save files start with, as LONG1 bytes (little-endian).
+pub const LEGACY_MAGIC: [u8; 10] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19];
+
+/// Whether a pickle is torch's magic number (the first of a legacy stack).
+pub fn is_magic(pk: &Pickle) -> bool {
+    matches!(pk.node(pk.root), Node::BigInt(b) if b.as_slice() == &LEGACY_MAGIC[..])
 }
 
 /// Parses the pickle starting at `pos`, reading a window that grows until it parses.
@@ -820,7 +823,7 @@ pub(crate) fn has_zip_end(file: &File, len: u64) -> bool {
 fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
-        .map_err(|e| crate::formats::torch_container::zip_error(path, e))?;
+        .map_err(|e| crate::formats::torch_scan::zip_error(path, e))?;
     let ambiguities = zip_ambiguities(file, len, &mut zip);
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
     let find = |want: &str| -> Option<String> {

@@ -1,0 +1,256 @@
+//! One conversion's state while it runs: the input, the plan, the options, the sources and
+//! what the executor reported (overflow counts, which tensors became all zeros); the headers
+//! and pieces it hands the executor.
+
+use super::executor::FileSink;
+use super::*;
+
+pub(super) struct Job<'a> {
+    pub(super) cat: &'a Catalogue,
+    pub(super) plan: &'a Plan,
+    pub(super) sources: &'a Sources<'a>,
+    pub(super) opts: &'a Options,
+    pub(super) progress: &'a dyn Progress,
+    /// Scales computed for a scaled FP8 output, by payload.
+    pub(super) scales: Mutex<std::collections::HashMap<usize, Arc<ScaleTable>>>,
+    /// Per cast tensor (by name): whether any input value and any output value was non-zero.
+    pub(super) nonzero: Nonzero,
+}
+
+/// Per cast tensor (by name): whether any input value, and any output value, was non-zero.
+pub(super) type Nonzero = Mutex<std::collections::HashMap<String, (bool, bool)>>;
+
+impl<'a> Job<'a> {
+    pub(super) fn new(
+        cat: &'a Catalogue,
+        plan: &'a Plan,
+        sources: &'a Sources<'a>,
+        opts: &'a Options,
+        progress: &'a dyn Progress,
+    ) -> Job<'a> {
+        Job {
+            cat,
+            plan,
+            sources,
+            opts,
+            progress,
+            scales: Mutex::new(Default::default()),
+            nonzero: Mutex::new(Default::default()),
+        }
+    }
+
+    /// The warning for tensors the cast turned into all zeros (every non-zero value flushed),
+    /// in plan order, if any.
+    pub(super) fn flushed_warning(&self) -> Option<String> {
+        let seen = self.nonzero.lock().expect("nonzero");
+        let names: Vec<String> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|p| &self.cat.tensors[p.tensor].name)
+            .filter(|n| seen.get(*n).is_some_and(|&(i, o)| i && !o))
+            .cloned()
+            .collect();
+        flushed_warning(&names, self.opts.caller)
+    }
+
+    pub(super) fn check_cancel(&self) -> Result<()> {
+        match &self.opts.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted),
+            _ => Ok(()),
+        }
+    }
+
+    /// The overflow counts of plan entries, named.
+    pub(super) fn named(&self, counts: &[(usize, u64)]) -> Vec<(String, DType, u64)> {
+        counts
+            .iter()
+            .map(|&(i, n)| {
+                let p = &self.plan.tensors[i];
+                (self.cat.tensors[p.tensor].name.clone(), p.to, n)
+            })
+            .collect()
+    }
+
+    /// Once every tensor is written and before anything is committed: a remote input that
+    /// changed meanwhile is an error, then the overflow counts become an error or the clamp
+    /// report ([`Job::check_overflow`]).
+    pub(super) fn written(&self, named: Vec<(String, DType, u64)>) -> Result<Vec<(String, u64)>> {
+        self.sources.check_unchanged()?;
+        self.check_overflow(named)
+    }
+
+    /// Turns the overflow counts of the written tensors (or storages) into an error
+    /// (`--on-overflow error`) or the clamp report.
+    pub(super) fn check_overflow(
+        &self,
+        named: Vec<(String, DType, u64)>,
+    ) -> Result<Vec<(String, u64)>> {
+        match self.opts.on_overflow {
+            OnOverflow::Clamp | OnOverflow::Allow => {
+                // `allow` counts nothing (Range::Ignore), so this is the clamp report.
+                Ok(named.into_iter().map(|(n, _, c)| (n, c)).collect())
+            }
+            _ if named.is_empty() => Ok(vec![]),
+            _ => Err(overflow_refusal(&self.cat.path, &named, self.opts.caller)),
+        }
+    }
+
+    /// Flushes a written output file to disk (unless `--no-sync`); an error names it.
+    pub(super) fn finish(&self, file: &File, path: &Path) -> Result<()> {
+        if self.opts.sync {
+            file.sync_all().map_err(|e| Error::io(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// The safetensors header of one output file.
+    pub(super) fn header(&self, of: &OutputFile) -> Result<Vec<u8>> {
+        let cat = self.cat;
+        let names: Vec<OutTensor<'_>> = of
+            .tensors
+            .iter()
+            .map(|&i| {
+                let p = &self.plan.tensors[i];
+                let t = &cat.tensors[p.tensor];
+                OutTensor {
+                    name: &t.name,
+                    dtype: p.to,
+                    shape: &t.shape,
+                    nbytes: p.bytes_out,
+                }
+            })
+            .collect();
+        let mut metadata = of
+            .tensors
+            .first()
+            .and_then(|&i| {
+                cat.files[cat.tensors[self.plan.tensors[i].tensor].file]
+                    .metadata
+                    .clone()
+            })
+            .unwrap_or_else(|| cat.metadata());
+        if self.plan.quant == QuantPlan::Dequantize {
+            metadata.retain(|(k, _)| k != "_quantization_metadata");
+        }
+        if !metadata.iter().any(|(k, _)| k == "format") {
+            metadata.insert(0, ("format".into(), "pt".into()));
+        }
+        encode_header(&metadata, &names)
+    }
+
+    /// Writes one safetensors file: header, then every tensor streamed through the cast.
+    /// Returns, per plan entry with any, the count of values that left the target's range.
+    pub(super) fn write_file(
+        &self,
+        dst: &File,
+        dst_path: &Path,
+        of: &OutputFile,
+    ) -> Result<Vec<(usize, u64)>> {
+        let header = self.header(of)?;
+        dst.set_len(header.len() as u64 + of.bytes)
+            .map_err(|e| Error::io(dst_path, e))?;
+        (&*dst)
+            .write_all(&header)
+            .map_err(|e| Error::io(dst_path, e))?;
+
+        self.precompute_scales(&of.tensors)?;
+        let pieces: Vec<Piece<'_>> = of
+            .tensors
+            .iter()
+            .map(|&i| self.piece(&self.plan.tensors[i]))
+            .collect::<Result<_>>()?;
+        let counts = self.exec().run(
+            &pieces,
+            &mut FileSink::new(dst, dst_path, self.opts.sync, header.len() as u64),
+        )?;
+        self.check_cancel()?;
+        self.finish(dst, dst_path)?;
+        // Piece k is plan entry of.tensors[k].
+        Ok(counts
+            .into_iter()
+            .map(|(k, n)| (of.tensors[k], n))
+            .collect())
+    }
+
+    /// The piece that writes plan entry `p` (its scale loaded when it is dequantized).
+    pub(super) fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
+        let cat = self.cat;
+        let how = match (p.dequant, p.scaled) {
+            (Some(d), _) => How::Dequantize(Arc::new(d.table(cat, self.sources, p.tensor)?)),
+            (None, Some(ScaledOut::Payload { .. })) => How::Quantize(self.scales_of(p.tensor)?),
+            (None, Some(ScaledOut::Scale { payload })) => {
+                How::Fill(Arc::new(self.scales_of(payload)?.bytes()))
+            }
+            (None, None) => How::Cast,
+        };
+        Ok(Piece {
+            entry: &cat.tensors[p.tensor],
+            from: p.from,
+            to: p.to,
+            how,
+        })
+    }
+
+    /// Computes, in parallel, the scales of the weights quantized among plan entries `entries`
+    /// (a pass over each of them before the write).
+    pub(super) fn precompute_scales(&self, entries: &[usize]) -> Result<()> {
+        use rayon::prelude::*;
+        let todo: Vec<usize> = entries
+            .iter()
+            .filter_map(|&i| {
+                let p = &self.plan.tensors[i];
+                match p.scaled {
+                    Some(ScaledOut::Payload { .. }) => Some(p.tensor),
+                    Some(ScaledOut::Scale { payload }) => Some(payload),
+                    None => None,
+                }
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|i| !self.scales.lock().expect("scales").contains_key(i))
+            .collect();
+        todo.par_iter()
+            .try_for_each(|&i| self.scales_of(i).map(|_| ()))
+    }
+
+    /// The scales computed from weight `payload` (once per conversion: its payload and its
+    /// scale tensor use the same).
+    pub(super) fn scales_of(&self, payload: usize) -> Result<Arc<ScaleTable>> {
+        if let Some(t) = self.scales.lock().expect("scales").get(&payload) {
+            return Ok(t.clone());
+        }
+        let (layout, compute) = self
+            .plan
+            .tensors
+            .iter()
+            .find_map(|p| match p.scaled {
+                Some(ScaledOut::Payload {
+                    layout, compute, ..
+                }) if p.tensor == payload => Some((layout, compute)),
+                _ => None,
+            })
+            .expect("a scale's payload is planned");
+        let table = Arc::new(crate::quant::quantize::compute_scales(
+            self.cat,
+            self.sources,
+            payload,
+            layout,
+            compute,
+        )?);
+        self.scales
+            .lock()
+            .expect("scales")
+            .insert(payload, table.clone());
+        Ok(table)
+    }
+
+    pub(super) fn exec(&self) -> Executor<'_> {
+        Executor {
+            sources: self.sources,
+            opts: self.opts,
+            progress: self.progress,
+            nonzero: Some(&self.nonzero),
+        }
+    }
+}

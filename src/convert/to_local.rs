@@ -1,0 +1,304 @@
+//! Writing the output to the local filesystem: every file under a temporary name beside its
+//! destination, renamed into place only when everything succeeded (a folder is staged whole
+//! and swapped in); missing parent folders are created and removed again on failure.
+
+use super::executor::ZipSink;
+use super::*;
+
+/// Writes the output of a resolved target.
+pub(super) fn execute(
+    cat: &Catalogue,
+    plan: &Plan,
+    target: &Target,
+    layout: Layout,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Summary> {
+    let sources = Sources::open(cat)?;
+    let mut summary = Summary::whole(plan, layout, progress);
+    let job = Job::new(cat, plan, &sources, opts, progress);
+    match target {
+        Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
+        Target::Pt(dest) => job.write_pt(dest, &mut summary)?,
+        Target::Folder(dest) => job.write_folder(dest, &mut summary)?,
+    }
+    summary.warnings.extend(job.flushed_warning());
+    Ok(summary)
+}
+
+/// One part of a split conversion (see [`Part`]).
+pub(super) fn convert_part(
+    cat: &Catalogue,
+    plan: &Plan,
+    out: &Path,
+    opts: &Options,
+    progress: &dyn Progress,
+    part: Part,
+) -> Result<Summary> {
+    let (target, layout) = resolve(cat, plan, out, opts)?;
+    let dir = match &target {
+        Target::Folder(d) => d.clone(),
+        Target::Index(p) | Target::File(p) if layout.index.is_some() => parent_of(p),
+        _ => {
+            return Err(Error::usage(
+                "--part splits a sharded output by shard: write a model folder or an index \
+                 (*.safetensors.index.json, or a .safetensors with --max-shard-size), not one \
+                 file",
+            ))
+        }
+    };
+    // The input is protected as in one run; existing shards are checked one by one below.
+    check_target(cat, &target, &layout, true)?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let sources = Sources::open(cat)?;
+    let job = Job::new(cat, plan, &sources, opts, progress);
+    let folder = matches!(target, Target::Folder(_));
+    super::part::run(&super::part::LocalDir { dir }, &job, folder, &layout, part)
+}
+
+/// Creates `dir` and its missing ancestors; returns the topmost folder it created.
+pub(super) fn make_parents(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut top = None;
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && p.symlink_metadata().is_err() {
+        top = Some(p.to_path_buf());
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
+        }
+    }
+    if top.is_some() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(top)
+}
+
+/// Removes the folders [`make_parents`] created, innermost first, if they are still empty.
+pub(super) fn remove_created(top: Option<PathBuf>, dir: &Path) {
+    let Some(top) = top else { return };
+    let mut p = dir.to_path_buf();
+    loop {
+        if std::fs::remove_dir(&p).is_err() || p == top {
+            break;
+        }
+        match p.parent() {
+            Some(q) => p = q.to_path_buf(),
+            None => break,
+        }
+    }
+}
+
+/// Moves the finished staging folder to `dest`, replacing what is there (checked by
+/// `check_target` against `--force`).
+pub(super) fn replace_folder(staging: tempfile::TempDir, dest: &Path) -> Result<()> {
+    let staged = staging.keep();
+    if dest.symlink_metadata().is_ok() {
+        let parent = parent_of(dest);
+        let old = tempfile::Builder::new()
+            .prefix(".weightcast-old-")
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        let aside = old.path().join("old");
+        std::fs::rename(dest, &aside).map_err(|e| Error::io(dest, e))?;
+        if let Err(e) = std::fs::rename(&staged, dest) {
+            let _ = std::fs::rename(&aside, dest);
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(Error::io(dest, e));
+        }
+        // `old` removes the previous output when dropped.
+        return Ok(());
+    }
+    std::fs::rename(&staged, dest).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        Error::io(dest, e)
+    })
+}
+
+pub(super) fn parent_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+pub(super) fn temp_file(dir: &Path, name: &str) -> Result<tempfile::NamedTempFile> {
+    // Ordinary permissions (0666 less the umask), not the 0600 of a private temp file.
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}.weightcast-"))
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(|e| Error::invalid(dir, format!("cannot create the output here: {e}")))
+}
+
+impl Job<'_> {
+    /// A `.safetensors` file, or a set of shards and their index, beside each other.
+    pub(super) fn write_files(&self, p: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan, layout) = (self.cat, self.plan, summary.layout.clone());
+        let mut overflow: Vec<(usize, u64)> = Vec::new();
+        let dir = parent_of(p);
+        let mut staged = Vec::new();
+        for f in &layout.files {
+            let tmp = temp_file(&dir, &f.name)?;
+            overflow.extend(self.write_file(tmp.as_file(), tmp.path(), f)?);
+            staged.push((tmp, dir.join(&f.name)));
+        }
+        summary.overflowed = self.written(self.named(&overflow))?;
+        if let Some(index) = &layout.index {
+            let mut tmp = temp_file(&dir, index)?;
+            let text = index_json(cat, plan, &layout);
+            tmp.write_all(text.as_bytes())
+                .map_err(|e| Error::io(tmp.path(), e))?;
+            self.finish(tmp.as_file(), tmp.path())?;
+            staged.push((tmp, dir.join(index)));
+        }
+        for (tmp, dest) in staged {
+            tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+            summary.files.push(dest);
+        }
+        Ok(())
+    }
+
+    /// A `torch.save` checkpoint.
+    pub(super) fn write_pt(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan, opts) = (self.cat, self.plan, self.opts);
+        let pt = if cat.kind.is_torch() {
+            crate::formats::torch_write::from_torch(cat, plan, &opts.pt_export)?
+        } else {
+            crate::formats::torch_write::from_tensors(cat, plan)?
+        };
+        let dir = parent_of(dest);
+        let name = dest
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let tmp = temp_file(&dir, &name)?;
+        let stem = dest
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("archive");
+        let mut zip = crate::formats::torch_write::PtZip::new(tmp.as_file(), stem, &pt.data_pkl)?;
+        let pieces: Vec<Piece<'_>> = pt
+            .records
+            .iter()
+            .map(|r| {
+                let how = match r.dequant {
+                    Some((payload, d)) => {
+                        How::Dequantize(Arc::new(d.table(cat, self.sources, payload)?))
+                    }
+                    None => How::Cast,
+                };
+                Ok(Piece {
+                    entry: &r.source,
+                    from: r.from,
+                    to: r.to,
+                    how,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut sink = ZipSink {
+            zip: &mut zip,
+            records: &pt.records,
+        };
+        let counts = self.exec().run(&pieces, &mut sink)?;
+        zip.finish()?;
+        let named: Vec<(String, DType, u64)> = counts
+            .iter()
+            .map(|&(i, n)| (pt.records[i].label.clone(), pt.records[i].to, n))
+            .collect();
+        summary.overflowed = self.written(named)?;
+        self.finish(tmp.as_file(), tmp.path())?;
+        tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+        summary.files.push(dest.to_path_buf());
+        Ok(())
+    }
+
+    /// A model folder: weights, index, every other file, config.json's dtype updated.
+    pub(super) fn write_folder(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan, layout) = (self.cat, self.plan, summary.layout.clone());
+        let mut overflow: Vec<(usize, u64)> = Vec::new();
+        let parent = parent_of(dest);
+        let name = dest
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{name}.weightcast-"))
+            .permissions(std::fs::Permissions::from_mode(0o777))
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        for f in &layout.files {
+            let path = staging.path().join(&f.name);
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            overflow.extend(self.write_file(&file, &path, f)?);
+            summary.files.push(dest.join(&f.name));
+        }
+        summary.overflowed = self.written(self.named(&overflow))?;
+        if let Some(index) = &layout.index {
+            let path = staging.path().join(index);
+            std::fs::write(&path, index_json(cat, plan, &layout))
+                .map_err(|e| Error::io(&path, e))?;
+            summary.files.push(dest.join(index));
+        }
+        self.copy_others(staging.path(), summary)?;
+        self.check_cancel()?;
+        replace_folder(staging, dest)?;
+        Ok(())
+    }
+
+    /// Copies the input folder's other files into `into` (config.json with its dtype and
+    /// quantization updated; ModelOpt's hf_quant_config.json left out of a dequantized
+    /// output).
+    pub(super) fn copy_others(&self, into: &Path, summary: &mut Summary) -> Result<()> {
+        let (cat, plan) = (self.cat, self.plan);
+        let dominant = plan.dominant_float(cat);
+        let dequantized = plan.quant == QuantPlan::Dequantize;
+        let folder = cat.folder.as_ref().expect("folder input");
+        for rel in &folder.other_files {
+            self.check_cancel()?;
+            if dequantized && rel == Path::new("hf_quant_config.json") {
+                // ModelOpt's declaration of the scheme: the output is no longer quantized.
+                continue;
+            }
+            let from = folder.dir.join(rel);
+            let to = into.join(rel);
+            if let Some(p) = to.parent() {
+                std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+            }
+            // Each file appears whole (a temporary beside it, renamed): `--part finish` writes
+            // into the live output folder.
+            let dir = parent_of(&to);
+            let name = to.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = temp_file(&dir, &name)?;
+            let text = if rel == Path::new("config.json") {
+                crate::formats::folder::update_config(
+                    &from,
+                    dominant,
+                    dequantized,
+                    plan.quant_config.as_ref(),
+                )?
+            } else {
+                None
+            };
+            match text {
+                Some(text) => {
+                    std::fs::write(tmp.path(), text).map_err(|e| Error::io(&to, e))?;
+                    summary.config_dtype = dominant;
+                }
+                None => {
+                    if rel == Path::new("config.json") {
+                        summary.warnings.push(format!(
+                            "{}: not a JSON object; copied unchanged, its dtype may be stale",
+                            from.display()
+                        ));
+                    }
+                    std::fs::copy(&from, tmp.path()).map_err(|e| Error::io(&from, e))?;
+                }
+            }
+            tmp.persist(&to).map_err(|e| Error::io(&to, e.error))?;
+            summary.files_copied += 1;
+        }
+        Ok(())
+    }
+}
