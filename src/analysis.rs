@@ -134,16 +134,16 @@ pub fn analyze(
     cancel: Option<&AtomicBool>,
 ) -> Result<Vec<TensorAnalysis>> {
     let sources = Sources::open(cat)?;
-    let todo: Vec<usize> = (0..plan.tensors.len())
-        .filter(|&i| plan.tensors[i].is_cast())
+    let todo: Vec<usize> = (0..plan.tensors().len())
+        .filter(|&i| plan.tensors()[i].is_cast())
         .collect();
     progress.begin(
-        todo.iter().map(|&i| plan.tensors[i].bytes_in).sum(),
+        todo.iter().map(|&i| plan.tensors()[i].bytes_in).sum(),
         todo.len(),
     );
     let mut out = Vec::with_capacity(todo.len());
     for i in todo {
-        let p = &plan.tensors[i];
+        let p = &plan.tensors()[i];
         let stats = match (p.dequant, p.scaled) {
             (Some(d), _) => measure_dequantized(&sources, cat, p.tensor, d, &[p.to], cancel)?[0],
             (
@@ -184,18 +184,19 @@ pub fn totals(a: &[TensorAnalysis]) -> ErrorStats {
 /// Leaves in their stored dtype the tensors whose cast would overflow (`--on-overflow keep`);
 /// returns how many were kept.
 pub fn keep_overflowing(cat: &Catalogue, plan: &mut Plan, analyses: &[TensorAnalysis]) -> usize {
-    let mut n = 0;
-    for a in analyses.iter().filter(|a| a.stats.overflow > 0) {
-        let p = &mut plan.tensors[a.plan_index];
-        p.reason = format!(
-            "kept: {} values would overflow {} (--on-overflow keep)",
-            a.stats.overflow, a.to
-        );
-        p.keep();
-        n += 1;
-    }
-    plan.settle(cat);
-    n
+    plan.update(cat, |tensors| {
+        let mut n = 0;
+        for a in analyses.iter().filter(|a| a.stats.overflow > 0) {
+            let p = &mut tensors[a.plan_index];
+            p.reason = format!(
+                "kept: {} values would overflow {} (--on-overflow keep)",
+                a.stats.overflow, a.to
+            );
+            p.keep();
+            n += 1;
+        }
+        n
+    })
 }
 
 /// Leaves in their stored dtype the tensors that would flush more than `fraction` of their
@@ -206,22 +207,23 @@ pub fn keep_underflowing(
     analyses: &[TensorAnalysis],
     fraction: f64,
 ) -> usize {
-    let mut n = 0;
-    for a in analyses
-        .iter()
-        .filter(|a| a.stats.underflow_fraction() > fraction)
-    {
-        let p = &mut plan.tensors[a.plan_index];
-        p.reason = format!(
-            "kept: {:.4}% of non-zero values would flush to zero in {} (--max-underflow {fraction})",
-            100.0 * a.stats.underflow_fraction(),
-            a.to
-        );
-        p.keep();
-        n += 1;
-    }
-    plan.settle(cat);
-    n
+    plan.update(cat, |tensors| {
+        let mut n = 0;
+        for a in analyses
+            .iter()
+            .filter(|a| a.stats.underflow_fraction() > fraction)
+        {
+            let p = &mut tensors[a.plan_index];
+            p.reason = format!(
+                "kept: {:.4}% of non-zero values would flush to zero in {} (--max-underflow {fraction})",
+                100.0 * a.stats.underflow_fraction(),
+                a.to
+            );
+            p.keep();
+            n += 1;
+        }
+        n
+    })
 }
 
 /// `--auto SNR_DB`: for each tensor the rules leave to the default target, picks the first of
@@ -236,39 +238,45 @@ pub fn choose_auto(
     cancel: Option<&AtomicBool>,
 ) -> Result<()> {
     let sources = Sources::open(cat)?;
-    let todo: Vec<usize> = (0..plan.tensors.len())
-        .filter(|&i| plan.tensors[i].by_default && plan.tensors[i].from.is_castable())
+    let todo: Vec<usize> = (0..plan.tensors().len())
+        .filter(|&i| plan.tensors()[i].by_default && plan.tensors()[i].from.is_castable())
         .collect();
     progress.begin(
-        todo.iter().map(|&i| plan.tensors[i].bytes_in).sum(),
+        todo.iter().map(|&i| plan.tensors()[i].bytes_in).sum(),
         todo.len(),
     );
+    let mut picks = Vec::with_capacity(todo.len());
     for i in todo {
-        let (tensor, from) = (plan.tensors[i].tensor, plan.tensors[i].from);
+        let tensor = plan.tensors()[i].tensor;
         let stats = measure(&sources, cat, tensor, candidates, cancel)?;
-        let pick = candidates
-            .iter()
-            .zip(&stats)
-            .find(|(_, s)| s.overflow == 0 && s.snr_db() >= min_snr_db);
-        let p = &mut plan.tensors[i];
-        match pick {
-            Some((&d, s)) => {
-                p.set_target(d, cat.tensors[tensor].numel());
-                p.reason = format!("--auto {min_snr_db} dB: {d} keeps {:.1} dB", s.snr_db());
-            }
-            None => {
-                p.keep();
-                p.reason = format!(
-                    "--auto {min_snr_db} dB: no candidate does (best {:.1} dB), kept {from}",
-                    stats
-                        .iter()
-                        .map(|s| s.snr_db())
-                        .fold(f64::NEG_INFINITY, f64::max)
-                );
+        progress.advance(plan.tensors()[i].bytes_in);
+        picks.push((i, stats));
+    }
+    plan.update(cat, |tensors| {
+        for (i, stats) in picks {
+            let p = &mut tensors[i];
+            let (tensor, from) = (p.tensor, p.from);
+            let pick = candidates
+                .iter()
+                .zip(&stats)
+                .find(|(_, s)| s.overflow == 0 && s.snr_db() >= min_snr_db);
+            match pick {
+                Some((&d, s)) => {
+                    p.set_target(d, cat.tensors[tensor].numel());
+                    p.reason = format!("--auto {min_snr_db} dB: {d} keeps {:.1} dB", s.snr_db());
+                }
+                None => {
+                    p.keep();
+                    p.reason = format!(
+                        "--auto {min_snr_db} dB: no candidate does (best {:.1} dB), kept {from}",
+                        stats
+                            .iter()
+                            .map(|s| s.snr_db())
+                            .fold(f64::NEG_INFINITY, f64::max)
+                    );
+                }
             }
         }
-        progress.advance(plan.tensors[i].bytes_in);
-    }
-    plan.settle(cat);
+    });
     Ok(())
 }

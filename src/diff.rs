@@ -50,19 +50,19 @@ pub fn diff(a: &Catalogue, b: &Catalogue) -> Result<Diff> {
     let sb = Sources::open(b)?;
     let (pa, pb) = (Plan::stored(a), Plan::stored(b));
     let index_b: std::collections::HashMap<&str, usize> = pb
-        .tensors
+        .tensors()
         .iter()
         .enumerate()
         .map(|(i, p)| (b.tensors[p.tensor].name.as_str(), i))
         .collect();
     let names_a: std::collections::HashSet<&str> = pa
-        .tensors
+        .tensors()
         .iter()
         .map(|p| a.tensors[p.tensor].name.as_str())
         .collect();
     let mut d = Diff {
         only_b: pb
-            .tensors
+            .tensors()
             .iter()
             .map(|p| &b.tensors[p.tensor])
             .filter(|t| !names_a.contains(t.name.as_str()))
@@ -70,13 +70,13 @@ pub fn diff(a: &Catalogue, b: &Catalogue) -> Result<Diff> {
             .collect(),
         ..Diff::default()
     };
-    for qa in &pa.tensors {
+    for qa in pa.tensors() {
         let ta = &a.tensors[qa.tensor];
         let Some(&ib) = index_b.get(ta.name.as_str()) else {
             d.only_a.push(ta.name.clone());
             continue;
         };
-        let qb = &pb.tensors[ib];
+        let qb = &pb.tensors()[ib];
         let tb = &b.tensors[qb.tensor];
         let (table_a, table_b) = (table(a, &sa, qa)?, table(b, &sb, qb)?);
         let mut c = Common {

@@ -20,7 +20,7 @@ pub struct Buffer {
 
 #[derive(Debug, Clone)]
 pub(crate) enum BufferSource {
-    /// Plan entry `i` (of `plan.tensors`), contiguous.
+    /// Plan entry `i` (of `plan.tensors()`), contiguous.
     Tensor(usize),
     /// Storage `s`, read whole from `from`, written as `to`.
     Storage { s: usize, from: DType, to: DType },
@@ -67,7 +67,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan) -> Result<MemoryLayout> {
     let mut views = Vec::new();
     // storage -> buffer
     let mut of_storage: Vec<Option<usize>> = vec![None; cat.storages.len()];
-    for (i, p) in plan.tensors.iter().enumerate() {
+    for (i, p) in plan.tensors().iter().enumerate() {
         let t: &TensorEntry = &cat.tensors[p.tensor];
         let shared = t.storage.and_then(|s| {
             let st = &cat.storages[s];

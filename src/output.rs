@@ -170,8 +170,12 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
     let stem = stem(target);
     let shard_name = |i: usize, n: usize| format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n);
     let index_name = format!("{stem}.safetensors.index.json");
-    let all: Vec<usize> = (0..plan.tensors.len()).collect();
-    let bytes_of = |ids: &[usize]| ids.iter().map(|&i| plan.tensors[i].bytes_out).sum::<u64>();
+    let all: Vec<usize> = (0..plan.tensors().len()).collect();
+    let bytes_of = |ids: &[usize]| {
+        ids.iter()
+            .map(|&i| plan.tensors()[i].bytes_out)
+            .sum::<u64>()
+    };
 
     if matches!(target, Target::Pt(_)) {
         return Layout {
@@ -183,7 +187,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
         let mut groups: Vec<Vec<usize>> = vec![];
         let mut size = 0u64;
         for &i in &all {
-            let b = plan.tensors[i].bytes_out;
+            let b = plan.tensors()[i].bytes_out;
             if groups.is_empty() || (size + b > max && !groups.last().is_some_and(|g| g.is_empty()))
             {
                 groups.push(vec![]);
@@ -201,7 +205,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
             Target::File(_) | Target::Pt(_) => vec![all],
             Target::Index(_) | Target::Folder(_) => {
                 let mut groups = vec![vec![]; cat.files.len().max(1)];
-                for (i, p) in plan.tensors.iter().enumerate() {
+                for (i, p) in plan.tensors().iter().enumerate() {
                     groups[cat.tensors[p.tensor].file].push(i);
                 }
                 groups
@@ -215,7 +219,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
     // tensor cast to bf16 (18 bytes) would leave the int32 tensor after it misaligned.
     let mut groups = groups;
     for g in &mut groups {
-        g.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].to.bitsize()));
+        g.sort_by_key(|&i| std::cmp::Reverse(plan.tensors()[i].to.bitsize()));
     }
     let n = groups.len();
     // Without a shard size, a sharded input keeps its file names.
@@ -291,7 +295,7 @@ pub fn index_json(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
         .flat_map(|f| {
             f.tensors.iter().map(move |&i| {
                 (
-                    cat.tensors[plan.tensors[i].tensor].name.as_str(),
+                    cat.tensors[plan.tensors()[i].tensor].name.as_str(),
                     f.name.as_str(),
                 )
             })

@@ -150,12 +150,13 @@ pub struct Totals {
 pub struct Plan {
     /// The default target (`--to`).
     pub target: DType,
-    /// One entry per catalogue tensor, same order.
-    pub tensors: Vec<TensorPlan>,
+    /// One entry per catalogue tensor, same order ([`Plan::tensors`]; changed through
+    /// [`Plan::update`], which settles storages after every change).
+    tensors: Vec<TensorPlan>,
     /// For a `.pt` output of a whole PyTorch file: the tensors outside the selected state dict
     /// (optimizer state, EMA copies), one entry per [`crate::formats::torch::TorchDoc::others`],
     /// same order (`tensor` indexes that list).
-    pub others: Vec<TensorPlan>,
+    others: Vec<TensorPlan>,
     /// Top-level entries of a training checkpoint that the output leaves out: (name, tensors,
     /// tensor bytes).
     pub dropped: Vec<(String, usize, u64)>,
@@ -228,14 +229,16 @@ impl Plan {
 
     /// `--to auto`: every tensor the default target would cast keeps its stored dtype (a
     /// dequantized payload goes to the plan's target, the checkpoint's own precision).
-    pub fn keep_source_precision(&mut self) {
-        for p in &mut self.tensors {
-            if p.by_default && p.dequant.is_none() {
-                p.keep();
-                p.reason = "--to auto: as stored".into();
-                p.by_default = false;
+    pub fn keep_source_precision(&mut self, cat: &Catalogue) {
+        self.update(cat, |tensors| {
+            for p in tensors {
+                if p.by_default && p.dequant.is_none() {
+                    p.keep();
+                    p.reason = "--to auto: as stored".into();
+                    p.by_default = false;
+                }
             }
-        }
+        })
     }
 
     /// Every tensor as stored, but a scaled payload dequantized to its scale's dtype (its
@@ -485,12 +488,13 @@ impl Plan {
             }
         }
         self.quant = QuantPlan::Keep;
+        self.settle(cat);
     }
 
     /// Gives every tensor on one storage the same dtype: a storage whose tensors the plan sends
     /// to different dtypes (or that a tensor weightcast does not read uses) is kept whole, and
     /// each of its tensors says so. Called after every change to the plan; idempotent.
-    pub fn settle(&mut self, cat: &Catalogue) {
+    fn settle(&mut self, cat: &Catalogue) {
         if cat.storages.is_empty() {
             return;
         }
@@ -560,6 +564,25 @@ impl Plan {
                 p.by_default = false;
             }
         }
+    }
+
+    /// One entry per catalogue tensor, same order.
+    pub fn tensors(&self) -> &[TensorPlan] {
+        &self.tensors
+    }
+
+    /// For a `.pt` output of a whole PyTorch file: the entries of the tensors outside the
+    /// state dict that the output holds (`tensor` indexes [`crate::catalogue::torch::TorchDoc::others`]).
+    pub fn others(&self) -> &[TensorPlan] {
+        &self.others
+    }
+
+    /// Changes the state dict's entries with `f`, then settles storages (every tensor on one
+    /// storage gets the same dtype): the one way to change a plan's decisions.
+    pub fn update<R>(&mut self, cat: &Catalogue, f: impl FnOnce(&mut Vec<TensorPlan>) -> R) -> R {
+        let r = f(&mut self.tensors);
+        self.settle(cat);
+        r
     }
 
     /// Every plan entry: the state dict's tensors, then those outside it.

@@ -77,7 +77,7 @@ fn same_values(dtype: DType, got: &[u8], want: &[u8]) -> bool {
 fn check(src: &Catalogue, plan: &Plan, out: &Catalogue, what: &str) {
     let by_name: std::collections::HashMap<&str, &TensorEntry> =
         out.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    for p in &plan.tensors {
+    for p in plan.tensors() {
         let t = &src.tensors[p.tensor];
         let o = by_name
             .get(t.name.as_str())
@@ -93,7 +93,7 @@ fn check(src: &Catalogue, plan: &Plan, out: &Catalogue, what: &str) {
     }
     assert_eq!(
         out.tensors.len(),
-        plan.tensors.len(),
+        plan.tensors().len(),
         "{what}: the output's state dict holds the plan's tensors and nothing else"
     );
 }
@@ -187,7 +187,7 @@ fn inference_export_and_optimizer_casting() {
         Scope::WholeFile { cast_others: true },
     );
     let others = &cat.torch.as_ref().unwrap().others;
-    for p in &plan.others {
+    for p in plan.others() {
         let t = &others[p.tensor].entry;
         let want = if t.dtype.is_float() && !t.shape.is_empty() {
             DType::BF16
@@ -199,7 +199,11 @@ fn inference_export_and_optimizer_casting() {
     let out = dir.path().join("all.pt");
     convert(&cat, &plan, &out, &Options::default(), &NoProgress).unwrap();
     let back = formats::open(&out).unwrap();
-    for (p, y) in plan.others.iter().zip(&back.torch.as_ref().unwrap().others) {
+    for (p, y) in plan
+        .others()
+        .iter()
+        .zip(&back.torch.as_ref().unwrap().others)
+    {
         let x = &others[p.tensor].entry;
         assert_eq!(y.entry.dtype, p.to, "{}", x.name);
         assert!(same_values(
@@ -218,9 +222,9 @@ fn a_storage_whose_views_disagree_is_kept_whole_in_every_output() {
     rules.rule("slice=bf16", "--rule slice=bf16").unwrap();
     let plan = Plan::new(&cat, &rules, DType::F16);
     let shared: Vec<_> = plan
-        .tensors
+        .tensors()
         .iter()
-        .filter(|p| cat.tensors[p.tensor].storage == cat.tensors[plan.tensors[0].tensor].storage)
+        .filter(|p| cat.tensors[p.tensor].storage == cat.tensors[plan.tensors()[0].tensor].storage)
         .collect();
     assert!(shared.len() > 1, "views of one storage");
     for p in shared {

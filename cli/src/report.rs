@@ -192,7 +192,7 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
     }
     s.push_str(&format!(
         "\n{} tensors: {} cast, {} kept; {} -> {} ({:.0}%)\n",
-        plan.tensors.len() + plan.others.len(),
+        plan.tensors().len() + plan.others().len(),
         t.cast,
         t.kept,
         bytes(t.bytes_in),
@@ -233,11 +233,11 @@ fn planned<'a>(
     ),
 > {
     let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
-    plan.tensors
+    plan.tensors()
         .iter()
         .map(|p| (&cat.tensors[p.tensor], p))
         .chain(
-            plan.others
+            plan.others()
                 .iter()
                 .map(move |p| (&others[p.tensor].entry, p)),
         )
@@ -314,7 +314,7 @@ pub fn analysis_text(an: &Analyzed, all: bool) -> String {
          model: {} values overflow, {} flush to zero, {} subnormal; SNR {} dB, cosine {:.6}; {} -> {}\n",
         a.len(),
         plan.target.torch_name(),
-        plan.tensors.len() - a.len(),
+        plan.tensors().len() - a.len(),
         count(Verdict::Overflow),
         count(Verdict::Underflow),
         count(Verdict::Lossy),

@@ -161,6 +161,14 @@ fn rule_args(rules: Vec<(String, String)>) -> PyResult<Vec<RuleArg>> {
         .collect()
 }
 
+/// `max_shard_size=` as bytes (`"5GB"`, `"500MB"`, a number).
+fn shard_size(s: Option<String>) -> PyResult<Option<u64>> {
+    s.as_deref()
+        .map(weightcast::output::parse_size)
+        .transpose()
+        .map_err(to_py)
+}
+
 fn parse_overflow(s: &str) -> PyResult<OnOverflow> {
     s.parse::<OnOverflow>().map_err(|_| {
         UsageError::new_err(format!(
@@ -229,11 +237,7 @@ fn convert(
     req.on_overflow = parse_overflow(on_overflow)?;
     req.max_underflow = max_underflow;
     req.auto = auto;
-    req.max_shard_size = max_shard_size
-        .as_deref()
-        .map(weightcast::output::parse_size)
-        .transpose()
-        .map_err(to_py)?;
+    req.max_shard_size = shard_size(max_shard_size)?;
     req.key = key;
     req.inference = inference;
     req.state_dict_only = state_dict_only;
@@ -550,11 +554,7 @@ fn save(
     req.to = to;
     req.rules = rule_args(rules)?;
     req.on_overflow = parse_overflow(on_overflow)?;
-    req.max_shard_size = max_shard_size
-        .as_deref()
-        .map(weightcast::output::parse_size)
-        .transpose()
-        .map_err(to_py)?;
+    req.max_shard_size = shard_size(max_shard_size)?;
     req.force = force;
     let label = req.input.clone();
     let result = run(py, progress.as_ref(), move |cancel, counter| {

@@ -210,6 +210,29 @@ pub struct Catalogue {
 }
 
 impl Catalogue {
+    /// The catalogue of `tensors` in `files`: what every input has. A format sets the rest
+    /// (the index's metadata, the folder, the pickle, the quantization) where it has them.
+    pub fn new(
+        path: PathBuf,
+        kind: InputKind,
+        files: Vec<SourceFile>,
+        tensors: Vec<TensorEntry>,
+    ) -> Catalogue {
+        Catalogue {
+            path,
+            kind,
+            files,
+            tensors,
+            index_metadata: None,
+            folder: None,
+            notes: vec![],
+            globals: vec![],
+            storages: vec![],
+            torch: None,
+            quant: None,
+        }
+    }
+
     /// Sum of tensor bytes.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.nbytes).sum()

@@ -125,7 +125,7 @@ pub struct Analyzed {
 impl Analyzed {
     /// The name of an analysed tensor.
     pub fn name(&self, a: &TensorAnalysis) -> &str {
-        &self.cat.tensors[self.plan.tensors[a.plan_index].tensor].name
+        &self.cat.tensors[self.plan.tensors()[a.plan_index].tensor].name
     }
 
     /// The tensors whose every non-zero value the cast flushes to zero.
@@ -175,7 +175,7 @@ impl Analyzed {
             totals: AnalysisTotals {
                 flushed_entirely: self.flushed(),
                 analyzed: self.analyses.len(),
-                not_cast: self.plan.tensors.len() - self.analyses.len(),
+                not_cast: self.plan.tensors().len() - self.analyses.len(),
                 verdicts: Ordered(
                     verdicts
                         .iter()

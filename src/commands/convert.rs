@@ -244,7 +244,7 @@ impl ConvertRequest {
         progress: &dyn Progress,
         warnings: &mut Vec<String>,
     ) -> Result<()> {
-        let predict = self.dry_run && plan.tensors.iter().any(|p| p.is_cast());
+        let predict = self.dry_run && plan.tensors().iter().any(|p| p.is_cast());
         if self.on_overflow != OnOverflow::Keep && self.max_underflow.is_none() && !predict {
             return Ok(());
         }
@@ -266,9 +266,11 @@ impl ConvertRequest {
             }
         }
         if predict {
-            let still_cast = |a: &&analysis::TensorAnalysis| plan.tensors[a.plan_index].is_cast();
+            let still_cast = |a: &&analysis::TensorAnalysis| plan.tensors()[a.plan_index].is_cast();
             let name = |a: &analysis::TensorAnalysis| {
-                cat.tensors[plan.tensors[a.plan_index].tensor].name.clone()
+                cat.tensors[plan.tensors()[a.plan_index].tensor]
+                    .name
+                    .clone()
             };
             if self.on_overflow == OnOverflow::Error {
                 let named: Vec<(String, DType, u64)> = analyses
@@ -351,7 +353,7 @@ impl ConvertRequest {
         };
         let mut plan = Plan::with_scope(cat, rules, target, scope);
         if auto_to {
-            plan.keep_source_precision();
+            plan.keep_source_precision(cat);
         }
         if self.on_quantized == OnQuantized::Keep {
             plan.keep_quantized(cat);
@@ -457,8 +459,11 @@ impl ConvertRequest {
         }
         self.check_data(&cat, &mut plan, progress, &mut warnings)?;
         if let Some(max) = self.max_shard_size {
-            let over: Vec<&crate::plan::TensorPlan> =
-                plan.tensors.iter().filter(|p| p.bytes_out > max).collect();
+            let over: Vec<&crate::plan::TensorPlan> = plan
+                .tensors()
+                .iter()
+                .filter(|p| p.bytes_out > max)
+                .collect();
             if let Some(first) = over.first() {
                 warnings.push(format!(
                     "{} tensor(s) are larger than {}{max} bytes: each is written in a shard of \

@@ -266,12 +266,12 @@ impl PlanDoc {
             input: cat.path.clone(),
             target: plan.target.torch_name(),
             tensors: plan
-                .tensors
+                .tensors()
                 .iter()
                 .map(|p| entry(&cat.tensors[p.tensor], p))
                 .collect(),
             other_tensors: plan
-                .others
+                .others()
                 .iter()
                 .map(|p| {
                     let o = &others[p.tensor];
@@ -303,7 +303,7 @@ impl PlanDoc {
                 Scope::Inference => "inference",
             },
             totals: PlanTotals {
-                tensors: plan.tensors.len() + plan.others.len(),
+                tensors: plan.tensors().len() + plan.others().len(),
                 cast: t.cast,
                 kept: t.kept,
                 bytes_before: t.bytes_in,

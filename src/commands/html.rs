@@ -42,7 +42,7 @@ struct Group {
 fn by_layer(cat: &Catalogue, plan: &Plan, a: &[TensorAnalysis]) -> Vec<Group> {
     let mut m: BTreeMap<Option<u64>, (ErrorStats, usize)> = BTreeMap::new();
     for x in a {
-        let name = &cat.tensors[plan.tensors[x.plan_index].tensor].name;
+        let name = &cat.tensors[plan.tensors()[x.plan_index].tensor].name;
         let e = m.entry(layer_of(name)).or_default();
         e.0 = e.0.merge(&x.stats);
         e.1 += 1;
@@ -263,7 +263,7 @@ fn head(an: &Analyzed) -> String {
         path = esc(&cat.path.display().to_string()),
         to = plan.target.torch_name(),
         n = a.len(),
-        k = plan.tensors.len() - a.len(),
+        k = plan.tensors().len() - a.len(),
     );
     let card = |label: &str, value: String, id: &str| {
         format!(
@@ -360,7 +360,7 @@ fn worst(an: &Analyzed, s: &mut String) {
     }
     s.push_str("</table><h2>Where values fall against the target's range</h2><p>Per tensor, worst first, on a log scale: below half the smallest subnormal a value flushes to zero, between that and the smallest normal it keeps only a few bits, beyond the largest finite value it overflows. The black bar is the tensor's largest magnitude.</p><table id=\"ranges\"><tr><th>name</th><th>cast</th><th>range</th><th>flushed</th><th>subnormal</th><th>overflow</th></tr>");
     for x in a.iter().take(30) {
-        let p = &plan.tensors[x.plan_index];
+        let p = &plan.tensors()[x.plan_index];
         let scaled = p.scaled.is_some() || p.dequant.is_some();
         let _ = write!(
             s,
@@ -385,7 +385,7 @@ fn worst(an: &Analyzed, s: &mut String) {
 fn rules(plan: &Plan, s: &mut String) {
     s.push_str("<h2>Rules applied</h2><table id=\"rules\"><tr><th>rule</th><th>tensors</th></tr>");
     let mut rules: Vec<(String, usize)> = Vec::new();
-    for p in &plan.tensors {
+    for p in plan.tensors() {
         match rules.iter_mut().find(|r| r.0 == p.reason) {
             Some(r) => r.1 += 1,
             None => rules.push((p.reason.clone(), 1)),

@@ -119,7 +119,7 @@ impl LoadRequest {
                     ))
                 })?;
                 let mut plan = Plan::new(&cat, &rules, to);
-                plan.keep_source_precision();
+                plan.keep_source_precision(&cat);
                 plan
             }
         };

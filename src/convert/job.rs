@@ -45,7 +45,7 @@ impl<'a> Job<'a> {
         let seen = self.nonzero.lock().expect("nonzero");
         let names: Vec<String> = self
             .plan
-            .tensors
+            .tensors()
             .iter()
             .map(|p| &self.cat.tensors[p.tensor].name)
             .filter(|n| seen.get(*n).is_some_and(|&(i, o)| i && !o))
@@ -66,7 +66,7 @@ impl<'a> Job<'a> {
         counts
             .iter()
             .map(|&(i, n)| {
-                let p = &self.plan.tensors[i];
+                let p = &self.plan.tensors()[i];
                 (self.cat.tensors[p.tensor].name.clone(), p.to, n)
             })
             .collect()
@@ -111,7 +111,7 @@ impl<'a> Job<'a> {
             .tensors
             .iter()
             .map(|&i| {
-                let p = &self.plan.tensors[i];
+                let p = &self.plan.tensors()[i];
                 let t = &cat.tensors[p.tensor];
                 OutTensor {
                     name: &t.name,
@@ -125,7 +125,7 @@ impl<'a> Job<'a> {
             .tensors
             .first()
             .and_then(|&i| {
-                cat.files[cat.tensors[self.plan.tensors[i].tensor].file]
+                cat.files[cat.tensors[self.plan.tensors()[i].tensor].file]
                     .metadata
                     .clone()
             })
@@ -158,7 +158,7 @@ impl<'a> Job<'a> {
         let pieces: Vec<Piece<'_>> = of
             .tensors
             .iter()
-            .map(|&i| self.piece(&self.plan.tensors[i]))
+            .map(|&i| self.piece(&self.plan.tensors()[i]))
             .collect::<Result<_>>()?;
         let counts = self.exec().run(
             &pieces,
@@ -199,7 +199,7 @@ impl<'a> Job<'a> {
         let todo: Vec<usize> = entries
             .iter()
             .filter_map(|&i| {
-                let p = &self.plan.tensors[i];
+                let p = &self.plan.tensors()[i];
                 match p.scaled {
                     Some(ScaledOut::Payload { .. }) => Some(p.tensor),
                     Some(ScaledOut::Scale { payload }) => Some(payload),
@@ -222,7 +222,7 @@ impl<'a> Job<'a> {
         }
         let (layout, compute) = self
             .plan
-            .tensors
+            .tensors()
             .iter()
             .find_map(|p| match p.scaled {
                 Some(ScaledOut::Payload {

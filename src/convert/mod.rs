@@ -178,7 +178,7 @@ impl Summary {
     /// The summary of a whole conversion before it runs (progress told its size).
     fn whole(plan: &Plan, layout: Layout, progress: &dyn Progress) -> Summary {
         let totals = plan.totals();
-        progress.begin(totals.bytes_in, plan.tensors.len() + plan.others.len());
+        progress.begin(totals.bytes_in, plan.tensors().len() + plan.others().len());
         Summary {
             files: vec![],
             tensors_cast: totals.cast,
@@ -204,7 +204,7 @@ impl Summary {
         let ts = || {
             mine.iter()
                 .flat_map(|f| &f.tensors)
-                .map(|&i| &plan.tensors[i])
+                .map(|&i| &plan.tensors()[i])
         };
         let (cast, count) = (ts().filter(|p| p.is_cast()).count(), ts().count());
         let bytes_in = ts().map(|p| p.bytes_in).sum();
@@ -415,7 +415,7 @@ pub fn convert_into(
         .iter()
         .zip(&storage_entries)
         .map(|(b, e)| match (&b.source, e) {
-            (BufferSource::Tensor(i), _) => job.piece(&plan.tensors[*i]),
+            (BufferSource::Tensor(i), _) => job.piece(&plan.tensors()[*i]),
             (&BufferSource::Storage { from, to, .. }, Some(entry)) => Ok(Piece {
                 entry,
                 from,
@@ -432,7 +432,7 @@ pub fn convert_into(
         .into_iter()
         .map(|(k, n)| {
             let name = match mem.buffers[k].source {
-                BufferSource::Tensor(i) => cat.tensors[plan.tensors[i].tensor].name.clone(),
+                BufferSource::Tensor(i) => cat.tensors[plan.tensors()[i].tensor].name.clone(),
                 BufferSource::Storage { s, .. } => format!("storage data/{}", cat.storages[s].key),
             };
             (name, pieces[k].to, n)

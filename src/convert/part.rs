@@ -100,6 +100,15 @@ pub(super) struct LocalDir {
     pub(super) dir: PathBuf,
 }
 
+impl LocalDir {
+    /// Renames a finished temporary file into place as `name`.
+    fn commit(&self, tmp: tempfile::NamedTempFile, name: &str) -> Result<()> {
+        let dest = self.dir.join(name);
+        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        Ok(())
+    }
+}
+
 impl Destination for LocalDir {
     fn locate(&self, name: &str) -> PathBuf {
         self.dir.join(name)
@@ -124,11 +133,9 @@ impl Destination for LocalDir {
         f: &OutputFile,
         check: &mut dyn FnMut(Vec<(usize, u64)>) -> Result<()>,
     ) -> Result<()> {
-        let dest = self.dir.join(&f.name);
         let tmp = temp_file(&self.dir, &f.name)?;
         check(job.write_file(tmp.as_file(), tmp.path(), f)?)?;
-        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
-        Ok(())
+        self.commit(tmp, &f.name)
     }
     fn put_others(&self, job: &Job, summary: &mut Summary) -> Result<()> {
         job.copy_others(&self.dir, summary)
@@ -137,9 +144,7 @@ impl Destination for LocalDir {
         let mut tmp = temp_file(&self.dir, name)?;
         tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
         job.finish(tmp.as_file(), tmp.path())?;
-        let dest = self.dir.join(name);
-        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
-        Ok(())
+        self.commit(tmp, name)
     }
 }
 

@@ -142,7 +142,7 @@ impl Job<'_> {
         let pieces: Vec<Piece<'_>> = f
             .tensors
             .iter()
-            .map(|&i| self.piece(&self.plan.tensors[i]))
+            .map(|&i| self.piece(&self.plan.tensors()[i]))
             .collect::<Result<_>>()?;
         let counts = self.exec().run(&pieces, &mut up)?;
         self.check_cancel()?;

@@ -434,7 +434,7 @@ fn check_config(arch: &Arch) -> std::result::Result<(), String> {
 pub fn float_mix(cat: &Catalogue, plan: Option<&Plan>) -> Vec<(DType, u64)> {
     let mut m = std::collections::BTreeMap::<DType, u64>::new();
     let plan = plan.map_or_else(|| Cow::Owned(Plan::stored(cat)), Cow::Borrowed);
-    for p in &plan.tensors {
+    for p in plan.tensors() {
         let (t, d) = (&cat.tensors[p.tensor], p.to);
         if d.is_float() {
             *m.entry(d).or_default() += t.numel();
@@ -537,7 +537,7 @@ pub fn weights(
         Error::invalid(&cat.path, format!("tensor `{}`: {e}", t.name))
     };
     let plan = plan.map_or_else(|| Cow::Owned(Plan::stored(cat)), Cow::Borrowed);
-    for p in &plan.tensors {
+    for p in plan.tensors() {
         let (t, to) = (&cat.tensors[p.tensor], p.to);
         let load = if to.is_float() { compute } else { to };
         let n = t.numel() as usize;

@@ -106,19 +106,12 @@ fn open_remote(path: &Path) -> Result<Catalogue> {
 
 /// The catalogue of one safetensors file.
 fn single_catalogue(path: &Path, sf: SourceFile, header: &safetensors::Header) -> Catalogue {
-    Catalogue {
-        path: path.to_path_buf(),
-        kind: InputKind::Safetensors,
-        files: vec![sf],
-        tensors: entries(0, header),
-        index_metadata: None,
-        folder: None,
-        notes: vec![],
-        globals: vec![],
-        storages: vec![],
-        torch: None,
-        quant: None,
-    }
+    Catalogue::new(
+        path.to_path_buf(),
+        InputKind::Safetensors,
+        vec![sf],
+        entries(0, header),
+    )
 }
 
 /// The source entry of a safetensors file (local, or remote when `remote` is given).
@@ -434,19 +427,14 @@ fn open_index_at(index_path: &Path, base: Option<&str>) -> Result<Catalogue> {
             ),
         ));
     }
-    Ok(Catalogue {
-        path: index_path.to_path_buf(),
-        kind: InputKind::ShardedSafetensors,
+    let mut cat = Catalogue::new(
+        index_path.to_path_buf(),
+        InputKind::ShardedSafetensors,
         files,
         tensors,
-        index_metadata: value.get("metadata").and_then(|m| m.as_object()).cloned(),
-        folder: None,
-        notes: vec![],
-        globals: vec![],
-        storages: vec![],
-        torch: None,
-        quant: None,
-    })
+    );
+    cat.index_metadata = value.get("metadata").and_then(|m| m.as_object()).cloned();
+    Ok(cat)
 }
 
 /// A shard name must stay inside the index's folder.

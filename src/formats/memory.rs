@@ -70,24 +70,18 @@ pub fn catalogue(
             bytes.len()
         )));
     }
-    Ok(Catalogue {
+    let file = SourceFile {
         path: label.to_path_buf(),
-        kind: InputKind::Memory,
-        files: vec![SourceFile {
-            path: label.to_path_buf(),
-            name: label.display().to_string(),
-            len: offset,
-            metadata: (!metadata.is_empty()).then_some(metadata),
-            big_endian: false,
-            remote: Some(bytes),
-        }],
-        tensors: entries,
-        index_metadata: None,
-        folder: None,
-        notes: vec![],
-        globals: vec![],
-        storages: vec![],
-        torch: None,
-        quant: None,
-    })
+        name: label.display().to_string(),
+        len: offset,
+        metadata: (!metadata.is_empty()).then_some(metadata),
+        big_endian: false,
+        remote: Some(bytes),
+    };
+    Ok(Catalogue::new(
+        label.to_path_buf(),
+        InputKind::Memory,
+        vec![file],
+        entries,
+    ))
 }

@@ -151,8 +151,8 @@ fn storage_decisions(
     let mut split = HashSet::new();
     for r in rebuilds {
         let entry = match r.tensor {
-            TensorRef::Selected(i) => plan.tensors.get(i),
-            TensorRef::Other(i) => plan.others.iter().find(|p| p.tensor == i),
+            TensorRef::Selected(i) => plan.tensors().get(i),
+            TensorRef::Other(i) => plan.others().iter().find(|p| p.tensor == i),
         };
         let d = match entry {
             Some(p) => (p.from, p.to),
@@ -604,8 +604,8 @@ fn legacy_storage(d: DType) -> Option<&'static str> {
 /// OrderedDict of tensors, one storage each), cast as `plan` says.
 pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
     let mut b = StateDict::new();
-    let mut items = Vec::with_capacity(plan.tensors.len());
-    for (i, p) in plan.tensors.iter().enumerate() {
+    let mut items = Vec::with_capacity(plan.tensors().len());
+    for (i, p) in plan.tensors().iter().enumerate() {
         let t = &cat.tensors[p.tensor];
         if matches!(p.to, DType::F6E2M3 | DType::F6E3M2) {
             return Err(Error::usage(format!(
@@ -618,7 +618,7 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
     let pk = b.finish(items);
     let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(&cat.path, e.to_string()))?;
     let records = plan
-        .tensors
+        .tensors()
         .iter()
         .enumerate()
         .map(|(i, p)| {

@@ -201,9 +201,9 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             q.scheme
         )));
     }
-    let mut out = Vec::with_capacity(plan.tensors.len());
+    let mut out = Vec::with_capacity(plan.tensors().len());
     let mut ignore = Vec::new();
-    for mut p in std::mem::take(&mut plan.tensors) {
+    for mut p in plan.tensors().to_vec() {
         let t = cat.tensors[p.tensor].clone();
         let linear = is_linear_weight(&t);
         let wanted = p.to == DType::F8E4M3 && p.is_cast();
@@ -295,7 +295,7 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             scaled: Some(ScaledOut::Scale { payload }),
         });
     }
-    plan.tensors = out;
+    plan.update(cat, |tensors| *tensors = out);
     plan.quant_config = Some(scheme.config(&ignore));
     Ok(())
 }

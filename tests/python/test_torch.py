@@ -909,3 +909,23 @@ def test_inference_keeps_what_inference_needs(tmp_path):
     whole = tmp_path / "whole.pt"
     run("convert", src, "-o", whole, "--to", "f16", "--key", "net")
     assert set(torch.load(whole, weights_only=False)) == set(ckpt)
+
+
+def test_to_auto_settles_shared_storages(tmp_path):
+    """--to auto keeps the tensors the default target would cast as stored, after the rules
+    decided: a view that a rule casts, on a storage another tensor now keeps, is kept whole
+    with it (one storage, one dtype), in the plan and in the .pt written."""
+    a = torch.randn(4, 4)
+    src = tmp_path / "views.pt"
+    torch.save({"big": torch.randn(64, 64).bfloat16(), "a": a, "b": a[0]}, src)
+    out = tmp_path / "out.pt"
+    args = ["convert", src, "-o", out, "--to", "auto", "--rule", "b=bf16"]
+    plan = json.loads(run(*args, "--dry-run", "--json").stdout)
+    rows = {t["name"]: t for t in plan["tensors"]}
+    assert rows["a"]["to"] == rows["b"]["to"] == rows["a"]["from"], rows
+    assert "kept whole" in rows["b"]["rule"], rows["b"]
+    run(*args)
+    got = torch.load(out, weights_only=True)
+    assert got["a"].dtype == got["b"].dtype == torch.float32
+    assert got["b"].untyped_storage().data_ptr() == got["a"].untyped_storage().data_ptr()
+    assert torch.equal(got["b"], a[0])
