@@ -96,7 +96,7 @@ pub struct OutputFile {
 }
 
 /// The files to write.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Layout {
     /// Weights files.
     pub files: Vec<OutputFile>,

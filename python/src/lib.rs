@@ -509,6 +509,84 @@ impl weightcast::remote::RangeRead for Borrowed {
 /// A tensor given to `save`: (name, dtype, shape, address, byte length, owner).
 type GivenTensor<'py> = (String, String, Vec<u64>, usize, usize, Bound<'py, PyAny>);
 
+/// The tensors given, described for the core, with their bytes as one [`Borrowed`] file, and
+/// their owners (to hold until the work is over).
+#[allow(clippy::type_complexity)]
+fn borrow<'py>(
+    tensors: Vec<GivenTensor<'py>>,
+) -> PyResult<(
+    Vec<Bound<'py, PyAny>>,
+    Vec<weightcast::formats::memory::MemoryTensor>,
+    std::sync::Arc<Borrowed>,
+)> {
+    let mut held = Vec::with_capacity(tensors.len());
+    let mut described = Vec::with_capacity(tensors.len());
+    let (mut parts, mut starts, mut len) = (Vec::new(), Vec::new(), 0u64);
+    for (name, dtype, shape, addr, n, owner) in tensors {
+        if addr == 0 && n > 0 {
+            return Err(UsageError::new_err(format!("`{name}`: no data address")));
+        }
+        described.push(weightcast::formats::memory::MemoryTensor {
+            name,
+            dtype: dtype.parse().map_err(to_py)?,
+            shape,
+            nbytes: n as u64,
+        });
+        parts.push((addr, n));
+        starts.push(len);
+        len += n as u64;
+        held.push(owner);
+    }
+    Ok((
+        held,
+        described,
+        std::sync::Arc::new(Borrowed { parts, starts, len }),
+    ))
+}
+
+/// The plan of tensors in memory (a module's state dict): `convert --dry-run --json`'s
+/// document for them, with the data checks of a dry run (the overflow refusal, the tensors
+/// `on_overflow="keep"` keeps). `classes[i]` is the class of the module holding tensor `i`,
+/// for `class:` and `kind:` rules.
+#[pyfunction]
+#[pyo3(signature = (tensors, classes, to, rules, on_overflow))]
+fn plan_memory(
+    py: Python<'_>,
+    tensors: Vec<GivenTensor<'_>>,
+    classes: Vec<Option<String>>,
+    to: Option<String>,
+    rules: Vec<(String, String)>,
+    on_overflow: &str,
+) -> PyResult<String> {
+    use weightcast::formats::memory::catalogue;
+    let (held, described, bytes) = borrow(tensors)?;
+    let mut req = ConvertRequest::new(
+        PathBuf::from("<module>"),
+        PathBuf::from("module.safetensors"),
+    );
+    req.caller = Caller::Python;
+    req.to = to;
+    req.rules = rule_args(rules)?;
+    req.on_overflow = parse_overflow(on_overflow)?;
+    req.dry_run = true;
+    let label = req.input.clone();
+    let result = run(py, None, move |_, counter| {
+        let mut cat = catalogue(&label, &described, vec![], bytes)?;
+        for (t, c) in cat.tensors.iter_mut().zip(classes) {
+            t.module_class = c;
+        }
+        let p = req.prepare_from(Some(cat), counter)?;
+        let doc = weightcast::commands::document::PlanDoc::new(
+            &p.cat,
+            &p.plan,
+            &weightcast::output::Layout::default(),
+        );
+        with_warnings(&doc, &p.warnings)
+    });
+    drop(held);
+    result
+}
+
 /// `weightcast.save`: tensors given as (name, dtype, shape, address, byte length, owner)
 /// streamed from their memory through the cast into `dst` (a `convert` whose input is the
 /// tensors). `owner` is the object whose memory `address` points into (a contiguous CPU
@@ -529,26 +607,8 @@ fn save(
     force: bool,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<String> {
-    use weightcast::formats::memory::{catalogue, MemoryTensor};
-    let mut held: Vec<Bound<'_, PyAny>> = Vec::with_capacity(tensors.len());
-    let mut described = Vec::with_capacity(tensors.len());
-    let (mut parts, mut starts, mut len) = (Vec::new(), Vec::new(), 0u64);
-    for (name, dtype, shape, addr, n, owner) in tensors {
-        if addr == 0 && n > 0 {
-            return Err(UsageError::new_err(format!("`{name}`: no data address")));
-        }
-        described.push(MemoryTensor {
-            name,
-            dtype: dtype.parse().map_err(to_py)?,
-            shape,
-            nbytes: n as u64,
-        });
-        parts.push((addr, n));
-        starts.push(len);
-        len += n as u64;
-        held.push(owner);
-    }
-    let bytes = std::sync::Arc::new(Borrowed { parts, starts, len });
+    use weightcast::formats::memory::catalogue;
+    let (held, described, bytes) = borrow(tensors)?;
     let mut req = ConvertRequest::new(PathBuf::from("<tensors given to weightcast.save>"), dst);
     req.caller = Caller::Python;
     req.to = to;
@@ -581,6 +641,7 @@ fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(audit, m)?)?;
     m.add_function(wrap_pyfunction!(save, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_memory, m)?)?;
     m.add_class::<Loader>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

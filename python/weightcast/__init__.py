@@ -16,6 +16,11 @@ The same engine as the ``weightcast`` command, from Python::
     # Tensors to a file, cast on the way out:
     weightcast.save(model.state_dict(), "model.safetensors", dtype="f16")
 
+    # Mixed precision that runs: linear layers in bf16, the rest in f32, in memory or loaded
+    # from a converted file with every tensor in its stored dtype:
+    weightcast.cast_module(model, "bf16", only="class:Linear")
+    weightcast.load_module(AutoModel.from_config(config), "bert-f16")
+
 Rules (``keep``, ``only``, ``rules``, ``preset``) work as on the command line; they apply in the
 order preset, rules, only, keep, and the last rule that matches a tensor decides.
 
@@ -45,6 +50,10 @@ __all__ = [
     "audit",
     "load",
     "save",
+    "runnable",
+    "cast_module",
+    "load_module",
+    "Runnable",
     "Result",
     "Document",
     "Entry",
@@ -589,3 +598,6 @@ def save(
     doc = json.loads(text)
     _warn(doc)
     return Result(doc)
+
+
+from ._modules import Runnable, cast_module, load_module, runnable  # noqa: E402

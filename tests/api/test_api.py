@@ -71,7 +71,8 @@ def test_wheel_has_stubs_and_the_command():
 
 def test_help_reads_well():
     for f in (weightcast.convert, weightcast.load, weightcast.save, weightcast.analyze,
-              weightcast.diff, weightcast.audit, weightcast.inspect):
+              weightcast.diff, weightcast.audit, weightcast.inspect, weightcast.runnable,
+              weightcast.cast_module, weightcast.load_module):
         doc = f.__doc__
         assert doc and len(doc) > 200 and ">>>" in doc, f.__name__
     assert "dry_run" in weightcast.convert.__doc__
