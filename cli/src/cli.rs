@@ -57,6 +57,15 @@ pub enum Command {
     /// Run a model at several precisions on real inputs: accuracy against the f32 reference,
     /// speed and memory, and a recommendation.
     Eval(EvalArgs),
+    /// Profile a model in PyTorch, down to the layer that breaks, and search the modules to
+    /// keep in f32: the Python package's `weightcast profile` (pip install weightcast, with
+    /// torch and transformers) or `weightcast.profile` from Python.
+    #[command(disable_help_flag = true)]
+    Profile {
+        /// What `weightcast profile` of the Python package takes.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Compare two checkpoints: missing tensors, dtype and shape changes, error per tensor.
     /// Exits 1 when a tensor is missing or below --tolerance.
     Diff(DiffArgs),

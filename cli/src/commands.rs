@@ -57,6 +57,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "eval: this weightcast was built without the `eval` feature (candle)",
         )
         .into()),
+        Command::Profile { .. } => Err(Error::usage(
+            "profile runs models in PyTorch: it is the Python package's command (pip install \
+             weightcast torch transformers, then `weightcast profile FOLDER`, or \
+             weightcast.profile from Python); `weightcast eval` runs BERT and Llama-family \
+             folders without Python",
+        )
+        .into()),
     }
 }
 

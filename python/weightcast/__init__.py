@@ -54,6 +54,8 @@ __all__ = [
     "cast_module",
     "load_module",
     "Runnable",
+    "profile",
+    "Profile",
     "Result",
     "Document",
     "Entry",
@@ -601,3 +603,4 @@ def save(
 
 
 from ._modules import Runnable, cast_module, load_module, runnable  # noqa: E402
+from ._profile import Profile, profile  # noqa: E402

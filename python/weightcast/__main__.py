@@ -1,6 +1,7 @@
 """The ``weightcast`` command installed by the wheel: the Rust binary the wheel carries
 (``weightcast/_bin/weightcast``), run in place of this process, so that its output, exit codes
-and signals are the command line's own."""
+and signals are the command line's own; ``weightcast profile``, which runs models in PyTorch,
+is the package's own (:mod:`weightcast._profile`)."""
 
 import os
 import signal
@@ -12,6 +13,11 @@ def _binary() -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["profile"]:
+        # Runs models in PyTorch: the Python side of the package does it.
+        from ._profile import cli
+
+        sys.exit(cli(sys.argv[2:]))
     exe = _binary()
     if not os.access(exe, os.X_OK):
         sys.stderr.write(

@@ -76,6 +76,16 @@ def _floating_dtypes(obj, found: set) -> None:
             _floating_dtypes(x, found)
 
 
+def _is_norm(module) -> bool:
+    """A normalization layer (torch's, or a model's own `...Norm` class such as T5's)."""
+    import torch.nn as nn
+
+    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    if hasattr(nn, "RMSNorm"):
+        kinds += (nn.RMSNorm,)
+    return isinstance(module, kinds) or type(module).__name__.endswith("Norm")
+
+
 def _cast_inputs(dtype, module, args, kwargs):
     """Forward pre-hook: floating inputs in the module's dtype (integer and bool untouched)."""
     cast = functools.partial(_to_dtype, dtype)
@@ -87,6 +97,26 @@ def _cast_inputs(dtype, module, args, kwargs):
 
 def _to_dtype(dtype, t):
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _widen(dtype, t):
+    """`t` in `dtype` when that is wider (more range and bits); as it is otherwise."""
+    import torch
+
+    if t.dtype == dtype or torch.promote_types(t.dtype, dtype) != dtype:
+        return t
+    return t.to(dtype)
+
+
+def _widen_inputs(dtype, module, args, kwargs):
+    """Forward pre-hook of a normalization layer: narrower floating inputs widened to its
+    dtype; wider ones (a residual stream kept in f32 beyond f16's range) pass as they are,
+    since its statistics need their range (torch's norms promote, T5's computes in f32)."""
+    cast = functools.partial(_widen, dtype)
+    new_args, new_kwargs = _map_floating(args, cast), _map_floating(kwargs, cast)
+    if new_args is args and new_kwargs is kwargs:
+        return None
+    return new_args, new_kwargs
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +197,8 @@ def runnable(module) -> Runnable:
     """Make ``module`` run although its parameters and buffers have different floating dtypes
     (linear layers in bf16, norms and convolutions in f32, ...): each module with floating
     tensors of its own computes in their dtype (floating inputs are cast on entry; integer and
-    bool inputs untouched), and floating tensors of different dtypes that meet in a parent's
+    bool inputs untouched; a normalization layer only widens narrower inputs, since its
+    statistics need a wider input's range), and floating tensors of different dtypes that meet in a parent's
     forward (matmul, attention, concatenation) are promoted instead of raising. Idempotent;
     nothing is done to a module whose floating tensors all have one dtype. Works on CPU and
     CUDA, under ``torch.no_grad`` and ``torch.inference_mode``. Returns a handle whose
@@ -189,7 +220,8 @@ def runnable(module) -> Runnable:
     for m in module.modules():
         d = _own_dtype(m)
         if d is not None:
-            hooks.append(m.register_forward_pre_hook(functools.partial(_cast_inputs, d),
+            hook = _widen_inputs if _is_norm(m) else _cast_inputs
+            hooks.append(m.register_forward_pre_hook(functools.partial(hook, d),
                                                      with_kwargs=True))
     hooks.append(module.register_forward_pre_hook(_enter, prepend=True))
     hooks.append(module.register_forward_hook(_exit, always_call=True))

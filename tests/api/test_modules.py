@@ -160,3 +160,138 @@ def test_load_module_refuses_names_that_do_not_match(tmp_path):
     assert m.weight.dtype == torch.float16 and m.bias.dtype == torch.float32
     with torch.no_grad():
         assert m(torch.ones(1, 3)).shape == (1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile
+
+
+def t5_with_hot_ffn():
+    """A T5 encoder from a small config whose FFN output projections are scaled so that their
+    f16 activations exceed 65504 (the reason transformers keeps T5's `wo` in f32), while every
+    weight fits f16."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                   feed_forward_proj="relu")
+    model = T5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[-1].DenseReluDense.wo.weight.mul_(1e5)
+    assert max(p.abs().max().item() for p in model.parameters()) < 65504
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 100, (2, 12), generator=g)} for _ in range(3)]
+    return model, batches
+
+
+def test_profile_names_the_layer_and_search_keeps_only_it(tmp_path):
+    """Weights cannot tell this T5 from a safe one; running it can: the f16 candidate degrades,
+    the profile names a `wo` layer as where outputs first went non-finite (and as beyond f16's
+    range), the search keeps the two `wo` layers and nothing else, and those rules, through
+    convert and load_module, meet the tolerance."""
+    model, batches = t5_with_hot_ffn()
+    p = weightcast.profile(model, batches, ["f16", "bf16"], search=True,
+                           tolerance={"cosine": 0.9999}, repeats=2)
+    rows = {r["name"]: r for r in p.candidates}
+    assert rows["f16"]["cosine"] < 0.99  # degraded (T5's own clamp keeps it finite)
+    assert p.first_nonfinite == {"candidate": "f16",
+                                 "module": "encoder.block.0.layer.1.DenseReluDense.wo"}
+    hot = {r["module"] for r in p.layers if r["dtype"] == "float16" and r["overflow"]}
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" in hot
+    searched = [r for r in p.candidates if r["name"].startswith("f16 keeping")]
+    assert len(searched) == 1, [r["name"] for r in p.candidates]
+    kept = searched[0]["kept_modules"]
+    assert sorted(kept) == [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in (0, 1)]
+    assert searched[0]["cosine"] >= 0.9999 and searched[0]["nonfinite"] == 0
+    assert 0 < p.search_passes <= 32
+    # Consistency of the figures.
+    for r in p.candidates:
+        lat = r["latency_ms"]
+        assert lat["p50"] <= lat["p90"] <= lat["p99"], r
+        assert r["peak_memory_bytes"] >= r["weight_bytes"] > 0
+    assert rows["f16"]["weight_bytes"] * 2 == rows["reference"]["weight_bytes"]
+    # The rules, through the converter and load_module.
+    rules = tmp_path / "rules.toml"
+    p.save_rules(rules, searched[0]["name"])
+    folder = tmp_path / "t5"
+    model.save_pretrained(folder)
+    run("convert", folder, "-o", tmp_path / "t5-mixed", "--rules", rules)
+    from transformers import T5EncoderModel
+
+    loaded = weightcast.load_module(T5EncoderModel(model.config).eval(), tmp_path / "t5-mixed")
+    wo = loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert wo.dtype == torch.float32
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wi.weight.dtype == torch.float16
+    with torch.no_grad():
+        for b in batches:
+            want = model(**b).last_hidden_state.double().flatten()
+            got = loaded(**b).last_hidden_state.double().flatten()
+            assert F.cosine_similarity(want, got, dim=0) >= 0.9999
+    # What the table and the frame say.
+    assert "first non-finite: encoder.block.0.layer.1.DenseReluDense.wo" in str(p)
+    assert list(p.to_pandas()["name"])[:2] == ["reference", "f16"]
+
+
+def test_profile_of_a_cnn_the_converter_refuses(tmp_path):
+    """BatchNorm statistics beyond f16's range: convert refuses f16; with --on-overflow keep the
+    model loads mixed and runs, and the profile compares the task (how often the class
+    changes, with its bootstrap interval) instead of judging from the weights."""
+    model = resnet18()
+    with torch.no_grad():
+        model.layer1[0].bn1.running_var.mul_(1e6)  # ~1e6: beyond 65504
+        model.layer1[0].conv1.weight.mul_(1e3)     # ... and the activations it normalizes
+    src = tmp_path / "cnn.pt"
+    torch.save(model, src)
+    p = run("convert", src, "-o", tmp_path / "cnn16.pt", "--to", "f16", check=False)
+    assert p.returncode == 1 and "would overflow" in p.stderr
+    run("convert", src, "-o", tmp_path / "cnn16.pt", "--to", "f16", "--on-overflow", "keep")
+    mixed = torch.load(tmp_path / "cnn16.pt", weights_only=False).eval()
+    assert mixed.layer1[0].bn1.running_var.dtype == torch.float32
+    assert mixed.layer1[0].bn1.weight.dtype == torch.float16
+    weightcast.runnable(mixed)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        assert torch.isfinite(mixed(batches[0]).float()).all()
+
+    def changed(ref, out, batch):
+        return float((ref.argmax(-1) != out.argmax(-1)).float().mean())
+
+    prof = weightcast.profile(model, batches, [{"to": "f16", "on_overflow": "keep"}],
+                              metric=changed, repeats=1, layers=False)
+    row = prof.candidates[1]
+    assert row["nonfinite"] == 0 and row["cosine"] > 0.99
+    lo, hi = row["metric_ci"]
+    assert lo <= row["metric"] <= hi and 0.0 <= row["metric"] <= 1.0
+    assert "f16 is emulated" in (row["support"] or "") or "avx512_fp16" in open("/proc/cpuinfo").read()
+
+
+def test_profile_from_the_command_line(tmp_path, minilm):
+    """The wheel's `weightcast profile` on a model folder: JSON, a search, rules that convert
+    reads; a folder without a tokenizer says what it needs; the Rust binary says where the
+    command lives."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    cli = pathlib.Path(sys.executable).parent / "weightcast"
+    rules = tmp_path / "rules.toml"
+    p = subprocess.run([str(cli), "profile", str(minilm), "--dtypes", "f16,bf16", "--json",
+                        "--repeats", "1", "--search", "--tolerance", "cosine=0.99999",
+                        "--rules-out", str(rules)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    names = [c["name"] for c in doc["candidates"]]
+    assert names[:3] == ["reference", "f16", "bf16"] and doc["recommended"] in names
+    assert rules.read_text().startswith('to = "')
+    run("convert", minilm, "-o", tmp_path / "out", "--rules", rules)
+    (tmp_path / "bare").mkdir()
+    for f in ("config.json", "model.safetensors"):  # weights, but no tokenizer
+        (tmp_path / "bare" / f).symlink_to(minilm / f)
+    p = subprocess.run([str(cli), "profile", str(tmp_path / "bare")], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2 and "needs images or audio" in p.stderr
+    p = run("profile", minilm, check=False)
+    assert p.returncode == 2 and "Python package" in p.stderr
