@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 Candidate = Union[str, Dict[str, Any], "os.PathLike[str]"]
@@ -110,12 +111,16 @@ def _target(kw: Dict[str, Any], module) -> Any:
 
 def _build(module, kw: Dict[str, Any]):
     """A copy of `module` cast as the candidate says (the reference is left as it is)."""
-    from ._modules import cast_module
+    from ._modules import _cast_inputs, cast_module, runnable
 
     cand = copy.deepcopy(module)
     cast_module(cand, kw.get("to"), keep=kw.get("keep", ()), only=kw.get("only", ()),
                 rules=kw.get("rules"), preset=kw.get("preset"),
                 on_overflow=kw.get("on_overflow", "allow"))
+    d = _dominant(cand)
+    if not runnable(cand).mixed and d is not None:
+        # One dtype throughout: the reference's floating inputs (f32 images) enter in it.
+        cand.register_forward_pre_hook(functools.partial(_cast_inputs, d), with_kwargs=True)
     return cand
 
 
@@ -312,10 +317,13 @@ def _support(dtype, device) -> Optional[str]:
     if dtype is None or (device is not None and not str(device).startswith("cpu")):
         return None
     flags = _cpu_flags()
-    if dtype == torch.float16 and not ({"avx512_fp16", "amx_fp16"} & flags):
-        return "this CPU has no f16 arithmetic: f16 is emulated"
-    if dtype == torch.bfloat16 and not ({"avx512_bf16", "amx_bf16"} & flags):
-        return "this CPU has no bf16 arithmetic: bf16 is emulated"
+    for d, name, native in ((torch.float16, "f16", ("avx512_fp16", "amx_fp16")),
+                            (torch.bfloat16, "bf16", ("avx512_bf16", "amx_bf16"))):
+        if dtype == d:
+            have = [f for f in native if f in flags]
+            if not have:
+                return f"this CPU has no {name} arithmetic: {name} is emulated"
+            return f"this CPU reports {name} arithmetic ({', '.join(have)})"
     return None
 
 
@@ -357,14 +365,35 @@ class Profile:
     def save_rules(self, path, candidate: Optional[str] = None) -> None:
         """Writes a candidate's rules as TOML (``weightcast convert --rules PATH``,
         ``cast_module(rules=PATH)``)."""
+        import json
+
         r = self.rules(candidate)
         lines = []
         if r.get("to"):
-            lines.append(f'to = "{r["to"]}"')
-        for pat in r.get("keep", []):
-            lines += ["", "[[rule]]", f'match = "{pat}"', "keep = true"]
+            lines.append(f"to = {json.dumps(str(r['to']))}")  # a JSON string is a TOML string
+        if r.get("rules"):
+            raise ValueError(f"{r['rules']}: the candidate came from this rules file; add the "
+                             f"kept modules to it by hand: {r.get('keep')}")
+
+        def many(v):
+            return [v] if isinstance(v, str) else list(v or [])
+
+        # In convert's order (preset, only, keep): the last rule that matches decides.
+        for preset in many(r.get("preset")):
+            lines += ["", "[[rule]]", f"preset = {json.dumps(preset)}"]
+        for pat in many(r.get("only")):
+            lines += ["", "[[rule]]", f"match = {json.dumps(pat)}", "only = true"]
+        for pat in many(r.get("keep")):
+            lines += ["", "[[rule]]", f"match = {json.dumps(pat)}", "keep = true"]
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+    def report(self, path) -> None:
+        """Writes a self-contained HTML page (inline SVG, no script, no network): the
+        candidates' table, each module's output range against the dtypes' limits, and the
+        latencies; the same look as ``analyze --report``."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(_html(self._d))
 
     def __str__(self) -> str:
         rows = [["candidate", "cosine", "max abs", "non-finite", "metric", "p50 ms", "weights"]]
@@ -435,7 +464,7 @@ def _sensitivity(module, captured, dtype) -> Dict[str, float]:
     reference's inputs (inf where it goes non-finite)."""
     import torch
 
-    from ._modules import _is_norm, _map_floating, _to_dtype, _widen, runnable
+    from ._modules import _is_norm, _map_floating, _promote_mode, _to_dtype, _widen, runnable
 
     out = {}
     for name, (args, kwargs, ref) in captured.items():
@@ -449,9 +478,14 @@ def _sensitivity(module, captured, dtype) -> Dict[str, float]:
             for p in sub.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
+            for k, b in list(sub._buffers.items()):
+                if b is not None and b.is_floating_point():
+                    sub._buffers[k] = b.to(dtype)
             handle = runnable(sub)
             try:
-                got = _detach(sub(*args, **kwargs))
+                # As inside a runnable model: operands of different dtypes promoted.
+                with _promote_mode()():
+                    got = _detach(sub(*args, **kwargs))
             except RuntimeError:
                 out[name] = math.inf
                 continue
@@ -618,6 +652,11 @@ def profile(
         passes += 1
         row.update(name=name, dtype=str(target or _dominant(cand)).replace("torch.", ""),
                    support=_support(target, device))
+        if row["latency_ms"] and ref_row["latency_ms"]:
+            ratio = row["latency_ms"]["p50"] / max(ref_row["latency_ms"]["p50"], 1e-9)
+            if ratio > 1.1:
+                note = f"{ratio:.1f}x slower than the reference here (measured)"
+                row["support"] = f"{row['support']}; {note}" if row["support"] else note
         if crec is not None and crec.first_nonfinite and first_nonfinite is None:
             first_nonfinite = {"candidate": name, "module": crec.first_nonfinite}
         row["first_nonfinite"] = crec.first_nonfinite if crec is not None else None
@@ -690,14 +729,18 @@ def _search(module, batches, ref_outs, ref_raw, main, metric, seed, higher_is_be
     first = {id(t): name for name, t, _, _, _ in _state_tensors(module)}
 
     def patterns(mods):
-        """The planned (first) state-dict names of the modules' own tensors: tied weights are
-        planned under their first name."""
+        """Rules for the planned (first) state-dict names of the modules' own tensors (tied
+        weights are planned under their first name), each matching that name alone."""
+        import re
+
         out = []
         for m in mods:
             sub = module.get_submodule(m)
             for t in list(sub._parameters.values()) + list(sub._buffers.values()):
-                if t is not None and id(t) in first and first[id(t)] not in out:
-                    out.append(first[id(t)])
+                if t is not None and id(t) in first:
+                    pat = "re:^" + re.escape(first[id(t)]) + "$"
+                    if pat not in out:
+                        out.append(pat)
         return out
 
     ranked = []
@@ -711,7 +754,9 @@ def _search(module, batches, ref_outs, ref_raw, main, metric, seed, higher_is_be
         nonlocal used
         if k not in cache:
             spec = {**kw, "keep": base + patterns(ranked[:k])}
-            cand = _build(module, spec)
+            with warnings.catch_warnings():  # the trial rules' overlaps are the search's own
+                warnings.simplefilter("ignore")
+                cand = _build(module, spec)
             cache[k] = _measure(cand, batches, ref_outs, ref_raw, main, metric, seed,
                                 higher_is_better, False, 0, 0, device)
             used += 1
@@ -731,7 +776,9 @@ def _search(module, batches, ref_outs, ref_raw, main, metric, seed, higher_is_be
     keep = ranked[:hi]
     # The verified run: the rules as a user applies them, with timing.
     spec = {**kw, "keep": base + patterns(keep)}
-    cand = _build(module, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cand = _build(module, spec)
     row = _measure(cand, batches, ref_outs, ref_raw, main, metric, seed, higher_is_better,
                    timing, warmup, repeats, device)
     used += 1
@@ -854,3 +901,119 @@ def cli(argv: List[str]) -> int:
         if a.rules_out:
             print(f"rules: {a.rules_out}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report
+
+
+def _esc(x: Any) -> str:
+    return (str(x).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+def _headroom_svg(layers: List[Dict[str, Any]]) -> str:
+    """log2 of each module's largest output magnitude, in execution order, with the largest
+    finite value and the smallest normal of each dtype as lines."""
+    import torch
+
+    mods: List[str] = []
+    peak: Dict[str, float] = {}
+    for r in layers:
+        if r["module"] not in peak and r["max_abs"] > 0:
+            mods.append(r["module"])
+            peak[r["module"]] = math.log2(r["max_abs"])
+    dtypes = sorted({r["dtype"] for r in layers})
+    limits = []
+    for d in dtypes:
+        fi = torch.finfo(getattr(torch, d))
+        limits.append((d, math.log2(fi.max), math.log2(fi.tiny)))
+    if not mods:
+        return "<p>No module output to chart.</p>"
+    top = max(max(peak.values()), *(m for _, m, _ in limits if m < 200)) + 2
+    low = min(min(peak.values()), -20) - 2
+    w, h, left = max(600, 8 * len(mods) + 80), 320, 60
+
+    def y(v: float) -> float:
+        v = max(low, min(top, v))
+        return 10 + (top - v) / (top - low) * (h - 40)
+
+    out = [f'<svg id="headroom" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">']
+    step = (w - left - 10) / len(mods)
+    for i, m in enumerate(mods):
+        x = left + i * step
+        over = any(r["module"] == m and r["overflow"] for r in layers)
+        out.append(f'<rect x="{x:.1f}" y="{y(peak[m]):.1f}" width="{max(step - 1, 1):.1f}" '
+                   f'height="{y(low) - y(peak[m]):.1f}" fill="{"#c33" if over else "#4a7"}">'
+                   f'<title>{_esc(m)}: max |x| = 2^{peak[m]:.1f}</title></rect>')
+    colors = ["#a33", "#36a", "#a60", "#555"]
+    for k, (d, big, tiny) in enumerate(limits):
+        c = colors[k % len(colors)]
+        for v, what in ((big, "max finite"), (tiny, "smallest normal")):
+            if low <= v <= top:
+                out.append(f'<line x1="{left}" x2="{w - 10}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+                           f'stroke="{c}" stroke-dasharray="4 3"/><text x="{w - 12}" '
+                           f'y="{y(v) - 3:.1f}" text-anchor="end" font-size="11" fill="{c}">'
+                           f'{_esc(d)} {what} (2^{v:.0f})</text>')
+    out.append(f'<text x="4" y="{y(top - 2) + 4:.1f}" font-size="11">log2 max|x|</text></svg>')
+    return "".join(out)
+
+
+def _latency_svg(rows: List[Dict[str, Any]]) -> str:
+    timed = [r for r in rows if r.get("latency_ms")]
+    if not timed:
+        return "<p>Not timed.</p>"
+    big = max(r["latency_ms"]["p99"] for r in timed) or 1.0
+    w, bar = 600, 22
+    out = [f'<svg id="latency" width="{w}" height="{bar * len(timed) + 10}" '
+           f'xmlns="http://www.w3.org/2000/svg">']
+    for i, r in enumerate(timed):
+        lat = r["latency_ms"]
+        y = 5 + i * bar
+        wid = 380 * lat["p50"] / big
+        out.append(f'<text x="0" y="{y + 14}" font-size="12">{_esc(r["name"])[:28]}</text>'
+                   f'<rect x="200" y="{y + 3}" width="{wid:.1f}" height="{bar - 8}" fill="#36a">'
+                   f'<title>p50 {lat["p50"]:.2f} ms, p90 {lat["p90"]:.2f}, p99 '
+                   f'{lat["p99"]:.2f}</title></rect><text x="{205 + wid:.1f}" y="{y + 14}" '
+                   f'font-size="11">{lat["p50"]:.2f} ms</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _html(d: Dict[str, Any]) -> str:
+    rows = d["candidates"]
+    head = ("<tr><th>candidate</th><th>cosine</th><th>max abs</th><th>max rel</th>"
+            "<th>top-1</th><th>non-finite</th><th>metric</th><th>p50 ms</th><th>weights</th>"
+            "<th>note</th></tr>")
+    body = []
+    for r in rows:
+        m, ci, top1, lat = r.get("metric"), r.get("metric_ci"), r.get("top1"), r.get("latency_ms")
+        metric = "" if m is None else f"{m:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+        cells = [_esc(r["name"]), f"{r['cosine']:.6f}", f"{r['max_abs']:.3g}",
+                 f"{r['max_rel']:.3g}", "" if top1 is None else f"{top1:.4f}",
+                 str(r["nonfinite"]), metric, "" if not lat else f"{lat['p50']:.2f}",
+                 str(r["weight_bytes"]), _esc(r.get("support") or "")]
+        cls = "rec" if r["name"] == d["recommended"] else ""
+        body.append(f'<tr class="{cls}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    f = d.get("first_nonfinite")
+    cards = [("recommended", d.get("recommended") or "none meets the tolerance"),
+             ("first non-finite", f"{f['module']} ({f['candidate']})" if f else "none"),
+             ("tolerance", ", ".join(f"{k} {v}" for k, v in d["tolerance"].items())),
+             ("forward passes", str(d.get("search_passes")))]
+    card = "".join(f'<div class="card">{_esc(k)}<b>{_esc(v)}</b></div>' for k, v in cards)
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>weightcast profile'
+        '</title><style>body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px;'
+        'color:#222}table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px '
+        'solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}'
+        'tr.rec{background:#eef6ee}.cards{display:flex;gap:1em;flex-wrap:wrap}'
+        '.card{border:1px solid #ccc;border-radius:6px;padding:.6em 1em}.card b{display:block;'
+        'font-size:18px}</style></head><body><h1>What each precision does to the model</h1>'
+        f'<p>{d["inputs"]} batches on {_esc(d["device"])}, against the reference in '
+        f'{_esc(d["reference"]["dtype"])}.</p><div class="cards">{card}</div>'
+        f'<h2>Candidates</h2><table id="candidates">{head}{"".join(body)}</table>'
+        '<h2>Each module\'s output against the dtypes\' range</h2><p>The largest magnitude of '
+        'each module\'s output in the reference run, in execution order, on a log2 scale; red: '
+        'beyond a candidate dtype\'s largest finite value.</p>'
+        f'{_headroom_svg(d["layers"])}<h2>Latency per batch (p50)</h2>'
+        f'{_latency_svg(rows)}<p>Made by weightcast.</p></body></html>\n')
