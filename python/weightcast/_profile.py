@@ -677,7 +677,8 @@ def profile(
                 keep, srow = found
                 sname = f"{name} keeping {len(keep)} module(s)"
                 srow.update(name=sname, dtype=row["dtype"], support=row["support"],
-                            kept_modules=keep, first_nonfinite=None)
+                            kept_modules=keep, first_nonfinite=None,
+                            bytes_saved=ref_row["weight_bytes"] - srow["weight_bytes"])
                 rows.append(srow)
                 rules[sname] = {**rules[name], "keep": srow.pop("keep_rules")}
     if bar:
@@ -825,6 +826,7 @@ def cli(argv: List[str]) -> int:
     ap.add_argument("--tolerance", action="append", default=[], metavar="NAME=VALUE",
                     help="cosine=0.9999 (at least), max_abs=0.01 (at most)")
     ap.add_argument("--rules-out", help="write the recommended candidate's rules here")
+    ap.add_argument("--report", help="write the HTML report here")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     a = ap.parse_args(argv)
@@ -894,12 +896,16 @@ def cli(argv: List[str]) -> int:
         if p.recommended is None:
             return fail("no candidate meets the tolerance: no rules written", 1)
         p.save_rules(a.rules_out)
+    if a.report:
+        p.report(a.report)
     if a.json:
         print(_json.dumps(p.to_dict(), indent=2, default=str))
     else:
         print(p)
         if a.rules_out:
             print(f"rules: {a.rules_out}")
+        if a.report:
+            print(f"report: {a.report}")
     return 0
 
 

@@ -204,6 +204,7 @@ def test_profile_names_the_layer_and_search_keeps_only_it(tmp_path):
     kept = searched[0]["kept_modules"]
     assert sorted(kept) == [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in (0, 1)]
     assert searched[0]["cosine"] >= 0.9999 and searched[0]["nonfinite"] == 0
+    assert searched[0]["bytes_saved"] == rows["reference"]["weight_bytes"] - searched[0]["weight_bytes"] > 0
     assert 0 < p.search_passes <= 32
     # Consistency of the figures.
     for r in p.candidates:
@@ -283,8 +284,10 @@ def test_profile_from_the_command_line(tmp_path, minilm):
     rules = tmp_path / "rules.toml"
     p = subprocess.run([str(cli), "profile", str(minilm), "--dtypes", "f16,bf16", "--json",
                         "--repeats", "1", "--search", "--tolerance", "cosine=0.99999",
-                        "--rules-out", str(rules)], capture_output=True, text=True, timeout=600)
+                        "--rules-out", str(rules), "--report", str(tmp_path / "p.html")],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
+    assert 'id="headroom"' in (tmp_path / "p.html").read_text()
     doc = json.loads(p.stdout)
     names = [c["name"] for c in doc["candidates"]]
     assert names[:3] == ["reference", "f16", "bf16"] and doc["recommended"] in names
