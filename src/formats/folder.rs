@@ -13,60 +13,6 @@ use crate::formats::safetensors;
 /// Largest index JSON read (a Hub index of a 1T-parameter model is a few MB).
 const MAX_INDEX_SIZE: u64 = 64 << 20;
 
-/// Opens `path` (a `.safetensors` file, a `*.safetensors.index.json`, a model folder or a
-/// `torch.save` checkpoint) and reads every header. No tensor data is read.
-pub fn open(path: &Path) -> Result<Catalogue> {
-    open_with(path, None)
-}
-
-/// Like [`open`]; `key` picks the entry of a PyTorch training checkpoint that holds the state
-/// dict (dotted path, e.g. `model_state_dict`).
-pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
-    let mut cat = open_any(path, key)?;
-    cat.quant = crate::quant::detect(&cat).map(std::sync::Arc::new);
-    Ok(cat)
-}
-
-fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
-    if crate::remote::is_url(path) {
-        if key.is_some_and(|k| !k.is_empty()) {
-            return Err(Error::usage(format!(
-                "{}: --key applies to PyTorch checkpoints only",
-                path.display()
-            )));
-        }
-        return open_remote(path);
-    }
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_file() {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        if crate::formats::sniff::foreign(path, &file, meta.len())?.is_some_and(|k| k.is_torch()) {
-            return crate::formats::torch::open(path, key);
-        }
-    }
-    if key.is_some_and(|k| !k.is_empty()) {
-        return Err(Error::usage(format!(
-            "{}: --key applies to PyTorch checkpoints only",
-            path.display()
-        )));
-    }
-    if meta.is_dir() {
-        return open_folder(path);
-    }
-    if is_index_name(path) {
-        let mut cat = open_index(path)?;
-        cat.path = path.to_path_buf();
-        return Ok(cat);
-    }
-    open_file(path)
-}
-
-fn is_index_name(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.ends_with(".index.json"))
-}
-
 /// Opens one safetensors file, telling other formats apart by content.
 pub fn open_file(path: &Path) -> Result<Catalogue> {
     let (_file, sf, header) = read_source(path, file_name(path))?;
@@ -76,7 +22,7 @@ pub fn open_file(path: &Path) -> Result<Catalogue> {
 /// Opens a remote input: a Hugging Face repository (`hf://`), an object store prefix
 /// (`s3://BUCKET/PREFIX`) or one safetensors file at a URL (`https://...`, `s3://...`): headers by
 /// range requests; tensor bytes are read the same way when converted.
-fn open_remote(path: &Path) -> Result<Catalogue> {
+pub(crate) fn open_remote(path: &Path) -> Result<Catalogue> {
     let url = path.to_str().unwrap_or_default();
     if url.starts_with("hf://") {
         let repo = crate::remote::HfRepo::parse(url)?;
@@ -301,12 +247,6 @@ fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
     }
 }
 
-/// What `path` is, from its content (for messages that say what a command got and what it
-/// wants): a folder, safetensors, a PyTorch file, a pickle, a zip, GGUF, NumPy, a Git LFS
-/// pointer, JSON, empty, or unknown.
-pub fn what_is(path: &Path) -> Result<&'static str> {
-    Ok(crate::formats::sniff::sniff_path(path)?.describe())
-}
 
 fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
     header

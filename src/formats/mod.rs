@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod folder;
 pub mod memory;
+pub mod open;
 pub mod pickle;
 pub mod safetensors;
 pub mod sniff;
@@ -11,4 +12,4 @@ pub mod torch;
 pub mod torch_scan;
 pub mod torch_write;
 
-pub use folder::{open, open_with, what_is};
+pub use open::{open, open_with, what_is};
