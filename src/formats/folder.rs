@@ -247,7 +247,6 @@ fn sniff_other_formats(path: &Path, file: &File, len: u64) -> Result<()> {
     }
 }
 
-
 fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
     header
         .tensors
