@@ -145,14 +145,14 @@ pub fn analyze(
     for i in todo {
         let p = &plan.tensors()[i];
         let stats = match (p.dequant, p.scaled) {
-            (Some(d), _) => measure_dequantized(&sources, cat, p.tensor, d, &[p.to], cancel)?[0],
+            (Some(d), _) => measure_dequantized(&sources, cat, p.tensor.0, d, &[p.to], cancel)?[0],
             (
                 None,
                 Some(crate::plan::ScaledOut::Payload {
                     layout, compute, ..
                 }),
-            ) => measure_scaled(&sources, cat, p.tensor, layout, compute, cancel)?,
-            _ => measure(&sources, cat, p.tensor, &[p.to], cancel)?[0],
+            ) => measure_scaled(&sources, cat, p.tensor.0, layout, compute, cancel)?,
+            _ => measure(&sources, cat, p.tensor.0, &[p.to], cancel)?[0],
         };
         out.push(TensorAnalysis {
             plan_index: i,
@@ -248,7 +248,7 @@ pub fn choose_auto(
     let mut picks = Vec::with_capacity(todo.len());
     for i in todo {
         let tensor = plan.tensors()[i].tensor;
-        let stats = measure(&sources, cat, tensor, candidates, cancel)?;
+        let stats = measure(&sources, cat, tensor.0, candidates, cancel)?;
         progress.advance(plan.tensors()[i].bytes_in);
         picks.push((i, stats));
     }

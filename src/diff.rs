@@ -133,7 +133,7 @@ fn table(
     p: &crate::plan::TensorPlan,
 ) -> Result<Option<ScaleTable>> {
     p.dequant
-        .map(|d| d.table(cat, sources, p.tensor))
+        .map(|d| d.table(cat, sources, p.tensor.0))
         .transpose()
 }
 

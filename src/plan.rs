@@ -6,16 +6,18 @@
 //! weights) gets the same dtype, or the storage is kept whole and the plan says why, so a `.pt`
 //! output (which converts storages) and a safetensors output (which writes tensors) agree.
 
-use crate::catalogue::{Catalogue, TensorEntry};
+use crate::catalogue::torch::OtherId;
+use crate::catalogue::{Catalogue, TensorEntry, TensorId};
 use crate::dtype::DType;
 use crate::quant::{Role, ScaleLayout};
 use crate::rules::{Action, RuleSet};
 
-/// The decision for one tensor.
+/// The decision for one tensor: a catalogue tensor ([`TensorId`], the state dict's) or, for a
+/// whole-file `.pt` output, a tensor outside the state dict ([`OtherId`]).
 #[derive(Debug, Clone)]
-pub struct TensorPlan {
-    /// Index into the catalogue's tensors.
-    pub tensor: usize,
+pub struct TensorPlan<I = TensorId> {
+    /// Which tensor.
+    pub tensor: I,
     /// Stored dtype.
     pub from: DType,
     /// Dtype to write.
@@ -43,7 +45,7 @@ pub enum ScaledOut {
     /// Quantized to f8e4m3fn with the scale at catalogue index `scale`.
     Payload {
         /// Catalogue index of its scale (an entry the planner added).
-        scale: usize,
+        scale: TensorId,
         /// How the scale covers it.
         layout: ScaleLayout,
         /// The scale's dtype (the quotient is rounded to it before the cast).
@@ -52,15 +54,15 @@ pub enum ScaledOut {
     /// The scale of the payload at catalogue index `payload`, computed from the weight.
     Scale {
         /// Catalogue index of the weight it scales.
-        payload: usize,
+        payload: TensorId,
     },
 }
 
 /// How a payload is dequantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dequant {
-    /// Catalogue index of the scale tensor.
-    pub scale: usize,
+    /// The scale tensor.
+    pub scale: TensorId,
     /// How it covers the payload.
     pub layout: ScaleLayout,
     /// The scale's dtype, in which the product is rounded.
@@ -81,7 +83,7 @@ impl Dequant {
             sources,
             &crate::quant::Scaled {
                 payload,
-                scale: self.scale,
+                scale: self.scale.0,
                 layout: self.layout,
             },
         )
@@ -102,7 +104,14 @@ pub enum QuantPlan {
     Unsupported(String),
 }
 
-impl TensorPlan {
+impl<I> TensorPlan<I> {
+    /// Kept as stored because its storage is kept whole (`why`).
+    fn keep_whole(&mut self, why: &str) {
+        self.keep();
+        self.reason = why.to_string();
+        self.by_default = false;
+    }
+
     /// Leaves the tensor in its stored dtype; a dequantized payload in its scale's dtype (its
     /// stored form needs the scale).
     pub fn keep(&mut self) {
@@ -156,7 +165,7 @@ pub struct Plan {
     /// For a `.pt` output of a whole PyTorch file: the tensors outside the selected state dict
     /// (optimizer state, EMA copies), one entry per [`crate::formats::torch::TorchDoc::others`],
     /// same order (`tensor` indexes that list).
-    others: Vec<TensorPlan>,
+    others: Vec<TensorPlan<OtherId>>,
     /// Top-level entries of a training checkpoint that the output leaves out: (name, tensors,
     /// tensor bytes).
     pub dropped: Vec<(String, usize, u64)>,
@@ -305,7 +314,7 @@ impl Plan {
                 };
                 let bytes_out = to.bytes_for(t.numel()).unwrap_or(t.nbytes);
                 TensorPlan {
-                    tensor: i,
+                    tensor: TensorId(i),
                     from: t.dtype,
                     to,
                     bytes_in: t.nbytes,
@@ -386,7 +395,7 @@ impl Plan {
         let mut removed = Vec::new();
         for p in &mut self.tensors {
             let t = &cat.tensors[p.tensor];
-            match q.role(p.tensor) {
+            match q.role(p.tensor.0) {
                 Some(Role::Payload(scale, layout)) => {
                     let compute = cat.tensors[scale].dtype;
                     let (action, rule) = rules.decide(&t.name, &t.shape, t.module_class.as_deref());
@@ -423,16 +432,16 @@ impl Plan {
                     p.reason = why;
                     p.by_default = false;
                     p.dequant = Some(Dequant {
-                        scale,
+                        scale: TensorId(scale),
                         layout,
                         compute,
                     });
                 }
                 Some(Role::Scale) => {
-                    removed.push((p.tensor, "scale of a dequantized payload".to_string()))
+                    removed.push((p.tensor.0, "scale of a dequantized payload".to_string()))
                 }
                 Some(Role::Companion) => removed.push((
-                    p.tensor,
+                    p.tensor.0,
                     format!(
                         "part of the {} scheme, meaningless once dequantized",
                         q.scheme
@@ -442,7 +451,7 @@ impl Plan {
             }
         }
         self.tensors
-            .retain(|p| !removed.iter().any(|(i, _)| *i == p.tensor));
+            .retain(|p| !removed.iter().any(|(i, _)| *i == p.tensor.0));
         self.removed = removed;
     }
 
@@ -460,7 +469,7 @@ impl Plan {
                 .map(|(i, _)| {
                     let t = &cat.tensors[i];
                     TensorPlan {
-                        tensor: i,
+                        tensor: TensorId(i),
                         from: t.dtype,
                         to: t.dtype,
                         bytes_in: t.nbytes,
@@ -476,7 +485,7 @@ impl Plan {
             self.tensors.sort_by_key(|p| p.tensor);
         }
         for p in &mut self.tensors {
-            if let Some(role) = q.role(p.tensor) {
+            if let Some(role) = q.role(p.tensor.0) {
                 p.dequant = None;
                 p.keep();
                 p.by_default = false;
@@ -499,41 +508,53 @@ impl Plan {
             return;
         }
         let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
-        // storage -> plan entries on it: (in others?, index)
-        let mut on: Vec<Vec<(bool, usize)>> = vec![vec![]; cat.storages.len()];
+        // A plan entry on a storage: the state dict's, or outside it (both lists' positions).
+        #[derive(Clone, Copy)]
+        enum Member {
+            Tensor(usize),
+            Other(usize),
+        }
+        let mut on: Vec<Vec<Member>> = vec![vec![]; cat.storages.len()];
         for (i, p) in self.tensors.iter().enumerate() {
             if let Some(s) = cat.tensors[p.tensor].storage {
-                on[s].push((false, i));
+                on[s].push(Member::Tensor(i));
             }
         }
         for (i, p) in self.others.iter().enumerate() {
             if let Some(s) = others[p.tensor].entry.storage {
-                on[s].push((true, i));
+                on[s].push(Member::Other(i));
             }
         }
+        // (from, to, name) of a member.
+        let about = |plan: &Plan, m: Member| -> (DType, DType, String) {
+            match m {
+                Member::Tensor(i) => {
+                    let p = &plan.tensors[i];
+                    (p.from, p.to, cat.tensors[p.tensor].name.clone())
+                }
+                Member::Other(i) => {
+                    let p = &plan.others[i];
+                    (p.from, p.to, others[p.tensor].entry.name.clone())
+                }
+            }
+        };
         for (s, members) in on.iter().enumerate() {
-            let get = |plan: &Plan, (o, i): (bool, usize)| -> (DType, DType) {
-                let p = if o { &plan.others[i] } else { &plan.tensors[i] };
-                (p.from, p.to)
-            };
             let Some(&first) = members.first() else {
                 continue;
             };
-            let (from0, to0) = get(self, first);
-            let agree = members.iter().all(|&m| get(self, m) == (from0, to0));
+            let (from0, to0, _) = about(self, first);
+            let agree = members.iter().all(|&m| {
+                let (f, t, _) = about(self, m);
+                (f, t) == (from0, to0)
+            });
             let storage = &cat.storages[s];
-            if (agree && !storage.pinned)
-                || members.iter().all(|&m| get(self, m).0 == get(self, m).1)
-            {
+            let all_kept = members.iter().all(|&m| {
+                let (f, t, _) = about(self, m);
+                f == t
+            });
+            if (agree && !storage.pinned) || all_kept {
                 continue;
             }
-            let name = |o: bool, t: usize| -> &str {
-                if o {
-                    &others[t].entry.name
-                } else {
-                    &cat.tensors[t].name
-                }
-            };
             let why = if storage.pinned {
                 format!(
                     "storage data/{} kept whole: a tensor weightcast does not read uses it",
@@ -542,9 +563,9 @@ impl Plan {
             } else {
                 let names: Vec<String> = members
                     .iter()
-                    .map(|&(o, i)| {
-                        let p = if o { &self.others[i] } else { &self.tensors[i] };
-                        format!("`{}` -> {}", name(o, p.tensor), p.to)
+                    .map(|&m| {
+                        let (_, to, name) = about(self, m);
+                        format!("`{name}` -> {to}")
                     })
                     .collect();
                 format!(
@@ -553,15 +574,11 @@ impl Plan {
                     names.join(", ")
                 )
             };
-            for &(o, i) in members {
-                let p = if o {
-                    &mut self.others[i]
-                } else {
-                    &mut self.tensors[i]
-                };
-                p.keep();
-                p.reason = why.clone();
-                p.by_default = false;
+            for &m in members {
+                match m {
+                    Member::Tensor(i) => self.tensors[i].keep_whole(&why),
+                    Member::Other(i) => self.others[i].keep_whole(&why),
+                }
             }
         }
     }
@@ -573,7 +590,7 @@ impl Plan {
 
     /// For a `.pt` output of a whole PyTorch file: the entries of the tensors outside the
     /// state dict that the output holds (`tensor` indexes [`crate::catalogue::torch::TorchDoc::others`]).
-    pub fn others(&self) -> &[TensorPlan] {
+    pub fn others(&self) -> &[TensorPlan<OtherId>] {
         &self.others
     }
 
@@ -585,16 +602,24 @@ impl Plan {
         r
     }
 
-    /// Every plan entry: the state dict's tensors, then those outside it.
-    pub fn all(&self) -> impl Iterator<Item = &TensorPlan> {
-        self.tensors.iter().chain(&self.others)
+    /// Every plan entry's (is cast, to, bytes in, bytes out): the state dict's tensors, then
+    /// those outside it.
+    fn all(&self) -> impl Iterator<Item = (bool, DType, u64, u64)> + '_ {
+        self.tensors
+            .iter()
+            .map(|p| (p.is_cast(), p.to, p.bytes_in, p.bytes_out))
+            .chain(
+                self.others
+                    .iter()
+                    .map(|p| (p.is_cast(), p.to, p.bytes_in, p.bytes_out)),
+            )
     }
 
     /// Per target dtype of the cast tensors: how many, in dtype order (for summaries).
     pub fn cast_counts(&self) -> Vec<(DType, usize)> {
         let mut m = std::collections::BTreeMap::<DType, usize>::new();
-        for p in self.all().filter(|p| p.is_cast()) {
-            *m.entry(p.to).or_default() += 1;
+        for (_, to, _, _) in self.all().filter(|p| p.0) {
+            *m.entry(to).or_default() += 1;
         }
         m.into_iter().collect()
     }
@@ -602,14 +627,14 @@ impl Plan {
     /// Totals of cast/kept tensors and bytes, over every entry the output holds.
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        for p in self.all() {
-            if p.is_cast() {
+        for (cast, _, bytes_in, bytes_out) in self.all() {
+            if cast {
                 t.cast += 1;
             } else {
                 t.kept += 1;
             }
-            t.bytes_in += p.bytes_in;
-            t.bytes_out += p.bytes_out;
+            t.bytes_in += bytes_in;
+            t.bytes_out += bytes_out;
         }
         t
     }
@@ -630,7 +655,13 @@ impl Plan {
 }
 
 /// The plan of a tensor outside the state dict (a `.pt` output of a whole file).
-fn other_plan(i: usize, t: &TensorEntry, section: &str, cast: bool, target: DType) -> TensorPlan {
+fn other_plan(
+    i: usize,
+    t: &TensorEntry,
+    section: &str,
+    cast: bool,
+    target: DType,
+) -> TensorPlan<OtherId> {
     let (to, reason) = if !t.dtype.is_float() {
         (t.dtype, format!("{}: never cast", kind_of(t)))
     } else if !cast {
@@ -648,7 +679,7 @@ fn other_plan(i: usize, t: &TensorEntry, section: &str, cast: bool, target: DTyp
         (target, "--cast-optimizer".to_string())
     };
     TensorPlan {
-        tensor: i,
+        tensor: OtherId(i),
         from: t.dtype,
         to,
         bytes_in: t.nbytes,

@@ -149,20 +149,8 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
         "bytes".into(),
         "rule".into(),
     ]];
-    for (t, p) in planned(cat, plan) {
-        let to = if p.is_cast() {
-            p.to.to_string()
-        } else {
-            "=".into()
-        };
-        rows.push(vec![
-            t.name.clone(),
-            shape(&t.shape),
-            p.from.to_string(),
-            to,
-            format!("{} -> {}", bytes(p.bytes_in), bytes(p.bytes_out)),
-            p.reason.clone(),
-        ]);
+    for (t, cells) in planned(cat, plan) {
+        rows.push([vec![t.name.clone(), shape(&t.shape)], cells].concat());
     }
     let mut s = table(&rows, &[false, false, false, false, true, false]);
     let t = plan.totals();
@@ -222,24 +210,33 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
 }
 
 /// Every plan entry with its tensor: the state dict's, then (a whole-file .pt output) the rest
-/// of the file's, named by their path from the top.
+/// of the file's, named by their path from the top; with the plan's cells of its row (from, to,
+/// bytes, rule).
 fn planned<'a>(
     cat: &'a Catalogue,
     plan: &'a Plan,
-) -> impl Iterator<
-    Item = (
-        &'a weightcast::catalogue::TensorEntry,
-        &'a weightcast::plan::TensorPlan,
-    ),
-> {
+) -> impl Iterator<Item = (&'a weightcast::catalogue::TensorEntry, Vec<String>)> {
+    fn cells<I>(p: &weightcast::plan::TensorPlan<I>) -> Vec<String> {
+        let to = if p.is_cast() {
+            p.to.to_string()
+        } else {
+            "=".into()
+        };
+        vec![
+            p.from.to_string(),
+            to,
+            format!("{} -> {}", bytes(p.bytes_in), bytes(p.bytes_out)),
+            p.reason.clone(),
+        ]
+    }
     let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
     plan.tensors()
         .iter()
-        .map(|p| (&cat.tensors[p.tensor], p))
+        .map(|p| (&cat.tensors[p.tensor], cells(p)))
         .chain(
             plan.others()
                 .iter()
-                .map(move |p| (&others[p.tensor].entry, p)),
+                .map(move |p| (&others[p.tensor].entry, cells(p))),
         )
 }
 

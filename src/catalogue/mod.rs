@@ -68,6 +68,24 @@ pub struct SourceFile {
     pub remote: Option<std::sync::Arc<dyn crate::remote::RangeRead>>,
 }
 
+/// An index into [`Catalogue::tensors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub usize);
+
+impl std::ops::Index<TensorId> for [TensorEntry] {
+    type Output = TensorEntry;
+    fn index(&self, i: TensorId) -> &TensorEntry {
+        &self[i.0]
+    }
+}
+
+impl std::ops::Index<TensorId> for Vec<TensorEntry> {
+    type Output = TensorEntry;
+    fn index(&self, i: TensorId) -> &TensorEntry {
+        &self[i.0]
+    }
+}
+
 /// One tensor and where its bytes live.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {

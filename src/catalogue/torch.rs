@@ -42,6 +42,24 @@ pub struct Rebuild {
     pub tensor: TensorRef,
 }
 
+/// An index into [`TorchDoc::others`]: a tensor outside the selected state dict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OtherId(pub usize);
+
+impl std::ops::Index<OtherId> for [OtherTensor] {
+    type Output = OtherTensor;
+    fn index(&self, i: OtherId) -> &OtherTensor {
+        &self[i.0]
+    }
+}
+
+impl std::ops::Index<OtherId> for Vec<OtherTensor> {
+    type Output = OtherTensor;
+    fn index(&self, i: OtherId) -> &OtherTensor {
+        &self[i.0]
+    }
+}
+
 /// A tensor outside the selected state dict.
 #[derive(Debug, Clone)]
 pub struct OtherTensor {

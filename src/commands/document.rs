@@ -234,32 +234,34 @@ pub struct PlanDoc {
 impl PlanDoc {
     /// The document of `plan` over `cat`, written as `layout`.
     pub fn new(cat: &Catalogue, plan: &Plan, layout: &Layout) -> PlanDoc {
-        use serde_json::json;
-        let entry = |e: &TensorEntry, p: &TensorPlan| PlanEntry {
-            name: e.name.clone(),
-            shape: e.shape.clone(),
-            from: p.from.to_string(),
-            to: p.to.to_string(),
-            cast: p.is_cast(),
-            bytes_before: p.bytes_in,
-            bytes_after: p.bytes_out,
-            rule: p.reason.clone(),
-            quantize: match p.scaled {
-                Some(ScaledOut::Payload { scale, layout, .. }) => Some(json!({
+        fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
+            use serde_json::json;
+            PlanEntry {
+                name: e.name.clone(),
+                shape: e.shape.clone(),
+                from: p.from.to_string(),
+                to: p.to.to_string(),
+                cast: p.is_cast(),
+                bytes_before: p.bytes_in,
+                bytes_after: p.bytes_out,
+                rule: p.reason.clone(),
+                quantize: match p.scaled {
+                    Some(ScaledOut::Payload { scale, layout, .. }) => Some(json!({
                     "scale": cat.tensors[scale].name, "layout": layout.describe()})),
-                Some(ScaledOut::Scale { payload }) => {
-                    Some(json!({"scale_of": cat.tensors[payload].name}))
-                }
-                None => None,
-            },
-            dequantize: p.dequant.map(|d| {
-                json!({
-                    "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
-                    "compute": d.compute.to_string(),
-                })
-            }),
-            entry: None,
-        };
+                    Some(ScaledOut::Scale { payload }) => {
+                        Some(json!({"scale_of": cat.tensors[payload].name}))
+                    }
+                    None => None,
+                },
+                dequantize: p.dequant.map(|d| {
+                    json!({
+                        "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
+                        "compute": d.compute.to_string(),
+                    })
+                }),
+                entry: None,
+            }
+        }
         let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
         let t = plan.totals();
         PlanDoc {
@@ -268,7 +270,7 @@ impl PlanDoc {
             tensors: plan
                 .tensors()
                 .iter()
-                .map(|p| entry(&cat.tensors[p.tensor], p))
+                .map(|p| entry(cat, &cat.tensors[p.tensor], p))
                 .collect(),
             other_tensors: plan
                 .others()
@@ -277,7 +279,7 @@ impl PlanDoc {
                     let o = &others[p.tensor];
                     PlanEntry {
                         entry: Some(o.section.clone()),
-                        ..entry(&o.entry, p)
+                        ..entry(cat, &o.entry, p)
                     }
                 })
                 .collect(),

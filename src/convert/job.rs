@@ -177,10 +177,10 @@ impl<'a> Job<'a> {
     pub(super) fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
         let cat = self.cat;
         let how = match (p.dequant, p.scaled) {
-            (Some(d), _) => How::Dequantize(Arc::new(d.table(cat, self.sources, p.tensor)?)),
-            (None, Some(ScaledOut::Payload { .. })) => How::Quantize(self.scales_of(p.tensor)?),
+            (Some(d), _) => How::Dequantize(Arc::new(d.table(cat, self.sources, p.tensor.0)?)),
+            (None, Some(ScaledOut::Payload { .. })) => How::Quantize(self.scales_of(p.tensor.0)?),
             (None, Some(ScaledOut::Scale { payload })) => {
-                How::Fill(Arc::new(self.scales_of(payload)?.bytes()))
+                How::Fill(Arc::new(self.scales_of(payload.0)?.bytes()))
             }
             (None, None) => How::Cast,
         };
@@ -201,8 +201,8 @@ impl<'a> Job<'a> {
             .filter_map(|&i| {
                 let p = &self.plan.tensors()[i];
                 match p.scaled {
-                    Some(ScaledOut::Payload { .. }) => Some(p.tensor),
-                    Some(ScaledOut::Scale { payload }) => Some(payload),
+                    Some(ScaledOut::Payload { .. }) => Some(p.tensor.0),
+                    Some(ScaledOut::Scale { payload }) => Some(payload.0),
                     None => None,
                 }
             })
@@ -227,7 +227,7 @@ impl<'a> Job<'a> {
             .find_map(|p| match p.scaled {
                 Some(ScaledOut::Payload {
                     layout, compute, ..
-                }) if p.tensor == payload => Some((layout, compute)),
+                }) if p.tensor.0 == payload => Some((layout, compute)),
                 _ => None,
             })
             .expect("a scale's payload is planned");

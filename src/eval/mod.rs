@@ -547,7 +547,7 @@ pub fn weights(
             None => (n * to.bitsize() / 8) as u64,
         };
         let table = match p.dequant {
-            Some(d) => Some(d.table(cat, &sources, p.tensor)?),
+            Some(d) => Some(d.table(cat, &sources, p.tensor.0)?),
             None => None,
         };
         let bytes = if to == t.dtype && load == to && table.is_none() {

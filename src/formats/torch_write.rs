@@ -151,11 +151,15 @@ fn storage_decisions(
     let mut split = HashSet::new();
     for r in rebuilds {
         let entry = match r.tensor {
-            TensorRef::Selected(i) => plan.tensors().get(i),
-            TensorRef::Other(i) => plan.others().iter().find(|p| p.tensor == i),
+            TensorRef::Selected(i) => plan.tensors().get(i).map(|p| (p.from, p.to)),
+            TensorRef::Other(i) => plan
+                .others()
+                .iter()
+                .find(|p| p.tensor.0 == i)
+                .map(|p| (p.from, p.to)),
         };
         let d = match entry {
-            Some(p) => (p.from, p.to),
+            Some(d) => d,
             None => {
                 let dt = cat.storages[r.storage].dtype.unwrap_or(DType::U8);
                 (dt, dt)
@@ -630,7 +634,7 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
                 to: p.to,
                 bytes_out: p.bytes_out,
                 label: t.name.clone(),
-                dequant: p.dequant.map(|d| (p.tensor, d)),
+                dequant: p.dequant.map(|d| (p.tensor.0, d)),
             }
         })
         .collect();

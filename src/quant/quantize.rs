@@ -277,14 +277,14 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
         );
         p.by_default = false;
         p.scaled = Some(ScaledOut::Payload {
-            scale: scale_index,
+            scale: crate::catalogue::TensorId(scale_index),
             layout: scheme.layout,
             compute: sdtype,
         });
         let payload = p.tensor;
         out.push(p);
         out.push(TensorPlan {
-            tensor: scale_index,
+            tensor: crate::catalogue::TensorId(scale_index),
             from: sdtype,
             to: sdtype,
             bytes_in: nbytes,
