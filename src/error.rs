@@ -120,6 +120,15 @@ impl Caller {
         }
     }
 
+    /// Option `name` given the number `value`, as this caller writes it (`--auto 30`,
+    /// `auto=30`).
+    pub fn number(self, name: &str, value: impl std::fmt::Display) -> String {
+        match self {
+            Caller::Cli => format!("--{name} {value}"),
+            Caller::Python => format!("{}={value}", name.replace('-', "_")),
+        }
+    }
+
     /// Option `name` given the text `value`, as this caller writes it (`--to f16`,
     /// `to="f16"`).
     pub fn given(self, name: &str, value: &str) -> String {

@@ -177,6 +177,14 @@ fn parse_overflow(s: &str) -> PyResult<OnOverflow> {
     })
 }
 
+/// The torch name of a dtype as `convert` spells it (`f16`, `float16`, `bf16`, ...): one parser
+/// for every front end.
+#[pyfunction]
+fn torch_dtype_name(text: &str) -> PyResult<&'static str> {
+    let d: weightcast::DType = text.parse().map_err(to_py)?;
+    Ok(d.torch_name())
+}
+
 /// A document as JSON text, with the warnings for the user in its `_warnings` list (the
 /// Python layer issues and removes it).
 fn with_warnings(doc: &impl serde::Serialize, warnings: &[String]) -> Result<String, Error> {
@@ -642,6 +650,7 @@ fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(audit, m)?)?;
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(plan_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_dtype_name, m)?)?;
     m.add_class::<Loader>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -96,17 +96,13 @@ def _target(kw: Dict[str, Any], module) -> Any:
     """The torch dtype a candidate casts to by default (for headroom and sensitivity)."""
     import torch
 
-    from . import _dtype_text
+    from . import _dtype_text, _native
 
     to = _dtype_text(kw.get("to"))
-    names = {"f16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
-             "bfloat16": "bfloat16", "f32": "float32", "float32": "float32", "f64": "float64",
-             "float64": "float64", "f8e4m3": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn",
-             "f8e5m2": "float8_e5m2", "float8_e5m2": "float8_e5m2"}
-    if to in names:
-        return getattr(torch, names[to])
-    # A rules file: the dtype most of the candidate's floating weights end up in.
-    return None
+    if to is None:
+        return None  # a rules file decides; its candidate's dtype is read once it is built
+    # Every spelling convert accepts, parsed by the same parser (a bad one is its UsageError).
+    return getattr(torch, _native.torch_dtype_name(to))
 
 
 def _build(module, kw: Dict[str, Any]):
@@ -602,6 +598,10 @@ def profile(
     if not batches:
         raise UsageError("profile: inputs= holds no batch")
     tolerance = dict(tolerance or {"cosine": 0.999})
+    known = ("cosine", "max_abs", "max_rel", "kl", "top1", "metric")
+    unknown = [k for k in tolerance if k not in known]
+    if unknown:
+        raise UsageError(f"profile: tolerance {', '.join(unknown)}: use {', '.join(known)}")
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     specs = [_spec(c) for c in candidates]
@@ -894,13 +894,13 @@ def cli(argv: List[str]) -> int:
         if a.preset:
             spec["preset"] = a.preset
         candidates.append(spec)
-    from . import Error
+    from . import Error, UsageError
 
     try:
         p = profile(model, batches, candidates, search=a.search, tolerance=tolerance or None,
                     repeats=a.repeats, progress=not a.json and sys.stderr.isatty())
     except Error as e:
-        return fail(str(e), 2 if type(e).__name__ == "UsageError" else 1)
+        return fail(str(e), 2 if isinstance(e, UsageError) else 1)
     if a.rules_out:
         if p.recommended is None:
             return fail("no candidate meets the tolerance: no rules written", 1)

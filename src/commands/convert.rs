@@ -175,8 +175,8 @@ impl ConvertRequest {
         if let Some(f) = self.max_underflow {
             if !(0.0..=1.0).contains(&f) {
                 return Err(Error::usage(format!(
-                    "{}{f}: give a fraction between 0 and 1",
-                    self.given_number("max-underflow")
+                    "{}: give a fraction between 0 and 1",
+                    self.caller.number("max-underflow", f)
                 )));
             }
         }
@@ -223,14 +223,6 @@ impl ConvertRequest {
             }
         }
         Ok(())
-    }
-
-    /// `--name ` or `name=`, before a number.
-    fn given_number(&self, name: &str) -> String {
-        match self.caller {
-            Caller::Cli => format!("--{name} "),
-            Caller::Python => self.flag(name),
-        }
     }
 
     /// The passes over the data before writing: `--on-overflow keep` and `--max-underflow`
@@ -466,10 +458,10 @@ impl ConvertRequest {
                 .collect();
             if let Some(first) = over.first() {
                 warnings.push(format!(
-                    "{} tensor(s) are larger than {}{max} bytes: each is written in a shard of \
+                    "{} tensor(s) are larger than {} bytes: each is written in a shard of \
                      its own, over the limit (`{}`: {} bytes)",
                     over.len(),
-                    self.given_number("max-shard-size"),
+                    self.caller.number("max-shard-size", max),
                     cat.tensors[first.tensor].name,
                     first.bytes_out
                 ));

@@ -206,6 +206,10 @@ def test_profile_names_the_layer_and_search_keeps_only_it(tmp_path):
     assert searched[0]["cosine"] >= 0.9999 and searched[0]["nonfinite"] == 0
     assert searched[0]["bytes_saved"] == rows["reference"]["weight_bytes"] - searched[0]["weight_bytes"] > 0
     assert 0 < p.search_passes <= 32
+    with pytest.raises(weightcast.UsageError, match="tolerance cosin"):
+        weightcast.profile(model, batches, ["f16"], tolerance={"cosin": 0.9}, timing=False)
+    with pytest.raises(weightcast.UsageError, match="f17"):
+        weightcast.profile(model, batches, ["f17"], timing=False)
     # Consistency of the figures.
     for r in p.candidates:
         lat = r["latency_ms"]
