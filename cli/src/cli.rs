@@ -28,16 +28,19 @@ pub enum Command {
     },
     /// Judge every pickle a Python loader would unpickle from these files or folders (torch.save
     /// zips, legacy and tar checkpoints, raw pickles, .npy/.npz, zips of pickles): every global
-    /// is allowed (torch's weights_only list), other, or dangerous. Exits 0 when nothing is
-    /// dangerous, 1 when something is (or is ambiguous), 2 when a file could not be read to its
-    /// end.
+    /// is allowed (torch's weights_only list), other, an unknown call (called, on no allowlist)
+    /// or dangerous. Exits 0 when nothing is dangerous, 1 when something is (or is an unknown
+    /// call, or is ambiguous), 2 when a file could not be read to its end.
     Audit {
         /// Files or folders (read recursively).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Exit 1 on any global outside torch's weights-only allowlist, not only dangerous ones.
+        /// Exit 1 on any global outside torch's weights-only allowlist, not only dangerous ones
+        /// or unknown calls (`--allow` does not lift it).
         #[arg(long)]
         strict: bool,
+        #[command(flatten)]
+        allow: AllowArgs,
         /// Print JSON (the same as --format json).
         #[arg(long)]
         json: bool,
@@ -50,7 +53,7 @@ pub enum Command {
         after_help = convert_help(),
         override_usage = "weightcast convert <INPUT> -o <OUTPUT> --to <DTYPE> [OPTIONS]"
     )]
-    Convert(ConvertArgs),
+    Convert(Box<ConvertArgs>),
     /// Measure what a cast would do to every tensor (overflow, underflow, error) without
     /// writing anything.
     Analyze(AnalyzeArgs),
@@ -300,9 +303,11 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub cast_optimizer: bool,
     /// Refuse to write a .pt whose pickle references any global outside torch's weights-only
-    /// allowlist (not only dangerous ones).
+    /// allowlist (not only dangerous ones or unknown calls).
     #[arg(long)]
     pub strict: bool,
+    #[command(flatten)]
+    pub allow: AllowArgs,
     /// Remove PREFIX from tensor names (e.g. `module.` added by DataParallel).
     #[arg(long, value_name = "PREFIX")]
     pub strip_prefix: Option<String>,
@@ -406,4 +411,23 @@ fn ordered_rules(m: &ArgMatches) -> Vec<RuleArg> {
     take("preset", &RuleArg::Preset);
     all.sort_by_key(|(i, _)| *i);
     all.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Globals accepted as calls: a user's own classes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AllowArgs {
+    /// Accept calls to this global (`module.name`, or `module.*` for a module and those below
+    /// it), e.g. your own model classes. Repeatable. A dangerous global stays dangerous.
+    #[arg(long = "allow", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Accept the globals listed in FILE (one per line, `#` comments). Repeatable.
+    #[arg(long = "allow-file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+impl AllowArgs {
+    /// The library's accepted globals.
+    pub fn allow(&self) -> weightcast::Result<weightcast::audit::Allow> {
+        weightcast::audit::Allow::with_files(self.names.iter().cloned(), &self.files)
+    }
 }

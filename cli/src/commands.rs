@@ -44,10 +44,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Audit {
             paths,
             strict,
+            allow,
             json,
             format,
-        } => audit_cmd(&paths, strict, if json { "json" } else { &format }),
-        Command::Convert(c) => convert_cmd(c, &args.rule_order),
+        } => audit_cmd(
+            &paths,
+            strict,
+            allow.allow()?,
+            if json { "json" } else { &format },
+        ),
+        Command::Convert(c) => convert_cmd(*c, &args.rule_order),
         Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
         Command::Diff(d) => diff_cmd(d),
         #[cfg(feature = "eval")]
@@ -152,13 +158,19 @@ pub(crate) fn open(
     Ok(cat)
 }
 
-fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, format: &str) -> Result<ExitCode> {
+fn audit_cmd(
+    paths: &[std::path::PathBuf],
+    strict: bool,
+    allow: weightcast::audit::Allow,
+    format: &str,
+) -> Result<ExitCode> {
     if !matches!(format, "text" | "json" | "sarif") {
         return Err(Error::usage(format!("--format {format}: use text, json or sarif")).into());
     }
     let req = AuditRequest {
         paths: paths.to_vec(),
         strict,
+        allow,
     };
     let r = req.run();
     match format {
@@ -173,7 +185,7 @@ fn audit_cmd(paths: &[std::path::PathBuf], strict: bool, format: &str) -> Result
 /// global occurrence, with the file and the byte offset of the opcode that names it; one per
 /// ambiguity (error) and per file not read to its end (warning).
 fn print_audit_sarif(report: &AuditReport) -> Result<()> {
-    use weightcast::audit::Class;
+    use weightcast::audit::{Class, Use};
     let strict = report.strict;
     let mut results = Vec::new();
     let loc = |path: &std::path::Path, offset: Option<u64>| {
@@ -194,20 +206,21 @@ fn print_audit_sarif(report: &AuditReport) -> Result<()> {
             }
         };
         for pk in &scan.pickles {
-            for f in pk.findings() {
+            for f in pk.findings(&report.allow) {
                 let (rule, level) = match f.class {
                     Class::Dangerous => ("dangerous-global", "error"),
+                    Class::UnknownCall => ("unknown-call", "error"),
                     Class::Other if strict => ("unlisted-global", "error"),
                     Class::Other => ("unlisted-global", "warning"),
                     Class::Allowed => continue,
                 };
                 results.push(json!({"ruleId": rule, "level": level,
                     "message": {"text": format!("{} global `{}` ({} in {}{})", f.class.as_str(), f.name, f.opcode, pk.label,
-                        if f.called { ", called" } else { ", named only" })},
+                        match f.how { Use::Named => ", named only", Use::Instantiated => ", instantiated", Use::Called => ", called" })},
                     "locations": [loc(&r.path, Some(f.offset))]}));
             }
         }
-        for a in &scan.ambiguities {
+        for a in &scan.all_ambiguities() {
             results.push(json!({"ruleId": "ambiguous-container", "level": "error",
                 "message": {"text": a}, "locations": [loc(&r.path, None)]}));
         }
@@ -224,6 +237,7 @@ fn print_audit_sarif(report: &AuditReport) -> Result<()> {
             "tool": {"driver": {"name": "weightcast", "version": env!("CARGO_PKG_VERSION"),
                 "rules": [
                     rule("dangerous-global", "A pickle names a global that runs code, touches files, processes or the network, or is not a Python name"),
+                    rule("unknown-call", "A pickle calls a global that no allowlist names: what it runs is unknown"),
                     rule("unlisted-global", "A pickle names a global outside torch's weights-only allowlist"),
                     rule("ambiguous-container", "The file reads differently in different readers"),
                     rule("incomplete", "The file could not be read to its end: never clean"),
@@ -254,29 +268,29 @@ fn print_audit_text(report: &AuditReport) {
                 continue;
             }
         };
-        let d = r
-            .globals
-            .iter()
-            .filter(|x| x.class == Class::Dangerous)
-            .count();
+        let count = |c: Class| r.globals.iter().filter(|x| x.class == c).count();
+        let unknown = match count(Class::UnknownCall) {
+            0 => String::new(),
+            n => format!(", {n} unknown calls"),
+        };
         println!(
-            "{path}: {}: {}, {} pickle(s) a loader would unpickle; {} globals, {} dangerous{}",
+            "{path}: {}: {}, {} pickle(s) a loader would unpickle; {} globals, {} dangerous{unknown}{}",
             r.verdict().as_str(),
             scan.container,
             scan.pickles.len(),
             r.globals.len(),
-            d,
-            if scan.ambiguities.is_empty() {
+            count(Class::Dangerous),
+            if scan.all_ambiguities().is_empty() {
                 String::new()
             } else {
-                format!(", {} ambiguities", scan.ambiguities.len())
+                format!(", {} ambiguities", scan.all_ambiguities().len())
             }
         );
-        for a in &scan.ambiguities {
+        for a in &scan.all_ambiguities() {
             println!("  ambiguous  {}", one_line(a));
         }
         for g in &r.globals {
-            if g.class == Class::Dangerous && scan.pickles.len() > 1 {
+            if g.class <= Class::UnknownCall && scan.pickles.len() > 1 {
                 println!("  {:<9}  {}  (in {})", g.class.as_str(), g.name, g.pickle);
             } else {
                 println!("  {:<9}  {}", g.class.as_str(), g.name);
@@ -449,6 +463,7 @@ fn request(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Resul
     r.state_dict_only = c.state_dict_only;
     r.cast_optimizer = c.cast_optimizer;
     r.strict = c.strict;
+    r.allow = c.allow.allow()?;
     r.strip_prefix = c.strip_prefix.clone();
     r.on_quantized = c
         .on_quantized
@@ -615,6 +630,16 @@ fn print_summary(
             weightcast::commands::document::bytes(rate as u64),
             written_name(c.output(), summary)
         );
+        match &summary.pickle {
+            Some(p) if p.loads_with_weights_only => {
+                eprintln!("weightcast: the .pt loads with torch.load(weights_only=True)")
+            }
+            Some(p) => eprintln!(
+                "weightcast: the .pt needs torch.load(weights_only=False): it carries {}",
+                one_line(&p.outside_weights_only.join(", "))
+            ),
+            None => {}
+        }
     }
     Ok(())
 }

@@ -208,7 +208,8 @@ fn inspect(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult<Strin
 #[pyfunction]
 #[pyo3(signature = (src, dst, to, rules, on_overflow, max_underflow, auto, max_shard_size,
     key, inference, strip_prefix, dry_run, force, progress, cast_optimizer, strict,
-    on_quantized, scale, scale_format, sync, strict_rules, part=None, state_dict_only=false))]
+    on_quantized, scale, scale_format, sync, strict_rules, part=None, state_dict_only=false,
+    allow=Vec::new(), allow_files=Vec::new()))]
 #[allow(clippy::too_many_arguments)]
 fn convert(
     py: Python<'_>,
@@ -235,8 +236,11 @@ fn convert(
     strict_rules: bool,
     part: Option<String>,
     state_dict_only: bool,
+    allow: Vec<String>,
+    allow_files: Vec<PathBuf>,
 ) -> PyResult<String> {
     let mut req = ConvertRequest::new(src, dst);
+    req.allow = weightcast::audit::Allow::with_files(allow, &allow_files).map_err(to_py)?;
     req.caller = Caller::Python;
     req.dry_run = dry_run;
     req.to = to;
@@ -318,9 +322,20 @@ fn diff(py: Python<'_>, a: PathBuf, b: PathBuf, tolerance: Option<f64>) -> PyRes
 
 /// `audit --json` as text.
 #[pyfunction]
-#[pyo3(signature = (paths, strict=false))]
-fn audit(py: Python<'_>, paths: Vec<PathBuf>, strict: bool) -> PyResult<String> {
-    let req = AuditRequest { paths, strict };
+#[pyo3(signature = (paths, strict=false, allow=Vec::new(), allow_files=Vec::new()))]
+fn audit(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    strict: bool,
+    allow: Vec<String>,
+    allow_files: Vec<PathBuf>,
+) -> PyResult<String> {
+    let allow = weightcast::audit::Allow::with_files(allow, &allow_files).map_err(to_py)?;
+    let req = AuditRequest {
+        paths,
+        strict,
+        allow,
+    };
     run(py, None, move |_, _| {
         let doc = req.run().doc();
         serde_json::to_string(&doc)

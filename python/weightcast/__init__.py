@@ -253,6 +253,8 @@ def convert(
     scale_format: Optional[str] = None,
     sync: bool = True,
     part: Optional[str] = None,
+    allow: Sequence[str] = (),
+    allow_file: Union[PathLike, Sequence[PathLike], None] = None,
 ) -> Result:
     """Convert ``src`` (a .safetensors file, an index, a model folder, a PyTorch file, or
     remotely ``https://.../model.safetensors``, ``hf://ORG/NAME[@REVISION]`` and
@@ -274,7 +276,11 @@ def convert(
     ``part="finish"`` then checks them and writes the index: byte-identical to one run.
     ``inference=True`` drops a training checkpoint's training state (optimizer, scheduler,
     AMP scaler, RNG states, gradient buffers) and keeps the rest of a ``.pt`` checkpoint;
-    ``state_dict_only=True`` writes the state dict alone.
+    ``state_dict_only=True`` writes the state dict alone. A ``.pt`` output never carries a
+    call that :func:`audit` does not allow (raises :class:`RefusedError`, writes nothing)
+    unless ``allow=["module.Name", ...]`` (or ``allow_file=``) accepts it; the result's
+    ``pickle["loads_with_weights_only"]`` says whether ``torch.load(weights_only=True)``
+    loads it.
 
     >>> r = weightcast.convert("model.safetensors", "model-f16.safetensors", to="f16")
     >>> r.totals["cast"], r.written
@@ -307,6 +313,8 @@ def convert(
             strict_rules,
             part,
             state_dict_only,
+            list(allow),
+            _paths(allow_file),
         )
     finally:
         close()
@@ -382,16 +390,30 @@ def diff(a: PathLike, b: PathLike, *, tolerance: Optional[float] = None) -> Docu
     return Document(doc)
 
 
-def audit(paths: Union[PathLike, Sequence[PathLike]], *, strict: bool = False) -> Document:
+def _paths(p) -> list:
+    if p is None:
+        return []
+    if isinstance(p, (str, os.PathLike)):
+        return [os.fspath(p)]
+    return [os.fspath(x) for x in p]
+
+
+def audit(
+    paths: Union[PathLike, Sequence[PathLike]],
+    *,
+    strict: bool = False,
+    allow: Sequence[str] = (),
+    allow_file: Union[PathLike, Sequence[PathLike], None] = None,
+) -> Document:
     """What the pickles in ``paths`` (files or folders) would import or call if loaded
-    (``audit --json``): a verdict per file (dangerous, other, clean, incomplete,
-    unreadable), each global with its class, byte offset and opcode. Nothing is run.
+    (``audit --json``): a verdict per file (dangerous, unknown call, other, clean,
+    incomplete, unreadable), each global with its class, use, byte offset and opcode. Nothing
+    is run. A call to a global on no allowlist is an "unknown call" and fails the audit;
+    ``allow=["mypkg.MyModel", "mypkg.*"]`` or ``allow_file=`` accepts your own classes.
 
     >>> weightcast.audit("downloads/").failed
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    doc = json.loads(_native.audit([os.fspath(p) for p in paths], strict))
+    doc = json.loads(_native.audit(_paths(paths), strict, list(allow), _paths(allow_file)))
     _warn(doc)
     return Document(doc)
 

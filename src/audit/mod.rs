@@ -8,11 +8,33 @@ mod compat_pickle;
 /// `module.name` per line; the first line is the count.
 const ALLOWLIST: &str = include_str!("weights-only-allowlist.txt");
 
+/// Callables that only rebuild data, beyond torch's list: `module.name  # why`, reviewed.
+const CALLS_ALLOWLIST: &str = include_str!("calls-allowlist.txt");
+
+/// Packages that define models: their classes, instantiated as `torch.save(model)` pickles
+/// modules (NEWOBJ, or `copyreg._reconstructor` with `object` as base, then BUILD), are
+/// judged as instantiation (class `Other`), not as calls.
+pub const MODEL_PACKAGES: &[&str] = &[
+    "torch.nn",
+    "torch.ao.nn",
+    "torch.optim",
+    "torchvision",
+    "torchaudio",
+    "transformers",
+    "diffusers",
+    "timm",
+    "sentence_transformers",
+    "sklearn",
+];
+
 /// How risky a global is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
     /// Loading it can run code or touch files, processes or the network.
     Dangerous,
+    /// Called (REDUCE, INST, OBJ, or a class instantiated outside the model packages) and on
+    /// no allowlist: what it runs is unknown, so the scan fails (default-deny).
+    UnknownCall,
     /// Not allowed by torch's weights-only loader, but not known to be dangerous
     /// (user classes, `torch.nn` modules, numpy objects).
     Other,
@@ -25,6 +47,7 @@ impl Class {
     pub fn as_str(self) -> &'static str {
         match self {
             Class::Dangerous => "dangerous",
+            Class::UnknownCall => "unknown call",
             Class::Other => "other",
             Class::Allowed => "allowed",
         }
@@ -200,6 +223,13 @@ const NUMPY_REBUILD: &[&str] = &[
     "numpy.dtype",
 ];
 
+/// numpy's random-generator pickling helpers (module `numpy.random._pickle`).
+pub const NUMPY_RNG: &[&str] = &[
+    "numpy.random._pickle.__randomstate_ctor",
+    "numpy.random._pickle.__generator_ctor",
+    "numpy.random._pickle.__bit_generator_ctor",
+];
+
 /// Module prefixes whose globals are dangerous.
 const DANGEROUS_PREFIXES: &[&str] = &[
     "torch.hub",
@@ -353,6 +383,11 @@ pub fn classify(module: &str, name: &str) -> Class {
         m => m,
     };
     let canonical = format!("{module}.{name}");
+    if NUMPY_RNG.contains(&canonical.as_str()) {
+        // In a module named `_pickle`, but rebuild random generators; the callables they are
+        // given are judged as called (`Pickle::uses`).
+        return Class::Other;
+    }
     if JOBLIB_ARRAY_WRAPPERS.contains(&canonical.as_str()) {
         // A data holder in an otherwise dangerous module: built with NEWOBJ and a state dict;
         // joblib then reads its array's bytes, or the nested pickle of an object array, which
@@ -386,6 +421,151 @@ pub fn classify(module: &str, name: &str) -> Class {
         return Class::Allowed;
     }
     Class::Other
+}
+
+/// How a pickle uses a global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Use {
+    /// Only named (an argument, a dict value): runs nothing by itself.
+    Named,
+    /// A class instantiated as pickle protocol 2 saves objects (NEWOBJ, or
+    /// `copyreg._reconstructor` with `object` as base): `cls.__new__`, then its
+    /// `__setstate__` on BUILD.
+    Instantiated,
+    /// Called: the callable of a REDUCE, the class of an INST or OBJ (its `__init__` runs),
+    /// or the base of a `copyreg._reconstructor` that is not `object`.
+    Called,
+}
+
+impl Use {
+    /// The word in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Use::Named => "named",
+            Use::Instantiated => "instantiated",
+            Use::Called => "called",
+        }
+    }
+}
+
+/// Globals the user accepts (`--allow NAME`, `--allow-file FILE`, `allow=`): a call to one
+/// of them is judged `Other`, not `UnknownCall`. A dangerous global stays dangerous.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allow {
+    names: Vec<String>,
+}
+
+impl Allow {
+    /// From names (`module.name`); a name ending in `.*` accepts a whole module and those
+    /// below it.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        Allow {
+            names: names.into_iter().map(|n| n.trim().to_string()).collect(),
+        }
+    }
+
+    /// The names of an allow file: one per line, `#` starts a comment, blank lines skipped.
+    pub fn parse_file(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// From names and allow files (see [`Allow::parse_file`]); a file that cannot be read is an
+    /// error naming it.
+    pub fn with_files(
+        names: impl IntoIterator<Item = String>,
+        files: &[std::path::PathBuf],
+    ) -> crate::Result<Self> {
+        let mut all: Vec<String> = names.into_iter().collect();
+        for f in files {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| crate::Error::usage(format!("allow file {}: {e}", f.display())))?;
+            all.extend(Self::parse_file(&text));
+        }
+        Ok(Self::new(all))
+    }
+
+    /// Whether `module.name` is accepted.
+    pub fn accepts(&self, module: &str, name: &str) -> bool {
+        let full = format!("{module}.{name}");
+        self.names.iter().any(|a| match a.strip_suffix(".*") {
+            Some(m) => module == m || module.starts_with(&format!("{m}.")),
+            None => *a == full,
+        })
+    }
+
+    /// Whether nothing is accepted.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Whether `torch.load(weights_only=True)` (torch's default) resolves `module.name` read at
+/// `protocol`: on torch's weights-only allowlist, storage types included (numpy's rebuild
+/// globals, judged clean, are not on it: torch asks for them to be allowlisted first).
+pub fn weights_only_loads(module: &str, name: &str, protocol: u8) -> bool {
+    let (m, n) = resolve(module, name, protocol, true);
+    let m = match m.as_str() {
+        "__builtin__" | "__builtins__" => "builtins".to_string(),
+        _ => m,
+    };
+    let full = format!("{m}.{n}");
+    (m == "torch" && is_storage_type(&n)) || ALLOWLIST.lines().skip(1).any(|l| l.trim() == full)
+}
+
+fn calls_allowlist() -> impl Iterator<Item = &'static str> {
+    CALLS_ALLOWLIST
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+}
+
+/// Whether `module` is, or is below, a package of [`MODEL_PACKAGES`].
+fn in_model_package(module: &str) -> bool {
+    MODEL_PACKAGES
+        .iter()
+        .any(|p| module == *p || module.starts_with(&format!("{p}.")))
+}
+
+/// A global as an unpickler uses it (see [`judge`]), with default-deny for calls: a global
+/// that is not dangerous and not on torch's weights-only list is `UnknownCall` when it is
+/// called, unless the calls allowlist names it or `allow` accepts it; a class instantiated
+/// (not called) is `Other` when it comes from a model-definition package.
+pub fn judge_use(
+    module: &str,
+    name: &str,
+    protocol: u8,
+    torch: bool,
+    how: Use,
+    allow: &Allow,
+) -> (String, Class) {
+    let (shown, class) = judge(module, name, protocol, torch);
+    if class != Class::Other || how == Use::Named {
+        return (shown, class);
+    }
+    let (m, n) = resolve(module, name, protocol, torch);
+    let m = match m.as_str() {
+        "__builtin__" | "__builtins__" => "builtins".to_string(),
+        _ => m,
+    };
+    let full = format!("{m}.{n}");
+    let known = calls_allowlist().any(|c| match c.strip_suffix(".*") {
+        Some(module) => m == module,
+        None => c == full,
+    }) || (how == Use::Instantiated && in_model_package(&m))
+        || allow.accepts(&m, &n)
+        || allow.accepts(module, name);
+    (
+        shown,
+        if known {
+            Class::Other
+        } else {
+            Class::UnknownCall
+        },
+    )
 }
 
 #[cfg(test)]
@@ -476,6 +656,70 @@ mod tests {
             let (m, n) = l.rsplit_once('.').unwrap();
             assert_eq!(classify(m, n), Class::Allowed, "{l}");
         }
+    }
+
+    #[test]
+    fn the_calls_allowlist_is_reviewed() {
+        // every entry has its reason, is a Python name, and no dangerous rule names it
+        for l in CALLS_ALLOWLIST.lines().filter(|l| !l.starts_with('#')) {
+            let (name, why) = l.split_once('#').expect("a reason after #");
+            assert!(why.trim().len() > 10, "{l}");
+            let (m, n) = name.trim().rsplit_once('.').unwrap();
+            let n = if n == "*" { "x" } else { n };
+            assert!(is_name_path(m) && is_name_path(n), "{l}");
+            assert_ne!(classify(m, n), Class::Dangerous, "{l}");
+        }
+    }
+
+    #[test]
+    fn calls_are_denied_by_default() {
+        let none = Allow::default();
+        let j = |m: &str, n: &str, how| judge_use(m, n, 2, true, how, &none).1;
+        // called, on no list
+        assert_eq!(
+            j(
+                "test.support.script_helper",
+                "assert_python_ok",
+                Use::Called
+            ),
+            Class::UnknownCall
+        );
+        assert_eq!(j("yaml", "unsafe_load", Use::Called), Class::UnknownCall);
+        assert_eq!(j("yaml", "unsafe_load", Use::Named), Class::Other);
+        // a model class instantiated is not a call; called, its __init__ runs
+        assert_eq!(
+            j("torch.nn.modules.linear", "Linear", Use::Instantiated),
+            Class::Other
+        );
+        assert_eq!(
+            j("torch.nn.modules.linear", "Linear", Use::Called),
+            Class::UnknownCall
+        );
+        assert_eq!(j("__main__", "Net", Use::Instantiated), Class::UnknownCall);
+        // the calls allowlist, torch's list, and what the user allows
+        assert_eq!(j("argparse", "Namespace", Use::Instantiated), Class::Other);
+        assert_eq!(
+            j("torch._utils", "_rebuild_tensor_v2", Use::Called),
+            Class::Allowed
+        );
+        assert_eq!(j("os", "system", Use::Called), Class::Dangerous);
+        let mine = Allow::new(["__main__.Net".to_string(), "mylib.*".to_string()]);
+        assert_eq!(
+            judge_use("__main__", "Net", 2, true, Use::Instantiated, &mine).1,
+            Class::Other
+        );
+        assert_eq!(
+            judge_use("mylib.layers", "Block", 2, true, Use::Called, &mine).1,
+            Class::Other
+        );
+        assert_eq!(
+            judge_use("os", "system", 2, true, Use::Called, &mine).1,
+            Class::Dangerous
+        );
+        assert_eq!(
+            Allow::parse_file("# mine\n__main__.Net  # my model\n\nmylib.*\n"),
+            ["__main__.Net", "mylib.*"]
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::audit::Class;
+use crate::audit::{Allow, Class};
 use crate::formats::sniff::{self, Kind};
 use crate::formats::torch_scan::{self as tc, Scan};
 
@@ -21,6 +21,8 @@ pub struct AuditRequest {
     pub paths: Vec<PathBuf>,
     /// Anything outside torch's weights-only allowlist fails too.
     pub strict: bool,
+    /// Globals the user accepts as calls (their own classes).
+    pub allow: Allow,
 }
 
 /// A file's verdict, worst first.
@@ -29,6 +31,9 @@ pub struct AuditRequest {
 pub enum Verdict {
     /// A global that runs code, or a container that reads differently in different loaders.
     Dangerous,
+    /// A call to a global on no allowlist: what it runs is unknown (default-deny).
+    #[serde(rename = "unknown call")]
+    UnknownCall,
     /// The file could not be read.
     Unreadable,
     /// The file could not be read to its end: never clean.
@@ -44,6 +49,7 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Dangerous => "dangerous",
+            Verdict::UnknownCall => "unknown call",
             Verdict::Unreadable => "unreadable",
             Verdict::Incomplete => "incomplete",
             Verdict::Other => "other",
@@ -80,7 +86,8 @@ impl Audited {
         let dangerous = self.globals.iter().any(|g| g.class == Class::Dangerous);
         match &self.scan {
             _ if dangerous => Verdict::Dangerous,
-            Ok(s) if !s.ambiguities.is_empty() => Verdict::Dangerous,
+            Ok(s) if !s.all_ambiguities().is_empty() => Verdict::Dangerous,
+            _ if self.globals.iter().any(|g| g.class == Class::UnknownCall) => Verdict::UnknownCall,
             Err(_) => Verdict::Unreadable,
             Ok(s) if s.incomplete.is_some() => Verdict::Incomplete,
             _ if self.globals.iter().any(|g| g.class == Class::Other) => Verdict::Other,
@@ -106,6 +113,8 @@ pub struct AuditReport {
     pub no_pickle: Vec<(PathBuf, FileKind)>,
     /// Whether the request was strict.
     pub strict: bool,
+    /// What the request accepted.
+    pub allow: Allow,
 }
 
 impl AuditRequest {
@@ -115,15 +124,18 @@ impl AuditRequest {
         let mut no_pickle = Vec::new();
         for p in files_below(&self.paths) {
             match triage(&p) {
-                Ok((_, Some(scan))) => files.push(audited(p, scan.map_err(|e| e.to_string()))),
+                Ok((_, Some(scan))) => {
+                    files.push(audited(p, scan.map_err(|e| e.to_string()), &self.allow))
+                }
                 Ok((kind, None)) => no_pickle.push((p, kind)),
-                Err(e) => files.push(audited(p, Err(e.to_string()))),
+                Err(e) => files.push(audited(p, Err(e.to_string()), &self.allow)),
             }
         }
         AuditReport {
             files,
             no_pickle,
             strict: self.strict,
+            allow: self.allow.clone(),
         }
     }
 }
@@ -158,11 +170,13 @@ fn triage(p: &Path) -> crate::Result<(FileKind, Option<crate::Result<Scan>>)> {
 }
 
 /// A file's report from its scan: every global once, worst first.
-fn audited(path: PathBuf, scan: Result<Scan, String>) -> Audited {
+fn audited(path: PathBuf, scan: Result<Scan, String>, allow: &Allow) -> Audited {
     let mut globals: Vec<Global> = Vec::new();
     for pk in scan.iter().flat_map(|s| &s.pickles) {
-        for (name, class) in pk.judged() {
-            if !globals.iter().any(|g| g.name == name) {
+        for (name, class) in pk.judged(allow) {
+            if let Some(g) = globals.iter_mut().find(|g| g.name == name) {
+                g.class = g.class.min(class);
+            } else {
                 globals.push(Global {
                     name,
                     class,
@@ -180,13 +194,13 @@ fn audited(path: PathBuf, scan: Result<Scan, String>) -> Audited {
 }
 
 impl AuditReport {
-    /// 1: something dangerous (strict: anything not allowlisted); 2: a file could not be read
+    /// 1: something dangerous or an unknown call (strict: anything not allowlisted); 2: a file could not be read
     /// to its end; 0: nothing to fear in what was read.
     pub fn exit_code(&self) -> u8 {
         let verdicts: Vec<Verdict> = self.files.iter().map(Audited::verdict).collect();
         if verdicts
             .iter()
-            .any(|v| *v == Verdict::Dangerous || (self.strict && *v == Verdict::Other))
+            .any(|v| v <= &Verdict::UnknownCall || (self.strict && *v == Verdict::Other))
         {
             1
         } else if verdicts
@@ -203,7 +217,11 @@ impl AuditReport {
     pub fn doc(&self) -> AuditDoc {
         let code = self.exit_code();
         AuditDoc {
-            files: self.files.iter().map(file_doc).collect(),
+            files: self
+                .files
+                .iter()
+                .map(|f| file_doc(f, &self.allow))
+                .collect(),
             no_pickle: self
                 .no_pickle
                 .iter()
@@ -221,12 +239,13 @@ impl AuditReport {
     }
 }
 
-fn file_doc(r: &Audited) -> FileDoc {
+fn file_doc(r: &Audited, allow: &Allow) -> FileDoc {
     use serde_json::json;
     let mut d = FileDoc {
         path: r.path.clone(),
         verdict: r.verdict(),
         dangerous: r.names(Class::Dangerous),
+        unknown_calls: r.names(Class::UnknownCall),
         other: r.names(Class::Other),
         allowed: r.names(Class::Allowed),
         scan: None,
@@ -239,10 +258,11 @@ fn file_doc(r: &Audited) -> FileDoc {
                     .pickles
                     .iter()
                     .flat_map(|k| {
-                        k.findings().into_iter().map(move |f| {
+                        k.findings(allow).into_iter().map(move |f| {
                             json!({
                                 "name": f.name, "class": f.class.as_str(), "offset": f.offset,
-                                "opcode": f.opcode, "called": f.called, "pickle": k.label,
+                                "opcode": f.opcode, "called": f.called, "use": f.how.as_str(),
+                                "pickle": k.label,
                             })
                         })
                     })
@@ -254,14 +274,14 @@ fn file_doc(r: &Audited) -> FileDoc {
                     .map(|k| {
                         json!({
                             "label": k.label, "offset": k.offset,
-                            "globals": k.judged().into_iter()
+                            "globals": k.judged(allow).into_iter()
                                 .map(|(n, c)| json!({"name": n, "class": c.as_str()}))
                                 .collect::<Vec<_>>(),
                         })
                     })
                     .collect(),
                 stops: scan.stops.clone(),
-                ambiguities: scan.ambiguities.clone(),
+                ambiguities: scan.all_ambiguities(),
                 incomplete: scan.incomplete.clone(),
             })
         }
@@ -307,6 +327,8 @@ pub struct FileDoc {
     pub verdict: Verdict,
     /// Dangerous globals.
     pub dangerous: Vec<String>,
+    /// Globals called that no allowlist names.
+    pub unknown_calls: Vec<String>,
     /// Globals outside the allowlist.
     pub other: Vec<String>,
     /// Allowlisted globals.

@@ -58,6 +58,8 @@ pub struct ConvertRequest {
     pub cast_optimizer: bool,
     /// Refuse globals outside torch's weights-only allowlist in a `.pt` output.
     pub strict: bool,
+    /// Globals a `.pt` output may call although no allowlist names them (`--allow`).
+    pub allow: crate::audit::Allow,
     /// Remove this prefix from tensor names.
     pub strip_prefix: Option<String>,
     /// What to do with a scaled FP8 input.
@@ -100,6 +102,7 @@ impl ConvertRequest {
             state_dict_only: false,
             cast_optimizer: false,
             strict: false,
+            allow: crate::audit::Allow::default(),
             strip_prefix: None,
             on_quantized: OnQuantized::Dequantize,
             scale: None,
@@ -124,6 +127,9 @@ pub struct Prepared {
     pub options: Options,
     /// Messages for the user, in order.
     pub warnings: Vec<String>,
+    /// A `.pt` output: what its pickle asks of `torch.load` (a call audit does not allow was
+    /// refused while preparing: nothing is written).
+    pub pickle: Option<crate::formats::torch_write::PickleReport>,
 }
 
 impl ConvertRequest {
@@ -477,15 +483,27 @@ impl ConvertRequest {
                 inference: self.inference,
                 strip_prefix: self.strip_prefix.clone(),
                 strict: self.strict,
+                allow: self.allow.clone(),
             },
             part: self.part,
             caller: self.caller,
+        };
+        let pickle = if pt_out {
+            let pt = if cat.kind.is_torch() {
+                formats::torch_write::from_torch(&cat, &plan, &options.pt_export)?
+            } else {
+                formats::torch_write::from_tensors(&cat, &plan)?
+            };
+            Some(pt.report)
+        } else {
+            None
         };
         Ok(Prepared {
             cat,
             plan,
             options,
             warnings,
+            pickle,
         })
     }
 
@@ -530,6 +548,10 @@ pub struct ConvertDoc {
     /// A dry run: whether the run would replace an existing output.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces_existing: Option<bool>,
+    /// A `.pt` output: whether `torch.load(weights_only=True)` loads it, and the globals
+    /// outside torch's allowlist it carries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pickle: Option<crate::formats::torch_write::PickleReport>,
     /// A finished run: what it wrote.
     #[serde(flatten)]
     pub written: Option<Written>,
@@ -560,6 +582,7 @@ impl ConvertDoc {
             dry_run: true,
             output: output.to_path_buf(),
             replaces_existing: Some(super::output_exists(output)),
+            pickle: p.pickle.clone(),
             written: None,
         }
     }
@@ -577,6 +600,7 @@ impl ConvertDoc {
             dry_run: false,
             output: output.to_path_buf(),
             replaces_existing: None,
+            pickle: summary.pickle.clone(),
             written: Some(Written {
                 written: summary.files.clone(),
                 files_copied: summary.files_copied,

@@ -172,6 +172,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// The files written and the tensors each holds.
     pub layout: Layout,
+    /// A `.pt` output: what its pickle asks of `torch.load`.
+    pub pickle: Option<crate::formats::torch_write::PickleReport>,
 }
 
 impl Summary {
@@ -191,6 +193,7 @@ impl Summary {
             overflowed: vec![],
             elapsed: Duration::ZERO,
             layout,
+            pickle: None,
         }
     }
 
@@ -221,6 +224,7 @@ impl Summary {
             overflowed: vec![],
             elapsed: Duration::ZERO,
             layout: layout.clone(),
+            pickle: None,
         }
     }
 }

@@ -166,6 +166,7 @@ impl Job<'_> {
         } else {
             crate::formats::torch_write::from_tensors(cat, plan)?
         };
+        summary.pickle = Some(pt.report.clone());
         let dir = parent_of(dest);
         let name = dest
             .file_name()

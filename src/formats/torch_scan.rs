@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::audit::{Allow, Use};
 use crate::error::{Error, Result};
 use crate::formats::pickle::{self, Node, Pickle};
 
@@ -83,9 +84,17 @@ pub struct ScannedPickle {
     /// Unpickled by torch's own unpickler (the saved object), whose `find_class` adds its
     /// renames; the other pickles of a legacy stack go through plain `pickle.load`.
     pub torch_unpickler: bool,
+    /// A TorchScript archive's pickle, read by torch.jit's own unpickler: `__torch__.*` are
+    /// classes compiled from the archive's code and `torch.jit._pickle.*` its list builders,
+    /// not Python imports.
+    pub jit: bool,
     /// Every global as read, with its opcode, offset (within this pickle) and protocol, and
-    /// whether the pickle calls it.
-    pub occurrences: Vec<(String, String, pickle::GlobalSite, bool)>,
+    /// how the pickle uses it.
+    pub occurrences: Vec<(String, String, pickle::GlobalSite, Use)>,
+    /// Where the C unpickler reading a file skips bytes a reader of memory reads.
+    pub frame_skips: Vec<pickle::FrameSkip>,
+    /// Globals whose attributes a BUILD sets: `(module, name, BUILD offset)`.
+    pub built: Vec<(String, String, usize)>,
 }
 
 /// One global a pickle references, judged, where it was read.
@@ -102,6 +111,8 @@ pub struct Finding {
     /// Whether the pickle calls it (REDUCE, NEWOBJ, OBJ, INST; BUILD calls its
     /// `__setstate__`): a global that is only named runs nothing by itself.
     pub called: bool,
+    /// How: named, instantiated or called.
+    pub how: Use,
 }
 
 impl ScannedPickle {
@@ -111,33 +122,88 @@ impl ScannedPickle {
             offset,
             globals: pk.globals_with_protocol(),
             torch_unpickler,
+            jit: false,
             occurrences: pk.global_occurrences(),
+            frame_skips: pk.frame_skips.clone(),
+            built: pk
+                .built_globals
+                .iter()
+                .filter_map(|&(id, at)| {
+                    pk.global(id)
+                        .map(|(m, n)| (m.to_string(), n.to_string(), at))
+                })
+                .collect(),
         }
     }
 
-    /// Every occurrence of a global, judged, with its place in the file.
-    pub fn findings(&self) -> Vec<Finding> {
+    /// A global a BUILD rewrites, as shown and judged: always dangerous.
+    fn built_finding(&self, m: &str, n: &str, at: usize) -> Finding {
+        Finding {
+            name: format!(
+                "{} (BUILD at byte {} sets its attributes: rewrites imported code)",
+                crate::audit::display_name(m, n),
+                self.offset + at as u64
+            ),
+            class: crate::audit::Class::Dangerous,
+            offset: self.offset + at as u64,
+            opcode: "BUILD",
+            called: true,
+            how: Use::Called,
+        }
+    }
+
+    /// What makes loaders read this pickle differently.
+    pub fn ambiguities(&self) -> Vec<String> {
+        self.frame_skips
+            .iter()
+            .map(|s| format!("{} (byte {}): {s}", self.label, self.offset))
+            .collect()
+    }
+
+    /// Every occurrence of a global, judged by name and use (calls outside the allowlists
+    /// and `allow` are unknown calls), with its place in the file.
+    pub fn findings(&self, allow: &Allow) -> Vec<Finding> {
         self.occurrences
             .iter()
-            .map(|(m, n, site, called)| {
-                let (name, class) = crate::audit::judge(m, n, site.protocol, self.torch_unpickler);
+            .map(|(m, n, site, how)| {
+                let jit_own = self.jit
+                    && (m == "__torch__"
+                        || m.starts_with("__torch__.")
+                        || m == "torch.jit._pickle")
+                    && crate::audit::is_name_path(n);
+                let (name, class) = if jit_own {
+                    (crate::audit::display_name(m, n), crate::audit::Class::Other)
+                } else {
+                    crate::audit::judge_use(m, n, site.protocol, self.torch_unpickler, *how, allow)
+                };
                 Finding {
                     name,
                     class,
                     offset: self.offset + site.offset as u64,
                     opcode: site.opcode_name(),
-                    called: *called,
+                    called: *how != Use::Named,
+                    how: *how,
                 }
             })
+            .chain(
+                self.built
+                    .iter()
+                    .map(|(m, n, at)| self.built_finding(m, n, *at)),
+            )
             .collect()
     }
 
-    /// Every global as the unpickler resolves it: (shown name, class).
-    pub fn judged(&self) -> Vec<(String, crate::audit::Class)> {
-        self.globals
-            .iter()
-            .map(|(m, n, p)| crate::audit::judge(m, n, *p, self.torch_unpickler))
-            .collect()
+    /// Every global as the unpickler resolves and uses it: (shown name, class), the worst
+    /// class of each name once.
+    pub fn judged(&self, allow: &Allow) -> Vec<(String, crate::audit::Class)> {
+        let mut out: Vec<(String, crate::audit::Class)> = Vec::new();
+        for f in self.findings(allow) {
+            match out.iter_mut().find(|(n, _)| *n == f.name) {
+                Some(e) => e.1 = e.1.min(f.class),
+                None => out.push((f.name, f.class)),
+            }
+        }
+        out
     }
 }
 
@@ -296,6 +362,16 @@ pub fn scan(path: &Path) -> Result<Scan> {
     scan_stack(&file, len)
 }
 
+impl Scan {
+    /// What two readers would read differently: the container's ambiguities and every
+    /// pickle's frames that the C unpickler reads differently.
+    pub fn all_ambiguities(&self) -> Vec<String> {
+        let mut v = self.ambiguities.clone();
+        v.extend(self.pickles.iter().flat_map(ScannedPickle::ambiguities));
+        v
+    }
+}
+
 fn empty_scan(container: &'static str) -> Scan {
     Scan {
         container,
@@ -325,12 +401,13 @@ fn stream(out: &mut Scan, label: &str, start: u64, end: u64, parse: impl Fn(u64)
                 i += 1;
             }
             (Err(e), partial) => {
-                out.push_partial(
+                out.parse_failed(
                     partial,
                     format!("{label}pickle {} (byte {pos})", i + 1),
                     pos,
+                    &e,
+                    format!("{label}parsing stopped at byte {pos}"),
                 );
-                out.incomplete = Some(format!("{label}parsing stopped at byte {pos}: {e}"));
                 return;
             }
         }
@@ -344,6 +421,28 @@ type Parsed = (
 );
 
 impl Scan {
+    /// A pickle whose parse failed at `e` (`at` says where, for messages): when nothing was
+    /// read before the error that an unpickler imports and CPython's unpickler stops there too,
+    /// every loader stops before running anything (`stops`); otherwise what was seen is judged
+    /// and the file is incomplete (never clean).
+    fn parse_failed(
+        &mut self,
+        partial: Option<Pickle>,
+        label: String,
+        offset: u64,
+        e: &pickle::PickleError,
+        at: String,
+    ) {
+        if partial.is_none() && e.every_unpickler_stops {
+            self.stops = Some(format!(
+                "{at}: {e}; every unpickler stops there, before it imports anything"
+            ));
+            return;
+        }
+        self.push_partial(partial, label, offset);
+        self.incomplete = Some(format!("{at}: {e}"));
+    }
+
     /// Judges the globals a pickle named before its parse failed: an unpickler would already
     /// have imported them.
     fn push_partial(&mut self, partial: Option<Pickle>, label: String, offset: u64) {
@@ -431,6 +530,65 @@ fn member(data: &[u8], label: &str, out: &mut Scan, depth: usize) {
     }
 }
 
+/// A member that does not open: one whose encryption flag is set. Python's `zipfile` and
+/// torch's miniz refuse it without a password, but a reader that ignores the flag (an older or
+/// hand-written one) reads its bytes: when they read as plaintext (a pickle, a zip, an
+/// `.npy`), they are judged as a member's, and the flag is named as an ambiguity; otherwise
+/// the member is named as one no loader reads without its password (never clean).
+fn encrypted_member<R: std::io::Read + std::io::Seek>(
+    z: &mut zip::ZipArchive<R>,
+    i: usize,
+    label: &str,
+    out: &mut Scan,
+    depth: usize,
+) {
+    let raw = z.by_index_raw(i).ok().and_then(|f| {
+        let name = crate::audit::escape(f.name());
+        let (encrypted, method) = (f.encrypted(), f.compression());
+        let mut bytes = Vec::new();
+        let mut r = f.take(MAX_PICKLE);
+        r.read_to_end(&mut bytes).ok()?;
+        let data = match method {
+            zip::CompressionMethod::Stored => bytes,
+            zip::CompressionMethod::Deflated => {
+                let mut d = Vec::new();
+                flate2::read::DeflateDecoder::new(&bytes[..])
+                    .take(MAX_PICKLE)
+                    .read_to_end(&mut d)
+                    .ok()?;
+                d
+            }
+            _ => return None,
+        };
+        Some((name, encrypted, data))
+    });
+    let Some((name, encrypted, data)) = raw else {
+        out.incomplete = Some(format!("{label}zip member {i} does not open"));
+        return;
+    };
+    let plaintext = data.starts_with(b"\x93NUMPY")
+        || data.starts_with(b"PK\x03\x04")
+        || pickle::parse_prefix(&data, pickle::Limits::default()).is_ok();
+    if encrypted && plaintext {
+        out.ambiguities.push(format!(
+            "{label}zip member `{name}` has the encryption flag set over plaintext: Python's \
+             zipfile and torch refuse it, a reader that ignores the flag reads it"
+        ));
+        member(
+            &data,
+            &format!("{label}{name} (encryption flag ignored): "),
+            out,
+            depth,
+        );
+    } else if encrypted {
+        out.incomplete = Some(format!(
+            "{label}zip member `{name}` is encrypted: no loader reads it without its password"
+        ));
+    } else {
+        out.incomplete = Some(format!("{label}zip member `{name}` does not open"));
+    }
+}
+
 /// Every member of a zip, as [`member`] reads it.
 fn members<R: std::io::Read + std::io::Seek>(
     z: &mut zip::ZipArchive<R>,
@@ -441,7 +599,7 @@ fn members<R: std::io::Read + std::io::Seek>(
     const MAX_MEMBERS: usize = 100_000;
     for i in 0..z.len().min(MAX_MEMBERS) {
         let Ok(mut f) = z.by_index(i) else {
-            out.incomplete = Some(format!("{label}zip member {i} does not open"));
+            encrypted_member(z, i, label, out, depth);
             continue;
         };
         let name = format!("{label}{}: ", crate::audit::escape(f.name()));
@@ -698,21 +856,22 @@ fn scan_stack(file: &File, len: u64) -> Result<Scan> {
             (Ok(r), _) => r,
             (Err(e), partial) if i == 0 => {
                 out.container = "not a torch.save file";
-                out.push_partial(partial, "pickle 1 (byte 0)".into(), 0);
-                out.incomplete = Some(format!("parsing stopped at byte 0: {e}"));
+                let at = "parsing stopped at byte 0".to_string();
+                out.parse_failed(partial, "pickle 1 (byte 0)".into(), 0, &e, at);
                 return Ok(out);
             }
             (Err(e), partial) => {
-                out.push_partial(
+                // What was seen so far stays judged: parsing stopped, the file is not clean.
+                out.parse_failed(
                     partial,
                     format!("pickle {} of the legacy stack ({what})", i + 1),
                     pos,
+                    &e,
+                    format!(
+                        "pickle {} of the legacy stack ({what}) at byte {pos}",
+                        i + 1
+                    ),
                 );
-                // What was seen so far stays judged: parsing stopped, the file is not clean.
-                out.incomplete = Some(format!(
-                    "pickle {} of the legacy stack ({what}) at byte {pos}: {e}",
-                    i + 1
-                ));
                 return Ok(out);
             }
         };
@@ -846,16 +1005,39 @@ fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
     };
     let constants = find("constants.pkl");
     if constants.is_some() {
-        out.container = "TorchScript archive (torch.load hands it to torch.jit.load)";
+        out.container = "TorchScript archive (torch.load hands it to torch.jit.load, which runs \
+                         the archive's compiled TorchScript code: its pickles are judged, not that code)";
     }
+    let jit = constants.is_some();
     for name in [find("data.pkl"), constants].into_iter().flatten() {
+        let before = out.pickles.len();
         let (offset, buf) = read_record(path, &mut zip, &name, MAX_PICKLE)?;
-        let pk = pickle::parse(&buf)
-            .map_err(|e| Error::invalid(path, format!("record `{name}`: {e}")))?;
-        out.pickles
-            .push(ScannedPickle::of(name.clone(), offset, &pk, true));
+        match pickle::parse_prefix_partial(&buf, pickle::Limits::default()) {
+            (Ok((pk, _)), _) => {
+                out.pickles
+                    .push(ScannedPickle::of(name.clone(), offset, &pk, true))
+            }
+            (Err(e), partial) => {
+                // torch.load has imported what its unpickler met before the error
+                if let Some(pk) = partial {
+                    out.pickles.push(ScannedPickle::of(
+                        format!("{name}, up to where parsing stopped"),
+                        offset,
+                        &pk,
+                        true,
+                    ));
+                }
+                out.incomplete = Some(format!("record `{name}`: {e}"));
+            }
+        }
+        for pk in &mut out.pickles[before..] {
+            pk.jit = jit;
+        }
+        if out.incomplete.is_some() {
+            break;
+        }
     }
-    if out.pickles.is_empty() {
+    if out.pickles.is_empty() && out.incomplete.is_none() {
         // Not a torch.save archive (.npz, a zip of pickles): every member a loader would open.
         out.container = "zip archive (not torch.save): every member read";
         members(&mut zip, "", &mut out, 0);

@@ -35,6 +35,18 @@ pub struct PtExport {
     pub strip_prefix: Option<String>,
     /// Refuse globals outside torch's weights-only allowlist (`--strict`).
     pub strict: bool,
+    /// Globals accepted as calls (`--allow`): an output may carry a call to one of them.
+    pub allow: crate::audit::Allow,
+}
+
+/// What the written `data.pkl` asks of `torch.load`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PickleReport {
+    /// Whether every global it names is on torch's weights-only allowlist: then
+    /// `torch.load(weights_only=True)` (torch's default) loads it.
+    pub loads_with_weights_only: bool,
+    /// The globals outside that list (model classes, accepted calls), as audit names them.
+    pub outside_weights_only: Vec<String>,
 }
 
 /// One storage record of the output.
@@ -61,6 +73,8 @@ pub struct PtRecord {
 pub struct PtOutput {
     /// The pickle, written by our writer.
     pub data_pkl: Vec<u8>,
+    /// What it asks of `torch.load`.
+    pub report: PickleReport,
     /// Storage records in torch's order.
     pub records: Vec<PtRecord>,
 }
@@ -132,10 +146,15 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
         }
     }
     rw.normalize_storage_ids(path)?;
+    let report = output_globals(path, &pk, export)?;
     let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(path, e.to_string()))?;
 
     let records = records(cat, doc, &pk, &decision, &rebuilds)?;
-    Ok(PtOutput { data_pkl, records })
+    Ok(PtOutput {
+        data_pkl,
+        report,
+        records,
+    })
 }
 
 /// Per storage: (from, to) as the plan says for every tensor on it that the output holds; a
@@ -279,7 +298,7 @@ fn refuse_globals(path: &Path, globals: &[(String, Class)], strict: bool) -> Res
     let bad: Vec<&str> = globals
         .iter()
         .filter(|(_, c)| match c {
-            Class::Dangerous => true,
+            Class::Dangerous | Class::UnknownCall => true,
             Class::Other => strict,
             Class::Allowed => false,
         })
@@ -303,6 +322,48 @@ fn refuse_globals(path: &Path, globals: &[(String, Class)], strict: bool) -> Res
             bad.join(", ")
         )
     }))
+}
+
+/// Judges the globals the output pickle `pk` carries as audit judges them (by name and use,
+/// loaded by torch at protocol 2): a call that audit does not allow is refused, naming the
+/// globals, unless `--allow` accepts it; nothing is written then.
+fn output_globals(path: &Path, pk: &Pickle, export: &PtExport) -> Result<PickleReport> {
+    let uses = pk.uses();
+    let mut live = reachable(pk, pk.root);
+    live.sort_unstable();
+    live.dedup();
+    let mut judged: Vec<(String, Class)> = Vec::new();
+    let mut outside: Vec<String> = Vec::new();
+    for id in live {
+        if let Some((m, n)) = pk.global(id) {
+            let how = uses.get(&id).copied().unwrap_or(pickle::Use::Named);
+            let j = crate::audit::judge_use(m, n, 2, true, how, &export.allow);
+            if !crate::audit::weights_only_loads(m, n, 2) && !outside.contains(&j.0) {
+                outside.push(j.0.clone());
+            }
+            if !judged.contains(&j) {
+                judged.push(j);
+            }
+        }
+    }
+    let calls: Vec<&str> = judged
+        .iter()
+        .filter(|(_, c)| *c <= Class::UnknownCall)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !calls.is_empty() {
+        return Err(Error::Refused(format!(
+            "{}: the output would call globals that audit does not allow ({}); refusing to \
+ write it to a .pt. Accept each with --allow NAME if you trust it, or extract the tensors to \
+ .safetensors",
+            path.display(),
+            calls.join(", ")
+        )));
+    }
+    Ok(PickleReport {
+        loads_with_weights_only: outside.is_empty(),
+        outside_weights_only: outside,
+    })
 }
 
 /// The function and argument tuple of the `_rebuild_tensor_v2/v3` call at `site`.
@@ -620,6 +681,7 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
         items.push(b.tensor(&i.to_string(), &t.name, &t.shape, p.to, p.bytes_out));
     }
     let pk = b.finish(items);
+    let report = output_globals(&cat.path, &pk, &PtExport::default())?;
     let data_pkl = pickle::write(&pk).map_err(|e| Error::invalid(&cat.path, e.to_string()))?;
     let records = plan
         .tensors()
@@ -638,7 +700,11 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
             }
         })
         .collect();
-    Ok(PtOutput { data_pkl, records })
+    Ok(PtOutput {
+        data_pkl,
+        report,
+        records,
+    })
 }
 
 /// Builds the pickle `torch.save(state_dict)` writes: an OrderedDict of `_rebuild_tensor_v2`

@@ -388,6 +388,31 @@ def test_documents_are_the_clis(tmp_path, minilm):
     assert au.dangerous is True and au.files[0].verdict == "dangerous"
 
 
+def test_default_deny_from_python(tmp_path):
+    """audit(allow=, allow_file=) and convert(allow=) as --allow/--allow-file: a user's own
+    class is an unknown call until accepted; a .pt output says whether weights_only loads it."""
+    src = TORCH / "custom_module.pt"
+    au = weightcast.audit(src)
+    assert au.failed and au.files[0].verdict == "unknown call"
+    assert au.files[0].unknown_calls == ["__main__.Custom"]
+    allowed = weightcast.audit(src, allow=["__main__.Custom"])
+    cli = json.loads(run("audit", src, "--allow", "__main__.Custom", "--json", check=False).stdout)
+    assert allowed.to_dict() == cli and allowed.exit_code == 0
+    (tmp_path / "allow.txt").write_text("__main__.*  # my script's classes\n")
+    assert weightcast.audit(src, allow_file=tmp_path / "allow.txt").exit_code == 0
+    with pytest.raises(weightcast.RefusedError, match="__main__.Custom"):
+        weightcast.convert(src, tmp_path / "out.pt", "bf16")
+    assert not (tmp_path / "out.pt").exists()
+    with pytest.raises(weightcast.UsageError, match="nope.txt"):
+        weightcast.audit(src, allow_file=tmp_path / "nope.txt")
+    r = weightcast.convert(src, tmp_path / "out.pt", "bf16", allow=["__main__.Custom"])
+    assert r.pickle["loads_with_weights_only"] is False
+    assert "__main__.Custom" in r.pickle["outside_weights_only"]
+    r = weightcast.convert(TORCH / "training.pt", tmp_path / "sd.pt", "bf16", state_dict_only=True)
+    assert r.pickle == {"loads_with_weights_only": True, "outside_weights_only": []}
+    torch.load(tmp_path / "sd.pt", weights_only=True)
+
+
 def test_to_pandas_when_installed():
     a = weightcast.analyze(TINY, "f16")
     try:

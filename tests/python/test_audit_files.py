@@ -61,9 +61,18 @@ def test_raw_pickles_and_streams(tmp_path):
     code, v, out = verdict(cut)
     assert (code, v) == (2, "incomplete")
     assert "parsing stopped at byte 0" in out["files"][0]["incomplete"]
-    # a clean pickle followed by bytes that do not parse: incomplete, not clean
+    # a clean pickle followed by bytes at which every unpickler stops before naming any
+    # global: nothing runs, clean, and where it stops is said
     tail = tmp_path / "tail.pkl"
     tail.write_bytes(pickle.dumps([1]) + b"\x80\x02\xff")
+    code, v, out = verdict(tail)
+    assert (code, v) == (0, "clean")
+    assert "every unpickler stops there" in out["files"][0]["stops"]
+    # ... but where only this parser would stop (a limit, a frame the pure-Python unpickler
+    # reads on), or after a global was named: incomplete, never clean
+    tail.write_bytes(pickle.dumps([1]) + b"\x80\x02cos\nsystem\n\xff")
+    assert verdict(tail)[:2] == (1, "dangerous")
+    tail.write_bytes(pickle.dumps([1]) + b"\x80\x02ccollections\nOrderedDict\n\xff")
     assert verdict(tail)[:2] == (2, "incomplete")
 
 

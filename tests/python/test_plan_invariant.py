@@ -130,6 +130,14 @@ def test_output_is_the_plan(tmp_path, src, out, rules):
     if src.name == "malicious.pt" and out.suffix == ".pt":
         assert real.returncode == 1 and "dangerous" in real.stderr and not out.exists()
         return
+    if src.name == "custom_module.pt" and out.suffix == ".pt":
+        # a user's own class: a call audit does not allow, refused (dry run too) until accepted
+        for p in (dry, real):
+            assert p.returncode == 1 and "__main__.Custom" in p.stderr, p.stderr
+        assert not out.exists()
+        args += ["--allow", "__main__.Custom"]
+        dry = run(*args, "--dry-run", "--json", check=False)
+        real = run(*args, check=False)
     assert dry.returncode == 0, dry.stderr
     assert real.returncode == 0, real.stderr
     check(src, out, json.loads(dry.stdout))

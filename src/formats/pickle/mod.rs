@@ -14,9 +14,11 @@ mod write;
 
 pub use equiv::{equivalent, reachable_globals, WRITER_GLOBALS};
 pub use read::{
-    is_opcode, parse, parse_prefix, parse_prefix_partial, parse_with, Limits, PickleError,
+    is_opcode, parse, parse_prefix, parse_prefix_partial, parse_with, Limits, PickleError, Reading,
 };
 pub use write::{write, WriteError};
+
+pub use crate::audit::Use;
 
 /// Index of a node in [`Pickle::nodes`].
 pub type NodeId = usize;
@@ -155,6 +157,35 @@ pub struct Pickle {
     /// For each global the parser read: where, by which opcode, and the protocol in force
     /// then (which decides how an unpickler resolves its name).
     pub global_sites: std::collections::HashMap<NodeId, GlobalSite>,
+    /// Bytes CPython's C unpickler skips reading this pickle from a file, where FRAME opcodes
+    /// do not enclose whole opcodes (no pickler writes that): loaders read it differently.
+    pub frame_skips: Vec<FrameSkip>,
+    /// Globals whose attributes a BUILD sets (`(global node, BUILD offset)`): a module or a
+    /// class rewritten while loading.
+    pub built_globals: Vec<(NodeId, usize)>,
+}
+
+/// Bytes the C unpickler skips reading from a file: what is left of a FRAME's buffer when an
+/// opcode needs more than that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSkip {
+    /// The opcode whose read skips them.
+    pub offset: usize,
+    /// First byte skipped.
+    pub from: usize,
+    /// End of the bytes skipped.
+    pub to: usize,
+}
+
+impl std::fmt::Display for FrameSkip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the opcode at byte {} does not fit in its FRAME: CPython's C unpickler reading a \
+             file skips bytes {}..{}, a loader reading memory does not",
+            self.offset, self.from, self.to
+        )
+    }
 }
 
 /// Where the parser read a global.
@@ -249,16 +280,19 @@ impl Pickle {
     }
 
     /// Every global the parser read, where it read it, in file order (every occurrence), and
-    /// whether the pickle calls it.
-    pub fn global_occurrences(&self) -> Vec<(String, String, GlobalSite, bool)> {
-        let called = self.called();
-        let mut v: Vec<(String, String, GlobalSite, bool)> = self
+    /// how the pickle uses it.
+    pub fn global_occurrences(&self) -> Vec<(String, String, GlobalSite, Use)> {
+        let uses = self.uses();
+        let mut v: Vec<(String, String, GlobalSite, Use)> = self
             .global_sites
             .iter()
             .filter_map(|(&id, &site)| match &self.nodes[id] {
-                Node::Global { module, name } => {
-                    Some((module.clone(), name.clone(), site, called.contains(&id)))
-                }
+                Node::Global { module, name } => Some((
+                    module.clone(),
+                    name.clone(),
+                    site,
+                    uses.get(&id).copied().unwrap_or(Use::Named),
+                )),
                 _ => None,
             })
             .collect();
@@ -266,20 +300,55 @@ impl Pickle {
         v
     }
 
-    /// The globals an unpickler would call: the callable of a REDUCE, the class of a NEWOBJ,
-    /// OBJ or INST (whose `__setstate__` a BUILD also calls).
-    pub fn called(&self) -> std::collections::HashSet<NodeId> {
-        self.nodes
-            .iter()
-            .filter_map(|n| match n {
-                Node::Object(o) => Some(match o.call {
-                    Call::Reduce { func, .. } => func,
-                    Call::NewObj { cls, .. } | Call::Inst { cls, .. } => cls,
-                }),
-                _ => None,
-            })
-            .filter(|&id| matches!(self.nodes.get(id), Some(Node::Global { .. })))
-            .collect()
+    /// How the pickle uses each global node it calls or instantiates (the worst use when
+    /// several): the callable of a REDUCE and the class of an INST or OBJ are called; the
+    /// class of a NEWOBJ is instantiated, as is the class `copyreg._reconstructor` is given
+    /// (whose base, unless `object`, is called: its `__init__` runs).
+    pub fn uses(&self) -> std::collections::HashMap<NodeId, Use> {
+        let mut out: std::collections::HashMap<NodeId, Use> = Default::default();
+        let mut mark = |id: NodeId, u: Use| {
+            if matches!(self.nodes.get(id), Some(Node::Global { .. })) {
+                let e = out.entry(id).or_insert(u);
+                *e = (*e).max(u);
+            }
+        };
+        for n in &self.nodes {
+            let Node::Object(o) = n else { continue };
+            match o.call {
+                Call::Reduce { func, args } => {
+                    mark(func, Use::Called);
+                    // callables that call what they are given: numpy's random-generator
+                    // helpers call it; sklearn's `newObj` instantiates it
+                    let passes = match self.global(func) {
+                        Some(("numpy.random._pickle", _)) => Some(Use::Called),
+                        Some((m, "newObj")) if m.starts_with("sklearn.") => Some(Use::Instantiated),
+                        _ => None,
+                    };
+                    if let (Some(u), Some(items)) = (passes, self.seq(args)) {
+                        for &a in items {
+                            mark(a, u);
+                        }
+                    }
+                    let reconstructor = matches!(
+                        self.global(func),
+                        Some(("copyreg" | "copy_reg", "_reconstructor"))
+                    );
+                    if let (true, Some([cls, base, ..])) = (reconstructor, self.seq(args)) {
+                        mark(*cls, Use::Instantiated);
+                        let object = matches!(
+                            self.global(*base),
+                            Some(("builtins" | "__builtin__", "object"))
+                        );
+                        if !object {
+                            mark(*base, Use::Called);
+                        }
+                    }
+                }
+                Call::NewObj { cls, .. } => mark(cls, Use::Instantiated),
+                Call::Inst { cls, .. } => mark(cls, Use::Called),
+            }
+        }
+        out
     }
 
     /// Adds the globals `other` read (another reading of the same bytes) that this one has not
@@ -293,6 +362,7 @@ impl Pickle {
                 _ => None,
             })
             .collect();
+        let uses = other.uses();
         let mut sites: Vec<_> = other.global_sites.iter().collect();
         sites.sort_by_key(|(_, s)| s.offset);
         for (&id, site) in sites {
@@ -302,7 +372,33 @@ impl Pickle {
                         module: module.clone(),
                         name: name.clone(),
                     });
-                    self.global_sites.insert(self.nodes.len() - 1, *site);
+                    let g = self.nodes.len() - 1;
+                    self.global_sites.insert(g, *site);
+                    // how the other reading uses it: a node of its own that uses it so
+                    let empty = self.nodes.len();
+                    match uses.get(&id) {
+                        Some(Use::Called) => {
+                            self.nodes.push(Node::Tuple(vec![]));
+                            self.nodes.push(Object::reduce(g, empty));
+                        }
+                        Some(Use::Instantiated) => {
+                            self.nodes.push(Node::Tuple(vec![]));
+                            self.nodes.push(Node::Object(Object {
+                                call: Call::NewObj {
+                                    cls: g,
+                                    args: empty,
+                                    kwargs: None,
+                                },
+                                state: None,
+                                items: vec![],
+                                appends: vec![],
+                            }));
+                        }
+                        _ => {}
+                    }
+                    if let Some(&(_, at)) = other.built_globals.iter().find(|b| b.0 == id) {
+                        self.built_globals.push((g, at));
+                    }
                 }
             }
         }

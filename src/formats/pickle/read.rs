@@ -19,6 +19,27 @@ pub struct Limits {
     /// Read as joblib does: after the BUILD of a `numpy_pickle.NumpyArrayWrapper`, the
     /// array's raw bytes (or, for an object array, a nested pickle) follow in the stream.
     pub joblib_arrays: bool,
+    /// How the bytes reach the unpickler, which decides what a FRAME does.
+    pub reading: Reading,
+}
+
+/// How an unpickler gets the pickle's bytes. The two differ only for pickles whose FRAME
+/// opcodes do not enclose whole opcodes (which no pickler writes): [`parse_prefix_partial`]
+/// reads as [`Reading::File`] and, where that reading skips bytes, also as
+/// [`Reading::Buffer`], and judges what both readings import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reading {
+    /// CPython's C unpickler (`_pickle.c`) over a file object without `peek`: `torch.load` of
+    /// a zip checkpoint unpickles `io.BytesIO(record)`. A FRAME whose bytes are not already
+    /// buffered is read into a buffer of its own (`load_frame`); a read or a text line that
+    /// does not fit in what is left of that buffer discards the rest of it and reads from the
+    /// file after it (`_Unpickler_ReadImpl`, `_Unpickler_Readline`).
+    #[default]
+    File,
+    /// The bytes in order: `pickle.loads`, and the C unpickler over a file with `peek` whose
+    /// frames it prefetches (`open(path, "rb")`). A FRAME longer than what remains is read
+    /// on, as the pure-Python unpickler (joblib's) reads it: the reading that sees most.
+    Buffer,
 }
 
 impl Default for Limits {
@@ -29,6 +50,7 @@ impl Default for Limits {
             max_marks: 100_000,
             max_memo: 50_000_000,
             joblib_arrays: false,
+            reading: Reading::File,
         }
     }
 }
@@ -43,6 +65,10 @@ pub struct PickleError {
     pub opcode: String,
     /// What is wrong.
     pub what: String,
+    /// Whether CPython's unpickler stops here too (a malformed pickle), rather than only this
+    /// parser (its limits, or what it does not model): a pickle that stops every unpickler
+    /// before naming any global runs nothing.
+    pub every_unpickler_stops: bool,
 }
 
 /// Parses with the default [`Limits`].
@@ -145,6 +171,12 @@ struct Machine<'a> {
     proto: u8,
     /// The protocol in force when each global was read.
     global_sites: HashMap<NodeId, super::GlobalSite>,
+    /// [`Reading::File`]: the end of the buffer a FRAME read, while bytes of it are left.
+    window: Option<usize>,
+    /// Bytes the C unpickler skips, and why.
+    frame_skips: Vec<super::FrameSkip>,
+    /// Globals a BUILD hands state to: `(global node, BUILD offset)`.
+    built_globals: Vec<(NodeId, usize)>,
 }
 
 type R<T> = Result<T, PickleError>;
@@ -155,10 +187,40 @@ impl<'a> Machine<'a> {
             offset: self.op_at,
             opcode: name(self.op),
             what: what.into(),
+            every_unpickler_stops: true,
         })
     }
 
+    /// An error of this parser alone (a limit, a reading CPython does not share).
+    fn ours<T>(&self, what: impl Into<String>) -> R<T> {
+        let mut e = self.err::<T>(what);
+        if let Err(e) = &mut e {
+            e.every_unpickler_stops = false;
+        }
+        e
+    }
+
+    /// `_pickle.c` reading a file: a read that does not fit in what is left of a FRAME's
+    /// buffer discards that rest and reads from the file after the buffer.
+    fn leave_window(&mut self, fits: impl Fn(usize, usize) -> bool) {
+        if let Some(end) = self.window {
+            if fits(self.pos, end) {
+                return;
+            }
+            if self.pos < end {
+                self.frame_skips.push(super::FrameSkip {
+                    offset: self.op_at,
+                    from: self.pos,
+                    to: end,
+                });
+                self.pos = end;
+            }
+            self.window = None;
+        }
+    }
+
     fn take(&mut self, n: usize) -> R<&'a [u8]> {
+        self.leave_window(|pos, end| pos.checked_add(n).is_some_and(|e| e <= end));
         match self.pos.checked_add(n).filter(|&e| e <= self.data.len()) {
             Some(end) => {
                 let s = &self.data[self.pos..end];
@@ -197,6 +259,8 @@ impl<'a> Machine<'a> {
 
     /// A newline-terminated text argument (protocol 0).
     fn line_bytes(&mut self) -> R<&'a [u8]> {
+        let data = self.data;
+        self.leave_window(|pos, end| data[pos..end].contains(&b'\n'));
         let rest = &self.data[self.pos..];
         let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
             return self.err("argument has no terminating newline (truncated?)");
@@ -213,19 +277,40 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// UTF-8 as `load_binunicode` decodes it, with `surrogatepass`: encoded surrogates
+    /// (`ED A0..BF xx`) are accepted (kept here as U+FFFD).
     fn utf8(&self, b: &[u8]) -> R<String> {
-        match std::str::from_utf8(b) {
-            Ok(s) => Ok(s.to_string()),
-            Err(e) => self.err(format!(
-                "string is not UTF-8 (at its byte {})",
-                e.valid_up_to()
-            )),
+        let mut out = String::new();
+        let mut rest = b;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    return Ok(out);
+                }
+                Err(e) => {
+                    let at = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&rest[..at]).expect("valid prefix"));
+                    match rest.get(at..at + 3) {
+                        Some([0xED, 0xA0..=0xBF, 0x80..=0xBF]) => {
+                            out.push('\u{fffd}');
+                            rest = &rest[at + 3..];
+                        }
+                        _ => {
+                            return self.err(format!(
+                                "string is not UTF-8 (at its byte {})",
+                                b.len() - rest.len() + at
+                            ))
+                        }
+                    }
+                }
+            }
         }
     }
 
     fn push_node(&mut self, n: Node) -> R<NodeId> {
         if self.nodes.len() >= self.limits.max_nodes {
-            return self.err(format!("more than {} values", self.limits.max_nodes));
+            return self.ours(format!("more than {} values", self.limits.max_nodes));
         }
         self.nodes.push(n);
         let id = self.nodes.len() - 1;
@@ -235,7 +320,7 @@ impl<'a> Machine<'a> {
 
     fn push(&mut self, id: NodeId) -> R<()> {
         if self.stack.len() >= self.limits.max_stack {
-            return self.err(format!("stack deeper than {}", self.limits.max_stack));
+            return self.ours(format!("stack deeper than {}", self.limits.max_stack));
         }
         self.stack.push(id);
         Ok(())
@@ -283,7 +368,7 @@ impl<'a> Machine<'a> {
     /// are judged as this pickle's.
     fn joblib_array(&mut self, state: NodeId) -> R<()> {
         let Node::Dict(items) = &self.nodes[state] else {
-            return self.err("NumpyArrayWrapper state is not a dict");
+            return self.ours("NumpyArrayWrapper state is not a dict");
         };
         let get = |k: &str| {
             items
@@ -318,7 +403,7 @@ impl<'a> Machine<'a> {
         });
         let aligned = align.is_some_and(|a| !matches!(self.nodes[a], Node::None));
         let (Some(count), Some(descr)) = (count, descr) else {
-            return self.err("NumpyArrayWrapper without a readable shape and dtype");
+            return self.ours("NumpyArrayWrapper without a readable shape and dtype");
         };
         let descr = descr.trim_start_matches(['<', '>', '|', '=']);
         if descr.starts_with('O') {
@@ -334,7 +419,7 @@ impl<'a> Machine<'a> {
                 for (&id, site) in sites {
                     if let Node::Global { module, name } = &pk.nodes[id] {
                         if self.nodes.len() >= self.limits.max_nodes {
-                            return self.err("too many values");
+                            return self.ours("too many values");
                         }
                         self.nodes.push(Node::Global {
                             module: module.clone(),
@@ -351,7 +436,7 @@ impl<'a> Machine<'a> {
                     self.pos += n;
                     Ok(())
                 }
-                None => self.err("the object array's nested pickle does not parse"),
+                None => self.ours("the object array's nested pickle does not parse"),
             };
         }
         let (kind, digits) = descr.split_at(descr.len().min(1));
@@ -363,7 +448,7 @@ impl<'a> Machine<'a> {
         }
         .filter(|&s| s > 0);
         let Some(itemsize) = itemsize else {
-            return self.err(format!(
+            return self.ours(format!(
                 "NumpyArrayWrapper dtype `{descr}` is not one joblib writes raw"
             ));
         };
@@ -379,8 +464,36 @@ impl<'a> Machine<'a> {
                 self.pos += b as usize;
                 Ok(())
             }
-            None => self.err("the array joblib wrote after NumpyArrayWrapper runs past the data"),
+            None => self.ours("the array joblib wrote after NumpyArrayWrapper runs past the data"),
         }
+    }
+
+    /// FRAME as `load_frame` runs it: its 8-byte length, then the frame's bytes must be there;
+    /// reading a file, a frame not already buffered becomes the buffer.
+    fn frame(&mut self) -> R<()> {
+        let len = self.u64()?;
+        let fits = |pos: usize, end: usize| {
+            usize::try_from(len)
+                .ok()
+                .and_then(|l| pos.checked_add(l))
+                .is_some_and(|e| e <= end)
+        };
+        if self.limits.reading == Reading::File {
+            self.leave_window(fits);
+            if self.window.is_some() {
+                return Ok(());
+            }
+        }
+        if self.limits.reading == Reading::File && !fits(self.pos, self.data.len()) {
+            return self.ours(format!(
+                "frame of {len} bytes but only {} remain (truncated?)",
+                self.data.len() - self.pos
+            ));
+        }
+        if self.limits.reading == Reading::File && len > 0 {
+            self.window = Some(self.pos + len as usize);
+        }
+        Ok(())
     }
 
     /// Records where global `id` was read: the opcode, its offset, the protocol in force.
@@ -398,7 +511,7 @@ impl<'a> Machine<'a> {
     fn memo_put(&mut self, key: i64) -> R<()> {
         let id = self.top()?;
         if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
-            return self.err(format!("more than {} memo entries", self.limits.max_memo));
+            return self.ours(format!("more than {} memo entries", self.limits.max_memo));
         }
         self.memo.insert(key, id);
         Ok(())
@@ -419,19 +532,27 @@ impl<'a> Machine<'a> {
     }
 
     /// Adds items to the dict-like node `target` (SETITEM/SETITEMS).
+    /// SETITEM(S) on a list, a bytearray, a persistent object or a global (a mapping such as
+    /// `os.environ`) can succeed in CPython (`obj[key] = value`): the items are dropped from
+    /// the tree and reading goes on, their globals already recorded. On an immutable value
+    /// every unpickler stops.
     fn set_items(&mut self, target: NodeId, items: Vec<(NodeId, NodeId)>) -> R<()> {
         match &mut self.nodes[target] {
             Node::Dict(d) => d.extend(items),
             Node::Object(o) => o.items.extend(items),
+            Node::List(_) | Node::Bytes(_) | Node::PersId(_) | Node::Global { .. } => {}
             _ => return self.err("target is not a dict"),
         }
         Ok(())
     }
 
+    /// APPEND(S): a list, or anything with `append`/`extend` (an object, a bytearray, a
+    /// persistent object, a global such as a module's list).
     fn append_items(&mut self, target: NodeId, items: Vec<NodeId>) -> R<()> {
         match &mut self.nodes[target] {
             Node::List(l) => l.extend(items),
             Node::Object(o) => o.appends.extend(items),
+            Node::Bytes(_) | Node::PersId(_) | Node::Global { .. } => {}
             _ => return self.err("target is not a list"),
         }
         Ok(())
@@ -447,31 +568,31 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
+    /// INT (`I`) and LONG (`L`) text as `load_int`/`load_long` read it: INT is C's
+    /// `strtol(s, 0)` (so `0x1f` and `017` too; `00`/`01` are bools), falling back, as LONG
+    /// does, to Python's `int(s, 0)` / `int(s, 10)` (underscores, surrounding whitespace, any
+    /// size up to CPython's 4300-digit limit for decimal text).
     fn int_text(&self, s: &str) -> R<Node> {
-        let t = s.trim_end_matches('L');
-        match t {
-            "00" => return Ok(Node::Bool(false)),
-            "01" => return Ok(Node::Bool(true)),
-            _ => {}
-        }
-        match t.parse::<i64>() {
-            Ok(i) => Ok(Node::Int(i)),
-            Err(_)
-                if !t.is_empty()
-                    && t.trim_start_matches('-')
-                        .bytes()
-                        .all(|b| b.is_ascii_digit()) =>
-            {
-                // Too large for i64: keep the decimal text as bytes of a big integer is not
-                // needed by any checkpoint; refuse clearly.
-                self.err(format!("integer `{t}` does not fit 64 bits"))
+        let long = self.op == b'L';
+        let t = if long {
+            s.strip_suffix('L').unwrap_or(s)
+        } else {
+            s
+        };
+        if !long {
+            if let Some(v) = c_strtol(t) {
+                return Ok(match (t.len(), v) {
+                    (2, 0) => Node::Bool(false),
+                    (2, 1) => Node::Bool(true),
+                    _ => Node::Int(v),
+                });
             }
-            Err(_) => self.err(format!("`{s}` is not an integer")),
         }
-    }
-
-    fn run(mut self) -> R<(Pickle, usize)> {
-        self.step_all()
+        match py_int_any(t, if long { 10 } else { 0 }) {
+            Some(Ok(n)) => Ok(n),
+            Some(Err(limit)) => self.err(limit),
+            None => self.err(format!("`{}` is not an integer", crate::audit::escape(s))),
+        }
     }
 
     /// Runs to STOP; on an error, also returns what was built before it (its nodes and every
@@ -480,18 +601,26 @@ impl<'a> Machine<'a> {
         match self.step_all() {
             Ok(r) => (Ok(r), None),
             Err(e) => {
-                let partial = (!self.global_sites.is_empty()).then(|| Pickle {
-                    nodes: std::mem::take(&mut self.nodes),
-                    root: 0,
-                    global_sites: std::mem::take(&mut self.global_sites),
-                });
+                let partial = (!self.global_sites.is_empty() || !self.frame_skips.is_empty())
+                    .then(|| self.take_pickle(0));
                 (Err(e), partial)
             }
         }
     }
 
+    fn take_pickle(&mut self, root: NodeId) -> Pickle {
+        Pickle {
+            nodes: std::mem::take(&mut self.nodes),
+            root,
+            global_sites: std::mem::take(&mut self.global_sites),
+            frame_skips: std::mem::take(&mut self.frame_skips),
+            built_globals: std::mem::take(&mut self.built_globals),
+        }
+    }
+
     fn step_all(&mut self) -> R<(Pickle, usize)> {
         loop {
+            self.leave_window(|pos, end| pos < end);
             self.op_at = self.pos;
             if self.pos >= self.data.len() {
                 self.op = 0;
@@ -499,6 +628,7 @@ impl<'a> Machine<'a> {
                     offset: self.pos,
                     opcode: "end of data".into(),
                     what: "no STOP opcode (truncated?)".into(),
+                    every_unpickler_stops: true,
                 });
             }
             self.op = self.data[self.pos];
@@ -511,20 +641,14 @@ impl<'a> Machine<'a> {
                     }
                     self.proto = p;
                 }
-                0x95 => {
-                    self.u64()?;
-                }
+                0x95 => self.frame()?,
                 b'.' => {
                     let root = self.pop()?;
+                    // Reading a file, the rest of a frame's buffer after STOP is consumed too:
+                    // the next `pickle.load` of the same file starts after it.
+                    self.leave_window(|_, _| false);
                     let end = self.pos;
-                    return Ok((
-                        Pickle {
-                            nodes: std::mem::take(&mut self.nodes),
-                            root,
-                            global_sites: std::mem::take(&mut self.global_sites),
-                        },
-                        end,
-                    ));
+                    return Ok((self.take_pickle(root), end));
                 }
                 b'N' => {
                     self.push_node(Node::None)?;
@@ -703,6 +827,8 @@ impl<'a> Machine<'a> {
                     let target = self.top()?;
                     match &mut self.nodes[target] {
                         Node::Set(s) => s.extend(items),
+                        // anything with `add`
+                        Node::Object(_) | Node::PersId(_) | Node::Global { .. } => {}
                         _ => return self.err("target is not a set"),
                     }
                 }
@@ -716,7 +842,7 @@ impl<'a> Machine<'a> {
                 b'(' => {
                     if self.marks.len() >= self.limits.max_marks {
                         return self
-                            .err(format!("more than {} nested marks", self.limits.max_marks));
+                            .ours(format!("more than {} nested marks", self.limits.max_marks));
                     }
                     self.marks.push(self.stack.len());
                 }
@@ -807,7 +933,7 @@ impl<'a> Machine<'a> {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
                     if self.nodes.len() >= self.limits.max_nodes {
-                        return self.err("too many values");
+                        return self.ours("too many values");
                     }
                     // Recorded before the MARK is looked for: Python's pure unpickler imports
                     // the class first (the C one checks the MARK first; the file names it
@@ -831,7 +957,11 @@ impl<'a> Machine<'a> {
                     let target = self.top()?;
                     match &mut self.nodes[target] {
                         Node::Object(o) if o.state.is_none() => o.state = Some(state),
-                        Node::Object(_) => return self.err("object already has a state"),
+                        // `__setstate__` again: CPython calls it; the first state is kept
+                        Node::Object(_) | Node::PersId(_) => {}
+                        // `load_build` sets the attributes of whatever is on the stack: a
+                        // module's or a class's, rewriting imported code.
+                        Node::Global { .. } => self.built_globals.push((target, self.op_at)),
                         _ => return self.err("BUILD on a value that is not an object"),
                     }
                     if self.limits.joblib_arrays && self.is_joblib_wrapper(target) {
@@ -841,7 +971,7 @@ impl<'a> Machine<'a> {
                 b'P' => {
                     let s = self.line()?.to_string();
                     if self.nodes.len() >= self.limits.max_nodes {
-                        return self.err("too many values");
+                        return self.ours("too many values");
                     }
                     self.nodes.push(Node::Str(s));
                     let id = self.nodes.len() - 1;
@@ -865,16 +995,44 @@ pub fn parse_with(data: &[u8], limits: Limits) -> Result<Pickle, PickleError> {
 /// Parses the pickle at the start of `data` and returns it with the number of bytes it took
 /// (legacy torch files stack several pickles and raw data in one file).
 pub fn parse_prefix(data: &[u8], limits: Limits) -> Result<(Pickle, usize), PickleError> {
-    machine(data, limits).run()
+    parse_prefix_partial(data, limits).0
 }
 
 /// Like [`parse_prefix`]; when the pickle does not parse, also what was built before the error
 /// (for judging the globals a loader would already have imported), if it saw any global.
+///
+/// Read as [`Reading::File`] (`limits.reading`), a pickle whose frames make the C unpickler
+/// skip bytes is read again as [`Reading::Buffer`], and the globals of that reading are added
+/// (a loader reading it from memory would import them); the skips stay in
+/// [`Pickle::frame_skips`].
 pub fn parse_prefix_partial(
     data: &[u8],
     limits: Limits,
 ) -> (Result<(Pickle, usize), PickleError>, Option<Pickle>) {
-    machine(data, limits).run_partial()
+    let mut first = machine(data, limits).run_partial();
+    let skipped = match &first {
+        (Ok((pk, _)), _) | (Err(_), Some(pk)) => !pk.frame_skips.is_empty(),
+        _ => false,
+    } || matches!(&first.0, Err(e) if e.opcode == "FRAME");
+    if first.0.is_err() && first.1.is_none() && skipped {
+        // a frame longer than the data: the C unpickler stops there, the pure-Python one
+        // reads what there is and goes on (judged below as the other reading)
+        first.1 = Some(Pickle::default());
+    }
+    if limits.reading == Reading::File && skipped {
+        let buffer = Limits {
+            reading: Reading::Buffer,
+            ..limits
+        };
+        let other = match machine(data, buffer).run_partial() {
+            (Ok((pk, _)), _) | (Err(_), Some(pk)) => pk,
+            _ => Pickle::default(),
+        };
+        if let (Ok((pk, _)), _) | (Err(_), Some(pk)) = &mut first {
+            pk.merge_globals(&other);
+        }
+    }
+    first
 }
 
 fn machine(data: &[u8], limits: Limits) -> Machine<'_> {
@@ -890,7 +1048,108 @@ fn machine(data: &[u8], limits: Limits) -> Machine<'_> {
         memo: HashMap::new(),
         proto: 0,
         global_sites: HashMap::new(),
+        window: None,
+        frame_skips: Vec::new(),
+        built_globals: Vec::new(),
     }
+}
+
+/// C's `strtol(s, &end, 0)` accepting only when it ends the text, as `load_int` does: leading
+/// whitespace, a sign, `0x` hex, `0` octal, else decimal; `None` on overflow or trailing text.
+fn c_strtol(s: &str) -> Option<i64> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b' || c == '\x0c');
+    let (neg, t) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = i128::from_str_radix(digits, radix).ok()?;
+    i64::try_from(if neg { -v } else { v }).ok()
+}
+
+/// Python's `int(s, base)` for base 0 or 10: surrounding whitespace, a sign, (base 0) a `0x`,
+/// `0o` or `0b` prefix, digits with single underscores between them; base 0 refuses leading
+/// zeros. `Some(Err)` past CPython's 4300-digit limit for decimal text (it stops there too).
+fn py_int_any(s: &str, base: u32) -> Option<Result<Node, String>> {
+    let t = s.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b' || c == '\x0c');
+    let (neg, t) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let lower = t.to_ascii_lowercase();
+    let (radix, digits) = match (base, lower.get(..2)) {
+        (0, Some("0x")) => (16, &t[2..]),
+        (0, Some("0o")) => (8, &t[2..]),
+        (0, Some("0b")) => (2, &t[2..]),
+        _ => (10, t),
+    };
+    let digits = if radix != 10 {
+        digits.strip_prefix('_').unwrap_or(digits)
+    } else {
+        digits
+    };
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
+        || !digits.chars().all(|c| c == '_' || c.is_digit(radix))
+    {
+        return None;
+    }
+    let clean: String = digits.chars().filter(|&c| c != '_').collect();
+    if base == 0 && radix == 10 && clean.len() > 1 && clean.starts_with('0') {
+        if clean.bytes().all(|b| b == b'0') {
+            return Some(Ok(Node::Int(0)));
+        }
+        return None;
+    }
+    if radix == 10 && clean.len() > 4300 {
+        return Some(Err(format!(
+            "an integer of {} digits: CPython refuses more than 4300",
+            clean.len()
+        )));
+    }
+    if let Ok(v) = i64::from_str_radix(&clean, radix) {
+        return Some(Ok(Node::Int(if neg { -v } else { v })));
+    }
+    if clean.len() > 100_000 {
+        return Some(Err(format!("an integer of {} digits", clean.len())));
+    }
+    // little-endian magnitude, then two's complement with a sign byte
+    let mut mag: Vec<u8> = vec![0];
+    for c in clean.chars() {
+        let mut carry = c.to_digit(radix).expect("checked digit");
+        for b in mag.iter_mut() {
+            let v = *b as u32 * radix + carry;
+            *b = v as u8;
+            carry = v >> 8;
+        }
+        while carry > 0 {
+            mag.push(carry as u8);
+            carry >>= 8;
+        }
+    }
+    mag.push(0);
+    if neg {
+        let mut carry = 1u16;
+        for b in mag.iter_mut() {
+            let v = (!*b) as u16 + carry;
+            *b = v as u8;
+            carry = v >> 8;
+        }
+    }
+    Some(Ok(Node::BigInt(mag)))
 }
 
 /// Python's `int()` of a text line (base 10): surrounding whitespace, an optional sign, digits

@@ -124,6 +124,15 @@ pub(super) fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Arc
                 .to_string(),
         );
     }
+    for (what, pk) in [
+        ("magic number", &magic),
+        ("protocol version", &proto),
+        ("sys_info", &sys_info),
+        ("main pickle", &main),
+        ("storage keys", &keys),
+    ] {
+        ambiguities.extend(read_differently(what, pk));
+    }
     let other_globals = [&magic, &proto, &sys_info, &keys]
         .iter()
         .flat_map(|p| p.globals_with_protocol())
@@ -161,6 +170,25 @@ pub(super) fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize
     Ok((out.try_into().expect("five pickles"), pos))
 }
 
+/// What makes loaders read pickle `what` differently (frames the C unpickler reads otherwise),
+/// or rewrites imported code (a BUILD into a module or class).
+fn read_differently(what: &str, pk: &Pickle) -> Vec<String> {
+    let mut v: Vec<String> = pk
+        .frame_skips
+        .iter()
+        .map(|s| format!("{what}: {s}"))
+        .collect();
+    for &(id, at) in &pk.built_globals {
+        if let Some((m, n)) = pk.global(id) {
+            v.push(format!(
+                "{what}: the BUILD at byte {at} sets the attributes of `{}`, rewriting imported code",
+                crate::audit::display_name(m, n)
+            ));
+        }
+    }
+    v
+}
+
 /// Opens the archive and parses its `data.pkl` (or a legacy file's stacked pickles). The
 /// container is decided as torch decides it: a zip when the first four bytes are a zip local
 /// header, stacked pickles otherwise.
@@ -182,7 +210,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
         .map_err(|e| crate::formats::torch_scan::zip_error(path, e))?;
-    let ambiguities = zip_ambiguities(&file, file_len, &mut zip);
+    let mut ambiguities = zip_ambiguities(&file, file_len, &mut zip);
     let mut records = HashMap::new();
     let mut prefix: Option<String> = None;
     for i in 0..zip.len() {
@@ -249,6 +277,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     let data = read_record(&mut zip, "data.pkl", MAX_PICKLE)?;
     let pickle =
         pickle::parse(&data).map_err(|e| Error::invalid(path, format!("{prefix}data.pkl: {e}")))?;
+    ambiguities.extend(read_differently(&format!("{prefix}data.pkl"), &pickle));
     let big_endian = match records.get("byteorder") {
         Some(_) => read_record(&mut zip, "byteorder", 16)? == b"big",
         None => false,
