@@ -266,3 +266,31 @@ def test_torch_load_asks_for_nothing_audit_misses(tmp_path):
     report = findings_by_file(json.loads(p.stdout))
     missing = [(n, reported(report[n], a)) for n, a in cases.items() if a and reported(report[n], a)]
     assert not missing, f"{len(missing)} cases: {missing[:5]}"
+
+
+# Opcodes whose edge cases CPython reads on where a stricter parser would stop: each is
+# followed by a call to os.system, which the C unpickler then asks for.
+EDGE_CASES = {
+    "int_hex": b"I0x1f\n0",
+    "int_octal": b"I017\n0",
+    "int_spaces": b"I  42\n0",
+    "int_big": b"I" + b"9" * 40 + b"\n0",
+    "long_underscores": b"L1_000L\n0",
+    "pop_of_a_mark": b"(0",
+    "setitem_on_a_list": b"]K\x05aK\x00K\x07s0",
+    "append_on_a_bytearray": b"\x96\x01\x00\x00\x00\x00\x00\x00\x00aK\x01a0",
+    "binunicode_surrogate": b"X\x03\x00\x00\x00\xed\xa0\x800",
+    "build_twice": b"cbuiltins\nobject\n)R}b}b0",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_opcode_edge_cases_read_as_cpython(tmp_path, name):
+    data = b"\x80\x02" + EDGE_CASES[name] + b"cos\nsystem\nX\x02\x00\x00\x00idt\x85R."
+    asked = c_globals(io.BytesIO(data))
+    assert ("os", "system") in asked, f"CPython stops first: {asked}"
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(data)
+    p = run("audit", path, "--json", check=False)
+    f = json.loads(p.stdout)["files"][0]
+    assert p.returncode == 1 and "os.system" in f["dangerous"], f

@@ -182,20 +182,28 @@ struct Machine<'a> {
 type R<T> = Result<T, PickleError>;
 
 impl<'a> Machine<'a> {
+    /// An error at which CPython's unpickler may go on reading (or that only the
+    /// joblib reading has): what was read so far is judged, and the file is never clean.
     fn err<T>(&self, what: impl Into<String>) -> R<T> {
         Err(PickleError {
             offset: self.op_at,
             opcode: name(self.op),
             what: what.into(),
-            every_unpickler_stops: true,
+            every_unpickler_stops: false,
         })
     }
 
     /// An error of this parser alone (a limit, a reading CPython does not share).
     fn ours<T>(&self, what: impl Into<String>) -> R<T> {
+        self.err(what)
+    }
+
+    /// An error at which CPython's unpickler surely stops too: data that runs out, a byte that
+    /// is no opcode, a text argument that is not UTF-8, an unknown protocol.
+    fn fatal<T>(&self, what: impl Into<String>) -> R<T> {
         let mut e = self.err::<T>(what);
         if let Err(e) = &mut e {
-            e.every_unpickler_stops = false;
+            e.every_unpickler_stops = true;
         }
         e
     }
@@ -227,7 +235,7 @@ impl<'a> Machine<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => self.err(format!(
+            None => self.fatal(format!(
                 "needs {n} bytes but only {} remain (truncated?)",
                 self.data.len() - self.pos
             )),
@@ -237,7 +245,7 @@ impl<'a> Machine<'a> {
     fn take_len(&mut self, n: u64) -> R<&'a [u8]> {
         match usize::try_from(n) {
             Ok(n) => self.take(n),
-            Err(_) => self.err(format!("length {n} is larger than the input")),
+            Err(_) => self.fatal(format!("length {n} is larger than the input")),
         }
     }
 
@@ -263,7 +271,7 @@ impl<'a> Machine<'a> {
         self.leave_window(|pos, end| data[pos..end].contains(&b'\n'));
         let rest = &self.data[self.pos..];
         let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-            return self.err("argument has no terminating newline (truncated?)");
+            return self.fatal("argument has no terminating newline (truncated?)");
         };
         self.pos += nl + 1;
         Ok(&rest[..nl])
@@ -273,7 +281,7 @@ impl<'a> Machine<'a> {
         let s = self.line_bytes()?;
         match std::str::from_utf8(s) {
             Ok(s) => Ok(s),
-            Err(_) => self.err("argument is not UTF-8"),
+            Err(_) => self.fatal("argument is not UTF-8"),
         }
     }
 
@@ -590,7 +598,8 @@ impl<'a> Machine<'a> {
         }
         match py_int_any(t, if long { 10 } else { 0 }) {
             Some(Ok(n)) => Ok(n),
-            Some(Err(limit)) => self.err(limit),
+            Some(Err((what, true))) => self.fatal(what),
+            Some(Err((what, false))) => self.ours(what),
             None => self.err(format!("`{}` is not an integer", crate::audit::escape(s))),
         }
     }
@@ -637,7 +646,7 @@ impl<'a> Machine<'a> {
                 0x80 => {
                     let p = self.u8()?;
                     if p > 5 {
-                        return self.err(format!("unsupported protocol {p}"));
+                        return self.fatal(format!("unsupported protocol {p}"));
                     }
                     self.proto = p;
                 }
@@ -833,7 +842,12 @@ impl<'a> Machine<'a> {
                     }
                 }
                 b'0' => {
-                    self.pop()?;
+                    // `load_pop`: a MARK on top of the stack is what POP removes
+                    if self.marks.last() == Some(&self.stack.len()) {
+                        self.marks.pop();
+                    } else {
+                        self.pop()?;
+                    }
                 }
                 b'2' => {
                     let t = self.top()?;
@@ -981,7 +995,7 @@ impl<'a> Machine<'a> {
                     let id = self.pop()?;
                     self.push_node(Node::PersId(id))?;
                 }
-                _ => return self.err("not a pickle opcode"),
+                _ => return self.fatal("not a pickle opcode"),
             }
         }
     }
@@ -1079,8 +1093,9 @@ fn c_strtol(s: &str) -> Option<i64> {
 
 /// Python's `int(s, base)` for base 0 or 10: surrounding whitespace, a sign, (base 0) a `0x`,
 /// `0o` or `0b` prefix, digits with single underscores between them; base 0 refuses leading
-/// zeros. `Some(Err)` past CPython's 4300-digit limit for decimal text (it stops there too).
-fn py_int_any(s: &str, base: u32) -> Option<Result<Node, String>> {
+/// zeros. `Some(Err((why, CPython stops too)))` past CPython's 4300-digit limit for decimal
+/// text, or past this parser's own limit for other bases.
+fn py_int_any(s: &str, base: u32) -> Option<Result<Node, (String, bool)>> {
     let t = s.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b' || c == '\x0c');
     let (neg, t) = match t.as_bytes().first()? {
         b'-' => (true, &t[1..]),
@@ -1115,16 +1130,22 @@ fn py_int_any(s: &str, base: u32) -> Option<Result<Node, String>> {
         return None;
     }
     if radix == 10 && clean.len() > 4300 {
-        return Some(Err(format!(
-            "an integer of {} digits: CPython refuses more than 4300",
-            clean.len()
+        return Some(Err((
+            format!(
+                "an integer of {} digits: CPython refuses more than 4300",
+                clean.len()
+            ),
+            true,
         )));
     }
     if let Ok(v) = i64::from_str_radix(&clean, radix) {
         return Some(Ok(Node::Int(if neg { -v } else { v })));
     }
     if clean.len() > 100_000 {
-        return Some(Err(format!("an integer of {} digits", clean.len())));
+        return Some(Err((
+            format!("an integer of {} digits", clean.len()),
+            false,
+        )));
     }
     // little-endian magnitude, then two's complement with a sign byte
     let mut mag: Vec<u8> = vec![0];
@@ -1147,6 +1168,15 @@ fn py_int_any(s: &str, base: u32) -> Option<Result<Node, String>> {
             let v = (!*b) as u16 + carry;
             *b = v as u8;
             carry = v >> 8;
+        }
+    }
+    // the shortest two's complement, as pickle's LONG1 writes it
+    while mag.len() > 1 {
+        let (top, next) = (mag[mag.len() - 1], mag[mag.len() - 2]);
+        if (top == 0 && next & 0x80 == 0) || (top == 0xFF && next & 0x80 != 0) {
+            mag.pop();
+        } else {
+            break;
         }
     }
     Some(Ok(Node::BigInt(mag)))
@@ -1337,6 +1367,38 @@ mod tests {
             }
             let _ = parse(&v);
         }
+    }
+
+    #[test]
+    fn read_as_cpythons_c_unpickler_reads() {
+        // POP removes a MARK on top of the stack
+        assert!(parse(b"\x80\x02N(0.").is_ok());
+        // INT as strtol(s, 0): hex, octal, bools; LONG as int(s, 10), any size
+        let pk = parse(b"(I0x10\nI010\nI01\nL123456789012345678901234567890L\nI-0x1\nt.").unwrap();
+        let t = pk.seq(pk.root).unwrap();
+        assert_eq!(pk.int(t[0]), Some(16));
+        assert_eq!(pk.int(t[1]), Some(8));
+        assert_eq!(pk.node(t[2]), &Node::Bool(true));
+        let want = 123456789012345678901234567890u128.to_le_bytes();
+        assert_eq!(pk.node(t[3]), &Node::BigInt(want[..13].to_vec()));
+        assert_eq!(pk.int(t[4]), Some(-1));
+        // BINUNICODE decoded with surrogatepass
+        assert!(parse(b"\x80\x02X\x03\x00\x00\x00\xed\xa0\x80.").is_ok());
+        // a frame whose last opcode runs past it: the C unpickler reading a file skips the
+        // rest of the frame and reads on after it; the other reading is judged too
+        let p = b"\x80\x04\x95\x04\x00\x00\x00\x00\x00\x00\x00cmacos\nsystem\n)R.";
+        let pk = parse(p).unwrap();
+        assert_eq!(pk.frame_skips.len(), 1);
+        assert_eq!((pk.frame_skips[0].from, pk.frame_skips[0].to), (12, 15));
+        let g = pk.globals();
+        assert!(g.contains(&("os".into(), "system".into())), "{g:?}");
+        assert!(g.contains(&("macos".into(), "system".into())), "{g:?}");
+        // frames that enclose whole opcodes skip nothing
+        let p = b"\x80\x04\x95\x03\x00\x00\x00\x00\x00\x00\x00K\x01\x85\x95\x01\x00\x00\x00\x00\x00\x00\x00.";
+        assert!(parse(p).unwrap().frame_skips.is_empty());
+        // BUILD into a global is recorded, not an error
+        let pk = parse(b"\x80\x02ctorch\n_utils\n}b.").unwrap();
+        assert_eq!(pk.built_globals.len(), 1);
     }
 
     #[test]
