@@ -105,12 +105,61 @@ impl<'a> Sources<'a> {
     /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data, little-endian
     /// (big-endian files are swapped element by element; `pos` must be element-aligned).
     pub fn read(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(b) = &t.blocks {
+            return self.dequantize(t, b, pos, buf);
+        }
         match &t.strided {
             None => self.read_raw(t, pos, buf)?,
             Some(s) => self.gather(t, s, pos, buf)?,
         }
         if self.cat.files[t.file].big_endian {
             swap_bytes(buf, t.dtype.bitsize() / 8);
+        }
+        Ok(())
+    }
+
+    /// The f32 values `pos..pos + buf.len()` (bytes) of a block-quantized tensor: the blocks
+    /// that hold them are read and dequantized.
+    fn dequantize(
+        &self,
+        t: &TensorEntry,
+        b: &crate::catalogue::Blocks,
+        pos: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let (block, bytes) = (b.ggml.block, b.ggml.bytes);
+        let (first, end) = (pos / 4, (pos + buf.len() as u64).div_ceil(4));
+        let (b0, b1) = (first / block, end.div_ceil(block));
+        if b1 * bytes > b.nbytes || pos % 4 != 0 || buf.len() % 4 != 0 {
+            return Err(Error::invalid(
+                &self.cat.files[t.file].path,
+                format!("tensor `{}`: read past its blocks", t.name),
+            ));
+        }
+        let mut raw = vec![0u8; ((b1 - b0) * bytes) as usize];
+        let blocks = TensorEntry {
+            offset: t.offset + b0 * bytes,
+            nbytes: raw.len() as u64,
+            blocks: None,
+            ..t.clone()
+        };
+        self.read_raw(&blocks, 0, &mut raw)?;
+        let mut vals = vec![0f32; ((b1 - b0) * block) as usize];
+        if !crate::cast::ggml::dequantize(
+            b.ggml.id,
+            bytes as usize,
+            block as usize,
+            &raw,
+            &mut vals,
+        ) {
+            return Err(Error::invalid(
+                &self.cat.files[t.file].path,
+                format!("tensor `{}`: {} is not dequantized", t.name, b.ggml.name),
+            ));
+        }
+        let skip = (first - b0 * block) as usize;
+        for (o, v) in buf.chunks_exact_mut(4).zip(&vals[skip..]) {
+            o.copy_from_slice(&v.to_le_bytes());
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ use weightcast::catalogue::Catalogue;
 use weightcast::commands::analyze::Analyzed;
 pub use weightcast::commands::diff::shape;
 pub use weightcast::commands::document::{bytes, db};
+use weightcast::error::one_line;
 use weightcast::output::Layout;
 use weightcast::plan::Plan;
 
@@ -38,6 +39,9 @@ fn table(rows: &[Vec<String>], right: &[bool]) -> String {
 }
 
 pub fn inspect_text(cat: &Catalogue) -> String {
+    if let Some(g) = cat.gguf.as_deref() {
+        return gguf_text(cat, g);
+    }
     let mut s = format!(
         "{}: {}, {} file(s), {} tensors, {} parameters, {}\n\n",
         cat.path.display(),
@@ -414,4 +418,49 @@ pub fn diff_text(d: &Diff, tolerance: Option<f64>, failures: &[String], all: boo
         }
     }
     out
+}
+
+/// `inspect` of a GGUF file: its metadata (arrays summarised) and every tensor with its ggml
+/// type.
+fn gguf_text(cat: &Catalogue, g: &weightcast::catalogue::gguf::GgufDoc) -> String {
+    let mut s = format!(
+        "{}: GGUF v{} (llama.cpp), architecture {}, {} tensors, {} metadata keys, {}\n\n",
+        one_line(&cat.path.display().to_string()),
+        g.version,
+        g.architecture().unwrap_or("(none)"),
+        g.tensors.len(),
+        g.metadata.len(),
+        bytes(g.tensors.iter().map(|t| t.nbytes).sum())
+    );
+    let mut rows = vec![vec!["key".into(), "type".into(), "value".into()]];
+    for (k, v) in &g.metadata {
+        let mut text = v.to_json(4).to_string();
+        if text.chars().count() > 80 {
+            text = text.chars().take(77).collect::<String>() + "...";
+        }
+        rows.push(vec![one_line(k), v.type_name(), one_line(&text)]);
+    }
+    s.push_str(&table(&rows, &[false, false, false]));
+    let mut rows = vec![vec![
+        "name".into(),
+        "ggml type".into(),
+        "shape".into(),
+        "bytes".into(),
+    ]];
+    for t in &g.tensors {
+        let shape_torch: Vec<u64> = t.dims.iter().rev().copied().collect();
+        rows.push(vec![
+            one_line(&t.name),
+            t.ggml.name.to_string(),
+            shape(&shape_torch),
+            bytes(t.nbytes),
+        ]);
+    }
+    s.push('\n');
+    s.push_str(&table(&rows, &[false, false, false, true]));
+    for n in &cat.notes {
+        s.push_str(&format!("\nnote: {}", one_line(n)));
+    }
+    s.push('\n');
+    s
 }

@@ -2,6 +2,7 @@
 //! where its bytes are, and the objects around the tensors (metadata, the folder's other files).
 //! Formats build it; planning and conversion read it. It never holds tensor data.
 
+pub mod gguf;
 pub mod quant;
 pub mod torch;
 
@@ -26,6 +27,8 @@ pub enum InputKind {
     TorchScript,
     /// Tensors in the caller's memory (`weightcast.save`).
     Memory,
+    /// A llama.cpp GGUF file.
+    Gguf,
 }
 
 impl InputKind {
@@ -47,6 +50,7 @@ impl InputKind {
             InputKind::TorchLegacy => "PyTorch checkpoint (legacy stacked pickles)",
             InputKind::TorchScript => "TorchScript archive",
             InputKind::Memory => "tensors in memory",
+            InputKind::Gguf => "GGUF (llama.cpp)",
         }
     }
 }
@@ -111,6 +115,19 @@ pub struct TensorEntry {
     pub storage: Option<usize>,
     /// For a tensor of a pickled module: the module's class (`torch.nn.modules.linear.Linear`).
     pub module_class: Option<String>,
+    /// Block-quantized data (a GGUF tensor in a ggml type such as Q8_0): the tensor reads as
+    /// the f32 values `gguf.quants.dequantize` gives (its `dtype` is F32 and `nbytes` counts
+    /// them); `offset` is where its blocks start.
+    pub blocks: Option<Blocks>,
+}
+
+/// The ggml blocks a tensor's values are dequantized from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Blocks {
+    /// The ggml type.
+    pub ggml: gguf::GgmlType,
+    /// Bytes of blocks.
+    pub nbytes: u64,
 }
 
 /// A deflate-compressed zip record holding tensor data.
@@ -179,6 +196,7 @@ impl StorageEntry {
             packed: self.packed.clone(),
             storage: None,
             module_class: None,
+            blocks: None,
         }
     }
 }
@@ -225,6 +243,8 @@ pub struct Catalogue {
     /// The quantization scheme of a scaled-FP8 input: payloads, their scales, and where the
     /// scheme is declared.
     pub quant: Option<std::sync::Arc<quant::Quantization>>,
+    /// For a GGUF input: its metadata and tensor table (ggml types).
+    pub gguf: Option<std::sync::Arc<gguf::GgufDoc>>,
 }
 
 impl Catalogue {
@@ -248,6 +268,7 @@ impl Catalogue {
             storages: vec![],
             torch: None,
             quant: None,
+            gguf: None,
         }
     }
 

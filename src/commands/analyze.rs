@@ -81,6 +81,7 @@ impl AnalyzeRequest {
             None => None,
         };
         let mut cat = formats::open_with(&self.input, self.key.as_deref())?;
+        formats::gguf::refuse_quantized(&cat, "analyze")?;
         let mut warnings = cat.notes.clone();
         let mut plan = Plan::new(&cat, &rules, target);
         if let Some(scheme) = &scheme {

@@ -449,6 +449,7 @@ impl ConvertRequest {
             Some(c) => c,
             None => formats::open_with(&self.input, self.key.as_deref())?,
         };
+        formats::gguf::refuse_quantized(&cat, "convert")?;
         let mut cat = self.adopt(cat, pt_out, &mut warnings)?;
         let mut plan = self.plan(&mut cat, &rules, target, pt_out, &mut warnings)?;
         if let Some(snr) = self.auto {

@@ -37,6 +37,8 @@ impl DiffRequest {
     pub fn run(&self) -> Result<Diffed> {
         let ca = formats::open_with(&self.a, None)?;
         let cb = formats::open_with(&self.b, None)?;
+        formats::gguf::refuse_quantized(&ca, "diff")?;
+        formats::gguf::refuse_quantized(&cb, "diff")?;
         let diff = crate::diff::diff(&ca, &cb)?;
         let failures = failures(&diff, self.tolerance);
         let mut warnings = ca.notes;

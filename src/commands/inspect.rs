@@ -38,6 +38,10 @@ pub struct InspectDoc {
     pub notes: Vec<String>,
     /// Every tensor.
     pub tensors: Vec<InspectTensor>,
+    /// A GGUF input: version, architecture, every metadata key (arrays summarised) and every
+    /// tensor with its ggml type (block-quantized ones included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<Value>,
 }
 
 /// The pickle's globals by class.
@@ -66,6 +70,9 @@ pub struct InspectTensor {
     pub file: String,
     /// The class of the module that holds it (a pickled module).
     pub module_class: Option<String>,
+    /// A GGUF tensor in a ggml block type: the type its f32 values are dequantized from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ggml_type: Option<&'static str>,
     /// What it is to a quantization scheme (quantized inputs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<Value>,
@@ -127,6 +134,7 @@ pub fn inspect(cat: &Catalogue) -> InspectDoc {
                 bytes: t.nbytes,
                 file: cat.files[t.file].name.clone(),
                 module_class: t.module_class.clone(),
+                ggml_type: t.blocks.map(|b| b.ggml.name),
                 role: cat.quant.as_deref().map(|q| match q.role(i) {
                     Some(Role::Payload(s, l)) => json!({
                         "payload": {"scale": cat.tensors[s].name, "layout": l.describe()}}),
@@ -136,5 +144,31 @@ pub fn inspect(cat: &Catalogue) -> InspectDoc {
                 }),
             })
             .collect(),
+        gguf: cat.gguf.as_deref().map(gguf_doc),
     }
+}
+
+/// Arrays longer than this show their first items and their length.
+const ARRAY_SHOWN: usize = 8;
+
+fn gguf_doc(g: &crate::catalogue::gguf::GgufDoc) -> Value {
+    use serde_json::json;
+    let quantized: Vec<_> = g.quantized().collect();
+    json!({
+        "version": g.version,
+        "architecture": g.architecture(),
+        "alignment": g.alignment,
+        "data_offset": g.data_offset,
+        "metadata": Ordered(g.metadata.iter().map(|(k, v)| {
+            (k.clone(), json!({"type": v.type_name(), "value": v.to_json(ARRAY_SHOWN)}))
+        }).collect()),
+        "tensors": g.tensors.iter().map(|t| json!({
+            "name": t.name, "ggml_type": t.ggml.name,
+            "shape": t.dims.iter().rev().collect::<Vec<_>>(), "gguf_dims": t.dims,
+            "bytes": t.nbytes, "offset": t.offset,
+        })).collect::<Vec<_>>(),
+        "block_quantized": crate::formats::gguf::type_counts(&quantized)
+            .into_iter().map(|(n, c)| json!({"ggml_type": n, "tensors": c}))
+            .collect::<Vec<_>>(),
+    })
 }

@@ -80,6 +80,7 @@ impl LoadRequest {
             }
         };
         let mut cat = formats::open_with(&self.input, self.key.as_deref())?;
+        formats::gguf::refuse_quantized(&cat, "load")?;
         let dangerous: Vec<&str> = cat
             .globals
             .iter()

@@ -262,6 +262,7 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
             packed: None,
             storage: None,
             module_class: None,
+            blocks: None,
         })
         .collect()
 }

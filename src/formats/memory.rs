@@ -61,6 +61,7 @@ pub fn catalogue(
             packed: None,
             storage: None,
             module_class: None,
+            blocks: None,
         });
         offset += t.nbytes;
     }

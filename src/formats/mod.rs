@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod folder;
+pub mod gguf;
 pub mod memory;
 pub mod open;
 pub mod pickle;

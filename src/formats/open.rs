@@ -36,8 +36,12 @@ fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        if crate::formats::sniff::foreign(path, &file, meta.len())?.is_some_and(|k| k.is_torch()) {
-            return super::torch::open(path, key);
+        match crate::formats::sniff::foreign(path, &file, meta.len())? {
+            Some(k) if k.is_torch() => return super::torch::open(path, key),
+            Some(crate::formats::sniff::Kind::Gguf) if key.is_none_or(str::is_empty) => {
+                return super::gguf::open(path)
+            }
+            _ => {}
         }
     }
     if key.is_some_and(|k| !k.is_empty()) {

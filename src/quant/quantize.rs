@@ -264,6 +264,7 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             packed: None,
             storage: None,
             module_class: None,
+            blocks: None,
         });
         p.set_target(DType::F8E4M3, t.numel());
         p.reason = format!(

@@ -398,6 +398,7 @@ impl<'a> Decoder<'a> {
             packed: st.packed.clone(),
             storage: Some(s),
             module_class: None,
+            blocks: None,
         }
     }
 

@@ -164,6 +164,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         storages,
         torch: Some(std::sync::Arc::new(doc)),
         quant: None,
+        gguf: None,
     })
 }
 

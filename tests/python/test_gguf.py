@@ -1,0 +1,192 @@
+"""Reading llama.cpp's GGUF: `inspect` lists every metadata key and tensor as the `gguf`
+package's reader reads them; plain tensors convert with the values the reader gives and
+block-quantized ones (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K) with the values
+`gguf.quants.dequantize` gives, bit for bit; other ggml types are named and refused; audit says
+a GGUF holds no pickle; a broken header is a one-line error."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import run
+
+gguf = pytest.importorskip("gguf")
+
+
+def write_gguf(path, quantized=True):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(128)
+    w.add_uint8("test.u8", 7)
+    w.add_int16("test.i16", -3)
+    w.add_float32("test.f32", 0.5)
+    w.add_float64("test.f64", -2.25)
+    w.add_bool("test.bool", True)
+    w.add_int64("test.i64", -(1 << 40))
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(20)])
+    w.add_array("tokenizer.ggml.scores", [float(i) / 4 for i in range(20)])
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((20, 32)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((32, 32)).astype(np.float16))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
+    w.add_tensor("positions", np.arange(12, dtype=np.int32).reshape(3, 4))
+    if quantized:
+        q = rng.standard_normal((16, 64)).astype(np.float32)
+        data = gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor("blk.0.ffn_down.weight", data, raw_shape=data.shape,
+                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_inspect_lists_what_the_gguf_reader_reads(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    doc = json.loads(run("inspect", path, "--json").stdout)
+    g = doc["gguf"]
+    r = gguf.GGUFReader(str(path))
+    assert g["version"] == 3 and g["architecture"] == "llama"
+    assert g["data_offset"] == r.data_offset and g["alignment"] == r.alignment
+    keys = [k for k in r.fields if not k.startswith("GGUF.")]
+    assert list(g["metadata"]) == keys
+    for k in keys:
+        f = r.fields[k]
+        want = f.contents()
+        got = g["metadata"][k]["value"]
+        if isinstance(got, dict):  # a long array, summarised
+            assert got["len"] == len(want) and got["first"] == want[:len(got["first"])], k
+        elif isinstance(want, float):
+            assert got == pytest.approx(want), k
+        else:
+            assert got == want, k
+    assert g["metadata"]["tokenizer.ggml.tokens"]["type"] == "array[string; 20]"
+    by_name = {t["name"]: t for t in g["tensors"]}
+    assert list(by_name) == [t.name for t in r.tensors]
+    for t in r.tensors:
+        mine = by_name[t.name]
+        assert mine["ggml_type"] == t.tensor_type.name
+        assert mine["gguf_dims"] == [int(d) for d in t.shape]
+        assert mine["bytes"] == t.n_bytes and mine["offset"] == t.data_offset
+    assert g["block_quantized"] == [{"ggml_type": "Q8_0", "tensors": 1}]
+    # the catalogue's tensors: torch's shape; a block-quantized one reads as f32
+    plain = {t["name"]: t for t in doc["tensors"]}
+    assert plain["token_embd.weight"]["shape"] == [20, 32]
+    assert plain["positions"]["dtype"] == "I32" and plain["positions"]["shape"] == [3, 4]
+    q = plain["blk.0.ffn_down.weight"]
+    assert (q["dtype"], q["ggml_type"], q["shape"]) == ("F32", "Q8_0", [16, 64])
+    text = run("inspect", path).stdout
+    assert "GGUF v3" in text and "Q8_0" in text and "tokenizer.ggml.tokens" in text
+
+
+def test_plain_tensors_convert_with_the_readers_values(tmp_path):
+    path = tmp_path / "plain.gguf"
+    write_gguf(path, quantized=False)
+    out = tmp_path / "out.safetensors"
+    run("convert", path, "-o", out, "--to", "f32")
+    got = load_file(out)
+    r = gguf.GGUFReader(str(path))
+    for t in r.tensors:
+        want = np.asarray(t.data)
+        if want.dtype.kind == "f":
+            want = want.astype(np.float32)
+        np.testing.assert_array_equal(got[t.name], want, err_msg=t.name)
+    assert got["token_embd.weight"].shape == (20, 32)
+
+
+DEQUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+# the f16 fields of each block type (byte offsets): set to finite values in the random blocks
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
+              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(rng, qtype, rows, cols):
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for at in F16_FIELDS[qtype.name]:
+        raw[:, at:at + 2] = rng.uniform(-2, 2, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, cols // block * size)
+
+
+def test_block_quantized_tensors_dequantize_as_gguf_does(tmp_path):
+    path = tmp_path / "q.gguf"
+    rng = np.random.default_rng(1)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name in DEQUANTIZED:
+        qtype = gguf.GGMLQuantizationType[name]
+        raw = random_blocks(rng, qtype, 6, 512)
+        w.add_tensor(f"t.{name}", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    doc = json.loads(run("inspect", path, "--json").stdout)
+    assert {t["name"]: t.get("ggml_type") for t in doc["tensors"]} == {
+        f"t.{n}": n for n in DEQUANTIZED}
+    out = tmp_path / "out.safetensors"
+    run("convert", path, "-o", out, "--to", "f32")
+    got = load_file(out)
+    r = gguf.GGUFReader(str(path))
+    for t in r.tensors:
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert got[t.name].shape == want.shape == (6, 512), t.name
+        np.testing.assert_array_equal(got[t.name].view(np.uint32), want.view(np.uint32),
+                                      err_msg=t.name)
+    # analyze and diff read the same values
+    a = json.loads(run("analyze", path, "--to", "bf16", "--json").stdout)
+    assert len(a["tensors"]) == len(DEQUANTIZED)
+    d = json.loads(run("diff", path, out, "--json", check=False).stdout)
+    assert len(d["common"]) == len(DEQUANTIZED) and not d["only_a"] and not d["only_b"]
+    assert all(c["max_abs_err"] == 0.0 for c in d["common"]), d["common"][:1]
+
+
+def test_other_ggml_types_are_refused_by_name(tmp_path):
+    path = tmp_path / "iq.gguf"
+    rng = np.random.default_rng(2)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("ok", np.ones((2, 32), dtype=np.float32))
+    raw = rng.integers(0, 256, size=(4, 18 * 8), dtype=np.uint8)
+    w.add_tensor("blk.0.ffn_down.weight", raw, raw_shape=raw.shape,
+                 raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for cmd in (["convert", path, "-o", tmp_path / "o.safetensors", "--to", "f16"],
+                ["analyze", path, "--to", "f16"]):
+        p = run(*cmd, check=False)
+        assert p.returncode == 2, p.stderr
+        assert "blk.0.ffn_down.weight" in p.stderr and "IQ4_NL" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()
+    assert "IQ4_NL" in run("inspect", path).stdout
+
+
+def test_audit_says_a_gguf_holds_no_pickle(tmp_path):
+    path = tmp_path / "q.gguf"
+    write_gguf(path)
+    j = json.loads(run("audit", path, "--json").stdout)
+    assert j["files"] == [] and j["no_pickle"][0]["format"] == "a GGUF file"
+
+
+def test_broken_headers_are_one_line_errors(tmp_path):
+    path = tmp_path / "q.gguf"
+    write_gguf(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[:200],
+        "huge_array": data.replace(struct.pack("<Q", 20), struct.pack("<Q", 1 << 60), 1),
+        "version": data[:4] + struct.pack("<I", 9) + data[8:],
+        "tensors_past_end": data[:-100],
+    }
+    for name, bad in cases.items():
+        p = tmp_path / f"{name}.gguf"
+        p.write_bytes(bad)
+        r = run("inspect", p, check=False)
+        assert r.returncode != 0 and "panicked" not in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and str(p) in r.stderr, (name, r.stderr)
