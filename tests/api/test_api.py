@@ -804,3 +804,30 @@ def test_save_keep_kind_norm_on_a_sequential(tmp_path):
             continue
         want = torch.float32 if k.split(".")[0] in ("1", "3") else torch.float16
         assert got[k].dtype == want, (k, got[k].dtype)
+
+
+def test_gguf_from_python(tmp_path):
+    """inspect and load of a GGUF file: the metadata and ggml types, and the tensors (a Q8_0 one
+    dequantized as gguf.quants.dequantize does), as the command line reads them."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("norm", np.ones(32, dtype=np.float32))
+    q = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32),
+                             gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("w", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = weightcast.inspect(path)
+    assert info.to_dict() == json.loads(run("inspect", path, "--json").stdout)
+    assert info.gguf["architecture"] == "llama"
+    assert [t["ggml_type"] for t in info.gguf["tensors"]] == ["F32", "Q8_0"]
+    sd = weightcast.load(path, dtype=torch.float16)
+    want = gguf.quants.dequantize(gguf.GGUFReader(str(path)).tensors[1].data,
+                                  gguf.GGMLQuantizationType.Q8_0)
+    assert torch.equal(sd["w"], torch.from_numpy(want).to(torch.float16))
+    assert sd["norm"].dtype == torch.float16 and sd["w"].shape == (4, 64)

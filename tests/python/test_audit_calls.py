@@ -99,8 +99,9 @@ def test_convert_never_launders_a_call_into_a_pt(tmp_path):
         p = run("convert", src, "-o", out, "--to", "bf16", *extra, check=False)
         assert p.returncode == 1 and "yaml.unsafe_load" in p.stderr, p.stderr
         assert not out.exists()
-    # extracting the tensors is how to clean such a file
-    run("convert", src, "-o", tmp_path / "out.safetensors", "--to", "bf16")
+    # extracting the tensors is how to clean such a file, with a warning that names the call
+    p = run("convert", src, "-o", tmp_path / "out.safetensors", "--to", "bf16")
+    assert "yaml.unsafe_load" in p.stderr and "no allowlist" in p.stderr, p.stderr
     # accepted by name: carried, and the output says it needs weights_only=False
     p = run("convert", src, "-o", out, "--to", "bf16", "--allow", "yaml.unsafe_load", "--json")
     doc = json.loads(p.stdout)

@@ -111,6 +111,22 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             dangerous.join(", ")
         ));
     }
+    // Default-deny: what the saved object's pickle calls that no allowlist names.
+    let mut unknown: Vec<String> = Vec::new();
+    for (m, n, site, how) in pk.global_occurrences() {
+        let allow = crate::audit::Allow::default();
+        let (name, class) = crate::audit::judge_use(&m, &n, site.protocol, true, how, &allow);
+        if class == Class::UnknownCall && !unknown.contains(&name) {
+            unknown.push(name);
+        }
+    }
+    if !unknown.is_empty() {
+        notes.push(format!(
+            "the pickle calls globals that no allowlist names ({}): weightcast never runs them; \
+             torch.load(weights_only=False) would (audit lists them; a .pt output needs --allow)",
+            unknown.join(", ")
+        ));
+    }
     for a in &ar.ambiguities {
         notes.push(format!(
             "ambiguous file: {a}; other readers may load something else (audit it)"
