@@ -253,12 +253,21 @@ impl PlanDoc {
                     }
                     None => None,
                 },
-                dequantize: p.dequant.map(|d| {
-                    json!({
-                        "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
-                        "compute": d.compute.to_string(),
+                dequantize: p
+                    .dequant
+                    .map(|d| {
+                        json!({
+                            "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
+                            "compute": d.compute.to_string(),
+                        })
                     })
-                }),
+                    .or_else(|| {
+                        // a GGUF block-quantized tensor: `from` is the f32 it reads as
+                        e.blocks.map(|b| {
+                            json!({"ggml_type": b.ggml.name, "stored_bytes": b.nbytes,
+                                   "as": "gguf.quants.dequantize"})
+                        })
+                    }),
                 entry: None,
             }
         }

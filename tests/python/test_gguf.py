@@ -129,9 +129,13 @@ def test_block_quantized_tensors_dequantize_as_gguf_does(tmp_path):
     assert {t["name"]: t.get("ggml_type") for t in doc["tensors"]} == {
         f"t.{n}": n for n in DEQUANTIZED}
     out = tmp_path / "out.safetensors"
+    plan = json.loads(run("convert", path, "-o", out, "--to", "f32", "--dry-run", "--json").stdout)
+    r = gguf.GGUFReader(str(path))
+    assert {t["name"]: (t["from"], t["dequantize"]["ggml_type"], t["dequantize"]["stored_bytes"])
+            for t in plan["tensors"]} == {t.name: ("F32", t.tensor_type.name, t.n_bytes)
+                                          for t in r.tensors}
     run("convert", path, "-o", out, "--to", "f32")
     got = load_file(out)
-    r = gguf.GGUFReader(str(path))
     for t in r.tensors:
         want = gguf.quants.dequantize(t.data, t.tensor_type)
         assert got[t.name].shape == want.shape == (6, 512), t.name
