@@ -19,6 +19,8 @@ pub enum Target {
     Folder(PathBuf),
     /// A `torch.save` checkpoint (from a PyTorch input): everything in the input kept.
     Pt(PathBuf),
+    /// A GGUF file (from a GGUF input): its metadata and every tensor, retyped as planned.
+    Gguf(PathBuf),
 }
 
 /// The outputs weightcast writes, as help names them; any other extension is refused.
@@ -55,14 +57,21 @@ impl Target {
             Ok(Target::File(out.to_path_buf()))
         } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
             Ok(Target::Pt(out.to_path_buf()))
+        } else if name.to_ascii_lowercase().ends_with(".gguf") && cat.gguf.is_some() {
+            Ok(Target::Gguf(out.to_path_buf()))
         } else if let Some(ext) = out
             .extension()
             .and_then(|e| e.to_str())
             .filter(|e| FOREIGN_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
         {
             Err(Error::usage(format!(
-                "{}: weightcast does not write .{ext} files; outputs are {}",
+                "{}: weightcast does not write .{ext} files{}; outputs are {}",
                 out.display(),
+                if ext.eq_ignore_ascii_case("gguf") {
+                    " from this input (a .gguf output needs a GGUF input: GGUF -> GGUF retype)"
+                } else {
+                    ""
+                },
                 OUTPUT_NAMES
             )))
         } else if cat.kind == InputKind::Folder {
@@ -79,7 +88,11 @@ impl Target {
     /// The path the user named.
     pub fn path(&self) -> &Path {
         match self {
-            Target::File(p) | Target::Index(p) | Target::Folder(p) | Target::Pt(p) => p,
+            Target::File(p)
+            | Target::Index(p)
+            | Target::Folder(p)
+            | Target::Pt(p)
+            | Target::Gguf(p) => p,
         }
     }
 }
@@ -105,7 +118,8 @@ pub struct Layout {
 }
 
 /// The output formats of [`OUTPUT_FORMATS`] in one phrase, for messages.
-const OUTPUT_NAMES: &str = ".safetensors, .safetensors.index.json, .pt/.pth/.bin, or a folder";
+const OUTPUT_NAMES: &str =
+    ".safetensors, .safetensors.index.json, .pt/.pth/.bin, a folder, or .gguf from a GGUF input";
 
 /// Parses a shard size the way transformers does: `5GB` = 5·10⁹ bytes, `5GiB` = 5·2³⁰,
 /// `500MB`, `100KB`, or a plain number of bytes.
@@ -156,7 +170,7 @@ fn stem(target: &Target) -> String {
     match target {
         Target::File(_) => name.trim_end_matches(".safetensors").to_string(),
         Target::Index(_) => name.trim_end_matches(".safetensors.index.json").to_string(),
-        Target::Folder(_) | Target::Pt(_) => "model".to_string(),
+        Target::Folder(_) | Target::Pt(_) | Target::Gguf(_) => "model".to_string(),
     }
 }
 
@@ -183,6 +197,28 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
             index: None,
         };
     }
+    if let Target::Gguf(p) = target {
+        // one file, the tensors in llama.cpp's order (by layer, then name)
+        let mut all = all;
+        all.sort_by(|&a, &b| {
+            crate::formats::gguf::llama_order(
+                &cat.tensors[plan.tensors()[a].tensor].name,
+                &cat.tensors[plan.tensors()[b].tensor].name,
+            )
+        });
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Layout {
+            files: vec![OutputFile {
+                name,
+                bytes: bytes_of(&all),
+                tensors: all,
+            }],
+            index: None,
+        };
+    }
     let groups: Vec<Vec<usize>> = if let Some(max) = max_shard {
         let mut groups: Vec<Vec<usize>> = vec![];
         let mut size = 0u64;
@@ -202,7 +238,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
         groups
     } else {
         match target {
-            Target::File(_) | Target::Pt(_) => vec![all],
+            Target::File(_) | Target::Pt(_) | Target::Gguf(_) => vec![all],
             Target::Index(_) | Target::Folder(_) => {
                 let mut groups = vec![vec![]; cat.files.len().max(1)];
                 for (i, p) in plan.tensors().iter().enumerate() {
@@ -230,6 +266,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
     let want_index = match target {
         Target::Index(_) => true,
         Target::File(_) | Target::Pt(_) => n > 1,
+        Target::Gguf(_) => false,
         Target::Folder(_) if keep_input_names => input_index.is_some(),
         Target::Folder(_) => n > 1,
     };

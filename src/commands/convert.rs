@@ -201,6 +201,31 @@ impl ConvertRequest {
                 self.flag("max-shard-size")
             )));
         }
+        if is_gguf(&self.output) {
+            let what = if self.max_shard_size.is_some() {
+                Some(self.flag("max-shard-size"))
+            } else if self.part.is_some() {
+                Some(self.flag("part"))
+            } else if self.scale.is_some() {
+                Some(self.flag("scale"))
+            } else if crate::remote::is_url(&self.output) {
+                Some("an object-store destination".to_string())
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(Error::usage(format!(
+                    "{}: a .gguf output is one local file: {what} does not apply",
+                    self.output.display()
+                )));
+            }
+            if !matches!(target, DType::F32 | DType::F16 | DType::BF16) {
+                return Err(Error::usage(format!(
+                    "{}: a .gguf output is retyped to f32, f16 or bf16, not {target}",
+                    self.output.display()
+                )));
+            }
+        }
         if self.cast_optimizer && (!pt_out || self.inference || self.state_dict_only) {
             return Err(Error::usage(format!(
                 "{} applies to a .pt output of a whole training checkpoint (not with {} or {})",
@@ -369,6 +394,26 @@ impl ConvertRequest {
                 );
             }
         }
+        if cat.gguf.is_some() && is_gguf(&self.output) {
+            // what llama.cpp's quantizer leaves as it is, a GGUF output leaves too
+            let names: Vec<(String, usize)> = cat
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.len()))
+                .collect();
+            plan.update(cat, |ts| {
+                for p in ts.iter_mut().filter(|p| p.by_default) {
+                    let (name, dims) = &names[p.tensor.0];
+                    if !formats::gguf::llama_retypes(name, *dims) {
+                        p.keep();
+                        p.reason = "kept as llama.cpp's quantizer keeps it (1-D, norm, or one of \
+                                    its named exceptions)"
+                            .into();
+                        p.by_default = false;
+                    }
+                }
+            });
+        }
         warnings.extend(plan.warnings.iter().cloned());
         check_unmatched(&plan, self.strict_rules, self.caller)?;
         if let Some(w) = self.dropped_note(cat, &plan) {
@@ -534,6 +579,13 @@ impl ConvertRequest {
         warnings.extend(summary.warnings.iter().cloned());
         Ok((doc, warnings))
     }
+}
+
+/// Whether `out` names a GGUF file.
+fn is_gguf(out: &Path) -> bool {
+    out.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// `convert --json`: the plan, and for a finished run what was written.

@@ -129,6 +129,9 @@ pub struct PlanEntry {
     pub quantize: Option<serde_json::Value>,
     /// Dequantized from a scaled input.
     pub dequantize: Option<serde_json::Value>,
+    /// A GGUF output: the ggml type it is written in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ggml_type: Option<&'static str>,
     /// For a tensor outside the state dict: the checkpoint entry it is in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry: Option<String>,
@@ -269,17 +272,32 @@ impl PlanDoc {
                         })
                     }),
                 entry: None,
+                ggml_type: None,
             }
         }
         let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
         let t = plan.totals();
+        let gguf_out = cat.gguf.is_some()
+            && layout.files.len() == 1
+            && layout.files[0].name.to_ascii_lowercase().ends_with(".gguf");
         PlanDoc {
             input: cat.path.clone(),
             target: plan.target.torch_name(),
             tensors: plan
                 .tensors()
                 .iter()
-                .map(|p| entry(cat, &cat.tensors[p.tensor], p))
+                .map(|p| {
+                    let t = &cat.tensors[p.tensor];
+                    let mut e = entry(cat, t, p);
+                    if gguf_out {
+                        e.ggml_type = if crate::formats::gguf::copies_blocks(t, p) {
+                            t.blocks.map(|b| b.ggml.name)
+                        } else {
+                            crate::formats::gguf_write::ggml_of(p.to).map(|g| g.name)
+                        };
+                    }
+                    e
+                })
                 .collect(),
             other_tensors: plan
                 .others()

@@ -2,7 +2,7 @@
 //! destination, renamed into place only when everything succeeded (a folder is staged whole
 //! and swapped in); missing parent folders are created and removed again on failure.
 
-use super::executor::ZipSink;
+use super::executor::{FileSink, ZipSink};
 use super::*;
 
 /// Writes the output of a resolved target.
@@ -20,6 +20,7 @@ pub(super) fn execute(
     match target {
         Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
         Target::Pt(dest) => job.write_pt(dest, &mut summary)?,
+        Target::Gguf(dest) => job.write_gguf(dest, &mut summary)?,
         Target::Folder(dest) => job.write_folder(dest, &mut summary)?,
     }
     summary.warnings.extend(job.flushed_warning());
@@ -155,6 +156,128 @@ impl Job<'_> {
             tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
             summary.files.push(dest);
         }
+        Ok(())
+    }
+
+    /// A GGUF file from a GGUF input: the input's metadata (file type updated) and every
+    /// tensor, retyped as planned; a tensor kept in a block type is copied as its blocks.
+    pub(super) fn write_gguf(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
+        use crate::formats::gguf_write::{self as gw, OutTensor};
+        let (cat, plan) = (self.cat, self.plan);
+        let doc = cat.gguf.as_deref().ok_or_else(|| {
+            Error::usage(format!(
+                "{}: a .gguf output needs a GGUF input",
+                cat.path.display()
+            ))
+        })?;
+        let of = &summary.layout.files[0];
+        // kept block tensors are copied raw: an entry that reads their blocks as bytes
+        let raw: Vec<Option<crate::catalogue::TensorEntry>> = of
+            .tensors
+            .iter()
+            .map(|&i| {
+                let p = &plan.tensors()[i];
+                let t = &cat.tensors[p.tensor];
+                match t.blocks {
+                    Some(b) if crate::formats::gguf::copies_blocks(t, p) => {
+                        Some(crate::catalogue::TensorEntry {
+                            dtype: crate::DType::U8,
+                            shape: vec![b.nbytes],
+                            nbytes: b.nbytes,
+                            blocks: None,
+                            ..t.clone()
+                        })
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        let mut outs = Vec::with_capacity(of.tensors.len());
+        for (k, &i) in of.tensors.iter().enumerate() {
+            let p = &plan.tensors()[i];
+            let t = &cat.tensors[p.tensor];
+            let gt = doc
+                .tensors
+                .iter()
+                .find(|g| g.name == t.name)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        &cat.path,
+                        format!("tensor `{}` is not in the GGUF table", t.name),
+                    )
+                })?;
+            let (ggml, nbytes) = match (&raw[k], t.blocks) {
+                (Some(r), Some(b)) => (b.ggml, r.nbytes),
+                _ => (
+                    gw::ggml_of(p.to).ok_or_else(|| {
+                        Error::usage(format!("tensor `{}`: GGUF has no {} type", t.name, p.to))
+                    })?,
+                    p.bytes_out,
+                ),
+            };
+            outs.push(OutTensor {
+                name: t.name.clone(),
+                dims: gt.dims.clone(),
+                ggml,
+                nbytes,
+            });
+        }
+        let ftype = gw::file_type(plan.target).unwrap_or(0);
+        let head = gw::header(
+            doc,
+            &[
+                (
+                    "general.quantization_version",
+                    crate::catalogue::gguf::Value::U(gw::QNT_VERSION, "uint32"),
+                ),
+                (
+                    "general.file_type",
+                    crate::catalogue::gguf::Value::U(ftype, "uint32"),
+                ),
+            ],
+            &outs,
+        );
+        let dir = parent_of(dest);
+        let name = dest
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let tmp = temp_file(&dir, &name)?;
+        let file = tmp.as_file();
+        file.set_len(head.len)
+            .map_err(|e| Error::io(tmp.path(), e))?;
+        (&*file)
+            .write_all(&head.bytes)
+            .map_err(|e| Error::io(tmp.path(), e))?;
+        let pieces: Vec<Piece<'_>> = of
+            .tensors
+            .iter()
+            .zip(&raw)
+            .map(|(&i, r)| match r {
+                Some(entry) => Ok(Piece {
+                    entry,
+                    from: crate::DType::U8,
+                    to: crate::DType::U8,
+                    how: How::Cast,
+                }),
+                None => self.piece(&plan.tensors()[i]),
+            })
+            .collect::<Result<_>>()?;
+        let mut sink = AlignedSink {
+            inner: FileSink::new(file, tmp.path(), self.opts.sync, head.bytes.len() as u64),
+            offsets: &head.offsets,
+        };
+        let counts = self.exec().run(&pieces, &mut sink)?;
+        self.check_cancel()?;
+        self.finish(file, tmp.path())?;
+        let counts: Vec<(usize, u64)> = counts
+            .into_iter()
+            .map(|(k, n)| (of.tensors[k], n))
+            .collect();
+        summary.overflowed = self.written(self.named(&counts))?;
+        tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+        summary.files.push(dest.to_path_buf());
         Ok(())
     }
 
@@ -301,5 +424,24 @@ impl Job<'_> {
             summary.files_copied += 1;
         }
         Ok(())
+    }
+}
+
+/// A GGUF file's data section: piece `i` starts at `offsets[i]` (zeros pad up to it).
+struct AlignedSink<'a, 'f> {
+    inner: FileSink<'f>,
+    offsets: &'a [u64],
+}
+
+impl Sink for AlignedSink<'_, '_> {
+    fn begin(&mut self, i: usize) -> Result<()> {
+        let pad = self.offsets[i].saturating_sub(self.inner.written);
+        if pad > 0 {
+            self.inner.write(&vec![0u8; pad as usize])?;
+        }
+        Ok(())
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.inner.write(bytes)
     }
 }

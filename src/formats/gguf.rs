@@ -162,6 +162,12 @@ pub fn read(path: &Path) -> Result<GgufDoc> {
     }
 }
 
+/// Parses a GGUF header held whole in `buf`, for a file of `len` bytes (`len` >= `buf.len()`):
+/// what [`read`] does once it has read enough of the file.
+pub fn parse_header(path: &Path, buf: &[u8], len: u64) -> Result<GgufDoc> {
+    parse(path, buf, len).map_err(|(e, _)| e)
+}
+
 /// Parses the header in `buf` (the file's first bytes; the file has `len`). The error says
 /// whether it ran out of `buf` (more of the file may hold the rest).
 fn parse(path: &Path, buf: &[u8], len: u64) -> std::result::Result<GgufDoc, (Error, bool)> {
@@ -410,6 +416,76 @@ pub fn refuse_quantized(cat: &Catalogue, command: &str) -> Result<()> {
     }
 }
 
+/// Whether llama.cpp's quantizer (`llama_model_quantize`, llama-cpp-python 0.3.36's
+/// `tensor_allows_quantization`) retypes tensor `name` of `n_dims` dimensions; the others it
+/// copies as they are (1-D tensors, norms, expert gates, positional and token-type embeddings,
+/// small conv1d and RWKV weights, T5's relative bias, multimodal position and patch tensors).
+pub fn llama_retypes(name: &str, n_dims: usize) -> bool {
+    const SKIP: &[&str] = &[
+        "_norm.weight",
+        "ffn_gate_inp.weight",
+        "ffn_gate_tid2eid.weight",
+        "altup",
+        "laurel",
+        "per_layer_model_proj",
+        "ssm_conv1d",
+        "shortconv.conv.weight",
+        "indexer.k_proj.weight",
+        "indexer.q_proj.weight",
+        "time_mix_first.weight",
+        "time_mix_w0.weight",
+        "time_mix_w1.weight",
+        "time_mix_w2.weight",
+        "time_mix_v0.weight",
+        "time_mix_v1.weight",
+        "time_mix_v2.weight",
+        "time_mix_a0.weight",
+        "time_mix_a1.weight",
+        "time_mix_a2.weight",
+        "time_mix_g1.weight",
+        "time_mix_g2.weight",
+        "time_mix_decay_w1.weight",
+        "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight",
+        "attn_rel_b.weight",
+        ".position_embd",
+        "sam.pos_embd",
+        "sam.neck.",
+        "sam.net_",
+        ".rel_pos",
+        ".patch_embd",
+        ".patch_merger",
+        "a.rvq.codebook",
+        "mm.a.code_embd",
+    ];
+    n_dims >= 2
+        && name.ends_with("weight")
+        && name != "position_embd.weight"
+        && name != "token_types.weight"
+        && !SKIP.iter().any(|s| name.contains(s))
+}
+
+/// llama.cpp's tensor order in a file it writes (`weight_name_comparer`): by the layer number
+/// of `blk.N.` (-1 for the others), then by name.
+pub fn llama_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let layer = |n: &str| -> i64 {
+        n.strip_prefix("blk.")
+            .and_then(|r| {
+                let d: String = r.chars().take_while(char::is_ascii_digit).collect();
+                (r[d.len()..].starts_with('.') && !d.is_empty()).then(|| d.parse().ok())?
+            })
+            .unwrap_or(-1)
+    };
+    layer(a).cmp(&layer(b)).then_with(|| a.cmp(b))
+}
+
+/// Whether a GGUF output copies plan entry `p` of tensor `t` as its stored blocks: a
+/// block-quantized tensor that is not cast, or that a rule (not the default `--to`) kept.
+pub fn copies_blocks(t: &TensorEntry, p: &crate::plan::TensorPlan) -> bool {
+    t.blocks.is_some()
+        && (!p.is_cast() && (!p.by_default || !llama_retypes(&t.name, t.shape.len())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,5 +554,31 @@ mod tests {
             }
             let _ = parse(p, &b, b.len() as u64);
         }
+    }
+
+    #[test]
+    fn llama_cpp_rules() {
+        assert!(llama_retypes("blk.0.attn_q.weight", 2));
+        assert!(llama_retypes("output.weight", 2));
+        assert!(!llama_retypes("blk.0.attn_norm.weight", 1));
+        assert!(!llama_retypes("blk.0.attn_q.bias", 2));
+        assert!(!llama_retypes("blk.3.ffn_gate_inp.weight", 2));
+        assert!(!llama_retypes("token_types.weight", 2));
+        let mut v = [
+            "blk.10.a.weight",
+            "output.weight",
+            "blk.2.b.weight",
+            "blk.2.a.weight",
+        ];
+        v.sort_by(|a, b| llama_order(a, b));
+        assert_eq!(
+            v,
+            [
+                "output.weight",
+                "blk.2.a.weight",
+                "blk.2.b.weight",
+                "blk.10.a.weight"
+            ]
+        );
     }
 }

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import run
+from conftest import ROOT, run
+
+ROOT_TINY = ROOT / "examples" / "tiny-bert"
 
 gguf = pytest.importorskip("gguf")
 
@@ -194,3 +196,91 @@ def test_broken_headers_are_one_line_errors(tmp_path):
         r = run("inspect", p, check=False)
         assert r.returncode != 0 and "panicked" not in r.stderr, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and str(p) in r.stderr, (name, r.stderr)
+
+
+def write_model(path, rng):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_file_type(0)
+    w.add_quantization_version(2)
+    w.add_context_length(64)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", f32(20, 32))
+    w.add_tensor("blk.10.attn_k.weight", f32(32, 32))
+    w.add_tensor("blk.0.attn_q.weight", f32(32, 32))
+    w.add_tensor("blk.0.attn_norm.weight", f32(32))
+    qk = random_blocks(rng, gguf.GGMLQuantizationType.Q4_K, 4, 256)
+    w.add_tensor("blk.1.ffn_down.weight", qk, raw_shape=qk.shape,
+                 raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    q = gguf.quants.quantize(f32(4, 64), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.ffn_gate_inp.weight", q, raw_shape=q.shape,
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output.weight", f32(20, 32).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_order(name):
+    import re
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+@pytest.mark.parametrize("to", ["f16", "bf16", "f32"])
+def test_gguf_to_gguf_retypes_as_llama_cpp_decides(tmp_path, to):
+    src = tmp_path / "in.gguf"
+    write_model(src, np.random.default_rng(3))
+    out = tmp_path / f"out-{to}.gguf"
+    plan = json.loads(run("convert", src, "-o", out, "--to", to, "--dry-run", "--json").stdout)
+    run("convert", src, "-o", out, "--to", to)
+    r_in, r = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    # metadata: the input's in order, quantization_version and file_type removed and appended
+    want_kv = [(k, f.contents()) for k, f in r_in.fields.items()
+               if not k.startswith("GGUF.") and k not in ("general.quantization_version",
+                                                          "general.file_type")]
+    want_kv += [("general.quantization_version", 2),
+                ("general.file_type", {"f32": 0, "f16": 1, "bf16": 32}[to])]
+    assert [(k, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")] == want_kv
+    assert r.fields["general.file_type"].types == [gguf.GGUFValueType.UINT32]
+    # tensors in llama.cpp's order; 1-D, norms and the expert gate as they were
+    names = [t.name for t in r.tensors]
+    assert names == sorted(names, key=llama_order)
+    assert names.index("blk.1.ffn_down.weight") < names.index("blk.10.attn_k.weight")
+    ttype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[to]
+    inp = {t.name: t for t in r_in.tensors}
+    planned = {t["name"]: t["to"] for t in plan["tensors"]}
+    # the plan is the truth: the ggml type it shows is the one written
+    assert {t["name"]: t["ggml_type"] for t in plan["tensors"]} == {
+        t.name: t.tensor_type.name for t in r.tensors}
+    for t in r.tensors:
+        src_t = inp[t.name]
+        kept = t.name in ("blk.0.attn_norm.weight", "blk.0.ffn_gate_inp.weight")
+        if kept:
+            assert t.tensor_type == src_t.tensor_type, t.name
+            assert bytes(t.data.tobytes()) == bytes(src_t.data.tobytes()), t.name
+            continue
+        assert t.tensor_type.name == ttype, t.name
+        assert planned[t.name] == {"F32": "F32", "F16": "F16", "BF16": "BF16"}[ttype]
+        x = gguf.quants.dequantize(src_t.data, src_t.tensor_type)
+        want = {"f32": lambda v: v.astype(np.float32),
+                "f16": lambda v: v.astype(np.float16),
+                "bf16": lambda v: gguf.quants.quantize(v, gguf.GGMLQuantizationType.BF16)}[to](x)
+        assert t.data.tobytes() == np.ascontiguousarray(want).tobytes(), t.name
+        assert t.data_offset % 32 == 0
+
+
+def test_gguf_output_refusals(tmp_path):
+    src = tmp_path / "in.gguf"
+    write_model(src, np.random.default_rng(4))
+    for extra, what in [(["--max-shard-size", "1MB"], "max-shard-size"),
+                        (["--part", "1/2"], "part")]:
+        p = run("convert", src, "-o", tmp_path / "o.gguf", "--to", "f16", *extra, check=False)
+        assert p.returncode == 2 and what in p.stderr, p.stderr
+    p = run("convert", src, "-o", tmp_path / "o.gguf", "--to", "f8e4m3", check=False)
+    assert p.returncode == 2 and "f32, f16 or bf16" in p.stderr
+    p = run("convert", ROOT_TINY, "-o", tmp_path / "o.gguf", "--to", "f16", check=False)
+    assert p.returncode == 2 and "needs a GGUF input" in p.stderr
+    assert not (tmp_path / "o.gguf").exists()
