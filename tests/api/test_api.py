@@ -826,6 +826,13 @@ def test_gguf_from_python(tmp_path):
     assert info.to_dict() == json.loads(run("inspect", path, "--json").stdout)
     assert info.gguf["architecture"] == "llama"
     assert [t["ggml_type"] for t in info.gguf["tensors"]] == ["F32", "Q8_0"]
+    r = weightcast.convert(path, tmp_path / "m16.gguf", "f16")
+    # llama.cpp retypes only names ending in `weight` (2-D and up): both are copied as they are
+    assert [t["ggml_type"] for t in r.tensors] == ["F32", "Q8_0"]
+    cli = json.loads(run("convert", path, "-o", tmp_path / "c16.gguf", "--to", "f16",
+                         "--json").stdout)
+    assert (tmp_path / "m16.gguf").read_bytes() == (tmp_path / "c16.gguf").read_bytes()
+    assert [t["ggml_type"] for t in cli["tensors"]] == ["F32", "Q8_0"]
     sd = weightcast.load(path, dtype=torch.float16)
     want = gguf.quants.dequantize(gguf.GGUFReader(str(path)).tensors[1].data,
                                   gguf.GGMLQuantizationType.Q8_0)
