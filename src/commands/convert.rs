@@ -396,20 +396,20 @@ impl ConvertRequest {
         }
         if cat.gguf.is_some() && is_gguf(&self.output) {
             // what llama.cpp's quantizer leaves as it is, a GGUF output leaves too
-            let names: Vec<(String, usize)> = cat
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.shape.len()))
-                .collect();
+            let tensors = cat.tensors.clone();
             plan.update(cat, |ts| {
-                for p in ts.iter_mut().filter(|p| p.by_default) {
-                    let (name, dims) = &names[p.tensor.0];
-                    if !formats::gguf::llama_retypes(name, *dims) {
+                for p in ts.iter_mut() {
+                    let t = &tensors[p.tensor.0];
+                    if p.by_default && !formats::gguf::llama_retypes(&t.name, t.shape.len()) {
                         p.keep();
                         p.reason = "kept as llama.cpp's quantizer keeps it (1-D, norm, or one of \
                                     its named exceptions)"
                             .into();
                         p.by_default = false;
+                    }
+                    // a block-quantized tensor kept is written as its blocks
+                    if let Some(b) = t.blocks.filter(|_| formats::gguf::copies_blocks(t, p)) {
+                        p.bytes_out = b.nbytes;
                     }
                 }
             });

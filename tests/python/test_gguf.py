@@ -252,7 +252,9 @@ def test_gguf_to_gguf_retypes_as_llama_cpp_decides(tmp_path, to):
     ttype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[to]
     inp = {t.name: t for t in r_in.tensors}
     planned = {t["name"]: t["to"] for t in plan["tensors"]}
-    # the plan is the truth: the ggml type it shows is the one written
+    # the plan is the truth: the ggml type and bytes it shows are the ones written
+    assert {t["name"]: t["bytes_after"] for t in plan["tensors"]} == {
+        t.name: int(t.n_bytes) for t in r.tensors}
     assert {t["name"]: t["ggml_type"] for t in plan["tensors"]} == {
         t.name: t.tensor_type.name for t in r.tensors}
     for t in r.tensors:
