@@ -198,26 +198,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
         };
     }
     if let Target::Gguf(p) = target {
-        // one file, the tensors in llama.cpp's order (by layer, then name)
-        let mut all = all;
-        all.sort_by(|&a, &b| {
-            crate::formats::gguf::llama_order(
-                &cat.tensors[plan.tensors()[a].tensor].name,
-                &cat.tensors[plan.tensors()[b].tensor].name,
-            )
-        });
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        return Layout {
-            files: vec![OutputFile {
-                name,
-                bytes: bytes_of(&all),
-                tensors: all,
-            }],
-            index: None,
-        };
+        return gguf_layout(cat, plan, p);
     }
     let groups: Vec<Vec<usize>> = if let Some(max) = max_shard {
         let mut groups: Vec<Vec<usize>> = vec![];
@@ -432,6 +413,29 @@ pub fn check_target(cat: &Catalogue, target: &Target, layout: &Layout, force: bo
         }
     }
     Ok(())
+}
+
+/// A GGUF output: one file, the tensors in llama.cpp's order (by layer, then name).
+fn gguf_layout(cat: &Catalogue, plan: &Plan, p: &Path) -> Layout {
+    let mut all: Vec<usize> = (0..plan.tensors().len()).collect();
+    all.sort_by(|&a, &b| {
+        crate::formats::gguf::llama_order(
+            &cat.tensors[plan.tensors()[a].tensor].name,
+            &cat.tensors[plan.tensors()[b].tensor].name,
+        )
+    });
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Layout {
+        files: vec![OutputFile {
+            name,
+            bytes: all.iter().map(|&i| plan.tensors()[i].bytes_out).sum(),
+            tensors: all,
+        }],
+        index: None,
+    }
 }
 
 #[cfg(test)]

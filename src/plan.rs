@@ -37,6 +37,9 @@ pub struct TensorPlan<I = TensorId> {
     /// For a scaled FP8 output (`--scale`): this entry is a payload quantized with a scale
     /// computed from it, or that scale.
     pub scaled: Option<ScaledOut>,
+    /// For a GGUF output: written in this ggml block type (Q8_0), quantized from its values
+    /// as f32 (`to`).
+    pub ggml: Option<crate::catalogue::gguf::GgmlType>,
 }
 
 /// A tensor of a scaled FP8 output.
@@ -138,6 +141,7 @@ impl<I> TensorPlan<I> {
         self.from != self.to
             || self.dequant.is_some()
             || matches!(self.scaled, Some(ScaledOut::Payload { .. }))
+            || self.ggml.is_some()
     }
 }
 
@@ -323,6 +327,7 @@ impl Plan {
                     by_default: action == Action::Default && t.dtype.is_castable(),
                     dequant: None,
                     scaled: None,
+                    ggml: None,
                 }
             })
             .collect();
@@ -478,6 +483,7 @@ impl Plan {
                         by_default: false,
                         dequant: None,
                         scaled: None,
+                        ggml: None,
                     }
                 })
                 .collect();
@@ -688,6 +694,7 @@ fn other_plan(
         by_default: false,
         dequant: None,
         scaled: None,
+        ggml: None,
     }
 }
 

@@ -38,6 +38,23 @@ pub fn dequantize(id: u32, bytes: usize, block: usize, raw: &[u8], out: &mut [f3
     true
 }
 
+/// Quantizes `x` (a whole number of 32-value blocks) to Q8_0 blocks in `out`, as ggml's
+/// `quantize_row_q8_0_ref` does: `d = amax / 127`, values `roundf(x / d)` (halves away from
+/// zero), `d` stored as f16.
+pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    for (b, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
+        let amax = b
+            .iter()
+            .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        o[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        for (q, v) in o[2..].iter_mut().zip(b) {
+            *q = (v * id).round() as i8 as u8;
+        }
+    }
+}
+
 fn q8_0(b: &[u8], o: &mut [f32]) {
     let d = h(b, 0);
     for (x, &q) in o.iter_mut().zip(&b[2..34]) {

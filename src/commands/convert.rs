@@ -168,12 +168,34 @@ impl ConvertRequest {
             }
             (None, _) => vec![],
         };
+        if !self.gguf_q8()
+            && self
+                .to
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case("q8_0"))
+        {
+            return Err(Error::usage(format!(
+                "{}: q8_0 is a GGUF type: write a .gguf output from a GGUF input",
+                c.given("to", "q8_0")
+            )));
+        }
         let target = match candidates.first() {
             Some(&d) => d,
             None if auto_to => DType::F32, // decided from the tensors once they are read
+            // a GGUF output in Q8_0: planned as f32, the retyped tensors quantized from it
+            None if self.gguf_q8() => DType::F32,
             None => single_target(self.to.as_deref(), file_to, c)?,
         };
         Ok((candidates, target))
+    }
+
+    /// `--to q8_0` with a `.gguf` output: llama.cpp's Q8_0 for the tensors it retypes.
+    fn gguf_q8(&self) -> bool {
+        is_gguf(&self.output)
+            && self
+                .to
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case("q8_0"))
     }
 
     /// Refuses options that the output cannot honour, before any input is read.
@@ -397,6 +419,7 @@ impl ConvertRequest {
         if cat.gguf.is_some() && is_gguf(&self.output) {
             // what llama.cpp's quantizer leaves as it is, a GGUF output leaves too
             let tensors = cat.tensors.clone();
+            let q8 = self.gguf_q8();
             plan.update(cat, |ts| {
                 for p in ts.iter_mut() {
                     let t = &tensors[p.tensor.0];
@@ -410,6 +433,21 @@ impl ConvertRequest {
                     // a block-quantized tensor kept is written as its blocks
                     if let Some(b) = t.blocks.filter(|_| formats::gguf::copies_blocks(t, p)) {
                         p.bytes_out = b.nbytes;
+                    }
+                    // Q8_0: what llama.cpp retypes, rows of whole blocks; other rows in f16 (its
+                    // fallback for a shape no 32-block type fits)
+                    if q8 && p.by_default {
+                        let numel: u64 = t.shape.iter().product();
+                        if t.shape.last().is_some_and(|&n| n % 32 == 0) {
+                            p.to = DType::F32;
+                            p.ggml = crate::catalogue::gguf::GgmlType::from_id(8);
+                            p.bytes_out = numel / 32 * 34;
+                        } else {
+                            p.set_target(DType::F16, numel);
+                            p.reason = "f16: its rows are no whole number of Q8_0 blocks (as \
+                                        llama.cpp falls back)"
+                                .into();
+                        }
                     }
                 }
             });
@@ -533,6 +571,7 @@ impl ConvertRequest {
             },
             part: self.part,
             caller: self.caller,
+            gguf_ftype: self.gguf_q8().then_some(7),
         };
         let pickle = if pt_out {
             let pt = if cat.kind.is_torch() {

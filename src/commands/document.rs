@@ -234,47 +234,60 @@ pub struct PlanDoc {
     pub quantization: Option<PlanQuantization>,
 }
 
+/// The ggml type a GGUF output writes plan entry `p` (of tensor `t`) in.
+fn written_ggml(t: &TensorEntry, p: &TensorPlan) -> Option<&'static str> {
+    if crate::formats::gguf::copies_blocks(t, p) {
+        t.blocks.map(|b| b.ggml.name)
+    } else if let Some(g) = p.ggml {
+        Some(g.name)
+    } else {
+        crate::formats::gguf_write::ggml_of(p.to).map(|g| g.name)
+    }
+}
+
+/// The plan entry of tensor `e` (planned as `p`).
+fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
+    use serde_json::json;
+    PlanEntry {
+        name: e.name.clone(),
+        shape: e.shape.clone(),
+        from: p.from.to_string(),
+        to: p.to.to_string(),
+        cast: p.is_cast(),
+        bytes_before: p.bytes_in,
+        bytes_after: p.bytes_out,
+        rule: p.reason.clone(),
+        quantize: match p.scaled {
+            Some(ScaledOut::Payload { scale, layout, .. }) => Some(json!({
+                "scale": cat.tensors[scale].name, "layout": layout.describe()})),
+            Some(ScaledOut::Scale { payload }) => {
+                Some(json!({"scale_of": cat.tensors[payload].name}))
+            }
+            None => None,
+        },
+        dequantize: p
+            .dequant
+            .map(|d| {
+                json!({
+                    "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
+                    "compute": d.compute.to_string(),
+                })
+            })
+            .or_else(|| {
+                // a GGUF block-quantized tensor: `from` is the f32 it reads as
+                e.blocks.map(|b| {
+                    json!({"ggml_type": b.ggml.name, "stored_bytes": b.nbytes,
+                               "as": "gguf.quants.dequantize"})
+                })
+            }),
+        entry: None,
+        ggml_type: None,
+    }
+}
+
 impl PlanDoc {
     /// The document of `plan` over `cat`, written as `layout`.
     pub fn new(cat: &Catalogue, plan: &Plan, layout: &Layout) -> PlanDoc {
-        fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
-            use serde_json::json;
-            PlanEntry {
-                name: e.name.clone(),
-                shape: e.shape.clone(),
-                from: p.from.to_string(),
-                to: p.to.to_string(),
-                cast: p.is_cast(),
-                bytes_before: p.bytes_in,
-                bytes_after: p.bytes_out,
-                rule: p.reason.clone(),
-                quantize: match p.scaled {
-                    Some(ScaledOut::Payload { scale, layout, .. }) => Some(json!({
-                    "scale": cat.tensors[scale].name, "layout": layout.describe()})),
-                    Some(ScaledOut::Scale { payload }) => {
-                        Some(json!({"scale_of": cat.tensors[payload].name}))
-                    }
-                    None => None,
-                },
-                dequantize: p
-                    .dequant
-                    .map(|d| {
-                        json!({
-                            "scale": cat.tensors[d.scale].name, "layout": d.layout.describe(),
-                            "compute": d.compute.to_string(),
-                        })
-                    })
-                    .or_else(|| {
-                        // a GGUF block-quantized tensor: `from` is the f32 it reads as
-                        e.blocks.map(|b| {
-                            json!({"ggml_type": b.ggml.name, "stored_bytes": b.nbytes,
-                                   "as": "gguf.quants.dequantize"})
-                        })
-                    }),
-                entry: None,
-                ggml_type: None,
-            }
-        }
         let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
         let t = plan.totals();
         let gguf_out = cat.gguf.is_some()
@@ -290,11 +303,7 @@ impl PlanDoc {
                     let t = &cat.tensors[p.tensor];
                     let mut e = entry(cat, t, p);
                     if gguf_out {
-                        e.ggml_type = if crate::formats::gguf::copies_blocks(t, p) {
-                            t.blocks.map(|b| b.ggml.name)
-                        } else {
-                            crate::formats::gguf_write::ggml_of(p.to).map(|g| g.name)
-                        };
+                        e.ggml_type = written_ggml(t, p);
                     }
                     e
                 })

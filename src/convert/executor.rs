@@ -82,6 +82,8 @@ pub enum How {
     Quantize(Arc<ScaleTable>),
     /// Bytes computed before the run (a scale): written as they are.
     Fill(Arc<Vec<u8>>),
+    /// A GGUF tensor quantized to ggml's Q8_0 from its values as f32 (`to`).
+    GgmlQ8,
 }
 
 /// Where the executor's bytes go: pieces in order, each begun before its bytes (empty ones
@@ -306,6 +308,9 @@ impl Executor<'_> {
         if matches!(p.how, How::Fill(_)) || (p.from == p.to && matches!(p.how, How::Cast)) {
             return n as usize;
         }
+        if matches!(p.how, How::GgmlQ8) {
+            return (n as usize) / (p.from.bitsize() / 8) / 32 * 34;
+        }
         (n as usize) / (p.from.bitsize() / 8) * (p.to.bitsize() / 8)
     }
 
@@ -346,6 +351,18 @@ impl Executor<'_> {
         let isz = p.from.bitsize() / 8;
         if let How::Quantize(s) = &p.how {
             s.quantize(p.from, scratch, pos / isz as u64, out);
+            return Ok(0);
+        }
+        if let How::GgmlQ8 = &p.how {
+            let mut vals = vec![0u8; scratch.len() / isz * 4];
+            cast::cast_checked(p.from, DType::F32, scratch, &mut vals, self.opts.range()).map_err(
+                |e| Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name)),
+            )?;
+            let f: Vec<f32> = vals
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+                .collect();
+            cast::ggml::quantize_q8_0(&f, out);
             return Ok(0);
         }
         match &p.how {

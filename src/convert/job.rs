@@ -177,6 +177,7 @@ impl<'a> Job<'a> {
     pub(super) fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
         let cat = self.cat;
         let how = match (p.dequant, p.scaled) {
+            _ if p.ggml.is_some() => How::GgmlQ8,
             (Some(d), _) => How::Dequantize(Arc::new(d.table(cat, self.sources, p.tensor.0)?)),
             (None, Some(ScaledOut::Payload { .. })) => How::Quantize(self.scales_of(p.tensor.0)?),
             (None, Some(ScaledOut::Scale { payload })) => {

@@ -69,6 +69,8 @@ pub struct Options {
     pub part: Option<Part>,
     /// Who asked (the vocabulary of messages).
     pub caller: crate::error::Caller,
+    /// A GGUF output: llama.cpp's `general.file_type` (`llama_ftype`) it declares.
+    pub gguf_ftype: Option<u64>,
 }
 
 /// A conversion split by output shard across N independent processes (`--part K/N`), each

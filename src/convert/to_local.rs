@@ -162,7 +162,7 @@ impl Job<'_> {
     /// A GGUF file from a GGUF input: the input's metadata (file type updated) and every
     /// tensor, retyped as planned; a tensor kept in a block type is copied as its blocks.
     pub(super) fn write_gguf(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
-        use crate::formats::gguf_write::{self as gw, OutTensor};
+        use crate::formats::gguf_write as gw;
         let (cat, plan) = (self.cat, self.plan);
         let doc = cat.gguf.as_deref().ok_or_else(|| {
             Error::usage(format!(
@@ -192,37 +192,12 @@ impl Job<'_> {
                 }
             })
             .collect();
-        let mut outs = Vec::with_capacity(of.tensors.len());
-        for (k, &i) in of.tensors.iter().enumerate() {
-            let p = &plan.tensors()[i];
-            let t = &cat.tensors[p.tensor];
-            let gt = doc
-                .tensors
-                .iter()
-                .find(|g| g.name == t.name)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        &cat.path,
-                        format!("tensor `{}` is not in the GGUF table", t.name),
-                    )
-                })?;
-            let (ggml, nbytes) = match (&raw[k], t.blocks) {
-                (Some(r), Some(b)) => (b.ggml, r.nbytes),
-                _ => (
-                    gw::ggml_of(p.to).ok_or_else(|| {
-                        Error::usage(format!("tensor `{}`: GGUF has no {} type", t.name, p.to))
-                    })?,
-                    p.bytes_out,
-                ),
-            };
-            outs.push(OutTensor {
-                name: t.name.clone(),
-                dims: gt.dims.clone(),
-                ggml,
-                nbytes,
-            });
-        }
-        let ftype = gw::file_type(plan.target).unwrap_or(0);
+        let outs = self.gguf_tensors(doc, of, &raw)?;
+        let ftype = self
+            .opts
+            .gguf_ftype
+            .or_else(|| gw::file_type(plan.target))
+            .unwrap_or(0);
         let head = gw::header(
             doc,
             &[
@@ -279,6 +254,50 @@ impl Job<'_> {
         tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
         summary.files.push(dest.to_path_buf());
         Ok(())
+    }
+
+    /// The output table of a GGUF file: each tensor's GGUF dims, written ggml type and bytes
+    /// (`raw[k]`: piece `k` copies its blocks).
+    fn gguf_tensors(
+        &self,
+        doc: &crate::catalogue::gguf::GgufDoc,
+        of: &crate::output::OutputFile,
+        raw: &[Option<crate::catalogue::TensorEntry>],
+    ) -> Result<Vec<crate::formats::gguf_write::OutTensor>> {
+        use crate::formats::gguf_write::{self as gw, OutTensor};
+        let (cat, plan) = (self.cat, self.plan);
+        let mut outs = Vec::with_capacity(of.tensors.len());
+        for (k, &i) in of.tensors.iter().enumerate() {
+            let p = &plan.tensors()[i];
+            let t = &cat.tensors[p.tensor];
+            let gt = doc
+                .tensors
+                .iter()
+                .find(|g| g.name == t.name)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        &cat.path,
+                        format!("tensor `{}` is not in the GGUF table", t.name),
+                    )
+                })?;
+            let (ggml, nbytes) = match (&raw[k], t.blocks) {
+                (Some(r), Some(b)) => (b.ggml, r.nbytes),
+                _ if p.ggml.is_some() => (p.ggml.expect("checked"), p.bytes_out),
+                _ => (
+                    gw::ggml_of(p.to).ok_or_else(|| {
+                        Error::usage(format!("tensor `{}`: GGUF has no {} type", t.name, p.to))
+                    })?,
+                    p.bytes_out,
+                ),
+            };
+            outs.push(OutTensor {
+                name: t.name.clone(),
+                dims: gt.dims.clone(),
+                ggml,
+                nbytes,
+            });
+        }
+        Ok(outs)
     }
 
     /// A `torch.save` checkpoint.

@@ -294,6 +294,7 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             by_default: false,
             dequant: None,
             scaled: Some(ScaledOut::Scale { payload }),
+            ggml: None,
         });
     }
     plan.update(cat, |tensors| *tensors = out);

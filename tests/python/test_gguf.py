@@ -217,6 +217,7 @@ def write_model(path, rng):
     w.add_tensor("blk.0.ffn_gate_inp.weight", q, raw_shape=q.shape,
                  raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("output.weight", f32(20, 32).astype(np.float16))
+    w.add_tensor("blk.2.attn_v.weight", f32(8, 48))  # rows of 48: no whole Q8_0 blocks
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -229,7 +230,7 @@ def llama_order(name):
     return (int(m.group(1)) if m else -1, name)
 
 
-@pytest.mark.parametrize("to", ["f16", "bf16", "f32"])
+@pytest.mark.parametrize("to", ["f16", "bf16", "f32", "q8_0"])
 def test_gguf_to_gguf_retypes_as_llama_cpp_decides(tmp_path, to):
     src = tmp_path / "in.gguf"
     write_model(src, np.random.default_rng(3))
@@ -242,14 +243,13 @@ def test_gguf_to_gguf_retypes_as_llama_cpp_decides(tmp_path, to):
                if not k.startswith("GGUF.") and k not in ("general.quantization_version",
                                                           "general.file_type")]
     want_kv += [("general.quantization_version", 2),
-                ("general.file_type", {"f32": 0, "f16": 1, "bf16": 32}[to])]
+                ("general.file_type", {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[to])]
     assert [(k, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")] == want_kv
     assert r.fields["general.file_type"].types == [gguf.GGUFValueType.UINT32]
     # tensors in llama.cpp's order; 1-D, norms and the expert gate as they were
     names = [t.name for t in r.tensors]
     assert names == sorted(names, key=llama_order)
     assert names.index("blk.1.ffn_down.weight") < names.index("blk.10.attn_k.weight")
-    ttype = {"f32": "F32", "f16": "F16", "bf16": "BF16"}[to]
     inp = {t.name: t for t in r_in.tensors}
     planned = {t["name"]: t["to"] for t in plan["tensors"]}
     # the plan is the truth: the ggml type and bytes it shows are the ones written
@@ -264,12 +264,17 @@ def test_gguf_to_gguf_retypes_as_llama_cpp_decides(tmp_path, to):
             assert t.tensor_type == src_t.tensor_type, t.name
             assert bytes(t.data.tobytes()) == bytes(src_t.data.tobytes()), t.name
             continue
-        assert t.tensor_type.name == ttype, t.name
-        assert planned[t.name] == {"F32": "F32", "F16": "F16", "BF16": "BF16"}[ttype]
         x = gguf.quants.dequantize(src_t.data, src_t.tensor_type)
+        kind = to
+        if to == "q8_0" and x.shape[-1] % 32:
+            kind = "f16"  # llama.cpp's fallback for rows of no whole block
+        assert t.tensor_type.name == {"f32": "F32", "f16": "F16", "bf16": "BF16",
+                                      "q8_0": "Q8_0"}[kind], t.name
         want = {"f32": lambda v: v.astype(np.float32),
                 "f16": lambda v: v.astype(np.float16),
-                "bf16": lambda v: gguf.quants.quantize(v, gguf.GGMLQuantizationType.BF16)}[to](x)
+                "bf16": lambda v: gguf.quants.quantize(v, gguf.GGMLQuantizationType.BF16),
+                "q8_0": lambda v: gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0),
+                }[kind](x.astype(np.float32))
         assert t.data.tobytes() == np.ascontiguousarray(want).tobytes(), t.name
         assert t.data_offset % 32 == 0
 

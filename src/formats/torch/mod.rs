@@ -86,52 +86,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             }
         ));
     }
-    // Every global torch.load would look up: the saved object's through torch's unpickler,
-    // the other pickles of a legacy stack through plain pickle.
-    let mut all_globals: Vec<(String, String, u8, bool)> = pk
-        .globals_with_protocol()
-        .into_iter()
-        .map(|(m, n, p)| (m, n, p, true))
-        .collect();
-    for (m, n, p) in &ar.other_globals {
-        all_globals.push((m.clone(), n.clone(), *p, false));
-    }
-    let globals: Vec<(String, Class)> = all_globals
-        .iter()
-        .map(|(m, n, p, t)| crate::audit::judge(m, n, *p, *t))
-        .collect();
-    let dangerous: Vec<&str> = globals
-        .iter()
-        .filter(|g| g.1 == Class::Dangerous)
-        .map(|g| g.0.as_str())
-        .collect();
-    if !dangerous.is_empty() {
-        notes.push(format!(
-            "the pickle references dangerous globals ({}): weightcast never runs them; do not torch.load this file",
-            dangerous.join(", ")
-        ));
-    }
-    // Default-deny: what the saved object's pickle calls that no allowlist names.
-    let mut unknown: Vec<String> = Vec::new();
-    for (m, n, site, how) in pk.global_occurrences() {
-        let allow = crate::audit::Allow::default();
-        let (name, class) = crate::audit::judge_use(&m, &n, site.protocol, true, how, &allow);
-        if class == Class::UnknownCall && !unknown.contains(&name) {
-            unknown.push(name);
-        }
-    }
-    if !unknown.is_empty() {
-        notes.push(format!(
-            "the pickle calls globals that no allowlist names ({}): weightcast never runs them; \
-             torch.load(weights_only=False) would (audit lists them; a .pt output needs --allow)",
-            unknown.join(", ")
-        ));
-    }
-    for a in &ar.ambiguities {
-        notes.push(format!(
-            "ambiguous file: {a}; other readers may load something else (audit it)"
-        ));
-    }
+    let globals = judge_globals(pk, &ar, &mut notes);
     // safetensors metadata in the convert.py style: {"format": "pt", removed: kept}.
     let mut metadata = vec![("format".to_string(), "pt".to_string())];
     metadata.extend(aliases.iter().cloned());
@@ -182,6 +137,58 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         quant: None,
         gguf: None,
     })
+}
+
+/// Every global torch.load would look up, judged, with notes for the user on the dangerous
+/// ones, the calls no allowlist names and the ambiguities.
+fn judge_globals(pk: &Pickle, ar: &Archive, notes: &mut Vec<String>) -> Vec<(String, Class)> {
+    // Every global torch.load would look up: the saved object's through torch's unpickler,
+    // the other pickles of a legacy stack through plain pickle.
+    let mut all_globals: Vec<(String, String, u8, bool)> = pk
+        .globals_with_protocol()
+        .into_iter()
+        .map(|(m, n, p)| (m, n, p, true))
+        .collect();
+    for (m, n, p) in &ar.other_globals {
+        all_globals.push((m.clone(), n.clone(), *p, false));
+    }
+    let globals: Vec<(String, Class)> = all_globals
+        .iter()
+        .map(|(m, n, p, t)| crate::audit::judge(m, n, *p, *t))
+        .collect();
+    let dangerous: Vec<&str> = globals
+        .iter()
+        .filter(|g| g.1 == Class::Dangerous)
+        .map(|g| g.0.as_str())
+        .collect();
+    if !dangerous.is_empty() {
+        notes.push(format!(
+            "the pickle references dangerous globals ({}): weightcast never runs them; do not torch.load this file",
+            dangerous.join(", ")
+        ));
+    }
+    // Default-deny: what the saved object's pickle calls that no allowlist names.
+    let mut unknown: Vec<String> = Vec::new();
+    for (m, n, site, how) in pk.global_occurrences() {
+        let allow = crate::audit::Allow::default();
+        let (name, class) = crate::audit::judge_use(&m, &n, site.protocol, true, how, &allow);
+        if class == Class::UnknownCall && !unknown.contains(&name) {
+            unknown.push(name);
+        }
+    }
+    if !unknown.is_empty() {
+        notes.push(format!(
+            "the pickle calls globals that no allowlist names ({}): weightcast never runs them; \
+             torch.load(weights_only=False) would (audit lists them; a .pt output needs --allow)",
+            unknown.join(", ")
+        ));
+    }
+    for a in &ar.ambiguities {
+        notes.push(format!(
+            "ambiguous file: {a}; other readers may load something else (audit it)"
+        ));
+    }
+    globals
 }
 
 /// Every node reachable from `root`, each once.
