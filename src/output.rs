@@ -32,11 +32,15 @@ pub const OUTPUT_FORMATS: &[(&str, &str)] = &[
     ),
     (
         "FILE.pt, .pth, .bin",
-        "a torch.save checkpoint (loads with weights_only=True)",
+        "a torch.save checkpoint (--json says whether weights_only=True loads it)",
     ),
     (
         "FOLDER",
         "a model folder (for a folder input: config, tokenizer and the other files too)",
+    ),
+    (
+        "FILE.gguf",
+        "from a GGUF input: retyped as llama.cpp's quantizer does (--to f32|f16|bf16|q8_0)",
     ),
 ];
 

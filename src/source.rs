@@ -136,14 +136,9 @@ impl<'a> Sources<'a> {
                 format!("tensor `{}`: read past its blocks", t.name),
             ));
         }
+        // `t.offset` is where its blocks start
         let mut raw = vec![0u8; ((b1 - b0) * bytes) as usize];
-        let blocks = TensorEntry {
-            offset: t.offset + b0 * bytes,
-            nbytes: raw.len() as u64,
-            blocks: None,
-            ..t.clone()
-        };
-        self.read_raw(&blocks, 0, &mut raw)?;
+        self.read_raw(t, b0 * bytes, &mut raw)?;
         let mut vals = vec![0f32; ((b1 - b0) * block) as usize];
         if !crate::cast::ggml::dequantize(
             b.ggml.id,

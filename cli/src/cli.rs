@@ -17,7 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Show the tensors of a checkpoint: format, counts, bytes, dtypes and metadata.
     Inspect {
-        /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
+        /// A .safetensors file, a *.safetensors.index.json, a model folder, a .pt checkpoint or a
+        /// .gguf file.
         path: PathBuf,
         /// For a PyTorch training checkpoint: the entry holding the state dict.
         #[arg(long, value_name = "PATH")]
@@ -98,7 +99,8 @@ pub struct RuleFlags {
 
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
-    /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint.
+    /// A .safetensors file, a *.safetensors.index.json, a model folder, a .pt checkpoint or a
+    /// .gguf file.
     pub input: PathBuf,
     /// For a PyTorch training checkpoint: the entry holding the state dict.
     #[arg(long, value_name = "PATH")]
@@ -255,7 +257,8 @@ fn to_help() -> String {
     format!(
         "Target dtype: {}, or auto (keep the source precision, decided from the tensors: a \
          format move, or dequantizing FP8 to the checkpoint's own dtype). With --auto, a \
-         comma-separated list of candidates in order of preference (e.g. f8e4m3,bf16,f16)",
+         comma-separated list of candidates in order of preference (e.g. f8e4m3,bf16,f16). A \
+         .gguf output also takes q8_0",
         weightcast::dtype::castable_names()
     )
 }
@@ -263,7 +266,7 @@ fn to_help() -> String {
 /// `-o`'s help: the output formats from the table.
 fn output_help() -> String {
     format!(
-        "Output: {}; locally or under s3://BUCKET/PREFIX",
+        "Output: {}; locally or under s3://BUCKET/PREFIX (.gguf: locally)",
         weightcast::output::OUTPUT_FORMATS
             .iter()
             .map(|o| o.0)
@@ -274,8 +277,8 @@ fn output_help() -> String {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// A .safetensors file, a *.safetensors.index.json, a model folder or a .pt checkpoint;
-    /// or https://.../x.safetensors, hf://ORG/NAME[@REV], s3://BUCKET/PREFIX.
+    /// A .safetensors file, a *.safetensors.index.json, a model folder, a .pt checkpoint or a
+    /// .gguf file; or https://.../x.safetensors, hf://ORG/NAME[@REV], s3://BUCKET/PREFIX.
     #[arg(required_unless_present = "batch")]
     pub input: Option<PathBuf>,
     /// Convert every `INPUT -> OUTPUT` line of FILE (blank lines and `#` comments skipped) with

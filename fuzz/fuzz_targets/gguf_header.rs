@@ -1,10 +1,13 @@
 //! The GGUF header parser on arbitrary bytes and file lengths: it never panics nor allocates by
 //! a length it has not checked; a header it accepts places every tensor inside the file without
 //! overlap; and dequantizing any block-quantized tensor's bytes (taken from the input) never
-//! panics.
+//! panics. What the GGUF writer makes of an accepted header (same tensors and types) reads back
+//! as the same tensor table, each tensor where the writer placed it, and as metadata that the
+//! writer turns into the same bytes again.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use weightcast::formats::gguf::parse_header;
+use weightcast::formats::gguf_write::{header, OutTensor};
 
 fuzz_target!(|input: (u16, &[u8])| {
     let (extra, data) = input;
@@ -25,5 +28,31 @@ fuzz_target!(|input: (u16, &[u8])| {
         let raw = &data[..data.len() / bytes * bytes];
         let mut out = vec![0f32; raw.len() / bytes * block];
         let _ = weightcast::cast::ggml::dequantize(t.ggml.id, bytes, block, raw, &mut out);
+    }
+    let outs: Vec<OutTensor> = doc
+        .tensors
+        .iter()
+        .map(|t| OutTensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ggml: t.ggml,
+            nbytes: t.nbytes,
+        })
+        .collect();
+    let head = header(&doc, &[], &outs);
+    let back = parse_header(std::path::Path::new("back.gguf"), &head.bytes, head.len)
+        .expect("what the writer makes reads back");
+    // the metadata (split keys aside) reads back as written: writing it again gives the same bytes
+    assert_eq!(header(&back, &[], &outs).bytes, head.bytes);
+    assert_eq!(
+        back.metadata.len(),
+        doc.metadata
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "split.no" | "split.count" | "split.tensors.count"))
+            .count()
+    );
+    assert_eq!(back.tensors.len(), outs.len());
+    for ((b, o), at) in back.tensors.iter().zip(&outs).zip(&head.offsets) {
+        assert_eq!((&b.name, &b.dims, b.ggml, b.nbytes, b.offset), (&o.name, &o.dims, o.ggml, o.nbytes, *at));
     }
 });

@@ -92,8 +92,10 @@ pub enum Value {
     U(u64, &'static str),
     /// A signed integer (int8/16/32/64).
     I(i64, &'static str),
-    /// A float (float32/64).
+    /// A float64 (`F(x, "float64")`); a float32 is [`Value::F32`].
     F(f64, &'static str),
+    /// A float32, its bits as stored (a NaN's payload kept).
+    F32(f32),
     /// A bool.
     Bool(bool),
     /// A string (UTF-8, invalid bytes replaced).
@@ -107,6 +109,7 @@ impl Value {
     pub fn type_name(&self) -> String {
         match self {
             Value::U(_, t) | Value::I(_, t) | Value::F(_, t) => t.to_string(),
+            Value::F32(_) => "float32".into(),
             Value::Bool(_) => "bool".into(),
             Value::Str(_) => "string".into(),
             Value::Array(t, v) => format!("array[{t}; {}]", v.len()),
@@ -120,6 +123,7 @@ impl Value {
             Value::U(v, _) => json!(v),
             Value::I(v, _) => json!(v),
             Value::F(v, _) => json!(v),
+            Value::F32(v) => json!(v),
             Value::Bool(b) => json!(b),
             Value::Str(s) => json!(s),
             Value::Array(t, v) if v.len() > max => json!({

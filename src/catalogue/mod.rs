@@ -72,6 +72,23 @@ pub struct SourceFile {
     pub remote: Option<std::sync::Arc<dyn crate::remote::RangeRead>>,
 }
 
+impl SourceFile {
+    /// A local file of `len` bytes, named after its file name, without metadata.
+    pub fn local(path: &std::path::Path, len: u64) -> SourceFile {
+        SourceFile {
+            path: path.to_path_buf(),
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            len,
+            metadata: None,
+            big_endian: false,
+            remote: None,
+        }
+    }
+}
+
 /// An index into [`Catalogue::tensors`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(pub usize);

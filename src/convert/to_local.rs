@@ -122,6 +122,16 @@ pub(super) fn parent_of(p: &Path) -> PathBuf {
     }
 }
 
+/// The temporary file a single-file output is written to, beside `dest`.
+pub(super) fn staged_beside(dest: &Path) -> Result<tempfile::NamedTempFile> {
+    let name = dest
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    temp_file(&parent_of(dest), &name)
+}
+
 pub(super) fn temp_file(dir: &Path, name: &str) -> Result<tempfile::NamedTempFile> {
     // Ordinary permissions (0666 less the umask), not the 0600 of a private temp file.
     tempfile::Builder::new()
@@ -212,13 +222,7 @@ impl Job<'_> {
             ],
             &outs,
         );
-        let dir = parent_of(dest);
-        let name = dest
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let tmp = temp_file(&dir, &name)?;
+        let tmp = staged_beside(dest)?;
         let file = tmp.as_file();
         file.set_len(head.len)
             .map_err(|e| Error::io(tmp.path(), e))?;
@@ -266,20 +270,18 @@ impl Job<'_> {
     ) -> Result<Vec<crate::formats::gguf_write::OutTensor>> {
         use crate::formats::gguf_write::{self as gw, OutTensor};
         let (cat, plan) = (self.cat, self.plan);
+        let by_name: std::collections::HashMap<&str, &crate::catalogue::gguf::GgufTensor> =
+            doc.tensors.iter().map(|g| (g.name.as_str(), g)).collect();
         let mut outs = Vec::with_capacity(of.tensors.len());
         for (k, &i) in of.tensors.iter().enumerate() {
             let p = &plan.tensors()[i];
             let t = &cat.tensors[p.tensor];
-            let gt = doc
-                .tensors
-                .iter()
-                .find(|g| g.name == t.name)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        &cat.path,
-                        format!("tensor `{}` is not in the GGUF table", t.name),
-                    )
-                })?;
+            let gt = by_name.get(t.name.as_str()).ok_or_else(|| {
+                Error::invalid(
+                    &cat.path,
+                    format!("tensor `{}` is not in the GGUF table", t.name),
+                )
+            })?;
             let (ggml, nbytes) = match (&raw[k], t.blocks) {
                 (Some(r), Some(b)) => (b.ggml, r.nbytes),
                 _ if p.ggml.is_some() => (p.ggml.expect("checked"), p.bytes_out),
@@ -309,13 +311,7 @@ impl Job<'_> {
             crate::formats::torch_write::from_tensors(cat, plan)?
         };
         summary.pickle = Some(pt.report.clone());
-        let dir = parent_of(dest);
-        let name = dest
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let tmp = temp_file(&dir, &name)?;
+        let tmp = staged_beside(dest)?;
         let stem = dest
             .file_stem()
             .and_then(|s| s.to_str())

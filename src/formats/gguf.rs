@@ -84,7 +84,7 @@ impl Reader<'_> {
             ),
             4 => Value::U(self.u32("a value")? as u64, "uint32"),
             5 => Value::I(self.u32("a value")? as i32 as i64, "int32"),
-            6 => Value::F(f32::from_bits(self.u32("a value")?) as f64, "float32"),
+            6 => Value::F32(f32::from_bits(self.u32("a value")?)),
             7 => match b(self, 1)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
@@ -339,17 +339,7 @@ pub fn open(path: &Path) -> Result<Catalogue> {
     let mut cat = Catalogue::new(
         path.to_path_buf(),
         InputKind::Gguf,
-        vec![SourceFile {
-            path: path.to_path_buf(),
-            name: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            len,
-            metadata: None,
-            big_endian: false,
-            remote: None,
-        }],
+        vec![SourceFile::local(path, len)],
         tensors,
     );
     let (read, unread): (Vec<&GgufTensor>, Vec<&GgufTensor>) = doc
@@ -525,6 +515,24 @@ mod tests {
         assert_eq!(doc.architecture(), Some("llama"));
         assert_eq!(doc.data_offset, data as u64);
         assert_eq!(doc.tensors[0].nbytes, 68);
+        // what the writer makes of it reads back the same
+        let outs: Vec<crate::formats::gguf_write::OutTensor> = doc
+            .tensors
+            .iter()
+            .map(|t| crate::formats::gguf_write::OutTensor {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ggml: t.ggml,
+                nbytes: t.nbytes,
+            })
+            .collect();
+        let head = crate::formats::gguf_write::header(&doc, &[], &outs);
+        let back = parse(p, &head.bytes, head.len).unwrap();
+        assert_eq!(
+            (back.metadata, back.data_offset),
+            (doc.metadata.clone(), doc.data_offset)
+        );
+        assert_eq!(back.tensors, doc.tensors);
         // one byte short: the tensor runs past the end
         let e = parse(p, &b[..b.len() - 1], b.len() as u64 - 1)
             .unwrap_err()

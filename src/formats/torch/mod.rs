@@ -117,15 +117,9 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             InputKind::Torch
         },
         files: vec![SourceFile {
-            path: path.to_path_buf(),
-            name: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            len,
             metadata: Some(metadata),
             big_endian: ar.big_endian,
-            remote: None,
+            ..SourceFile::local(path, len)
         }],
         tensors,
         index_metadata: None,
