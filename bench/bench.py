@@ -162,13 +162,77 @@ boto3.client("s3").upload_file(sys.argv[1], "bench", "boto3-out.safetensors")
 """
 
 
+QUANTIZE_SCRIPT = """
+import ctypes, os, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3])
+p.nthread = os.cpu_count()
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+# (contender, contender) pairs whose outputs must be the same bytes
+GGUF_PAIRS: list = []
+
+
+def gguf_digest(contender, out: pathlib.Path) -> str:
+    import hashlib
+
+    if out.exists():
+        out.unlink()
+    subprocess.run(contender[1], check=True, capture_output=True)
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_contenders(layers: int, src: pathlib.Path, out: pathlib.Path) -> list:
+    """A Llama folder (the benchmark weights linked in, the test suite's 96-piece SentencePiece
+    tokenizer, padded to 32000 tokens by both converters) to GGUF; and a GGUF f32 file retyped."""
+    folder = OUT / f"llama-{layers}l"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "model.safetensors").exists():
+        os.link(src, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(dict(LLAMA_CONFIG, num_hidden_layers=layers)))
+    shutil.copy(ROOT / "tests" / "fixtures" / "gguf" / "tokenizer.model", folder / "tokenizer.model")
+    f32 = OUT / "llama-f32.gguf"
+    subprocess.run([str(BIN), "convert", str(folder), "-o", str(f32), "--to", "f32", "--force", "-q"],
+                   check=True)
+
+    def wc(inp, to):
+        return [str(BIN), "convert", str(inp), "-o", str(out), "--to", to, "--force", "-q"]
+
+    rows = []
+    llama_dir = os.environ.get("LLAMA_CPP_DIR")
+    llama_py = os.environ.get("LLAMA_PYTHON")
+    for to in ["f16", "q8_0"]:
+        mine = (f"weightcast folder -> GGUF {to}", wc(folder, to))
+        rows.append(mine)
+        if llama_dir:
+            ref = (f"convert_hf_to_gguf.py --outtype {to}",
+                   [PY, str(pathlib.Path(llama_dir) / "convert_hf_to_gguf.py"), str(folder),
+                    "--outtype", to, "--outfile", str(out)])
+            rows.append(ref)
+            GGUF_PAIRS.append((mine, ref))
+    for to, ftype in [("f16", 1), ("q8_0", 7)]:
+        mine = (f"weightcast GGUF f32 -> {to}", wc(f32, to))
+        rows.append(mine)
+        if llama_py:
+            ref = (f"llama_model_quantize f32 -> {to} ({os.cpu_count()} threads)",
+                   [llama_py, "-c", QUANTIZE_SCRIPT, str(f32), str(out), str(ftype)])
+            rows.append(ref)
+            GGUF_PAIRS.append((mine, ref))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench-out/ afterwards")
     ap.add_argument("--generate-only", metavar="PATH")
-    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io", "remote", "s3"],
+    ap.add_argument("--set", choices=["all", "pt", "fp8", "python", "io", "remote", "s3", "gguf"],
                     default="all",
                     help="pt: only the PyTorch-file contenders and their references; fp8: "
                          "scaled FP8 quantization and dequantization (and llm-compressor when "
@@ -178,7 +242,11 @@ def main():
                          "machine's limits, warm and cold (page cache dropped before each "
                          "cold run, as root), and WEIGHTCAST_BIN_B as a second binary to "
                          "compare; s3: to moto's S3 server on loopback (multipart upload) against "
-                         "boto3 uploading the same bytes")
+                         "boto3 uploading the same bytes; gguf: a Llama folder to GGUF (f16, "
+                         "q8_0) against llama.cpp's convert_hf_to_gguf.py (LLAMA_CPP_DIR: the "
+                         "vendor/llama.cpp folder of llama-cpp-python 0.3.36's sdist; this "
+                         "Python needs sentencepiece) and GGUF retypes against "
+                         "llama_model_quantize (LLAMA_PYTHON: a Python with llama-cpp-python)")
     args = ap.parse_args()
     if args.generate_only:
         generate(pathlib.Path(args.generate_only), args.layers)
@@ -290,6 +358,9 @@ def main():
         if other:
             contenders.append(("cold: B: weightcast f32->f16 (WEIGHTCAST_BIN_B)",
                                [other, *wc("f16")[1:]]))
+    out_gguf = OUT / "out.gguf"
+    if args.set == "gguf":
+        contenders = [("weightcast f32->f16", wc("f16"))] + gguf_contenders(args.layers, src, out_gguf)
     server = None
     if args.set == "remote":
         port = 18000 + os.getpid() % 1000
@@ -364,7 +435,7 @@ def main():
     for r in range(args.runs):
         subprocess.run(["sh", "-c", f"cat '{src}' > /dev/null"], check=True)  # warm again
         for name, cmd in contenders:
-            for o in (out, out_pt):
+            for o in (out, out_pt, out_gguf):
                 if o.exists():
                     o.unlink()
             if name.startswith("cold:") and not drop_caches():
@@ -395,6 +466,11 @@ def main():
         for name, cmd in contenders:
             if tuple(cmd) in INPROC:
                 lines.append(f"| {name} | {statistics.median(INPROC[tuple(cmd)]):.2f} |")
+    if args.set == "gguf":
+        lines += ["", "Byte-identical outputs (sha256 of one more run each):", ""]
+        for a, b in GGUF_PAIRS:
+            same = gguf_digest(a, out_gguf) == gguf_digest(b, out_gguf)
+            lines.append(f"- {a[0]} / {b[0]}: {'identical' if same else 'DIFFERENT'}")
     print("\n".join(lines))
     if server:
         server.kill()

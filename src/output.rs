@@ -61,7 +61,7 @@ impl Target {
             Ok(Target::File(out.to_path_buf()))
         } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
             Ok(Target::Pt(out.to_path_buf()))
-        } else if name.to_ascii_lowercase().ends_with(".gguf") && cat.gguf.is_some() {
+        } else if name.to_ascii_lowercase().ends_with(".gguf") {
             Ok(Target::Gguf(out.to_path_buf()))
         } else if let Some(ext) = out
             .extension()
@@ -69,13 +69,8 @@ impl Target {
             .filter(|e| FOREIGN_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
         {
             Err(Error::usage(format!(
-                "{}: weightcast does not write .{ext} files{}; outputs are {}",
+                "{}: weightcast does not write .{ext} files; outputs are {}",
                 out.display(),
-                if ext.eq_ignore_ascii_case("gguf") {
-                    " from this input (a .gguf output needs a GGUF input: GGUF -> GGUF retype)"
-                } else {
-                    ""
-                },
                 OUTPUT_NAMES
             )))
         } else if cat.kind == InputKind::Folder {
@@ -123,7 +118,7 @@ pub struct Layout {
 
 /// The output formats of [`OUTPUT_FORMATS`] in one phrase, for messages.
 const OUTPUT_NAMES: &str =
-    ".safetensors, .safetensors.index.json, .pt/.pth/.bin, a folder, or .gguf from a GGUF input";
+    ".safetensors, .safetensors.index.json, .pt/.pth/.bin, a folder, or .gguf (from a GGUF file or a Llama model folder)";
 
 /// Parses a shard size the way transformers does: `5GB` = 5·10⁹ bytes, `5GiB` = 5·2³⁰,
 /// `500MB`, `100KB`, or a plain number of bytes.
@@ -422,12 +417,23 @@ pub fn check_target(cat: &Catalogue, target: &Target, layout: &Layout, force: bo
 /// A GGUF output: one file, the tensors in llama.cpp's order (by layer, then name).
 fn gguf_layout(cat: &Catalogue, plan: &Plan, p: &Path) -> Layout {
     let mut all: Vec<usize> = (0..plan.tensors().len()).collect();
-    all.sort_by(|&a, &b| {
-        crate::formats::gguf::llama_order(
-            &cat.tensors[plan.tensors()[a].tensor].name,
-            &cat.tensors[plan.tensors()[b].tensor].name,
-        )
-    });
+    if let Some(h) = plan.gguf_hf.as_deref() {
+        // a model folder's: the converter's order
+        let at: std::collections::HashMap<usize, usize> = h
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(k, t)| (t.source, k))
+            .collect();
+        all.sort_by_key(|&i| at.get(&plan.tensors()[i].tensor.0).copied());
+    } else {
+        all.sort_by(|&a, &b| {
+            crate::formats::gguf::llama_order(
+                &cat.tensors[plan.tensors()[a].tensor].name,
+                &cat.tensors[plan.tensors()[b].tensor].name,
+            )
+        });
+    }
     let name = p
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

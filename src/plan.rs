@@ -186,6 +186,8 @@ pub struct Plan {
     /// For a scaled FP8 output: the `quantization_config` a folder output's `config.json`
     /// gets.
     pub quant_config: Option<serde_json::Value>,
+    /// For a GGUF output of a Hugging Face folder: its metadata, tensor names and order.
+    pub gguf_hf: Option<std::sync::Arc<crate::formats::gguf_hf::HfGguf>>,
 }
 
 /// What the output holds of a PyTorch file.
@@ -379,6 +381,7 @@ impl Plan {
             removed: vec![],
             quant: QuantPlan::None,
             quant_config: None,
+            gguf_hf: None,
         };
         plan.dequantize(cat, rules);
         plan.settle(cat);
@@ -458,6 +461,13 @@ impl Plan {
         self.tensors
             .retain(|p| !removed.iter().any(|(i, _)| *i == p.tensor.0));
         self.removed = removed;
+    }
+
+    /// Leaves catalogue tensors `ids` out of the output, each with its reason.
+    pub fn remove(&mut self, ids: &[(usize, String)]) {
+        self.tensors
+            .retain(|p| !ids.iter().any(|(i, _)| *i == p.tensor.0));
+        self.removed.extend(ids.iter().cloned());
     }
 
     /// Passes a quantized input's payloads, scales and other tensors through untouched

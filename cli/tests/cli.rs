@@ -842,7 +842,11 @@ fn options_that_cannot_be_honoured_are_refused() {
             &["-o", &d.s("o.safetensors"), "--strip-prefix", "module"],
             "did you mean `module.`",
         ),
-        (&["-o", &d.s("model.gguf")], "does not write .gguf"),
+        (
+            &["-o", &d.s("model.gguf")],
+            "a .gguf output is written from a GGUF file or a Hugging Face model folder",
+        ),
+        (&["-o", &d.s("model.onnx")], "does not write .onnx"),
     ];
     for (args, want) in cases {
         let o = run(&[&["convert", inp, "--to", "f16"][..], args].concat());

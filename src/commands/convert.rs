@@ -175,7 +175,7 @@ impl ConvertRequest {
                 .is_some_and(|t| t.eq_ignore_ascii_case("q8_0"))
         {
             return Err(Error::usage(format!(
-                "{}: q8_0 is a GGUF type: write a .gguf output from a GGUF input",
+                "{}: q8_0 is a GGUF type: write a .gguf output",
                 c.given("to", "q8_0")
             )));
         }
@@ -187,6 +187,28 @@ impl ConvertRequest {
             None => single_target(self.to.as_deref(), file_to, c)?,
         };
         Ok((candidates, target))
+    }
+
+    /// The llama.cpp file type of a GGUF output of a model folder: `--to`, or for `auto` the
+    /// converter's guess from the tensors.
+    fn folder_gguf_type(
+        &self,
+        cat: &Catalogue,
+        auto_to: bool,
+        target: DType,
+    ) -> formats::gguf_hf::FileType {
+        use formats::gguf_hf::FileType;
+        if auto_to {
+            formats::gguf_hf::guess_file_type(cat)
+        } else if self.gguf_q8() {
+            FileType::Q8_0
+        } else {
+            match target {
+                DType::F32 => FileType::F32,
+                DType::BF16 => FileType::BF16,
+                _ => FileType::F16,
+            }
+        }
     }
 
     /// `--to q8_0` with a `.gguf` output: llama.cpp's Q8_0 for the tensors it retypes.
@@ -385,7 +407,12 @@ impl ConvertRequest {
             },
         };
         let auto_to = self.to.as_deref() == Some("auto");
-        let target = if auto_to {
+        // a GGUF output of a model folder: what llama.cpp's converter writes
+        let folder_gguf = is_gguf(&self.output) && cat.gguf.is_none();
+        let ftype = folder_gguf.then(|| self.folder_gguf_type(cat, auto_to, target));
+        let target = if let Some(f) = ftype {
+            f.planned()
+        } else if auto_to {
             Plan::auto_target(cat).ok_or_else(|| {
                 Error::usage(format!(
                     "{}: {} has no floating tensor to take a precision from",
@@ -397,7 +424,9 @@ impl ConvertRequest {
             target
         };
         let mut plan = Plan::with_scope(cat, rules, target, scope);
-        if auto_to {
+        if let Some(f) = ftype {
+            plan_folder_gguf(cat, &mut plan, f)?;
+        } else if auto_to {
             plan.keep_source_precision(cat);
         }
         if self.on_quantized == OnQuantized::Keep {
@@ -621,6 +650,51 @@ impl ConvertRequest {
 }
 
 /// Whether `out` names a GGUF file.
+/// A GGUF output of a model folder: tensors named, ordered and typed as llama.cpp's converter
+/// writes them (1-D tensors, norms and biases in F32; the others in the file type, Q8_0 rows of
+/// no whole block in F16); rules decide on top of the file type.
+fn plan_folder_gguf(
+    cat: &Catalogue,
+    plan: &mut Plan,
+    ftype: formats::gguf_hf::FileType,
+) -> Result<()> {
+    use formats::gguf_hf::FileType;
+    let out = formats::gguf_hf::describe(cat, ftype)?;
+    plan.remove(&out.skipped);
+    let f32_only: std::collections::HashSet<usize> = out
+        .tensors
+        .iter()
+        .filter(|t| t.f32_only)
+        .map(|t| t.source)
+        .collect();
+    let shapes: Vec<Vec<u64>> = cat.tensors.iter().map(|t| t.shape.clone()).collect();
+    plan.update(cat, |ts| {
+        for p in ts.iter_mut() {
+            let shape = &shapes[p.tensor.0];
+            let numel: u64 = shape.iter().product();
+            if f32_only.contains(&p.tensor.0) {
+                p.set_target(DType::F32, numel);
+                p.reason = "F32, as llama.cpp reads 1-D tensors, norms and biases".into();
+                p.by_default = false;
+            } else if ftype == FileType::Q8_0 && p.by_default {
+                if shape.last().is_some_and(|&n| n % 32 == 0) {
+                    p.set_target(DType::F32, numel);
+                    p.ggml = crate::catalogue::gguf::GgmlType::from_id(8);
+                    p.bytes_out = numel / 32 * 34;
+                    p.reason = "--to q8_0: ggml Q8_0, quantized from its float32 values".into();
+                } else {
+                    p.set_target(DType::F16, numel);
+                    p.reason = "f16: its rows are no whole number of Q8_0 blocks (as llama.cpp \
+                                falls back)"
+                        .into();
+                }
+            }
+        }
+    });
+    plan.gguf_hf = Some(std::sync::Arc::new(out));
+    Ok(())
+}
+
 fn is_gguf(out: &Path) -> bool {
     out.extension()
         .and_then(|e| e.to_str())

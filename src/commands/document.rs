@@ -132,6 +132,9 @@ pub struct PlanEntry {
     /// A GGUF output: the ggml type it is written in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ggml_type: Option<&'static str>,
+    /// Renamed in the output (a GGUF output of a model folder): its name in the input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_name: Option<String>,
     /// For a tensor outside the state dict: the checkpoint entry it is in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry: Option<String>,
@@ -282,6 +285,7 @@ fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
             }),
         entry: None,
         ggml_type: None,
+        source_name: None,
     }
 }
 
@@ -290,9 +294,14 @@ impl PlanDoc {
     pub fn new(cat: &Catalogue, plan: &Plan, layout: &Layout) -> PlanDoc {
         let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
         let t = plan.totals();
-        let gguf_out = cat.gguf.is_some()
+        let gguf_out = (cat.gguf.is_some() || plan.gguf_hf.is_some())
             && layout.files.len() == 1
             && layout.files[0].name.to_ascii_lowercase().ends_with(".gguf");
+        let renamed: std::collections::HashMap<usize, &str> = plan
+            .gguf_hf
+            .iter()
+            .flat_map(|h| h.tensors.iter().map(|t| (t.source, t.name.as_str())))
+            .collect();
         PlanDoc {
             input: cat.path.clone(),
             target: plan.target.torch_name(),
@@ -304,6 +313,9 @@ impl PlanDoc {
                     let mut e = entry(cat, t, p);
                     if gguf_out {
                         e.ggml_type = written_ggml(t, p);
+                    }
+                    if let Some(n) = renamed.get(&p.tensor.0) {
+                        e.source_name = Some(std::mem::replace(&mut e.name, n.to_string()));
                     }
                     e
                 })

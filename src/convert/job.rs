@@ -190,6 +190,7 @@ impl<'a> Job<'a> {
             from: p.from,
             to: p.to,
             how,
+            rows: None,
         })
     }
 

@@ -174,6 +174,9 @@ impl Job<'_> {
     pub(super) fn write_gguf(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
         use crate::formats::gguf_write as gw;
         let (cat, plan) = (self.cat, self.plan);
+        if let Some(h) = plan.gguf_hf.as_deref() {
+            return self.write_folder_gguf(h, dest, summary);
+        }
         let doc = cat.gguf.as_deref().ok_or_else(|| {
             Error::usage(format!(
                 "{}: a .gguf output needs a GGUF input",
@@ -222,13 +225,6 @@ impl Job<'_> {
             ],
             &outs,
         );
-        let tmp = staged_beside(dest)?;
-        let file = tmp.as_file();
-        file.set_len(head.len)
-            .map_err(|e| Error::io(tmp.path(), e))?;
-        (&*file)
-            .write_all(&head.bytes)
-            .map_err(|e| Error::io(tmp.path(), e))?;
         let pieces: Vec<Piece<'_>> = of
             .tensors
             .iter()
@@ -239,15 +235,36 @@ impl Job<'_> {
                     from: crate::DType::U8,
                     to: crate::DType::U8,
                     how: How::Cast,
+                    rows: None,
                 }),
                 None => self.piece(&plan.tensors()[i]),
             })
             .collect::<Result<_>>()?;
+        self.stream_gguf(&head, &pieces, dest, summary)
+    }
+
+    /// Writes a GGUF file: `head`, then the pieces' data at its offsets; staged beside `dest`
+    /// and moved in place once whole.
+    fn stream_gguf(
+        &self,
+        head: &crate::formats::gguf_write::GgufHeader,
+        pieces: &[Piece<'_>],
+        dest: &Path,
+        summary: &mut Summary,
+    ) -> Result<()> {
+        let of = &summary.layout.files[0];
+        let tmp = staged_beside(dest)?;
+        let file = tmp.as_file();
+        file.set_len(head.len)
+            .map_err(|e| Error::io(tmp.path(), e))?;
+        (&*file)
+            .write_all(&head.bytes)
+            .map_err(|e| Error::io(tmp.path(), e))?;
         let mut sink = AlignedSink {
             inner: FileSink::new(file, tmp.path(), self.opts.sync, head.bytes.len() as u64),
             offsets: &head.offsets,
         };
-        let counts = self.exec().run(&pieces, &mut sink)?;
+        let counts = self.exec().run(pieces, &mut sink)?;
         self.check_cancel()?;
         self.finish(file, tmp.path())?;
         let counts: Vec<(usize, u64)> = counts
@@ -258,6 +275,56 @@ impl Job<'_> {
         tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
         summary.files.push(dest.to_path_buf());
         Ok(())
+    }
+
+    /// A GGUF file from a Hugging Face folder: the metadata and tensor table the plan holds,
+    /// each tensor cast (q/k projections with their rows permuted) as planned.
+    fn write_folder_gguf(
+        &self,
+        h: &crate::formats::gguf_hf::HfGguf,
+        dest: &Path,
+        summary: &mut Summary,
+    ) -> Result<()> {
+        use crate::formats::gguf_write::{self as gw, OutTensor};
+        let plan = self.plan;
+        let of = &summary.layout.files[0];
+        let by_source: std::collections::HashMap<usize, &crate::formats::gguf_hf::HfTensor> =
+            h.tensors.iter().map(|t| (t.source, t)).collect();
+        let mut outs = Vec::with_capacity(of.tensors.len());
+        let mut pieces = Vec::with_capacity(of.tensors.len());
+        for &i in &of.tensors {
+            let p = &plan.tensors()[i];
+            let ht = by_source.get(&p.tensor.0).ok_or_else(|| {
+                Error::usage(format!(
+                    "tensor `{}`: not in the GGUF table",
+                    self.cat.tensors[p.tensor].name
+                ))
+            })?;
+            let ggml = match p.ggml {
+                Some(g) => g,
+                None => gw::ggml_of(p.to).ok_or_else(|| {
+                    Error::usage(format!("tensor `{}`: GGUF has no {} type", ht.name, p.to))
+                })?,
+            };
+            outs.push(OutTensor {
+                name: ht.name.clone(),
+                dims: ht.dims.clone(),
+                ggml,
+                nbytes: p.bytes_out,
+            });
+            let mut piece = self.piece(p)?;
+            piece.rows = ht.permute;
+            pieces.push(piece);
+        }
+        let doc = crate::catalogue::gguf::GgufDoc {
+            version: 3,
+            alignment: crate::catalogue::gguf::DEFAULT_ALIGNMENT,
+            data_offset: 0,
+            metadata: h.metadata.clone(),
+            tensors: vec![],
+        };
+        let head = gw::header(&doc, &[], &outs);
+        self.stream_gguf(&head, &pieces, dest, summary)
     }
 
     /// The output table of a GGUF file: each tensor's GGUF dims, written ggml type and bytes
@@ -332,6 +399,7 @@ impl Job<'_> {
                     from: r.from,
                     to: r.to,
                     how,
+                    rows: None,
                 })
             })
             .collect::<Result<_>>()?;

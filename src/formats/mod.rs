@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod folder;
 pub mod gguf;
+pub mod gguf_hf;
 pub mod gguf_write;
 pub mod memory;
 pub mod open;

@@ -838,3 +838,24 @@ def test_gguf_from_python(tmp_path):
                                   gguf.GGMLQuantizationType.Q8_0)
     assert torch.equal(sd["w"], torch.from_numpy(want).to(torch.float16))
     assert sd["norm"].dtype == torch.float16 and sd["w"].shape == (4, 64)
+
+
+def test_gguf_from_a_model_folder(tmp_path):
+    """weightcast.convert(folder, "x.gguf", ...) writes the file llama.cpp's converter writes
+    (the digest generate.py recorded), as the command line does; the result names the GGUF
+    tensors and their ggml types."""
+    import hashlib
+
+    fix = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "gguf"
+    sys.path.insert(0, str(fix))
+    import models
+
+    ref = json.loads((fix / "reference.json").read_text())
+    d = models.tiny_mistral(tmp_path)
+    r = weightcast.convert(d, tmp_path / "m.gguf", "q8_0")
+    got = hashlib.sha256((tmp_path / "m.gguf").read_bytes()).hexdigest()
+    assert got == ref["convert"]["Tiny-Mistral-v0.2-Instruct/q8_0"]["sha256"]
+    types = {t["name"]: t["ggml_type"] for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "F16"
+    cli = json.loads(run("convert", d, "-o", tmp_path / "c.gguf", "--to", "q8_0", "--json").stdout)
+    assert {t["name"]: t["ggml_type"] for t in cli["tensors"]} == types

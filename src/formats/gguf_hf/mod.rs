@@ -1,0 +1,701 @@
+//! A GGUF file from a Hugging Face folder, as llama.cpp's `convert_hf_to_gguf.py` (vendored by
+//! llama-cpp-python 0.3.36) writes it: its metadata keys in its order (the naming keys, the
+//! architecture's parameters, the SentencePiece vocabulary and special tokens), its tensor names,
+//! order and q/k row permutation, and which tensors stay F32. The executor streams the data.
+//!
+//! Supported: Llama-architecture models (`LlamaForCausalLM`, `MistralForCausalLM`) with a
+//! SentencePiece `tokenizer.model`. Anything the reference converter would do differently from
+//! what is ported here is refused by name rather than written differently.
+
+pub mod naming;
+pub mod vocab;
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use crate::catalogue::gguf::Value;
+use crate::catalogue::{Catalogue, InputKind};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// llama.cpp's file types (`LlamaFileType`) a GGUF from a folder is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileType {
+    /// `ALL_F32` (0).
+    F32,
+    /// `MOSTLY_F16` (1).
+    F16,
+    /// `MOSTLY_BF16` (32).
+    BF16,
+    /// `MOSTLY_Q8_0` (7).
+    Q8_0,
+}
+
+impl FileType {
+    /// The dtype a plan casts to by default (Q8_0 is quantized from f32).
+    pub fn planned(self) -> DType {
+        match self {
+            FileType::F32 | FileType::Q8_0 => DType::F32,
+            FileType::F16 => DType::F16,
+            FileType::BF16 => DType::BF16,
+        }
+    }
+
+    /// `general.file_type`.
+    pub fn id(self) -> u64 {
+        match self {
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::BF16 => 32,
+            FileType::Q8_0 => 7,
+        }
+    }
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfTensor {
+    /// The catalogue tensor it is read from.
+    pub source: usize,
+    /// Its GGUF name.
+    pub name: String,
+    /// GGUF dims (fastest first).
+    pub dims: Vec<u64>,
+    /// Rows permuted as `LlamaModel.permute` does (q/k projections): the head count.
+    pub permute: Option<u64>,
+    /// Written in F32 whatever the file type (1-D tensors, norms, biases).
+    pub f32_only: bool,
+}
+
+/// What a GGUF output of a folder holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfGguf {
+    /// `general.architecture`.
+    pub arch: &'static str,
+    /// Every metadata key, in file order.
+    pub metadata: Vec<(String, Value)>,
+    /// The tensors, in file order.
+    pub tensors: Vec<HfTensor>,
+    /// Catalogue tensors left out, and why.
+    pub skipped: Vec<(usize, String)>,
+}
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("not JSON: {e}")))
+}
+
+/// The folder of a Hugging Face checkpoint the catalogue was read from.
+fn folder(cat: &Catalogue) -> Result<&Path> {
+    cat.folder
+        .as_ref()
+        .map(|f| f.dir.as_path())
+        .filter(|d| d.join("config.json").is_file())
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "{}: a .gguf output is written from a GGUF file or a Hugging Face model folder \
+                 (config.json and the tokenizer next to the weights)",
+                cat.path.display()
+            ))
+        })
+}
+
+/// The converter's tensor order: part files in sorted order, each file's tensors sorted by
+/// name (as gguf-py's `SafetensorsLocal` lists them); other inputs in their own order.
+fn converter_order(cat: &Catalogue) -> Vec<usize> {
+    let mut ids: Vec<usize> = (0..cat.tensors.len()).collect();
+    if cat.kind == InputKind::Safetensors
+        || cat.files.iter().all(|f| f.name.ends_with(".safetensors"))
+    {
+        ids.sort_by(|&a, &b| {
+            let (ta, tb) = (&cat.tensors[a], &cat.tensors[b]);
+            cat.files[ta.file]
+                .name
+                .cmp(&cat.files[tb.file].name)
+                .then_with(|| ta.name.cmp(&tb.name))
+        });
+    }
+    ids
+}
+
+/// `--to auto`: the converter's guess from the first tensor of two or more dimensions that is
+/// bf16 or f16, in its order (f16 when there is none).
+pub fn guess_file_type(cat: &Catalogue) -> FileType {
+    for i in converter_order(cat) {
+        let t = &cat.tensors[i];
+        if t.shape.len() < 2 {
+            continue;
+        }
+        match t.dtype {
+            DType::BF16 => return FileType::BF16,
+            DType::F16 => return FileType::F16,
+            _ => {}
+        }
+    }
+    FileType::F16
+}
+
+/// The GGUF name of a Llama tensor (gguf-py's `TensorNameMap` for `LLAMA`).
+fn llama_name(hf: &str, block_count: u64) -> Option<String> {
+    let (base, suffix) = match hf.rsplit_once('.') {
+        Some((b, s @ ("weight" | "bias"))) => (b, s),
+        _ => return None,
+    };
+    let fixed = match base {
+        "model.embed_tokens" => Some("token_embd"),
+        "lm_head" => Some("output"),
+        "model.norm" => Some("output_norm"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(format!("{f}.{suffix}"));
+    }
+    let rest = base.strip_prefix("model.layers.")?;
+    let (bid, module) = rest.split_once('.')?;
+    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
+    let to = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{bid}.{to}.{suffix}"))
+}
+
+fn num(cfg: &Json, keys: &[&str]) -> Option<u64> {
+    keys.iter().find_map(|k| cfg.get(*k)).and_then(Json::as_u64)
+}
+
+fn float(cfg: &Json, keys: &[&str]) -> Option<f64> {
+    keys.iter().find_map(|k| cfg.get(*k)).and_then(Json::as_f64)
+}
+
+fn kv(out: &mut Vec<(String, Value)>, key: &str, v: Value) {
+    // gguf-py's writer: a key set again keeps its place
+    match out.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = v,
+        None => out.push((key.to_string(), v)),
+    }
+}
+
+/// The converter's hyperparameters: `AutoConfig.from_pretrained(dir).to_dict()`, which fills
+/// what `config.json` leaves out with the config class's defaults (transformers 5's
+/// `LlamaConfig` and `MistralConfig`: `head_dim`, `num_key_value_heads`, `rope_parameters`...).
+fn hparams(mut cfg: Json, hf_arch: &str) -> Json {
+    let mistral = hf_arch == "MistralForCausalLM";
+    let Some(o) = cfg.as_object_mut() else {
+        return cfg;
+    };
+    let mut default = |k: &str, v: Json| {
+        if o.get(k).is_none_or(Json::is_null) {
+            o.insert(k.to_string(), v);
+        }
+    };
+    default("vocab_size", 32000.into());
+    default("hidden_size", 4096.into());
+    default(
+        "intermediate_size",
+        if mistral { 14336 } else { 11008 }.into(),
+    );
+    default("num_hidden_layers", 32.into());
+    default("num_attention_heads", 32.into());
+    default(
+        "max_position_embeddings",
+        if mistral { 131072 } else { 2048 }.into(),
+    );
+    default("rms_norm_eps", 1e-6.into());
+    let heads = o
+        .get("num_attention_heads")
+        .and_then(Json::as_u64)
+        .unwrap_or(32);
+    let hidden = o.get("hidden_size").and_then(Json::as_u64).unwrap_or(4096);
+    if o.get("num_key_value_heads").is_none_or(Json::is_null) {
+        let kv = if mistral { 8 } else { heads };
+        o.insert("num_key_value_heads".into(), kv.into());
+    }
+    if o.get("head_dim").is_none_or(Json::is_null) && heads > 0 {
+        o.insert("head_dim".into(), (hidden / heads).into());
+    }
+    // rope: rope_parameters (or the older rope_scaling) with rope_theta inside, rope_type set
+    let theta = o.get("rope_theta").cloned().filter(|v| !v.is_null());
+    let mut rope = o
+        .get("rope_parameters")
+        .filter(|v| v.is_object())
+        .or_else(|| o.get("rope_scaling").filter(|v| v.is_object()))
+        .cloned()
+        .unwrap_or_else(|| Json::Object(Default::default()));
+    if let Some(r) = rope.as_object_mut() {
+        if !r.contains_key("rope_theta") {
+            r.insert("rope_theta".into(), theta.unwrap_or(10000.0.into()));
+        }
+        if !r.contains_key("rope_type") {
+            let t = r.get("type").cloned().unwrap_or("default".into());
+            r.insert("rope_type".into(), t);
+        }
+    }
+    o.insert("rope_parameters".into(), rope);
+    o.remove("rope_scaling");
+    o.remove("rope_theta");
+    cfg
+}
+
+/// The GGUF output of a Hugging Face folder in file type `ftype`.
+pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
+    let dir = folder(cat)?;
+    let cfg_path = dir.join("config.json");
+    let cfg = read_json(&cfg_path)?;
+    let hf_arch = cfg
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Json::as_str)
+        .unwrap_or("")
+        .to_string();
+    let hf_arch = hf_arch.as_str();
+    if !matches!(hf_arch, "LlamaForCausalLM" | "MistralForCausalLM") {
+        return Err(Error::usage(format!(
+            "{}: a .gguf output of a model folder supports LlamaForCausalLM and \
+             MistralForCausalLM so far, not `{hf_arch}`",
+            cat.path.display()
+        )));
+    }
+    let cfg = hparams(cfg, hf_arch);
+    let unsupported = |what: &str| {
+        Err(Error::usage(format!(
+            "{}: {what} is not supported for a .gguf output yet",
+            cfg_path.display()
+        )))
+    };
+    for key in [
+        "text_config",
+        "num_local_experts",
+        "draft_vocab_size",
+        "quantization_config",
+    ] {
+        if cfg.get(key).is_some_and(|v| !v.is_null()) {
+            return unsupported(&format!("`{key}`"));
+        }
+    }
+    let n_head = num(&cfg, &["n_heads", "num_attention_heads"])
+        .ok_or_else(|| Error::invalid(&cfg_path, "no num_attention_heads"))?;
+    let n_kv = num(&cfg, &["n_kv_heads", "num_key_value_heads"]).unwrap_or(n_head);
+    let block_count = num(
+        &cfg,
+        &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
+    )
+    .ok_or_else(|| Error::invalid(&cfg_path, "no num_hidden_layers"))?;
+
+    let mut tensors = Vec::new();
+    let mut skipped = Vec::new();
+    for i in converter_order(cat) {
+        let t = &cat.tensors[i];
+        if t.name.ends_with(".attention.masked_bias")
+            || t.name.ends_with(".attention.bias")
+            || t.name.ends_with(".rotary_emb.inv_freq")
+        {
+            skipped.push((i, "not in a GGUF file (llama.cpp computes it)".to_string()));
+            continue;
+        }
+        if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::usage(format!(
+                "tensor `{}`: {} has no place in a GGUF file written from a folder",
+                t.name, t.dtype
+            )));
+        }
+        let name = llama_name(&t.name, block_count).ok_or_else(|| {
+            Error::usage(format!(
+                "tensor `{}`: no GGUF name for it in the llama architecture",
+                t.name
+            ))
+        })?;
+        let permute = if t.name.ends_with("q_proj.weight") || t.name.ends_with("q_proj.bias") {
+            Some(n_head)
+        } else if t.name.ends_with("k_proj.weight") || t.name.ends_with("k_proj.bias") {
+            Some(n_kv)
+        } else {
+            None
+        };
+        if let Some(h) = permute {
+            let rows = t.shape.first().copied().unwrap_or(0);
+            if h == 0 || rows % (2 * h) != 0 {
+                return Err(Error::invalid(
+                    &cfg_path,
+                    format!(
+                        "tensor `{}`: {rows} rows do not split into {h} heads of row pairs",
+                        t.name
+                    ),
+                ));
+            }
+        }
+        let f32_only =
+            t.shape.len() <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight");
+        tensors.push(HfTensor {
+            source: i,
+            dims: t.shape.iter().rev().copied().collect(),
+            name,
+            permute,
+            f32_only,
+        });
+    }
+    let total: u64 = tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
+
+    let mut md: Vec<(String, Value)> = vec![];
+    kv(&mut md, "general.architecture", Value::Str("llama".into()));
+    kv(&mut md, "general.type", Value::Str("model".into()));
+    naming_keys(dir, &cfg, total, &mut md)?;
+    llama_params(&cfg, &cfg_path, ftype, &mut md)?;
+    kv(
+        &mut md,
+        "general.quantization_version",
+        Value::U(2, "uint32"),
+    );
+    llama_vocab(dir, &cfg, &mut md)?;
+    Ok(HfGguf {
+        arch: "llama",
+        metadata: md,
+        tensors,
+        skipped,
+    })
+}
+
+/// `Metadata.load` without a model card, then `set_gguf_meta_model`: the sampling defaults
+/// of `generation_config.json`, the name and its parts from `_name_or_path` and the folder's
+/// name, and the size label.
+fn naming_keys(dir: &Path, cfg: &Json, total: u64, md: &mut Vec<(String, Value)>) -> Result<()> {
+    let card = dir.join("README.md");
+    if card.is_file() {
+        let text = std::fs::read_to_string(&card).map_err(|e| Error::io(&card, e))?;
+        if text.lines().next() == Some("---") {
+            return Err(Error::usage(format!(
+                "{}: a model card's metadata is not carried into a .gguf output yet (move the \
+                 README.md aside to convert without it)",
+                card.display()
+            )));
+        }
+    }
+    let gen_path = dir.join("generation_config.json");
+    let gen = if gen_path.is_file() {
+        read_json(&gen_path).unwrap_or(Json::Null)
+    } else {
+        Json::Null
+    };
+    // (key, generation_config names, GGUF type: s string, i int32, f float32)
+    let sampling: [(&str, &[&str], char); 12] = [
+        ("sequence", &["sequence"], 's'),
+        ("top_k", &["top_k"], 'i'),
+        ("top_p", &["top_p"], 'f'),
+        ("min_p", &["min_p"], 'f'),
+        ("xtc_probability", &["xtc_probability"], 'f'),
+        ("xtc_threshold", &["xtc_threshold"], 'f'),
+        ("temp", &["temperature"], 'f'),
+        ("penalty_last_n", &["penalty_last_n"], 'i'),
+        (
+            "penalty_repeat",
+            &["penalty_repeat", "repetition_penalty"],
+            'f',
+        ),
+        ("mirostat", &["mirostat"], 'i'),
+        ("mirostat_tau", &["mirostat_tau"], 'f'),
+        ("mirostat_eta", &["mirostat_eta"], 'f'),
+    ];
+    for (key, from, ty) in sampling {
+        if let Some(v) = from
+            .iter()
+            .find_map(|k| gen.get(*k))
+            .filter(|v| !v.is_null())
+        {
+            let val = match ty {
+                's' => v.as_str().map(|s| Value::Str(s.into())),
+                'i' => v.as_i64().map(|x| Value::I(x, "int32")),
+                _ => v.as_f64().map(|x| Value::F32(x as f32)),
+            };
+            let val = val.ok_or_else(|| {
+                Error::usage(format!(
+                    "{}: `{}` of an unexpected type",
+                    gen_path.display(),
+                    from[0]
+                ))
+            })?;
+            kv(md, &format!("general.sampling.{key}"), val);
+        }
+    }
+    let mut parts = naming::IdParts::default();
+    let mut merge = |id: &str| {
+        let p = naming::model_id_components(id, total as i64);
+        if parts.name.is_none() {
+            parts.name = p.name.map(|n| naming::id_to_title(&n));
+        }
+        if parts.organization.is_none() {
+            parts.organization = p.organization.map(|n| naming::id_to_title(&n));
+        }
+        parts.basename = parts.basename.take().or(p.basename);
+        parts.finetune = parts.finetune.take().or(p.finetune);
+        parts.version = parts.version.take().or(p.version);
+        parts.size_label = parts.size_label.take().or(p.size_label);
+    };
+    if let Some(id) = cfg.get("_name_or_path").and_then(Json::as_str) {
+        if id.matches('/').count() <= 1 {
+            merge(id);
+        }
+    }
+    let dir_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    merge(&dir_name);
+    let name = parts.name.unwrap_or(dir_name);
+    let size = parts
+        .size_label
+        .or_else(|| (total > 0).then(|| naming::rounded_count(total, 2)));
+    kv(md, "general.name", Value::Str(name));
+    for (k, v) in [
+        ("general.version", parts.version),
+        ("general.organization", parts.organization),
+        ("general.finetune", parts.finetune),
+        ("general.basename", parts.basename),
+        ("general.size_label", size),
+    ] {
+        if let Some(v) = v {
+            kv(md, k, Value::Str(v));
+        }
+    }
+    Ok(())
+}
+
+/// `TextModel.set_gguf_parameters` and `LlamaModel.set_gguf_parameters`.
+fn llama_params(
+    cfg: &Json,
+    cfg_path: &Path,
+    ftype: FileType,
+    md: &mut Vec<(String, Value)>,
+) -> Result<()> {
+    let u32v = |x: u64| Value::U(x, "uint32");
+    let a = "llama";
+    let block = num(
+        cfg,
+        &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
+    )
+    .unwrap_or(0);
+    kv(md, &format!("{a}.block_count"), u32v(block));
+    let groups: [(&str, &[&str]); 5] = [
+        (
+            "context_length",
+            &[
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            ],
+        ),
+        ("embedding_length", &["hidden_size", "n_embd", "dim"]),
+        (
+            "feed_forward_length",
+            &[
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            ],
+        ),
+        (
+            "attention.head_count",
+            &["num_attention_heads", "n_head", "n_heads"],
+        ),
+        (
+            "attention.head_count_kv",
+            &["num_key_value_heads", "n_kv_heads"],
+        ),
+    ];
+    for (key, from) in groups {
+        if let Some(v) = from
+            .iter()
+            .find_map(|k| cfg.get(*k))
+            .filter(|v| !v.is_null())
+        {
+            let n = v.as_u64().ok_or_else(|| {
+                Error::invalid(cfg_path, format!("`{}` is not a whole number", from[0]))
+            })?;
+            kv(md, &format!("{a}.{key}"), u32v(n));
+        }
+    }
+    if cfg.get("is_causal") == Some(&Json::Bool(false)) {
+        kv(md, &format!("{a}.attention.causal"), Value::Bool(false));
+    }
+    rope_keys(cfg, cfg_path, md)?;
+    if let Some(e) = float(cfg, &["rms_norm_eps", "norm_eps"]) {
+        kv(
+            md,
+            &format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(e as f32),
+        );
+    }
+    if let Some(e) = float(
+        cfg,
+        &["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"],
+    ) {
+        kv(
+            md,
+            &format!("{a}.attention.layer_norm_epsilon"),
+            Value::F32(e as f32),
+        );
+    }
+    let head_dim = cfg.get("head_dim").and_then(Json::as_u64);
+    if let Some(h) = head_dim {
+        kv(md, &format!("{a}.attention.key_length"), u32v(h));
+        kv(md, &format!("{a}.attention.value_length"), u32v(h));
+    }
+    kv(md, "general.file_type", u32v(ftype.id()));
+    let vocab = cfg
+        .get("vocab_size")
+        .and_then(Json::as_u64)
+        .ok_or_else(|| Error::invalid(cfg_path, "no vocab_size"))?;
+    kv(md, &format!("{a}.vocab_size"), u32v(vocab));
+    let rope_dim = match head_dim {
+        Some(h) => h,
+        None => {
+            let hidden = num(cfg, &["hidden_size"]).unwrap_or(0);
+            let heads = num(cfg, &["num_attention_heads"]).unwrap_or(1).max(1);
+            hidden / heads
+        }
+    };
+    kv(md, &format!("{a}.rope.dimension_count"), u32v(rope_dim));
+    Ok(())
+}
+
+/// The RoPE keys of `TextModel.set_gguf_parameters`: scaling (linear only, others refused)
+/// and the base frequency.
+fn rope_keys(cfg: &Json, cfg_path: &Path, md: &mut Vec<(String, Value)>) -> Result<()> {
+    let a = "llama";
+    let rope = cfg
+        .get("rope_parameters")
+        .filter(|v| !v.is_null())
+        .or_else(|| cfg.get("rope_scaling").filter(|v| !v.is_null()))
+        .cloned()
+        .unwrap_or(Json::Object(Default::default()));
+    let rope_type = rope
+        .get("rope_type")
+        .or_else(|| rope.get("type"))
+        .and_then(Json::as_str);
+    match rope_type {
+        None | Some("default") => {}
+        Some("linear") if rope.get("factor").is_some_and(|f| f.is_number()) => {
+            kv(
+                md,
+                &format!("{a}.rope.scaling.type"),
+                Value::Str("linear".into()),
+            );
+            let f = rope.get("factor").and_then(Json::as_f64).unwrap_or(1.0);
+            kv(
+                md,
+                &format!("{a}.rope.scaling.factor"),
+                Value::F32(f as f32),
+            );
+        }
+        Some(other) => {
+            return Err(Error::usage(format!(
+                "{}: RoPE type `{other}` is not supported for a .gguf output yet",
+                cfg_path.display()
+            )))
+        }
+    }
+    let theta = rope.get("rope_theta").and_then(Json::as_f64).or_else(|| {
+        float(
+            cfg,
+            &[
+                "global_rope_theta",
+                "rope_global_theta",
+                "rope_theta_global",
+                "rope_theta",
+                "rotary_emb_base",
+            ],
+        )
+    });
+    if let Some(t) = theta {
+        kv(md, &format!("{a}.rope.freq_base"), Value::F32(t as f32));
+    }
+    Ok(())
+}
+
+/// `LlamaModel.set_vocab` for a SentencePiece tokenizer.
+fn llama_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<()> {
+    if dir.join("tekken.json").is_file() && !dir.join("tokenizer.json").is_file() {
+        return Err(Error::usage(format!(
+            "{}: Mistral's tekken tokenizer is not supported for a .gguf output yet",
+            dir.display()
+        )));
+    }
+    let tc_path = dir.join("tokenizer_config.json");
+    if tc_path.is_file() {
+        let tc = read_json(&tc_path)?;
+        if let Some(Json::Bool(b)) = tc.get("add_prefix_space") {
+            kv(md, "tokenizer.ggml.add_space_prefix", Value::Bool(*b));
+        }
+    }
+    if !dir.join("tokenizer.model").is_file() {
+        return Err(Error::usage(format!(
+            "{}: no tokenizer.model: a .gguf output of a Llama folder needs its SentencePiece \
+             tokenizer (BPE tokenizers are not supported yet)",
+            dir.display()
+        )));
+    }
+    let vocab = cfg.get("vocab_size").and_then(Json::as_u64);
+    if vocab == Some(32016) {
+        return Err(Error::usage(format!(
+            "{}: CodeLlama's infill tokens are not supported for a .gguf output yet",
+            dir.display()
+        )));
+    }
+    for (k, v) in vocab::sentencepiece_keys(dir, vocab)? {
+        kv(md, &k, v);
+    }
+    if vocab == Some(49152) {
+        kv(md, "tokenizer.ggml.add_bos_token", Value::Bool(false));
+    }
+    Ok(())
+}
+
+/// Output row `o` of a tensor of `rows` rows permuted for `heads` heads reads input row
+/// `source_row(o)`: `LlamaModel.permute`, `reshape(heads, 2, rows/heads/2, ...)
+/// .swapaxes(1, 2)`.
+pub fn source_row(o: u64, rows: u64, heads: u64) -> u64 {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let (h, within) = (o / hd, o % hd);
+    let (i, j) = (within / 2, within % 2);
+    h * hd + j * half + i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_as_llama_model_permute() {
+        // 2 heads of 4 rows: [0 1 2 3 | 4 5 6 7] -> [0 2 1 3 | 4 6 5 7]
+        let got: Vec<u64> = (0..8).map(|o| source_row(o, 8, 2)).collect();
+        assert_eq!(got, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
+    fn llama_names() {
+        assert_eq!(
+            llama_name("model.layers.3.self_attn.q_proj.weight", 4).as_deref(),
+            Some("blk.3.attn_q.weight")
+        );
+        assert_eq!(
+            llama_name("lm_head.weight", 4).as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(llama_name("model.layers.3.mlp.foo.weight", 4), None);
+        assert_eq!(llama_name("model.layers.4.mlp.up_proj.weight", 4), None);
+    }
+}

@@ -1,0 +1,162 @@
+"""GGUF from Hugging Face folders, and GGUF retypes, byte for byte what llama.cpp writes.
+
+The folders are built by tests/fixtures/gguf/models.py (numpy weights with fixed seeds, a
+committed SentencePiece tokenizer). tests/fixtures/gguf/generate.py ran llama.cpp's own
+`convert_hf_to_gguf.py` and `llama_model_quantize` (llama-cpp-python 0.3.36) on the same folders
+and committed the sha256 of every file they wrote: weightcast's outputs must have those digests.
+The gguf reader checks the rest: the q/k rows permuted as the converter permutes them, the plan
+(`--dry-run --json`) equal to the file, and the refusals."""
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import ROOT, run
+
+gguf = pytest.importorskip("gguf")
+FIX = ROOT / "tests" / "fixtures" / "gguf"
+sys.path.insert(0, str(FIX))
+import models  # noqa: E402
+
+REF = json.loads((FIX / "reference.json").read_text())
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf-folders")
+    return {name: make(root) for name, make in models.MODELS.items()}
+
+
+@pytest.mark.parametrize("outtype", models.OUTTYPES)
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_folder_to_gguf_is_the_converters_file(folders, tmp_path, name, outtype):
+    out = tmp_path / "out.gguf"
+    run("convert", folders[name], "-o", out, "--to", outtype)
+    want = REF["convert"][f"{name}/{outtype}"]
+    assert out.stat().st_size == want["bytes"]
+    assert sha256(out) == want["sha256"], f"{name} --to {outtype} differs from convert_hf_to_gguf.py's file"
+
+
+@pytest.mark.parametrize("to", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_gguf_retype_is_llama_model_quantize(folders, tmp_path, name, to):
+    src = tmp_path / "converted-f32.gguf"
+    run("convert", folders[name], "-o", src, "--to", "f32")
+    out = tmp_path / f"{to}.gguf"
+    run("convert", src, "-o", out, "--to", to)
+    for key in (f"{name}/{to}", f"{name}/{to}/default-mixture"):
+        want = REF["quantize"][key]
+        assert sha256(out) == want["sha256"], f"{key}: differs from llama_model_quantize's file"
+
+
+def test_llama_cpp_logits_were_checked():
+    # generate.py ran llama.cpp on weightcast's files too and found the converter's logits
+    for outtype in ["f32", "f16", "bf16", "q8_0"]:
+        for name in models.MODELS:
+            assert REF["logits"][f"{name}/{outtype}"]["weightcast_equal"] is True
+
+
+def unpermute(w, heads):
+    """The inverse of LlamaModel.permute."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_values_names_and_permutation(folders, tmp_path):
+    d = folders["Tiny-Mistral-v0.2-Instruct"]
+    out = tmp_path / "m.gguf"
+    run("convert", d, "-o", out, "--to", "f32")
+    src = {}
+    for f in sorted(d.glob("*.safetensors")):
+        src.update(load_file(f))
+    r = gguf.GGUFReader(str(out))
+    got = {t.name: np.array(t.data) for t in r.tensors}
+    cfg = json.loads((d / "config.json").read_text())
+    assert "output.weight" not in got  # tied: llama.cpp reuses token_embd
+    assert not any("rotary" in n for n in got)
+    for i in range(cfg["num_hidden_layers"]):
+        q = got[f"blk.{i}.attn_q.weight"]
+        k = got[f"blk.{i}.attn_k.weight"]
+        assert not np.array_equal(q, src[f"model.layers.{i}.self_attn.q_proj.weight"].astype(np.float32))
+        np.testing.assert_array_equal(unpermute(q, cfg["num_attention_heads"]),
+                                      src[f"model.layers.{i}.self_attn.q_proj.weight"].astype(np.float32))
+        np.testing.assert_array_equal(unpermute(k, cfg["num_key_value_heads"]),
+                                      src[f"model.layers.{i}.self_attn.k_proj.weight"].astype(np.float32))
+        np.testing.assert_array_equal(got[f"blk.{i}.ffn_down.weight"],
+                                      src[f"model.layers.{i}.mlp.down_proj.weight"].astype(np.float32))
+    fields = {f.name: f.contents() for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    assert fields["general.name"] == "Tiny Mistral v0.2 Instruct"
+    # a version at the start belongs to the base name (gguf-py's heuristics)
+    assert fields["general.basename"] == "Tiny-Mistral-v0.2"
+    assert fields["general.finetune"] == "Instruct"
+    assert "general.version" not in fields
+    assert fields["llama.rope.scaling.type"] == "linear"
+    assert fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.chat_template"].startswith("{% for m in messages %}")
+    assert abs(fields["general.sampling.temp"] - 0.7) < 1e-6
+
+
+def test_plan_is_the_file(folders, tmp_path):
+    d = folders["Tiny-Mistral-v0.2-Instruct"]
+    out = tmp_path / "m.gguf"
+    plan = json.loads(run("convert", d, "-o", out, "--to", "q8_0", "--dry-run", "--json").stdout)
+    assert not out.exists()
+    run("convert", d, "-o", out, "--to", "q8_0")
+    r = gguf.GGUFReader(str(out))
+    written = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in r.tensors}
+    planned = {e["name"]: (e["ggml_type"], e["bytes_after"]) for e in plan["tensors"]}
+    assert planned == written
+    # the ffn_down rows (72 values) are no whole Q8_0 block: F16, as llama.cpp falls back
+    assert written["blk.0.ffn_down.weight"][0] == "F16"
+    assert written["blk.0.attn_norm.weight"][0] == "F32"
+    sources = {e["name"]: e.get("source_name") for e in plan["tensors"]}
+    assert sources["blk.1.attn_q.weight"] == "model.layers.1.self_attn.q_proj.weight"
+    removed = [e["name"] for e in plan["removed"]]
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in removed
+
+
+def test_overflow_refused_not_a_broken_file(tmp_path):
+    def big(w):
+        dtype, shape, raw = w["model.layers.0.mlp.up_proj.weight"]
+        a = np.frombuffer(raw, dtype=np.uint16).copy()
+        a[0] = models.bf16_bits(np.array([1e6], dtype=np.float32))[0]
+        w["model.layers.0.mlp.up_proj.weight"] = (dtype, shape, a.tobytes())
+
+    d = models.tiny_llama(tmp_path, edit=big)
+    out = tmp_path / "o.gguf"
+    p = run("convert", d, "-o", out, "--to", "f16", check=False)
+    assert p.returncode != 0 and "model.layers.0.mlp.up_proj.weight" in p.stderr, p.stderr
+    assert not out.exists()
+    run("convert", d, "-o", out, "--to", "f16", "--on-overflow", "clamp")
+    t = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}["blk.0.ffn_up.weight"]
+    v = np.array(t.data)
+    assert np.isfinite(v).all() and v.max() == np.float16(65504)
+
+
+def test_refusals(folders, tmp_path):
+    out = tmp_path / "o.gguf"
+    p = run("convert", ROOT / "examples" / "tiny-bert", "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "LlamaForCausalLM" in p.stderr, p.stderr
+    d = models.tiny_llama(tmp_path / "card")
+    (d / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    p = run("convert", d, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "model card" in p.stderr, p.stderr
+    (d / "README.md").unlink()
+    (d / "tokenizer.model").unlink()
+    p = run("convert", d, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "tokenizer.model" in p.stderr, p.stderr
+    (d / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")
+    p = run("convert", d, "-o", out, "--to", "f16", check=False)
+    assert p.returncode != 0 and "SentencePiece" in p.stderr and "panicked" not in p.stderr, p.stderr
+    single = d / "model.safetensors"
+    p = run("convert", single, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "model folder" in p.stderr, p.stderr
+    assert not out.exists()
