@@ -73,7 +73,8 @@ impl Target {
                 out.display(),
                 OUTPUT_NAMES
             )))
-        } else if cat.kind == InputKind::Folder {
+        } else if cat.kind == InputKind::Folder || cat.folder.is_some() {
+            // a folder, or a GGUF file read as the Hugging Face checkpoint it came from
             Ok(Target::Folder(out.to_path_buf()))
         } else {
             Err(Error::usage(format!(
@@ -287,8 +288,12 @@ pub fn layout(cat: &Catalogue, plan: &Plan, target: &Target, max_shard: Option<u
 
 /// The safetensors name of an input weights file, as the Hub's convert script names them:
 /// `pytorch_model-00001-of-00002.bin` -> `model-00001-of-00002.safetensors`,
-/// `pytorch_model.bin.index.json` -> `model.safetensors.index.json`.
+/// `pytorch_model.bin.index.json` -> `model.safetensors.index.json`; a GGUF file's tensors go
+/// to `model.safetensors`.
 fn safetensors_name(name: &str) -> String {
+    if name.to_ascii_lowercase().ends_with(".gguf") {
+        return "model.safetensors".to_string();
+    }
     let n = name.strip_prefix("pytorch_").unwrap_or(name);
     if let Some(stem) = n.strip_suffix(".bin.index.json") {
         return format!("{stem}.safetensors.index.json");

@@ -105,6 +105,26 @@ impl<'a> Sources<'a> {
     /// Fills `buf` with the tensor's bytes starting `pos` bytes into its data, little-endian
     /// (big-endian files are swapped element by element; `pos` must be element-aligned).
     pub fn read(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(order) = t.rows else {
+            return self.read_stored(t, pos, buf);
+        };
+        // rows permuted: each stretch of a row read from the row it comes from
+        let rows = t.shape.first().copied().unwrap_or(1).max(1);
+        let row_bytes = (t.nbytes / rows).max(1);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = pos + done as u64;
+            let (row, within) = (at / row_bytes, at % row_bytes);
+            let n = ((row_bytes - within) as usize).min(buf.len() - done);
+            let from = order.source_row(row, rows) * row_bytes + within;
+            self.read_stored(t, from, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Bytes `pos..pos + buf.len()` of tensor `t` in its stored row order.
+    fn read_stored(&self, t: &TensorEntry, pos: u64, buf: &mut [u8]) -> Result<()> {
         if let Some(b) = &t.blocks {
             return self.dequantize(t, b, pos, buf);
         }

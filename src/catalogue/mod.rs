@@ -136,6 +136,37 @@ pub struct TensorEntry {
     /// the f32 values `gguf.quants.dequantize` gives (its `dtype` is F32 and `nbytes` counts
     /// them); `offset` is where its blocks start.
     pub blocks: Option<Blocks>,
+    /// Rows read in another order: the q/k projections llama.cpp's converter permutes.
+    pub rows: Option<Rows>,
+}
+
+/// A tensor whose rows are read permuted per attention head, as llama.cpp's
+/// `convert_hf_to_gguf.py` reorders the q/k projections (`LlamaModel.permute`:
+/// `reshape(heads, 2, rows / heads / 2, ...).swapaxes(1, 2)`), or back (`undo`, as transformers'
+/// `_reverse_permute_weights` reads a GGUF file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rows {
+    /// Attention heads the rows split into.
+    pub heads: u64,
+    /// The inverse permutation.
+    pub undo: bool,
+}
+
+impl Rows {
+    /// The stored row that row `o` of a tensor of `rows` rows reads.
+    pub fn source_row(&self, o: u64, rows: u64) -> u64 {
+        let hd = rows / self.heads.max(1);
+        let half = (hd / 2).max(1);
+        let (h, within) = (o / hd.max(1), o % hd.max(1));
+        if self.undo {
+            // stored row h*hd + i*2 + j holds row h*hd + j*half + i
+            let (j, i) = (within / half, within % half);
+            h * hd + i * 2 + j
+        } else {
+            let (i, j) = (within / 2, within % 2);
+            h * hd + j * half + i
+        }
+    }
 }
 
 /// The ggml blocks a tensor's values are dequantized from.
@@ -214,6 +245,7 @@ impl StorageEntry {
             storage: None,
             module_class: None,
             blocks: None,
+            rows: None,
         }
     }
 }

@@ -562,6 +562,12 @@ impl ConvertRequest {
             None => formats::open_with(&self.input, self.key.as_deref())?,
         };
         formats::gguf::refuse_quantized(&cat, "convert")?;
+        // a GGUF file to anything but GGUF: the Hugging Face checkpoint it came from
+        let cat = if cat.gguf.is_some() && !is_gguf(&self.output) {
+            formats::gguf_hf::to_hf::as_hugging_face(cat)?
+        } else {
+            cat
+        };
         let mut cat = self.adopt(cat, pt_out, &mut warnings)?;
         let mut plan = self.plan(&mut cat, &rules, target, pt_out, &mut warnings)?;
         if let Some(snr) = self.auto {

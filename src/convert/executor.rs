@@ -69,9 +69,6 @@ pub struct Piece<'a> {
     pub to: DType,
     /// What happens to its bytes on the way.
     pub how: How,
-    /// Rows read permuted for this many heads, as llama.cpp's converter reorders q/k
-    /// projections (`gguf_hf::source_row`).
-    pub rows: Option<u64>,
 }
 
 /// What the executor does to a piece's bytes.
@@ -333,33 +330,12 @@ impl Executor<'_> {
             return Ok(0);
         }
         if p.from == p.to && matches!(p.how, How::Cast) {
-            self.read_input(p, pos, out)?;
+            self.sources.read(p.entry, pos, out)?;
             return Ok(0);
         }
         scratch.resize(n as usize, 0);
-        self.read_input(p, pos, scratch)?;
+        self.sources.read(p.entry, pos, scratch)?;
         self.cast_bytes(p, pos, scratch, out)
-    }
-
-    /// Input bytes `pos..pos + buf.len()` of piece `p`: its entry's, or with its rows permuted
-    /// (each stretch of a row read from the row it comes from).
-    fn read_input(&self, p: &Piece<'_>, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let t = p.entry;
-        let Some(heads) = p.rows else {
-            return self.sources.read(t, pos, buf);
-        };
-        let rows = t.shape.first().copied().unwrap_or(1).max(1);
-        let row_bytes = t.nbytes / rows;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = pos + done as u64;
-            let (row, within) = (at / row_bytes, at % row_bytes);
-            let n = ((row_bytes - within) as usize).min(buf.len() - done);
-            let from = crate::formats::gguf_hf::source_row(row, rows, heads) * row_bytes + within;
-            self.sources.read(t, from, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
     }
 
     /// Casts input bytes of piece `p` that start `pos` bytes into it into `out`.

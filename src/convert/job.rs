@@ -190,7 +190,6 @@ impl<'a> Job<'a> {
             from: p.from,
             to: p.to,
             how,
-            rows: None,
         })
     }
 

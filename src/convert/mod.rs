@@ -427,7 +427,6 @@ pub fn convert_into(
                 from,
                 to,
                 how: How::Cast,
-                rows: None,
             }),
             _ => unreachable!("a storage buffer has its entry"),
         })

@@ -235,7 +235,6 @@ impl Job<'_> {
                     from: crate::DType::U8,
                     to: crate::DType::U8,
                     how: How::Cast,
-                    rows: None,
                 }),
                 None => self.piece(&plan.tensors()[i]),
             })
@@ -291,8 +290,21 @@ impl Job<'_> {
         let by_source: std::collections::HashMap<usize, &crate::formats::gguf_hf::HfTensor> =
             h.tensors.iter().map(|t| (t.source, t)).collect();
         let mut outs = Vec::with_capacity(of.tensors.len());
+        // the q/k projections read with their rows permuted
+        let permuted: Vec<Option<crate::catalogue::TensorEntry>> = of
+            .tensors
+            .iter()
+            .map(|&i| {
+                let p = &plan.tensors()[i];
+                let heads = by_source.get(&p.tensor.0).and_then(|t| t.permute)?;
+                Some(crate::catalogue::TensorEntry {
+                    rows: Some(crate::catalogue::Rows { heads, undo: false }),
+                    ..self.cat.tensors[p.tensor].clone()
+                })
+            })
+            .collect();
         let mut pieces = Vec::with_capacity(of.tensors.len());
-        for &i in &of.tensors {
+        for (&i, entry) in of.tensors.iter().zip(&permuted) {
             let p = &plan.tensors()[i];
             let ht = by_source.get(&p.tensor.0).ok_or_else(|| {
                 Error::usage(format!(
@@ -313,7 +325,9 @@ impl Job<'_> {
                 nbytes: p.bytes_out,
             });
             let mut piece = self.piece(p)?;
-            piece.rows = ht.permute;
+            if let Some(e) = entry {
+                piece.entry = e;
+            }
             pieces.push(piece);
         }
         let doc = crate::catalogue::gguf::GgufDoc {
@@ -399,7 +413,6 @@ impl Job<'_> {
                     from: r.from,
                     to: r.to,
                     how,
-                    rows: None,
                 })
             })
             .collect::<Result<_>>()?;

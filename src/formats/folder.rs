@@ -263,6 +263,7 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
             storage: None,
             module_class: None,
             blocks: None,
+            rows: None,
         })
         .collect()
 }

@@ -333,6 +333,7 @@ pub fn open(path: &Path) -> Result<Catalogue> {
                 storage: None,
                 module_class: None,
                 blocks,
+                rows: None,
             })
         })
         .collect();

@@ -62,6 +62,7 @@ pub fn catalogue(
             storage: None,
             module_class: None,
             blocks: None,
+            rows: None,
         });
         offset += t.nbytes;
     }

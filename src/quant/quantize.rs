@@ -265,6 +265,7 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             storage: None,
             module_class: None,
             blocks: None,
+            rows: None,
         });
         p.set_target(DType::F8E4M3, t.numel());
         p.reason = format!(

@@ -160,3 +160,69 @@ def test_refusals(folders, tmp_path):
     p = run("convert", single, "-o", out, "--to", "f16", check=False)
     assert p.returncode == 2 and "model folder" in p.stderr, p.stderr
     assert not out.exists()
+
+
+def transformers_gguf(path):
+    """What transformers loads from a GGUF file: config, tensors (load_gguf_checkpoint into a
+    meta model, as from_pretrained(gguf_file=) does) and tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return config, tensors, tok
+
+
+TEXTS = ["the quick brown fox", " hello  world", "lazy dogs weights, in bounded memory!"]
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_gguf_to_folder_is_what_transformers_loads(folders, tmp_path, name, gguf_type):
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    g = tmp_path / f"{gguf_type}.gguf"
+    run("convert", folders[name], "-o", g, "--to", gguf_type)
+    out = tmp_path / "back"
+    run("convert", g, "-o", out, "--to", "f32")
+    config, tensors, tok = transformers_gguf(g)
+    got = load_torch(out / "model.safetensors")
+    assert sorted(got) == sorted(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(got[k], v), k
+    mine = AutoConfig.from_pretrained(out).to_dict()
+    theirs = config.to_dict()
+    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    assert differ <= {"dtype", "architectures", "_name_or_path", "_model_name_or_path"}, differ
+    assert mine["architectures"] == ["LlamaForCausalLM"] and mine["dtype"] == "float32"
+    ours = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == tok(text)["input_ids"], text
+    if gguf_type == "f32":
+        # the whole round trip: the folder's own tensors again (the inv_freq buffer aside)
+        src = {}
+        for f in sorted(folders[name].glob("*.safetensors")):
+            src.update(load_torch(f))
+        src = {k: v.float() for k, v in src.items() if "rotary_emb" not in k}
+        assert sorted(src) == sorted(got)
+        for k, v in src.items():
+            assert torch.equal(got[k], v), k
+
+
+def test_gguf_to_safetensors_gets_hugging_face_names(folders, tmp_path):
+    g = tmp_path / "m.gguf"
+    run("convert", folders["tiny-llama"], "-o", g, "--to", "bf16")
+    out = tmp_path / "m.safetensors"
+    plan = json.loads(run("convert", g, "-o", out, "--to", "bf16", "--json").stdout)
+    names = [t["name"] for t in plan["tensors"]]
+    assert "model.layers.1.self_attn.k_proj.weight" in names and "lm_head.weight" in names
+    from safetensors import safe_open
+
+    with safe_open(out, "np") as f:
+        assert sorted(f.keys()) == sorted(names)

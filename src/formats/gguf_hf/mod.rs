@@ -8,6 +8,7 @@
 //! what is ported here is refused by name rather than written differently.
 
 pub mod naming;
+pub mod to_hf;
 pub mod vocab;
 
 use std::path::Path;
@@ -663,26 +664,27 @@ fn llama_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<
     Ok(())
 }
 
-/// Output row `o` of a tensor of `rows` rows permuted for `heads` heads reads input row
-/// `source_row(o)`: `LlamaModel.permute`, `reshape(heads, 2, rows/heads/2, ...)
-/// .swapaxes(1, 2)`.
-pub fn source_row(o: u64, rows: u64, heads: u64) -> u64 {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let (h, within) = (o / hd, o % hd);
-    let (i, j) = (within / 2, within % 2);
-    h * hd + j * half + i
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn permutation_as_llama_model_permute() {
-        // 2 heads of 4 rows: [0 1 2 3 | 4 5 6 7] -> [0 2 1 3 | 4 6 5 7]
-        let got: Vec<u64> = (0..8).map(|o| source_row(o, 8, 2)).collect();
-        assert_eq!(got, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        use crate::catalogue::Rows;
+        // 2 heads of 6 rows: [0 1 2 3 4 5 | ...] -> [0 3 1 4 2 5 | ...], and back
+        let p = Rows {
+            heads: 2,
+            undo: false,
+        };
+        let got: Vec<u64> = (0..12).map(|o| p.source_row(o, 12)).collect();
+        assert_eq!(got, vec![0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]);
+        let u = Rows {
+            heads: 2,
+            undo: true,
+        };
+        for o in 0..12 {
+            assert_eq!(p.source_row(u.source_row(o, 12), 12), o);
+        }
     }
 
     #[test]

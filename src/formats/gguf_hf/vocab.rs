@@ -72,13 +72,18 @@ impl Proto<'_> {
 /// The pieces of a SentencePiece `tokenizer.model`.
 pub fn sentencepiece(path: &Path) -> Result<Vec<Piece>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_sentencepiece(path, &bytes)
+}
+
+/// The pieces of a SentencePiece model's bytes (`path` names it in errors).
+pub fn parse_sentencepiece(path: &Path, bytes: &[u8]) -> Result<Vec<Piece>> {
     let bad = |pos: usize| {
         Error::invalid(
             path,
             format!("byte {pos}: not a SentencePiece model (protobuf ModelProto)"),
         )
     };
-    let mut top = Proto { b: &bytes, pos: 0 };
+    let mut top = Proto { b: bytes, pos: 0 };
     let mut pieces = Vec::new();
     while top.pos < bytes.len() {
         let at = top.pos;
@@ -330,4 +335,211 @@ pub fn special_vocab(dir: &Path, n_vocab: Option<u64>) -> Result<Vec<(String, Va
         kv.push(("tokenizer.chat_template".to_string(), Value::Str(c)));
     }
     Ok(kv)
+}
+
+fn varint(b: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            b.push(byte);
+            return;
+        }
+        b.push(byte | 0x80);
+    }
+}
+
+fn field_bytes(b: &mut Vec<u8>, num: u64, bytes: &[u8]) {
+    varint(b, num << 3 | 2);
+    varint(b, bytes.len() as u64);
+    b.extend_from_slice(bytes);
+}
+
+fn field_varint(b: &mut Vec<u8>, num: u64, v: u64) {
+    varint(b, num << 3);
+    varint(b, v);
+}
+
+/// A SentencePiece `ModelProto` of `pieces`: BPE (the algorithm llama.cpp's SPM tokenizer
+/// runs over the scores), the special ids, byte fallback when there are byte pieces, and the
+/// normalizer llama.cpp applies (no normalization, a dummy prefix as `add_space_prefix` says,
+/// spaces escaped, repeated whitespace kept).
+pub fn sentencepiece_model(pieces: &[Piece], ids: [i64; 4], add_dummy_prefix: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in pieces {
+        let mut m = Vec::new();
+        field_bytes(&mut m, 1, p.text.as_bytes());
+        varint(&mut m, 2 << 3 | 5);
+        m.extend(p.score.to_le_bytes());
+        field_varint(&mut m, 3, p.kind);
+        field_bytes(&mut out, 1, &m);
+    }
+    let mut trainer = Vec::new();
+    field_varint(&mut trainer, 3, 2);
+    if pieces.iter().any(|p| p.kind == 6) {
+        field_varint(&mut trainer, 35, 1);
+    }
+    for (num, id) in (40..44).zip(ids) {
+        // int32: a negative id is its 64-bit two's complement
+        field_varint(&mut trainer, num, id as u64);
+    }
+    field_bytes(&mut out, 2, &trainer);
+    let mut norm = Vec::new();
+    field_bytes(&mut norm, 1, b"identity");
+    field_varint(&mut norm, 3, add_dummy_prefix as u64);
+    field_varint(&mut norm, 4, 0);
+    field_varint(&mut norm, 5, 1);
+    field_bytes(&mut out, 3, &norm);
+    out
+}
+
+/// A file to write: its name and bytes.
+pub type NamedFile = (&'static str, Vec<u8>);
+
+/// The tokenizer files of a GGUF file's SentencePiece vocabulary (`tokenizer.ggml.model` =
+/// `llama`): `tokenizer.model` and `tokenizer_config.json`; `None` for other vocabularies.
+pub fn tokenizer_files(doc: &crate::catalogue::gguf::GgufDoc) -> Result<Option<Vec<NamedFile>>> {
+    if !matches!(doc.get("tokenizer.ggml.model"), Some(Value::Str(m)) if m == "llama") {
+        return Ok(None);
+    }
+    let Some(Value::Array(_, tokens)) = doc.get("tokenizer.ggml.tokens") else {
+        return Ok(None);
+    };
+    let scores = match doc.get("tokenizer.ggml.scores") {
+        Some(Value::Array(_, s)) => s.clone(),
+        _ => vec![],
+    };
+    let types = match doc.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(_, t)) => t.clone(),
+        _ => vec![],
+    };
+    let pieces: Vec<Piece> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Piece {
+            text: match t {
+                Value::Str(s) => s.clone(),
+                _ => String::new(),
+            },
+            score: match scores.get(i) {
+                Some(Value::F32(f)) => *f,
+                _ => 0.0,
+            },
+            kind: match types.get(i) {
+                Some(Value::I(k, _)) if (1..=6).contains(k) => *k as u64,
+                _ => 1,
+            },
+        })
+        .collect();
+    let id = |key: &str| match doc.get(key) {
+        Some(Value::U(v, _)) => Some(*v as i64),
+        Some(Value::I(v, _)) => Some(*v),
+        _ => None,
+    };
+    let (unk, bos, eos, pad) = (
+        id("tokenizer.ggml.unknown_token_id"),
+        id("tokenizer.ggml.bos_token_id"),
+        id("tokenizer.ggml.eos_token_id"),
+        id("tokenizer.ggml.padding_token_id"),
+    );
+    let unk_or_first = unk.or_else(|| pieces.iter().position(|p| p.kind == 2).map(|i| i as i64));
+    let flag = |key: &str| match doc.get(key) {
+        Some(Value::Bool(b)) => Some(*b),
+        _ => None,
+    };
+    let model = sentencepiece_model(
+        &pieces,
+        [
+            unk_or_first.unwrap_or(0),
+            bos.unwrap_or(-1),
+            eos.unwrap_or(-1),
+            pad.unwrap_or(-1),
+        ],
+        flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+    );
+    let text_of = |i: Option<i64>| {
+        i.and_then(|i| pieces.get(usize::try_from(i).ok()?))
+            .map(|p| Json::String(p.text.clone()))
+    };
+    let mut tc = serde_json::Map::new();
+    tc.insert("tokenizer_class".into(), "LlamaTokenizer".into());
+    tc.insert(
+        "add_bos_token".into(),
+        flag("tokenizer.ggml.add_bos_token").unwrap_or(true).into(),
+    );
+    tc.insert(
+        "add_eos_token".into(),
+        flag("tokenizer.ggml.add_eos_token").unwrap_or(false).into(),
+    );
+    for (name, i) in [
+        ("bos_token", bos),
+        ("eos_token", eos),
+        ("unk_token", unk),
+        ("pad_token", pad),
+    ] {
+        if let Some(t) = text_of(i) {
+            tc.insert(name.into(), t);
+        }
+    }
+    if let Some(Value::Str(c)) = doc.get("tokenizer.chat_template") {
+        tc.insert("chat_template".into(), c.clone().into());
+    }
+    let mut config = serde_json::to_string_pretty(&Json::Object(tc)).expect("JSON");
+    config.push('\n');
+    Ok(Some(vec![
+        ("tokenizer.model", model),
+        ("tokenizer_config.json", config.into_bytes()),
+    ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentencepiece_round_trip_and_bad_bytes() {
+        let pieces = vec![
+            Piece {
+                text: "<unk>".into(),
+                score: 0.0,
+                kind: 2,
+            },
+            Piece {
+                text: "<s>".into(),
+                score: 0.0,
+                kind: 3,
+            },
+            Piece {
+                text: "\u{2581}t".into(),
+                score: -1.5,
+                kind: 1,
+            },
+            Piece {
+                text: "<0x0A>".into(),
+                score: 0.0,
+                kind: 6,
+            },
+        ];
+        let bytes = sentencepiece_model(&pieces, [0, 1, -1, -1], true);
+        let p = Path::new("t.model");
+        assert_eq!(parse_sentencepiece(p, &bytes).unwrap(), pieces);
+        // every truncation and a sweep of corrupted bytes: an error or pieces, never a panic
+        for n in 0..bytes.len() {
+            let _ = parse_sentencepiece(p, &bytes[..n]);
+        }
+        let mut x = 0x9E37_79B9u32;
+        for _ in 0..2000 {
+            let mut b = bytes.clone();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let i = x as usize % b.len();
+                b[i] = (x >> 8) as u8;
+            }
+            let _ = parse_sentencepiece(p, &b);
+        }
+        assert!(parse_sentencepiece(p, b"").is_err());
+        assert!(parse_sentencepiece(p, &[0x0a, 0xff, 0xff, 0xff]).is_err());
+    }
 }

@@ -399,6 +399,7 @@ impl<'a> Decoder<'a> {
             storage: Some(s),
             module_class: None,
             blocks: None,
+            rows: None,
         }
     }
 
