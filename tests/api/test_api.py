@@ -859,3 +859,19 @@ def test_gguf_from_a_model_folder(tmp_path):
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "F16"
     cli = json.loads(run("convert", d, "-o", tmp_path / "c.gguf", "--to", "q8_0", "--json").stdout)
     assert {t["name"]: t["ggml_type"] for t in cli["tensors"]} == types
+
+
+def test_gguf_from_a_bert_folder(tmp_path):
+    """The real all-MiniLM-L6-v2 (its model card aside) to GGUF from Python: the extension runs
+    the tokenizer to name its pre-tokenizer, and writes the converter's file."""
+    import hashlib
+
+    fix = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "gguf"
+    sys.path.insert(0, str(fix))
+    import models
+
+    ref = json.loads((fix / "reference.json").read_text())
+    d = models.minilm(tmp_path)
+    weightcast.convert(d, tmp_path / "m.gguf", "f16")
+    got = hashlib.sha256((tmp_path / "m.gguf").read_bytes()).hexdigest()
+    assert got == ref["convert"]["all-MiniLM-L6-v2/f16"]["sha256"]

@@ -32,11 +32,14 @@ def sha256(path):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-folders")
-    return {name: make(root) for name, make in models.MODELS.items()}
+    return {name: make(root) for name, make in {**models.MODELS, **models.REAL}.items()}
+
+
+ALL = list(models.MODELS) + list(models.REAL)
 
 
 @pytest.mark.parametrize("outtype", models.OUTTYPES)
-@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("name", ALL)
 def test_folder_to_gguf_is_the_converters_file(folders, tmp_path, name, outtype):
     out = tmp_path / "out.gguf"
     run("convert", folders[name], "-o", out, "--to", outtype)
@@ -46,7 +49,7 @@ def test_folder_to_gguf_is_the_converters_file(folders, tmp_path, name, outtype)
 
 
 @pytest.mark.parametrize("to", ["f32", "f16", "bf16", "q8_0"])
-@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("name", ALL)
 def test_gguf_retype_is_llama_model_quantize(folders, tmp_path, name, to):
     src = tmp_path / "converted-f32.gguf"
     run("convert", folders[name], "-o", src, "--to", "f32")
@@ -59,8 +62,9 @@ def test_gguf_retype_is_llama_model_quantize(folders, tmp_path, name, to):
 
 def test_llama_cpp_logits_were_checked():
     # generate.py ran llama.cpp on weightcast's files too and found the converter's logits
+    # (the BERT model's embeddings)
     for outtype in ["f32", "f16", "bf16", "q8_0"]:
-        for name in models.MODELS:
+        for name in ALL:
             assert REF["logits"][f"{name}/{outtype}"]["weightcast_equal"] is True
 
 
@@ -102,6 +106,16 @@ def test_values_names_and_permutation(folders, tmp_path):
     assert fields["tokenizer.ggml.add_bos_token"] is True
     assert fields["tokenizer.chat_template"].startswith("{% for m in messages %}")
     assert abs(fields["general.sampling.temp"] - 0.7) < 1e-6
+    # the model card: a creator, three base models (a Hub id, a Hub URL, a mapping), a license
+    # list, datasets, tags with the pipeline tag, Norwegian kept a string
+    assert fields["general.author"] == "Some One"
+    assert fields["general.license"] == "apache-2.0,mit"
+    assert fields["general.base_model.count"] == 3
+    assert fields["general.base_model.0.repo_url"] == "https://huggingface.co/mistralai/Mistral-7B-v0.1"
+    assert fields["general.base_model.2.name"] == "Custom Base"
+    assert fields["general.dataset.1.organization"] == "HuggingFaceH4"
+    assert fields["general.tags"] == ["text-generation-inference", "tiny", "text-generation"]
+    assert fields["general.languages"] == ["en", "no"]
 
 
 def test_plan_is_the_file(folders, tmp_path):
@@ -141,14 +155,46 @@ def test_overflow_refused_not_a_broken_file(tmp_path):
     assert np.isfinite(v).all() and v.max() == np.float16(65504)
 
 
+def test_minilm_plan_and_tokens(folders, tmp_path):
+    """The real all-MiniLM-L6-v2: BERT names, F32 position and token-type embeddings, the
+    WordPiece vocabulary in llama.cpp's phantom-space form, llama.cpp's name for its
+    pre-tokenizer, mean pooling, the pooler left out."""
+    out = tmp_path / "m.gguf"
+    plan = json.loads(run("convert", folders["all-MiniLM-L6-v2"], "-o", out, "--to", "f16",
+                          "--json").stdout)
+    types = {e["name"]: e["ggml_type"] for e in plan["tensors"]}
+    assert types["position_embd.weight"] == "F32" and types["token_types.weight"] == "F32"
+    assert types["blk.5.ffn_up.weight"] == "F16" and types["blk.5.layer_output_norm.weight"] == "F32"
+    assert {e["name"] for e in plan["removed"]} >= {"pooler.dense.weight", "pooler.dense.bias"}
+    r = gguf.GGUFReader(str(out))
+    f = {x.name: x for x in r.fields.values()}
+    assert f["tokenizer.ggml.pre"].contents() == "jina-v2-en"
+    assert f["bert.pooling_type"].contents() == 1
+    toks = f["tokenizer.ggml.tokens"].contents()
+    assert toks[0] == "[PAD]" and toks[101] == "[CLS]" and toks[2023] == "\u2581this"
+    vocab = (folders["all-MiniLM-L6-v2"] / "vocab.txt").read_text().splitlines()
+    sub = next(i for i, t in enumerate(vocab) if t.startswith("##"))
+    assert toks[sub] == vocab[sub][2:]
+
+
 def test_refusals(folders, tmp_path):
     out = tmp_path / "o.gguf"
+    qwen = models.tiny_llama(tmp_path / "qwen")
+    cfg = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps(dict(cfg, architectures=["Qwen2ForCausalLM"])))
+    p = run("convert", qwen, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "not `Qwen2ForCausalLM`" in p.stderr, p.stderr
+    # a WordPiece vocabulary llama.cpp does not know: its pre-tokenizer hash is named
     p = run("convert", ROOT / "examples" / "tiny-bert", "-o", out, "--to", "f16", check=False)
-    assert p.returncode == 2 and "LlamaForCausalLM" in p.stderr, p.stderr
+    assert p.returncode == 2 and "chkhsh" in p.stderr, p.stderr
     d = models.tiny_llama(tmp_path / "card")
-    (d / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    # a card value PyYAML (YAML 1.1) reads as a bool: refused, not written as a string
+    (d / "README.md").write_text("---\nlicense: mit\ntags:\n- on\n---\n# tiny\n")
     p = run("convert", d, "-o", out, "--to", "f16", check=False)
-    assert p.returncode == 2 and "model card" in p.stderr, p.stderr
+    assert p.returncode == 2 and "model card `tags`" in p.stderr, p.stderr
+    (d / "README.md").write_text("---\nlicense: [mit\n---\n")
+    p = run("convert", d, "-o", out, "--to", "f16", check=False)
+    assert p.returncode != 0 and "README.md" in p.stderr and "panicked" not in p.stderr, p.stderr
     (d / "README.md").unlink()
     (d / "tokenizer.model").unlink()
     p = run("convert", d, "-o", out, "--to", "f16", check=False)

@@ -7,7 +7,9 @@
 //! SentencePiece `tokenizer.model`. Anything the reference converter would do differently from
 //! what is ported here is refused by name rather than written differently.
 
+pub mod card;
 pub mod naming;
+pub mod pre_hashes;
 pub mod to_hf;
 pub mod vocab;
 
@@ -69,6 +71,9 @@ pub struct HfTensor {
     pub f32_only: bool,
 }
 
+/// Catalogue tensors left out of an output, each with why.
+pub type Skipped = Vec<(usize, String)>;
+
 /// What a GGUF output of a folder holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HfGguf {
@@ -79,7 +84,7 @@ pub struct HfGguf {
     /// The tensors, in file order.
     pub tensors: Vec<HfTensor>,
     /// Catalogue tensors left out, and why.
-    pub skipped: Vec<(usize, String)>,
+    pub skipped: Skipped,
 }
 
 fn read_json(path: &Path) -> Result<Json> {
@@ -135,6 +140,164 @@ pub fn guess_file_type(cat: &Catalogue) -> FileType {
         }
     }
     FileType::F16
+}
+
+/// The model families a GGUF output of a folder supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// `LlamaModel` of the converter (Llama, Mistral).
+    Llama,
+    /// `BertModel` (BERT encoders: all-MiniLM-L6-v2).
+    Bert,
+}
+
+impl Family {
+    fn arch(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Bert => "bert",
+        }
+    }
+}
+
+/// `BertModel.filter_tensors`: a `bert.` prefix dropped, `gamma`/`beta` as `weight`/`bias`;
+/// `None` for what the converter leaves out (position ids, pooler, pre-training heads).
+fn bert_filter(name: &str) -> Option<String> {
+    let mut n = name.strip_prefix("bert.").unwrap_or(name).to_string();
+    if let Some(b) = n.strip_suffix(".gamma") {
+        n = format!("{b}.weight");
+    }
+    if let Some(b) = n.strip_suffix(".beta") {
+        n = format!("{b}.bias");
+    }
+    let dropped = matches!(
+        n.as_str(),
+        "embeddings.position_ids" | "pooler.dense.weight" | "pooler.dense.bias"
+    ) || n.starts_with("cls.predictions")
+        || n.starts_with("cls.seq_relationship");
+    (!dropped).then_some(n)
+}
+
+/// The GGUF name of a BERT tensor (gguf-py's `TensorNameMap` for `BERT`).
+fn bert_name(hf: &str, block_count: u64) -> Option<String> {
+    let (base, suffix) = match hf.rsplit_once('.') {
+        Some((b, s @ ("weight" | "bias"))) => (b, s),
+        _ => return None,
+    };
+    let fixed = match base {
+        "embeddings.word_embeddings" => Some("token_embd"),
+        "embeddings.position_embeddings" => Some("position_embd"),
+        "embeddings.token_type_embeddings" => Some("token_types"),
+        "embeddings.LayerNorm" => Some("token_embd_norm"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(format!("{f}.{suffix}"));
+    }
+    let rest = base.strip_prefix("encoder.layer.")?;
+    let (bid, module) = rest.split_once('.')?;
+    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
+    let to = match module {
+        "attention.self.query" => "attn_q",
+        "attention.self.key" => "attn_k",
+        "attention.self.value" => "attn_v",
+        "attention.output.dense" => "attn_output",
+        "attention.output.LayerNorm" => "attn_output_norm",
+        "intermediate.dense" => "ffn_up",
+        "output.dense" => "ffn_down",
+        "output.LayerNorm" => "layer_output_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{bid}.{to}.{suffix}"))
+}
+
+/// The rest of `BertModel.set_gguf_parameters`: not causal, and the sentence-transformers
+/// pooling (`_try_set_pooling_type`).
+fn bert_tail(dir: &Path, md: &mut Vec<(String, Value)>) -> Result<()> {
+    kv(md, "bert.attention.causal", Value::Bool(false));
+    let modules = dir.join("modules.json");
+    if !modules.is_file() {
+        return Ok(());
+    }
+    let list = read_json(&modules)?;
+    let path = list.as_array().into_iter().flatten().find_map(|m| {
+        m.get("type")
+            .and_then(Json::as_str)
+            .filter(|t| t.ends_with("Pooling"))
+            .and(m.get("path").and_then(Json::as_str))
+    });
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let pooling_path = dir.join(path).join("config.json");
+    let p = read_json(&pooling_path)?;
+    let on = |k: &str| p.get(k).and_then(Json::as_bool).unwrap_or(false);
+    let mode = if on("pooling_mode_mean_tokens") {
+        1
+    } else if on("pooling_mode_cls_token") {
+        2
+    } else if on("pooling_mode_lasttoken") {
+        3
+    } else {
+        match p.get("pooling_mode").and_then(Json::as_str) {
+            Some("mean") => 1,
+            Some("cls") => 2,
+            Some("lasttoken") => 3,
+            _ => {
+                return Err(Error::usage(format!(
+                    "{}: only MEAN, CLS and LAST pooling go into a GGUF file",
+                    pooling_path.display()
+                )))
+            }
+        }
+    };
+    kv(md, "bert.pooling_type", Value::U(mode, "uint32"));
+    Ok(())
+}
+
+/// `BertModel.set_vocab`: the WordPiece vocabulary of `tokenizer.json` (`get_vocab_base`),
+/// its pre-tokenizer name, tokens in llama.cpp's phantom-space form, and the special tokens.
+fn bert_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<()> {
+    let v = vocab::wordpiece(dir, cfg.get("vocab_size").and_then(Json::as_u64))?;
+    let type_count = cfg
+        .get("type_vocab_size")
+        .and_then(Json::as_u64)
+        .unwrap_or(1);
+    kv(
+        md,
+        "tokenizer.ggml.token_type_count",
+        Value::U(type_count, "uint32"),
+    );
+    kv(md, "tokenizer.ggml.model", Value::Str("bert".into()));
+    kv(md, "tokenizer.ggml.pre", Value::Str(v.pre));
+    let n = v.tokens.len() as u64;
+    let tokens = v
+        .tokens
+        .into_iter()
+        .zip(&v.types)
+        .map(|(t, &ty)| {
+            Value::Str(if ty == 3 {
+                t
+            } else if let Some(rest) = t.strip_prefix("##") {
+                rest.to_string()
+            } else {
+                format!("\u{2581}{t}")
+            })
+        })
+        .collect();
+    kv(md, "tokenizer.ggml.tokens", Value::Array("string", tokens));
+    kv(
+        md,
+        "tokenizer.ggml.token_type",
+        Value::Array(
+            "int32",
+            v.types.into_iter().map(|t| Value::I(t, "int32")).collect(),
+        ),
+    );
+    for (k, val) in vocab::special_vocab(dir, Some(n))? {
+        kv(md, &k, val);
+    }
+    Ok(())
 }
 
 /// The GGUF name of a Llama tensor (gguf-py's `TensorNameMap` for `LLAMA`).
@@ -259,14 +422,21 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
         .unwrap_or("")
         .to_string();
     let hf_arch = hf_arch.as_str();
-    if !matches!(hf_arch, "LlamaForCausalLM" | "MistralForCausalLM") {
-        return Err(Error::usage(format!(
-            "{}: a .gguf output of a model folder supports LlamaForCausalLM and \
-             MistralForCausalLM so far, not `{hf_arch}`",
-            cat.path.display()
-        )));
-    }
-    let cfg = hparams(cfg, hf_arch);
+    let family = match hf_arch {
+        "LlamaForCausalLM" | "MistralForCausalLM" => Family::Llama,
+        "BertModel" | "BertForMaskedLM" => Family::Bert,
+        _ => {
+            return Err(Error::usage(format!(
+                "{}: a .gguf output of a model folder supports LlamaForCausalLM, \
+                 MistralForCausalLM, BertModel and BertForMaskedLM so far, not `{hf_arch}`",
+                cat.path.display()
+            )))
+        }
+    };
+    let cfg = match family {
+        Family::Llama => hparams(cfg, hf_arch),
+        Family::Bert => cfg,
+    };
     let unsupported = |what: &str| {
         Err(Error::usage(format!(
             "{}: {what} is not supported for a .gguf output yet",
@@ -278,27 +448,76 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
         "num_local_experts",
         "draft_vocab_size",
         "quantization_config",
+        "classifier_pooling",
     ] {
         if cfg.get(key).is_some_and(|v| !v.is_null()) {
             return unsupported(&format!("`{key}`"));
         }
     }
-    let n_head = num(&cfg, &["n_heads", "num_attention_heads"])
-        .ok_or_else(|| Error::invalid(&cfg_path, "no num_attention_heads"))?;
-    let n_kv = num(&cfg, &["n_kv_heads", "num_key_value_heads"]).unwrap_or(n_head);
+    let (tensors, skipped) = output_tensors(cat, family, &cfg, &cfg_path)?;
+    let total: u64 = tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
+
+    let mut md: Vec<(String, Value)> = vec![];
+    let arch = family.arch();
+    kv(&mut md, "general.architecture", Value::Str(arch.into()));
+    kv(&mut md, "general.type", Value::Str("model".into()));
+    naming_keys(dir, &cfg, total, &mut md)?;
+    text_params(&cfg, &cfg_path, arch, ftype, &mut md)?;
+    match family {
+        Family::Llama => llama_tail(&cfg, &cfg_path, &mut md)?,
+        Family::Bert => bert_tail(dir, &mut md)?,
+    }
+    kv(
+        &mut md,
+        "general.quantization_version",
+        Value::U(2, "uint32"),
+    );
+    match family {
+        Family::Llama => llama_vocab(dir, &cfg, &mut md)?,
+        Family::Bert => bert_vocab(dir, &cfg, &mut md)?,
+    }
+    Ok(HfGguf {
+        arch,
+        metadata: md,
+        tensors,
+        skipped,
+    })
+}
+
+/// The output tensors of a folder in the converter's order (names, dims, q/k permutation,
+/// F32-only), and the tensors it leaves out.
+fn output_tensors(
+    cat: &Catalogue,
+    family: Family,
+    cfg: &Json,
+    cfg_path: &Path,
+) -> Result<(Vec<HfTensor>, Skipped)> {
+    let n_head = num(cfg, &["n_heads", "num_attention_heads"])
+        .ok_or_else(|| Error::invalid(cfg_path, "no num_attention_heads"))?;
+    let n_kv = num(cfg, &["n_kv_heads", "num_key_value_heads"]).unwrap_or(n_head);
     let block_count = num(
-        &cfg,
+        cfg,
         &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
     )
-    .ok_or_else(|| Error::invalid(&cfg_path, "no num_hidden_layers"))?;
+    .ok_or_else(|| Error::invalid(cfg_path, "no num_hidden_layers"))?;
 
     let mut tensors = Vec::new();
     let mut skipped = Vec::new();
     for i in converter_order(cat) {
         let t = &cat.tensors[i];
-        if t.name.ends_with(".attention.masked_bias")
-            || t.name.ends_with(".attention.bias")
-            || t.name.ends_with(".rotary_emb.inv_freq")
+        let hf = match family {
+            Family::Llama => t.name.clone(),
+            Family::Bert => match bert_filter(&t.name) {
+                Some(n) => n,
+                None => {
+                    skipped.push((i, "not in llama.cpp's BERT (pooler, heads)".to_string()));
+                    continue;
+                }
+            },
+        };
+        if hf.ends_with(".attention.masked_bias")
+            || hf.ends_with(".attention.bias")
+            || hf.ends_with(".rotary_emb.inv_freq")
         {
             skipped.push((i, "not in a GGUF file (llama.cpp computes it)".to_string()));
             continue;
@@ -309,24 +528,28 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
                 t.name, t.dtype
             )));
         }
-        let name = llama_name(&t.name, block_count).ok_or_else(|| {
+        let name = match family {
+            Family::Llama => llama_name(&hf, block_count),
+            Family::Bert => bert_name(&hf, block_count),
+        }
+        .ok_or_else(|| {
             Error::usage(format!(
-                "tensor `{}`: no GGUF name for it in the llama architecture",
-                t.name
+                "tensor `{}`: no GGUF name for it in the {} architecture",
+                t.name,
+                family.arch()
             ))
         })?;
-        let permute = if t.name.ends_with("q_proj.weight") || t.name.ends_with("q_proj.bias") {
-            Some(n_head)
-        } else if t.name.ends_with("k_proj.weight") || t.name.ends_with("k_proj.bias") {
-            Some(n_kv)
-        } else {
-            None
+        let permute = match family {
+            Family::Bert => None,
+            _ if hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias") => Some(n_head),
+            _ if hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias") => Some(n_kv),
+            _ => None,
         };
         if let Some(h) = permute {
             let rows = t.shape.first().copied().unwrap_or(0);
             if h == 0 || rows % (2 * h) != 0 {
                 return Err(Error::invalid(
-                    &cfg_path,
+                    cfg_path,
                     format!(
                         "tensor `{}`: {rows} rows do not split into {h} heads of row pairs",
                         t.name
@@ -334,8 +557,12 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
                 ));
             }
         }
-        let f32_only =
-            t.shape.len() <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight");
+        // as the converter: 1-D, norms, biases, and its named exceptions
+        let f32_only = t.shape.len() <= 1
+            || name.ends_with("_norm.weight")
+            || !name.ends_with(".weight")
+            || name == "position_embd.weight"
+            || name == "token_types.weight";
         tensors.push(HfTensor {
             source: i,
             dims: t.shape.iter().rev().copied().collect(),
@@ -344,42 +571,12 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
             f32_only,
         });
     }
-    let total: u64 = tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
-
-    let mut md: Vec<(String, Value)> = vec![];
-    kv(&mut md, "general.architecture", Value::Str("llama".into()));
-    kv(&mut md, "general.type", Value::Str("model".into()));
-    naming_keys(dir, &cfg, total, &mut md)?;
-    llama_params(&cfg, &cfg_path, ftype, &mut md)?;
-    kv(
-        &mut md,
-        "general.quantization_version",
-        Value::U(2, "uint32"),
-    );
-    llama_vocab(dir, &cfg, &mut md)?;
-    Ok(HfGguf {
-        arch: "llama",
-        metadata: md,
-        tensors,
-        skipped,
-    })
+    Ok((tensors, skipped))
 }
 
-/// `Metadata.load` without a model card, then `set_gguf_meta_model`: the sampling defaults
-/// of `generation_config.json`, the name and its parts from `_name_or_path` and the folder's
-/// name, and the size label.
+/// `Metadata.load` (no override file) then `set_gguf_meta_model`: the sampling defaults of
+/// `generation_config.json`, then the authorship keys (`card`).
 fn naming_keys(dir: &Path, cfg: &Json, total: u64, md: &mut Vec<(String, Value)>) -> Result<()> {
-    let card = dir.join("README.md");
-    if card.is_file() {
-        let text = std::fs::read_to_string(&card).map_err(|e| Error::io(&card, e))?;
-        if text.lines().next() == Some("---") {
-            return Err(Error::usage(format!(
-                "{}: a model card's metadata is not carried into a .gguf output yet (move the \
-                 README.md aside to convert without it)",
-                card.display()
-            )));
-        }
-    }
     let gen_path = dir.join("generation_config.json");
     let gen = if gen_path.is_file() {
         read_json(&gen_path).unwrap_or(Json::Null)
@@ -426,58 +623,22 @@ fn naming_keys(dir: &Path, cfg: &Json, total: u64, md: &mut Vec<(String, Value)>
             kv(md, &format!("general.sampling.{key}"), val);
         }
     }
-    let mut parts = naming::IdParts::default();
-    let mut merge = |id: &str| {
-        let p = naming::model_id_components(id, total as i64);
-        if parts.name.is_none() {
-            parts.name = p.name.map(|n| naming::id_to_title(&n));
-        }
-        if parts.organization.is_none() {
-            parts.organization = p.organization.map(|n| naming::id_to_title(&n));
-        }
-        parts.basename = parts.basename.take().or(p.basename);
-        parts.finetune = parts.finetune.take().or(p.finetune);
-        parts.version = parts.version.take().or(p.version);
-        parts.size_label = parts.size_label.take().or(p.size_label);
-    };
-    if let Some(id) = cfg.get("_name_or_path").and_then(Json::as_str) {
-        if id.matches('/').count() <= 1 {
-            merge(id);
-        }
-    }
-    let dir_name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    merge(&dir_name);
-    let name = parts.name.unwrap_or(dir_name);
-    let size = parts
-        .size_label
-        .or_else(|| (total > 0).then(|| naming::rounded_count(total, 2)));
-    kv(md, "general.name", Value::Str(name));
-    for (k, v) in [
-        ("general.version", parts.version),
-        ("general.organization", parts.organization),
-        ("general.finetune", parts.finetune),
-        ("general.basename", parts.basename),
-        ("general.size_label", size),
-    ] {
-        if let Some(v) = v {
-            kv(md, k, Value::Str(v));
-        }
+    let name_or_path = cfg.get("_name_or_path").and_then(Json::as_str);
+    for (k, v) in card::Authorship::load(dir, name_or_path, total)?.keys() {
+        kv(md, &k, v);
     }
     Ok(())
 }
 
-/// `TextModel.set_gguf_parameters` and `LlamaModel.set_gguf_parameters`.
-fn llama_params(
+/// `TextModel.set_gguf_parameters`, for architecture `a`.
+fn text_params(
     cfg: &Json,
     cfg_path: &Path,
+    a: &str,
     ftype: FileType,
     md: &mut Vec<(String, Value)>,
 ) -> Result<()> {
     let u32v = |x: u64| Value::U(x, "uint32");
-    let a = "llama";
     let block = num(
         cfg,
         &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
@@ -531,7 +692,7 @@ fn llama_params(
     if cfg.get("is_causal") == Some(&Json::Bool(false)) {
         kv(md, &format!("{a}.attention.causal"), Value::Bool(false));
     }
-    rope_keys(cfg, cfg_path, md)?;
+    rope_keys(cfg, cfg_path, a, md)?;
     if let Some(e) = float(cfg, &["rms_norm_eps", "norm_eps"]) {
         kv(
             md,
@@ -555,6 +716,14 @@ fn llama_params(
         kv(md, &format!("{a}.attention.value_length"), u32v(h));
     }
     kv(md, "general.file_type", u32v(ftype.id()));
+    Ok(())
+}
+
+/// The rest of `LlamaModel.set_gguf_parameters`: the vocabulary size and RoPE dimensions.
+fn llama_tail(cfg: &Json, cfg_path: &Path, md: &mut Vec<(String, Value)>) -> Result<()> {
+    let u32v = |x: u64| Value::U(x, "uint32");
+    let a = "llama";
+    let head_dim = cfg.get("head_dim").and_then(Json::as_u64);
     let vocab = cfg
         .get("vocab_size")
         .and_then(Json::as_u64)
@@ -574,8 +743,7 @@ fn llama_params(
 
 /// The RoPE keys of `TextModel.set_gguf_parameters`: scaling (linear only, others refused)
 /// and the base frequency.
-fn rope_keys(cfg: &Json, cfg_path: &Path, md: &mut Vec<(String, Value)>) -> Result<()> {
-    let a = "llama";
+fn rope_keys(cfg: &Json, cfg_path: &Path, a: &str, md: &mut Vec<(String, Value)>) -> Result<()> {
     let rope = cfg
         .get("rope_parameters")
         .filter(|v| !v.is_null())
@@ -685,6 +853,25 @@ mod tests {
         for o in 0..12 {
             assert_eq!(p.source_row(u.source_row(o, 12), 12), o);
         }
+    }
+
+    #[test]
+    fn bert_names() {
+        assert_eq!(
+            bert_filter("bert.embeddings.LayerNorm.gamma").as_deref(),
+            Some("embeddings.LayerNorm.weight")
+        );
+        assert_eq!(bert_filter("pooler.dense.weight"), None);
+        assert_eq!(bert_filter("cls.predictions.bias"), None);
+        assert_eq!(
+            bert_name("encoder.layer.5.output.LayerNorm.bias", 6).as_deref(),
+            Some("blk.5.layer_output_norm.bias")
+        );
+        assert_eq!(bert_name("encoder.layer.6.output.dense.weight", 6), None);
+        assert_eq!(
+            bert_name("embeddings.token_type_embeddings.weight", 6).as_deref(),
+            Some("token_types.weight")
+        );
     }
 
     #[test]

@@ -218,23 +218,262 @@ fn add_key(typ: &str) -> Option<&'static str> {
     })
 }
 
-/// gguf-py's `SpecialVocab(dir, n_vocab=...)` then `add_to_gguf`, for a folder without
-/// `tokenizer.json` post-processing: special ids from `tokenizer_config.json` (through
-/// `tokenizer.json`'s added tokens) then `config.json`, `add_*_token`, the chat template.
-pub fn special_vocab(dir: &Path, n_vocab: Option<u64>) -> Result<Vec<(String, Value)>> {
-    let tok = read_json(&dir.join("tokenizer.json"))?;
-    if let Some(t) = &tok {
-        if t.get("post_processor").is_some_and(|p| !p.is_null()) {
+/// Python's truthiness of a JSON value.
+fn truthy(v: Option<&Json>) -> bool {
+    match v {
+        None | Some(Json::Null) | Some(Json::Bool(false)) => false,
+        Some(Json::String(s)) => !s.is_empty(),
+        Some(Json::Object(o)) => !o.is_empty(),
+        Some(Json::Array(a)) => !a.is_empty(),
+        Some(Json::Number(n)) => n.as_f64() != Some(0.0),
+        Some(_) => true,
+    }
+}
+
+/// `processor['single'|'pair'][k]['SpecialToken']['id']` and `['Sequence']['id']`.
+fn tmpl_id<'a>(item: Option<&'a Json>, kind: &str) -> Option<&'a Json> {
+    item?.get(kind)?.get("id").filter(|v| truthy(Some(v)))
+}
+
+/// What `SpecialVocab._try_load_from_tokenizer_json` reads from a tokenizer.json
+/// post-processor: `add_*_token` (in order) and the special tokens it fills into the tokenizer
+/// config.
+fn post_processor(
+    dir: &Path,
+    pp: &Json,
+    tc: &mut Option<serde_json::Map<String, Json>>,
+    adds: &mut Vec<(&'static str, bool)>,
+) -> Result<()> {
+    let get = |tc: &Option<serde_json::Map<String, Json>>, k: &str| {
+        tc.as_ref().and_then(|t| t.get(k)).cloned()
+    };
+    let mut st = Specials {
+        bos: get(tc, "bos_token"),
+        cls: get(tc, "cls_token"),
+        eos: get(tc, "eos_token"),
+        sep: get(tc, "sep_token"),
+        has_tc: tc.as_ref().is_some_and(|t| !t.is_empty()),
+    };
+    if !truthy(st.bos.as_ref()) && truthy(st.cls.as_ref()) && st.has_tc {
+        st.bos = st.cls.clone();
+        tc.as_mut()
+            .expect("tc")
+            .insert("bos_token".into(), st.bos.clone().expect("cls"));
+    }
+    if !truthy(st.eos.as_ref()) && truthy(st.sep.as_ref()) && st.has_tc {
+        st.eos = st.sep.clone();
+        tc.as_mut()
+            .expect("tc")
+            .insert("eos_token".into(), st.eos.clone().expect("sep"));
+    }
+    let single = vec![pp.clone()];
+    let procs = pp
+        .get("processors")
+        .and_then(Json::as_array)
+        .unwrap_or(&single);
+    for proc_ in procs {
+        match proc_.get("type").and_then(Json::as_str) {
+            Some("ByteLevel") => {
+                for typ in ["bos", "eos"] {
+                    if !adds.iter().any(|(t, _)| *t == typ) {
+                        adds.push((typ, false));
+                    }
+                }
+            }
+            Some("TemplateProcessing") => template(dir, proc_, &mut st, tc, adds)?,
+            Some("RobertaProcessing") => {
+                return Err(Error::usage(format!(
+                "{}: tokenizer.json's RobertaProcessing is not supported for a .gguf output yet",
+                dir.display()
+            )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The special tokens a tokenizer config names, as `_try_load_from_tokenizer_json` tracks them.
+struct Specials {
+    bos: Option<Json>,
+    cls: Option<Json>,
+    eos: Option<Json>,
+    sep: Option<Json>,
+    /// The tokenizer config exists and is not empty.
+    has_tc: bool,
+}
+
+fn set_add(adds: &mut Vec<(&'static str, bool)>, typ: &'static str, v: bool) {
+    match adds.iter_mut().find(|(t, _)| *t == typ) {
+        Some(slot) => slot.1 = v,
+        None => adds.push((typ, v)),
+    }
+}
+
+/// A `TemplateProcessing` post-processor: `add_bos`/`add_eos` from its single template,
+/// `add_sep` from its pair template (the converter's "crude parsing").
+fn template(
+    dir: &Path,
+    proc_: &Json,
+    st: &mut Specials,
+    tc: &mut Option<serde_json::Map<String, Json>>,
+    adds: &mut Vec<(&'static str, bool)>,
+) -> Result<()> {
+    let empty = vec![];
+    let single = proc_
+        .get("single")
+        .and_then(Json::as_array)
+        .unwrap_or(&empty);
+    let pair = proc_.get("pair").and_then(Json::as_array).unwrap_or(&empty);
+    let (mut first, mut last) = (None, None);
+    if single.len() > 1 {
+        if let Some(f) = tmpl_id(single.first(), "SpecialToken") {
+            first = Some(f.clone());
+            if !st.has_tc {
+                st.bos = Some(f.clone());
+            } else if st.bos.as_ref() != Some(f) && st.cls.as_ref() != Some(f) {
+                if !truthy(st.bos.as_ref()) {
+                    st.bos = Some(f.clone());
+                    tc.as_mut()
+                        .expect("tc")
+                        .insert("bos_token".into(), f.clone());
+                }
+                if !truthy(st.cls.as_ref()) {
+                    st.cls = Some(f.clone());
+                    tc.as_mut()
+                        .expect("tc")
+                        .insert("cls_token".into(), f.clone());
+                }
+            }
+            let on = st.bos.as_ref() == Some(f) || st.cls.as_ref() == Some(f);
+            set_add(adds, "bos", on);
+        }
+        if let Some(l) = tmpl_id(single.last(), "SpecialToken") {
+            last = Some(l.clone());
+            if !st.has_tc {
+                st.eos = Some(l.clone());
+            } else if st.eos.as_ref() != Some(l) {
+                return Err(Error::usage(format!(
+                    "{}: a tokenizer.json template ending in another token than the \
+                     EOS token is not supported for a .gguf output yet",
+                    dir.display()
+                )));
+            }
+            set_add(adds, "eos", st.eos.as_ref() == Some(l));
+        }
+    }
+    if !pair.is_empty() {
+        let start =
+            usize::from(first.is_some() && tmpl_id(pair.first(), "SpecialToken") == first.as_ref());
+        let stop =
+            usize::from(last.is_some() && tmpl_id(pair.last(), "SpecialToken") == last.as_ref());
+        let inner = pair
+            .get(start..pair.len().saturating_sub(stop))
+            .unwrap_or(&[]);
+        let a = tmpl_id(inner.first(), "Sequence").and_then(Json::as_str);
+        let b = tmpl_id(inner.last(), "Sequence").and_then(Json::as_str);
+        if a == Some("A") && b == Some("B") && inner.len() > 2 {
+            let mid = &inner[1..inner.len() - 1];
+            let is_sep =
+                |e: Option<&Json>| e.is_some() && (e == st.sep.as_ref() || e == st.eos.as_ref());
+            let mut add_sep = false;
+            let e0 = tmpl_id(mid.first(), "SpecialToken");
+            if is_sep(e0) && last.is_none() {
+                add_sep = true;
+            }
+            if mid.len() == 2 && is_sep(tmpl_id(mid.get(1), "SpecialToken")) {
+                add_sep = true;
+            }
+            set_add(adds, "sep", add_sep);
+            if add_sep && !truthy(st.sep.as_ref()) && st.has_tc {
+                if let Some(e) = st.eos.clone() {
+                    tc.as_mut().expect("tc").insert("sep_token".into(), e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `SpecialVocab._parse_normalizer`: (lowercase, strip_accents).
+fn normalizer(n: &Json, out: &mut (Option<bool>, Option<bool>)) {
+    match n.get("type").and_then(Json::as_str) {
+        Some("Lowercase") => out.0 = Some(true),
+        Some("StripAccents") => out.1 = Some(true),
+        Some("BertNormalizer") => {
+            if let Some(v) = n.get("lowercase") {
+                out.0 = v.as_bool();
+            }
+            if let Some(v) = n.get("strip_accents") {
+                out.1 = v.as_bool();
+            }
+        }
+        Some("Sequence") => {
+            for m in n
+                .get("normalizers")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+            {
+                normalizer(m, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The chat template: `tokenizer_config.json`'s, else `chat_template.jinja`'s or
+/// `chat_template.json`'s.
+fn chat_template(dir: &Path, tc: &serde_json::Map<String, Json>) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    let alt = if jinja.is_file() {
+        if dir.join("additional_chat_templates").is_dir() {
             return Err(Error::usage(format!(
-                "{}: tokenizer.json's post_processor is not supported for a GGUF output yet",
+                "{}: additional chat templates are not supported for a GGUF output yet",
                 dir.display()
             )));
         }
-        if t.get("normalizer").is_some_and(|p| !p.is_null()) {
-            return Err(Error::usage(format!(
-                "{}: tokenizer.json's normalizer is not supported for a GGUF output yet",
-                dir.display()
-            )));
+        Some(Json::String(
+            std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?,
+        ))
+    } else {
+        read_json(&dir.join("chat_template.json"))?.and_then(|j| j.get("chat_template").cloned())
+    };
+    match tc.get("chat_template").cloned().or(alt) {
+        Some(Json::String(s)) => Ok(Some(s)),
+        Some(Json::Array(_)) => Err(Error::usage(format!(
+            "{}: a list of chat templates is not supported for a GGUF output yet",
+            dir.display()
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// gguf-py's `SpecialVocab(dir, n_vocab=...)` then `add_to_gguf` (no merges): special ids from
+/// `tokenizer_config.json` (through `tokenizer.json`'s added tokens) then `config.json`,
+/// `add_*_token` from tokenizer.json's post-processor and the tokenizer config, the chat
+/// template, the normalizer's lowercase and strip-accents flags.
+pub fn special_vocab(dir: &Path, n_vocab: Option<u64>) -> Result<Vec<(String, Value)>> {
+    let tok = read_json(&dir.join("tokenizer.json"))?;
+    let mut tc: Option<serde_json::Map<String, Json>> =
+        read_json(&dir.join("tokenizer_config.json"))?.and_then(|j| match j {
+            Json::Object(o) => Some(o),
+            _ => None,
+        });
+    let mut adds: Vec<(&str, bool)> = vec![];
+    let mut norm = (None, None);
+    let mut added: Vec<Json> = vec![];
+    if let Some(t) = &tok {
+        if let Some(n) = t.get("normalizer").filter(|n| truthy(Some(n))) {
+            normalizer(n, &mut norm);
+        }
+        added = t
+            .get("added_tokens")
+            .and_then(Json::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(pp) = t.get("post_processor").filter(|p| truthy(Some(p))) {
+            post_processor(dir, pp, &mut tc, &mut adds)?;
         }
     }
     let mut ids: Vec<(&str, u64)> = vec![];
@@ -253,49 +492,16 @@ pub fn special_vocab(dir: &Path, n_vocab: Option<u64>) -> Result<Vec<(String, Va
         }
         Ok(())
     };
-    let mut adds: Vec<(&str, bool)> = vec![];
     let mut chat: Option<String> = None;
-    let tc = read_json(&dir.join("tokenizer_config.json"))?
-        .filter(|tc| tc.as_object().is_some_and(|o| !o.is_empty()));
-    if let Some(tc) = tc {
-        let jinja = dir.join("chat_template.jinja");
-        let alt = if jinja.is_file() {
-            if dir.join("additional_chat_templates").is_dir() {
-                return Err(Error::usage(format!(
-                    "{}: additional chat templates are not supported for a GGUF output yet",
-                    dir.display()
-                )));
-            }
-            Some(Json::String(
-                std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?,
-            ))
-        } else {
-            read_json(&dir.join("chat_template.json"))?
-                .and_then(|j| j.get("chat_template").cloned())
-        };
-        match tc.get("chat_template").cloned().or(alt) {
-            Some(Json::String(s)) => chat = Some(s),
-            Some(Json::Array(_)) => {
-                return Err(Error::usage(format!(
-                    "{}: a list of chat templates is not supported for a GGUF output yet",
-                    dir.display()
-                )))
-            }
-            _ => {}
-        }
-        let added: Vec<Json> = tok
-            .as_ref()
-            .and_then(|t| t.get("added_tokens"))
-            .and_then(Json::as_array)
-            .cloned()
-            .unwrap_or_default();
+    if let Some(tc) = tc.filter(|tc| !tc.is_empty()) {
+        chat = chat_template(dir, &tc)?;
         for typ in SPECIAL {
-            if let Some(Json::Bool(b)) = tc.get(format!("add_{typ}_token")) {
+            if let Some(Json::Bool(b)) = tc.get(&format!("add_{typ}_token")) {
                 if !adds.iter().any(|(t, _)| *t == typ) {
                     adds.push((typ, *b));
                 }
             }
-            let content = match tc.get(format!("{typ}_token")) {
+            let content = match tc.get(&format!("{typ}_token")) {
                 Some(Json::String(s)) => s.clone(),
                 Some(Json::Object(o)) => match o.get("content") {
                     Some(Json::String(s)) => s.clone(),
@@ -333,6 +539,15 @@ pub fn special_vocab(dir: &Path, n_vocab: Option<u64>) -> Result<Vec<(String, Va
     }
     if let Some(c) = chat {
         kv.push(("tokenizer.chat_template".to_string(), Value::Str(c)));
+    }
+    if let Some(b) = norm.0 {
+        kv.push(("tokenizer.ggml.normalizer.lowercase".into(), Value::Bool(b)));
+    }
+    if let Some(b) = norm.1 {
+        kv.push((
+            "tokenizer.ggml.normalizer.strip_accents".into(),
+            Value::Bool(b),
+        ));
     }
     Ok(kv)
 }
@@ -490,6 +705,156 @@ pub fn tokenizer_files(doc: &crate::catalogue::gguf::GgufDoc) -> Result<Option<V
         ("tokenizer.model", model),
         ("tokenizer_config.json", config.into_bytes()),
     ]))
+}
+
+/// A WordPiece vocabulary as the converter's `get_vocab_base` lists it.
+pub struct WordPiece {
+    /// Tokens by id (`[PAD{i}]` for ids the vocabulary lacks).
+    pub tokens: Vec<String>,
+    /// Their types: NORMAL 1, CONTROL 3 (special added tokens), USER_DEFINED 4, UNUSED 5.
+    pub types: Vec<i64>,
+    /// The pre-tokenizer's name (`get_vocab_base_pre`).
+    pub pre: String,
+}
+
+/// `does_token_look_special`.
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<\u{ff5c}") && t.ends_with("\u{ff5c}>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// The WordPiece vocabulary of a folder's `tokenizer.json` for `vocab_size` ids.
+pub fn wordpiece(dir: &Path, vocab_size: Option<u64>) -> Result<WordPiece> {
+    let path = dir.join("tokenizer.json");
+    let tok = read_json(&path)?.ok_or_else(|| {
+        Error::usage(format!(
+            "{}: no tokenizer.json: a .gguf output of a BERT folder needs it",
+            dir.display()
+        ))
+    })?;
+    let model = tok.get("model").cloned().unwrap_or(Json::Null);
+    if model.get("type").and_then(Json::as_str) != Some("WordPiece") {
+        return Err(Error::usage(format!(
+            "{}: a .gguf output of a BERT folder needs a WordPiece tokenizer",
+            path.display()
+        )));
+    }
+    let mut by_id: std::collections::BTreeMap<u64, String> = Default::default();
+    for (t, id) in model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| Error::invalid(&path, format!("token `{t}`: id is not a number")))?;
+        by_id.insert(id, t.clone());
+    }
+    // added tokens: (id -> special)
+    let mut added: std::collections::BTreeMap<u64, bool> = Default::default();
+    for a in tok
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(Json::as_u64),
+            a.get("content").and_then(Json::as_str),
+        ) else {
+            continue;
+        };
+        let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
+        let normalized = a
+            .get("normalized")
+            .and_then(Json::as_bool)
+            .unwrap_or(!special);
+        if !special && !normalized {
+            return Err(Error::usage(format!(
+                "{}: added token `{content}` (not special, not normalized) is not supported for \
+                 a .gguf output yet",
+                path.display()
+            )));
+        }
+        by_id.insert(id, content.to_string());
+        added.insert(id, special);
+    }
+    let n = vocab_size.unwrap_or(by_id.len() as u64);
+    if by_id.keys().next_back().is_some_and(|&m| m >= n) || n > 1 << 24 {
+        return Err(Error::invalid(
+            &path,
+            format!("token ids reach past the vocabulary size {n}"),
+        ));
+    }
+    let mut tokens = Vec::with_capacity(n as usize);
+    let mut types = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        match by_id.get(&i) {
+            None => {
+                tokens.push(format!("[PAD{i}]"));
+                types.push(5);
+            }
+            Some(t) => {
+                let ty = match added.get(&i) {
+                    Some(&special) if special || looks_special(t) => 3,
+                    Some(_) => 4,
+                    None => 1,
+                };
+                tokens.push(if ty == 4 {
+                    t.replace('\u{2581}', " ")
+                } else {
+                    t.clone()
+                });
+                types.push(ty);
+            }
+        }
+    }
+    Ok(WordPiece {
+        tokens,
+        types,
+        pre: pre_tokenizer(&path)?,
+    })
+}
+
+/// `get_vocab_base_pre`: llama.cpp's name for the tokenizer, found by the sha256 of the ids it
+/// gives a fixed text (with special tokens, untruncated).
+#[cfg(feature = "tokenizer")]
+fn pre_tokenizer(path: &Path) -> Result<String> {
+    let mut t = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| Error::invalid(path, format!("not a tokenizer: {e}")))?;
+    t.with_truncation(None)
+        .map_err(|e| Error::invalid(path, format!("{e}")))?;
+    t.with_padding(None);
+    let enc = t
+        .encode(super::pre_hashes::CHKTXT, true)
+        .map_err(|e| Error::invalid(path, format!("cannot tokenize: {e}")))?;
+    let ids: Vec<String> = enc.get_ids().iter().map(|i| i.to_string()).collect();
+    let text = format!("[{}]", ids.join(", "));
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    super::pre_hashes::PRE_HASHES
+        .iter()
+        .rev()
+        .find(|(h, _)| *h == hash)
+        .map(|(_, name)| name.to_string())
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "{}: llama.cpp does not know this pre-tokenizer (chkhsh {hash})",
+                path.display()
+            ))
+        })
+}
+
+#[cfg(not(feature = "tokenizer"))]
+fn pre_tokenizer(path: &Path) -> Result<String> {
+    Err(Error::usage(format!(
+        "{}: naming the tokenizer for llama.cpp runs it: this build has no tokenizer (the \
+         weightcast command has)",
+        path.display()
+    )))
 }
 
 #[cfg(test)]
