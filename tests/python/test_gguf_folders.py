@@ -32,10 +32,10 @@ def sha256(path):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-folders")
-    return {name: make(root) for name, make in {**models.MODELS, **models.REAL}.items()}
+    return {name: make(root) for name, make in {**models.MODELS, **models.QWEN, **models.REAL}.items()}
 
 
-ALL = list(models.MODELS) + list(models.REAL)
+ALL = list(models.MODELS) + list(models.QWEN) + list(models.REAL)
 
 
 @pytest.mark.parametrize("outtype", models.OUTTYPES)
@@ -155,6 +155,24 @@ def test_overflow_refused_not_a_broken_file(tmp_path):
     assert np.isfinite(v).all() and v.max() == np.float16(65504)
 
 
+def test_qwen_tokens_and_merges(folders, tmp_path):
+    """Qwen2: the byte-level BPE vocabulary, llama.cpp's `qwen2` pre-tokenizer, the merges,
+    ids past the tokenizer's padded as the converter pads them, biases in F32."""
+    out = tmp_path / "q.gguf"
+    run("convert", folders["tiny-qwen2"], "-o", out, "--to", "q8_0")
+    r = gguf.GGUFReader(str(out))
+    f = {x.name: x for x in r.fields.values()}
+    assert f["general.architecture"].contents() == "qwen2"
+    assert f["tokenizer.ggml.pre"].contents() == "qwen2"
+    toks = f["tokenizer.ggml.tokens"].contents()
+    assert len(toks) == 151936 and toks[151643] == "<|endoftext|>" and toks[151700] == "[PAD151700]"
+    types = f["tokenizer.ggml.token_type"].contents()
+    assert types[151643] == 3 and types[151700] == 5 and types[100] == 1
+    assert f["tokenizer.ggml.merges"].contents()[:2] == ["\u0120 \u0120", "\u0120\u0120 \u0120\u0120"]
+    tt = {t.name: t.tensor_type.name for t in r.tensors}
+    assert tt["blk.0.attn_q.bias"] == "F32" and tt["blk.0.attn_q.weight"] == "Q8_0"
+
+
 def test_minilm_plan_and_tokens(folders, tmp_path):
     """The real all-MiniLM-L6-v2: BERT names, F32 position and token-type embeddings, the
     WordPiece vocabulary in llama.cpp's phantom-space form, llama.cpp's name for its
@@ -179,11 +197,16 @@ def test_minilm_plan_and_tokens(folders, tmp_path):
 
 def test_refusals(folders, tmp_path):
     out = tmp_path / "o.gguf"
-    qwen = models.tiny_llama(tmp_path / "qwen")
-    cfg = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps(dict(cfg, architectures=["Qwen2ForCausalLM"])))
-    p = run("convert", qwen, "-o", out, "--to", "f16", check=False)
-    assert p.returncode == 2 and "not `Qwen2ForCausalLM`" in p.stderr, p.stderr
+    other = models.tiny_llama(tmp_path / "phi")
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, architectures=["Phi3ForCausalLM"])))
+    p = run("convert", other, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "not `Phi3ForCausalLM`" in p.stderr, p.stderr
+    # a Qwen3 reranker (the converter writes a classifier head for it): refused by name
+    rr = models.tiny_qwen3(tmp_path / "rr")
+    (rr / "README.md").write_text("# Qwen3-Reranker\n")
+    p = run("convert", rr, "-o", out, "--to", "f16", check=False)
+    assert p.returncode == 2 and "reranker" in p.stderr, p.stderr
     # a WordPiece vocabulary llama.cpp does not know: its pre-tokenizer hash is named
     p = run("convert", ROOT / "examples" / "tiny-bert", "-o", out, "--to", "f16", check=False)
     assert p.returncode == 2 and "chkhsh" in p.stderr, p.stderr

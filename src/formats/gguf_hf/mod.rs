@@ -149,6 +149,10 @@ enum Family {
     Llama,
     /// `BertModel` (BERT encoders: all-MiniLM-L6-v2).
     Bert,
+    /// `Qwen2Model` (q/k/v biases).
+    Qwen2,
+    /// `Qwen3Model` (q/k norms).
+    Qwen3,
 }
 
 impl Family {
@@ -156,6 +160,8 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Bert => "bert",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -211,10 +217,8 @@ fn bert_name(hf: &str, block_count: u64) -> Option<String> {
     Some(format!("blk.{bid}.{to}.{suffix}"))
 }
 
-/// The rest of `BertModel.set_gguf_parameters`: not causal, and the sentence-transformers
-/// pooling (`_try_set_pooling_type`).
-fn bert_tail(dir: &Path, md: &mut Vec<(String, Value)>) -> Result<()> {
-    kv(md, "bert.attention.causal", Value::Bool(false));
+/// `_try_set_pooling_type`: the sentence-transformers pooling of `modules.json`, if any.
+fn pooling(dir: &Path, arch: &str, md: &mut Vec<(String, Value)>) -> Result<()> {
     let modules = dir.join("modules.json");
     if !modules.is_file() {
         return Ok(());
@@ -251,14 +255,22 @@ fn bert_tail(dir: &Path, md: &mut Vec<(String, Value)>) -> Result<()> {
             }
         }
     };
-    kv(md, "bert.pooling_type", Value::U(mode, "uint32"));
+    kv(
+        md,
+        &format!("{arch}.pooling_type"),
+        Value::U(mode, "uint32"),
+    );
     Ok(())
 }
 
 /// `BertModel.set_vocab`: the WordPiece vocabulary of `tokenizer.json` (`get_vocab_base`),
 /// its pre-tokenizer name, tokens in llama.cpp's phantom-space form, and the special tokens.
 fn bert_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<()> {
-    let v = vocab::wordpiece(dir, cfg.get("vocab_size").and_then(Json::as_u64))?;
+    let v = vocab::vocab_base(
+        dir,
+        cfg.get("vocab_size").and_then(Json::as_u64),
+        "WordPiece",
+    )?;
     let type_count = cfg
         .get("type_vocab_size")
         .and_then(Json::as_u64)
@@ -295,6 +307,89 @@ fn bert_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<(
         ),
     );
     for (k, val) in vocab::special_vocab(dir, Some(n))? {
+        kv(md, &k, val);
+    }
+    Ok(())
+}
+
+/// Qwen3's q/k norms (`attn_q_norm`, `attn_k_norm`).
+fn qwen3_norm_name(hf: &str, block_count: u64) -> Option<String> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (bid, module) = rest.split_once('.')?;
+    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
+    let to = match module {
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{bid}.{to}"))
+}
+
+/// `Qwen3Model._is_qwen3_reranker`.
+fn qwen3_reranker(dir: &Path, cfg: &Json) -> bool {
+    let readme = std::fs::read_to_string(dir.join("README.md"))
+        .unwrap_or_default()
+        .to_lowercase();
+    if readme.contains("# qwen3-reranker") || readme.contains("# qwen3-vl-reranker") {
+        return true;
+    }
+    let s = |k: &str| {
+        cfg.get(k)
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_lowercase()
+    };
+    let arch = cfg
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Json::as_str)
+        .unwrap_or("")
+        .to_lowercase();
+    let dir_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    [dir_name, s("_name_or_path"), s("model_type"), arch.clone()]
+        .iter()
+        .any(|h| h.contains("qwen3-reranker") || h.contains("qwen3-vl-reranker"))
+        || arch.contains("sequenceclassification")
+}
+
+/// `_set_vocab_gpt2`: a byte-level BPE vocabulary (`get_vocab_base`), its pre-tokenizer name,
+/// its merges and special tokens.
+fn gpt2_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<()> {
+    if dir.join("tokenizer.model").is_file() {
+        return Err(Error::usage(format!(
+            "{}: a SentencePiece tokenizer.model in a Qwen folder is not supported for a .gguf \
+             output yet",
+            dir.display()
+        )));
+    }
+    let v = vocab::vocab_base(dir, cfg.get("vocab_size").and_then(Json::as_u64), "BPE")?;
+    kv(md, "tokenizer.ggml.model", Value::Str("gpt2".into()));
+    kv(md, "tokenizer.ggml.pre", Value::Str(v.pre));
+    kv(
+        md,
+        "tokenizer.ggml.tokens",
+        Value::Array("string", v.tokens.into_iter().map(Value::Str).collect()),
+    );
+    kv(
+        md,
+        "tokenizer.ggml.token_type",
+        Value::Array(
+            "int32",
+            v.types.into_iter().map(|t| Value::I(t, "int32")).collect(),
+        ),
+    );
+    let merges = vocab::merges(dir)?;
+    if !merges.is_empty() {
+        kv(
+            md,
+            "tokenizer.ggml.merges",
+            Value::Array("string", merges.into_iter().map(Value::Str).collect()),
+        );
+    }
+    for (k, val) in vocab::special_vocab(dir, None)? {
         kv(md, &k, val);
     }
     Ok(())
@@ -354,6 +449,7 @@ fn kv(out: &mut Vec<(String, Value)>, key: &str, v: Value) {
 /// `LlamaConfig` and `MistralConfig`: `head_dim`, `num_key_value_heads`, `rope_parameters`...).
 fn hparams(mut cfg: Json, hf_arch: &str) -> Json {
     let mistral = hf_arch == "MistralForCausalLM";
+    let qwen = hf_arch.starts_with("Qwen");
     let Some(o) = cfg.as_object_mut() else {
         return cfg;
     };
@@ -362,18 +458,23 @@ fn hparams(mut cfg: Json, hf_arch: &str) -> Json {
             o.insert(k.to_string(), v);
         }
     };
-    default("vocab_size", 32000.into());
+    // transformers 5's LlamaConfig, MistralConfig, Qwen2Config and Qwen3Config defaults
+    default("vocab_size", if qwen { 151936 } else { 32000 }.into());
     default("hidden_size", 4096.into());
-    default(
-        "intermediate_size",
-        if mistral { 14336 } else { 11008 }.into(),
-    );
+    let inter = match () {
+        _ if qwen => 22016,
+        _ if mistral => 14336,
+        _ => 11008,
+    };
+    default("intermediate_size", inter.into());
     default("num_hidden_layers", 32.into());
     default("num_attention_heads", 32.into());
-    default(
-        "max_position_embeddings",
-        if mistral { 131072 } else { 2048 }.into(),
-    );
+    let ctx = match () {
+        _ if qwen => 32768,
+        _ if mistral => 131072,
+        _ => 2048,
+    };
+    default("max_position_embeddings", ctx.into());
     default("rms_norm_eps", 1e-6.into());
     let heads = o
         .get("num_attention_heads")
@@ -385,7 +486,16 @@ fn hparams(mut cfg: Json, hf_arch: &str) -> Json {
         o.insert("num_key_value_heads".into(), kv.into());
     }
     if o.get("head_dim").is_none_or(Json::is_null) && heads > 0 {
-        o.insert("head_dim".into(), (hidden / heads).into());
+        // Qwen2's config leaves it unset, Qwen3's defaults to 128
+        match hf_arch {
+            "Qwen2ForCausalLM" => {}
+            "Qwen3ForCausalLM" => {
+                o.insert("head_dim".into(), 128.into());
+            }
+            _ => {
+                o.insert("head_dim".into(), (hidden / heads).into());
+            }
+        }
     }
     // rope: rope_parameters (or the older rope_scaling) with rope_theta inside, rope_type set
     let theta = o.get("rope_theta").cloned().filter(|v| !v.is_null());
@@ -425,18 +535,27 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
     let family = match hf_arch {
         "LlamaForCausalLM" | "MistralForCausalLM" => Family::Llama,
         "BertModel" | "BertForMaskedLM" => Family::Bert,
+        "Qwen2ForCausalLM" => Family::Qwen2,
+        "Qwen3ForCausalLM" => Family::Qwen3,
         _ => {
             return Err(Error::usage(format!(
                 "{}: a .gguf output of a model folder supports LlamaForCausalLM, \
-                 MistralForCausalLM, BertModel and BertForMaskedLM so far, not `{hf_arch}`",
+                 MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, BertModel and \
+                 BertForMaskedLM so far, not `{hf_arch}`",
                 cat.path.display()
             )))
         }
     };
     let cfg = match family {
-        Family::Llama => hparams(cfg, hf_arch),
         Family::Bert => cfg,
+        _ => hparams(cfg, hf_arch),
     };
+    if family == Family::Qwen3 && qwen3_reranker(dir, &cfg) {
+        return Err(Error::usage(format!(
+            "{}: Qwen3 rerankers are not supported for a .gguf output yet",
+            cat.path.display()
+        )));
+    }
     let unsupported = |what: &str| {
         Err(Error::usage(format!(
             "{}: {what} is not supported for a .gguf output yet",
@@ -465,7 +584,11 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
     text_params(&cfg, &cfg_path, arch, ftype, &mut md)?;
     match family {
         Family::Llama => llama_tail(&cfg, &cfg_path, &mut md)?,
-        Family::Bert => bert_tail(dir, &mut md)?,
+        Family::Bert => {
+            kv(&mut md, "bert.attention.causal", Value::Bool(false));
+            pooling(dir, arch, &mut md)?
+        }
+        Family::Qwen2 | Family::Qwen3 => pooling(dir, arch, &mut md)?,
     }
     kv(
         &mut md,
@@ -475,6 +598,7 @@ pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
     match family {
         Family::Llama => llama_vocab(dir, &cfg, &mut md)?,
         Family::Bert => bert_vocab(dir, &cfg, &mut md)?,
+        Family::Qwen2 | Family::Qwen3 => gpt2_vocab(dir, &cfg, &mut md)?,
     }
     Ok(HfGguf {
         arch,
@@ -506,7 +630,7 @@ fn output_tensors(
     for i in converter_order(cat) {
         let t = &cat.tensors[i];
         let hf = match family {
-            Family::Llama => t.name.clone(),
+            Family::Llama | Family::Qwen2 | Family::Qwen3 => t.name.clone(),
             Family::Bert => match bert_filter(&t.name) {
                 Some(n) => n,
                 None => {
@@ -529,7 +653,10 @@ fn output_tensors(
             )));
         }
         let name = match family {
-            Family::Llama => llama_name(&hf, block_count),
+            Family::Llama | Family::Qwen2 => llama_name(&hf, block_count),
+            Family::Qwen3 => {
+                qwen3_norm_name(&hf, block_count).or_else(|| llama_name(&hf, block_count))
+            }
             Family::Bert => bert_name(&hf, block_count),
         }
         .ok_or_else(|| {
@@ -540,7 +667,7 @@ fn output_tensors(
             ))
         })?;
         let permute = match family {
-            Family::Bert => None,
+            Family::Bert | Family::Qwen2 | Family::Qwen3 => None,
             _ if hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias") => Some(n_head),
             _ if hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias") => Some(n_kv),
             _ => None,

@@ -707,7 +707,7 @@ pub fn tokenizer_files(doc: &crate::catalogue::gguf::GgufDoc) -> Result<Option<V
     ]))
 }
 
-/// A WordPiece vocabulary as the converter's `get_vocab_base` lists it.
+/// A WordPiece or BPE vocabulary as the converter's `get_vocab_base` lists it.
 pub struct WordPiece {
     /// Tokens by id (`[PAD{i}]` for ids the vocabulary lacks).
     pub tokens: Vec<String>,
@@ -725,19 +725,20 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
-/// The WordPiece vocabulary of a folder's `tokenizer.json` for `vocab_size` ids.
-pub fn wordpiece(dir: &Path, vocab_size: Option<u64>) -> Result<WordPiece> {
+/// The vocabulary of a folder's `tokenizer.json` (a `kind` model: `WordPiece`, `BPE`) for
+/// `vocab_size` ids, as `get_vocab_base` lists it.
+pub fn vocab_base(dir: &Path, vocab_size: Option<u64>, kind: &str) -> Result<WordPiece> {
     let path = dir.join("tokenizer.json");
     let tok = read_json(&path)?.ok_or_else(|| {
         Error::usage(format!(
-            "{}: no tokenizer.json: a .gguf output of a BERT folder needs it",
+            "{}: no tokenizer.json: a .gguf output of this folder needs it",
             dir.display()
         ))
     })?;
     let model = tok.get("model").cloned().unwrap_or(Json::Null);
-    if model.get("type").and_then(Json::as_str) != Some("WordPiece") {
+    if model.get("type").and_then(Json::as_str) != Some(kind) {
         return Err(Error::usage(format!(
-            "{}: a .gguf output of a BERT folder needs a WordPiece tokenizer",
+            "{}: a .gguf output of this folder needs a {kind} tokenizer",
             path.display()
         )));
     }
@@ -817,6 +818,34 @@ pub fn wordpiece(dir: &Path, vocab_size: Option<u64>) -> Result<WordPiece> {
         types,
         pre: pre_tokenizer(&path)?,
     })
+}
+
+/// The merges of a BPE `tokenizer.json`, as `SpecialVocab(load_merges=True)` lists them: a pair
+/// joined by a space, a space inside a part written as U+0120.
+pub fn merges(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join("tokenizer.json");
+    let tok = read_json(&path)?.unwrap_or(Json::Null);
+    let list = tok
+        .get("model")
+        .and_then(|m| m.get("merges"))
+        .and_then(Json::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let bad = || Error::invalid(&path, "unknown tokenizer merges format");
+    list.iter()
+        .map(|m| match m {
+            Json::String(s) => Ok(s.clone()),
+            Json::Array(pair) if pair.len() == 2 => {
+                let part = |v: &Json| {
+                    v.as_str()
+                        .map(|p| p.replace(' ', "\u{120}"))
+                        .ok_or_else(bad)
+                };
+                Ok(format!("{} {}", part(&pair[0])?, part(&pair[1])?))
+            }
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 /// `get_vocab_base_pre`: llama.cpp's name for the tokenizer, found by the sha256 of the ids it
