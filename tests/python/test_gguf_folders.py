@@ -231,26 +231,28 @@ def test_refusals(folders, tmp_path):
     assert not out.exists()
 
 
-def transformers_gguf(path):
+def transformers_gguf(path, model_config=None):
     """What transformers loads from a GGUF file: config, tensors (load_gguf_checkpoint into a
     meta model, as from_pretrained(gguf_file=) does) and tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(model_config or config)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return config, tensors, tok
 
 
-TEXTS = ["the quick brown fox", " hello  world", "lazy dogs weights, in bounded memory!"]
+TEXTS = ["the quick brown fox", " hello  world\n\n", "lazy dogs weights, in bounded memory!",
+         "3333 \u2026\U0001F680 <|im_start|>user\nhi<|im_end|>", "\u00dcn\u00efc\u00f6d\u00e9 \u6211\u60f3\u5728apple\u5de5\u4f5c"]
 
 
-@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
-@pytest.mark.parametrize("name", list(models.MODELS))
+# (the Qwen vocabulary takes transformers seconds to rebuild: one file type each)
+@pytest.mark.parametrize("name,gguf_type", [(m, t) for m in models.MODELS for t in ["f32", "q8_0"]]
+                         + [("tiny-qwen2", "f32"), ("tiny-qwen3", "q8_0")])
 def test_gguf_to_folder_is_what_transformers_loads(folders, tmp_path, name, gguf_type):
     import torch
     from safetensors.torch import load_file as load_torch
@@ -260,7 +262,9 @@ def test_gguf_to_folder_is_what_transformers_loads(folders, tmp_path, name, gguf
     run("convert", folders[name], "-o", g, "--to", gguf_type)
     out = tmp_path / "back"
     run("convert", g, "-o", out, "--to", "f32")
-    config, tensors, tok = transformers_gguf(g)
+    # transformers' GGUF loader reads no head width for qwen3 and takes Qwen3Config's 128; the
+    # folder's config.json has the file's own (its key length): the meta model is built from it
+    config, tensors, tok = transformers_gguf(g, AutoConfig.from_pretrained(out))
     got = load_torch(out / "model.safetensors")
     assert sorted(got) == sorted(tensors)
     for k, v in tensors.items():
@@ -268,8 +272,14 @@ def test_gguf_to_folder_is_what_transformers_loads(folders, tmp_path, name, gguf
     mine = AutoConfig.from_pretrained(out).to_dict()
     theirs = config.to_dict()
     differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
-    assert differ <= {"dtype", "architectures", "_name_or_path", "_model_name_or_path"}, differ
-    assert mine["architectures"] == ["LlamaForCausalLM"] and mine["dtype"] == "float32"
+    allowed = {"dtype", "architectures", "_name_or_path", "_model_name_or_path"}
+    if name == "tiny-qwen3":
+        allowed.add("head_dim")
+        assert mine["head_dim"] == 16 and theirs["head_dim"] == 128
+    assert differ <= allowed, differ
+    arch = json.loads((folders[name] / "config.json").read_text())["architectures"]
+    want = ["LlamaForCausalLM"] if arch == ["MistralForCausalLM"] else arch
+    assert mine["architectures"] == want and mine["dtype"] == "float32"
     ours = AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert ours(text)["input_ids"] == tok(text)["input_ids"], text

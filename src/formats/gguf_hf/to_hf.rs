@@ -1,4 +1,5 @@
-//! A GGUF file of the llama architecture read back as the Hugging Face checkpoint it came from,
+//! A GGUF file of the llama, qwen2 or qwen3 architecture read back as the Hugging Face checkpoint
+//! it came from,
 //! as transformers loads it (`from_pretrained(..., gguf_file=)`, `load_gguf_checkpoint`): the
 //! tensors under their Hugging Face names, the q/k projections' rows permuted back
 //! (`_reverse_permute_weights`), and a `config.json`, `generation_config.json` and the
@@ -13,8 +14,18 @@ use crate::catalogue::gguf::{GgufDoc, Value};
 use crate::catalogue::{Catalogue, FolderInfo, Rows};
 use crate::error::{Error, Result};
 
-/// The Hugging Face name of a llama GGUF tensor.
-fn hf_name(gguf: &str, block_count: u64) -> Option<String> {
+/// The architectures read back, with their Hugging Face class.
+fn hf_class(arch: &str) -> Option<&'static str> {
+    Some(match arch {
+        "llama" => "LlamaForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        _ => return None,
+    })
+}
+
+/// The Hugging Face name of a llama, qwen2 or qwen3 GGUF tensor (`arch`).
+fn hf_name(gguf: &str, block_count: u64, arch: &str) -> Option<String> {
     let (base, suffix) = match gguf.rsplit_once('.') {
         Some((b, s @ ("weight" | "bias"))) => (b, s),
         _ => return None,
@@ -41,6 +52,8 @@ fn hf_name(gguf: &str, block_count: u64) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "attn_q_norm" if arch == "qwen3" => "self_attn.q_norm",
+        "attn_k_norm" if arch == "qwen3" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{bid}.{to}.{suffix}"))
@@ -65,16 +78,16 @@ fn float(doc: &GgufDoc, key: &str) -> Option<f64> {
 /// Why a GGUF file keeps its own names in a non-GGUF output, or `None` when it is read as a
 /// Hugging Face llama checkpoint.
 fn unmapped(cat: &Catalogue, doc: &GgufDoc) -> Option<String> {
-    if doc.architecture() != Some("llama") {
+    let arch = doc.architecture().unwrap_or("?");
+    if hf_class(arch).is_none() {
         return Some(format!(
-            "architecture `{}` has no Hugging Face mapping here (llama only)",
-            doc.architecture().unwrap_or("?")
+            "architecture `{arch}` has no Hugging Face mapping here (llama, qwen2, qwen3)"
         ));
     }
-    let blocks = uint(doc, "llama.block_count").unwrap_or(0);
+    let blocks = uint(doc, &format!("{arch}.block_count")).unwrap_or(0);
     cat.tensors
         .iter()
-        .find(|t| hf_name(&t.name, blocks).is_none())
+        .find(|t| hf_name(&t.name, blocks, arch).is_none())
         .map(|t| format!("tensor `{}` has no Hugging Face name", t.name))
 }
 
@@ -90,12 +103,17 @@ pub fn as_hugging_face(mut cat: Catalogue) -> Result<Catalogue> {
             .push(format!("the output keeps the GGUF tensor names: {why}"));
         return Ok(cat);
     }
-    let blocks = uint(&doc, "llama.block_count").unwrap_or(0);
-    let heads = uint(&doc, "llama.attention.head_count").unwrap_or(0);
-    let kv = uint(&doc, "llama.attention.head_count_kv").unwrap_or(heads);
+    let arch = doc.architecture().unwrap_or("").to_string();
+    let blocks = uint(&doc, &format!("{arch}.block_count")).unwrap_or(0);
+    let heads = uint(&doc, &format!("{arch}.attention.head_count")).unwrap_or(0);
+    let kv = uint(&doc, &format!("{arch}.attention.head_count_kv")).unwrap_or(heads);
+    // only llama's converter permutes the q/k rows
+    let permuted = arch == "llama";
     for t in &mut cat.tensors {
-        let name = hf_name(&t.name, blocks).expect("checked");
-        let h = if t.name.starts_with("blk.") && t.name.contains(".attn_q.") {
+        let name = hf_name(&t.name, blocks, &arch).expect("checked");
+        let h = if !permuted {
+            None
+        } else if t.name.starts_with("blk.") && t.name.contains(".attn_q.") {
             Some(heads)
         } else if t.name.starts_with("blk.") && t.name.contains(".attn_k.") {
             Some(kv)
@@ -126,10 +144,10 @@ pub fn as_hugging_face(mut cat: Catalogue) -> Result<Catalogue> {
         .map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let tied = !doc.tensors.iter().any(|t| t.name == "output.weight");
     let mut files: Vec<(&str, Vec<u8>)> = vec![
-        ("config.json", pretty(&config(&doc, tied))),
+        ("config.json", pretty(&config(&doc, &arch, tied))),
         ("generation_config.json", pretty(&generation(&doc))),
     ];
-    if let Some(tok) = super::vocab::tokenizer_files(&doc)? {
+    if let Some(tok) = super::vocab::tokenizer_files(&doc, &arch)? {
         files.extend(tok);
     }
     let mut other = Vec::new();
@@ -169,25 +187,35 @@ fn token_ids(doc: &GgufDoc, into: &mut Map<String, Json>) {
 /// `config.json`: what transformers' GGUF loader maps for llama (`GGUF_CONFIG_MAPPING`), the
 /// vocabulary size from the tokens when the file has no `llama.vocab_size`, and
 /// `tie_word_embeddings` when there is no `output.weight`.
-fn config(doc: &GgufDoc, tied: bool) -> Json {
+fn config(doc: &GgufDoc, arch: &str, tied: bool) -> Json {
     let mut c = Map::new();
-    c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    c.insert("model_type".into(), "llama".into());
+    c.insert(
+        "architectures".into(),
+        json!([hf_class(arch).unwrap_or("LlamaForCausalLM")]),
+    );
+    c.insert("model_type".into(), arch.into());
+    // rope.dimension_count is llama's head_dim; qwen3's is its key length (transformers'
+    // mapping leaves it out, so its loader falls back to Qwen3Config's 128)
+    let head_dim = match arch {
+        "llama" => "rope.dimension_count",
+        "qwen3" => "attention.key_length",
+        _ => "",
+    };
     for (key, name) in [
-        ("llama.context_length", "max_position_embeddings"),
-        ("llama.block_count", "num_hidden_layers"),
-        ("llama.feed_forward_length", "intermediate_size"),
-        ("llama.embedding_length", "hidden_size"),
-        ("llama.rope.dimension_count", "head_dim"),
-        ("llama.attention.head_count", "num_attention_heads"),
-        ("llama.attention.head_count_kv", "num_key_value_heads"),
-        ("llama.vocab_size", "vocab_size"),
+        ("context_length", "max_position_embeddings"),
+        ("block_count", "num_hidden_layers"),
+        ("feed_forward_length", "intermediate_size"),
+        ("embedding_length", "hidden_size"),
+        (head_dim, "head_dim"),
+        ("attention.head_count", "num_attention_heads"),
+        ("attention.head_count_kv", "num_key_value_heads"),
+        ("vocab_size", "vocab_size"),
     ] {
-        if let Some(v) = uint(doc, key) {
+        if let Some(v) = uint(doc, &format!("{arch}.{key}")).filter(|_| !key.is_empty()) {
             c.insert(name.into(), v.into());
         }
     }
-    if let Some(e) = float(doc, "llama.attention.layer_norm_rms_epsilon") {
+    if let Some(e) = float(doc, &format!("{arch}.attention.layer_norm_rms_epsilon")) {
         c.insert("rms_norm_eps".into(), e.into());
     }
     if !c.contains_key("vocab_size") {
@@ -195,7 +223,7 @@ fn config(doc: &GgufDoc, tied: bool) -> Json {
             c.insert("vocab_size".into(), items.len().into());
         }
     }
-    let theta = float(doc, "llama.rope.freq_base").unwrap_or(10000.0);
+    let theta = float(doc, &format!("{arch}.rope.freq_base")).unwrap_or(10000.0);
     c.insert(
         "rope_parameters".into(),
         json!({"rope_theta": theta, "rope_type": "default"}),
@@ -235,14 +263,17 @@ mod tests {
     #[test]
     fn names_back() {
         assert_eq!(
-            hf_name("blk.1.attn_q.weight", 2).as_deref(),
+            hf_name("blk.1.attn_q.weight", 2, "llama").as_deref(),
             Some("model.layers.1.self_attn.q_proj.weight")
         );
+        let out = hf_name("output.weight", 2, "llama");
+        assert_eq!(out.as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("blk.2.attn_q.weight", 2, "llama"), None);
+        assert_eq!(hf_name("rope_freqs.weight", 2, "llama"), None);
+        assert_eq!(hf_name("blk.0.attn_q_norm.weight", 2, "llama"), None);
         assert_eq!(
-            hf_name("output.weight", 2).as_deref(),
-            Some("lm_head.weight")
+            hf_name("blk.0.attn_q_norm.weight", 2, "qwen3").as_deref(),
+            Some("model.layers.0.self_attn.q_norm.weight")
         );
-        assert_eq!(hf_name("blk.2.attn_q.weight", 2), None);
-        assert_eq!(hf_name("rope_freqs.weight", 2), None);
     }
 }

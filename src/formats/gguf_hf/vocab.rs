@@ -613,10 +613,129 @@ pub type NamedFile = (&'static str, Vec<u8>);
 
 /// The tokenizer files of a GGUF file's SentencePiece vocabulary (`tokenizer.ggml.model` =
 /// `llama`): `tokenizer.model` and `tokenizer_config.json`; `None` for other vocabularies.
-pub fn tokenizer_files(doc: &crate::catalogue::gguf::GgufDoc) -> Result<Option<Vec<NamedFile>>> {
-    if !matches!(doc.get("tokenizer.ggml.model"), Some(Value::Str(m)) if m == "llama") {
-        return Ok(None);
+pub fn tokenizer_files(
+    doc: &crate::catalogue::gguf::GgufDoc,
+    arch: &str,
+) -> Result<Option<Vec<NamedFile>>> {
+    match doc.get("tokenizer.ggml.model") {
+        Some(Value::Str(m)) if m == "llama" => spm_files(doc),
+        Some(Value::Str(m)) if m == "gpt2" && matches!(arch, "qwen2" | "qwen3") => {
+            Ok(Some(bpe_files(doc)))
+        }
+        _ => Ok(None),
     }
+}
+
+/// A GGUF file's byte-level BPE vocabulary as the files `Qwen2Tokenizer` loads: `vocab.json`,
+/// `merges.txt` and `tokenizer_config.json` with the control tokens as special added tokens
+/// and the user-defined ones as plain added tokens (as transformers' GGUF tokenizer adds them).
+fn bpe_files(doc: &crate::catalogue::gguf::GgufDoc) -> Vec<NamedFile> {
+    let strs = |key: &str| -> Vec<String> {
+        match doc.get(key) {
+            Some(Value::Array(_, items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => s.clone(),
+                    _ => String::new(),
+                })
+                .collect(),
+            _ => vec![],
+        }
+    };
+    let tokens = strs("tokenizer.ggml.tokens");
+    let types: Vec<i64> = match doc.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(_, t)) => t
+            .iter()
+            .map(|v| match v {
+                Value::I(k, _) => *k,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![],
+    };
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.entry(t.clone()).or_insert(Json::from(i));
+    }
+    let mut merges = String::from("#version: 0.2\n");
+    for m in strs("tokenizer.ggml.merges") {
+        merges.push_str(&m);
+        merges.push('\n');
+    }
+    let mut added = serde_json::Map::new();
+    for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+        if *ty == 3 || *ty == 4 {
+            added.insert(
+                i.to_string(),
+                serde_json::json!({"content": t, "lstrip": false, "normalized": false,
+                                   "rstrip": false, "single_word": false, "special": *ty == 3}),
+            );
+        }
+    }
+    let mut tc = tokenizer_config(doc, &tokens, "Qwen2Tokenizer", false);
+    tc.insert("add_prefix_space".into(), false.into());
+    tc.insert("errors".into(), "replace".into());
+    tc.insert("added_tokens_decoder".into(), Json::Object(added));
+    vec![
+        ("vocab.json", json_bytes(&Json::Object(vocab))),
+        ("merges.txt", merges.into_bytes()),
+        ("tokenizer_config.json", json_bytes(&Json::Object(tc))),
+    ]
+}
+
+fn json_bytes(v: &Json) -> Vec<u8> {
+    let mut s = serde_json::to_string_pretty(v).expect("JSON");
+    s.push('\n');
+    s.into_bytes()
+}
+
+/// `tokenizer_config.json`: its class, `add_bos_token`/`add_eos_token` (GGUF's, else
+/// `add_bos`), the special tokens by their ids, the chat template.
+fn tokenizer_config(
+    doc: &crate::catalogue::gguf::GgufDoc,
+    tokens: &[String],
+    class: &str,
+    add_bos: bool,
+) -> serde_json::Map<String, Json> {
+    let flag = |key: &str| match doc.get(key) {
+        Some(Value::Bool(b)) => Some(*b),
+        _ => None,
+    };
+    let id = |key: &str| match doc.get(key) {
+        Some(Value::U(v, _)) => usize::try_from(*v).ok(),
+        Some(Value::I(v, _)) => usize::try_from(*v).ok(),
+        _ => None,
+    };
+    let mut tc = serde_json::Map::new();
+    tc.insert("tokenizer_class".into(), class.into());
+    tc.insert(
+        "add_bos_token".into(),
+        flag("tokenizer.ggml.add_bos_token")
+            .unwrap_or(add_bos)
+            .into(),
+    );
+    tc.insert(
+        "add_eos_token".into(),
+        flag("tokenizer.ggml.add_eos_token").unwrap_or(false).into(),
+    );
+    for (name, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(t) = id(key).and_then(|i| tokens.get(i)) {
+            tc.insert(name.into(), t.clone().into());
+        }
+    }
+    if let Some(Value::Str(c)) = doc.get("tokenizer.chat_template") {
+        tc.insert("chat_template".into(), c.clone().into());
+    }
+    tc
+}
+
+/// A GGUF file's SentencePiece vocabulary as `tokenizer.model` and `tokenizer_config.json`.
+fn spm_files(doc: &crate::catalogue::gguf::GgufDoc) -> Result<Option<Vec<NamedFile>>> {
     let Some(Value::Array(_, tokens)) = doc.get("tokenizer.ggml.tokens") else {
         return Ok(None);
     };
@@ -672,35 +791,9 @@ pub fn tokenizer_files(doc: &crate::catalogue::gguf::GgufDoc) -> Result<Option<V
         ],
         flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
     );
-    let text_of = |i: Option<i64>| {
-        i.and_then(|i| pieces.get(usize::try_from(i).ok()?))
-            .map(|p| Json::String(p.text.clone()))
-    };
-    let mut tc = serde_json::Map::new();
-    tc.insert("tokenizer_class".into(), "LlamaTokenizer".into());
-    tc.insert(
-        "add_bos_token".into(),
-        flag("tokenizer.ggml.add_bos_token").unwrap_or(true).into(),
-    );
-    tc.insert(
-        "add_eos_token".into(),
-        flag("tokenizer.ggml.add_eos_token").unwrap_or(false).into(),
-    );
-    for (name, i) in [
-        ("bos_token", bos),
-        ("eos_token", eos),
-        ("unk_token", unk),
-        ("pad_token", pad),
-    ] {
-        if let Some(t) = text_of(i) {
-            tc.insert(name.into(), t);
-        }
-    }
-    if let Some(Value::Str(c)) = doc.get("tokenizer.chat_template") {
-        tc.insert("chat_template".into(), c.clone().into());
-    }
-    let mut config = serde_json::to_string_pretty(&Json::Object(tc)).expect("JSON");
-    config.push('\n');
+    let texts: Vec<String> = pieces.iter().map(|p| p.text.clone()).collect();
+    let tc = tokenizer_config(doc, &texts, "LlamaTokenizer", true);
+    let config = String::from_utf8(json_bytes(&Json::Object(tc))).expect("UTF-8");
     Ok(Some(vec![
         ("tokenizer.model", model),
         ("tokenizer_config.json", config.into_bytes()),
