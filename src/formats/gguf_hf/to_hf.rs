@@ -171,13 +171,18 @@ fn pretty(v: &Json) -> Vec<u8> {
     s.into_bytes()
 }
 
-/// The special token ids a config carries, from the tokenizer keys.
-fn token_ids(doc: &GgufDoc, into: &mut Map<String, Json>) {
+/// The special token ids a config carries, from the tokenizer keys (transformers' GGUF
+/// mapping puts `unk_token_id` in the model config too).
+fn token_ids(doc: &GgufDoc, into: &mut Map<String, Json>, unk: bool) {
     for (key, name) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
         ("tokenizer.ggml.padding_token_id", "pad_token_id"),
     ] {
+        if name == "unk_token_id" && !unk {
+            continue;
+        }
         if let Some(v) = uint(doc, key) {
             into.insert(name.into(), v.into());
         }
@@ -229,7 +234,7 @@ fn config(doc: &GgufDoc, arch: &str, tied: bool) -> Json {
         json!({"rope_theta": theta, "rope_type": "default"}),
     );
     c.insert("tie_word_embeddings".into(), tied.into());
-    token_ids(doc, &mut c);
+    token_ids(doc, &mut c, true);
     Json::Object(c)
 }
 
@@ -237,7 +242,7 @@ fn config(doc: &GgufDoc, arch: &str, tied: bool) -> Json {
 /// carries (`general.sampling.*`).
 fn generation(doc: &GgufDoc) -> Json {
     let mut g = Map::new();
-    token_ids(doc, &mut g);
+    token_ids(doc, &mut g, false);
     for (key, name) in [
         ("general.sampling.temp", "temperature"),
         ("general.sampling.top_p", "top_p"),
