@@ -4,6 +4,7 @@ read from llama-cpp-python 0.3.36's vendored converter.
 Run: python3 scripts/gen_gguf_pre_hashes.py PATH/llama_cpp_python-0.3.36/vendor/llama.cpp"""
 
 import ast
+import subprocess
 import pathlib
 import re
 import sys
@@ -46,4 +47,5 @@ lines = [
 lines += [f'    ("{h}", "{n}"),' for h, n in pairs]
 lines += ["];", ""]
 out.write_text("\n".join(lines))
+subprocess.run(["rustfmt", "--edition", "2021", str(out)], check=True)  # as cargo fmt lays it out
 print(f"{len(pairs)} hashes -> {out}")
