@@ -36,11 +36,14 @@ pub const OUTPUT_FORMATS: &[(&str, &str)] = &[
     ),
     (
         "FOLDER",
-        "a model folder (for a folder input: config, tokenizer and the other files too)",
+        "a model folder (for a folder input: config, tokenizer and the other files too; for \
+         a llama, qwen2 or qwen3 GGUF input: Hugging Face names, config and tokenizer)",
     ),
     (
         "FILE.gguf",
-        "from a GGUF input: retyped as llama.cpp's quantizer does (--to f32|f16|bf16|q8_0)",
+        "llama.cpp's GGUF (--to f32|f16|bf16|q8_0|auto): from a GGUF input, retyped as its \
+         quantizer does; from a Llama, Mistral, Qwen2, Qwen3 or BERT folder, the file its \
+         convert_hf_to_gguf.py writes",
     ),
 ];
 
@@ -118,8 +121,8 @@ pub struct Layout {
 }
 
 /// The output formats of [`OUTPUT_FORMATS`] in one phrase, for messages.
-const OUTPUT_NAMES: &str =
-    ".safetensors, .safetensors.index.json, .pt/.pth/.bin, a folder, or .gguf (from a GGUF file or a Llama model folder)";
+const OUTPUT_NAMES: &str = ".safetensors, .safetensors.index.json, .pt/.pth/.bin, a folder, \
+                            or .gguf (from a GGUF file or a model folder)";
 
 /// Parses a shard size the way transformers does: `5GB` = 5·10⁹ bytes, `5GiB` = 5·2³⁰,
 /// `500MB`, `100KB`, or a plain number of bytes.

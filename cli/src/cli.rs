@@ -235,7 +235,8 @@ pub fn convert_help() -> String {
         "\nExamples:\n\
          \x20 weightcast convert model.safetensors -o model-f16.safetensors --to f16\n\
          \x20 weightcast convert ./llama -o ./llama-bf16 --to bf16 --preset keep-norms --max-shard-size 5GB\n\
-         \x20 weightcast convert ./bert -o ./bert-f16 --to f16 --keep 're:pooler' --dry-run",
+         \x20 weightcast convert ./bert -o ./bert-f16 --to f16 --keep 're:pooler' --dry-run\n\
+         \x20 weightcast convert ./qwen2 -o qwen2-q8_0.gguf --to q8_0    (llama.cpp's GGUF)",
     );
     h
 }
