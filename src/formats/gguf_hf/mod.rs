@@ -8,6 +8,7 @@
 //! what is ported here is refused by name rather than written differently.
 
 pub mod card;
+pub mod names;
 pub mod naming;
 pub mod pre_hashes;
 pub mod to_hf;
@@ -156,6 +157,15 @@ enum Family {
 }
 
 impl Family {
+    /// Its tensor names.
+    fn names(self) -> &'static names::TensorMap {
+        match self {
+            Family::Llama | Family::Qwen2 => &names::LLAMA,
+            Family::Qwen3 => &names::QWEN3,
+            Family::Bert => &names::BERT,
+        }
+    }
+
     fn arch(self) -> &'static str {
         match self {
             Family::Llama => "llama",
@@ -182,39 +192,6 @@ fn bert_filter(name: &str) -> Option<String> {
     ) || n.starts_with("cls.predictions")
         || n.starts_with("cls.seq_relationship");
     (!dropped).then_some(n)
-}
-
-/// The GGUF name of a BERT tensor (gguf-py's `TensorNameMap` for `BERT`).
-fn bert_name(hf: &str, block_count: u64) -> Option<String> {
-    let (base, suffix) = match hf.rsplit_once('.') {
-        Some((b, s @ ("weight" | "bias"))) => (b, s),
-        _ => return None,
-    };
-    let fixed = match base {
-        "embeddings.word_embeddings" => Some("token_embd"),
-        "embeddings.position_embeddings" => Some("position_embd"),
-        "embeddings.token_type_embeddings" => Some("token_types"),
-        "embeddings.LayerNorm" => Some("token_embd_norm"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(format!("{f}.{suffix}"));
-    }
-    let rest = base.strip_prefix("encoder.layer.")?;
-    let (bid, module) = rest.split_once('.')?;
-    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
-    let to = match module {
-        "attention.self.query" => "attn_q",
-        "attention.self.key" => "attn_k",
-        "attention.self.value" => "attn_v",
-        "attention.output.dense" => "attn_output",
-        "attention.output.LayerNorm" => "attn_output_norm",
-        "intermediate.dense" => "ffn_up",
-        "output.dense" => "ffn_down",
-        "output.LayerNorm" => "layer_output_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{bid}.{to}.{suffix}"))
 }
 
 /// `_try_set_pooling_type`: the sentence-transformers pooling of `modules.json`, if any.
@@ -312,19 +289,6 @@ fn bert_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<(
     Ok(())
 }
 
-/// Qwen3's q/k norms (`attn_q_norm`, `attn_k_norm`).
-fn qwen3_norm_name(hf: &str, block_count: u64) -> Option<String> {
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (bid, module) = rest.split_once('.')?;
-    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
-    let to = match module {
-        "self_attn.q_norm.weight" => "attn_q_norm.weight",
-        "self_attn.k_norm.weight" => "attn_k_norm.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{bid}.{to}"))
-}
-
 /// `Qwen3Model._is_qwen3_reranker`.
 fn qwen3_reranker(dir: &Path, cfg: &Json) -> bool {
     let readme = std::fs::read_to_string(dir.join("README.md"))
@@ -393,39 +357,6 @@ fn gpt2_vocab(dir: &Path, cfg: &Json, md: &mut Vec<(String, Value)>) -> Result<(
         kv(md, &k, val);
     }
     Ok(())
-}
-
-/// The GGUF name of a Llama tensor (gguf-py's `TensorNameMap` for `LLAMA`).
-fn llama_name(hf: &str, block_count: u64) -> Option<String> {
-    let (base, suffix) = match hf.rsplit_once('.') {
-        Some((b, s @ ("weight" | "bias"))) => (b, s),
-        _ => return None,
-    };
-    let fixed = match base {
-        "model.embed_tokens" => Some("token_embd"),
-        "lm_head" => Some("output"),
-        "model.norm" => Some("output_norm"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(format!("{f}.{suffix}"));
-    }
-    let rest = base.strip_prefix("model.layers.")?;
-    let (bid, module) = rest.split_once('.')?;
-    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
-    let to = match module {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{bid}.{to}.{suffix}"))
 }
 
 fn num(cfg: &Json, keys: &[&str]) -> Option<u64> {
@@ -652,14 +583,7 @@ fn output_tensors(
                 t.name, t.dtype
             )));
         }
-        let name = match family {
-            Family::Llama | Family::Qwen2 => llama_name(&hf, block_count),
-            Family::Qwen3 => {
-                qwen3_norm_name(&hf, block_count).or_else(|| llama_name(&hf, block_count))
-            }
-            Family::Bert => bert_name(&hf, block_count),
-        }
-        .ok_or_else(|| {
+        let name = family.names().gguf_name(&hf, block_count).ok_or_else(|| {
             Error::usage(format!(
                 "tensor `{}`: no GGUF name for it in the {} architecture",
                 t.name,
@@ -983,35 +907,12 @@ mod tests {
     }
 
     #[test]
-    fn bert_names() {
+    fn bert_filter_drops() {
         assert_eq!(
             bert_filter("bert.embeddings.LayerNorm.gamma").as_deref(),
             Some("embeddings.LayerNorm.weight")
         );
         assert_eq!(bert_filter("pooler.dense.weight"), None);
         assert_eq!(bert_filter("cls.predictions.bias"), None);
-        assert_eq!(
-            bert_name("encoder.layer.5.output.LayerNorm.bias", 6).as_deref(),
-            Some("blk.5.layer_output_norm.bias")
-        );
-        assert_eq!(bert_name("encoder.layer.6.output.dense.weight", 6), None);
-        assert_eq!(
-            bert_name("embeddings.token_type_embeddings.weight", 6).as_deref(),
-            Some("token_types.weight")
-        );
-    }
-
-    #[test]
-    fn llama_names() {
-        assert_eq!(
-            llama_name("model.layers.3.self_attn.q_proj.weight", 4).as_deref(),
-            Some("blk.3.attn_q.weight")
-        );
-        assert_eq!(
-            llama_name("lm_head.weight", 4).as_deref(),
-            Some("output.weight")
-        );
-        assert_eq!(llama_name("model.layers.3.mlp.foo.weight", 4), None);
-        assert_eq!(llama_name("model.layers.4.mlp.up_proj.weight", 4), None);
     }
 }

@@ -26,37 +26,12 @@ fn hf_class(arch: &str) -> Option<&'static str> {
 
 /// The Hugging Face name of a llama, qwen2 or qwen3 GGUF tensor (`arch`).
 fn hf_name(gguf: &str, block_count: u64, arch: &str) -> Option<String> {
-    let (base, suffix) = match gguf.rsplit_once('.') {
-        Some((b, s @ ("weight" | "bias"))) => (b, s),
-        _ => return None,
+    let map = if arch == "qwen3" {
+        &super::names::QWEN3
+    } else {
+        &super::names::LLAMA
     };
-    let fixed = match base {
-        "token_embd" => Some("model.embed_tokens"),
-        "output" => Some("lm_head"),
-        "output_norm" => Some("model.norm"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(format!("{f}.{suffix}"));
-    }
-    let rest = base.strip_prefix("blk.")?;
-    let (bid, module) = rest.split_once('.')?;
-    let bid: u64 = bid.parse().ok().filter(|&b| b < block_count)?;
-    let to = match module {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_q_norm" if arch == "qwen3" => "self_attn.q_norm",
-        "attn_k_norm" if arch == "qwen3" => "self_attn.k_norm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{bid}.{to}.{suffix}"))
+    map.hf_name(gguf, block_count)
 }
 
 fn uint(doc: &GgufDoc, key: &str) -> Option<u64> {
