@@ -269,6 +269,12 @@ def test_gguf_to_folder_is_what_transformers_loads(folders, tmp_path, name, gguf
     assert sorted(got) == sorted(tensors)
     for k, v in tensors.items():
         assert torch.equal(got[k], v), k
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(out)
+    if name == "Tiny-Mistral-v0.2-Instruct":  # its sampling defaults come back, valid
+        assert gen.do_sample and gen.temperature == 0.7 and gen.top_k == 40
+        gen.validate(strict=True)
     mine = AutoConfig.from_pretrained(out).to_dict()
     theirs = config.to_dict()
     differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}

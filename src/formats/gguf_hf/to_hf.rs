@@ -214,7 +214,7 @@ fn config(doc: &GgufDoc, arch: &str, tied: bool) -> Json {
 }
 
 /// `generation_config.json`: the special token ids, and the sampling defaults the file
-/// carries (`general.sampling.*`).
+/// carries (`general.sampling.*`, with `do_sample`).
 fn generation(doc: &GgufDoc) -> Json {
     let mut g = Map::new();
     token_ids(doc, &mut g, false);
@@ -232,6 +232,13 @@ fn generation(doc: &GgufDoc) -> Json {
     }
     if let Some(Value::I(v, _)) = doc.get("general.sampling.top_k") {
         g.insert("top_k".into(), (*v).into());
+    }
+    // sampling defaults mean sampling (transformers ignores them, with a warning, otherwise)
+    if ["temperature", "top_p", "min_p", "top_k"]
+        .iter()
+        .any(|k| g.contains_key(*k))
+    {
+        g.insert("do_sample".into(), true.into());
     }
     Json::Object(g)
 }
