@@ -651,6 +651,14 @@ fn save(
     result
 }
 
+/// The `weightcast` command line (`argv`, program name first), run in this process: the same
+/// library the `weightcast` binary runs, with its output, progress bars and exit code. The GIL
+/// is released throughout; the command installs its own Ctrl-C handler, as the binary does.
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
+    py.detach(|| weightcast_cli::main(argv))
+}
+
 #[pymodule]
 fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -666,6 +674,7 @@ fn _weightcast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(plan_memory, m)?)?;
     m.add_function(wrap_pyfunction!(torch_dtype_name, m)?)?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_class::<Loader>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

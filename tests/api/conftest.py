@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -42,6 +43,50 @@ def minilm() -> pathlib.Path:
     assert (path / "model.safetensors").is_file()
     return path
 
+
+@pytest.fixture()
+def watchdog(request, pytestconfig):
+    """Bounds a test whose native call waits on other Python threads (a loopback server that
+    holds a range back): such a test would hang, not fail, if something went wrong. Past
+    WATCHDOG_S seconds a timer thread writes the test's name and every thread's stack to the real
+    stderr (which pytest does not capture), calls the releases the test registered (the list
+    this fixture yields: `watchdog.append(server.release.set)`), so the blocked call can end,
+    and the test fails at teardown; the rest of the run goes on. If the native call held the
+    GIL the timer could not run: then faulthandler's C thread, which needs no GIL, writes the
+    stacks to the same stream and ends the process a minute later."""
+    import faulthandler
+
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        err = os.fdopen(os.dup(2), "w")
+    releases, fired = [], []
+
+    def fire():
+        fired.append(True)
+        err.write(f"\nwatchdog: {request.node.nodeid} still running after {WATCHDOG_S} s; "
+                  "its threads:\n")
+        err.flush()
+        faulthandler.dump_traceback(file=err, all_threads=True)
+        for release in releases:
+            release()
+
+    timer = threading.Timer(WATCHDOG_S, fire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(WATCHDOG_S + 60, exit=True, file=err)
+    try:
+        yield releases
+    finally:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+        err.close()
+    if fired:
+        pytest.fail(f"watchdog: {request.node.nodeid} ran past {WATCHDOG_S} s "
+                    "(its threads' stacks are on stderr)", pytrace=False)
+
+
+# Generous: a normal run of a watched test takes seconds, also on a loaded machine.
+WATCHDOG_S = 300
 
 # The malicious-fixture marker and the CI rule for skips, shared with tests/python/conftest.py.
 sys.path.insert(0, str(ROOT / "tests"))

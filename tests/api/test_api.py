@@ -60,13 +60,43 @@ def test_wheel_has_stubs_and_the_command():
     assert len(wheels) == 1, wheels
     names = zipfile.ZipFile(wheels[0]).namelist()
     for f in ["weightcast/__init__.py", "weightcast/py.typed", "weightcast/_weightcast.pyi",
-              "weightcast/_bin/weightcast"]:
+              "weightcast/__main__.py"]:
         assert f in names, f
+    # One native library: the command runs the extension's copy of the command-line code.
+    assert not [n for n in names if "/_bin/" in n], names
     assert any(n.startswith("weightcast/_weightcast") and n.endswith(".so") for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheels[0]).read(entry[0]).decode()
     assert "weightcast=weightcast.__main__:main" in text.replace(" ", "")
     assert "abi3" in wheels[0].name
+
+
+def test_source_distribution_gives_the_command():
+    """What this venv holds was built by pip from the source distribution (scripts/api-env), as
+    on a platform with no wheel: the sdist carries the workspace the extension needs, and the
+    install gives `weightcast` (the command line, in the Python process) and `import weightcast`."""
+    import tarfile
+
+    sdists = list((ROOT / "target" / "sdist").glob("weightcast-*.tar.gz"))
+    assert len(sdists) == 1, sdists
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdists[0]).getnames() if "/" in n}
+    for f in ["pyproject.toml", "Cargo.lock", "cli/src/lib.rs", "src/lib.rs",
+              "python/src/lib.rs", "weightcast/__main__.py"]:
+        assert f in names or f"python/{f}" in names, (f, sorted(names)[:40])
+    assert pathlib.Path(weightcast.__file__).is_relative_to(pathlib.Path(sys.prefix))
+    p = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("Change the precision") or "Usage: weightcast" in p.stdout, p.stdout
+    for cmd in ("convert", "inspect", "audit", "analyze", "diff", "eval", "profile"):
+        assert cmd in p.stdout, cmd
+    # Exit codes and streams are the command line's: a usage error is 2 on stderr.
+    p = subprocess.run([str(CLI), "convert"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Usage: weightcast convert" in p.stderr, (p.returncode, p.stderr)
+    # Output piped into a reader that stops early ends the command quietly (SIGPIPE as the
+    # binary has it), not with a Python traceback or a panic.
+    sh = subprocess.run(f"'{CLI}' convert --help | head -c 10", shell=True, capture_output=True,
+                        text=True, timeout=120)
+    assert sh.stdout and "panicked" not in sh.stderr and "Traceback" not in sh.stderr, sh.stderr
 
 
 def test_help_reads_well():
@@ -235,40 +265,42 @@ def test_progress_callable_and_interrupt(tmp_path, minilm, watchdog):
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
 
     # A real SIGINT in the middle of a conversion: KeyboardInterrupt, and no output at all.
-    # Deterministic: the input comes from the loopback server, which holds one range back
-    # until the interrupt has been delivered, so the work cannot finish first. The callback
-    # sends SIGINT while the range is held; the release thread needs the GIL, which the
-    # native loop gives back only after it has set the cancel flag.
+    # Deterministic, whatever the machine's load: the input comes from the loopback server,
+    # which sends the signal itself when it begins to hold a range back, so the work cannot
+    # have finished. The native loop runs the handler (in its signal check, every 25 ms) and
+    # sets the cancel flag before it gives the GIL back; the range is released by another
+    # thread once the handler ran, and that thread needs the GIL: with the switch interval
+    # raised, the main thread keeps the GIL until the native loop gives it back, after the
+    # cancel flag is set.
     mod = _remote_server_module()
     server = mod.Server()
+    watchdog.append(server.release.set)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     big = {f"w{i}": torch.randn(1024, 1024) for i in range(8)}  # 32 MiB: 4 ranges of 8 MiB
     server.files["/big.safetensors"] = _safetensors_bytes(big)
     server.etags["/big.safetensors"] = '"big"'
     server.faults["/big.safetensors"] = [(2, "hold")]
-    interrupted = threading.Event()
-    threading.Thread(target=lambda: (interrupted.wait(120), server.release.set()),
+    server.on_hold = lambda: os.kill(os.getpid(), signal.SIGINT)
+    handled = threading.Event()
+
+    def on_sigint(signum, frame):
+        handled.set()
+        raise KeyboardInterrupt
+
+    threading.Thread(target=lambda: (handled.wait(120), server.release.set()),
                      daemon=True).start()
-    sent = []
-
-    def interrupt(done, total):
-        if server.held.is_set() and not sent:
-            sent.append(done)
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(30)  # the handler raises here, at once
-            except KeyboardInterrupt:
-                interrupted.set()
-                raise
-
+    previous, interval = signal.signal(signal.SIGINT, on_sigint), sys.getswitchinterval()
+    sys.setswitchinterval(1000)
     try:
         with pytest.raises(KeyboardInterrupt):
             weightcast.convert(f"{server.url}/big.safetensors",
-                               tmp_path / "b" / "big16.safetensors", "f16", progress=interrupt)
+                               tmp_path / "b" / "big16.safetensors", "f16")
     finally:
+        sys.setswitchinterval(interval)
+        signal.signal(signal.SIGINT, previous)
         server.release.set()
         server.shutdown()
-    assert sent and interrupted.is_set(), "the signal was sent while a range was held"
+    assert server.held.is_set() and handled.is_set(), "the signal came from the hold"
     assert not (tmp_path / "b").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], list(tmp_path.iterdir())
 
@@ -295,19 +327,6 @@ def test_progress_callable_and_interrupt(tmp_path, minilm, watchdog):
         weightcast.load(minilm, dtype="f16", progress=boom)
 
 
-@pytest.fixture()
-def watchdog():
-    """A test that needs other Python threads to run (the loopback server) would hang, not
-    fail, if the native call held the GIL. faulthandler's watchdog is a C thread that needs no
-    GIL: past the limit it prints every thread's stack and ends the process, so the run fails
-    in bounded time. (A normal run of such a test takes seconds.)"""
-    import faulthandler
-
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
 def _remote_server_module():
     import importlib.util
 
@@ -331,6 +350,7 @@ def test_gil_is_released(tmp_path, watchdog):
     it. With the GIL held throughout, neither the server nor the counter could run."""
     mod = _remote_server_module()
     server = mod.Server()
+    watchdog.append(server.release.set)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.files["/m.safetensors"] = _safetensors_bytes(
         {f"w{i}": torch.randn(1024, 1024) for i in range(4)})

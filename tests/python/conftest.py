@@ -9,6 +9,14 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("WEIGHTCAST_BIN", str(ROOT / "target" / "release" / "weightcast"))
+# The differential corpora (pickles mutated from seeds, each read by CPython and by audit) run
+# a fixed, seeded sample by default: the first cases of the same sequence the full run makes.
+# WEIGHTCAST_FULL_CORPORA=1 runs them at full size (the README names it).
+FULL_CORPORA = os.environ.get("WEIGHTCAST_FULL_CORPORA") == "1"
+
+
+def corpus_size(full: int, sample: int) -> int:
+    return full if FULL_CORPORA else sample
 
 
 def run(*args, check=True, env=None):

@@ -29,6 +29,7 @@ class Server(http.server.ThreadingHTTPServer):
         # The "hold" fault: the request waits for `release` (set by the test) after `held`.
         self.held = threading.Event()
         self.release = threading.Event()
+        self.on_hold = None  # called (in the server's thread) when a hold begins
 
     def handle_error(self, request, client_address):
         # The fault injections drop connections on purpose: not worth a traceback.
@@ -70,6 +71,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.fail(500)
         if action == "hold":
             s.held.set()
+            if s.on_hold is not None:
+                s.on_hold()
             s.release.wait(120)
         if action == "etag":
             s.etags[path] = s.etags[path] + "-changed"
