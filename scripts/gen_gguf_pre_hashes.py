@@ -1,4 +1,4 @@
-"""Writes src/formats/gguf_hf/pre_hashes.rs: llama.cpp's table of pre-tokenizers by the sha256 of
+"""Writes src/formats/gguf/hf/pre_hashes.rs: llama.cpp's table of pre-tokenizers by the sha256 of
 a tokenizer's ids for a fixed text (`get_vocab_base_pre` of convert_hf_to_gguf.py), and that text,
 read from llama-cpp-python 0.3.36's vendored converter.
 Run: python3 scripts/gen_gguf_pre_hashes.py PATH/llama_cpp_python-0.3.36/vendor/llama.cpp"""

@@ -54,37 +54,72 @@ const FOREIGN_EXTENSIONS: &[&str] = &[
     "mlmodel", "engine", "pkl", "pickle", "joblib", "json", "zip", "tar", "gz", "nemo",
 ];
 
+/// What an output path names by its name alone: the one place an output's name is read
+/// (the target, the request's checks and the front ends all ask this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// `NAME.safetensors.index.json`
+    Index,
+    /// `FILE.safetensors`
+    Safetensors,
+    /// `FILE.pt`, `.pth`, `.bin`: a torch.save checkpoint
+    Pt,
+    /// `FILE.gguf` (any case)
+    Gguf,
+    /// an extension of a format weightcast reads or knows but does not write
+    Foreign,
+    /// anything else: a folder
+    Folder,
+}
+
+impl Named {
+    /// Classifies `out` by its name.
+    pub fn of(out: &Path) -> Named {
+        let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let ext = out
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        if name.ends_with(".safetensors.index.json") {
+            Named::Index
+        } else if name.ends_with(".safetensors") {
+            Named::Safetensors
+        } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
+            Named::Pt
+        } else if ext.as_deref() == Some("gguf") {
+            Named::Gguf
+        } else if ext.is_some_and(|e| FOREIGN_EXTENSIONS.contains(&e.as_str())) {
+            Named::Foreign
+        } else {
+            Named::Folder
+        }
+    }
+}
+
 impl Target {
     /// Chooses the target from the output path and the input kind.
     pub fn resolve(cat: &Catalogue, out: &Path) -> Result<Target> {
-        let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.ends_with(".safetensors.index.json") {
-            Ok(Target::Index(out.to_path_buf()))
-        } else if name.ends_with(".safetensors") {
-            Ok(Target::File(out.to_path_buf()))
-        } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
-            Ok(Target::Pt(out.to_path_buf()))
-        } else if name.to_ascii_lowercase().ends_with(".gguf") {
-            Ok(Target::Gguf(out.to_path_buf()))
-        } else if let Some(ext) = out
-            .extension()
-            .and_then(|e| e.to_str())
-            .filter(|e| FOREIGN_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        {
-            Err(Error::usage(format!(
-                "{}: weightcast does not write .{ext} files; outputs are {}",
+        let path = out.to_path_buf();
+        match Named::of(out) {
+            Named::Index => Ok(Target::Index(path)),
+            Named::Safetensors => Ok(Target::File(path)),
+            Named::Pt => Ok(Target::Pt(path)),
+            Named::Gguf => Ok(Target::Gguf(path)),
+            Named::Foreign => Err(Error::usage(format!(
+                "{}: weightcast does not write .{} files; outputs are {}",
                 out.display(),
+                out.extension().and_then(|e| e.to_str()).unwrap_or(""),
                 OUTPUT_NAMES
-            )))
-        } else if cat.kind == InputKind::Folder || cat.folder.is_some() {
+            ))),
             // a folder, or a GGUF file read as the Hugging Face checkpoint it came from
-            Ok(Target::Folder(out.to_path_buf()))
-        } else {
-            Err(Error::usage(format!(
+            Named::Folder if cat.kind == InputKind::Folder || cat.folder.is_some() => {
+                Ok(Target::Folder(path))
+            }
+            Named::Folder => Err(Error::usage(format!(
                 "{}: the output must be {} (a folder output needs a folder input)",
                 out.display(),
                 OUTPUT_NAMES
-            )))
+            ))),
         }
     }
 

@@ -187,7 +187,7 @@ pub struct Plan {
     /// gets.
     pub quant_config: Option<serde_json::Value>,
     /// For a GGUF output of a Hugging Face folder: its metadata, tensor names and order.
-    pub gguf_hf: Option<std::sync::Arc<crate::formats::gguf_hf::HfGguf>>,
+    pub gguf_hf: Option<std::sync::Arc<crate::formats::gguf::hf::HfGguf>>,
 }
 
 /// What the output holds of a PyTorch file.

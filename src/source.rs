@@ -160,7 +160,7 @@ impl<'a> Sources<'a> {
         let mut raw = vec![0u8; ((b1 - b0) * bytes) as usize];
         self.read_raw(t, b0 * bytes, &mut raw)?;
         let mut vals = vec![0f32; ((b1 - b0) * block) as usize];
-        if !crate::cast::ggml::dequantize(
+        if !crate::formats::gguf::ggml::dequantize(
             b.ggml.id,
             bytes as usize,
             block as usize,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use weightcast::catalogue::{Catalogue, TensorEntry};
 use weightcast::convert::{convert, NoProgress, OnOverflow, Options};
-use weightcast::formats::torch_write::PtExport;
+use weightcast::formats::torch::write::PtExport;
 use weightcast::plan::Scope;
 use weightcast::rules::RuleSet;
 use weightcast::source::Sources;

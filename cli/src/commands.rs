@@ -13,7 +13,7 @@ use weightcast::commands::analyze::AnalyzeRequest;
 use weightcast::commands::audit::{AuditReport, AuditRequest};
 use weightcast::commands::convert::ConvertDoc;
 use weightcast::commands::diff::DiffRequest;
-use weightcast::commands::{output_exists, ConvertRequest};
+use weightcast::commands::ConvertRequest;
 use weightcast::convert::{self, Progress};
 use weightcast::error::one_line;
 use weightcast::output::parse_size;
@@ -22,9 +22,10 @@ use weightcast::{formats, Error, Plan};
 
 use crate::cli::{AnalyzeArgs, Args, Command, ConvertArgs, DiffArgs};
 use crate::report;
-pub(crate) use weightcast::commands::{is_pt, RuleArg};
+pub(crate) use weightcast::commands::RuleArg;
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    let quiet = args.cli.quiet;
     match args.cli.command {
         Command::Inspect { path, key, json } => {
             let cat = open(&path, key.as_deref())?;
@@ -54,7 +55,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             if json { "json" } else { &format },
         ),
         Command::Convert(c) => convert_cmd(*c, &args.rule_order),
-        Command::Analyze(a) => analyze_cmd(a, &args.rule_order),
+        Command::Analyze(a) => analyze_cmd(a, &args.rule_order, quiet),
         Command::Diff(d) => diff_cmd(d),
         #[cfg(feature = "eval")]
         Command::Eval(e) => crate::eval_cmd::eval_cmd(e, &args.rule_order),
@@ -90,8 +91,8 @@ pub(crate) fn bar(show: bool, what: &str) -> Bar {
     Bar(bar)
 }
 
-fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
-    let progress = bar(!a.json, "analyzing");
+fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg], quiet: bool) -> Result<ExitCode> {
+    let progress = bar(!a.json && !quiet, "analyzing");
     let req = AnalyzeRequest {
         input: a.input.clone(),
         to: a.to.clone(),
@@ -114,7 +115,7 @@ fn analyze_cmd(a: AnalyzeArgs, order: &[RuleArg]) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&an.doc())?);
     } else {
         print!("{}", report::analysis_text(&an, a.all));
-        if let Some(p) = &a.report {
+        if let (Some(p), false) = (&a.report, quiet) {
             println!("report: {}", p.display());
         }
     }
@@ -479,7 +480,6 @@ fn request(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Resul
 }
 
 fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> Result<ExitCode> {
-    let pt_out = is_pt(c.output());
     let person = !c.quiet && !c.json;
     let mut req = request(c, order, cancel)?;
     req.dry_run = c.dry_run;
@@ -491,45 +491,16 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
         warn(w);
     }
     if c.dry_run {
-        let layout = convert::check(&prepared.cat, &prepared.plan, c.output(), &prepared.options)?;
-        let replaces = output_exists(c.output());
         if c.json {
-            let doc = ConvertDoc::planned(&prepared, &layout, c.output());
+            let doc = ConvertDoc::planned(&prepared);
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
-            let (cat, plan) = (&prepared.cat, &prepared.plan);
-            print!("{}", report::plan_text(cat, plan, &layout));
-            if pt_out {
-                println!(
-                    "writes {}: a torch.save checkpoint with {} (views and tied tensors share one \
-                     converted storage)",
-                    c.output().display(),
-                    match plan.scope {
-                        Scope::StateDict if !plan.dropped.is_empty() => "the state dict alone",
-                        Scope::Inference if !plan.dropped.is_empty() =>
-                            "the checkpoint without its training state",
-                        _ => "every other value of the input kept",
-                    }
-                );
-            }
-            if replaces {
-                println!(
-                    "{} exists: the run replaces it (--force)",
-                    c.output().display()
-                );
-            }
-            println!("dry run: nothing written");
+            print!("{}", dry_run_text(&prepared));
         }
         return Ok(0);
     }
-    let weightcast::commands::Prepared {
-        cat,
-        plan,
-        options: opts,
-        ..
-    } = prepared;
     let progress = bar(person, "converting");
-    let result = convert::convert(&cat, &plan, c.output(), &opts, &progress);
+    let result = prepared.execute(&progress);
     progress.0.finish_and_clear();
     let summary = match result {
         Ok(s) => s,
@@ -539,8 +510,38 @@ fn convert_one(c: &ConvertArgs, order: &[RuleArg], cancel: Arc<AtomicBool>) -> R
         }
         Err(e) => return Err(e.into()),
     };
-    print_summary(c, &cat, &plan, &summary)?;
+    print_summary(c, &prepared.cat, &prepared.plan, &summary)?;
     Ok(0)
+}
+
+/// A dry run in words: the plan, what a `.pt` output holds, whether the output is replaced.
+fn dry_run_text(p: &weightcast::commands::Prepared) -> String {
+    use std::fmt::Write;
+    let (cat, plan, output) = (&p.cat, &p.plan, &p.output);
+    let mut s = report::plan_text(cat, plan, &output.layout);
+    if output.pt.is_some() {
+        let _ = writeln!(
+            s,
+            "writes {}: a torch.save checkpoint with {} (views and tied tensors share one \
+             converted storage)",
+            output.path.display(),
+            match plan.scope {
+                Scope::StateDict if !plan.dropped.is_empty() => "the state dict alone",
+                Scope::Inference if !plan.dropped.is_empty() =>
+                    "the checkpoint without its training state",
+                _ => "every other value of the input kept",
+            }
+        );
+    }
+    if output.replaces_existing {
+        let _ = writeln!(
+            s,
+            "{} exists: the run replaces it (--force)",
+            output.path.display()
+        );
+    }
+    s.push_str("dry run: nothing written\n");
+    s
 }
 
 /// What the summary line names as written: the output when it is what was written (a file,

@@ -7,7 +7,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use weightcast::formats::gguf::parse_header;
-use weightcast::formats::gguf_write::{header, OutTensor};
+use weightcast::formats::gguf::write::{header, OutTensor};
 
 fuzz_target!(|input: (u16, &[u8])| {
     let (extra, data) = input;
@@ -27,7 +27,7 @@ fuzz_target!(|input: (u16, &[u8])| {
         let (block, bytes) = (t.ggml.block as usize, t.ggml.bytes as usize);
         let raw = &data[..data.len() / bytes * bytes];
         let mut out = vec![0f32; raw.len() / bytes * block];
-        let _ = weightcast::cast::ggml::dequantize(t.ggml.id, bytes, block, raw, &mut out);
+        let _ = weightcast::formats::gguf::ggml::dequantize(t.ggml.id, bytes, block, raw, &mut out);
     }
     let outs: Vec<OutTensor> = doc
         .tensors

@@ -4,7 +4,7 @@
 //! types).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use weightcast::formats::gguf_hf::vocab::{parse_sentencepiece, sentencepiece_model};
+use weightcast::formats::gguf::hf::vocab::{parse_sentencepiece, sentencepiece_model};
 
 fuzz_target!(|data: &[u8]| {
     let path = std::path::Path::new("fuzz.model");

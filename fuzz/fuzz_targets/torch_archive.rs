@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("weightcast-fuzz-{}.pt", std::process::id()));
     std::fs::write(&path, data).unwrap();
-    let scan = weightcast::formats::torch_scan::scan(&path);
+    let scan = weightcast::formats::torch::scan::scan(&path);
     if let Ok(s) = &scan {
         assert!(s.pickles.iter().all(|p| p.offset <= data.len() as u64));
     }

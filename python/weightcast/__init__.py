@@ -40,6 +40,7 @@ import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from . import _weightcast as _native
+from ._dtypes import dtype_text as _dtype_text
 from ._weightcast import Error, InvalidFileError, RefusedError, UsageError, __version__
 
 __all__ = [
@@ -168,21 +169,6 @@ def _rules(keep, only, rules, preset) -> List[tuple]:
     out.extend(("only", p) for p in _seq(only))
     out.extend(("keep", p) for p in _seq(keep))
     return out
-
-
-def _dtype_text(d: Any) -> Optional[str]:
-    """A dtype given as text (``"f16"``), a torch dtype or a numpy dtype, as weightcast spells it."""
-    if d is None or isinstance(d, str):
-        return d
-    name = str(d)
-    if name.startswith("torch."):
-        return name[len("torch."):]
-    try:
-        import numpy as np
-
-        return np.dtype(d).name
-    except Exception:
-        return name
 
 
 def _warn(doc: Dict[str, Any]) -> None:

@@ -198,6 +198,76 @@ pub struct Strided {
 }
 
 impl TensorEntry {
+    /// A tensor whose `nbytes` bytes start at `offset` in file `file` (an index into
+    /// [`Catalogue::files`]): what every entry has. Everything else is unset (contiguous, in a
+    /// stored record, no storage, module class, blocks or permuted rows); the `with_*` methods
+    /// set it. Callers check `nbytes` against the dtype and shape where the input can disagree.
+    pub fn new(
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        file: usize,
+        offset: u64,
+        nbytes: u64,
+    ) -> TensorEntry {
+        TensorEntry {
+            name: name.into(),
+            dtype,
+            shape,
+            file,
+            offset,
+            nbytes,
+            strided: None,
+            packed: None,
+            storage: None,
+            module_class: None,
+            blocks: None,
+            rows: None,
+        }
+    }
+
+    /// The entry as a non-contiguous view (`None`: contiguous).
+    pub fn with_strided(mut self, strided: Option<Strided>) -> TensorEntry {
+        self.strided = strided;
+        self
+    }
+
+    /// The entry in a deflate-compressed zip record (`None`: stored).
+    pub fn with_packed(mut self, packed: Option<Packed>) -> TensorEntry {
+        self.packed = packed;
+        self
+    }
+
+    /// The entry as a view of storage `storage` (an index into [`Catalogue::storages`]).
+    pub fn with_storage(mut self, storage: usize) -> TensorEntry {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// The entry read from ggml blocks (`None`: plain values).
+    pub fn with_blocks(mut self, blocks: Option<Blocks>) -> TensorEntry {
+        self.blocks = blocks;
+        self
+    }
+
+    /// The entry with its rows read permuted.
+    pub fn with_rows(mut self, rows: Rows) -> TensorEntry {
+        self.rows = Some(rows);
+        self
+    }
+
+    /// For a tensor read from ggml blocks: the entry that reads its blocks as they are, as
+    /// bytes (what copies them unchanged).
+    pub fn blocks_as_bytes(&self) -> Option<TensorEntry> {
+        let b = self.blocks?;
+        let mut e = self.clone();
+        e.dtype = DType::U8;
+        e.shape = vec![b.nbytes];
+        e.nbytes = b.nbytes;
+        e.blocks = None;
+        Some(e)
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
@@ -233,20 +303,15 @@ impl StorageEntry {
     pub fn as_tensor(&self) -> TensorEntry {
         let dtype = self.dtype.unwrap_or(DType::U8);
         let es = (dtype.bitsize() / 8).max(1) as u64;
-        TensorEntry {
-            name: format!("storage data/{}", self.key),
+        TensorEntry::new(
+            format!("storage data/{}", self.key),
             dtype,
-            shape: vec![self.nbytes / es],
-            file: self.file,
-            offset: self.offset,
-            nbytes: self.nbytes / es * es,
-            strided: None,
-            packed: self.packed.clone(),
-            storage: None,
-            module_class: None,
-            blocks: None,
-            rows: None,
-        }
+            vec![self.nbytes / es],
+            self.file,
+            self.offset,
+            self.nbytes / es * es,
+        )
+        .with_packed(self.packed.clone())
     }
 }
 

@@ -17,6 +17,9 @@ use crate::stats::{verdict, Bounds, Verdict};
 use super::document::{Ordered, StatsDoc};
 use super::{build_rules, check_unmatched, single_target, Caller, RuleArg};
 
+/// The self-contained HTML page of an analysis (`--report`).
+pub mod html;
+
 /// Everything `analyze` can be asked.
 #[derive(Debug, Clone)]
 pub struct AnalyzeRequest {
@@ -103,7 +106,7 @@ impl AnalyzeRequest {
             warnings,
         };
         if let Some(path) = &self.report {
-            super::write_atomic(path, super::html::analysis_page(&a).as_bytes())?;
+            super::write_atomic(path, html::analysis_page(&a).as_bytes())?;
         }
         Ok(a)
     }

@@ -1,9 +1,11 @@
 //! One conversion as a person asks for it: the command line's `convert` flags and the Python
 //! API's `convert()` keywords both become a [`ConvertRequest`], and [`ConvertRequest::prepare`]
 //! reads the input and decides everything (rules, targets, the per-tensor checks of `--auto`,
-//! `--on-overflow keep` and `--max-underflow`, scaled FP8). What it returns is what is written;
-//! [`crate::convert::convert`] then writes it ([`ConvertRequest::run`] does both and returns
-//! the `--json` document). Messages for the user come back as warnings, never printed here.
+//! `--on-overflow keep` and `--max-underflow`, scaled FP8) and the output (resolved once, every
+//! pre-write check made: [`crate::convert::plan_output`]). What it returns, a [`Prepared`], is
+//! what is written: [`Prepared::execute`] is the one way a conversion runs, from the command
+//! line and from Python ([`ConvertRequest::run`] does both steps and returns the `--json`
+//! document). Messages for the user come back as warnings, never printed here.
 
 use std::path::{Path, PathBuf};
 
@@ -117,7 +119,9 @@ impl ConvertRequest {
     }
 }
 
-/// A decided conversion: what is written, how, and what the user should be told.
+/// A decided conversion: what is written, how, and what the user should be told. Nothing
+/// about it changes after [`ConvertRequest::prepare`]: a dry run shows it, [`Prepared::execute`]
+/// writes it.
 pub struct Prepared {
     /// The input.
     pub cat: Catalogue,
@@ -125,11 +129,24 @@ pub struct Prepared {
     pub plan: Plan,
     /// How the executor writes it.
     pub options: Options,
+    /// Where it is written: the target, its files, the `.pt` writer's plan, the checks passed.
+    pub output: crate::convert::Output,
     /// Messages for the user, in order.
     pub warnings: Vec<String>,
+}
+
+impl Prepared {
     /// A `.pt` output: what its pickle asks of `torch.load` (a call audit does not allow was
     /// refused while preparing: nothing is written).
-    pub pickle: Option<crate::formats::torch_write::PickleReport>,
+    pub fn pickle(&self) -> Option<&crate::formats::torch::write::PickleReport> {
+        self.output.pt.as_ref().map(|pt| &pt.report)
+    }
+
+    /// Writes the output as decided: the one way a conversion runs.
+    pub fn execute(&self, progress: &dyn Progress) -> Result<crate::convert::Summary> {
+        progress.phase("converting");
+        crate::convert::write(&self.cat, &self.plan, &self.output, &self.options, progress)
+    }
 }
 
 impl ConvertRequest {
@@ -196,10 +213,10 @@ impl ConvertRequest {
         cat: &Catalogue,
         auto_to: bool,
         target: DType,
-    ) -> formats::gguf_hf::FileType {
-        use formats::gguf_hf::FileType;
+    ) -> formats::gguf::hf::FileType {
+        use formats::gguf::hf::FileType;
         if auto_to {
-            formats::gguf_hf::guess_file_type(cat)
+            formats::gguf::hf::guess_file_type(cat)
         } else if self.gguf_q8() {
             FileType::Q8_0
         } else {
@@ -425,7 +442,7 @@ impl ConvertRequest {
         };
         let mut plan = Plan::with_scope(cat, rules, target, scope);
         if let Some(f) = ftype {
-            plan_folder_gguf(cat, &mut plan, f)?;
+            formats::gguf::plan_from_folder(cat, &mut plan, f)?;
         } else if auto_to {
             plan.keep_source_precision(cat);
         }
@@ -446,40 +463,7 @@ impl ConvertRequest {
             }
         }
         if cat.gguf.is_some() && is_gguf(&self.output) {
-            // what llama.cpp's quantizer leaves as it is, a GGUF output leaves too
-            let tensors = cat.tensors.clone();
-            let q8 = self.gguf_q8();
-            plan.update(cat, |ts| {
-                for p in ts.iter_mut() {
-                    let t = &tensors[p.tensor.0];
-                    if p.by_default && !formats::gguf::llama_retypes(&t.name, t.shape.len()) {
-                        p.keep();
-                        p.reason = "kept as llama.cpp's quantizer keeps it (1-D, norm, or one of \
-                                    its named exceptions)"
-                            .into();
-                        p.by_default = false;
-                    }
-                    // a block-quantized tensor kept is written as its blocks
-                    if let Some(b) = t.blocks.filter(|_| formats::gguf::copies_blocks(t, p)) {
-                        p.bytes_out = b.nbytes;
-                    }
-                    // Q8_0: what llama.cpp retypes, rows of whole blocks; other rows in f16 (its
-                    // fallback for a shape no 32-block type fits)
-                    if q8 && p.by_default {
-                        let numel: u64 = t.shape.iter().product();
-                        if t.shape.last().is_some_and(|&n| n % 32 == 0) {
-                            p.to = DType::F32;
-                            p.ggml = crate::catalogue::gguf::GgmlType::from_id(8);
-                            p.bytes_out = numel / 32 * 34;
-                        } else {
-                            p.set_target(DType::F16, numel);
-                            p.reason = "f16: its rows are no whole number of Q8_0 blocks (as \
-                                        llama.cpp falls back)"
-                                .into();
-                        }
-                    }
-                }
-            });
+            formats::gguf::write::plan_retype(cat, &mut plan, self.gguf_q8());
         }
         warnings.extend(plan.warnings.iter().cloned());
         check_unmatched(&plan, self.strict_rules, self.caller)?;
@@ -564,7 +548,7 @@ impl ConvertRequest {
         formats::gguf::refuse_quantized(&cat, "convert")?;
         // a GGUF file to anything but GGUF: the Hugging Face checkpoint it came from
         let cat = if cat.gguf.is_some() && !is_gguf(&self.output) {
-            formats::gguf_hf::to_hf::as_hugging_face(cat)?
+            formats::gguf::hf::to_hf::as_hugging_face(cat)?
         } else {
             cat
         };
@@ -598,7 +582,7 @@ impl ConvertRequest {
             cancel: self.cancel.clone(),
             sync: self.sync,
             on_overflow: self.on_overflow,
-            pt_export: formats::torch_write::PtExport {
+            pt_export: formats::torch::write::PtExport {
                 inference: self.inference,
                 strip_prefix: self.strip_prefix.clone(),
                 strict: self.strict,
@@ -608,22 +592,13 @@ impl ConvertRequest {
             caller: self.caller,
             gguf_ftype: self.gguf_q8().then_some(7),
         };
-        let pickle = if pt_out {
-            let pt = if cat.kind.is_torch() {
-                formats::torch_write::from_torch(&cat, &plan, &options.pt_export)?
-            } else {
-                formats::torch_write::from_tensors(&cat, &plan)?
-            };
-            Some(pt.report)
-        } else {
-            None
-        };
+        let output = crate::convert::plan_output(&cat, &plan, &self.output, &options)?;
         Ok(Prepared {
             cat,
             plan,
             options,
+            output,
             warnings,
-            pickle,
         })
     }
 
@@ -642,12 +617,9 @@ impl ConvertRequest {
     ) -> Result<(ConvertDoc, Vec<String>)> {
         let p = self.prepare_from(cat, progress)?;
         if self.dry_run {
-            let layout = crate::convert::check(&p.cat, &p.plan, &self.output, &p.options)?;
-            let doc = ConvertDoc::planned(&p, &layout, &self.output);
-            return Ok((doc, p.warnings));
+            return Ok((ConvertDoc::planned(&p), p.warnings));
         }
-        progress.phase("converting");
-        let summary = crate::convert::convert(&p.cat, &p.plan, &self.output, &p.options, progress)?;
+        let summary = p.execute(progress)?;
         let doc = ConvertDoc::finished(&p.cat, &p.plan, &summary, &self.output);
         let mut warnings = p.warnings;
         warnings.extend(summary.warnings.iter().cloned());
@@ -656,55 +628,8 @@ impl ConvertRequest {
 }
 
 /// Whether `out` names a GGUF file.
-/// A GGUF output of a model folder: tensors named, ordered and typed as llama.cpp's converter
-/// writes them (1-D tensors, norms and biases in F32; the others in the file type, Q8_0 rows of
-/// no whole block in F16); rules decide on top of the file type.
-fn plan_folder_gguf(
-    cat: &Catalogue,
-    plan: &mut Plan,
-    ftype: formats::gguf_hf::FileType,
-) -> Result<()> {
-    use formats::gguf_hf::FileType;
-    let out = formats::gguf_hf::describe(cat, ftype)?;
-    plan.remove(&out.skipped);
-    let f32_only: std::collections::HashSet<usize> = out
-        .tensors
-        .iter()
-        .filter(|t| t.f32_only)
-        .map(|t| t.source)
-        .collect();
-    let shapes: Vec<Vec<u64>> = cat.tensors.iter().map(|t| t.shape.clone()).collect();
-    plan.update(cat, |ts| {
-        for p in ts.iter_mut() {
-            let shape = &shapes[p.tensor.0];
-            let numel: u64 = shape.iter().product();
-            if f32_only.contains(&p.tensor.0) {
-                p.set_target(DType::F32, numel);
-                p.reason = "F32, as llama.cpp reads 1-D tensors, norms and biases".into();
-                p.by_default = false;
-            } else if ftype == FileType::Q8_0 && p.by_default {
-                if shape.last().is_some_and(|&n| n % 32 == 0) {
-                    p.set_target(DType::F32, numel);
-                    p.ggml = crate::catalogue::gguf::GgmlType::from_id(8);
-                    p.bytes_out = numel / 32 * 34;
-                    p.reason = "--to q8_0: ggml Q8_0, quantized from its float32 values".into();
-                } else {
-                    p.set_target(DType::F16, numel);
-                    p.reason = "f16: its rows are no whole number of Q8_0 blocks (as llama.cpp \
-                                falls back)"
-                        .into();
-                }
-            }
-        }
-    });
-    plan.gguf_hf = Some(std::sync::Arc::new(out));
-    Ok(())
-}
-
 fn is_gguf(out: &Path) -> bool {
-    out.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    crate::output::Named::of(out) == crate::output::Named::Gguf
 }
 
 /// `convert --json`: the plan, and for a finished run what was written.
@@ -723,7 +648,7 @@ pub struct ConvertDoc {
     /// A `.pt` output: whether `torch.load(weights_only=True)` loads it, and the globals
     /// outside torch's allowlist it carries.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pickle: Option<crate::formats::torch_write::PickleReport>,
+    pub pickle: Option<crate::formats::torch::write::PickleReport>,
     /// A finished run: what it wrote.
     #[serde(flatten)]
     pub written: Option<Written>,
@@ -748,13 +673,13 @@ pub struct Written {
 
 impl ConvertDoc {
     /// The document of a dry run.
-    pub fn planned(p: &Prepared, layout: &crate::output::Layout, output: &Path) -> ConvertDoc {
+    pub fn planned(p: &Prepared) -> ConvertDoc {
         ConvertDoc {
-            plan: PlanDoc::new(&p.cat, &p.plan, layout),
+            plan: PlanDoc::new(&p.cat, &p.plan, &p.output.layout),
             dry_run: true,
-            output: output.to_path_buf(),
-            replaces_existing: Some(super::output_exists(output)),
-            pickle: p.pickle.clone(),
+            output: p.output.path.clone(),
+            replaces_existing: Some(p.output.replaces_existing),
+            pickle: p.pickle().cloned(),
             written: None,
         }
     }

@@ -244,7 +244,7 @@ fn written_ggml(t: &TensorEntry, p: &TensorPlan) -> Option<&'static str> {
     } else if let Some(g) = p.ggml {
         Some(g.name)
     } else {
-        crate::formats::gguf_write::ggml_of(p.to).map(|g| g.name)
+        crate::formats::gguf::write::ggml_of(p.to).map(|g| g.name)
     }
 }
 

@@ -23,7 +23,6 @@ pub mod audit;
 pub mod convert;
 pub mod diff;
 pub mod document;
-pub mod html;
 pub mod inspect;
 pub mod load;
 
@@ -117,8 +116,7 @@ pub fn check_unmatched(plan: &Plan, strict_rules: bool, caller: Caller) -> Resul
 
 /// A `.pt`, `.pth` or `.bin` output (a torch.save checkpoint).
 pub fn is_pt(out: &Path) -> bool {
-    out.extension()
-        .is_some_and(|e| e == "pt" || e == "pth" || e == "bin")
+    crate::output::Named::of(out) == crate::output::Named::Pt
 }
 
 /// Whether a local output path exists already (a run with `force` replaces it).

@@ -2,8 +2,10 @@
 //! one writer puts them in order into a [`Sink`] (a file, a zip record, an upload). Memory is
 //! a handful of chunk buffers whatever the model's size.
 
-use super::job::Nonzero;
 use super::*;
+
+/// Per cast tensor (by name): whether any input value, and any output value, was non-zero.
+pub(super) type Nonzero = Mutex<std::collections::HashMap<String, (bool, bool)>>;
 
 /// Bytes per chunk buffer (input or output side).
 pub(super) const CHUNK_BYTES: usize = 8 << 20;
@@ -160,8 +162,8 @@ impl Sink for FileSink<'_> {
 
 /// A `.pt` zip: each piece is a storage record.
 pub(super) struct ZipSink<'a, 'z> {
-    pub(super) zip: &'a mut crate::formats::torch_write::PtZip<'z>,
-    pub(super) records: &'a [crate::formats::torch_write::PtRecord],
+    pub(super) zip: &'a mut crate::formats::torch::write::PtZip<'z>,
+    pub(super) records: &'a [crate::formats::torch::write::PtRecord],
 }
 
 impl Sink for ZipSink<'_, '_> {
@@ -361,7 +363,7 @@ impl Executor<'_> {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
                 .collect();
-            cast::ggml::quantize_q8_0(&f, out);
+            crate::formats::gguf::ggml::quantize_q8_0(&f, out);
             return Ok(0);
         }
         match &p.how {

@@ -2,7 +2,7 @@
 //! what the executor reported (overflow counts, which tensors became all zeros); the headers
 //! and pieces it hands the executor.
 
-use super::executor::FileSink;
+use super::executor::{FileSink, Nonzero};
 use super::*;
 
 pub(super) struct Job<'a> {
@@ -15,10 +15,9 @@ pub(super) struct Job<'a> {
     pub(super) scales: Mutex<std::collections::HashMap<usize, Arc<ScaleTable>>>,
     /// Per cast tensor (by name): whether any input value and any output value was non-zero.
     pub(super) nonzero: Nonzero,
+    /// A `.pt` output's writer plan, made once by [`plan_output`].
+    pub(super) pt: Option<&'a crate::formats::torch::write::PtOutput>,
 }
-
-/// Per cast tensor (by name): whether any input value, and any output value, was non-zero.
-pub(super) type Nonzero = Mutex<std::collections::HashMap<String, (bool, bool)>>;
 
 impl<'a> Job<'a> {
     pub(super) fn new(
@@ -36,7 +35,14 @@ impl<'a> Job<'a> {
             progress,
             scales: Mutex::new(Default::default()),
             nonzero: Mutex::new(Default::default()),
+            pt: None,
         }
+    }
+
+    /// The job of writing `output` (its `.pt` writer plan included).
+    pub(super) fn writing(mut self, output: &'a Output) -> Job<'a> {
+        self.pt = output.pt.as_ref();
+        self
     }
 
     /// The warning for tensors the cast turned into all zeros (every non-zero value flushed),

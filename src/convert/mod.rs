@@ -63,7 +63,7 @@ pub struct Options {
     /// What to do when finite values would leave the target's range.
     pub on_overflow: OnOverflow,
     /// Inference export for .pt outputs (`--inference`, `--key`, `--strip-prefix`).
-    pub pt_export: crate::formats::torch_write::PtExport,
+    pub pt_export: crate::formats::torch::write::PtExport,
     /// One part of a conversion split across processes or machines (`--part K/N`), or the
     /// step that finishes it.
     pub part: Option<Part>,
@@ -175,7 +175,7 @@ pub struct Summary {
     /// The files written and the tensors each holds.
     pub layout: Layout,
     /// A `.pt` output: what its pickle asks of `torch.load`.
-    pub pickle: Option<crate::formats::torch_write::PickleReport>,
+    pub pickle: Option<crate::formats::torch::write::PickleReport>,
 }
 
 impl Summary {
@@ -247,20 +247,54 @@ impl Part {
     }
 }
 
-/// Resolves the output of converting `cat` with `plan` to `out`: the target and its files.
-pub fn resolve(
-    cat: &Catalogue,
-    plan: &Plan,
-    out: &Path,
-    opts: &Options,
-) -> Result<(Target, Layout)> {
-    let target = Target::resolve(cat, out)?;
-    let layout = layout(cat, plan, &target, opts.max_shard_size);
-    Ok((target, layout))
+/// A conversion's output, decided before anything is written: the one resolution of the output
+/// path that every later step uses (its target, the files it gets, the `.pt` writer's plan) and
+/// the checks it passed. What `--dry-run` shows is this; [`write`] writes exactly this.
+pub struct Output {
+    /// The path (or object-store URL) the user named.
+    pub path: PathBuf,
+    /// What it is.
+    pub target: Target,
+    /// The files it gets and the tensors each holds.
+    pub layout: Layout,
+    /// A `.pt` output: the pickle to write and the storage records to stream (what its pickle
+    /// asks of `torch.load` is `pt.report`).
+    pub pt: Option<crate::formats::torch::write::PtOutput>,
+    /// An existing local output the run replaces (with `force`).
+    pub replaces_existing: bool,
 }
 
-/// Converts `cat` according to `plan` into `out`. Missing parent folders of the output are
-/// created (as `save_pretrained` does) and removed again if the conversion fails.
+/// Decides the output of converting `cat` with `plan` to `out`, with every check made before a
+/// write: the request's refusals, then (for a local output) an existing output without `force`
+/// and the input as its own output. `--dry-run` stops here.
+pub fn plan_output(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> Result<Output> {
+    check_request(cat, plan, out)?;
+    let target = Target::resolve(cat, out)?;
+    let layout = layout(cat, plan, &target, opts.max_shard_size);
+    let local = !crate::remote::is_url(out);
+    if local {
+        // A part checks its own shards (and protects the input) as it writes them.
+        check_target(cat, &target, &layout, opts.force || opts.part.is_some())?;
+    }
+    let pt = match target {
+        Target::Pt(_) if cat.kind.is_torch() => Some(crate::formats::torch::write::from_torch(
+            cat,
+            plan,
+            &opts.pt_export,
+        )?),
+        Target::Pt(_) => Some(crate::formats::torch::write::from_tensors(cat, plan)?),
+        _ => None,
+    };
+    Ok(Output {
+        path: out.to_path_buf(),
+        target,
+        layout,
+        pt,
+        replaces_existing: local && out.symlink_metadata().is_ok(),
+    })
+}
+
+/// Converts `cat` according to `plan` into `out`: [`plan_output`], then [`write`].
 pub fn convert(
     cat: &Catalogue,
     plan: &Plan,
@@ -268,35 +302,46 @@ pub fn convert(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Summary> {
+    write(
+        cat,
+        plan,
+        &plan_output(cat, plan, out, opts)?,
+        opts,
+        progress,
+    )
+}
+
+/// Writes the decided `output`. Missing parent folders of a local output are created (as
+/// `save_pretrained` does) and removed again if the conversion fails.
+pub fn write(
+    cat: &Catalogue,
+    plan: &Plan,
+    output: &Output,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Summary> {
     let start = Instant::now();
-    check_request(cat, plan, out)?;
-    if crate::remote::store::is_store_url(out) {
-        let mut summary = to_store::convert_to_store(cat, plan, out, opts, progress)?;
-        summary.elapsed = start.elapsed();
-        return Ok(summary);
-    }
-    if let Some(part) = opts.part {
-        let mut summary = convert_part(cat, plan, out, opts, progress, part)?;
-        summary.elapsed = start.elapsed();
-        return Ok(summary);
-    }
-    let (target, layout) = resolve(cat, plan, out, opts)?;
-    check_target(cat, &target, &layout, opts.force)?;
-    let parent = match &target {
-        Target::Folder(p) => parent_of(p),
-        t => parent_of(t.path()),
+    let mut summary = if crate::remote::store::is_store_url(&output.path) {
+        to_store::convert_to_store(cat, plan, output, opts, progress)?
+    } else if let Some(part) = opts.part {
+        convert_part(cat, plan, output, opts, progress, part)?
+    } else {
+        let parent = match &output.target {
+            Target::Folder(p) => parent_of(p),
+            t => parent_of(t.path()),
+        };
+        let created = make_parents(&parent)?;
+        let result = execute(cat, plan, output, opts, progress);
+        if result.is_err() {
+            remove_created(created, &parent);
+        }
+        result?
     };
-    let created = make_parents(&parent)?;
-    let result = execute(cat, plan, &target, layout, opts, progress);
-    if result.is_err() {
-        remove_created(created, &parent);
-    }
-    let mut summary = result?;
     summary.elapsed = start.elapsed();
     Ok(summary)
 }
 
-/// The refusals [`convert`] makes before it reads any tensor: an input quantized in a way
+/// The refusals [`plan_output`] makes before it reads any tensor: an input quantized in a way
 /// weightcast cannot dequantize, an output URL that is no object store.
 fn check_request(cat: &Catalogue, plan: &Plan, out: &Path) -> Result<()> {
     if let QuantPlan::Unsupported(why) = &plan.quant {
@@ -317,19 +362,6 @@ fn check_request(cat: &Catalogue, plan: &Plan, out: &Path) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Everything [`convert`] checks before it writes, without writing: the request's refusals,
-/// then (for a local output) the target: an existing output without `force`, the input as its
-/// own output. Returns the layout the run would write. `--dry-run` runs it.
-pub fn check(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> Result<Layout> {
-    check_request(cat, plan, out)?;
-    let (target, layout) = resolve(cat, plan, out, opts)?;
-    if !crate::remote::is_url(out) {
-        // A part checks its own shards (and protects the input) as it writes them.
-        check_target(cat, &target, &layout, opts.force || opts.part.is_some())?;
-    }
-    Ok(layout)
 }
 
 /// The refusal of `--on-overflow error`: `named` lists the tensors (name, target, count) whose

@@ -2,11 +2,8 @@
 //! protocol whatever the destination. A part writes its shards, each committed only once its
 //! overflow check passed; the finishing run checks every shard (size and header, as this plan
 //! lays it out), then writes the folder's other files and the index, last: the marker that the
-//! output is complete. A local folder and an object-store prefix are the two [`Destination`]s.
+//! output is complete. A local folder (`to_local.rs`) and an object-store prefix are the two [`Destination`]s.
 
-use std::fs::File;
-
-use super::to_local::temp_file;
 use super::*;
 use crate::remote::store::{StoreDir, StoreFile};
 use crate::remote::RangeRead;
@@ -92,60 +89,6 @@ pub(super) fn run(
     dest.put_small(job, index, index_json(job.cat, job.plan, layout).as_bytes())?;
     summary.files.push(dest.locate(index));
     Ok(summary)
-}
-
-/// A local folder: temporary files renamed into place.
-pub(super) struct LocalDir {
-    /// The folder.
-    pub(super) dir: PathBuf,
-}
-
-impl LocalDir {
-    /// Renames a finished temporary file into place as `name`.
-    fn commit(&self, tmp: tempfile::NamedTempFile, name: &str) -> Result<()> {
-        let dest = self.dir.join(name);
-        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
-        Ok(())
-    }
-}
-
-impl Destination for LocalDir {
-    fn locate(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-    fn size_of(&self, name: &str) -> Result<Option<u64>> {
-        let p = self.dir.join(name);
-        Ok(match std::fs::metadata(&p) {
-            Ok(m) => Some(m.len()),
-            // A link to nothing is still something there.
-            Err(_) => p.symlink_metadata().ok().map(|_| 0),
-        })
-    }
-    fn read_head(&self, name: &str, buf: &mut [u8]) -> Result<()> {
-        let p = self.dir.join(name);
-        File::open(&p)
-            .and_then(|h| std::os::unix::fs::FileExt::read_exact_at(&h, buf, 0))
-            .map_err(|e| Error::io(&p, e))
-    }
-    fn put_file(
-        &self,
-        job: &Job,
-        f: &OutputFile,
-        check: &mut dyn FnMut(Vec<(usize, u64)>) -> Result<()>,
-    ) -> Result<()> {
-        let tmp = temp_file(&self.dir, &f.name)?;
-        check(job.write_file(tmp.as_file(), tmp.path(), f)?)?;
-        self.commit(tmp, &f.name)
-    }
-    fn put_others(&self, job: &Job, summary: &mut Summary) -> Result<()> {
-        job.copy_others(&self.dir, summary)
-    }
-    fn put_small(&self, job: &Job, name: &str, bytes: &[u8]) -> Result<()> {
-        let mut tmp = temp_file(&self.dir, name)?;
-        tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
-        job.finish(tmp.as_file(), tmp.path())?;
-        self.commit(tmp, name)
-    }
 }
 
 /// An object-store prefix: multipart uploads completed once checked.

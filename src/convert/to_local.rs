@@ -2,22 +2,24 @@
 //! destination, renamed into place only when everything succeeded (a folder is staged whole
 //! and swapped in); missing parent folders are created and removed again on failure.
 
+use std::fs::File;
+
 use super::executor::{FileSink, ZipSink};
+use super::part::Destination;
 use super::*;
 
 /// Writes the output of a resolved target.
 pub(super) fn execute(
     cat: &Catalogue,
     plan: &Plan,
-    target: &Target,
-    layout: Layout,
+    output: &Output,
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Summary> {
     let sources = Sources::open(cat)?;
-    let mut summary = Summary::whole(plan, layout, progress);
-    let job = Job::new(cat, plan, &sources, opts, progress);
-    match target {
+    let mut summary = Summary::whole(plan, output.layout.clone(), progress);
+    let job = Job::new(cat, plan, &sources, opts, progress).writing(output);
+    match &output.target {
         Target::File(p) | Target::Index(p) => job.write_files(p, &mut summary)?,
         Target::Pt(dest) => job.write_pt(dest, &mut summary)?,
         Target::Gguf(dest) => job.write_gguf(dest, &mut summary)?,
@@ -31,13 +33,13 @@ pub(super) fn execute(
 pub(super) fn convert_part(
     cat: &Catalogue,
     plan: &Plan,
-    out: &Path,
+    output: &Output,
     opts: &Options,
     progress: &dyn Progress,
     part: Part,
 ) -> Result<Summary> {
-    let (target, layout) = resolve(cat, plan, out, opts)?;
-    let dir = match &target {
+    let (target, layout) = (&output.target, &output.layout);
+    let dir = match target {
         Target::Folder(d) => d.clone(),
         Target::Index(p) | Target::File(p) if layout.index.is_some() => parent_of(p),
         _ => {
@@ -49,12 +51,12 @@ pub(super) fn convert_part(
         }
     };
     // The input is protected as in one run; existing shards are checked one by one below.
-    check_target(cat, &target, &layout, true)?;
+    check_target(cat, target, layout, true)?;
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let sources = Sources::open(cat)?;
-    let job = Job::new(cat, plan, &sources, opts, progress);
+    let job = Job::new(cat, plan, &sources, opts, progress).writing(output);
     let folder = matches!(target, Target::Folder(_));
-    super::part::run(&super::part::LocalDir { dir }, &job, folder, &layout, part)
+    super::part::run(&LocalDir { dir }, &job, folder, layout, part)
 }
 
 /// Creates `dir` and its missing ancestors; returns the topmost folder it created.
@@ -172,7 +174,7 @@ impl Job<'_> {
     /// A GGUF file from a GGUF input: the input's metadata (file type updated) and every
     /// tensor, retyped as planned; a tensor kept in a block type is copied as its blocks.
     pub(super) fn write_gguf(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
-        use crate::formats::gguf_write as gw;
+        use crate::formats::gguf::write as gw;
         let (cat, plan) = (self.cat, self.plan);
         if let Some(h) = plan.gguf_hf.as_deref() {
             return self.write_folder_gguf(h, dest, summary);
@@ -191,17 +193,10 @@ impl Job<'_> {
             .map(|&i| {
                 let p = &plan.tensors()[i];
                 let t = &cat.tensors[p.tensor];
-                match t.blocks {
-                    Some(b) if crate::formats::gguf::copies_blocks(t, p) => {
-                        Some(crate::catalogue::TensorEntry {
-                            dtype: crate::DType::U8,
-                            shape: vec![b.nbytes],
-                            nbytes: b.nbytes,
-                            blocks: None,
-                            ..t.clone()
-                        })
-                    }
-                    _ => None,
+                if crate::formats::gguf::copies_blocks(t, p) {
+                    t.blocks_as_bytes()
+                } else {
+                    None
                 }
             })
             .collect();
@@ -246,7 +241,7 @@ impl Job<'_> {
     /// and moved in place once whole.
     fn stream_gguf(
         &self,
-        head: &crate::formats::gguf_write::GgufHeader,
+        head: &crate::formats::gguf::write::GgufHeader,
         pieces: &[Piece<'_>],
         dest: &Path,
         summary: &mut Summary,
@@ -280,14 +275,14 @@ impl Job<'_> {
     /// each tensor cast (q/k projections with their rows permuted) as planned.
     fn write_folder_gguf(
         &self,
-        h: &crate::formats::gguf_hf::HfGguf,
+        h: &crate::formats::gguf::hf::HfGguf,
         dest: &Path,
         summary: &mut Summary,
     ) -> Result<()> {
-        use crate::formats::gguf_write::{self as gw, OutTensor};
+        use crate::formats::gguf::write::{self as gw, OutTensor};
         let plan = self.plan;
         let of = &summary.layout.files[0];
-        let by_source: std::collections::HashMap<usize, &crate::formats::gguf_hf::HfTensor> =
+        let by_source: std::collections::HashMap<usize, &crate::formats::gguf::hf::HfTensor> =
             h.tensors.iter().map(|t| (t.source, t)).collect();
         let mut outs = Vec::with_capacity(of.tensors.len());
         // the q/k projections read with their rows permuted
@@ -297,10 +292,11 @@ impl Job<'_> {
             .map(|&i| {
                 let p = &plan.tensors()[i];
                 let heads = by_source.get(&p.tensor.0).and_then(|t| t.permute)?;
-                Some(crate::catalogue::TensorEntry {
-                    rows: Some(crate::catalogue::Rows { heads, undo: false }),
-                    ..self.cat.tensors[p.tensor].clone()
-                })
+                Some(
+                    self.cat.tensors[p.tensor]
+                        .clone()
+                        .with_rows(crate::catalogue::Rows { heads, undo: false }),
+                )
             })
             .collect();
         let mut pieces = Vec::with_capacity(of.tensors.len());
@@ -348,8 +344,8 @@ impl Job<'_> {
         doc: &crate::catalogue::gguf::GgufDoc,
         of: &crate::output::OutputFile,
         raw: &[Option<crate::catalogue::TensorEntry>],
-    ) -> Result<Vec<crate::formats::gguf_write::OutTensor>> {
-        use crate::formats::gguf_write::{self as gw, OutTensor};
+    ) -> Result<Vec<crate::formats::gguf::write::OutTensor>> {
+        use crate::formats::gguf::write::{self as gw, OutTensor};
         let (cat, plan) = (self.cat, self.plan);
         let by_name: std::collections::HashMap<&str, &crate::catalogue::gguf::GgufTensor> =
             doc.tensors.iter().map(|g| (g.name.as_str(), g)).collect();
@@ -385,19 +381,17 @@ impl Job<'_> {
 
     /// A `torch.save` checkpoint.
     pub(super) fn write_pt(&self, dest: &Path, summary: &mut Summary) -> Result<()> {
-        let (cat, plan, opts) = (self.cat, self.plan, self.opts);
-        let pt = if cat.kind.is_torch() {
-            crate::formats::torch_write::from_torch(cat, plan, &opts.pt_export)?
-        } else {
-            crate::formats::torch_write::from_tensors(cat, plan)?
-        };
+        let cat = self.cat;
+        let pt = self.pt.ok_or_else(|| {
+            Error::usage("internal: a .pt output is written from the plan plan_output made")
+        })?;
         summary.pickle = Some(pt.report.clone());
         let tmp = staged_beside(dest)?;
         let stem = dest
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("archive");
-        let mut zip = crate::formats::torch_write::PtZip::new(tmp.as_file(), stem, &pt.data_pkl)?;
+        let mut zip = crate::formats::torch::write::PtZip::new(tmp.as_file(), stem, &pt.data_pkl)?;
         let pieces: Vec<Piece<'_>> = pt
             .records
             .iter()
@@ -539,5 +533,59 @@ impl Sink for AlignedSink<'_, '_> {
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.inner.write(bytes)
+    }
+}
+
+/// A local folder: temporary files renamed into place.
+struct LocalDir {
+    /// The folder.
+    dir: PathBuf,
+}
+
+impl LocalDir {
+    /// Renames a finished temporary file into place as `name`.
+    fn commit(&self, tmp: tempfile::NamedTempFile, name: &str) -> Result<()> {
+        let dest = self.dir.join(name);
+        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        Ok(())
+    }
+}
+
+impl Destination for LocalDir {
+    fn locate(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn size_of(&self, name: &str) -> Result<Option<u64>> {
+        let p = self.dir.join(name);
+        Ok(match std::fs::metadata(&p) {
+            Ok(m) => Some(m.len()),
+            // A link to nothing is still something there.
+            Err(_) => p.symlink_metadata().ok().map(|_| 0),
+        })
+    }
+    fn read_head(&self, name: &str, buf: &mut [u8]) -> Result<()> {
+        let p = self.dir.join(name);
+        File::open(&p)
+            .and_then(|h| std::os::unix::fs::FileExt::read_exact_at(&h, buf, 0))
+            .map_err(|e| Error::io(&p, e))
+    }
+    fn put_file(
+        &self,
+        job: &Job,
+        f: &OutputFile,
+        check: &mut dyn FnMut(Vec<(usize, u64)>) -> Result<()>,
+    ) -> Result<()> {
+        let tmp = temp_file(&self.dir, &f.name)?;
+        check(job.write_file(tmp.as_file(), tmp.path(), f)?)?;
+        self.commit(tmp, &f.name)
+    }
+    fn put_others(&self, job: &Job, summary: &mut Summary) -> Result<()> {
+        job.copy_others(&self.dir, summary)
+    }
+    fn put_small(&self, job: &Job, name: &str, bytes: &[u8]) -> Result<()> {
+        let mut tmp = temp_file(&self.dir, name)?;
+        tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+        job.finish(tmp.as_file(), tmp.path())?;
+        self.commit(tmp, name)
     }
 }

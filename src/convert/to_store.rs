@@ -41,11 +41,11 @@ pub(super) fn split_target(target: &Target) -> (String, Option<String>) {
 pub(super) fn convert_to_store(
     cat: &Catalogue,
     plan: &Plan,
-    out: &Path,
+    output: &Output,
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Summary> {
-    let (target, layout) = resolve(cat, plan, out, opts)?;
+    let (target, layout) = (output.target.clone(), output.layout.clone());
     let (dir_url, own) = split_target(&target);
     if matches!(target, Target::Pt(_)) && opts.part.is_some() {
         return Err(Error::usage(
@@ -97,7 +97,7 @@ pub(super) fn convert_to_store(
         }
     };
     let sources = Sources::open(cat)?;
-    let job = Job::new(cat, plan, &sources, opts, progress);
+    let job = Job::new(cat, plan, &sources, opts, progress).writing(output);
     if let Some(part) = opts.part {
         return job.store_part(&dir, &target, layout, part);
     }

@@ -251,19 +251,15 @@ fn entries(file: usize, header: &safetensors::Header) -> Vec<TensorEntry> {
     header
         .tensors
         .iter()
-        .map(|t| TensorEntry {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            file,
-            offset: header.data_start + t.begin,
-            nbytes: t.end - t.begin,
-            strided: None,
-            packed: None,
-            storage: None,
-            module_class: None,
-            blocks: None,
-            rows: None,
+        .map(|t| {
+            TensorEntry::new(
+                t.name.clone(),
+                t.dtype,
+                t.shape.clone(),
+                file,
+                header.data_start + t.begin,
+                t.end - t.begin,
+            )
         })
         .collect()
 }
@@ -275,7 +271,31 @@ pub fn open_index(index_path: &Path) -> Result<Catalogue> {
 
 /// [`open_index`], with the shards at `base/NAME` (URLs) when `base` is given.
 fn open_index_at(index_path: &Path, base: Option<&str>) -> Result<Catalogue> {
-    let dir = index_path.parent().unwrap_or(Path::new("."));
+    open_sharded(index_path, ShardFormat::Safetensors { base })
+}
+
+/// Opens `pytorch_model.bin.index.json` and its `.bin` shards (torch.save files).
+fn open_torch_index(index_path: &Path) -> Result<Catalogue> {
+    open_sharded(index_path, ShardFormat::Torch)
+}
+
+/// An index JSON (`*.safetensors.index.json`, `pytorch_model.bin.index.json`): which shard
+/// holds each tensor. [`read_index`] reads it, the same for every format of shards.
+struct Index {
+    /// The index file (what its errors name).
+    path: PathBuf,
+    /// Tensor name -> shard name (every value a string).
+    weight_map: serde_json::Map<String, serde_json::Value>,
+    /// The shards, each with its path relative to the index's folder, in order of their names
+    /// (model-00001-of-..., model-00002-of-...).
+    shards: Vec<(String, PathBuf)>,
+    /// The index's `metadata` object.
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Reads the index JSON at `index_path`: at most [`MAX_INDEX_SIZE`] bytes, not a Git LFS
+/// pointer, a `weight_map` object of file names that stay inside the index's folder.
+fn read_index(index_path: &Path) -> Result<Index> {
     let file = File::open(index_path).map_err(|e| Error::io(index_path, e))?;
     let mut text = String::new();
     file.take(MAX_INDEX_SIZE + 1)
@@ -292,89 +312,181 @@ fn open_index_at(index_path: &Path, base: Option<&str>) -> Result<Catalogue> {
     }
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(index_path, format!("index is not valid JSON: {e}")))?;
-    let weight_map = value
-        .get("weight_map")
-        .and_then(|w| w.as_object())
-        .ok_or_else(|| Error::invalid(index_path, "index has no `weight_map` object"))?;
-    // Shards in order of their names (model-00001-of-..., model-00002-of-...).
-    let mut shard_names: Vec<String> = Vec::new();
-    for (tensor, shard) in weight_map {
-        let shard = shard.as_str().ok_or_else(|| {
+    let metadata = value.get("metadata").and_then(|m| m.as_object()).cloned();
+    let Some(serde_json::Value::Object(weight_map)) = value.get("weight_map").cloned() else {
+        return Err(Error::invalid(
+            index_path,
+            "index has no `weight_map` object",
+        ));
+    };
+    let mut names: Vec<&str> = Vec::new();
+    for (tensor, shard) in &weight_map {
+        names.push(shard.as_str().ok_or_else(|| {
             Error::invalid(
                 index_path,
                 format!("`weight_map` entry for `{tensor}` is not a file name"),
             )
-        })?;
-        if !shard_names.iter().any(|s| s == shard) {
-            shard_names.push(shard.to_string());
+        })?);
+    }
+    names.sort_unstable();
+    names.dedup();
+    let shards = names
+        .into_iter()
+        .map(|n| Ok((n.to_string(), safe_relative(index_path, n)?)))
+        .collect::<Result<_>>()?;
+    Ok(Index {
+        path: index_path.to_path_buf(),
+        weight_map,
+        shards,
+        metadata,
+    })
+}
+
+impl Index {
+    /// Every tensor the index names is among `tensors` (read from its shards).
+    fn check_complete(&self, tensors: &[TensorEntry]) -> Result<()> {
+        let present: std::collections::HashSet<&str> =
+            tensors.iter().map(|t| t.name.as_str()).collect();
+        match self
+            .weight_map
+            .iter()
+            .find(|(n, _)| !present.contains(n.as_str()))
+        {
+            Some((name, shard)) => Err(Error::invalid(
+                &self.path,
+                format!(
+                    "tensor `{name}` is listed in the index but not found in shard `{}`",
+                    shard.as_str().unwrap_or("?")
+                ),
+            )),
+            None => Ok(()),
         }
     }
-    shard_names.sort();
-    let mut files = Vec::new();
-    let mut tensors: Vec<TensorEntry> = Vec::new();
-    for (i, shard) in shard_names.iter().enumerate() {
-        let rel = safe_relative(index_path, shard)?;
-        let path = match base {
-            Some(b) => PathBuf::from(format!("{b}/{shard}")),
-            None => dir.join(rel),
-        };
-        if base.is_none() && !path.exists() {
+
+    /// Every tensor of shard `shard` (at `path`) is one the index puts there.
+    fn check_shard<'a>(
+        &self,
+        shard: &str,
+        path: &Path,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<()> {
+        for name in names {
+            match self.weight_map.get(name).and_then(|v| v.as_str()) {
+                Some(s) if s == shard => {}
+                Some(other) => {
+                    return Err(Error::invalid(
+                        path,
+                        format!(
+                            "tensor `{name}` is also in this shard but the index puts it in \
+                             `{other}`"
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(Error::invalid(
+                        path,
+                        format!("tensor `{name}` is in this shard but not in the index"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the shards behind an index are: the one part of reading a sharded input that depends
+/// on the format.
+#[derive(Debug, Clone, Copy)]
+enum ShardFormat<'a> {
+    /// safetensors files, at `base/NAME` (URLs) when `base` is given.
+    Safetensors { base: Option<&'a str> },
+    /// torch.save files.
+    Torch,
+}
+
+impl ShardFormat<'_> {
+    /// Where shard `shard` (at `rel` in the index's folder) is; a local one must exist.
+    fn shard_path(self, index: &Index, shard: &str, rel: &Path) -> Result<PathBuf> {
+        if let ShardFormat::Safetensors { base: Some(b) } = self {
+            return Ok(PathBuf::from(format!("{b}/{shard}")));
+        }
+        let path = index.path.parent().unwrap_or(Path::new(".")).join(rel);
+        if !path.exists() {
             return Err(Error::invalid(
-                index_path,
+                &index.path,
                 format!(
                     "shard `{shard}` named by the index is missing ({})",
                     path.display()
                 ),
             ));
         }
-        let (_f, sf, header) = read_source(&path, shard.clone())?;
-        for t in &header.tensors {
-            match weight_map.get(&t.name).and_then(|v| v.as_str()) {
-                Some(s) if s == shard => {}
-                Some(other) => {
-                    return Err(Error::invalid(
-                        &path,
-                        format!(
-                            "tensor `{}` is also in this shard but the index puts it in `{other}`",
-                            t.name
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(Error::invalid(
-                        &path,
-                        format!("tensor `{}` is in this shard but not in the index", t.name),
-                    ))
-                }
+        Ok(path)
+    }
+
+    /// The catalogue of shard `shard` alone (its file named `shard`).
+    fn open_shard(self, index: &Index, shard: &str, path: &Path) -> Result<Catalogue> {
+        match self {
+            ShardFormat::Safetensors { .. } => {
+                let (_f, sf, header) = read_source(path, shard.to_string())?;
+                index.check_shard(shard, path, header.tensors.iter().map(|t| t.name.as_str()))?;
+                Ok(single_catalogue(path, sf, &header))
+            }
+            ShardFormat::Torch => {
+                let mut c = crate::formats::torch::open(path, None)?;
+                c.files[0].name = shard.to_string();
+                // A set of files has no single pickle to write back.
+                c.torch = None;
+                Ok(c)
             }
         }
-        tensors.extend(entries(i, &header));
-        files.push(sf);
     }
-    // Every tensor the index names must be in its shard.
-    let mut present: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    for t in &tensors {
-        present.insert(t.name.as_str());
+}
+
+/// Opens the index at `index_path` and every shard it names, in order, as one catalogue: file
+/// `i` is the `i`-th shard, its storages (PyTorch) numbered after those of the shards before.
+fn open_sharded(index_path: &Path, format: ShardFormat<'_>) -> Result<Catalogue> {
+    let index = read_index(index_path)?;
+    let mut cat: Option<Catalogue> = None;
+    for (i, (shard, rel)) in index.shards.iter().enumerate() {
+        let path = format.shard_path(&index, shard, rel)?;
+        let mut c = format.open_shard(&index, shard, &path)?;
+        let base = cat.as_ref().map_or(0, |all| all.storages.len());
+        for t in &mut c.tensors {
+            t.file = i;
+            t.storage = t.storage.map(|s| s + base);
+        }
+        for s in &mut c.storages {
+            s.file = i;
+        }
+        match &mut cat {
+            None => cat = Some(c),
+            Some(all) => {
+                all.files.extend(c.files);
+                all.tensors.extend(c.tensors);
+                all.storages.extend(c.storages);
+                all.notes.extend(c.notes);
+                all.globals.extend(c.globals);
+            }
+        }
     }
-    if let Some((name, shard)) = weight_map
-        .iter()
-        .find(|(n, _)| !present.contains(n.as_str()))
-    {
-        return Err(Error::invalid(
-            index_path,
-            format!(
-                "tensor `{name}` is listed in the index but not found in shard `{}`",
-                shard.as_str().unwrap_or("?")
-            ),
-        ));
+    let mut cat = match (cat, format) {
+        (Some(c), _) => c,
+        (None, ShardFormat::Torch) => {
+            return Err(Error::invalid(index_path, "the index names no shard"))
+        }
+        (None, ShardFormat::Safetensors { .. }) => Catalogue::new(
+            index_path.to_path_buf(),
+            InputKind::ShardedSafetensors,
+            vec![],
+            vec![],
+        ),
+    };
+    index.check_complete(&cat.tensors)?;
+    if let ShardFormat::Safetensors { .. } = format {
+        cat.kind = InputKind::ShardedSafetensors;
     }
-    let mut cat = Catalogue::new(
-        index_path.to_path_buf(),
-        InputKind::ShardedSafetensors,
-        files,
-        tensors,
-    );
-    cat.index_metadata = value.get("metadata").and_then(|m| m.as_object()).cloned();
+    cat.path = index_path.to_path_buf();
+    cat.index_metadata = index.metadata;
     Ok(cat)
 }
 
@@ -440,68 +552,6 @@ fn as_folder(
         index_name,
         keep,
     });
-    Ok(cat)
-}
-
-/// Opens `pytorch_model.bin.index.json` and its `.bin` shards (torch.save files).
-fn open_torch_index(index_path: &Path) -> Result<Catalogue> {
-    let dir = index_path.parent().unwrap_or(Path::new("."));
-    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::invalid(index_path, format!("index is not valid JSON: {e}")))?;
-    let weight_map = value
-        .get("weight_map")
-        .and_then(|w| w.as_object())
-        .ok_or_else(|| Error::invalid(index_path, "index has no `weight_map` object"))?;
-    let mut shards: Vec<String> = weight_map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    shards.sort();
-    shards.dedup();
-    let mut cat: Option<Catalogue> = None;
-    for (i, shard) in shards.iter().enumerate() {
-        let path = dir.join(safe_relative(index_path, shard)?);
-        if !path.exists() {
-            return Err(Error::invalid(
-                index_path,
-                format!("shard `{shard}` named by the index is missing"),
-            ));
-        }
-        let mut c = crate::formats::torch::open(&path, None)?;
-        c.files[0].name = shard.clone();
-        // A set of files has no single pickle to write back.
-        c.torch = None;
-        let base = cat.as_ref().map_or(0, |all| all.storages.len());
-        for t in &mut c.tensors {
-            t.file = i;
-            t.storage = t.storage.map(|s| s + base);
-        }
-        for s in &mut c.storages {
-            s.file = i;
-        }
-        match &mut cat {
-            None => cat = Some(c),
-            Some(all) => {
-                all.files.extend(c.files);
-                all.tensors.extend(c.tensors);
-                all.storages.extend(c.storages);
-                all.notes.extend(c.notes);
-                all.globals.extend(c.globals);
-            }
-        }
-    }
-    let mut cat = cat.ok_or_else(|| Error::invalid(index_path, "the index names no shard"))?;
-    let present: std::collections::HashSet<&str> =
-        cat.tensors.iter().map(|t| t.name.as_str()).collect();
-    if let Some(missing) = weight_map.keys().find(|k| !present.contains(k.as_str())) {
-        return Err(Error::invalid(
-            index_path,
-            format!("tensor `{missing}` is listed in the index but not found in its shard"),
-        ));
-    }
-    cat.path = index_path.to_path_buf();
-    cat.index_metadata = value.get("metadata").and_then(|m| m.as_object()).cloned();
     Ok(cat)
 }
 
@@ -642,4 +692,134 @@ pub(crate) fn update_config(
     let mut s = serde_json::to_string_pretty(&serde_json::Value::Object(map)).expect("JSON");
     s.push('\n');
     Ok(Some(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens `dir`, which must fail; returns the message.
+    fn refused(dir: &Path) -> String {
+        match crate::formats::open(dir) {
+            Ok(_) => panic!("{} opened", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Both indexes go through one reader: an index over the size cap or a Git LFS pointer is
+    /// refused in one line naming it, before any shard is opened.
+    #[test]
+    fn every_index_refuses_an_oversized_or_lfs_pointer_index() {
+        for name in [
+            "pytorch_model.bin.index.json",
+            "model.safetensors.index.json",
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let idx = d.path().join(name);
+            let f = File::create(&idx).unwrap();
+            f.set_len(MAX_INDEX_SIZE + 1).unwrap();
+            let e = refused(d.path());
+            assert_eq!(
+                e,
+                format!("{}: index is larger than 64 MiB", idx.display()),
+                "{name}"
+            );
+            std::fs::write(
+                &idx,
+                "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 90868\n",
+            )
+            .unwrap();
+            let e = refused(d.path());
+            assert!(!e.contains('\n'), "{e}");
+            assert!(e.starts_with(&format!("{}: ", idx.display())), "{e}");
+            assert!(e.contains("Git LFS pointer"), "{e}");
+        }
+    }
+
+    /// Two torch.save shards behind a `pytorch_model.bin.index.json` read as one catalogue: file
+    /// `i` is shard `i`, the second shard's storages numbered after the first's, every tensor's
+    /// bytes those of its shard.
+    #[test]
+    fn torch_index_reads_its_shards_as_one_catalogue() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch");
+        let d = tempfile::tempdir().unwrap();
+        let names = [
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+        ];
+        let mut shards = Vec::new();
+        let mut weight_map = serde_json::Map::new();
+        for (fixture, name) in ["views.pt", "all_dtypes.pt"].iter().zip(names) {
+            std::fs::copy(fixtures.join(fixture), d.path().join(name)).unwrap();
+            let c = crate::formats::open(&d.path().join(name)).unwrap();
+            for t in &c.tensors {
+                weight_map.insert(t.name.clone(), name.into());
+            }
+            shards.push(c);
+        }
+        assert!(
+            !shards[0].storages.is_empty(),
+            "the second shard's storages are renumbered"
+        );
+        let index = serde_json::json!({"metadata": {"total_size": 1}, "weight_map": weight_map});
+        std::fs::write(
+            d.path().join("pytorch_model.bin.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let cat = crate::formats::open(d.path()).unwrap();
+        assert_eq!(cat.kind, InputKind::Folder);
+        assert_eq!(
+            cat.files
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            names
+        );
+        assert_eq!(cat.index_metadata, index["metadata"].as_object().cloned());
+        let all = crate::source::Sources::open(&cat).unwrap();
+        let mut got = cat.tensors.iter();
+        let mut storages = 0;
+        for (i, c) in shards.iter().enumerate() {
+            let one = crate::source::Sources::open(c).unwrap();
+            for t in &c.tensors {
+                let g = got.next().unwrap();
+                assert_eq!((g.name.as_str(), g.file), (t.name.as_str(), i));
+                assert_eq!(g.storage, t.storage.map(|s| s + storages), "{}", t.name);
+                let (mut a, mut b) = (vec![0u8; t.nbytes as usize], vec![0u8; t.nbytes as usize]);
+                all.read(g, 0, &mut a).unwrap();
+                one.read(t, 0, &mut b).unwrap();
+                assert_eq!(a, b, "{}", t.name);
+            }
+            storages += c.storages.len();
+        }
+        assert!(got.next().is_none());
+        assert_eq!(cat.storages.len(), storages);
+    }
+
+    /// The torch index parses its `weight_map` as the safetensors one does.
+    #[test]
+    fn torch_index_refuses_a_shard_that_is_not_a_file_name() {
+        let d = tempfile::tempdir().unwrap();
+        let idx = d.path().join("pytorch_model.bin.index.json");
+        for (map, want) in [
+            (
+                r#"{"a":3}"#,
+                "`weight_map` entry for `a` is not a file name",
+            ),
+            (
+                r#"{"a":"../pytorch_model.bin"}"#,
+                "shard name `../pytorch_model.bin` is not a plain file name",
+            ),
+            (
+                r#"{"a":"pytorch_model-00001-of-00001.bin"}"#,
+                "shard `pytorch_model-00001-of-00001.bin` named by the index is missing",
+            ),
+        ] {
+            std::fs::write(&idx, format!(r#"{{"weight_map":{map}}}"#)).unwrap();
+            let e = refused(d.path());
+            assert!(e.starts_with(&format!("{}: ", idx.display())), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+    }
 }

@@ -50,20 +50,14 @@ pub fn catalogue(
                 t.name, t.nbytes, t.shape, t.dtype
             )));
         }
-        entries.push(TensorEntry {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            file: 0,
+        entries.push(TensorEntry::new(
+            t.name.clone(),
+            t.dtype,
+            t.shape.clone(),
+            0,
             offset,
-            nbytes: t.nbytes,
-            strided: None,
-            packed: None,
-            storage: None,
-            module_class: None,
-            blocks: None,
-            rows: None,
-        });
+            t.nbytes,
+        ));
         offset += t.nbytes;
     }
     if offset != bytes.len() {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{is_lfs_pointer, MAX_HEADER_SIZE};
-use crate::formats::torch_scan::{compression, is_tar, is_zip, Compression};
+use crate::formats::torch::scan::{compression, is_tar, is_zip, Compression};
 
 /// Bytes of a file's start the magic-byte checks look at (a tar header is 512).
 pub const HEAD: usize = 512;

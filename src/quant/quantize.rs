@@ -253,20 +253,14 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             )));
         }
         let scale_index = cat.tensors.len();
-        cat.tensors.push(TensorEntry {
-            name: name.clone(),
-            dtype: sdtype,
+        cat.tensors.push(TensorEntry::new(
+            name.clone(),
+            sdtype,
             shape,
-            file: t.file,
-            offset: 0,
+            t.file,
+            0,
             nbytes,
-            strided: None,
-            packed: None,
-            storage: None,
-            module_class: None,
-            blocks: None,
-            rows: None,
-        });
+        ));
         p.set_target(DType::F8E4M3, t.numel());
         p.reason = format!(
             "quantize ({} scale `{name}`){}",

@@ -149,7 +149,7 @@ pub(super) fn read_legacy(path: &Path, file: &File, file_len: u64) -> Result<Arc
     })
 }
 
-use crate::formats::torch_scan::has_zip_end;
+use crate::formats::torch::scan::has_zip_end;
 
 /// The five stacked pickles of a legacy file and where the raw storages begin.
 pub(super) fn parse_stack(buf: &[u8]) -> std::result::Result<([Pickle; 5], usize), String> {
@@ -193,8 +193,8 @@ fn read_differently(what: &str, pk: &Pickle) -> Vec<String> {
 /// container is decided as torch decides it: a zip when the first four bytes are a zip local
 /// header, stacked pickles otherwise.
 pub fn read_archive(path: &Path) -> Result<Archive> {
-    use crate::formats::torch_scan::{zip_ambiguities, Container};
-    let (file, file_len, container) = crate::formats::torch_scan::open(path)?;
+    use crate::formats::torch::scan::{zip_ambiguities, Container};
+    let (file, file_len, container) = crate::formats::torch::scan::open(path)?;
     match container {
         Container::Tar => {
             return Err(Error::invalid(
@@ -209,7 +209,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     }
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
-        .map_err(|e| crate::formats::torch_scan::zip_error(path, e))?;
+        .map_err(|e| crate::formats::torch::scan::zip_error(path, e))?;
     let mut ambiguities = zip_ambiguities(&file, file_len, &mut zip);
     let mut records = HashMap::new();
     let mut prefix: Option<String> = None;
@@ -265,7 +265,7 @@ pub fn read_archive(path: &Path) -> Result<Archive> {
     let prefix = prefix.unwrap_or_default();
     let torchscript = records.contains_key("constants.pkl");
     let read_record = |zip: &mut zip::ZipArchive<_>, rest: &str, limit: u64| -> Result<Vec<u8>> {
-        crate::formats::torch_scan::read_record(path, zip, &format!("{prefix}{rest}"), limit)
+        crate::formats::torch::scan::read_record(path, zip, &format!("{prefix}{rest}"), limit)
             .map(|(_, buf)| buf)
     };
     if !records.contains_key("data.pkl") {

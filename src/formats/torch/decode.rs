@@ -387,20 +387,10 @@ impl<'a> Decoder<'a> {
         let s = self.by_key[&d.key];
         let st = &self.storages[s];
         let (start, nbytes, strided) = view_bytes(d, st.nbytes).expect("checked when decoded");
-        TensorEntry {
-            name,
-            dtype: d.dtype,
-            shape: d.shape.clone(),
-            file: 0,
-            offset: st.offset + start,
-            nbytes,
-            strided,
-            packed: st.packed.clone(),
-            storage: Some(s),
-            module_class: None,
-            blocks: None,
-            rows: None,
-        }
+        TensorEntry::new(name, d.dtype, d.shape.clone(), 0, st.offset + start, nbytes)
+            .with_strided(strided)
+            .with_packed(st.packed.clone())
+            .with_storage(s)
     }
 
     /// Pins every storage referenced below `node` (a tensor weightcast does not read): the

@@ -12,8 +12,11 @@
 //! Reported and left out: quantized and sparse tensors.
 
 mod archive;
+pub mod checkpoint;
 mod decode;
 mod names;
+pub mod scan;
+pub mod write;
 
 pub use archive::{read_archive, Archive};
 use decode::*;
@@ -41,9 +44,9 @@ use crate::formats::pickle::{self, Call, Node, NodeId, Pickle};
 
 pub use crate::catalogue::torch::{OtherTensor, Rebuild, Site, TensorRef, TorchDoc};
 
-pub use crate::formats::torch_scan::is_zip;
+pub use crate::formats::torch::scan::is_zip;
 
-use crate::formats::torch_scan::{LEGACY_MAGIC, MAX_PICKLE};
+use crate::formats::torch::scan::{LEGACY_MAGIC, MAX_PICKLE};
 
 /// Opens a PyTorch checkpoint (torch.save zip, legacy, TorchScript) as a catalogue. `key`
 /// selects the entry holding the state dict (dotted, e.g. `model_state_dict`); without it, a
@@ -71,7 +74,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         .iter()
         .filter_map(|(name, _, _)| {
             let value = dict_get(pk, pk.root, name)?;
-            let why = crate::formats::checkpoint::training_state(pk, name, value, &others)?;
+            let why = crate::formats::torch::checkpoint::training_state(pk, name, value, &others)?;
             Some((name.clone(), why))
         })
         .collect();

@@ -9,8 +9,8 @@ use crate::catalogue::Catalogue;
 use crate::plan::Plan;
 use crate::stats::{min_normal, min_subnormal, ErrorStats, Verdict};
 
-use super::analyze::Analyzed;
-use super::document::{bytes, db};
+use super::Analyzed;
+use crate::commands::document::{bytes, db};
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -312,22 +312,31 @@ fn depth(an: &Analyzed, s: &mut String) {
     s.push_str("<h2>Along the depth of the model</h2>");
     let snr: Vec<f64> = groups.iter().map(|g| g.stats.snr_db()).collect();
     s.push_str(&snr_bars(&labels, &snr, an.bounds.lossy_below_db));
-    let ovf: Vec<f64> = groups.iter().map(|g| g.stats.overflow as f64).collect();
-    s.push_str(&bars(
-        "values overflowing per layer",
-        &labels,
-        &ovf,
-        "#c33",
-        &|x| format!("{x:.0}"),
-    ));
-    let unf: Vec<f64> = groups.iter().map(|g| g.stats.underflow as f64).collect();
-    s.push_str(&bars(
-        "values flushed to zero per layer",
-        &labels,
-        &unf,
-        "#d90",
-        &|x| format!("{x:.0}"),
-    ));
+    // A chart of zeros says nothing: one sentence instead.
+    if groups.iter().any(|g| g.stats.overflow > 0) {
+        let ovf: Vec<f64> = groups.iter().map(|g| g.stats.overflow as f64).collect();
+        s.push_str(&bars(
+            "values overflowing per layer",
+            &labels,
+            &ovf,
+            "#c33",
+            &|x| format!("{x:.0}"),
+        ));
+    } else {
+        s.push_str("<p id=\"no-overflow\">No value overflows: every one is within the target's finite range.</p>");
+    }
+    if groups.iter().any(|g| g.stats.underflow > 0) {
+        let unf: Vec<f64> = groups.iter().map(|g| g.stats.underflow as f64).collect();
+        s.push_str(&bars(
+            "values flushed to zero per layer",
+            &labels,
+            &unf,
+            "#d90",
+            &|x| format!("{x:.0}"),
+        ));
+    } else {
+        s.push_str("<p id=\"no-underflow\">No non-zero value is flushed to zero.</p>");
+    }
     s.push_str("<h2>Per layer</h2><table><tr><th>layer</th><th>tensors</th><th>SNR dB</th><th>cosine</th><th>overflow</th><th>underflow</th></tr>");
     for g in &groups {
         let _ = write!(
@@ -406,5 +415,56 @@ mod tests {
         assert_eq!(layer_of("encoder.layer.3.output.dense.weight"), Some(3));
         assert_eq!(layer_of("transformer.h.0.attn.c_attn.weight"), Some(0));
         assert_eq!(layer_of("lm_head.weight"), None);
+    }
+
+    /// The report of casting to f16 a safetensors file of F32 tensors `(name, values)`.
+    fn page(tensors: &[(&str, &[f32])]) -> String {
+        let mut header = String::from("{");
+        let mut data = Vec::new();
+        for (i, (name, v)) in tensors.iter().enumerate() {
+            let start = data.len();
+            for x in *v {
+                data.extend_from_slice(&x.to_le_bytes());
+            }
+            let _ = write!(
+                header,
+                "{}\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{start},{}]}}",
+                if i > 0 { "," } else { "" },
+                v.len(),
+                data.len()
+            );
+        }
+        header.push('}');
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("m.safetensors");
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header.as_bytes());
+        file.extend_from_slice(&data);
+        std::fs::write(&path, file).unwrap();
+        let mut req = super::super::AnalyzeRequest::new(&path);
+        req.to = Some("f16".into());
+        let an = req.run(&crate::convert::NoProgress).unwrap();
+        analysis_page(&an)
+    }
+
+    #[test]
+    fn per_layer_charts_only_when_something_overflows_or_flushes() {
+        let quiet = page(&[
+            ("layers.0.w", &[1.0, -2.5, 0.125]),
+            ("layers.1.w", &[3.0, 4.0, -0.5]),
+        ]);
+        assert!(!quiet.contains("values overflowing per layer"), "{quiet}");
+        assert!(quiet.contains("<p id=\"no-overflow\">No value overflows"));
+        assert!(!quiet.contains("values flushed to zero per layer"));
+        assert!(quiet.contains("<p id=\"no-underflow\">"));
+        // the SNR chart and the per-layer table stay
+        assert!(quiet.contains("id=\"snr-chart\"") && quiet.contains("<h2>Per layer</h2>"));
+        let loud = page(&[
+            ("layers.0.w", &[1.0, 1e6, 1e-30]),
+            ("layers.1.w", &[3.0, 4.0, -0.5]),
+        ]);
+        assert!(loud.contains("values overflowing per layer"), "{loud}");
+        assert!(loud.contains("values flushed to zero per layer"));
+        assert!(!loud.contains("no-overflow") && !loud.contains("no-underflow"));
     }
 }

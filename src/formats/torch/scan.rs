@@ -619,56 +619,326 @@ fn members<R: std::io::Read + std::io::Seek>(
 /// One member of a tar archive: (name, data offset, size).
 type TarMember = (String, u64, u64);
 
-/// The members of a ustar archive (no extensions: a pax or GNU long-name header, which would
-/// let readers disagree on names and sizes, is refused).
-fn tar_members(path: &Path, file: &File, len: u64) -> Result<Vec<TarMember>> {
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos + 512 <= len {
+/// Largest pax extended header or GNU long name read (they hold names and numbers).
+const MAX_TAR_EXTENSION: u64 = 1 << 20;
+
+/// Extension headers (pax, GNU long name) chained before one member, at most.
+const MAX_TAR_CHAIN: usize = 8;
+
+/// A member's header once its extensions are applied.
+struct TarEntry {
+    /// The type flag (`0`, NUL and `7` are regular files, `5` a folder).
+    kind: u8,
+    /// The name: ustar prefix and name, or a GNU long name, or a pax `path`.
+    name: String,
+    /// The size read as its data.
+    size: u64,
+    /// Where its data starts.
+    data: u64,
+    /// Where the next header is.
+    next: u64,
+}
+
+impl TarEntry {
+    fn regular(&self) -> bool {
+        matches!(self.kind, b'0' | 0 | b'7')
+    }
+}
+
+/// `b` up to its first NUL, as text (tarfile's `nts`).
+fn nts(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
+}
+
+/// `n` rounded up to whole 512-byte blocks.
+fn blocks(n: u64) -> Option<u64> {
+    n.checked_add(511).map(|n| n / 512 * 512)
+}
+
+/// Reads a tar archive as Python's `tarfile` (torch's legacy loader) lists it.
+struct TarReader<'a> {
+    path: &'a Path,
+    file: &'a File,
+    len: u64,
+    /// The records of the pax global headers read so far (`g`), later ones replacing earlier.
+    global: Vec<(String, String)>,
+}
+
+impl TarReader<'_> {
+    fn err(&self, pos: u64, what: impl std::fmt::Display) -> Error {
+        Error::invalid(self.path, format!("tar header at byte {pos}: {what}"))
+    }
+
+    /// The entry whose first header is at `pos`, extensions applied, or `None` at the end of
+    /// the archive (a zero block, or less than a block left: tarfile's end).
+    fn entry(&mut self, pos: u64, chain: usize) -> Result<Option<TarEntry>> {
+        if pos.checked_add(512).is_none_or(|e| e > self.len) {
+            return Ok(None);
+        }
         let mut h = [0u8; 512];
-        file.read_exact_at(&mut h, pos)
-            .map_err(|e| Error::io(path, e))?;
+        self.file
+            .read_exact_at(&mut h, pos)
+            .map_err(|e| Error::io(self.path, e))?;
         if h.iter().all(|&b| b == 0) {
-            break;
+            return Ok(None);
         }
         if !is_tar(&h) {
             return Err(Error::invalid(
-                path,
+                self.path,
                 format!("tar header at byte {pos} is not valid"),
             ));
         }
-        let field = |r: std::ops::Range<usize>| {
-            let b = &h[r];
-            String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())])
-                .into_owned()
+        let mut kind = h[156];
+        let mut name = nts(&h[..100]);
+        // tarfile's frombuf: an old-style folder, slashes, the ustar prefix
+        if kind == 0 && name.ends_with('/') {
+            kind = b'5';
+        }
+        if kind == b'5' {
+            name = name.trim_end_matches('/').to_string();
+        }
+        let prefix = nts(&h[345..500]);
+        if !prefix.is_empty() && !matches!(kind, b'L' | b'K' | b'S') {
+            name = format!("{prefix}/{name}");
+        }
+        let size = match nts(&h[124..136]).trim() {
+            "" => 0,
+            digits => {
+                u64::from_str_radix(digits, 8).map_err(|_| self.err(pos, "bad size field"))?
+            }
         };
-        let name = field(0..100);
-        let size = u64::from_str_radix(field(124..136).trim(), 8).map_err(|_| {
-            Error::invalid(path, format!("tar header at byte {pos}: bad size field"))
-        })?;
-        let kind = h[156];
-        if !matches!(kind, b'0' | 0 | b'5') {
-            return Err(Error::invalid(
-                path,
+        let data = pos + 512;
+        let shown = crate::audit::escape(&name);
+        match kind {
+            b'L' | b'K' | b'x' | b'X' | b'g' => self.extended(pos, kind, size, data, chain),
+            b'0' | 0 | b'7' | b'5' => {
+                let regular = kind != b'5';
+                let skip = if regular {
+                    blocks(size).ok_or_else(|| self.err(pos, "bad size field"))?
+                } else {
+                    0
+                };
+                let mut e = TarEntry {
+                    kind,
+                    name,
+                    size,
+                    data,
+                    next: data
+                        .checked_add(skip)
+                        .ok_or_else(|| self.err(pos, "bad size field"))?,
+                };
+                // global records apply to every member; a global size changes the size read,
+                // not where the next header is (tarfile's _proc_builtin)
+                let global = self.global.clone();
+                self.apply(pos, &mut e, &global)?;
+                Ok(Some(e))
+            }
+            other => Err(self.err(
+                pos,
                 format!(
-                    "tar header at byte {pos} (`{}`): type `{}` (pax/GNU extensions) is not read",
-                    crate::audit::escape(&name),
+                    "`{shown}`: type `{}` (links, devices, GNU sparse files) is not read",
+                    crate::audit::escape(&(other as char).to_string())
+                ),
+            )),
+        }
+    }
+
+    /// An extension header (`L`/`K` GNU long names, `x`/`X` local and `g` global pax records)
+    /// at `pos`: the member after it, the extension applied as tarfile applies it.
+    fn extended(
+        &mut self,
+        pos: u64,
+        kind: u8,
+        size: u64,
+        data: u64,
+        chain: usize,
+    ) -> Result<Option<TarEntry>> {
+        if chain >= MAX_TAR_CHAIN {
+            return Err(self.err(
+                pos,
+                format!("more than {MAX_TAR_CHAIN} extension headers in a row"),
+            ));
+        }
+        let buf = self.extension(pos, data, size)?;
+        let next_pos = blocks(size)
+            .and_then(|b| data.checked_add(b))
+            .ok_or_else(|| self.err(pos, "bad size field"))?;
+        let records = match kind {
+            b'L' | b'K' => vec![],
+            _ => self.pax_records(pos, &buf)?,
+        };
+        let headers = if kind == b'g' {
+            set_records(&mut self.global, records);
+            self.global.clone()
+        } else {
+            let mut all = self.global.clone();
+            set_records(&mut all, records);
+            all
+        };
+        let Some(mut next) = self.entry(next_pos, chain + 1)? else {
+            return Err(self.err(
+                pos,
+                format!(
+                    "an extension header (type `{}`) with no member after it",
                     kind as char
                 ),
             ));
+        };
+        match kind {
+            b'L' => {
+                next.name = nts(&buf);
+                if next.kind == b'5' {
+                    next.name = next.name.trim_end_matches('/').to_string();
+                }
+            }
+            b'x' | b'X' => {
+                self.apply(pos, &mut next, &headers)?;
+                if headers.iter().any(|(k, _)| k == "size") {
+                    // the size replaced: the next header moves with it
+                    let skip = if next.regular() {
+                        blocks(next.size).ok_or_else(|| self.err(pos, "bad size"))?
+                    } else {
+                        0
+                    };
+                    next.next = next
+                        .data
+                        .checked_add(skip)
+                        .ok_or_else(|| self.err(pos, "bad size"))?;
+                }
+            }
+            _ => {}
         }
-        let data = pos + 512;
-        if data.checked_add(size).is_none_or(|e| e > len) {
-            return Err(Error::invalid(
-                path,
-                format!(
-                    "tar member `{}` runs past the end of the file (truncated?)",
-                    crate::audit::escape(&name)
-                ),
+        Ok(Some(next))
+    }
+
+    /// The data of an extension header (pax records or a GNU long name): its blocks, as
+    /// tarfile reads them, up to the end of the file.
+    fn extension(&self, pos: u64, data: u64, size: u64) -> Result<Vec<u8>> {
+        if size > MAX_TAR_EXTENSION {
+            return Err(self.err(
+                pos,
+                format!("an extension header of {size} bytes (over {MAX_TAR_EXTENSION})"),
             ));
         }
-        out.push((name, data, size));
-        pos = data + size.div_ceil(512) * 512;
+        if data + size > self.len {
+            return Err(self.err(pos, "an extension header runs past the end of the file"));
+        }
+        let n = blocks(size).unwrap_or(size).min(self.len - data);
+        let mut buf = vec![0u8; n as usize];
+        self.file
+            .read_exact_at(&mut buf, data)
+            .map_err(|e| Error::io(self.path, e))?;
+        Ok(buf)
+    }
+
+    /// The records of a pax header, `LENGTH KEYWORD=VALUE\n` each, up to the first NUL; a
+    /// record that does not frame so is an error (readers could disagree on it).
+    fn pax_records(&self, pos: u64, buf: &[u8]) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        let mut p = 0usize;
+        while p < buf.len() && buf[p] != 0 {
+            let bad = || {
+                self.err(
+                    pos,
+                    format!("pax record at byte {} is malformed", pos + 512 + p as u64),
+                )
+            };
+            let digits = buf[p..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if digits == 0 || digits > 20 || buf.get(p + digits) != Some(&b' ') {
+                return Err(bad());
+            }
+            let length: usize = std::str::from_utf8(&buf[p..p + digits])
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .ok_or_else(bad)?;
+            if length < 5 || length > buf.len() - p || buf[p + length - 1] != b'\n' {
+                return Err(bad());
+            }
+            let record = buf.get(p + digits + 1..p + length - 1).ok_or_else(bad)?;
+            let eq = record.iter().position(|&c| c == b'=').ok_or_else(bad)?;
+            if eq == 0 {
+                return Err(bad());
+            }
+            out.push((
+                String::from_utf8_lossy(&record[..eq]).into_owned(),
+                String::from_utf8_lossy(&record[eq + 1..]).into_owned(),
+            ));
+            p += length;
+        }
+        Ok(out)
+    }
+
+    /// Applies pax records to a member as tarfile does: `path` renames it, `size` resizes it;
+    /// GNU sparse records are refused; others (times, owners, links) change nothing read.
+    fn apply(&self, pos: u64, e: &mut TarEntry, records: &[(String, String)]) -> Result<()> {
+        for (k, v) in records {
+            match k.as_str() {
+                "path" => e.name = v.trim_end_matches('/').to_string(),
+                "size" => {
+                    e.size = v
+                        .bytes()
+                        .all(|c| c.is_ascii_digit())
+                        .then(|| v.parse::<u64>().ok())
+                        .flatten()
+                        .ok_or_else(|| {
+                            self.err(
+                                pos,
+                                format!("pax size `{}` is not a number", crate::audit::escape(v)),
+                            )
+                        })?
+                }
+                k if k.starts_with("GNU.sparse.") => {
+                    return Err(self.err(pos, "a GNU sparse member is not read"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `records` set into `into`, a later value of a keyword replacing the earlier one.
+fn set_records(into: &mut Vec<(String, String)>, records: Vec<(String, String)>) {
+    for (k, v) in records {
+        match into.iter_mut().find(|(x, _)| *x == k) {
+            Some(e) => e.1 = v,
+            None => into.push((k, v)),
+        }
+    }
+}
+
+/// The members of a tar archive as Python's `tarfile` lists them (torch's legacy loader opens
+/// the file with it): ustar names with their prefix; pax extended headers (`x`: their `path`
+/// and `size` records apply to the next member; `g`: to every member after it, a `size`
+/// changing the size read but not where the next header is, as tarfile does); GNU long names
+/// (`L`). Regular files and folders (size 0) are listed; links, devices and sparse files are
+/// refused.
+fn tar_members(path: &Path, file: &File, len: u64) -> Result<Vec<TarMember>> {
+    let mut r = TarReader {
+        path,
+        file,
+        len,
+        global: Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while let Some(e) = r.entry(pos, 0)? {
+        if e.regular() {
+            if e.data.checked_add(e.size).is_none_or(|end| end > len) {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "tar member `{}` (byte {}) runs past the end of the file (truncated?)",
+                        crate::audit::escape(&e.name),
+                        e.data
+                    ),
+                ));
+            }
+            out.push((e.name, e.data, e.size));
+        } else {
+            out.push((e.name, e.data, 0));
+        }
+        pos = e.next;
     }
     Ok(out)
 }
@@ -982,7 +1252,7 @@ pub(crate) fn has_zip_end(file: &File, len: u64) -> bool {
 fn scan_zip(path: &Path, file: &File, len: u64) -> Result<Scan> {
     let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(handle))
-        .map_err(|e| crate::formats::torch_scan::zip_error(path, e))?;
+        .map_err(|e| crate::formats::torch::scan::zip_error(path, e))?;
     let ambiguities = zip_ambiguities(file, len, &mut zip);
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
     let find = |want: &str| -> Option<String> {
@@ -1237,4 +1507,254 @@ fn local_header_mismatch(
         return Some("gives another CRC");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ustar header (checksum filled in).
+    fn header(name: &str, kind: u8, size: u64, prefix: &str) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[108..115].copy_from_slice(b"0000000");
+        h[116..123].copy_from_slice(b"0000000");
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[345..345 + prefix.len()].copy_from_slice(prefix.as_bytes());
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    /// A header (`size` in its size field) and `data`, padded to whole blocks.
+    fn member(tar: &mut Vec<u8>, name: &str, kind: u8, size: u64, data: &[u8]) {
+        tar.extend(header(name, kind, size, ""));
+        tar.extend_from_slice(data);
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+    }
+
+    /// A pax header of `records`, as tarfile writes them (`LENGTH KEY=VALUE\n`).
+    fn pax(tar: &mut Vec<u8>, kind: u8, records: &[(&str, &str)]) {
+        let mut data = String::new();
+        for (k, v) in records {
+            let rest = k.len() + v.len() + 3;
+            let mut n = rest + 1;
+            while n != rest + n.to_string().len() {
+                n = rest + n.to_string().len();
+            }
+            data.push_str(&format!("{n} {k}={v}\n"));
+        }
+        member(
+            tar,
+            "././@PaxHeader",
+            kind,
+            data.len() as u64,
+            data.as_bytes(),
+        );
+    }
+
+    /// The members of torch < 0.4's tar checkpoint: one float storage, no tensors, the object
+    /// (`evil`: a pickle that calls posix.system).
+    fn members(evil: bool) -> Vec<(&'static str, Vec<u8>)> {
+        let mut storages = b"\x80\x02K\x01.".to_vec();
+        storages.extend_from_slice(
+            b"\x80\x02X\x01\x00\x00\x000q\x00X\x03\x00\x00\x00cpuq\x01ctorch\nFloatStorage\nq\x02\x87q\x03.",
+        );
+        storages.extend_from_slice(&2u64.to_le_bytes());
+        storages.extend_from_slice(&[0u8; 8]);
+        storages.extend_from_slice(b"\x80\x02]q\x00.");
+        let object: &[u8] = if evil {
+            b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+        } else {
+            b"\x80\x02\x7dq\x00X\x05\x00\x00\x00epochq\x01K\x01s."
+        };
+        vec![
+            (
+                "sys_info",
+                b"\x80\x02\x7dq\x00X\r\x00\x00\x00little_endianq\x01\x88s.".to_vec(),
+            ),
+            ("storages", storages),
+            ("tensors", b"\x80\x02K\x00.".to_vec()),
+            ("pickle", object.to_vec()),
+        ]
+    }
+
+    /// Each pickle's label and globals.
+    type Pickles = Vec<(String, Vec<(String, String, u8)>)>;
+
+    /// `tar` (two zero blocks added) scanned and audited: the scan's pickles (label, offset
+    /// left out: extension headers move the data) and globals, and the file's verdict.
+    fn judge(tar: &[u8]) -> (Pickles, &'static str) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ckpt.pt");
+        let mut bytes = tar.to_vec();
+        bytes.extend([0u8; 1024]);
+        std::fs::write(&p, &bytes).unwrap();
+        let s = scan(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.container, "tar-format torch.save (torch < 0.4)");
+        let pickles = s
+            .pickles
+            .iter()
+            .map(|k| (k.label.clone(), k.globals.clone()))
+            .collect();
+        let r = crate::commands::audit::AuditRequest {
+            paths: vec![p],
+            ..Default::default()
+        }
+        .run();
+        (pickles, r.files[0].verdict().as_str())
+    }
+
+    fn plain(evil: bool) -> Vec<u8> {
+        let mut tar = Vec::new();
+        for (n, data) in members(evil) {
+            member(&mut tar, n, b'0', data.len() as u64, &data);
+        }
+        tar
+    }
+
+    #[test]
+    fn pax_and_gnu_tar_checkpoints_read_as_tarfile_reads_them() {
+        for evil in [false, true] {
+            let want = judge(&plain(evil));
+            assert_eq!(want.1, if evil { "dangerous" } else { "clean" });
+            assert_eq!(want.0.len(), 5, "{want:?}");
+            // pax as tarfile's PAX_FORMAT writes it: a global header first, then per member a
+            // local header whose path and size replace the ustar fields (here: a size field of
+            // 0, as for a member over 8 GiB, and a name the ustar field cannot hold)
+            let mut tar = Vec::new();
+            pax(&mut tar, b'g', &[("comment", "made by a test")]);
+            for (n, data) in members(evil) {
+                let size = data.len().to_string();
+                pax(
+                    &mut tar,
+                    b'x',
+                    &[("path", n), ("size", &size), ("mtime", "1.5")],
+                );
+                member(&mut tar, "PaxHeaders/truncated-name", b'0', 0, &data);
+            }
+            assert_eq!(judge(&tar), want, "pax");
+            // GNU long names: an `L` header whose data is the next member's name
+            for (n, _) in members(evil) {
+                let mut long = n.as_bytes().to_vec();
+                long.push(0);
+                let mut tar = Vec::new();
+                for (m, d) in members(evil) {
+                    if m == n {
+                        member(&mut tar, "././@LongLink", b'L', long.len() as u64, &long);
+                        member(&mut tar, "ignored", b'0', d.len() as u64, &d);
+                    } else {
+                        member(&mut tar, m, b'0', d.len() as u64, &d);
+                    }
+                }
+                assert_eq!(judge(&tar), want, "GNU long name for {n}");
+            }
+            // the ustar prefix is part of the name: `x/pickle` is not `pickle`
+            let mut tar = plain(evil);
+            let decoy = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.";
+            tar.extend(header("pickle", b'0', decoy.len() as u64, "x"));
+            tar.extend_from_slice(decoy);
+            tar.resize(tar.len().div_ceil(512) * 512, 0);
+            assert_eq!(judge(&tar).1, want.1, "prefix");
+        }
+    }
+
+    #[test]
+    fn tar_names_are_the_ones_torch_extracts() {
+        // a pax path renames a member: the `pickle` torch extracts is the one named so by its
+        // pax header, not the one whose ustar field says `pickle`
+        let mut tar = Vec::new();
+        let (evil, clean) = (
+            members(true).pop().unwrap().1,
+            members(false).pop().unwrap().1,
+        );
+        for (n, data) in members(false).into_iter().take(3) {
+            member(&mut tar, n, b'0', data.len() as u64, &data);
+        }
+        pax(&mut tar, b'x', &[("path", "pickle")]);
+        member(&mut tar, "notes", b'0', evil.len() as u64, &evil);
+        pax(&mut tar, b'x', &[("path", "notes")]);
+        member(&mut tar, "pickle", b'0', clean.len() as u64, &clean);
+        let (pickles, verdict) = judge(&tar);
+        assert_eq!(verdict, "dangerous");
+        assert!(pickles.last().unwrap().1.iter().any(|g| g.0 == "posix"));
+        // a folder has no data, whatever its size field says: the headers after it are
+        // members (tarfile reads the last `pickle` there; a reader skipping 1024 bytes
+        // would see the clean one only)
+        let mut tar = plain(false);
+        tar.extend(header("folder/", b'5', 1024, ""));
+        member(&mut tar, "pickle", b'0', evil.len() as u64, &evil);
+        let (pickles, verdict) = judge(&tar);
+        assert_eq!(verdict, "dangerous");
+        assert!(pickles.last().unwrap().1.iter().any(|g| g.0 == "posix"));
+        // a global size changes the size read, not where the next header is
+        let mut tar = Vec::new();
+        for (n, data) in members(false).into_iter().take(3) {
+            member(&mut tar, n, b'0', data.len() as u64, &data);
+        }
+        let size = evil.len().to_string();
+        pax(&mut tar, b'g', &[("size", &size)]);
+        member(&mut tar, "pickle", b'0', 1, &evil);
+        assert_eq!(judge(&tar).1, "dangerous");
+    }
+
+    #[test]
+    fn bad_extension_headers_are_one_line_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bad.pt");
+        let with = |ext: &dyn Fn(&mut Vec<u8>)| {
+            let mut tar = Vec::new();
+            ext(&mut tar);
+            tar.extend(plain(false));
+            tar.extend([0u8; 1024]);
+            std::fs::write(&p, &tar).unwrap();
+            scan(&p).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let bad_record = |tar: &mut Vec<u8>| {
+            member(tar, "././@PaxHeader", b'x', 12, b"11 path\nxyz\n");
+        };
+        let wrong_length = |tar: &mut Vec<u8>| {
+            member(tar, "././@PaxHeader", b'x', 16, b"99 path=pickle\n\n");
+        };
+        let bad_size = |tar: &mut Vec<u8>| pax(tar, b'x', &[("size", "-5")]);
+        let sparse = |tar: &mut Vec<u8>| pax(tar, b'x', &[("GNU.sparse.size", "5")]);
+        let chain = |tar: &mut Vec<u8>| {
+            for _ in 0..9 {
+                pax(tar, b'x', &[("comment", "again")]);
+            }
+        };
+        let huge = |tar: &mut Vec<u8>| tar.extend(header("././@PaxHeader", b'x', 1 << 32, ""));
+        let link = |tar: &mut Vec<u8>| tar.extend(header("pickle", b'2', 0, ""));
+        for (what, ext, want) in [
+            (
+                "record",
+                &bad_record as &dyn Fn(&mut Vec<u8>),
+                "pax record at byte 512",
+            ),
+            ("length", &wrong_length, "pax record at byte 512"),
+            ("size", &bad_size, "pax size `-5` is not a number"),
+            ("sparse", &sparse, "GNU sparse"),
+            ("chain", &chain, "extension headers in a row"),
+            ("huge", &huge, "an extension header of 4294967296 bytes"),
+            ("link", &link, "type `2`"),
+        ] {
+            let e = with(ext).expect_err(what);
+            assert!(e.contains(want) && e.contains("bad.pt"), "{what}: {e}");
+            assert!(e.contains("tar header at byte"), "{what}: {e}");
+            assert_eq!(e.lines().count(), 1, "{what}: {e}");
+        }
+        // an extension header with nothing after it
+        let mut tar = Vec::new();
+        pax(&mut tar, b'x', &[("path", "pickle")]);
+        tar.extend([0u8; 1024]);
+        std::fs::write(&p, &tar).unwrap();
+        let e = scan(&p).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("with no member after it"), "{e}");
+    }
 }

@@ -7,6 +7,13 @@
 //! Every length comes from the file and is checked against the bytes that remain before
 //! anything is allocated for it.
 
+/// The ggml block codecs (Q8_0 ... Q6_K), bit-identical to gguf-py.
+pub mod ggml;
+/// A Hugging Face folder to GGUF as convert_hf_to_gguf.py writes it, and back.
+pub mod hf;
+/// GGUF written: GGUF -> GGUF as llama_model_quantize writes it.
+pub mod write;
+
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -311,7 +318,7 @@ pub fn open(path: &Path) -> Result<Catalogue> {
             let count = t.dims.iter().product::<u64>();
             let (dtype, nbytes, blocks) = match t.ggml.dtype() {
                 Some(d) => (d, t.nbytes, None),
-                None if crate::cast::ggml::supported(t.ggml.id) => (
+                None if crate::formats::gguf::ggml::supported(t.ggml.id) => (
                     DType::F32,
                     count.checked_mul(4)?,
                     Some(Blocks {
@@ -321,20 +328,17 @@ pub fn open(path: &Path) -> Result<Catalogue> {
                 ),
                 None => return None,
             };
-            Some(TensorEntry {
-                name: t.name.clone(),
-                dtype,
-                shape: t.dims.iter().rev().copied().collect(),
-                file: 0,
-                offset: t.offset,
-                nbytes,
-                strided: None,
-                packed: None,
-                storage: None,
-                module_class: None,
-                blocks,
-                rows: None,
-            })
+            Some(
+                TensorEntry::new(
+                    t.name.clone(),
+                    dtype,
+                    t.dims.iter().rev().copied().collect(),
+                    0,
+                    t.offset,
+                    nbytes,
+                )
+                .with_blocks(blocks),
+            )
         })
         .collect();
     let mut cat = Catalogue::new(
@@ -345,7 +349,7 @@ pub fn open(path: &Path) -> Result<Catalogue> {
     );
     let (read, unread): (Vec<&GgufTensor>, Vec<&GgufTensor>) = doc
         .quantized()
-        .partition(|t| crate::cast::ggml::supported(t.ggml.id));
+        .partition(|t| crate::formats::gguf::ggml::supported(t.ggml.id));
     let counts = |v: &[&GgufTensor]| {
         type_counts(v)
             .into_iter()
@@ -391,7 +395,7 @@ pub fn refuse_quantized(cat: &Catalogue, command: &str) -> Result<()> {
     };
     let unread: Vec<&GgufTensor> = doc
         .quantized()
-        .filter(|t| !crate::cast::ggml::supported(t.ggml.id))
+        .filter(|t| !crate::formats::gguf::ggml::supported(t.ggml.id))
         .collect();
     match unread.first() {
         None => Ok(()),
@@ -405,6 +409,51 @@ pub fn refuse_quantized(cat: &Catalogue, command: &str) -> Result<()> {
             unread.len()
         ))),
     }
+}
+
+/// A GGUF output of a model folder: tensors named, ordered and typed as llama.cpp's converter
+/// writes them (1-D tensors, norms and biases in F32; the others in the file type, Q8_0 rows of
+/// no whole block in F16); rules decide on top of the file type.
+pub fn plan_from_folder(
+    cat: &Catalogue,
+    plan: &mut crate::plan::Plan,
+    ftype: hf::FileType,
+) -> Result<()> {
+    use hf::FileType;
+    let out = hf::describe(cat, ftype)?;
+    plan.remove(&out.skipped);
+    let f32_only: std::collections::HashSet<usize> = out
+        .tensors
+        .iter()
+        .filter(|t| t.f32_only)
+        .map(|t| t.source)
+        .collect();
+    let shapes: Vec<Vec<u64>> = cat.tensors.iter().map(|t| t.shape.clone()).collect();
+    plan.update(cat, |ts| {
+        for p in ts.iter_mut() {
+            let shape = &shapes[p.tensor.0];
+            let numel: u64 = shape.iter().product();
+            if f32_only.contains(&p.tensor.0) {
+                p.set_target(DType::F32, numel);
+                p.reason = "F32, as llama.cpp reads 1-D tensors, norms and biases".into();
+                p.by_default = false;
+            } else if ftype == FileType::Q8_0 && p.by_default {
+                if shape.last().is_some_and(|&n| n % 32 == 0) {
+                    p.set_target(DType::F32, numel);
+                    p.ggml = crate::catalogue::gguf::GgmlType::from_id(8);
+                    p.bytes_out = numel / 32 * 34;
+                    p.reason = "--to q8_0: ggml Q8_0, quantized from its float32 values".into();
+                } else {
+                    p.set_target(DType::F16, numel);
+                    p.reason = "f16: its rows are no whole number of Q8_0 blocks (as llama.cpp \
+                                falls back)"
+                        .into();
+                }
+            }
+        }
+    });
+    plan.gguf_hf = Some(std::sync::Arc::new(out));
+    Ok(())
 }
 
 /// Whether llama.cpp's quantizer (`llama_model_quantize`, llama-cpp-python 0.3.36's
@@ -517,17 +566,17 @@ mod tests {
         assert_eq!(doc.data_offset, data as u64);
         assert_eq!(doc.tensors[0].nbytes, 68);
         // what the writer makes of it reads back the same
-        let outs: Vec<crate::formats::gguf_write::OutTensor> = doc
+        let outs: Vec<crate::formats::gguf::write::OutTensor> = doc
             .tensors
             .iter()
-            .map(|t| crate::formats::gguf_write::OutTensor {
+            .map(|t| crate::formats::gguf::write::OutTensor {
                 name: t.name.clone(),
                 dims: t.dims.clone(),
                 ggml: t.ggml,
                 nbytes: t.nbytes,
             })
             .collect();
-        let head = crate::formats::gguf_write::header(&doc, &[], &outs);
+        let head = crate::formats::gguf::write::header(&doc, &[], &outs);
         let back = parse(p, &head.bytes, head.len).unwrap();
         assert_eq!(
             (back.metadata, back.data_offset),

@@ -182,3 +182,43 @@ pub fn header(doc: &GgufDoc, set: &[(&str, Value)], tensors: &[OutTensor]) -> Gg
         len,
     }
 }
+
+/// The plan of a GGUF -> GGUF output, as llama.cpp's quantizer decides: what it leaves as it is
+/// (1-D tensors, norms, its named exceptions) is kept, block-quantized tensors kept are written
+/// as their blocks, and with `q8` (`--to q8_0`) what it retypes becomes Q8_0 (rows of no whole
+/// block in f16, its fallback).
+pub fn plan_retype(cat: &crate::catalogue::Catalogue, plan: &mut crate::plan::Plan, q8: bool) {
+    // what llama.cpp's quantizer leaves as it is, a GGUF output leaves too
+    let tensors = cat.tensors.clone();
+    plan.update(cat, |ts| {
+        for p in ts.iter_mut() {
+            let t = &tensors[p.tensor.0];
+            if p.by_default && !super::llama_retypes(&t.name, t.shape.len()) {
+                p.keep();
+                p.reason = "kept as llama.cpp's quantizer keeps it (1-D, norm, or one of \
+                            its named exceptions)"
+                    .into();
+                p.by_default = false;
+            }
+            // a block-quantized tensor kept is written as its blocks
+            if let Some(b) = t.blocks.filter(|_| super::copies_blocks(t, p)) {
+                p.bytes_out = b.nbytes;
+            }
+            // Q8_0: what llama.cpp retypes, rows of whole blocks; other rows in f16 (its
+            // fallback for a shape no 32-block type fits)
+            if q8 && p.by_default {
+                let numel: u64 = t.shape.iter().product();
+                if t.shape.last().is_some_and(|&n| n % 32 == 0) {
+                    p.to = DType::F32;
+                    p.ggml = crate::catalogue::gguf::GgmlType::from_id(8);
+                    p.bytes_out = numel / 32 * 34;
+                } else {
+                    p.set_target(DType::F16, numel);
+                    p.reason = "f16: its rows are no whole number of Q8_0 blocks (as \
+                                llama.cpp falls back)"
+                        .into();
+                }
+            }
+        }
+    });
+}
