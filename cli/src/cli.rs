@@ -9,6 +9,10 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "weightcast", version, about, max_term_width = 100)]
 pub struct Cli {
+    /// No progress bar, no notes and no summary line (results, warnings and errors are still
+    /// printed). Accepted by every command, before or after it.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -60,6 +64,7 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Run a model at several precisions on real inputs: accuracy against the f32 reference,
     /// speed and memory, and a recommendation.
+    #[command(after_help = EVAL_HELP)]
     Eval(EvalArgs),
     /// Profile a model in PyTorch, down to the layer that breaks, and search the modules to
     /// keep in f32: the Python package's `weightcast profile` (pip install weightcast, with
@@ -131,6 +136,13 @@ pub struct AnalyzeArgs {
     pub all: bool,
 }
 
+/// How `eval` recommends.
+const EVAL_HELP: &str = "\
+The recommendation is the candidate with the fewest weight bytes that meets every bound: no \
+NaN/inf in its outputs and, for encoders, --min-cosine and --min-neighbours (defaults 0.999 \
+and 0.99), for causal LMs --min-top1 (default 0.99). The output names the bounds applied and, \
+for each candidate that misses one, which; when none meets them all it recommends keeping f32.";
+
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     /// A Hugging Face model folder (config.json, weights, tokenizer.json).
@@ -156,11 +168,16 @@ pub struct EvalArgs {
     /// Timed passes over the inputs after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Cosine similarity a candidate must keep (minimum over inputs) to be recommended.
-    #[arg(long, default_value_t = 0.999)]
+    /// For encoders: cosine similarity a candidate must keep (minimum over inputs) to be
+    /// recommended.
+    #[arg(long, value_name = "X", default_value_t = 0.999)]
     pub min_cosine: f64,
+    /// For encoders: fraction of inputs whose nearest neighbour (the most similar other input)
+    /// must stay the reference's for a candidate to be recommended; 0 turns the bound off.
+    #[arg(long, value_name = "X", default_value_t = 0.99)]
+    pub min_neighbours: f64,
     /// For causal LMs: top-1 agreement a candidate must keep to be recommended.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, value_name = "X", default_value_t = 0.99)]
     pub min_top1: f64,
     /// Include every embedding (encoders) or every logit (causal LMs) in the JSON output.
     #[arg(long)]
@@ -366,8 +383,8 @@ pub struct ConvertArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// No progress bar and no summary line.
-    #[arg(short, long)]
+    /// The global -q/--quiet (set by [`parse`]): no progress bar and no summary line.
+    #[arg(skip)]
     pub quiet: bool,
     /// Do not fsync the output before renaming it into place.
     #[arg(long)]
@@ -389,7 +406,10 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let matches = Cli::command().try_get_matches_from(argv)?;
-    let cli = Cli::from_arg_matches(&matches)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let Command::Convert(c) = &mut cli.command {
+        c.quiet = cli.quiet;
+    }
     let rule_order = matches
         .subcommand_matches("convert")
         .or_else(|| matches.subcommand_matches("analyze"))

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use serde_json::json;
 use weightcast::commands::{build_rules, check_castable};
+use weightcast::eval::metrics::{Bound, Failure, FINITE};
 use weightcast::rules::RuleSet;
 use weightcast::{formats, DType, Error, Plan};
 
@@ -18,6 +19,164 @@ struct EvalRow {
     metrics: weightcast::eval::metrics::EmbeddingMetrics,
     peak_rss: Option<u64>,
     note: Option<String>,
+    /// The bounds it misses (none: it may be recommended).
+    failed: Vec<Failure>,
+}
+
+/// The bounds an encoder's candidate must meet to be recommended (with [`FINITE`]).
+fn encoder_bounds(e: &EvalArgs) -> [Bound; 2] {
+    [
+        Bound::new("min_cosine", "cosine_min", "cos min", e.min_cosine),
+        Bound::new(
+            "min_neighbours",
+            "neighbours_kept",
+            "NN kept",
+            e.min_neighbours,
+        )
+        .percent(),
+    ]
+}
+
+/// The bounds a causal LM's candidate must meet to be recommended (with [`FINITE`]).
+fn lm_bounds(e: &EvalArgs) -> [Bound; 1] {
+    [Bound::new("min_top1", "top1_agreement", "top-1", e.min_top1).percent()]
+}
+
+/// The bounds that do not apply to this kind of model (`lm`: a causal LM), with why: given
+/// or not, they are named, so that no bound is silently ignored.
+fn ignored_bounds(e: &EvalArgs, lm: bool) -> Vec<(Bound, &'static str)> {
+    if lm {
+        encoder_bounds(e)
+            .into_iter()
+            .map(|b| {
+                (
+                    b,
+                    "for encoders only: a causal LM's outputs are next-token distributions",
+                )
+            })
+            .collect()
+    } else {
+        lm_bounds(e)
+            .into_iter()
+            .map(|b| (b, "for causal LMs only: an encoder predicts no next token"))
+            .collect()
+    }
+}
+
+/// The flag that sets a bound (`min_cosine`: `--min-cosine`).
+fn flag(b: &Bound) -> String {
+    format!("--{}", b.name.replace('_', "-"))
+}
+
+/// A bound as the text output states it: `cos min >= 0.999 (--min-cosine)`.
+fn bound_text(b: &Bound) -> String {
+    if b.name == FINITE.name {
+        "no NaN/inf in the outputs".into()
+    } else if b.percent {
+        format!(
+            "{} >= {}% ({})",
+            b.label,
+            weightcast::eval::metrics::percent(b.min),
+            flag(b)
+        )
+    } else {
+        format!("{} >= {} ({})", b.label, b.min, flag(b))
+    }
+}
+
+/// The `--json` fields that say how the recommendation was made: the bounds applied, those
+/// that do not apply to this model, and each candidate that misses a bound and which.
+fn recommendation_json<'a>(
+    bounds: &[Bound],
+    ignored: &[(Bound, &str)],
+    rejected: impl Iterator<Item = (&'a str, u64, &'a [Failure])>,
+) -> serde_json::Value {
+    let bound = |b: &Bound| {
+        if b.name == FINITE.name {
+            json!({"name": b.name, "measure": b.measure, "rule": "no NaN or inf in any output"})
+        } else {
+            json!({"name": b.name, "measure": b.measure, "min": b.min, "flag": flag(b)})
+        }
+    };
+    json!({
+        "objective": "weight_bytes",
+        "recommended_for": "the fewest weight bytes among the candidates within every bound \
+                            (null: none is; keep f32)",
+        "bounds": std::iter::once(&FINITE).chain(bounds).map(bound).collect::<Vec<_>>(),
+        "ignored_bounds": ignored.iter().map(|(b, why)| {
+            json!({"name": b.name, "min": b.min, "flag": flag(b), "why": why})
+        }).collect::<Vec<_>>(),
+        "rejected": rejected.map(|(name, bytes, failed)| {
+            json!({"name": name, "weight_bytes": bytes, "failed": failures_json(failed)})
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// The bounds a candidate missed, for `--json`.
+fn failures_json(failed: &[Failure]) -> serde_json::Value {
+    failed
+        .iter()
+        .map(|f| {
+            if f.bound.name == FINITE.name {
+                json!({"bound": f.bound.name, "measure": f.bound.measure, "value": true})
+            } else {
+                json!({"bound": f.bound.name, "measure": f.bound.measure, "value": f.value,
+                       "min": f.bound.min})
+            }
+        })
+        .collect()
+}
+
+/// The lines under the table that say how the recommendation was made: the bounds (and those
+/// not applied), why each candidate that misses one was not recommended, and the
+/// recommendation.
+fn print_recommendation<'a>(
+    bounds: &[Bound],
+    ignored: &[(Bound, &str)],
+    rejected: impl Iterator<Item = (&'a str, &'a [Failure])>,
+    best: Option<&str>,
+) {
+    let applied: Vec<String> = std::iter::once(&FINITE)
+        .chain(bounds)
+        .map(bound_text)
+        .collect();
+    let others: Vec<String> = ignored
+        .iter()
+        .map(|(b, why)| format!("{} {}", flag(b), why.split(':').next().unwrap_or(why)))
+        .collect();
+    println!(
+        "bounds: {}{}",
+        applied.join(", "),
+        if others.is_empty() {
+            String::new()
+        } else {
+            format!(" (not applied: {})", others.join(", "))
+        }
+    );
+    for (name, failed) in rejected {
+        let why: Vec<String> = failed.iter().map(|f| f.to_string()).collect();
+        println!("not recommended: {name}: {}", why.join(", "));
+    }
+    match best {
+        Some(b) => println!(
+            "recommendation: {b}, the smallest candidate (weight bytes) within every bound"
+        ),
+        None => println!(
+            "recommendation: none: no candidate is within every bound; keep f32 (the reference)"
+        ),
+    }
+}
+
+/// A row's verdict in the table: `ok`, `NaN/inf!`, or the bounds it misses.
+fn verdict(failed: &[Failure]) -> String {
+    match failed.first() {
+        None => "ok".into(),
+        Some(f) if f.bound.name == FINITE.name => "NaN/inf!".into(),
+        Some(_) => {
+            let labels: Vec<&str> = failed.iter().map(|f| f.bound.label).collect();
+            format!("fails {}", labels.join(", "))
+        }
+    }
 }
 
 pub(crate) fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
@@ -74,6 +233,7 @@ pub(crate) fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         peak_rss: peak_rss(),
         run: reference,
         note: None,
+        failed: Vec::new(),
     }];
     if rows[0].metrics.non_finite {
         return Err(broken_reference(&e.model).into());
@@ -87,23 +247,28 @@ pub(crate) fn eval_cmd(e: EvalArgs, order: &[RuleArg]) -> Result<ExitCode> {
         } = load_candidate(&model, &c, plan.as_ref(), f32_compute)?;
         let run = embed(&model, w, compute, &inputs, e.batch, e.runs)
             .map_err(|err| in_weights(&c.path, err))?;
+        let m = metrics::compare(&rows[0].run.embeddings, &run.embeddings);
+        let failed = metrics::failures(
+            &encoder_bounds(&e),
+            &[m.cosine_min, m.neighbours_kept],
+            m.non_finite,
+        );
         rows.push(EvalRow {
             name,
             weight_bytes: bytes,
             compute,
-            metrics: metrics::compare(&rows[0].run.embeddings, &run.embeddings),
+            metrics: m,
             peak_rss: peak_rss(),
             run,
             note,
+            failed,
         });
     }
-    let ok = |r: &EvalRow| !r.metrics.non_finite && r.metrics.cosine_min >= e.min_cosine;
-    let best = rows
+    let judged: Vec<(u64, &[Failure])> = rows[1..]
         .iter()
-        .skip(1)
-        .filter(|r| ok(r))
-        .min_by_key(|r| r.weight_bytes)
-        .map(|r| r.name.clone());
+        .map(|r| (r.weight_bytes, r.failed.as_slice()))
+        .collect();
+    let best = metrics::recommend(&judged).map(|i| rows[1 + i].name.clone());
     print_encoder(&e, inputs.len(), &rows, best.as_deref())?;
     warn_non_finite(rows.iter().filter(|r| r.metrics.non_finite).map(|r| {
         (
@@ -179,17 +344,26 @@ struct LmRow {
     run: weightcast::eval::LmRun,
     rss: Option<u64>,
     note: Option<String>,
+    /// The bounds it misses (none: it may be recommended).
+    failed: Vec<Failure>,
 }
 
 /// `eval`'s table (or `--json` document) for an encoder.
 fn print_encoder(e: &EvalArgs, inputs: usize, rows: &[EvalRow], best: Option<&str>) -> Result<()> {
-    let ok = |r: &EvalRow| !r.metrics.non_finite && r.metrics.cosine_min >= e.min_cosine;
+    let (bounds, ignored) = (encoder_bounds(e), ignored_bounds(e, false));
+    let rejected = || {
+        rows[1..]
+            .iter()
+            .filter(|r| !r.failed.is_empty())
+            .map(|r| (r.name.as_str(), r.weight_bytes, r.failed.as_slice()))
+    };
     if e.json {
-        let v = json!({
+        let mut v = json!({
             "model": e.model,
             "inputs": inputs,
             "compute": e.compute,
             "min_cosine": e.min_cosine,
+            "min_neighbours": e.min_neighbours,
             "candidates": rows.iter().map(|r| {
                 let mut v = json!({
                     "name": r.name, "weight_bytes": r.weight_bytes, "compute": r.compute.torch_name(),
@@ -197,8 +371,8 @@ fn print_encoder(e: &EvalArgs, inputs: usize, rows: &[EvalRow], best: Option<&st
                     "max_abs_diff": r.metrics.max_abs_diff, "neighbours_kept": r.metrics.neighbours_kept,
                     "non_finite": r.metrics.non_finite, "median_batch_seconds": r.run.median_batch_s,
                     "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.peak_rss,
-                    "passes": ok(r), "note": r.note,
-                    "first_non_finite": r.run.first_non_finite,
+                    "passes": r.failed.is_empty(), "failed_bounds": failures_json(&r.failed),
+                    "note": r.note, "first_non_finite": r.run.first_non_finite,
                 });
                 if e.emit_embeddings {
                     v["embeddings"] = json!(r.run.embeddings);
@@ -207,6 +381,10 @@ fn print_encoder(e: &EvalArgs, inputs: usize, rows: &[EvalRow], best: Option<&st
             }).collect::<Vec<_>>(),
             "recommendation": best,
         });
+        let how = recommendation_json(&bounds, &ignored, rejected());
+        v.as_object_mut()
+            .expect("an object")
+            .extend(how.as_object().expect("an object").clone());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -232,13 +410,7 @@ fn print_encoder(e: &EvalArgs, inputs: usize, rows: &[EvalRow], best: Option<&st
             "peak RSS"
         );
         for r in rows {
-            let verdict = if r.metrics.non_finite {
-                "NaN/inf!".to_string()
-            } else if ok(r) {
-                "ok".into()
-            } else {
-                format!("below {}", e.min_cosine)
-            };
+            let verdict = verdict(&r.failed);
             println!(
                 "{:<w$} {:>10} {:>9} {:>10.6} {:>11.6} {:>11.2e} {:>9.0}% {:>10.1} {:>9.0} {:>9}  {verdict}{}",
                 r.name,
@@ -254,16 +426,7 @@ fn print_encoder(e: &EvalArgs, inputs: usize, rows: &[EvalRow], best: Option<&st
                 r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
             );
         }
-        match best {
-            Some(b) => println!(
-                "recommendation: {b}, the smallest candidate with cosine >= {} on every input",
-                e.min_cosine
-            ),
-            None => println!(
-                "recommendation: keep f32: no candidate keeps cosine >= {}",
-                e.min_cosine
-            ),
-        }
+        print_recommendation(&bounds, &ignored, rejected().map(|(n, _, f)| (n, f)), best);
         println!(
             "speed is this machine's CPU ({} threads): f16/bf16 matmuls may run slower than f32 here \
              even though they halve memory; on GPUs they are usually faster",
@@ -283,17 +446,24 @@ fn print_lm(
     ids: &[Vec<u32>],
 ) -> Result<()> {
     let ref_ppl = rows[0].m.perplexity;
-    let ok = |r: &LmRow| !r.m.non_finite && r.m.top1_agreement >= e.min_top1;
+    let (bounds, ignored) = (lm_bounds(e), ignored_bounds(e, true));
+    let rejected = || {
+        rows[1..]
+            .iter()
+            .filter(|r| !r.failed.is_empty())
+            .map(|r| (r.name.as_str(), r.bytes, r.failed.as_slice()))
+    };
     if e.json {
-        let v = json!({
-            "model": e.model, "inputs": inputs, "compute": e.compute,
+        let mut v = json!({
+            "model": e.model, "inputs": inputs, "compute": e.compute, "min_top1": e.min_top1,
             "candidates": rows.iter().enumerate().map(|(i, r)| {
                 let mut v = json!({
                     "name": r.name, "weight_bytes": r.bytes, "compute": r.compute.torch_name(),
                     "kl_mean": r.m.kl_mean, "kl_max": r.m.kl_max, "top1_agreement": r.m.top1_agreement,
                     "perplexity": r.m.perplexity, "perplexity_ratio": r.m.perplexity / ref_ppl,
                     "non_finite": r.m.non_finite, "median_token_seconds": r.run.median_token_s,
-                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss, "passes": ok(r),
+                    "tokens_per_second": r.run.tokens_per_s, "peak_rss_bytes": r.rss,
+                    "passes": r.failed.is_empty(), "failed_bounds": failures_json(&r.failed),
                     "note": r.note,
                 });
                 if e.emit_embeddings {
@@ -304,6 +474,10 @@ fn print_lm(
             }).collect::<Vec<_>>(),
             "recommendation": best,
         });
+        let how = recommendation_json(&bounds, &ignored, rejected());
+        v.as_object_mut()
+            .expect("an object")
+            .extend(how.as_object().expect("an object").clone());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -341,20 +515,11 @@ fn print_lm(
                 1000.0 * r.run.median_token_s,
                 r.run.tokens_per_s,
                 r.rss.map(report::bytes).unwrap_or_else(|| "?".into()),
-                if r.m.non_finite { "NaN/inf!" } else if ok(r) { "ok" } else { "below bound" },
+                verdict(&r.failed),
                 r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
             );
         }
-        match best {
-            Some(b) => println!(
-                "recommendation: {b}, the smallest candidate with top-1 agreement >= {}",
-                e.min_top1
-            ),
-            None => println!(
-                "recommendation: keep f32: no candidate keeps top-1 agreement >= {}",
-                e.min_top1
-            ),
-        }
+        print_recommendation(&bounds, &ignored, rejected().map(|(n, _, f)| (n, f)), best);
         println!(
             "speed is this machine's CPU ({} threads), one token at a time with the KV cache: \
              f16/bf16 matmuls may run slower than f32 here even though they halve memory; on \
@@ -414,6 +579,7 @@ fn eval_lm(
         run: reference,
         rss: peak_rss(),
         note: None,
+        failed: Vec::new(),
     }];
     if rows[0].m.non_finite {
         return Err(broken_reference(&e.model).into());
@@ -436,23 +602,24 @@ fn eval_lm(
             Ok(())
         })
         .map_err(|err| in_weights(&c.path, err))?;
+        let m = acc.finish();
+        let failed = metrics::failures(&lm_bounds(e), &[m.top1_agreement], m.non_finite);
         rows.push(LmRow {
             name,
             bytes,
             compute,
-            m: acc.finish(),
+            m,
             run,
             rss: peak_rss(),
             note,
+            failed,
         });
     }
-    let ok = |r: &LmRow| !r.m.non_finite && r.m.top1_agreement >= e.min_top1;
-    let best = rows
+    let judged: Vec<(u64, &[Failure])> = rows[1..]
         .iter()
-        .skip(1)
-        .filter(|r| ok(r))
-        .min_by_key(|r| r.bytes)
-        .map(|r| r.name.clone());
+        .map(|r| (r.bytes, r.failed.as_slice()))
+        .collect();
+    let best = metrics::recommend(&judged).map(|i| rows[1 + i].name.clone());
     print_lm(e, inputs.len(), &rows, best.as_deref(), &emitted, &ids)?;
     warn_non_finite(
         rows.iter()

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::audit::{Allow, Class};
 use crate::formats::sniff::{self, Kind};
-use crate::formats::torch_scan::{self as tc, Scan};
+use crate::formats::torch::scan::{self as tc, Scan};
 
 /// What a file is, decided from its content.
 pub type FileKind = Kind;
@@ -393,4 +393,72 @@ fn files_below(paths: &[PathBuf]) -> Vec<PathBuf> {
         given = todo.len() >= paths.len();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `bytes` written as a raw pickle file and audited alone.
+    fn audit_pickle(bytes: &[u8]) -> (Audited, u8) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.pkl");
+        std::fs::write(&p, bytes).unwrap();
+        let mut r = AuditRequest {
+            paths: vec![p],
+            ..Default::default()
+        }
+        .run();
+        assert_eq!(r.files.len(), 1);
+        let code = r.exit_code();
+        (r.files.remove(0), code)
+    }
+
+    #[test]
+    fn pure_builtins_are_reviewed_calls() {
+        // builtins.len([1, 2]) as Python pickles it at protocols 2 (`__builtin__`) and 3, and
+        // int("3"): calls on the calls allowlist, so outside torch's list (other) but no
+        // unknown call, exit 0
+        for pk in [
+            &b"\x80\x02c__builtin__\nlen\nq\x00]q\x01(K\x01K\x02e\x85q\x02Rq\x03."[..],
+            b"\x80\x03cbuiltins\nlen\nq\x00]q\x01(K\x01K\x02e\x85q\x02Rq\x03.",
+            b"\x80\x02c__builtin__\nint\nX\x01\x00\x00\x003\x85R.",
+        ] {
+            let (a, code) = audit_pickle(pk);
+            assert_eq!(a.verdict(), Verdict::Other, "{:?}", a.globals);
+            assert!(a.names(Class::UnknownCall).is_empty(), "{:?}", a.globals);
+            assert_eq!(code, 0);
+        }
+        // getattr stays dangerous
+        let (a, code) = audit_pickle(
+            b"\x80\x02c__builtin__\ngetattr\nccollections\nOrderedDict\nX\x03\x00\x00\x00pop\x86R.",
+        );
+        assert_eq!(a.verdict(), Verdict::Dangerous);
+        assert_eq!(
+            a.names(Class::Dangerous),
+            ["__builtin__.getattr -> builtins.getattr"]
+        );
+        assert_eq!(code, 1);
+        // len(posix.system("id")): the dangerous call inside is still reported
+        let (a, code) = audit_pickle(
+            b"\x80\x02c__builtin__\nlen\nq\x00cposix\nsystem\nq\x01X\x02\x00\x00\x00idq\x02\x85q\x03Rq\x04\x85q\x05Rq\x06.",
+        );
+        assert_eq!(a.verdict(), Verdict::Dangerous);
+        assert_eq!(a.names(Class::Dangerous), ["posix.system"]);
+        assert_eq!(code, 1);
+        // a global given to a builtin, directly or in a list, is judged as called: its
+        // metaclass's __len__ (or iteration, comparison) runs
+        for pk in [
+            &b"\x80\x02c__builtin__\nlen\ncmylib\nThing\n\x85R."[..],
+            b"\x80\x02c__builtin__\nmax\n](cmylib\nThing\nK\x01e\x85R.",
+        ] {
+            let (a, code) = audit_pickle(pk);
+            assert_eq!(a.verdict(), Verdict::UnknownCall, "{:?}", a.globals);
+            assert_eq!(a.names(Class::UnknownCall), ["mylib.Thing"]);
+            assert_eq!(code, 1);
+        }
+        // named only (a dict value), it stays other
+        let (a, code) = audit_pickle(b"\x80\x02}X\x01\x00\x00\x00kcmylib\nThing\ns.");
+        assert_eq!((a.verdict(), code), (Verdict::Other, 0), "{:?}", a.globals);
+    }
 }

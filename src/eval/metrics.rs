@@ -169,6 +169,130 @@ pub fn compare_lm(
     acc.finish()
 }
 
+/// A lower bound on one of a candidate's measures, which it must reach to be recommended
+/// (`eval`'s `--min-cosine`, `--min-neighbours`, `--min-top1`). A NaN measure fails it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bound {
+    /// Its name in `--json`: the flag's, with underscores (`min_cosine`), or `finite`.
+    pub name: &'static str,
+    /// The measure it bounds, as `--json` names it (`cosine_min`).
+    pub measure: &'static str,
+    /// The measure as the table heads it (`cos min`).
+    pub label: &'static str,
+    /// The least value that passes.
+    pub min: f64,
+    /// The measure is a fraction, shown as a percentage.
+    pub percent: bool,
+}
+
+/// No NaN or inf in any output: a bound every candidate must meet (its measure is 1 for
+/// finite outputs, 0 otherwise).
+pub const FINITE: Bound = Bound {
+    name: "finite",
+    measure: "non_finite",
+    label: "NaN/inf",
+    min: 1.0,
+    percent: false,
+};
+
+impl Bound {
+    /// The bound on a measure.
+    pub fn new(name: &'static str, measure: &'static str, label: &'static str, min: f64) -> Bound {
+        Bound {
+            name,
+            measure,
+            label,
+            min,
+            percent: false,
+        }
+    }
+
+    /// The same bound, its measure a fraction shown as a percentage.
+    pub fn percent(self) -> Bound {
+        Bound {
+            percent: true,
+            ..self
+        }
+    }
+
+    /// The failure when `value` is below the bound (or NaN).
+    pub fn check(&self, value: f64) -> Option<Failure> {
+        if value >= self.min {
+            None
+        } else {
+            // Below, or NaN (which compares false with everything).
+            Some(Failure {
+                bound: *self,
+                value,
+            })
+        }
+    }
+}
+
+/// A bound a candidate missed, with the value it had.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Failure {
+    /// The bound missed.
+    pub bound: Bound,
+    /// The candidate's measure.
+    pub value: f64,
+}
+
+impl std::fmt::Display for Failure {
+    /// `NN kept 93.8% < 99%`, `cos min 0.998120 < 0.999`, `NaN/inf in its outputs`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = &self.bound;
+        if b.name == FINITE.name {
+            write!(f, "NaN/inf in its outputs")
+        } else if b.percent {
+            write!(
+                f,
+                "{} {:.1}% < {}%",
+                b.label,
+                100.0 * self.value,
+                percent(b.min)
+            )
+        } else {
+            write!(f, "{} {:.6} < {}", b.label, self.value, b.min)
+        }
+    }
+}
+
+/// A fraction as a percentage, without trailing zeros: 0.99 gives `99`, 0.995 `99.5`.
+pub fn percent(x: f64) -> String {
+    let s = format!("{:.3}", 100.0 * x);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// The bounds a candidate misses: `values` are its measures, one per bound, in order; a
+/// candidate whose outputs hold NaN or inf fails [`FINITE`] (and is not judged further: its
+/// other measures mean nothing).
+pub fn failures(bounds: &[Bound], values: &[f64], non_finite: bool) -> Vec<Failure> {
+    if non_finite {
+        return vec![Failure {
+            bound: FINITE,
+            value: 0.0,
+        }];
+    }
+    bounds
+        .iter()
+        .zip(values)
+        .filter_map(|(b, &v)| b.check(v))
+        .collect()
+}
+
+/// The candidate to recommend, by index: the fewest weight bytes among those that miss no
+/// bound (the first of equals); None when every candidate misses one. `candidates` are
+/// (weight bytes, bounds missed).
+pub fn recommend(candidates: &[(u64, &[Failure])]) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, failed))| failed.is_empty())
+        .min_by_key(|(_, (bytes, _))| *bytes)
+        .map(|(i, _)| i)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -200,5 +324,36 @@ mod tests {
         let m = compare(&r, &broken);
         assert!(m.non_finite && m.cosine_min.is_nan() || m.cosine_min < 0.5);
         assert_eq!(nearest(&r), vec![Some(2), Some(2), Some(0)]);
+    }
+
+    #[test]
+    fn recommendation_honours_every_bound() {
+        let cos = Bound::new("min_cosine", "cosine_min", "cos min", 0.999);
+        let nn = Bound::new("min_neighbours", "neighbours_kept", "NN kept", 0.99).percent();
+        let bounds = [cos, nn];
+        // f16/bf16: within both; fp8: cosine fine, 6% of neighbours changed.
+        let f16 = failures(&bounds, &[0.9999, 1.0], false);
+        let fp8 = failures(&bounds, &[0.9995, 0.9375], false);
+        let nan = failures(&bounds, &[f64::NAN, 1.0], true);
+        assert!(f16.is_empty());
+        assert_eq!(fp8.len(), 1);
+        assert_eq!(fp8[0].bound.name, "min_neighbours");
+        assert_eq!(fp8[0].to_string(), "NN kept 93.8% < 99%");
+        assert_eq!(
+            (percent(0.29), percent(0.995), percent(1.0)),
+            ("29".into(), "99.5".into(), "100".into())
+        );
+        assert_eq!(nan[0].bound, FINITE);
+        assert_eq!(
+            failures(&bounds, &[f64::NAN, 1.0], false)[0].bound.name,
+            "min_cosine"
+        );
+        let rows: Vec<(u64, &[Failure])> = vec![(200, &f16), (100, &fp8), (200, &f16), (50, &nan)];
+        assert_eq!(
+            recommend(&rows),
+            Some(0),
+            "the cheapest that passes, not the cheapest"
+        );
+        assert_eq!(recommend(&[(100, &fp8[..]), (50, &nan[..])]), None);
     }
 }

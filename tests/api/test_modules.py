@@ -333,3 +333,104 @@ def test_profile_report_renders(tmp_path):
     n_modules = len({r["module"] for r in p.layers if r["max_abs"] > 0})
     assert dom.count("<rect") >= n_modules + 3, "a bar per module and per candidate"
     assert all(f"<td>{c['name']}</td>" in dom for c in p.candidates)
+
+
+def timed_rows(p50s, cosines, weights):
+    """Synthetic profile rows (the reference first): what recommend reads, no measuring."""
+    return [{"name": name, "cosine": cos, "nonfinite": 0, "max_abs": 0.0, "metric": None,
+             "weight_bytes": w, "support": None,
+             "latency_ms": None if p50 is None else {"p50": p50, "p90": p50, "p99": p50}}
+            for (name, p50), cos, w in zip(p50s, cosines, weights)]
+
+
+def test_profile_recommendation_states_its_objective_and_flags_slower_candidates():
+    """From synthetic timings (so nothing depends on this machine's speed): the recommendation
+    says what it optimised (weight bytes within the tolerance), every candidate whose p50 is
+    above the reference's is flagged, in the dict and under the table, by how much; of equal
+    weights the faster is recommended; a lone candidate recommended although slower is named
+    as such; untimed rows are not judged; with none within the tolerance, none is
+    recommended."""
+    from weightcast._profile import Profile
+    from weightcast._profile.recommend import recommend
+
+    def judged(rows, tolerance=None):
+        d = {"candidates": rows, "first_nonfinite": None, "tolerance": tolerance or {}}
+        d.update(recommend(rows, tolerance or {"cosine": 0.999}, False))
+        return d, str(Profile(d, {}))
+
+    # f16 14.4x slower (no f16 arithmetic on this CPU), bf16 a little faster, both within.
+    rows = timed_rows([("reference", 2.5), ("f16", 35.9), ("bf16", 2.4)],
+                      [1.0, 0.99999, 0.9995], [400, 200, 200])
+    d, text = judged(rows)
+    by = {r["name"]: r for r in d["candidates"]}
+    assert d["objective"] == "weight_bytes"
+    assert "fewest weight bytes within the tolerance (cosine >= 0.999" in d["recommended_for"]
+    assert by["f16"]["slower_than_reference"] is True
+    assert by["bf16"]["slower_than_reference"] is False
+    assert by["f16"]["latency_ratio"] == pytest.approx(35.9 / 2.5)
+    assert "14.4x slower than the reference" in by["f16"]["support"]
+    assert d["recommended"] == "bf16", "same bytes: the faster one"
+    assert "note: f16 is 14.4x slower than the reference on this machine" in text
+    assert "recommended: bf16, for the fewest weight bytes within the tolerance" in text
+    assert "note: bf16" not in text
+    # Only f16 within the tolerance: recommended for its bytes, and said to be slower.
+    rows = timed_rows([("reference", 2.5), ("f16", 35.9), ("bf16", 2.4)],
+                      [1.0, 0.99999, 0.99], [400, 200, 200])
+    d, text = judged(rows)
+    assert d["recommended"] == "f16"
+    assert "note: f16 (recommended) is 14.4x slower than the reference on this machine" in text
+    # A p50 just above the reference's is flagged too; an untimed one is not judged.
+    rows = timed_rows([("reference", 2.5), ("f16", 2.51), ("bf16", None)],
+                      [1.0, 0.99999, 0.9995], [400, 200, 200])
+    d, text = judged(rows)
+    assert [r["slower_than_reference"] for r in d["candidates"]] == [False, True, None]
+    assert "note: f16 (recommended) is 0.4% slower than the reference" in text
+    # Nothing within the tolerance: no recommendation, and what was required.
+    d, text = judged(rows, {"cosine": 0.999999})
+    assert d["recommended"] is None
+    assert "recommended: none: no candidate is within cosine >= 0.999999" in text
+
+
+def test_profile_command_states_the_objective_without_transformers_load_report(tmp_path):
+    """`weightcast profile examples/tiny-bert`: transformers prints a load report for this folder
+    (its pooler is not in the weights) when it loads it; the command's output holds none of it
+    (nor transformers' progress bar), states what the recommendation optimised, and flags each
+    candidate whose p50 is above the reference's, in the JSON and under the table."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tiny = ROOT / "examples" / "tiny-bert"
+    # What transformers' report says (5.x: a LOAD REPORT table; 4.x: "Some weights ... newly
+    # initialized"), and its progress bar.
+    report = ("LOAD REPORT", "MISSING", "newly initialized", "Loading weights")
+    # transformers itself reports the missing pooler: the assertions below can fail.
+    plain = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModel; "
+                            "AutoModel.from_pretrained(sys.argv[1])", str(tiny)],
+                           capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0 and "pooler" in plain.stderr, plain.stderr
+    cli = pathlib.Path(sys.executable).parent / "weightcast"
+    p = subprocess.run([str(cli), "profile", str(tiny), "--dtypes", "f16,bf16", "--repeats", "1",
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert "pooler" not in p.stderr, p.stderr  # (the JSON's layers name the pooler's module)
+    assert not any(r in p.stdout + p.stderr for r in report), (p.stdout, p.stderr)
+    assert doc["objective"] == "weight_bytes" and "fewest weight bytes" in doc["recommended_for"]
+    ref = doc["candidates"][0]["latency_ms"]["p50"]
+    for c in doc["candidates"][1:]:
+        assert c["slower_than_reference"] == (c["latency_ms"]["p50"] > ref), c
+    p = subprocess.run([str(cli), "profile", str(tiny), "--dtypes", "f16,bf16", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert "pooler" not in out and not any(r in out for r in report), out
+    assert "recommended: " in p.stdout and "fewest weight bytes within the tolerance" in p.stdout
+    p50 = {line.split()[0]: float(line.split()[-2]) for line in p.stdout.splitlines()[1:4]}
+    for name in ("f16", "bf16"):
+        slower = f"note: {name} is " in p.stdout or f"note: {name} (recommended) is " in p.stdout
+        if abs(p50[name] - p50["reference"]) > 0.01:  # the table rounds to 0.01 ms
+            assert slower == (p50[name] > p50["reference"]), (name, p.stdout)

@@ -176,6 +176,51 @@ def test_shipped_example_runs():
     assert r["candidates"][1]["cosine_min"] > 0.999
 
 
+def test_recommendation_honours_every_bound():
+    """The shipped example's fp8 candidate keeps cosine above --min-cosine but changes nearest
+    neighbours: cosine alone would recommend it (it is the smallest), every bound does not. The
+    output names the bounds applied, the one fp8 failed, and the bound that does not apply to
+    an encoder; loosening --min-neighbours makes fp8 the recommendation (so the bound is what
+    decided); with a bound nothing meets, nothing is recommended."""
+    from conftest import ROOT
+
+    tiny = ROOT / "examples" / "tiny-bert"
+    args = (tiny, "--dtypes", "f16,bf16,f8e4m3", "--runs", "1")
+    r = eval_json(*args)
+    by = {c["name"]: c for c in r["candidates"]}
+    fp8 = by["float8_e4m3fn"]
+    assert fp8["weight_bytes"] < by["float16"]["weight_bytes"]
+    assert fp8["cosine_min"] >= r["min_cosine"] and not fp8["non_finite"], fp8
+    assert fp8["neighbours_kept"] < r["min_neighbours"] == 0.99, fp8
+    assert not fp8["passes"]
+    assert fp8["failed_bounds"] == [{"bound": "min_neighbours", "measure": "neighbours_kept",
+                                     "value": fp8["neighbours_kept"], "min": 0.99}]
+    assert r["recommendation"] in ("float16", "bfloat16")
+    assert by[r["recommendation"]]["passes"] and by[r["recommendation"]]["failed_bounds"] == []
+    assert [b["name"] for b in r["bounds"]] == ["finite", "min_cosine", "min_neighbours"]
+    # Every candidate that misses a bound is named with the bounds it missed (bf16 changes
+    # one neighbour of 32 on this tiny random model).
+    rejected = {x["name"]: x["failed"] for x in r["rejected"]}
+    assert rejected == {c["name"]: c["failed_bounds"] for c in r["candidates"][1:]
+                        if not c["passes"]}
+    assert rejected["float8_e4m3fn"] == fp8["failed_bounds"]
+    assert [b["name"] for b in r["ignored_bounds"]] == ["min_top1"]
+    assert r["objective"] == "weight_bytes" and "fewest weight bytes" in r["recommended_for"]
+    text = run("eval", *args).stdout
+    assert "bounds: no NaN/inf in the outputs, cos min >= 0.999 (--min-cosine), NN kept >= 99% " \
+           "(--min-neighbours) (not applied: --min-top1 for causal LMs only)" in text, text
+    assert "not recommended: float8_e4m3fn: NN kept " in text and "% < 99%" in text, text
+    assert f"recommendation: {r['recommendation']}, the smallest candidate" in text, text
+    loose = eval_json(*args, "--min-neighbours", str(fp8["neighbours_kept"]))
+    assert loose["recommendation"] == "float8_e4m3fn" and loose["rejected"] == []
+    none = eval_json(*args, "--min-cosine", "1.5")
+    assert none["recommendation"] is None
+    assert {x["name"] for x in none["rejected"]} == {"float16", "bfloat16", "float8_e4m3fn"}
+    assert all(x["failed"][0]["bound"] == "min_cosine" for x in none["rejected"])
+    text = run("eval", *args, "--min-cosine", "1.5").stdout
+    assert "recommendation: none: no candidate is within every bound; keep f32" in text, text
+
+
 def test_unsupported_model_type(tmp_path, minilm):
     folder = tmp_path / "llama"
     shutil.copytree(minilm, folder)

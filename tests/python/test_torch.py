@@ -778,8 +778,10 @@ def test_legacy_file_saved_with_protocol_4(tmp_path):
     assert "5 pickle(s) a loader would unpickle" in p.stdout
 
 
-def _tar_checkpoint(path, storages_first=b"", pickle_member=None):
-    """A checkpoint in torch < 0.4's tar format: one float storage, no tensors, the object."""
+def _tar_checkpoint(path, storages_first=b"", pickle_member=None, fmt="ustar"):
+    """A checkpoint in torch < 0.4's tar format: one float storage, no tensors, the object.
+    `fmt` pax: a global pax header and a local one per member; gnu: GNU long names (an extra
+    member with a long name)."""
     import io
     import pickle as pypickle
     import tarfile
@@ -793,11 +795,19 @@ def _tar_checkpoint(path, storages_first=b"", pickle_member=None):
         "tensors": pypickle.dumps(0, protocol=2),
         "pickle": pickle_member or pypickle.dumps({"epoch": 1}, protocol=2),
     }
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    formats = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
+    extra = {"pax_headers": {"comment": "global"}} if fmt == "pax" else {}
+    with tarfile.open(path, "w", format=formats[fmt], **extra) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            if fmt == "pax":
+                info.pax_headers = {"comment": "a local header"}
             tar.addfile(info, io.BytesIO(data))
+        if fmt != "ustar":
+            info = tarfile.TarInfo("notes-" + "x" * 120)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
 
 
 def test_tar_checkpoints_are_audited_as_torch_reads_them(tmp_path):
@@ -814,6 +824,16 @@ def test_tar_checkpoints_are_audited_as_torch_reads_them(tmp_path):
     # code in the first pickle of `storages`: run before anything else is read
     in_storages = tmp_path / "b.tar.pt"
     _tar_checkpoint(in_storages, storages_first=b"\x80\x02(" + evil[2:-1] + b"K\x01t." )
+    # pax headers and GNU long names, as tarfile (torch's reader) writes them: the same verdicts
+    for fmt in ("pax", "gnu"):
+        ext_clean, ext_bad = tmp_path / f"clean-{fmt}.tar.pt", tmp_path / f"a-{fmt}.tar.pt"
+        _tar_checkpoint(ext_clean, fmt=fmt)
+        _tar_checkpoint(ext_bad, pickle_member=evil, fmt=fmt)
+        assert torch.load(ext_clean, weights_only=False) == {"epoch": 1}
+        p = run("audit", ext_clean)
+        assert "tar-format" in p.stdout and "0 dangerous" in p.stdout, p.stdout
+        p = run("audit", ext_bad, check=False)
+        assert p.returncode == 1 and "posix.system" in p.stdout, p.stdout
     for bad, where in [(in_pickle, "tar member `pickle`"), (in_storages, "tar member `storages`")]:
         marker.unlink(missing_ok=True)
         try:

@@ -329,6 +329,32 @@ impl Pickle {
                             mark(a, u);
                         }
                     }
+                    // builtins call their arguments' special methods (`len` its `__len__`,
+                    // `int` its `__int__`, `min` iterates and compares the items): a global
+                    // given to one, or held by a container given to one, is judged as called
+                    let builtin = matches!(
+                        self.global(func),
+                        Some(("builtins" | "__builtin__" | "__builtins__", _))
+                    );
+                    if let (true, Some(items)) = (builtin, self.seq(args)) {
+                        for &a in items {
+                            mark(a, Use::Called);
+                            if matches!(
+                                self.nodes.get(a),
+                                Some(
+                                    Node::List(_)
+                                        | Node::Tuple(_)
+                                        | Node::Set(_)
+                                        | Node::FrozenSet(_)
+                                        | Node::Dict(_)
+                                )
+                            ) {
+                                for b in self.nodes[a].children() {
+                                    mark(b, Use::Called);
+                                }
+                            }
+                        }
+                    }
                     let reconstructor = matches!(
                         self.global(func),
                         Some(("copyreg" | "copy_reg", "_reconstructor"))
