@@ -96,6 +96,11 @@ impl Named {
     }
 }
 
+/// Whether a local output path exists already (a run with `force` replaces it).
+pub fn output_exists(out: &Path) -> bool {
+    !crate::remote::is_url(out) && out.symlink_metadata().is_ok()
+}
+
 impl Target {
     /// Chooses the target from the output path and the input kind.
     pub fn resolve(cat: &Catalogue, out: &Path) -> Result<Target> {

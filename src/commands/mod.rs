@@ -119,11 +119,6 @@ pub fn is_pt(out: &Path) -> bool {
     crate::output::Named::of(out) == crate::output::Named::Pt
 }
 
-/// Whether a local output path exists already (a run with `force` replaces it).
-pub fn output_exists(out: &Path) -> bool {
-    !crate::remote::is_url(out) && out.symlink_metadata().is_ok()
-}
-
 /// Writes a small file atomically (a temporary file beside it, then a rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;

@@ -271,8 +271,7 @@ pub fn plan_output(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> 
     check_request(cat, plan, out)?;
     let target = Target::resolve(cat, out)?;
     let layout = layout(cat, plan, &target, opts.max_shard_size);
-    let local = !crate::remote::is_url(out);
-    if local {
+    if !crate::remote::is_url(out) {
         // A part checks its own shards (and protects the input) as it writes them.
         check_target(cat, &target, &layout, opts.force || opts.part.is_some())?;
     }
@@ -290,7 +289,7 @@ pub fn plan_output(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> 
         target,
         layout,
         pt,
-        replaces_existing: local && out.symlink_metadata().is_ok(),
+        replaces_existing: crate::output::output_exists(out),
     })
 }
 
