@@ -8,6 +8,7 @@ use crate::convert::Progress;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
+use crate::rules::Factor;
 use crate::source::Sources;
 use crate::stats::{cast_stats, verdict, Bounds, ErrorStats, Verdict};
 
@@ -29,12 +30,15 @@ pub struct TensorAnalysis {
     pub verdict: Verdict,
 }
 
-/// Figures of casting tensor `t` (stored as `from`) to each of `targets`, in one read.
+/// Figures of casting tensor `t` (stored as `from`) to each of `targets`, in one read; with
+/// a `factor` (a rules file's `scale`), of casting its scaled values (in f32, as the run
+/// computes them), a finite value the product takes beyond f32's range counted as overflow.
 pub fn measure(
     sources: &Sources<'_>,
     cat: &Catalogue,
     tensor: usize,
     targets: &[DType],
+    factor: Option<Factor>,
     cancel: Option<&AtomicBool>,
 ) -> Result<Vec<ErrorStats>> {
     let t = &cat.tensors[tensor];
@@ -44,22 +48,48 @@ pub fn measure(
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Interrupted);
         }
-        for (a, &to) in acc.iter_mut().zip(targets) {
-            *a = a.merge(&cast_stats(t.dtype, to, chunk));
-        }
+        merge_stats(&mut acc, t.dtype, chunk, targets, factor);
         Ok(())
     })?;
     Ok(acc)
 }
 
+/// Adds to `acc[k]` the figures of casting `bytes` (elements of `dtype`), scaled by `factor`
+/// when there is one, to `targets[k]`.
+fn merge_stats(
+    acc: &mut [ErrorStats],
+    dtype: DType,
+    bytes: &[u8],
+    targets: &[DType],
+    factor: Option<Factor>,
+) {
+    let Some(f) = factor else {
+        for (a, &to) in acc.iter_mut().zip(targets) {
+            *a = a.merge(&cast_stats(dtype, to, bytes));
+        }
+        return;
+    };
+    let (vals, beyond) =
+        crate::cast::map_f32(dtype, bytes, |w| f.apply(w), crate::cast::Range::Count, 0.0);
+    let mut staged = vec![0u8; vals.len() * 4];
+    crate::cast::encode_f32_slice(DType::F32, &vals, &mut staged);
+    for (a, &to) in acc.iter_mut().zip(targets) {
+        let mut s = cast_stats(DType::F32, to, &staged);
+        s.overflow += beyond;
+        *a = a.merge(&s);
+    }
+}
+
 /// Figures of casting payload `tensor`'s dequantized values (in its scale's dtype, as the
-/// reference dequantization gives them) to each of `targets`.
+/// reference dequantization gives them; scaled by `factor` when there is one) to each of
+/// `targets`.
 pub fn measure_dequantized(
     sources: &Sources<'_>,
     cat: &Catalogue,
     tensor: usize,
     d: crate::plan::Dequant,
     targets: &[DType],
+    factor: Option<Factor>,
     cancel: Option<&AtomicBool>,
 ) -> Result<Vec<ErrorStats>> {
     let t = &cat.tensors[tensor];
@@ -76,9 +106,7 @@ pub fn measure_dequantized(
         vals.resize(n * csz, 0);
         table.dequantize(t.dtype, chunk, first, &mut vals);
         first += n as u64;
-        for (a, &to) in acc.iter_mut().zip(targets) {
-            *a = a.merge(&cast_stats(d.compute, to, &vals));
-        }
+        merge_stats(&mut acc, d.compute, &vals, targets, factor);
         Ok(())
     })?;
     Ok(acc)
@@ -145,14 +173,16 @@ pub fn analyze(
     for i in todo {
         let p = &plan.tensors()[i];
         let stats = match (p.dequant, p.scaled) {
-            (Some(d), _) => measure_dequantized(&sources, cat, p.tensor.0, d, &[p.to], cancel)?[0],
+            (Some(d), _) => {
+                measure_dequantized(&sources, cat, p.tensor.0, d, &[p.to], p.factor, cancel)?[0]
+            }
             (
                 None,
                 Some(crate::plan::ScaledOut::Payload {
                     layout, compute, ..
                 }),
             ) => measure_scaled(&sources, cat, p.tensor.0, layout, compute, cancel)?,
-            _ => measure(&sources, cat, p.tensor.0, &[p.to], cancel)?[0],
+            _ => measure(&sources, cat, p.tensor.0, &[p.to], p.factor, cancel)?[0],
         };
         out.push(TensorAnalysis {
             plan_index: i,
@@ -247,8 +277,8 @@ pub fn choose_auto(
     );
     let mut picks = Vec::with_capacity(todo.len());
     for i in todo {
-        let tensor = plan.tensors()[i].tensor;
-        let stats = measure(&sources, cat, tensor.0, candidates, cancel)?;
+        let (tensor, factor) = (plan.tensors()[i].tensor, plan.tensors()[i].factor);
+        let stats = measure(&sources, cat, tensor.0, candidates, factor, cancel)?;
         progress.advance(plan.tensors()[i].bytes_in);
         picks.push((i, stats));
     }

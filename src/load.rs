@@ -22,8 +22,14 @@ pub struct Buffer {
 pub(crate) enum BufferSource {
     /// Plan entry `i` (of `plan.tensors()`), contiguous.
     Tensor(usize),
-    /// Storage `s`, read whole from `from`, written as `to`.
-    Storage { s: usize, from: DType, to: DType },
+    /// Storage `s`, read whole from `from`, written as `to` (its values multiplied by
+    /// `factor` on the way).
+    Storage {
+        s: usize,
+        from: DType,
+        to: DType,
+        factor: Option<crate::rules::Factor>,
+    },
 }
 
 /// One tensor of the result: a view of a buffer.
@@ -99,12 +105,18 @@ pub fn layout(cat: &Catalogue, plan: &Plan) -> Result<MemoryLayout> {
         let (isz, osz) = (p.from.bitsize() as u64 / 8, p.to.bitsize() as u64 / 8);
         let b = match of_storage[s] {
             Some(b) => {
-                if let BufferSource::Storage { to, .. } = buffers[b].source {
-                    if to != p.to {
+                if let BufferSource::Storage { to, factor, .. } = buffers[b].source {
+                    let same = match (factor, p.factor) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => a.same(b),
+                        _ => false,
+                    };
+                    if to != p.to || !same {
                         return Err(Error::invalid(
                             &cat.path,
                             format!(
-                                "storage data/{} would get two dtypes: the plan was not settled",
+                                "storage data/{} would get two dtypes or factors: the plan was \
+                                 not settled",
                                 st.key
                             ),
                         ));
@@ -119,6 +131,7 @@ pub fn layout(cat: &Catalogue, plan: &Plan) -> Result<MemoryLayout> {
                         s,
                         from: p.from,
                         to: p.to,
+                        factor: p.factor,
                     },
                 });
                 of_storage[s] = Some(buffers.len() - 1);

@@ -5,12 +5,17 @@
 //! For PyTorch inputs the plan also settles storages: every tensor on one storage (views, tied
 //! weights) gets the same dtype, or the storage is kept whole and the plan says why, so a `.pt`
 //! output (which converts storages) and a safetensors output (which writes tensors) agree.
+//!
+//! A rules file's `scale` gives a tensor a [`Factor`] (its values are multiplied on the way
+//! out: see [`crate::rules`]), and its `[config]` the `config.json` edits the output gets
+//! ([`Plan::config`]). Tensors on one storage must share a factor ([`Plan::check_factors`]):
+//! a stored tensor is scaled once.
 
 use crate::catalogue::torch::OtherId;
 use crate::catalogue::{Catalogue, TensorEntry, TensorId};
 use crate::dtype::DType;
 use crate::quant::{Role, ScaleLayout};
-use crate::rules::{Action, RuleSet};
+use crate::rules::{Action, Factor, RuleSet};
 
 /// The decision for one tensor: a catalogue tensor ([`TensorId`], the state dict's) or, for a
 /// whole-file `.pt` output, a tensor outside the state dict ([`OtherId`]).
@@ -40,7 +45,12 @@ pub struct TensorPlan<I = TensorId> {
     /// For a GGUF output: written in this ggml block type (Q8_0), quantized from its values
     /// as f32 (`to`).
     pub ggml: Option<crate::catalogue::gguf::GgmlType>,
+    /// Its values multiplied by this factor on the way out (a rules file's `scale`), whatever
+    /// its dtype becomes.
+    pub factor: Option<Factor>,
 }
+
+pub use crate::rules::ConfigEdit;
 
 /// A tensor of a scaled FP8 output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,9 +146,10 @@ impl<I> TensorPlan<I> {
         self.bytes_out = to.bytes_for(numel).unwrap_or(self.bytes_in);
     }
 
-    /// Whether the values change representation.
+    /// Whether the values change (representation, or by a factor).
     pub fn is_cast(&self) -> bool {
         self.from != self.to
+            || self.factor.is_some()
             || self.dequant.is_some()
             || matches!(self.scaled, Some(ScaledOut::Payload { .. }))
             || self.ggml.is_some()
@@ -188,6 +199,8 @@ pub struct Plan {
     pub quant_config: Option<serde_json::Value>,
     /// For a GGUF output of a Hugging Face folder: its metadata, tensor names and order.
     pub gguf_hf: Option<std::sync::Arc<crate::formats::gguf::hf::HfGguf>>,
+    /// The `config.json` keys the output gets (a rules file's `[config]`), in order.
+    pub config: Vec<ConfigEdit>,
 }
 
 /// What the output holds of a PyTorch file.
@@ -294,6 +307,10 @@ impl Plan {
                 if let Some(r) = rule {
                     hits[r] += 1;
                 }
+                let factor = rules.factor(&t.name, &t.shape, classes[i]);
+                if let Some((_, r)) = factor.filter(|f| Some(f.1) != rule) {
+                    hits[r] += 1;
+                }
                 let origin = || match rule {
                     Some(r) => rules.rules[r].origin.clone(),
                     None if action == Action::Keep => "not selected by --only".to_string(),
@@ -319,6 +336,12 @@ impl Plan {
                     }
                 };
                 let bytes_out = to.bytes_for(t.numel()).unwrap_or(t.nbytes);
+                let reason = match factor {
+                    Some((f, r)) if Some(r) != rule => {
+                        format!("{reason}; {} {}", f.describe(), rules.rules[r].origin)
+                    }
+                    _ => reason,
+                };
                 TensorPlan {
                     tensor: TensorId(i),
                     from: t.dtype,
@@ -330,6 +353,7 @@ impl Plan {
                     dequant: None,
                     scaled: None,
                     ggml: None,
+                    factor: factor.map(|f| f.0),
                 }
             })
             .collect();
@@ -339,37 +363,7 @@ impl Plan {
                 "{n} tensor(s) of {d} kept as they are: weightcast does not cast {d}"
             ));
         }
-        let doc = cat.torch.as_deref();
-        let (others, dropped) = match (doc, scope) {
-            (None, _) => (vec![], vec![]),
-            (Some(d), Scope::StateDict) => (vec![], d.entries.clone()),
-            (Some(d), Scope::WholeFile { cast_others }) => {
-                let others = d
-                    .others
-                    .iter()
-                    .enumerate()
-                    .map(|(i, o)| other_plan(i, &o.entry, &o.section, cast_others, target))
-                    .collect();
-                (others, vec![])
-            }
-            (Some(d), Scope::Inference) => {
-                let training = |section: &str| d.training.iter().any(|t| t.0 == section);
-                let others = d
-                    .others
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, o)| !training(&o.section))
-                    .map(|(i, o)| other_plan(i, &o.entry, &o.section, false, target))
-                    .collect();
-                let dropped = d
-                    .entries
-                    .iter()
-                    .filter(|e| training(&e.0))
-                    .cloned()
-                    .collect();
-                (others, dropped)
-            }
-        };
+        let (others, dropped) = others_and_dropped(cat, scope, target);
         let mut plan = Plan {
             target,
             tensors,
@@ -382,6 +376,7 @@ impl Plan {
             quant: QuantPlan::None,
             quant_config: None,
             gguf_hf: None,
+            config: config_edits(cat, rules),
         };
         plan.dequantize(cat, rules);
         plan.settle(cat);
@@ -494,6 +489,7 @@ impl Plan {
                         dequant: None,
                         scaled: None,
                         ggml: None,
+                        factor: None,
                     }
                 })
                 .collect();
@@ -599,6 +595,79 @@ impl Plan {
         }
     }
 
+    /// Refuses the factors that cannot be applied, naming the tensors (a usage error): on a
+    /// tensor that is not floating (or of a dtype weightcast does not cast), on a payload of a
+    /// scaled FP8 output, and on one storage: every tensor on it must get the same factor (a
+    /// stored tensor is scaled once), and a storage that a tensor weightcast does not read
+    /// uses cannot be scaled.
+    pub fn check_factors(&self, cat: &Catalogue) -> crate::error::Result<()> {
+        let refuse =
+            |what: String| crate::error::Error::usage(format!("{}: {what}", cat.path.display()));
+        for p in &self.tensors {
+            let Some(f) = p.factor else { continue };
+            let t = &cat.tensors[p.tensor];
+            let why = if !t.dtype.is_float() {
+                format!(
+                    "it is {}: a scale applies to floating tensors only",
+                    t.dtype
+                )
+            } else if !t.dtype.is_castable() {
+                format!("weightcast does not cast {}", t.dtype)
+            } else if p.scaled.is_some() {
+                "a scale does not combine with a scaled FP8 output (--scale)".to_string()
+            } else {
+                continue;
+            };
+            return Err(refuse(format!(
+                "tensor `{}` ({}): {why}",
+                t.name,
+                f.describe()
+            )));
+        }
+        if cat.storages.is_empty() || self.tensors.iter().all(|p| p.factor.is_none()) {
+            return Ok(());
+        }
+        let others = cat.torch.as_deref().map(|d| &d.others[..]).unwrap_or(&[]);
+        let mut on: Vec<Vec<(&str, Option<Factor>)>> = vec![vec![]; cat.storages.len()];
+        for p in &self.tensors {
+            let t = &cat.tensors[p.tensor];
+            if let Some(s) = t.storage {
+                on[s].push((&t.name, p.factor));
+            }
+        }
+        for p in &self.others {
+            let t = &others[p.tensor].entry;
+            if let Some(s) = t.storage {
+                on[s].push((&t.name, p.factor));
+            }
+        }
+        let describe = |f: Option<Factor>| f.map_or("no scale".to_string(), |f| f.describe());
+        for (s, members) in on.iter().enumerate() {
+            let Some(&(name, f)) = members.iter().find(|m| m.1.is_some()) else {
+                continue;
+            };
+            let key = &cat.storages[s].key;
+            if cat.storages[s].pinned {
+                return Err(refuse(format!(
+                    "tensor `{name}` ({}) cannot be scaled: its storage data/{key} is also used \
+                     by a tensor weightcast does not read",
+                    describe(f)
+                )));
+            }
+            let same = |g: Option<Factor>| matches!((f, g), (Some(a), Some(b)) if a.same(b));
+            if let Some(&(other, g)) = members.iter().find(|m| !same(m.1)) {
+                return Err(refuse(format!(
+                    "tensors `{name}` ({}) and `{other}` ({}) share storage data/{key} (tied, or \
+                     views of one tensor): give them the same scale (a stored tensor is scaled \
+                     once)",
+                    describe(f),
+                    describe(g)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// One entry per catalogue tensor, same order.
     pub fn tensors(&self) -> &[TensorPlan] {
         &self.tensors
@@ -670,6 +739,46 @@ impl Plan {
     }
 }
 
+/// The plans of the tensors outside a state dict, and the checkpoint entries left out (name,
+/// tensors, tensor bytes).
+type OthersAndDropped = (Vec<TensorPlan<OtherId>>, Vec<(String, usize, u64)>);
+
+/// For a `.pt` output of a whole PyTorch file (or without its training state): the plans of
+/// the tensors outside the state dict it holds; and the checkpoint entries it leaves out.
+fn others_and_dropped(cat: &Catalogue, scope: Scope, target: DType) -> OthersAndDropped {
+    let doc = cat.torch.as_deref();
+    match (doc, scope) {
+        (None, _) => (vec![], vec![]),
+        (Some(d), Scope::StateDict) => (vec![], d.entries.clone()),
+        (Some(d), Scope::WholeFile { cast_others }) => {
+            let others = d
+                .others
+                .iter()
+                .enumerate()
+                .map(|(i, o)| other_plan(i, &o.entry, &o.section, cast_others, target))
+                .collect();
+            (others, vec![])
+        }
+        (Some(d), Scope::Inference) => {
+            let training = |section: &str| d.training.iter().any(|t| t.0 == section);
+            let others = d
+                .others
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| !training(&o.section))
+                .map(|(i, o)| other_plan(i, &o.entry, &o.section, false, target))
+                .collect();
+            let dropped = d
+                .entries
+                .iter()
+                .filter(|e| training(&e.0))
+                .cloned()
+                .collect();
+            (others, dropped)
+        }
+    }
+}
+
 /// The plan of a tensor outside the state dict (a `.pt` output of a whole file).
 fn other_plan(
     i: usize,
@@ -705,15 +814,43 @@ fn other_plan(
         dequant: None,
         scaled: None,
         ggml: None,
+        factor: None,
+    }
+}
+
+/// The `config.json` of a folder input, when it has one that is a JSON object.
+fn input_config(cat: &Catalogue) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let dir = &cat.folder.as_ref()?.dir;
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    match serde_json::from_str(&text).ok()? {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
     }
 }
 
 /// `config.json`'s `model_type` of a folder input.
 fn model_type(cat: &Catalogue) -> Option<String> {
-    let dir = &cat.folder.as_ref()?.dir;
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("model_type")?.as_str().map(String::from)
+    input_config(cat)?
+        .get("model_type")?
+        .as_str()
+        .map(String::from)
+}
+
+/// The rules' `[config]` edits, each with the input's value of its key.
+fn config_edits(cat: &Catalogue, rules: &RuleSet) -> Vec<ConfigEdit> {
+    if rules.config.is_empty() {
+        return vec![];
+    }
+    let cfg = input_config(cat);
+    rules
+        .config
+        .iter()
+        .map(|(key, new)| ConfigEdit {
+            key: key.clone(),
+            old: cfg.as_ref().and_then(|c| c.get(key)).cloned(),
+            new: new.clone(),
+        })
+        .collect()
 }
 
 fn kind_of(t: &TensorEntry) -> &'static str {
@@ -763,10 +900,12 @@ fn rule_diagnostics(
             .collect();
         if let Some(&first) = matched.first() {
             let t = &cat.tensors[first];
-            let by = rules
-                .decide(&t.name, &t.shape, classes[first])
-                .1
-                .map_or("a later rule", |r| rules.rules[r].origin.as_str());
+            let decider = if rule.dtype {
+                rules.decide(&t.name, &t.shape, classes[first]).1
+            } else {
+                rules.factor(&t.name, &t.shape, classes[first]).map(|f| f.1)
+            };
+            let by = decider.map_or("a later rule", |r| rules.rules[r].origin.as_str());
             warnings.push(format!(
                 "rule `{origin}` decides no tensor: each of the {} it matches is decided by a \
  later rule (`{}` by `{by}`); the last rule that matches wins",

@@ -176,6 +176,16 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
             }
         ));
     }
+    if !plan.config.is_empty() {
+        s.push('\n');
+        for e in &plan.config {
+            let old = e
+                .old
+                .as_ref()
+                .map_or("(absent)".to_string(), |v| v.to_string());
+            s.push_str(&format!("config.json: {} {old} -> {}\n", e.key, e.new));
+        }
+    }
     if !plan.dropped.is_empty() {
         s.push_str(&format!(
             "\nleft out: {}\n",
@@ -221,10 +231,11 @@ fn planned<'a>(
     plan: &'a Plan,
 ) -> impl Iterator<Item = (&'a weightcast::catalogue::TensorEntry, Vec<String>)> {
     fn cells<I>(p: &weightcast::plan::TensorPlan<I>) -> Vec<String> {
-        let to = if p.is_cast() {
-            p.to.to_string()
-        } else {
-            "=".into()
+        let to = match p.factor {
+            // scaled: the factor beside the dtype (`F16 x0.125`, `=` never: the values change)
+            Some(f) => format!("{} {}", p.to, f.describe()),
+            None if p.is_cast() => p.to.to_string(),
+            None => "=".into(),
         };
         vec![
             p.from.to_string(),

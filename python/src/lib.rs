@@ -570,7 +570,8 @@ fn borrow<'py>(
 /// The plan of tensors in memory (a module's state dict): `convert --dry-run --json`'s
 /// document for them, with the data checks of a dry run (the overflow refusal, the tensors
 /// `on_overflow="keep"` keeps). `classes[i]` is the class of the module holding tensor `i`,
-/// for `class:` and `kind:` rules.
+/// for `class:` and `kind:` rules. A rules file's factors are in the rows (`scale`, `form`)
+/// and its `config.json` edits in `config`, for the caller to apply.
 #[pyfunction]
 #[pyo3(signature = (tensors, classes, to, rules, on_overflow))]
 fn plan_memory(
@@ -592,6 +593,8 @@ fn plan_memory(
     req.rules = rule_args(rules)?;
     req.on_overflow = parse_overflow(on_overflow)?;
     req.dry_run = true;
+    // the module's config is edited in memory, by the caller, from the plan's `config`
+    req.memory = true;
     let label = req.input.clone();
     let result = run(py, None, move |_, counter| {
         let mut cat = catalogue(&label, &described, vec![], bytes)?;

@@ -260,6 +260,69 @@ def _as_memory(name: str, t) -> tuple:
             t.numel() * t.element_size(), t)
 
 
+# The config keys that hold a norm's epsilon: a module built from the config copies the value
+# into its norms' `eps` / `variance_epsilon`, which an edit of the key must follow.
+_EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+
+
+def _check_config(module, edits: Mapping[str, Any]) -> None:
+    """Refuses config edits (a rules file's ``[config]``) the module cannot take, before
+    anything changes: a module without ``config``, or a key its config does not have (as
+    ``convert`` refuses for a ``config.json``)."""
+    from . import UsageError
+
+    if not edits:
+        return
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        raise UsageError(f"the rules set config keys ({', '.join(edits)}) but the module has no "
+                         "`config` to edit; nothing was changed")
+    for key in edits:
+        if not hasattr(cfg, key):
+            raise UsageError(f"the module's config has no `{key}` (a rules file's [config] "
+                             "sets keys the config already has); nothing was changed")
+
+
+def _apply_config(module, edits: Mapping[str, Any]) -> None:
+    """Sets each key on ``module.config``; for an epsilon key, every submodule's ``eps`` /
+    ``variance_epsilon`` that holds the config's old value takes the new one."""
+    if not edits:
+        return
+    cfg = module.config
+    for key, value in edits.items():
+        old = getattr(cfg, key)
+        setattr(cfg, key, value)
+        if key not in _EPS_KEYS:
+            continue
+        for m in module.modules():
+            for attr in ("eps", "variance_epsilon"):
+                v = getattr(m, attr, None)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v == old:
+                    setattr(m, attr, value)
+
+
+def _cast_value(t, row: Mapping[str, Any], dtype, clamp: bool):
+    """The tensor a plan row writes for `t`, as ``convert`` writes it: scaled in f32 first
+    when the row has a ``scale`` (``(t.float() * scale).to(dtype)``, or with form ``1+w``
+    ``(scale * (1 + t.float()) - 1).to(dtype)``), clamped under ``on_overflow="clamp"``."""
+    import torch
+
+    src = t.detach()
+    scale = row.get("scale")
+    if scale is None:
+        new = src
+        big = torch.finfo(dtype).max
+    else:
+        x = src.float()
+        new = scale * (1 + x) - 1 if row.get("form") == "1+w" else x * scale
+        # the products are f32: a finite value they take beyond f32's range clamps to the
+        # target's largest finite value that f32 holds
+        big = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    if clamp:
+        new = torch.where(torch.isfinite(src), new.clamp(-big, big), new)
+    return new.to(dtype)
+
+
 def cast_module(
     module,
     to: Any,
@@ -277,6 +340,13 @@ def cast_module(
     it); then :func:`runnable`. Tied weights stay tied. Returns the module, or with
     ``dry_run=True`` the plan (as ``convert --dry-run --json``) and changes nothing.
 
+    A rules file's ``scale`` multiplies a tensor as ``convert`` does,
+    ``(t.float() * scale).to(dtype)`` (form ``1+w``: ``(scale * (1 + t.float()) - 1)``),
+    a tied Parameter once; its ``[config]`` keys are set on ``module.config`` (a module
+    without one, or a key its config lacks, is refused), and for an epsilon key
+    (``rms_norm_eps``, ``layer_norm_eps``, ``layer_norm_epsilon``, ``norm_eps``) every
+    submodule's ``eps`` / ``variance_epsilon`` equal to the old value takes the new one.
+
     >>> weightcast.cast_module(model, "bf16", only="class:Linear")
     >>> model(x)   # linear layers in bf16, the rest in f32
     """
@@ -292,6 +362,8 @@ def cast_module(
     del parts
     doc = json.loads(text)
     _warn(doc)
+    edits = doc.get("config") or {}
+    _check_config(module, edits)
     if dry_run:
         return Result(doc)
     by_name = {e[0]: e for e in entries}
@@ -301,15 +373,12 @@ def cast_module(
                 continue
             name, t, owner, attr, is_param = by_name[row["name"]]
             dtype = getattr(torch, _TORCH[row["to"]])
-            new = t.detach()
-            if on_overflow == "clamp":
-                big = torch.finfo(dtype).max
-                new = torch.where(torch.isfinite(new), new.clamp(-big, big), new)
-            new = new.to(dtype)
+            new = _cast_value(t, row, dtype, on_overflow == "clamp")
             if is_param:
                 t.data = new  # the same Parameter: tied modules keep sharing it
             else:
                 owner._buffers[attr] = new
+    _apply_config(module, edits)
     runnable(module)
     return module
 

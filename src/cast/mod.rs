@@ -402,6 +402,48 @@ fn encode_block(to: DType, vals: &[f32], output: &mut [u8]) {
     }
 }
 
+/// The values of `bytes` (elements of `from`) widened to f32 (f64 rounded to nearest, as
+/// torch's `.float()`), each mapped by `f` (arithmetic in f32); with the count of finite
+/// values that `f` took beyond f32's range (none under [`Range::Ignore`]), which
+/// [`Range::Clamp`] sets to `clamp` with their sign. For a rules file's `scale`: the values
+/// are then cast from f32 as any cast is.
+pub fn map_f32(
+    from: DType,
+    bytes: &[u8],
+    f: impl Fn(f32) -> f32,
+    range: Range,
+    clamp: f32,
+) -> (Vec<f32>, u64) {
+    let isz = from.bitsize() / 8;
+    let mut vals = vec![0f32; bytes.len() / isz];
+    // whether each input is finite: an f64 one may already leave f32's range in `.float()`
+    let finite: Vec<bool> = if from == DType::F64 {
+        bytes
+            .chunks_exact(8)
+            .zip(vals.iter_mut())
+            .map(|(b, v)| {
+                let x = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+                *v = x as f32;
+                x.is_finite()
+            })
+            .collect()
+    } else {
+        decode_f32_slice(from, bytes, &mut vals);
+        vals.iter().map(|v| v.is_finite()).collect()
+    };
+    let mut count = 0u64;
+    for (v, finite) in vals.iter_mut().zip(finite) {
+        *v = f(*v);
+        if finite && !v.is_finite() && range != Range::Ignore {
+            count += 1;
+            if range == Range::Clamp {
+                *v = clamp.copysign(*v);
+            }
+        }
+    }
+    (vals, count)
+}
+
 /// bf16 value of an f32 (for callers that want the `half` type).
 pub fn to_bf16(x: f32) -> bf16 {
     bf16::from_bits(f32_to_bf16_bits(x))

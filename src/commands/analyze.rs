@@ -90,6 +90,7 @@ impl AnalyzeRequest {
         if let Some(scheme) = &scheme {
             crate::quant::quantize::plan_scaled(&mut cat, &mut plan, scheme)?;
         }
+        plan.check_factors(&cat)?;
         warnings.extend(plan.warnings.iter().cloned());
         check_unmatched(&plan, self.strict_rules, c)?;
         let bounds = Bounds {

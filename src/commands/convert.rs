@@ -84,6 +84,10 @@ pub struct ConvertRequest {
     pub dry_run: bool,
     /// Who asked (the vocabulary of messages).
     pub caller: Caller,
+    /// The output is the caller's memory (`cast_module`): the plan's `config.json` edits (a
+    /// rules file's `[config]`) are the caller's to apply, not refused for want of an output
+    /// `config.json`.
+    pub memory: bool,
 }
 
 impl ConvertRequest {
@@ -115,6 +119,7 @@ impl ConvertRequest {
             part: None,
             dry_run: false,
             caller: Caller::Cli,
+            memory: false,
         }
     }
 }
@@ -465,6 +470,8 @@ impl ConvertRequest {
         if cat.gguf.is_some() && is_gguf(&self.output) {
             formats::gguf::write::plan_retype(cat, &mut plan, self.gguf_q8());
         }
+        // before any pass reads a tensor: a factor on an integer tensor cannot be measured
+        plan.check_factors(cat)?;
         warnings.extend(plan.warnings.iter().cloned());
         check_unmatched(&plan, self.strict_rules, self.caller)?;
         if let Some(w) = self.dropped_note(cat, &plan) {
@@ -554,6 +561,10 @@ impl ConvertRequest {
         };
         let mut cat = self.adopt(cat, pt_out, &mut warnings)?;
         let mut plan = self.plan(&mut cat, &rules, target, pt_out, &mut warnings)?;
+        if !self.memory {
+            // before any pass reads a tensor
+            crate::convert::check_config(&cat, &plan, &self.output)?;
+        }
         if let Some(snr) = self.auto {
             progress.phase("choosing");
             analysis::choose_auto(&cat, &mut plan, &candidates, snr, progress, None)?;
@@ -591,6 +602,7 @@ impl ConvertRequest {
             part: self.part,
             caller: self.caller,
             gguf_ftype: self.gguf_q8().then_some(7),
+            config_in_memory: self.memory,
         };
         let output = crate::convert::plan_output(&cat, &plan, &self.output, &options)?;
         Ok(Prepared {

@@ -15,6 +15,13 @@ use crate::stats::ErrorStats;
 #[derive(Debug, Clone, Default)]
 pub struct Ordered<T>(pub Vec<(String, T)>);
 
+impl<T> Ordered<T> {
+    /// Whether it has no key.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl<T: Serialize> Serialize for Ordered<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
@@ -138,6 +145,13 @@ pub struct PlanEntry {
     /// For a tensor outside the state dict: the checkpoint entry it is in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry: Option<String>,
+    /// Its values multiplied by this factor (a rules file's `scale`), in f32 before the cast.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// How the factor applies, when not to the values as stored: `1+w` (written as
+    /// `scale * (1 + w) - 1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub form: Option<&'static str>,
 }
 
 /// A tensor removed from the output, and why.
@@ -235,6 +249,9 @@ pub struct PlanDoc {
     pub removed: Vec<Removed>,
     /// A quantized input.
     pub quantization: Option<PlanQuantization>,
+    /// The `config.json` keys the output gets (a rules file's `[config]`) and their values.
+    #[serde(skip_serializing_if = "Ordered::is_empty")]
+    pub config: Ordered<serde_json::Value>,
 }
 
 /// The ggml type a GGUF output writes plan entry `p` (of tensor `t`) in.
@@ -286,6 +303,8 @@ fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
         entry: None,
         ggml_type: None,
         source_name: None,
+        scale: p.factor.map(|f| f.scale),
+        form: p.factor.and_then(|f| f.form.name()),
     }
 }
 
@@ -382,6 +401,12 @@ impl PlanDoc {
                 },
                 unsupported: q.unsupported.clone(),
             }),
+            config: Ordered(
+                plan.config
+                    .iter()
+                    .map(|e| (e.key.clone(), e.new.clone()))
+                    .collect(),
+            ),
         }
     }
 }

@@ -130,6 +130,16 @@ impl LoadRequest {
                 self.input.display()
             )));
         }
+        plan.check_factors(&cat)?;
+        if !plan.config.is_empty() {
+            let keys: Vec<&str> = plan.config.iter().map(|e| e.key.as_str()).collect();
+            return Err(Error::usage(format!(
+                "{}: the rules set config.json keys ({}) but loading returns tensors, with no \
+                 config.json (convert a model folder, or cast a module with its config)",
+                self.input.display(),
+                keys.join(", ")
+            )));
+        }
         warnings.extend(plan.warnings.iter().cloned());
         let mem = crate::load::layout(&cat, &plan)?;
         Ok(Loaded {

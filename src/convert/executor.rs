@@ -61,7 +61,7 @@ impl Pool {
 }
 
 /// One stretch of an output: a tensor (or a whole storage) read from the input and cast from
-/// `from` to `to` (copied when they are equal).
+/// `from` to `to` (copied when they are equal and no factor applies).
 pub struct Piece<'a> {
     /// Where its bytes are.
     pub entry: &'a TensorEntry,
@@ -71,6 +71,16 @@ pub struct Piece<'a> {
     pub to: DType,
     /// What happens to its bytes on the way.
     pub how: How,
+    /// Its values (dequantized first, for a payload) multiplied by this factor in f32 before
+    /// the cast (a rules file's `scale`).
+    pub factor: Option<Factor>,
+}
+
+impl Piece<'_> {
+    /// Whether its bytes are copied as they are.
+    fn copied(&self) -> bool {
+        self.from == self.to && self.factor.is_none() && matches!(self.how, How::Cast)
+    }
 }
 
 /// What the executor does to a piece's bytes.
@@ -198,12 +208,14 @@ impl Executor<'_> {
     /// Input bytes per chunk of a piece: whole elements, at most [`CHUNK_BYTES`] on either
     /// side.
     pub(super) fn chunk_in(p: &Piece<'_>) -> u64 {
-        if p.from == p.to && matches!(p.how, How::Cast | How::Fill(_)) {
+        if p.copied() || matches!(p.how, How::Fill(_)) {
             return CHUNK_BYTES as u64;
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
         let csz = match &p.how {
             How::Dequantize(s) => s.compute.bitsize() / 8,
+            // scaled values are staged as f32
+            _ if p.factor.is_some() => 4,
             _ => 0,
         };
         (CHUNK_BYTES / isz.max(osz).max(csz) * isz) as u64
@@ -307,7 +319,7 @@ impl Executor<'_> {
 
     /// Output bytes of `n` input bytes of piece `p`.
     pub(super) fn out_len(p: &Piece<'_>, n: u64) -> usize {
-        if matches!(p.how, How::Fill(_)) || (p.from == p.to && matches!(p.how, How::Cast)) {
+        if matches!(p.how, How::Fill(_)) || p.copied() {
             return n as usize;
         }
         if matches!(p.how, How::GgmlQ8) {
@@ -331,7 +343,7 @@ impl Executor<'_> {
             out.copy_from_slice(&bytes[pos as usize..(pos + n) as usize]);
             return Ok(0);
         }
-        if p.from == p.to && matches!(p.how, How::Cast) {
+        if p.copied() {
             self.sources.read(p.entry, pos, out)?;
             return Ok(0);
         }
@@ -354,11 +366,20 @@ impl Executor<'_> {
             s.quantize(p.from, scratch, pos / isz as u64, out);
             return Ok(0);
         }
+        let failed = |e: cast::CastError| {
+            Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name))
+        };
+        if let Some(f) = p.factor {
+            let count = self.cast_scaled(p, f, pos, scratch, out).map_err(failed)?;
+            if !matches!(p.how, How::GgmlQ8) {
+                self.note_nonzero(p, scratch, out);
+            }
+            return Ok(count);
+        }
         if let How::GgmlQ8 = &p.how {
             let mut vals = vec![0u8; scratch.len() / isz * 4];
-            cast::cast_checked(p.from, DType::F32, scratch, &mut vals, self.opts.range()).map_err(
-                |e| Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name)),
-            )?;
+            cast::cast_checked(p.from, DType::F32, scratch, &mut vals, self.opts.range())
+                .map_err(failed)?;
             let f: Vec<f32> = vals
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
@@ -366,7 +387,7 @@ impl Executor<'_> {
             crate::formats::gguf::ggml::quantize_q8_0(&f, out);
             return Ok(0);
         }
-        match &p.how {
+        let count = match &p.how {
             How::Dequantize(s) => s.dequantize_to(
                 p.from,
                 scratch,
@@ -377,19 +398,61 @@ impl Executor<'_> {
             ),
             _ => cast::cast_checked(p.from, p.to, scratch, out, self.opts.range()),
         }
-        .map_err(|e| Error::invalid(self.sources.path_of(t), format!("tensor `{}`: {e}", t.name)))
-        .inspect(|_| {
-            let Some(seen) = self.nonzero.filter(|_| p.from != p.to) else {
-                return;
-            };
-            let (i, o) = (
-                cast::any_nonzero(p.from, scratch),
-                cast::any_nonzero(p.to, out),
-            );
-            let mut seen = seen.lock().expect("nonzero");
-            let e = seen.entry(t.name.clone()).or_default();
-            *e = (e.0 | i, e.1 | o);
-        })
+        .map_err(failed)?;
+        if p.from != p.to {
+            self.note_nonzero(p, scratch, out);
+        }
+        Ok(count)
+    }
+
+    /// Records whether the input bytes and the output bytes of piece `p` held a non-zero value
+    /// (the flush-to-zero warning).
+    fn note_nonzero(&self, p: &Piece<'_>, scratch: &[u8], out: &[u8]) {
+        let Some(seen) = self.nonzero else {
+            return;
+        };
+        let (i, o) = (
+            cast::any_nonzero(p.from, scratch),
+            cast::any_nonzero(p.to, out),
+        );
+        let mut seen = seen.lock().expect("nonzero");
+        let e = seen.entry(p.entry.name.clone()).or_default();
+        *e = (e.0 | i, e.1 | o);
+    }
+
+    /// A scaled piece's chunk: its values (a payload dequantized first, in its scale's dtype)
+    /// widened to f32, multiplied by `f` in f32, then cast to `p.to` (or quantized to Q8_0) as
+    /// every cast is. A finite value that the product takes beyond f32's range counts as out
+    /// of the target's range (and is clamped to its largest finite value under clamp).
+    fn cast_scaled(
+        &self,
+        p: &Piece<'_>,
+        f: Factor,
+        pos: u64,
+        scratch: &[u8],
+        out: &mut [u8],
+    ) -> std::result::Result<u64, cast::CastError> {
+        let isz = p.from.bitsize() / 8;
+        let dequantized;
+        let (dtype, bytes) = match &p.how {
+            How::Dequantize(s) => {
+                let mut d = vec![0u8; scratch.len() / isz * (s.compute.bitsize() / 8)];
+                s.dequantize(p.from, scratch, pos / isz as u64, &mut d);
+                dequantized = d;
+                (s.compute, &dequantized[..])
+            }
+            _ => (p.from, scratch),
+        };
+        let range = self.opts.range();
+        let clamp = p.to.max_finite().unwrap_or(f64::MAX).min(f32::MAX as f64) as f32;
+        let (vals, count) = cast::map_f32(dtype, bytes, |w| f.apply(w), range, clamp);
+        if let How::GgmlQ8 = &p.how {
+            crate::formats::gguf::ggml::quantize_q8_0(&vals, out);
+            return Ok(0);
+        }
+        let mut staged = vec![0u8; vals.len() * 4];
+        cast::encode_f32_slice(DType::F32, &vals, &mut staged);
+        Ok(count + cast::cast_checked(DType::F32, p.to, &staged, out, range)?)
     }
 
     /// Converts every piece straight into its own buffer (`bufs[i]` holds piece `i`'s output),

@@ -196,6 +196,7 @@ impl<'a> Job<'a> {
             from: p.from,
             to: p.to,
             how,
+            factor: p.factor,
         })
     }
 

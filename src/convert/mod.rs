@@ -22,6 +22,7 @@ use crate::formats::safetensors::{encode_header, OutTensor};
 use crate::output::{check_target, index_json, layout, Layout, OutputFile, Target};
 use crate::plan::{Plan, QuantPlan, ScaledOut, TensorPlan};
 use crate::quant::ScaleTable;
+use crate::rules::Factor;
 use crate::source::Sources;
 
 mod executor;
@@ -71,6 +72,9 @@ pub struct Options {
     pub caller: crate::error::Caller,
     /// A GGUF output: llama.cpp's `general.file_type` (`llama_ftype`) it declares.
     pub gguf_ftype: Option<u64>,
+    /// The output is the caller's memory (`cast_module`), which applies the plan's
+    /// `config.json` edits itself: no output file needs a `config.json` for them.
+    pub config_in_memory: bool,
 }
 
 /// A conversion split by output shard across N independent processes (`--part K/N`), each
@@ -270,6 +274,9 @@ pub struct Output {
 pub fn plan_output(cat: &Catalogue, plan: &Plan, out: &Path, opts: &Options) -> Result<Output> {
     check_request(cat, plan, out)?;
     let target = Target::resolve(cat, out)?;
+    if !opts.config_in_memory {
+        config_fits(cat, plan, &target)?;
+    }
     let layout = layout(cat, plan, &target, opts.max_shard_size);
     if !crate::remote::is_url(out) {
         // A part checks its own shards (and protects the input) as it writes them.
@@ -340,9 +347,62 @@ pub fn write(
     Ok(summary)
 }
 
+/// Refuses `config.json` edits (a rules file's `[config]`) that the output `out` cannot carry
+/// (see [`plan_output`], which checks them too): for a caller that refuses before it reads
+/// any tensor.
+pub fn check_config(cat: &Catalogue, plan: &Plan, out: &Path) -> Result<()> {
+    if plan.config.is_empty() {
+        return Ok(());
+    }
+    config_fits(cat, plan, &Target::resolve(cat, out)?)
+}
+
+/// Refuses `config.json` edits (a rules file's `[config]`) that the output cannot carry: an
+/// output without a `config.json` (a single file, a `.pt`, a GGUF file of a GGUF input, a
+/// folder whose input has none), or a key the input's `config.json` does not have.
+fn config_fits(cat: &Catalogue, plan: &Plan, target: &Target) -> Result<()> {
+    if plan.config.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = plan.config.iter().map(|e| e.key.as_str()).collect();
+    let has_config = cat
+        .folder
+        .as_ref()
+        .is_some_and(|f| f.other_files.iter().any(|p| p == Path::new("config.json")));
+    let carried = match target {
+        Target::Folder(_) => has_config,
+        // a GGUF file written from a model folder: its metadata comes from config.json
+        Target::Gguf(_) => plan.gguf_hf.is_some() && has_config,
+        Target::File(_) | Target::Index(_) | Target::Pt(_) => false,
+    };
+    if !carried {
+        let why = if has_config {
+            "this output has no config.json (write a model folder)"
+        } else {
+            "the input has no config.json to edit"
+        };
+        return Err(Error::usage(format!(
+            "{}: the rules set config.json keys ({}) but {why}; nothing was written",
+            target.path().display(),
+            keys.join(", ")
+        )));
+    }
+    if let Some(e) = plan.config.iter().find(|e| e.old.is_none()) {
+        let dir = &cat.folder.as_ref().expect("checked").dir;
+        return Err(Error::usage(format!(
+            "{}: no key `{}` (a rules file's [config] sets keys the config already has)",
+            dir.join("config.json").display(),
+            e.key
+        )));
+    }
+    Ok(())
+}
+
 /// The refusals [`plan_output`] makes before it reads any tensor: an input quantized in a way
-/// weightcast cannot dequantize, an output URL that is no object store.
+/// weightcast cannot dequantize, factors that cannot be applied, an output URL that is no
+/// object store.
 fn check_request(cat: &Catalogue, plan: &Plan, out: &Path) -> Result<()> {
+    plan.check_factors(cat)?;
     if let QuantPlan::Unsupported(why) = &plan.quant {
         let q = cat.quant.as_deref().expect("a quantized input");
         return Err(Error::Refused(format!(
@@ -428,6 +488,7 @@ pub fn convert_into(
             "convert_into: the buffers do not match the memory layout",
         ));
     }
+    plan.check_factors(cat)?;
     let sources = Sources::open(cat)?;
     let job = Job::new(cat, plan, &sources, opts, progress);
     let storage_entries: Vec<Option<TensorEntry>> = mem
@@ -453,11 +514,17 @@ pub fn convert_into(
         .zip(&storage_entries)
         .map(|(b, e)| match (&b.source, e) {
             (BufferSource::Tensor(i), _) => job.piece(&plan.tensors()[*i]),
-            (&BufferSource::Storage { from, to, .. }, Some(entry)) => Ok(Piece {
+            (
+                &BufferSource::Storage {
+                    from, to, factor, ..
+                },
+                Some(entry),
+            ) => Ok(Piece {
                 entry,
                 from,
                 to,
                 how: How::Cast,
+                factor,
             }),
             _ => unreachable!("a storage buffer has its entry"),
         })

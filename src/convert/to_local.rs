@@ -230,6 +230,7 @@ impl Job<'_> {
                     from: crate::DType::U8,
                     to: crate::DType::U8,
                     how: How::Cast,
+                    factor: None,
                 }),
                 None => self.piece(&plan.tensors()[i]),
             })
@@ -407,6 +408,7 @@ impl Job<'_> {
                     from: r.from,
                     to: r.to,
                     how,
+                    factor: r.factor,
                 })
             })
             .collect::<Result<_>>()?;
@@ -491,6 +493,7 @@ impl Job<'_> {
                     dominant,
                     dequantized,
                     plan.quant_config.as_ref(),
+                    &plan.config,
                 )?
             } else {
                 None

@@ -660,13 +660,15 @@ fn collect_other_files(
     Ok(())
 }
 
-/// Sets `torch_dtype` (and `dtype`, where present) in a config.json to `dtype`, keeping key
-/// order. Returns `None` when the file is not a JSON object.
+/// Sets `torch_dtype` (and `dtype`, where present) in a config.json to `dtype`, then the keys
+/// of a rules file's `[config]` (`edits`), keeping key order. Returns `None` when the file is
+/// not a JSON object.
 pub(crate) fn update_config(
     path: &Path,
     dtype: Option<DType>,
     dequantized: bool,
     quant_config: Option<&serde_json::Value>,
+    edits: &[crate::rules::ConfigEdit],
 ) -> Result<Option<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(&text)
@@ -687,6 +689,13 @@ pub(crate) fn update_config(
         }
         if has_dtype {
             map.insert("dtype".into(), v);
+        }
+    }
+    // a rules file's [config]: existing keys (checked before anything is written), each
+    // keeping its place
+    for e in edits {
+        if let Some(slot) = map.get_mut(&e.key) {
+            *slot = e.new.clone();
         }
     }
     let mut s = serde_json::to_string_pretty(&serde_json::Value::Object(map)).expect("JSON");

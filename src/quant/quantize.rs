@@ -290,6 +290,7 @@ pub fn plan_scaled(cat: &mut Catalogue, plan: &mut Plan, scheme: &Scheme) -> Res
             dequant: None,
             scaled: Some(ScaledOut::Scale { payload }),
             ggml: None,
+            factor: None,
         });
     }
     plan.update(cat, |tensors| *tensors = out);

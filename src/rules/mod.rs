@@ -11,6 +11,17 @@
 //! - `class:NAME`, the tensors of modules of a class (`class:Linear`, `class:Conv2d`, or the
 //!   full path `class:torch.nn.modules.linear.Linear`), for PyTorch files that pickle whole
 //!   modules.
+//!
+//! A rules file's rule may also carry a `scale` (a [`Factor`]): the tensors it matches are
+//! multiplied by it on the way out. The last matching rule that has a `scale` decides a
+//! tensor's factor, as the last matching rule with `keep`/`to`/`only` decides its dtype; a rule
+//! with `scale` alone leaves the dtype to the other rules. The value written is torch's
+//! `(w.float() * scale).to(dtype)`: the stored value widened to f32 (f64 rounded to f32), times
+//! the scale rounded to f32, rounded to f32, then cast as every cast is (same rounding, same
+//! overflow policy). With `form = "1+w"` (a weight the model uses as `1 + w`, Gemma's norms)
+//! it is `(scale * (1 + w.float()) - 1).to(dtype)`, each step rounded to f32 in that order.
+//! A file's `[config]` table lists `config.json` keys the output gets ([`RuleSet::config`]):
+//! existing keys only, in outputs that have a `config.json`.
 
 use std::path::Path;
 
@@ -311,6 +322,18 @@ fn match_component(p: &[u8], s: &[u8]) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// A `config.json` key the output gets (a rules file's `[config]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigEdit {
+    /// The key (top level).
+    pub key: String,
+    /// Its value in the input's `config.json` (None: the input has no such key, or no
+    /// `config.json`).
+    pub old: Option<serde_json::Value>,
+    /// The value written.
+    pub new: serde_json::Value,
+}
+
 /// What a rule does to the tensors it selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -322,17 +345,99 @@ pub enum Action {
     To(DType),
 }
 
+/// How a scaled weight is used by its model, which says how its factor applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Used as stored: the value written is `scale * w`.
+    Plain,
+    /// Used as `1 + w` (Gemma's norms): the value written is `scale * (1 + w) - 1`.
+    OnePlus,
+}
+
+impl Form {
+    /// The name a rules file gives it (`None` for [`Form::Plain`], which has none).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Form::Plain => None,
+            Form::OnePlus => Some("1+w"),
+        }
+    }
+}
+
+/// A factor a tensor's values are multiplied by on the way out (a rule's `scale`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Factor {
+    /// The factor as written; the arithmetic uses it rounded to f32, as torch does with a
+    /// Python float times an f32 tensor.
+    pub scale: f64,
+    /// How it applies.
+    pub form: Form,
+}
+
+impl Factor {
+    /// A factor, refused unless it is finite and non-zero (also once rounded to f32).
+    pub fn new(scale: f64, form: Form) -> std::result::Result<Factor, String> {
+        let s = scale as f32;
+        if !scale.is_finite() || scale == 0.0 || !s.is_finite() || s == 0.0 {
+            return Err(format!(
+                "`scale = {scale}`: give a finite, non-zero factor (within f32's range)"
+            ));
+        }
+        Ok(Factor { scale, form })
+    }
+
+    /// The scale in f32, as the arithmetic uses it.
+    pub fn scale_f32(self) -> f32 {
+        self.scale as f32
+    }
+
+    /// The value written for the stored value `w` (already in f32), before the cast: each
+    /// step rounded to f32, as torch computes `w.float() * scale` or
+    /// `scale * (1 + w.float()) - 1`.
+    #[inline]
+    pub fn apply(self, w: f32) -> f32 {
+        let s = self.scale_f32();
+        match self.form {
+            Form::Plain => w * s,
+            Form::OnePlus => (1.0 + w) * s - 1.0,
+        }
+    }
+
+    /// Whether two factors give the same values (the same scale in f32, the same form).
+    pub fn same(self, other: Factor) -> bool {
+        self.scale_f32().to_bits() == other.scale_f32().to_bits() && self.form == other.form
+    }
+
+    /// In words, as the plan shows it: `x0.125`, `x8 (1+w)`.
+    pub fn describe(self) -> String {
+        let a = self.scale.abs();
+        let num = if (1e-4..1e6).contains(&a) {
+            format!("{}", self.scale)
+        } else {
+            format!("{:e}", self.scale)
+        };
+        match self.form.name() {
+            Some(f) => format!("x{num} ({f})"),
+            None => format!("x{num}"),
+        }
+    }
+}
+
 /// One rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
     /// What it selects.
     pub selector: Selector,
-    /// What it does.
+    /// What it does to the dtype (unused when `dtype` is false).
     pub action: Action,
     /// Where it came from, as shown in the plan (`--keep *.norm.*`, `preset keep-norms`).
     pub origin: String,
     /// True for `--only` rules, which make unselected tensors stay as they are.
     pub only: bool,
+    /// Whether it decides the dtype (false for a rules file's rule with `scale` alone).
+    pub dtype: bool,
+    /// The factor its tensors are multiplied by (a rules file's `scale`).
+    pub factor: Option<Factor>,
 }
 
 /// Named presets.
@@ -378,6 +483,10 @@ const LLAMA_CPP_F32: &[&str] = &[
 pub struct RuleSet {
     /// The rules, in order.
     pub rules: Vec<Rule>,
+    /// `config.json` keys the output gets (a rules file's `[config]`), with their new values
+    /// (numbers, strings, bools), in key order; a later file's value for a key replaces an
+    /// earlier one's.
+    pub config: Vec<(String, serde_json::Value)>,
 }
 
 impl RuleSet {
@@ -416,6 +525,8 @@ impl RuleSet {
                     action: Action::To(DType::F32),
                     origin,
                     only: false,
+                    dtype: true,
+                    factor: None,
                 });
                 Ok(())
             }
@@ -430,6 +541,7 @@ impl RuleSet {
     }
 
     /// Adds the rules of a TOML rules file; returns the file's default `to`, if it sets one.
+    /// Its `[config]` keys join [`RuleSet::config`].
     ///
     /// ```toml
     /// to = "bf16"                 # optional default target
@@ -441,6 +553,15 @@ impl RuleSet {
     /// to = "f32"
     /// [[rule]]
     /// preset = "keep-norms"
+    /// [[rule]]
+    /// match = "model.embed_tokens.weight"
+    /// scale = 0.125               # multiplied by 0.125 (alone: the dtype is left to the others)
+    /// [[rule]]
+    /// match = "model.norm.weight"
+    /// scale = 8.0
+    /// form = "1+w"                # used as 1 + w: written as scale * (1 + w) - 1
+    /// [config]                    # config.json keys set in the output
+    /// rms_norm_eps = 1.52587890625e-08
     /// ```
     pub fn load_file(&mut self, path: &Path) -> Result<Option<DType>> {
         // A rules file is part of the command line: anything wrong with it is a usage error.
@@ -456,35 +577,73 @@ impl RuleSet {
             .transpose()?;
         for (i, r) in file.rule.iter().enumerate() {
             let origin = format!("{} rule {}", path.display(), i + 1);
-            let bad = |what: &str| usage(format!("rule {}: {what}", i + 1));
-            match (&r.pattern, &r.preset) {
-                (Some(_), Some(_)) | (None, None) => {
-                    return Err(bad("give exactly one of `match` and `preset`"))
-                }
-                (None, Some(p)) => {
-                    if r.keep.is_some() || r.to.is_some() || r.only.is_some() {
-                        return Err(bad("a preset takes no `keep`, `to` or `only`"));
-                    }
-                    self.preset(p).map_err(|e| bad(&e.to_string()))?;
-                }
-                (Some(pat), None) => {
-                    let (action, only) =
-                        match (r.keep, &r.to, r.only) {
-                            (Some(true), None, None) => (Action::Keep, false),
-                            (None, Some(t), None) => {
-                                (parse_target(t).map_err(|e| bad(&e.to_string()))?, false)
-                            }
-                            (None, None, Some(true)) => (Action::Default, true),
-                            _ => return Err(bad(
-                                "give exactly one of `keep = true`, `to = DTYPE`, `only = true`",
-                            )),
-                        };
-                    self.push(pat, action, origin, only)
-                        .map_err(|e| bad(&e.to_string()))?;
-                }
+            self.add_entry(r, origin)
+                .map_err(|what| usage(format!("rule {}: {what}", i + 1)))?;
+        }
+        for (key, value) in file.config.unwrap_or_default() {
+            let value = config_value(&value).ok_or_else(|| {
+                usage(format!(
+                    "[config] `{key}`: give a number, a string or a bool"
+                ))
+            })?;
+            match self.config.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = value,
+                None => self.config.push((key, value)),
             }
         }
         Ok(default)
+    }
+
+    /// Adds one `[[rule]]` of a rules file; the error says what is wrong with it.
+    fn add_entry(&mut self, r: &RuleEntry, origin: String) -> std::result::Result<(), String> {
+        let factor = match (r.scale, r.form.as_deref()) {
+            (None, None) => None,
+            (None, Some(_)) => return Err("`form` goes with `scale`".into()),
+            (Some(s), form) => {
+                let form = match form {
+                    None => Form::Plain,
+                    Some("1+w") => Form::OnePlus,
+                    Some(f) => return Err(format!("`form = \"{f}\"`: the only form is \"1+w\"")),
+                };
+                Some(Factor::new(s, form)?)
+            }
+        };
+        match (&r.pattern, &r.preset) {
+            (Some(_), Some(_)) | (None, None) => {
+                Err("give exactly one of `match` and `preset`".into())
+            }
+            (None, Some(p)) => {
+                if r.keep.is_some() || r.to.is_some() || r.only.is_some() || factor.is_some() {
+                    return Err("a preset takes no `keep`, `to`, `only` or `scale`".into());
+                }
+                self.preset(p).map_err(|e| e.to_string())
+            }
+            (Some(pat), None) => {
+                let decided = match (r.keep, &r.to, r.only) {
+                    (None, None, None) if factor.is_some() => None,
+                    (Some(true), None, None) => Some((Action::Keep, false)),
+                    (None, Some(t), None) => {
+                        Some((parse_target(t).map_err(|e| e.to_string())?, false))
+                    }
+                    (None, None, Some(true)) => Some((Action::Default, true)),
+                    _ => {
+                        return Err("give exactly one of `keep = true`, `to = DTYPE`, \
+                                    `only = true` (or `scale` alone)"
+                            .into())
+                    }
+                };
+                let (action, only) = decided.unwrap_or((Action::Default, false));
+                self.rules.push(Rule {
+                    selector: Selector::parse(pat).map_err(|e| e.to_string())?,
+                    action,
+                    origin,
+                    only,
+                    dtype: decided.is_some(),
+                    factor,
+                });
+                Ok(())
+            }
+        }
     }
 
     fn push(
@@ -500,6 +659,8 @@ impl RuleSet {
             action,
             origin: origin.into(),
             only,
+            dtype: true,
+            factor: None,
         });
         Ok(())
     }
@@ -542,7 +703,8 @@ impl RuleSet {
         }
     }
 
-    /// The action for a tensor and the index of the rule that decided (None: the default).
+    /// The action for a tensor and the index of the rule that decided (None: the default):
+    /// the last matching rule that decides dtypes.
     pub fn decide(
         &self,
         name: &str,
@@ -558,9 +720,26 @@ impl RuleSet {
             .iter()
             .enumerate()
             .rev()
-            .find(|(_, r)| r.selector.matches(name, shape, class))
+            .find(|(_, r)| r.dtype && r.selector.matches(name, shape, class))
             .map(|(i, r)| (r.action, Some(i)))
             .unwrap_or((default, None))
+    }
+
+    /// The factor of a tensor and the index of the rule that gives it: the last matching rule
+    /// that has a `scale` (None: the tensor is not scaled).
+    pub fn factor(
+        &self,
+        name: &str,
+        shape: &[u64],
+        class: Option<&str>,
+    ) -> Option<(Factor, usize)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, r)| r.factor.is_some())
+            .find(|(_, r)| r.selector.matches(name, shape, class))
+            .map(|(i, r)| (r.factor.expect("filtered"), i))
     }
 }
 
@@ -576,12 +755,24 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// A `[config]` value as JSON: a number, a string or a bool (None for anything else).
+fn config_value(v: &toml::Value) -> Option<serde_json::Value> {
+    Some(match v {
+        toml::Value::String(s) => serde_json::Value::String(s.clone()),
+        toml::Value::Integer(i) => serde_json::Value::from(*i),
+        toml::Value::Float(f) => serde_json::Value::Number(serde_json::Number::from_f64(*f)?),
+        toml::Value::Boolean(b) => serde_json::Value::Bool(*b),
+        _ => return None,
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RulesFile {
     to: Option<String>,
     #[serde(default)]
     rule: Vec<RuleEntry>,
+    config: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -593,6 +784,8 @@ struct RuleEntry {
     keep: Option<bool>,
     to: Option<String>,
     only: Option<bool>,
+    scale: Option<f64>,
+    form: Option<String>,
 }
 
 #[cfg(test)]
@@ -727,5 +920,153 @@ mod tests {
         assert!(err.contains("rule 1"), "{err}");
         std::fs::write(&p, "[[rule]]\nmatch = 'x'\nkep = true\n").unwrap();
         assert!(RuleSet::default().load_file(&p).is_err());
+    }
+
+    /// Writes `text` as a rules file and loads it into a fresh rule set.
+    fn load(text: &str) -> Result<RuleSet> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, text).unwrap();
+        let mut r = RuleSet::default();
+        r.load_file(&p).map(|_| r)
+    }
+
+    #[test]
+    fn scale_alone_leaves_the_dtype_to_the_other_rules() {
+        let r = load(
+            "[[rule]]\nmatch = 'lm_head'\nto = 'f32'\n\
+             [[rule]]\nmatch = 'model.embed_tokens.weight'\nscale = 0.125\n\
+             [[rule]]\nmatch = '*.weight'\nscale = 0.5\n\
+             [[rule]]\nmatch = 'lm_head.weight'\nscale = 2\n",
+        )
+        .unwrap();
+        assert_eq!(r.rules.len(), 4);
+        assert!(r.rules[0].dtype && !r.rules[1].dtype && !r.rules[3].dtype);
+        // scale-only rules decide no dtype
+        assert_eq!(
+            r.decide("model.embed_tokens.weight", &[4, 4], None),
+            (Action::Default, None)
+        );
+        assert_eq!(
+            r.decide("lm_head.weight", &[4, 4], None),
+            (Action::To(DType::F32), Some(0))
+        );
+        // the last matching rule with a scale wins (integers are scales too)
+        let (f, i) = r.factor("lm_head.weight", &[4, 4], None).unwrap();
+        assert_eq!((f.scale, f.form, i), (2.0, Form::Plain, 3));
+        let (f, i) = r
+            .factor("model.embed_tokens.weight", &[4, 4], None)
+            .unwrap();
+        assert_eq!(
+            (f.scale, i),
+            (0.5, 2),
+            "`*.weight` comes later and matches too"
+        );
+        assert!(r.factor("model.embed_tokens.bias", &[4], None).is_none());
+    }
+
+    #[test]
+    fn scale_beside_to_keep_and_only_does_both() {
+        let r = load(
+            "[[rule]]\nmatch = 'down_proj'\nscale = 0.25\nto = 'f32'\n\
+             [[rule]]\nmatch = 'norm'\nscale = 8.0\nform = '1+w'\nkeep = true\n\
+             [[rule]]\nmatch = 'q_proj'\nscale = 0.3\nonly = true\n",
+        )
+        .unwrap();
+        let down = "model.layers.0.mlp.down_proj.weight";
+        assert_eq!(r.decide(down, &[4, 4], None).0, Action::To(DType::F32));
+        assert_eq!(r.factor(down, &[4, 4], None).unwrap().0.scale, 0.25);
+        let norm = "model.norm.weight";
+        assert_eq!(r.decide(norm, &[4], None).0, Action::Keep);
+        let f = r.factor(norm, &[4], None).unwrap().0;
+        assert_eq!((f.scale, f.form), (8.0, Form::OnePlus));
+        assert_eq!(f.apply(0.5), 11.0);
+        assert_eq!(f.describe(), "x8 (1+w)");
+        assert!(r.rules[2].only && r.rules[2].dtype);
+        let q = r.factor("a.q_proj.weight", &[4, 4], None).unwrap().0;
+        assert_eq!(q.scale_f32(), 0.3f32);
+        assert_eq!(q.apply(1.0), 0.3f32);
+    }
+
+    #[test]
+    fn bad_scales_and_forms_are_refused() {
+        for (text, want) in [
+            (
+                "[[rule]]\nmatch = 'x'\nform = '1+w'\n",
+                "`form` goes with `scale`",
+            ),
+            (
+                "[[rule]]\nmatch = 'x'\nform = '1+w'\nkeep = true\n",
+                "`form` goes with `scale`",
+            ),
+            ("[[rule]]\nmatch = 'x'\nscale = 0\n", "non-zero"),
+            ("[[rule]]\nmatch = 'x'\nscale = 0.0\n", "non-zero"),
+            ("[[rule]]\nmatch = 'x'\nscale = nan\n", "finite"),
+            ("[[rule]]\nmatch = 'x'\nscale = inf\n", "finite"),
+            ("[[rule]]\nmatch = 'x'\nscale = 1e300\n", "finite"),
+            (
+                "[[rule]]\nmatch = 'x'\nscale = 2.0\nform = 'w+1'\n",
+                "the only form",
+            ),
+            (
+                "[[rule]]\nmatch = 'x'\nscale = 2.0\nfactor = 3\n",
+                "invalid rules file",
+            ),
+            (
+                "[[rule]]\npreset = 'keep-norms'\nscale = 2.0\n",
+                "a preset takes no",
+            ),
+            (
+                "[[rule]]\nmatch = 'x'\nscale = 2.0\nkeep = true\nto = 'f16'\n",
+                "exactly one",
+            ),
+            (
+                "[[rule]]\nmatch = 'x'\nscale = 'big'\n",
+                "invalid rules file",
+            ),
+            (
+                "[config]\nrms_norm_eps = [1, 2]\n",
+                "`rms_norm_eps`: give a number",
+            ),
+            ("[confg]\nrms_norm_eps = 1e-6\n", "invalid rules file"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_table_is_parsed_and_later_files_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+        std::fs::write(
+            &a,
+            "to = 'f16'\n[config]\nrms_norm_eps = 1.52587890625e-08\nuse_cache = false\n\
+             model_type = 'llama'\nmax_position_embeddings = 4096\n",
+        )
+        .unwrap();
+        std::fs::write(&b, "[config]\nuse_cache = true\n").unwrap();
+        let mut r = RuleSet::default();
+        assert_eq!(r.load_file(&a).unwrap(), Some(DType::F16));
+        r.load_file(&b).unwrap();
+        assert!(r.rules.is_empty());
+        let get = |k: &str| {
+            r.config
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|x| x.1.clone())
+        };
+        assert_eq!(
+            get("rms_norm_eps"),
+            Some(serde_json::json!(1.52587890625e-08))
+        );
+        assert_eq!(get("use_cache"), Some(serde_json::json!(true)));
+        assert_eq!(get("model_type"), Some(serde_json::json!("llama")));
+        assert_eq!(
+            get("max_position_embeddings"),
+            Some(serde_json::json!(4096))
+        );
+        assert_eq!(r.config.len(), 4);
     }
 }

@@ -420,7 +420,7 @@ pub fn plan_from_folder(
     ftype: hf::FileType,
 ) -> Result<()> {
     use hf::FileType;
-    let out = hf::describe(cat, ftype)?;
+    let out = hf::describe(cat, ftype, &plan.config)?;
     plan.remove(&out.skipped);
     let f32_only: std::collections::HashSet<usize> = out
         .tensors

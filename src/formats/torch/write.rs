@@ -66,6 +66,23 @@ pub struct PtRecord {
     pub label: String,
     /// For a dequantized payload: its catalogue index and how it is dequantized.
     pub dequant: Option<(usize, crate::plan::Dequant)>,
+    /// Its values multiplied by this factor (every tensor on the storage has it: a stored
+    /// tensor is scaled once).
+    pub factor: Option<crate::rules::Factor>,
+}
+
+/// What the output does to one storage: stored dtype, written dtype, factor.
+type Decision = (DType, DType, Option<crate::rules::Factor>);
+
+/// Whether two decisions for one storage agree (factors compared by their values).
+fn agree(a: &Decision, b: &Decision) -> bool {
+    a.0 == b.0
+        && a.1 == b.1
+        && match (a.2, b.2) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x.same(y),
+            _ => false,
+        }
 }
 
 /// A `.pt` output, decided: its `data.pkl` and the records to stream after it.
@@ -133,7 +150,7 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
     let mut rw = Rewriter::new(&mut pk);
     let mut done = HashSet::new();
     for r in rebuilds.iter().filter(|r| done.insert(r.site)) {
-        let (from, to) = decision[&r.storage];
+        let (from, to, _) = decision[&r.storage];
         if from != to {
             rw.convert(
                 r.site,
@@ -157,34 +174,34 @@ pub fn from_torch(cat: &Catalogue, plan: &Plan, export: &PtExport) -> Result<PtO
     })
 }
 
-/// Per storage: (from, to) as the plan says for every tensor on it that the output holds; a
-/// storage the plan's tensors disagree on is an error (the plan settles storages first).
+/// Per storage: (from, to, factor) as the plan says for every tensor on it that the output
+/// holds; a storage the plan's tensors disagree on is an error (the plan settles storages
+/// first, and refuses factors that differ on one: [`Plan::check_factors`]).
 fn storage_decisions(
     cat: &Catalogue,
     plan: &Plan,
     rebuilds: &[&crate::formats::torch::Rebuild],
-) -> Result<HashMap<usize, (DType, DType)>> {
+) -> Result<HashMap<usize, Decision>> {
     let path = &cat.path;
-    // Per storage: (from, to) as the plan says for every tensor on it that the output holds.
-    let mut decision: HashMap<usize, (DType, DType)> = HashMap::new();
+    let mut decision: HashMap<usize, Decision> = HashMap::new();
     let mut split = HashSet::new();
     for r in rebuilds {
         let entry = match r.tensor {
-            TensorRef::Selected(i) => plan.tensors().get(i).map(|p| (p.from, p.to)),
+            TensorRef::Selected(i) => plan.tensors().get(i).map(|p| (p.from, p.to, p.factor)),
             TensorRef::Other(i) => plan
                 .others()
                 .iter()
                 .find(|p| p.tensor.0 == i)
-                .map(|p| (p.from, p.to)),
+                .map(|p| (p.from, p.to, p.factor)),
         };
         let d = match entry {
             Some(d) => d,
             None => {
                 let dt = cat.storages[r.storage].dtype.unwrap_or(DType::U8);
-                (dt, dt)
+                (dt, dt, None)
             }
         };
-        if *decision.entry(r.storage).or_insert(d) != d {
+        if !agree(decision.entry(r.storage).or_insert(d), &d) {
             split.insert(r.storage);
         }
     }
@@ -192,7 +209,8 @@ fn storage_decisions(
         return Err(Error::invalid(
             path,
             format!(
-                "storage data/{} would get two dtypes: the plan was not settled (Plan::settle)",
+                "storage data/{} would get two dtypes or factors: the plan was not settled \
+                 (Plan::settle, Plan::check_factors)",
                 cat.storages[s].key
             ),
         ));
@@ -206,7 +224,7 @@ fn records(
     cat: &Catalogue,
     doc: &TorchDoc,
     pk: &Pickle,
-    decision: &HashMap<usize, (DType, DType)>,
+    decision: &HashMap<usize, Decision>,
     rebuilds: &[&crate::formats::torch::Rebuild],
 ) -> Result<Vec<PtRecord>> {
     let path = &cat.path;
@@ -244,12 +262,14 @@ fn records(
     let mut records = Vec::with_capacity(used.len());
     for s in used {
         let st = &cat.storages[s];
-        let (from, to) = decision
-            .get(&s)
-            .copied()
-            .unwrap_or_else(|| (st.dtype.unwrap_or(DType::U8), st.dtype.unwrap_or(DType::U8)));
+        let (from, to, factor) = decision.get(&s).copied().unwrap_or_else(|| {
+            let dt = st.dtype.unwrap_or(DType::U8);
+            (dt, dt, None)
+        });
+        // bytes as they are: neither cast nor scaled
+        let copied = from == to && factor.is_none();
         let es = (from.bitsize() / 8).max(1) as u64;
-        if (from != to || big_endian) && st.nbytes % es != 0 {
+        if (!copied || big_endian) && st.nbytes % es != 0 {
             return Err(Error::invalid(
                 path,
                 format!(
@@ -268,7 +288,7 @@ fn records(
             ));
         }
         let mut source = st.as_tensor();
-        if from == to && !big_endian {
+        if copied && !big_endian {
             // Copied byte for byte, trailing bytes included.
             source.dtype = DType::U8;
             source.shape = vec![st.nbytes];
@@ -277,7 +297,7 @@ fn records(
         let osz = (to.bitsize() / 8).max(1) as u64;
         records.push(PtRecord {
             name: format!("data/{}", st.key),
-            bytes_out: if from == to {
+            bytes_out: if copied {
                 source.nbytes
             } else {
                 st.nbytes / es * osz
@@ -287,6 +307,7 @@ fn records(
             to,
             label: label_of(s),
             dequant: None,
+            factor,
         });
     }
     Ok(records)
@@ -697,6 +718,7 @@ pub fn from_tensors(cat: &Catalogue, plan: &Plan) -> Result<PtOutput> {
                 bytes_out: p.bytes_out,
                 label: t.name.clone(),
                 dequant: p.dequant.map(|d| (p.tensor.0, d)),
+                factor: p.factor,
             }
         })
         .collect();

@@ -451,11 +451,24 @@ fn hparams(mut cfg: Json, hf_arch: &str) -> Json {
     cfg
 }
 
-/// The GGUF output of a Hugging Face folder in file type `ftype`.
-pub fn describe(cat: &Catalogue, ftype: FileType) -> Result<HfGguf> {
+/// The GGUF output of a Hugging Face folder in file type `ftype`, its `config.json` read with
+/// the rules' `[config]` edits (`edits`: existing top-level keys set to their new values) as
+/// the model the output holds has them.
+pub fn describe(
+    cat: &Catalogue,
+    ftype: FileType,
+    edits: &[crate::rules::ConfigEdit],
+) -> Result<HfGguf> {
     let dir = folder(cat)?;
     let cfg_path = dir.join("config.json");
-    let cfg = read_json(&cfg_path)?;
+    let mut cfg = read_json(&cfg_path)?;
+    if let Some(o) = cfg.as_object_mut() {
+        for e in edits {
+            if let Some(slot) = o.get_mut(&e.key) {
+                *slot = e.new.clone();
+            }
+        }
+    }
     let hf_arch = cfg
         .get("architectures")
         .and_then(|a| a.get(0))
