@@ -57,6 +57,8 @@ __all__ = [
     "Runnable",
     "profile",
     "Profile",
+    "rescale",
+    "Rescale",
     "Result",
     "Document",
     "Entry",
@@ -612,3 +614,4 @@ def save(
 
 from ._modules import Runnable, cast_module, load_module, runnable  # noqa: E402
 from ._profile import Profile, profile  # noqa: E402
+from ._rescale import Rescale, rescale  # noqa: E402

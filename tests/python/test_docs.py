@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 import subprocess
 
 import pytest
 
 from conftest import BIN, ROOT
+from docs_runner import PACKAGE, blocks, output_matches, session
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -42,72 +42,6 @@ SETUP = [
     "pip install dist/weightcast-*.whl",
     "pip install ./python",
 ]
-
-FENCE = re.compile(r"^```(\w*)\s*$")
-
-
-def blocks(path: pathlib.Path):
-    """(kind, first line number, lines) of each fenced block."""
-    out, kind, start, body = [], None, 0, []
-    for n, line in enumerate(path.read_text().split("\n"), 1):
-        m = FENCE.match(line.strip()) if line.startswith("```") else None
-        if kind is None and m:
-            kind, start, body = m.group(1), n, []
-        elif kind is not None and line.strip() == "```":
-            out.append((kind, start, body))
-            kind = None
-        elif kind is not None:
-            body.append(line)
-    assert kind is None, f"{path}: block opened at line {start} is never closed"
-    return out
-
-
-def session(body):
-    """[(command, expected exit code, expected output lines)] of a console block."""
-    steps, i = [], 0
-    while i < len(body):
-        line = body[i]
-        assert line.startswith("$ "), f"console block: expected `$ command`, got {line!r}"
-        cmd = line[2:]
-        while cmd.endswith("\\"):
-            i += 1
-            cmd = cmd[:-1] + "\n" + body[i]
-        i += 1
-        code = 0
-        if i < len(body) and re.fullmatch(r"\? \d+", body[i]):
-            code = int(body[i][2:])
-            i += 1
-        expected = []
-        while i < len(body) and not body[i].startswith("$ "):
-            expected.append(body[i])
-            i += 1
-        steps.append((cmd, code, expected))
-    return steps
-
-
-def line_matches(pattern: str, line: str) -> bool:
-    parts = [re.escape(p) for p in pattern.rstrip().split("[..]")]
-    return re.fullmatch(".*".join(parts), line.rstrip()) is not None
-
-
-def output_matches(expected, actual) -> bool:
-    """trycmd's rules: `...` any number of lines, `[..]` any text in a line."""
-    memo = {}
-
-    def go(i, j):
-        if (i, j) in memo:
-            return memo[(i, j)]
-        if i == len(expected):
-            r = j == len(actual)
-        elif expected[i].strip() == "...":
-            r = any(go(i + 1, k) for k in range(j, len(actual) + 1))
-        else:
-            r = j < len(actual) and line_matches(expected[i], actual[j]) and go(i + 1, j + 1)
-        memo[(i, j)] = r
-        return r
-
-    return go(0, 0)
-
 
 def scratch(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict]:
     work = tmp_path / "work"
@@ -149,8 +83,8 @@ def test_commands_in_docs_run_as_shown(path, tmp_path):
                     code, out = run_step(cmd, work, env)
                     assert code == 0, f"{path.name}:{start}: `{cmd}` exited {code}:\n" + "\n".join(out)
             continue
-        if kind != "console":
-            continue
+        if kind != "console" or any(PACKAGE in line for line in body):
+            continue  # the package's own command: tests/api/test_docs.py runs the block
         new_body = []
         for cmd, code, expected in session(body):
             got_code, actual = run_step(cmd, work, env)

@@ -19,7 +19,9 @@ def parse(c: Candidate) -> Tuple[str, Dict[str, Any]]:
     if isinstance(c, dict):
         kw = dict(c)
         to = kw.pop("to", None)
-        bits = [str(to)] + [f"{k}={v}" for k, v in kw.items()]
+        bits = [str(to)] + [f"{k}={v}" for k, v in kw.items() if k != "rescale"]
+        if kw.get("rescale"):
+            bits.append("rescaled")
         return kw.pop("name", None) or " ".join(bits), {"to": to, **kw}
     s = os.fspath(c)
     if s.endswith(".toml") or os.path.isfile(s):
@@ -41,6 +43,10 @@ def target_dtype(kw: Dict[str, Any]) -> Any:
 def build(module, kw: Dict[str, Any]):
     """A copy of `module` cast as the candidate says (the reference is left as it is)."""
     cand = copy.deepcopy(module)
+    if kw.get("rescale") is not None:
+        # A rescale candidate (a :class:`~weightcast.Rescale` the profile computed): its factors
+        # applied in the module's own dtype first, then the cast, as ``convert`` does both.
+        kw["rescale"].apply(cand)
     cast_module(cand, kw.get("to"), keep=kw.get("keep", ()), only=kw.get("only", ()),
                 rules=kw.get("rules"), preset=kw.get("preset"),
                 on_overflow=kw.get("on_overflow", "allow"))

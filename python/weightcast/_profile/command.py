@@ -87,6 +87,14 @@ def cli(argv: List[str]) -> int:
     ap.add_argument("--report", help="write the HTML report here")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--rescale", action="store_true",
+                    help="find power-of-two factors that make the model fit --to without "
+                         "overflow (the same model: its function is unchanged); with "
+                         "--rules-out, write them for convert --rules")
+    ap.add_argument("--to", default="f16", help="the dtype --rescale fits (default f16)")
+    ap.add_argument("--headroom", type=float, default=4.0,
+                    help="--rescale keeps every activation below the dtype's max / HEADROOM "
+                         "(default 4)")
     a = ap.parse_args(argv)
 
     def fail(msg: str, code: int) -> int:
@@ -97,7 +105,7 @@ def cli(argv: List[str]) -> int:
 
     try:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
     except ImportError as e:
         return fail(f"profile needs torch and transformers ({e}): pip install torch transformers", 2)
     tolerance = {}
@@ -117,6 +125,8 @@ def cli(argv: List[str]) -> int:
             raise FileNotFoundError("no tokenizer files")
         with _transformers_held():
             tok = AutoTokenizer.from_pretrained(a.model)
+        if tok.pad_token is None:  # Llama's tokenizers have none: batches need one
+            tok.pad_token = tok.eos_token or tok.unk_token
     except Exception:
         return fail(f"{a.model}: no tokenizer: this model needs images or audio; profile it "
                     "from Python with weightcast.profile(model, inputs)", 2)
@@ -131,13 +141,19 @@ def cli(argv: List[str]) -> int:
         # transformers' load report (the keys it initialised, e.g. an unused pooler) is its
         # log, not this command's output: held back, shown only when loading fails.
         with _transformers_held() as held:
-            model = AutoModel.from_pretrained(a.model, dtype=torch.float32).eval()
+            model = _auto_class(a.model, a.rescale).from_pretrained(
+                a.model, dtype=torch.float32).eval()
     except Exception as e:  # transformers' own message: what is missing or unknown
         for text in held:  # the report its message refers to
             sys.stderr.write(re.sub(r"\x1b\[[0-9;]*m", "", text).rstrip() + "\n")
         return fail(f"{a.model}: transformers cannot load it: {' '.join(str(e).split())}", 1)
     batches = [dict(tok(texts[i:i + a.batch], padding=True, return_tensors="pt"))
                for i in range(0, len(texts), a.batch)]
+    if getattr(model.config, "is_encoder_decoder", False):
+        for b in batches:  # the decoder reads the same text (teacher forcing)
+            b["decoder_input_ids"] = b["input_ids"]
+    if a.rescale:
+        return _rescale(model, batches, a, fail)
     candidates = []
     for d in a.dtypes.split(","):
         spec: Dict[str, Any] = {"to": d.strip(), "name": d.strip()}
@@ -169,4 +185,44 @@ def cli(argv: List[str]) -> int:
             print(f"rules: {a.rules_out}")
         if a.report:
             print(f"report: {a.report}")
+    return 0
+
+
+def _auto_class(folder: str, with_head: bool):
+    """transformers' class for a folder: with its head (causal LM, seq2seq LM) when `with_head`
+    and the config names one (a rescale scales a tied head's embedding), else the base model."""
+    import transformers
+
+    if with_head:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        if "ForCausalLM" in archs:
+            return transformers.AutoModelForCausalLM
+        if "ForConditionalGeneration" in archs and getattr(config, "is_encoder_decoder", False):
+            return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModel
+
+
+def _rescale(model, batches, a, fail) -> int:
+    """`--rescale`: the factors, their report, and the rules file when the proof holds."""
+    import json as _json
+
+    from .._rescale import rescale
+
+    try:
+        r = rescale(model, batches, a.to, headroom=a.headroom)
+    except Error as e:
+        return fail(str(e), 2 if isinstance(e, UsageError) else 1)
+    if a.json:
+        print(_json.dumps(r.to_dict(), indent=2, default=str))
+    else:
+        print(r)
+    if not r.ok:
+        names = ", ".join(u["module"] for u in r.unreachable[:5]) or "see the report"
+        return fail(f"the rescaled model does not fit {a.to} on these inputs ({names}): no "
+                    "rules written; profile --search finds the modules to keep in f32", 1)
+    if a.rules_out:
+        r.save_rules(a.rules_out)
+        if not a.json:
+            print(f"rules: {a.rules_out}")
     return 0

@@ -4,26 +4,18 @@ frame, a text table and an HTML page."""
 
 from typing import Any, Dict, Optional
 
+from .._measured import Measured
 from .report import html_page, text_table
 
 
-class Profile:
+class Profile(Measured):
     """What :func:`profile` measured: ``to_dict()``, ``to_pandas()``, ``save_rules(path)``
     (the recommended candidate as a rules file ``convert --rules`` reads), and a table as
     ``str()``."""
 
     def __init__(self, d: Dict[str, Any], rules: Dict[str, Dict[str, Any]]):
-        self._d = d
+        super().__init__(d)
         self._rules = rules
-
-    def to_dict(self) -> Dict[str, Any]:
-        return self._d
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._d[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     def to_pandas(self, what: str = "candidates"):
         """``candidates`` or ``layers`` as a ``pandas.DataFrame``."""
@@ -51,6 +43,13 @@ class Profile:
             raise ValueError(f"{r['rules']}: the candidate came from this rules file; add the "
                              f"kept modules to it by hand: {r.get('keep')}")
 
+        rescaled = r.get("rescale")
+        if rescaled is not None:
+            # The factors and config edits first: the rules below decide dtypes only.
+            lines = rescaled.rules_toml(to=r.get("to") or "").rstrip("\n").split("\n")
+            config_at = lines.index("[config]") if "[config]" in lines else len(lines)
+            config, lines = lines[config_at:], lines[:config_at]
+
         def many(v):
             return [v] if isinstance(v, str) else list(v or [])
 
@@ -61,6 +60,8 @@ class Profile:
             lines += ["", "[[rule]]", f"match = {json.dumps(pat)}", "only = true"]
         for pat in many(r.get("keep")):
             lines += ["", "[[rule]]", f"match = {json.dumps(pat)}", "keep = true"]
+        if rescaled is not None:
+            lines += [""] + config if config else []
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -39,8 +39,10 @@ def profile(
     each runs on this machine.
 
     ``candidates``: dtype names (``"f16"``), rule dicts (``{"to": "f16", "keep":
-    ["class:Conv2d"]}``) or rules files, each built in turn with :func:`cast_module` (memory:
-    the reference and one candidate). Per candidate: cosine of the outputs (the worst batch),
+    ["class:Conv2d"]}``; ``{"to": "f16", "rescale": True}`` is the model rescaled by
+    :func:`weightcast.rescale` on the same inputs, its row's ``rescale`` says how) or rules
+    files, each built in turn with :func:`cast_module` (memory: the reference and one
+    candidate). Per candidate: cosine of the outputs (the worst batch),
     max absolute and relative error, top-1 agreement and KL for logits (the first floating
     output, or ``key``), non-finite values, ``metric(reference_output, candidate_output,
     batch)`` averaged with a 95% bootstrap interval; latency p50/p90/p99 after ``warmup``,
@@ -79,6 +81,16 @@ def profile(
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     specs = [parse(c) for c in candidates]
+    for _, kw in specs:
+        if kw.get("rescale") is True:
+            # The factors that make this candidate's dtype fit, measured on the same batches.
+            from .._rescale import rescale
+
+            kw["rescale"] = rescale(module, batches, kw.get("to") or "f16")
+        elif kw.get("rescale") not in (None, False):
+            raise UsageError("profile: a candidate's rescale= takes True or False")
+        else:
+            kw.pop("rescale", None)
     targets = [target_dtype(kw) for _, kw in specs]
     floats = [t for t in targets if t is not None and t.is_floating_point]
     bar = _progress_bar(progress, 1 + len(specs))
@@ -106,12 +118,18 @@ def profile(
         if row["first_nonfinite"] and first_nonfinite is None:
             first_nonfinite = {"candidate": name, "module": row["first_nonfinite"]}
         rows.append(row)
-        rules[name] = {k: v for k, v in kw.items() if v not in (None, (), [])}
+        rules[name] = {k: v for k, v in kw.items() if v is not None and not (
+            isinstance(v, (tuple, list)) and not v)}
+        if kw.get("rescale") is not None:
+            row["rescale"] = {k: kw["rescale"].to_dict()[k]
+                              for k in ("alpha", "stream_max", "config", "unreachable")}
+            row["rescale"]["factors"] = len(kw["rescale"].factors)
         if target is not None and layers:
             sensitivities[name] = sensitivity(module, captured, target)
         if bar:
             bar.update(1)
-        if search and target is not None and not bench.scoring.meets(row):
+        if (search and target is not None and kw.get("rescale") is None
+                and not bench.scoring.meets(row)):
             ranked = rank(compute, row["first_nonfinite"], sensitivities.get(name, {}))
             found, used = fewest_to_keep(module, bench, kw, ranked, max_passes - passes)
             passes += used
