@@ -6,6 +6,7 @@ import functools
 import math
 from typing import Any, Dict, List
 
+from .._profile.measure import Accuracy
 from .._profile.outputs import call, detach, leaves
 
 
@@ -86,28 +87,17 @@ def run(module, batches: List[Any], watch: bool = True):
 
 
 def compare(ref, got) -> Dict[str, Any]:
-    """Outputs against the reference's: max relative difference over every floating output
-    (max |got - ref| over max |ref|), non-finite values where the reference is finite, the
-    cosine of the first output (the worst batch) and its top-1 agreement (for logits)."""
-    import torch
-
-    max_abs, ref_max, nonfinite, cosines, top1 = 0.0, 0.0, 0, [], []
-    for r_batch, g_batch in zip(ref, got):
-        for (_, r), (_, g) in zip(r_batch, g_batch):
-            fin = torch.isfinite(r)
-            nonfinite += int((fin & ~torch.isfinite(g)).sum())
-            both = fin & torch.isfinite(g)
-            if both.any():
-                max_abs = max(max_abs, float((g - r).abs()[both].max()))
-                ref_max = max(ref_max, float(r[fin].abs().max()))
-        r, g = r_batch[0][1].double(), g_batch[0][1].double()
-        cosines.append(float(torch.nn.functional.cosine_similarity(r.flatten(), g.flatten(), dim=0))
-                       if torch.isfinite(g).all() else math.nan)
-        if r.dim() >= 2 and r.shape[-1] >= 2:
-            top1.append(float((r.argmax(-1) == g.argmax(-1)).double().mean()))
+    """Outputs against the reference's, as profile measures a candidate (its
+    :class:`~weightcast._profile.measure.Accuracy`): max relative difference over every
+    floating output (max |got - ref| over max |ref|), non-finite values where the reference is
+    finite, the cosine of the first output (the worst batch) and its top-1 agreement."""
+    acc = Accuracy()
+    for r, g in zip(ref, got):
+        acc.add(r, g, 0)
+    cos = acc.cosines
     return {
-        "max_rel_diff": max_abs / ref_max if ref_max else 0.0,
-        "nonfinite": nonfinite,
-        "cosine": min(cosines) if all(c == c for c in cosines) else math.nan,
-        "top1": sum(top1) / len(top1) if top1 else None,
+        "max_rel_diff": acc.max_abs / acc.ref_max if acc.ref_max else 0.0,
+        "nonfinite": acc.nonfinite,
+        "cosine": min(cos) if all(c == c for c in cos) else math.nan,
+        "top1": sum(acc.top1) / len(acc.top1) if acc.top1 else None,
     }

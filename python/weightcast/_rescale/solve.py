@@ -68,11 +68,11 @@ def solve(module, family: Family, ranges: Ranges, limit: float) -> Factors:
     f.alpha = pow2_within(scaled_max, limit)
     out: Dict[str, float] = {}
     inn: Dict[str, float] = {}
+    config = getattr(module, "config", None)
     if f.alpha != 1.0:
         for n in alpha_mods:
             out[n] = f.alpha
         tied = _tied_head(module)
-        config = getattr(module, "config", None)
         if tied is None and getattr(config, "tie_word_embeddings", False):
             raise UsageError(
                 "rescale: the model's output head is tied to the embedding the rescale scales, "
@@ -87,7 +87,6 @@ def solve(module, family: Family, ranges: Ranges, limit: float) -> Factors:
             old = getattr(config, key, None)
             if isinstance(old, (int, float)) and not isinstance(old, bool):
                 f.config[key] = float(old) * f.alpha * f.alpha
-    config = getattr(module, "config", None)
     for pair in family.pairs:
         if not holds(pair, config):
             continue
