@@ -1,6 +1,6 @@
 """Reading llama.cpp's GGUF: `inspect` lists every metadata key and tensor as the `gguf`
 package's reader reads them; plain tensors convert with the values the reader gives and
-block-quantized ones (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K) with the values
+block-quantized ones (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, MXFP4) with the values
 `gguf.quants.dequantize` gives, bit for bit; other ggml types are named and refused; audit says
 a GGUF holds no pickle; a broken header is a one-line error."""
 
@@ -149,6 +149,53 @@ def test_block_quantized_tensors_dequantize_as_gguf_does(tmp_path):
     d = json.loads(run("diff", path, out, "--json", check=False).stdout)
     assert len(d["common"]) == len(DEQUANTIZED) and not d["only_a"] and not d["only_b"]
     assert all(c["max_abs_err"] == 0.0 for c in d["common"]), d["common"][:1]
+
+
+def test_mxfp4_dequantizes_as_gguf_does(tmp_path):
+    # MXFP4 blocks: one E8M0 exponent byte, 16 bytes of e2m1 nibbles (low nibbles first)
+    path = tmp_path / "mxfp4.gguf"
+    rng = np.random.default_rng(5)
+    qtype = gguf.GGMLQuantizationType.MXFP4
+    w = gguf.GGUFWriter(str(path), "llama")
+    # quantized by gguf-py from floats of many magnitudes
+    x = rng.standard_normal((6, 512)).astype(np.float32)
+    x *= np.exp2(np.arange(-12, 12, 4, dtype=np.float32)).reshape(6, 1)
+    q = gguf.quants.quantize(x, qtype)
+    w.add_tensor("quantized", q, raw_shape=q.shape, raw_dtype=qtype)
+    # raw blocks: exponent bytes in a realistic range, and the edges (subnormal scales for
+    # 0 and 1, 255 is 2^127 rather than NaN, large nibbles overflow to inf at 254 and 255)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(4 * 256 // block, size), dtype=np.uint8)
+    raw[:, 0] = rng.integers(100, 141, size=raw.shape[0])
+    edges = [0, 1, 2, 126, 127, 128, 253, 254, 255]
+    raw[:len(edges), 0] = edges
+    raw = raw.reshape(4, 256 // block * size)
+    w.add_tensor("raw", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    doc = json.loads(run("inspect", path, "--json").stdout)
+    assert {t["name"]: (t["dtype"], t.get("ggml_type"), t["shape"]) for t in doc["tensors"]} == {
+        "quantized": ("F32", "MXFP4", [6, 512]), "raw": ("F32", "MXFP4", [4, 256])}
+    out = tmp_path / "out.safetensors"
+    run("convert", path, "-o", out, "--to", "f32")
+    got = load_file(out)
+    r = gguf.GGUFReader(str(path))
+    assert [t.tensor_type for t in r.tensors] == [qtype, qtype]
+    for t in r.tensors:
+        with np.errstate(over="ignore"):
+            want = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert got[t.name].shape == want.shape, t.name
+        np.testing.assert_array_equal(got[t.name].view(np.uint32), want.view(np.uint32),
+                                      err_msg=t.name)
+    # the edges are there: subnormals, +0 only, infinities, no NaN
+    edge = got["raw"].reshape(-1, block)[:len(edges)]
+    sub = np.abs(edge[0])
+    assert sub.max() <= 12 * 2.0**-128 and ((sub > 0) & (sub < np.finfo(np.float32).tiny)).any()
+    assert np.isinf(edge[-1]).any() and not np.isnan(got["raw"]).any()
+    assert not np.signbit(got["raw"][got["raw"] == 0]).any()
+    np.testing.assert_array_equal(got["quantized"], gguf.quants.dequantize(q, qtype))
 
 
 def test_other_ggml_types_are_refused_by_name(tmp_path):

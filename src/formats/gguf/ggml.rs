@@ -1,12 +1,12 @@
-//! Dequantizing ggml's block types (GGUF): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K
-//! to Q6_K, to f32 bit for bit as `gguf.quants.dequantize` computes them (the same f32
-//! products and sums, in the same order; no fused multiply-add).
+//! Dequantizing ggml's block types (GGUF): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants Q2_K
+//! to Q6_K and MXFP4, to f32 bit for bit as `gguf.quants.dequantize` computes them (the same
+//! f32 products and sums, in the same order; no fused multiply-add).
 
 use half::f16;
 
 /// Whether the ggml type `id` is one this module dequantizes.
 pub fn supported(id: u32) -> bool {
-    matches!(id, 2 | 3 | 6 | 7 | 8 | 10..=14)
+    matches!(id, 2 | 3 | 6 | 7 | 8 | 10..=14 | 39)
 }
 
 fn h(b: &[u8], at: usize) -> f32 {
@@ -32,6 +32,7 @@ pub fn dequantize(id: u32, bytes: usize, block: usize, raw: &[u8], out: &mut [f3
             12 => q4_k(b, o),
             13 => q5_k(b, o),
             14 => q6_k(b, o),
+            39 => mxfp4(b, o),
             _ => unreachable!("checked"),
         }
     }
@@ -194,6 +195,32 @@ fn q6_k(b: &[u8], o: &mut [f32]) {
     }
 }
 
+/// MXFP4's e2m1 values, doubled (gguf-py's `MXFP4.kvalues`; index 8 is +0, not -0).
+const MXFP4_KVALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half the E8M0 scale `2^(e - 127)`, i.e. `2^(e - 128)`, built from its bits as ggml's
+/// `ggml_e8m0_to_fp32_half` (and gguf-py's `MXFP4.e8m0_to_fp32_half`) do: subnormal for
+/// `e` 0 and 1; `e` 255 is `2^127`, not NaN.
+fn e8m0_to_fp32_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        (e as u32 - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
+/// One E8M0 exponent byte, then 16 bytes of e2m1 nibbles: values `0..16` from the low nibbles,
+/// `16..32` from the high ones, each `d * kvalue` (which overflows to ±inf for large `e`).
+fn mxfp4(b: &[u8], o: &mut [f32]) {
+    let d = e8m0_to_fp32_half(b[0]);
+    let qs = &b[1..17];
+    for j in 0..16 {
+        o[j] = d * MXFP4_KVALUES[(qs[j] & 0x0F) as usize] as f32;
+        o[j + 16] = d * MXFP4_KVALUES[(qs[j] >> 4) as usize] as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +243,45 @@ mod tests {
         // a type it does not know, a partial block
         assert!(!dequantize(20, 18, 32, &b, &mut o));
         assert!(!dequantize(2, 18, 32, &b[..17], &mut o));
+    }
+
+    #[test]
+    fn mxfp4_by_hand() {
+        let block = |e: u8, qs: &[u8]| {
+            let mut b = vec![e];
+            b.extend(qs);
+            b.resize(17, 0);
+            let mut o = [f32::NAN; 32];
+            assert!(dequantize(39, 17, 32, &b, &mut o));
+            o
+        };
+        assert!(supported(39));
+        // e = 127: d = 0.5, the plain e2m1 values; low nibbles first, then high nibbles
+        let o = block(127, &[0x97, 0x0F, 0x85, 0x21]);
+        assert_eq!((o[0], o[16]), (6.0, -0.5));
+        assert_eq!((o[1], o[17]), (-6.0, 0.0));
+        assert_eq!((o[2], o[18]), (3.0, 0.0));
+        assert_eq!((o[3], o[19]), (0.5, 1.0));
+        // nibbles 0 and 8 are both +0
+        assert_eq!(
+            (o[17].to_bits(), o[18].to_bits(), o[4].to_bits()),
+            (0, 0, 0)
+        );
+        // e = 0: d = 2^-128 (subnormal bits 0x0020_0000); e = 1: 2^-127
+        let o = block(0, &[0x31, 0x07]);
+        assert_eq!(o[0].to_bits(), 0x0020_0000);
+        assert_eq!(o[16], 3.0 * 2f32.powi(-64) * 2f32.powi(-64));
+        // 12 * 2^-128 = 1.5 * 2^-125, a normal number; -1 * 2^-127 at e = 1
+        assert_eq!(o[1], 12.0 * 2f32.powi(-64) * 2f32.powi(-64));
+        assert_eq!(block(1, &[0x09])[0].to_bits(), 0x8040_0000);
+        // e = 254: d = 2^126; 3 * d is finite, 4 * d = 2^128 overflows to inf
+        let o = block(254, &[0x43, 0xC2]);
+        assert_eq!(o[0], 1.5 * 2f32.powi(127));
+        assert_eq!(o[16], f32::INFINITY);
+        assert_eq!((o[1], o[17]), (2f32.powi(127), f32::NEG_INFINITY));
+        // e = 255: d = 2^127, not NaN; 2 * d is inf
+        let o = block(255, &[0x21]);
+        assert_eq!((o[0].to_bits(), o[16]), (0x7F00_0000, f32::INFINITY));
+        assert!(o.iter().all(|v| !v.is_nan()));
     }
 }

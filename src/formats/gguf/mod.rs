@@ -7,7 +7,7 @@
 //! Every length comes from the file and is checked against the bytes that remain before
 //! anything is allocated for it.
 
-/// The ggml block codecs (Q8_0 ... Q6_K), bit-identical to gguf-py.
+/// The ggml block codecs (Q8_0 ... Q6_K, MXFP4), bit-identical to gguf-py.
 pub mod ggml;
 /// A Hugging Face folder to GGUF as convert_hf_to_gguf.py writes it, and back.
 pub mod hf;
@@ -402,7 +402,7 @@ pub fn refuse_quantized(cat: &Catalogue, command: &str) -> Result<()> {
         Some(t) => Err(Error::usage(format!(
             "{}: {command} of this GGUF file is not supported: `{}` is {} ({} tensors in types \
              weightcast does not dequantize; it reads F32, F16, BF16, F64, integers, Q8_0, Q4_0, \
-             Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K)",
+             Q4_1, Q5_0, Q5_1, Q2_K to Q6_K and MXFP4)",
             cat.path.display(),
             t.name,
             t.ggml.name,
