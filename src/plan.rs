@@ -450,7 +450,14 @@ impl Plan {
                         q.scheme
                     ),
                 )),
-                None => {}
+                None => {
+                    if let Some(d) = &t.decode {
+                        p.reason = match p.reason.as_str() {
+                            "" => format!("dequantized: {}", d.what),
+                            r => format!("dequantized: {}; {r}", d.what),
+                        };
+                    }
+                }
             }
         }
         self.tensors

@@ -7,8 +7,24 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
+use crate::catalogue::quant::Decode;
 use crate::catalogue::{Catalogue, Packed, Strided, TensorEntry};
 use crate::error::{Error, Result};
+
+/// Which slab of which packed weight a decoded slab is: its payload's file and offset, its
+/// packing, the slab's number.
+#[derive(PartialEq)]
+struct SlabKey {
+    file: std::path::PathBuf,
+    offset: u64,
+    packing: crate::cast::packed::Packing,
+    slab: u64,
+}
+
+thread_local! {
+    /// The last slab of a packed low-bit weight this thread decoded, as bytes of its dtype.
+    static SLAB: std::cell::RefCell<(Option<SlabKey>, Vec<u8>)> = Default::default();
+}
 
 /// Tells the kernel a file is read from start to end (a larger read-ahead window for a cold
 /// input; a hint only: errors are ignored).
@@ -128,6 +144,9 @@ impl<'a> Sources<'a> {
         if let Some(b) = &t.blocks {
             return self.dequantize(t, b, pos, buf);
         }
+        if let Some(d) = &t.decode {
+            return self.decode(t, d, pos, buf);
+        }
         match &t.strided {
             None => self.read_raw(t, pos, buf)?,
             Some(s) => self.gather(t, s, pos, buf)?,
@@ -176,6 +195,72 @@ impl<'a> Sources<'a> {
         for (o, v) in buf.chunks_exact_mut(4).zip(&vals[skip..]) {
             o.copy_from_slice(&v.to_le_bytes());
         }
+        Ok(())
+    }
+
+    /// Bytes `pos..pos + buf.len()` of a packed low-bit weight: the slabs that hold them are
+    /// read from the weight's parts and dequantized (the last slab a thread decoded is kept,
+    /// so reading a tensor chunk by chunk decodes each slab once).
+    fn decode(&self, t: &TensorEntry, d: &Decode, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let es = (t.dtype.bitsize() / 8).max(1) as u64;
+        if pos % es != 0 || buf.len() as u64 % es != 0 || pos + buf.len() as u64 > t.nbytes {
+            return Err(Error::invalid(
+                &self.cat.files[t.file].path,
+                format!("tensor `{}`: read past its values", t.name),
+            ));
+        }
+        let (first, n) = (pos / es, buf.len() as u64 / es);
+        let mut done = 0u64;
+        while done < n {
+            let (k, within) = d.packing.locate(first + done);
+            let take = (d.packing.slab_len(k) - within).min(n - done);
+            let key = SlabKey {
+                file: self.cat.files[d.parts[0].file].path.clone(),
+                offset: d.parts[0].offset,
+                packing: d.packing,
+                slab: k,
+            };
+            let out = &mut buf[(done * es) as usize..((done + take) * es) as usize];
+            SLAB.with(|cache| -> Result<()> {
+                let mut cache = cache.borrow_mut();
+                if cache.0.as_ref() != Some(&key) {
+                    cache.0 = None;
+                    self.decode_slab(t, d, k, &mut cache.1)?;
+                    cache.0 = Some(key);
+                }
+                let at = (within * es) as usize;
+                out.copy_from_slice(&cache.1[at..at + out.len()]);
+                Ok(())
+            })?;
+            done += take;
+        }
+        Ok(())
+    }
+
+    /// Slab `k` of a packed weight, as bytes of the weight's dtype, into `into`.
+    fn decode_slab(&self, t: &TensorEntry, d: &Decode, k: u64, into: &mut Vec<u8>) -> Result<()> {
+        let mut parts = Vec::new();
+        for w in d.packing.windows(k) {
+            let part = &d.parts[w.part];
+            let mut b = vec![0u8; (w.rows * w.bytes) as usize];
+            if w.bytes == w.row_bytes {
+                self.read(part, w.row0 * w.row_bytes, &mut b)?;
+            } else {
+                for (r, row) in b.chunks_exact_mut(w.bytes.max(1) as usize).enumerate() {
+                    self.read(part, (w.row0 + r as u64) * w.row_bytes + w.byte0, row)?;
+                }
+            }
+            parts.push(b);
+        }
+        let mut vals = vec![0f32; d.packing.slab_len(k) as usize];
+        d.packing.decode(k, &parts, &mut vals).map_err(|why| {
+            Error::invalid(
+                &self.cat.files[d.parts[0].file].path,
+                format!("tensor `{}`: {why}", t.name),
+            )
+        })?;
+        into.resize(vals.len() * (t.dtype.bitsize() / 8).max(1), 0);
+        crate::cast::encode_f32_slice(t.dtype, &vals, into);
         Ok(())
     }
 

@@ -53,10 +53,14 @@ pub fn inspect_text(cat: &Catalogue) -> String {
     );
     if let Some(q) = cat.quant.as_deref() {
         s.push_str(&format!(
-            "quantized: {} (from {}); {} scaled payload(s){}{}\n\n",
+            "quantized: {} (from {}); {} scaled payload(s){}{}{}\n\n",
             q.scheme,
             q.found_in,
             q.scaled.len(),
+            match cat.tensors.iter().filter(|t| t.decode.is_some()).count() {
+                0 => String::new(),
+                n => format!(", {n} packed weight(s)"),
+            },
             if q.layouts().is_empty() {
                 String::new()
             } else {
@@ -92,7 +96,10 @@ pub fn inspect_text(cat: &Catalogue) -> String {
             row.push(t.module_class.clone().unwrap_or_default());
         }
         if let Some(q) = cat.quant.as_deref() {
-            row.push(role_text(cat, q.role(i)));
+            row.push(match (&t.decode, q.role(i)) {
+                (Some(d), None) => format!("dequantized: {}", d.what),
+                (_, role) => role_text(cat, role),
+            });
         }
         rows.push(row);
     }
@@ -160,15 +167,24 @@ pub fn plan_text(cat: &Catalogue, plan: &Plan, layout: &Layout) -> String {
     let t = plan.totals();
     if let Some(q) = cat.quant.as_deref() {
         s.push_str(&format!(
-            "\nquantized: {} (from {}; {}): {}\n",
+            "\nquantized: {} (from {}{}): {}\n",
             q.scheme,
             q.found_in,
-            q.layouts().join(", "),
+            match q.layouts().join(", ") {
+                l if l.is_empty() => l,
+                l => format!("; {l}"),
+            },
             match &plan.quant {
                 QuantPlan::Dequantize => format!(
                     "{} payload(s) dequantized; {} scale/companion tensor(s) and the scheme's config left out",
-                    q.scaled.len(),
+                    q.scaled.len() + cat.tensors.iter().filter(|t| t.decode.is_some()).count(),
                     plan.removed.len()
+                        + cat
+                            .tensors
+                            .iter()
+                            .filter_map(|t| t.decode.as_ref())
+                            .map(|d| d.parts.len())
+                            .sum::<usize>(),
                 ),
                 QuantPlan::Keep => "payloads and scales kept as stored (--on-quantized keep)".into(),
                 QuantPlan::Unsupported(why) => format!("cannot dequantize: {why}"),

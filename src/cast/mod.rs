@@ -10,6 +10,7 @@
 //! - f8e4m3fn saturates to +-448, f8e5m2 overflows to inf (see [`fp8`]).
 
 pub mod fp8;
+pub mod packed;
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};

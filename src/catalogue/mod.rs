@@ -138,6 +138,10 @@ pub struct TensorEntry {
     pub blocks: Option<Blocks>,
     /// Rows read in another order: the q/k projections llama.cpp's converter permutes.
     pub rows: Option<Rows>,
+    /// A weight stored packed in a low-bit scheme (MXFP4, NVFP4, packed integers): the tensor
+    /// reads as the values the scheme's reference code dequantizes from its stored parts
+    /// (`file`/`offset` are its payload's; `nbytes` counts the dequantized values).
+    pub decode: Option<std::sync::Arc<quant::Decode>>,
 }
 
 /// A tensor whose rows are read permuted per attention head, as llama.cpp's
@@ -223,6 +227,7 @@ impl TensorEntry {
             module_class: None,
             blocks: None,
             rows: None,
+            decode: None,
         }
     }
 
@@ -247,6 +252,12 @@ impl TensorEntry {
     /// The entry read from ggml blocks (`None`: plain values).
     pub fn with_blocks(mut self, blocks: Option<Blocks>) -> TensorEntry {
         self.blocks = blocks;
+        self
+    }
+
+    /// The entry read by dequantizing the stored parts `decode` names.
+    pub fn with_decode(mut self, decode: quant::Decode) -> TensorEntry {
+        self.decode = Some(std::sync::Arc::new(decode));
         self
     }
 

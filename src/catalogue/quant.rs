@@ -1,6 +1,20 @@
-//! What the catalogue records of a scaled FP8 (quantized) checkpoint: which tensors are
-//! payloads and which their scales, and how each scale covers its payload. Found by
+//! What the catalogue records of a quantized checkpoint: which tensors are scaled FP8 payloads
+//! and which their scales, and how each scale covers its payload; which weights are packed in
+//! a low-bit scheme and the parts they are read from. Found by
 //! [`crate::quant::detect`]; used by the plan and the executor through [`crate::quant`].
+
+/// A weight stored packed in a low-bit scheme: how its stored parts give its values (read by
+/// [`crate::source::Sources`] through the pure kernels of [`crate::cast::packed`]).
+#[derive(Debug, Clone)]
+pub struct Decode {
+    /// The scheme's arithmetic and geometry.
+    pub packing: crate::cast::packed::Packing,
+    /// The stored tensors the values come from, in the order the packing names them (payload
+    /// first).
+    pub parts: Vec<super::TensorEntry>,
+    /// The scheme, in words, with its parts' names (`mxfp4: `X_blocks`, `X_scales``).
+    pub what: String,
+}
 
 /// How a scale tensor covers its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +87,9 @@ pub struct Quantization {
     pub unsupported: Option<String>,
     /// Where the scheme is declared.
     pub declared: Declared,
+    /// For packed low-bit weights: the tensors as stored (payloads, scales, zero points), which
+    /// the catalogue lists as the weights they decode into; `--on-quantized keep` writes these.
+    pub stored: Option<Vec<super::TensorEntry>>,
 }
 
 impl Quantization {

@@ -428,6 +428,17 @@ impl ConvertRequest {
                 cast_others: self.cast_optimizer,
             },
         };
+        if self.on_quantized == OnQuantized::Keep {
+            if is_gguf(&self.output) && cat.quant.is_some() {
+                return Err(Error::usage(format!(
+                    "{}: --on-quantized keep writes payloads and scales as stored, which a .gguf \
+                     output cannot hold (leave it out: GGUF gets the dequantized weights)",
+                    self.input.display()
+                )));
+            }
+            // packed low-bit weights are written as stored, parts and all
+            crate::quant::as_stored(cat);
+        }
         let auto_to = self.to.as_deref() == Some("auto");
         // a GGUF output of a model folder: what llama.cpp's converter writes
         let folder_gguf = is_gguf(&self.output) && cat.gguf.is_none();

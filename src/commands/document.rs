@@ -299,6 +299,14 @@ fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
                     json!({"ggml_type": b.ggml.name, "stored_bytes": b.nbytes,
                                "as": "gguf.quants.dequantize"})
                 })
+            })
+            .or_else(|| {
+                // a packed low-bit weight: `from` is the dtype its reference decodes into
+                e.decode.as_ref().map(|d| {
+                    json!({"packed": d.what,
+                           "parts": d.parts.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+                           "stored_bytes": d.parts.iter().map(|p| p.nbytes).sum::<u64>()})
+                })
             }),
         entry: None,
         ggml_type: None,

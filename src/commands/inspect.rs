@@ -140,7 +140,13 @@ pub fn inspect(cat: &Catalogue) -> InspectDoc {
                         "payload": {"scale": cat.tensors[s].name, "layout": l.describe()}}),
                     Some(Role::Scale) => json!("scale"),
                     Some(Role::Companion) => json!("companion"),
-                    None => Value::Null,
+                    None => match &t.decode {
+                        Some(d) => json!({"packed": {
+                            "scheme": d.what,
+                            "parts": d.parts.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+                        }}),
+                        None => Value::Null,
+                    },
                 }),
             })
             .collect(),

@@ -19,7 +19,7 @@ pub fn open(path: &Path) -> Result<Catalogue> {
 /// dict (dotted path, e.g. `model_state_dict`).
 pub fn open_with(path: &Path, key: Option<&str>) -> Result<Catalogue> {
     let mut cat = open_any(path, key)?;
-    cat.quant = crate::quant::detect(&cat).map(std::sync::Arc::new);
+    cat.quant = crate::quant::detect(&mut cat).map(std::sync::Arc::new);
     Ok(cat)
 }
 

@@ -47,7 +47,25 @@ const FOREIGN_NAMES: &[(&str, &str)] = &[
 ];
 
 /// Reads what the input says about quantization. `None` for a plain input.
-pub fn detect(cat: &Catalogue) -> Option<Quantization> {
+/// Weights packed in a low-bit scheme are listed as the weights they decode into (see
+/// [`super::packed`]), their stored parts kept in [`Quantization::stored`].
+pub fn detect(cat: &mut Catalogue) -> Option<Quantization> {
+    detect_with(cat, true)
+}
+
+/// The catalogue as stored: packed weights listed as their parts again (each part a companion
+/// of its scheme), for `--on-quantized keep`. Unchanged when nothing was unpacked.
+pub fn as_stored(cat: &mut Catalogue) {
+    let Some(stored) = cat.quant.as_ref().and_then(|q| q.stored.clone()) else {
+        return;
+    };
+    cat.tensors = stored;
+    cat.quant = detect_with(cat, false).map(std::sync::Arc::new);
+}
+
+/// [`detect`]; `unpack`: list packed weights as the weights they decode into (else their
+/// parts stay, as companions of the scheme).
+fn detect_with(cat: &mut Catalogue, unpack: bool) -> Option<Quantization> {
     let dir = cat.folder.as_ref().map(|f| f.dir.clone());
     let config = dir
         .as_ref()
@@ -67,6 +85,20 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
         metadata: comfy,
     };
 
+    let mut q = Quantization {
+        declared: declared.clone(),
+        ..Default::default()
+    };
+    // What the declarations say: the scheme's name, the block shape and the strategy they give.
+    let (block, strategy) = declared_scheme(&mut q, config.as_ref(), modelopt.as_ref(), comfy);
+    let found = super::packed::find(cat, config.as_ref(), modelopt.as_ref(), &mut q);
+    if unpack {
+        super::packed::unpack(cat, found, &mut q);
+    } else {
+        q.companions
+            .extend(found.iter().flat_map(|f| f.parts().iter().copied()));
+    }
+    let cat = &*cat;
     let by_name: HashMap<&str, usize> = cat
         .tensors
         .iter()
@@ -74,17 +106,10 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
         .map(|(i, t)| (t.name.as_str(), i))
         .collect();
     let fp8_payloads = cat.tensors.iter().any(|t| is_payload_dtype(t.dtype));
-
-    let mut q = Quantization {
-        declared: declared.clone(),
-        ..Default::default()
-    };
-    // What the declarations say: the scheme's name, the block shape and the strategy they give.
-    let (block, strategy) = declared_scheme(&mut q, config.as_ref(), modelopt.as_ref(), comfy);
     pair_scales(cat, &mut q, &by_name, block, strategy.as_deref());
     find_companions(cat, &mut q);
     let declared_any = declared.config || declared.hf_quant_config || declared.metadata;
-    if !declared_any && q.scaled.is_empty() && q.unsupported.is_none() {
+    if !declared_any && q.scaled.is_empty() && q.unsupported.is_none() && q.stored.is_none() {
         return None;
     }
     if q.scheme.is_empty() {
@@ -103,7 +128,7 @@ pub fn detect(cat: &Catalogue) -> Option<Quantization> {
             q.unsupported = Some(format!("`{}` is {} and has no scale", t.1.name, t.1.dtype));
         }
     }
-    if q.scaled.is_empty() && q.unsupported.is_none() && !declared_any {
+    if q.scaled.is_empty() && q.unsupported.is_none() && !declared_any && q.stored.is_none() {
         return None;
     }
     Some(q)
@@ -145,10 +170,13 @@ fn declared_scheme(
                     .unwrap_or("")
                     .to_string();
                 q.scheme = format!("modelopt {algo}");
-                if algo != "FP8" && !algo.is_empty() {
+                if algo != "FP8" && algo != "NVFP4" && !algo.is_empty() {
                     q.unsupported = Some(format!("modelopt `{algo}`"));
                 }
             }
+            "mxfp4" => q.scheme = "mxfp4 (gpt-oss MoE experts)".into(),
+            // packed low-bit schemes: their finders (quant::packed) check the options
+            "gptq" | "awq" | "bitsandbytes" => q.scheme = method.clone(),
             "fbgemm_fp8" => {
                 q.scheme = "fbgemm_fp8 (per-channel scaled FP8)".into();
                 strategy = Some("channel".into());
@@ -170,7 +198,7 @@ fn declared_scheme(
             .to_string();
         q.scheme = format!("modelopt {algo}");
         q.found_in = "hf_quant_config.json".into();
-        if algo != "FP8" {
+        if algo != "FP8" && algo != "NVFP4" {
             q.unsupported = Some(format!("modelopt `{algo}`"));
         }
     } else if comfy {
@@ -202,7 +230,11 @@ fn compressed_tensors(
     formats.push(format.to_string());
     formats.retain(|f| !f.is_empty());
     formats.dedup();
-    if let Some(f) = formats.iter().find(|f| f.as_str() != "float-quantized") {
+    let packed = |f: &str| super::packed::CT_FORMATS.contains(&f);
+    if let Some(f) = formats
+        .iter()
+        .find(|f| f.as_str() != "float-quantized" && !packed(f))
+    {
         q.unsupported = Some(format!(
             "compressed-tensors format `{f}` (weightcast dequantizes \
                  float-quantized)"
@@ -212,6 +244,10 @@ fn compressed_tensors(
         let Some(w) = g.get("weights").filter(|w| w.is_object()) else {
             continue;
         };
+        // packed formats: their finder (quant::packed) checks the arguments
+        if packed(g.get("format").and_then(Value::as_str).unwrap_or(format)) {
+            continue;
+        }
         let ty = w.get("type").and_then(Value::as_str).unwrap_or("");
         let bits = w.get("num_bits").and_then(Value::as_u64).unwrap_or(0);
         if q.unsupported.is_none() && (ty != "float" || bits != 8) {

@@ -7,9 +7,10 @@
 //! with the scheme's configuration.
 
 mod detect;
+mod packed;
 pub mod quantize;
 
-pub use detect::detect;
+pub use detect::{as_stored, detect};
 
 use crate::cast;
 use crate::catalogue::Catalogue;

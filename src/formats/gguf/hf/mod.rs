@@ -506,6 +506,12 @@ pub fn describe(
             cfg_path.display()
         )))
     };
+    // a quantized folder is dequantized on its way in (its packed or scaled weights read as
+    // plain ones); one that cannot be is refused
+    let dequantized = cat
+        .quant
+        .as_deref()
+        .is_some_and(|q| q.unsupported.is_none() && (q.stored.is_some() || !q.scaled.is_empty()));
     for key in [
         "text_config",
         "num_local_experts",
@@ -513,6 +519,9 @@ pub fn describe(
         "quantization_config",
         "classifier_pooling",
     ] {
+        if key == "quantization_config" && dequantized {
+            continue;
+        }
         if cfg.get(key).is_some_and(|v| !v.is_null()) {
             return unsupported(&format!("`{key}`"));
         }
