@@ -273,6 +273,11 @@ def test_compressed_tensors_channel_and_tensor_strategies(tmp_path):
 
 @pytest.mark.parametrize("mutate, says", [
     (lambda sd, p: sd.pop(p + "weight_scale"), "weight_scale"),
+    # the ComfyUI-style name for the same scale: never a stray tensor written as a weight
+    (lambda sd, p: sd.__setitem__(p + "scale_weight", sd.pop(p + "weight_scale")),
+     "weight_scale"),
+    (lambda sd, p: sd.__setitem__(p + "weight_scale", sd[p + "weight_scale"].to(torch.int32)),
+     "weight_scale"),
     (lambda sd, p: sd.pop(p + "weight_zero_point"), "weight_zero_point"),
     (lambda sd, p: sd.pop(p + "weight_shape"), "weight_shape"),
     (lambda sd, p: sd.__setitem__(p + "weight_shape", torch.tensor([256, 999])), "weight_packed"),
@@ -346,3 +351,45 @@ def test_modelopt_nvfp4_multiplies_the_two_scales(tmp_path):
         assert sorted(got) == [p + "weight", "model.norm.weight"]
         assert same(got[p + "weight"], want.to(dt)), to
         assert not (tmp_path / to / "hf_quant_config.json").exists()
+
+
+def test_compressed_tensors_several_config_groups(tmp_path):
+    """Two config groups with different schemes in one model (int4 groups of 32, asymmetric, on
+    the MLP; int8 per channel on attention): each weight read with its own group's width, group
+    size and zero points."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
+                                                 QuantizationScheme, apply_quantization_config)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)).to(torch.bfloat16)
+    qcfg = QuantizationConfig(config_groups={
+        "mlp": QuantizationScheme(targets=["re:.*mlp.*"], weights=QuantizationArgs(
+            num_bits=4, type="int", strategy="group", group_size=32, symmetric=False)),
+        "attn": QuantizationScheme(targets=["re:.*self_attn.*"], weights=QuantizationArgs(
+            num_bits=8, type="int", strategy="channel", symmetric=True)),
+    }, ignore=["lm_head"])
+    apply_quantization_config(model, qcfg)
+    calibrate(model)
+    comp = ModelCompressor.from_pretrained_model(model)
+    comp.compress_model(model)
+    src = tmp_path / "ct"
+    model.save_pretrained(src)
+    comp.update_config(src)
+    # transformers 5.25's loader fails on two groups of different formats: compressed-tensors'
+    # own decompression of the saved model is the reference
+    comp.decompress_model(model)
+    ref = {k: v for k, v in model.state_dict().items()
+           if not k.endswith(("_scale", "_zero_point", "_shape", "_packed"))}
+    doc = json.loads(run("inspect", src, "--json").stdout)
+    schemes = {t["name"]: t["role"]["packed"]["scheme"] for t in doc["tensors"]
+               if t.get("role") and "packed" in t["role"]}
+    assert "int4 packed, groups of 32, asymmetric" in schemes["model.layers.0.mlp.up_proj.weight"]
+    assert "int8 packed, per channel" in schemes["model.layers.0.self_attn.q_proj.weight"]
+    run("convert", src, "-o", tmp_path / "out", "--to", "bf16")
+    got = tensors(tmp_path / "out")
+    assert sorted(got) == sorted(ref)
+    for k, v in ref.items():
+        assert same(got[k], v), k
