@@ -296,9 +296,9 @@ def test_compressed_tensors_broken_layouts_are_refused(tmp_path, mutate, says):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("preset", ["W4A16", "NVFP4A16"])
+@pytest.mark.parametrize("preset", ["W4A16", "NVFP4A16", "FP8_DYNAMIC"])
 def test_compressed_tensors_folder_to_gguf(tmp_path, preset):
-    """A packed folder into GGUF (llama.cpp's converter refuses quantized inputs): the weights
+    """A packed or scaled-FP8 folder into GGUF (llama.cpp's converter refuses quantized inputs): the weights
     dequantized on the way, the values those of transformers' dequantization in f16."""
     import gguf
     from transformers import AutoModelForCausalLM

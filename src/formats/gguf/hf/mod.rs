@@ -19,6 +19,7 @@ use std::path::Path;
 use serde_json::Value as Json;
 
 use crate::catalogue::gguf::Value;
+use crate::catalogue::quant::Role;
 use crate::catalogue::{Catalogue, InputKind};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -599,7 +600,18 @@ fn output_tensors(
             skipped.push((i, "not in a GGUF file (llama.cpp computes it)".to_string()));
             continue;
         }
-        if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        // a scaled FP8 checkpoint: scales and companions leave (the plan dequantizes the
+        // payloads with them), payloads enter as their dequantized values
+        let role = cat.quant.as_deref().and_then(|q| q.role(i));
+        if matches!(role, Some(Role::Scale | Role::Companion)) {
+            skipped.push((
+                i,
+                "part of the quantization scheme, dequantized".to_string(),
+            ));
+            continue;
+        }
+        let payload = matches!(role, Some(Role::Payload(..)));
+        if !payload && !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::usage(format!(
                 "tensor `{}`: {} has no place in a GGUF file written from a folder",
                 t.name, t.dtype
