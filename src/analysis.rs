@@ -153,6 +153,43 @@ pub fn measure_scaled(
     Ok(acc)
 }
 
+/// Figures of quantizing weight `tensor` to FP4 (`kind`, the global scale shared with
+/// `fused` for NVFP4): each value against the packed code times its scale, in f32.
+pub fn measure_fp4(
+    sources: &Sources<'_>,
+    cat: &Catalogue,
+    tensor: crate::catalogue::TensorId,
+    kind: crate::quant::fp4::Fp4Kind,
+    fused: [Option<crate::catalogue::TensorId>; 2],
+    cancel: Option<&AtomicBool>,
+) -> Result<ErrorStats> {
+    let t = &cat.tensors[tensor];
+    let amax = std::sync::Mutex::new(Default::default());
+    let table = crate::quant::fp4::table(cat, sources, tensor, kind, fused, &amax)?;
+    let isz = t.dtype.bitsize() / 8;
+    let mut acc = ErrorStats::default();
+    let mut first = 0u64;
+    let (mut q, mut xs, mut ys) = (Vec::new(), Vec::new(), Vec::new());
+    sources.for_each_chunk(t, CHUNK, isz * 32, |chunk| {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
+        let n = chunk.len() / isz;
+        q.resize(n / 2, 0u8);
+        xs.resize(n, 0f32);
+        ys.resize(n, 0f32);
+        table.quantize(chunk, first, &mut q);
+        table.dequantize(&q, first, &mut ys);
+        crate::cast::decode_f32_slice(t.dtype, chunk, &mut xs);
+        let mut s = ErrorStats::default();
+        s.push_block(&xs, &ys, f32::INFINITY, 0.0);
+        acc = acc.merge(&s);
+        first += n as u64;
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
 /// Measures every tensor that `plan` casts, against its planned target.
 pub fn analyze(
     cat: &Catalogue,
@@ -182,6 +219,15 @@ pub fn analyze(
                     layout, compute, ..
                 }),
             ) => measure_scaled(&sources, cat, p.tensor.0, layout, compute, cancel)?,
+            (
+                None,
+                Some(crate::plan::ScaledOut::Fp4 {
+                    weight,
+                    kind,
+                    fused,
+                    ..
+                }),
+            ) => measure_fp4(&sources, cat, weight, kind, fused, cancel)?,
             _ => measure(&sources, cat, p.tensor.0, &[p.to], p.factor, cancel)?[0],
         };
         out.push(TensorAnalysis {

@@ -69,6 +69,18 @@ pub enum ScaledOut {
         /// Catalogue index of the weight it scales.
         payload: TensorId,
     },
+    /// A part of a weight quantized to FP4 (`--to nvfp4|mxfp4`): its packed values, its
+    /// scales or its global scale, all computed from `weight`.
+    Fp4 {
+        /// The weight (catalogue index) it comes from.
+        weight: TensorId,
+        /// Which part.
+        part: crate::catalogue::quant::Fp4Part,
+        /// The layout.
+        kind: crate::catalogue::quant::Fp4Kind,
+        /// The weights that share its NVFP4 global scale (fused in vLLM).
+        fused: [Option<TensorId>; 2],
+    },
 }
 
 /// How a payload is dequantized.
@@ -152,6 +164,13 @@ impl<I> TensorPlan<I> {
             || self.factor.is_some()
             || self.dequant.is_some()
             || matches!(self.scaled, Some(ScaledOut::Payload { .. }))
+            || matches!(
+                self.scaled,
+                Some(ScaledOut::Fp4 {
+                    part: crate::catalogue::quant::Fp4Part::Packed,
+                    ..
+                })
+            )
             || self.ggml.is_some()
     }
 }
@@ -737,7 +756,10 @@ impl Plan {
         for p in &self.tensors {
             // A scaled FP8 payload is not the model's dtype (config.json keeps the
             // unquantized layers' dtype, as llm-compressor writes it).
-            let scaled = matches!(p.scaled, Some(ScaledOut::Payload { .. }));
+            let scaled = matches!(
+                p.scaled,
+                Some(ScaledOut::Payload { .. } | ScaledOut::Fp4 { .. })
+            );
             if p.to.is_float() && !scaled {
                 *m.entry(p.to).or_default() += cat.tensors[p.tensor].numel();
             }

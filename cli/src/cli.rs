@@ -110,7 +110,8 @@ pub struct AnalyzeArgs {
     /// For a PyTorch training checkpoint: the entry holding the state dict.
     #[arg(long, value_name = "PATH")]
     pub key: Option<String>,
-    /// Target dtype to measure.
+    /// Target dtype to measure, or nvfp4 / mxfp4 (the linear weights convert --to nvfp4|mxfp4
+    /// would quantize, each against its quantize-dequantize round trip).
     #[arg(long, value_name = "DTYPE")]
     pub to: Option<String>,
     /// With --to f8e4m3: measure scaled FP8 (tensor, channel, block or block:RxC), the
@@ -276,7 +277,10 @@ fn to_help() -> String {
         "Target dtype: {}, or auto (keep the source precision, decided from the tensors: a \
          format move, or dequantizing FP8 to the checkpoint's own dtype). With --auto, a \
          comma-separated list of candidates in order of preference (e.g. f8e4m3,bf16,f16). A \
-         .gguf output also takes q8_0",
+         .gguf output also takes q8_0. nvfp4 or mxfp4: linear layers' weights in \
+         compressed-tensors' packed FP4 (NVFP4: E4M3 scales per 16 values and a global scale; \
+         MXFP4: E8M0 exponents per 32), with the scales llm-compressor's NVFP4A16 / MXFP4A16 \
+         presets compute; the rest keeps its dtype",
         weightcast::dtype::castable_names()
     )
 }

@@ -251,7 +251,9 @@ def convert(
     engine, same defaults, same output bytes.
 
     ``to`` is a dtype (``"f16"``, ``"bf16"``, ``"f32"``, ``"f8e4m3"``, ``torch.float16``...),
-    ``"auto"`` (keep the source precision), or with ``auto=SNR_DB`` a list of candidates
+    ``"auto"`` (keep the source precision), ``"nvfp4"`` / ``"mxfp4"`` (linear layers' weights
+    in compressed-tensors' packed FP4, scales as llm-compressor's NVFP4A16 / MXFP4A16 presets
+    compute them; the rest keeps its dtype), or with ``auto=SNR_DB`` a list of candidates
     (``"f8e4m3,bf16,f16"``). ``rules`` is a TOML rules file, a mapping ``{pattern: dtype}`` or
     a list of ``"PATTERN=DTYPE"``. ``on_overflow`` is ``"error"`` (default: raise
     :class:`RefusedError`, write nothing), ``"keep"``, ``"clamp"`` or ``"allow"``.

@@ -112,3 +112,23 @@ impl Quantization {
         v
     }
 }
+
+/// Which FP4 layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fp4Kind {
+    /// NVFP4: E4M3 scales per 16 values, an f32 global scale.
+    Nv,
+    /// MXFP4: E8M0 exponents per 32 values.
+    Mx,
+}
+
+/// One tensor of an FP4 output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp4Part {
+    /// `X.weight_packed`: the values, two per byte.
+    Packed,
+    /// `X.weight_scale`: one scale per group.
+    Scale,
+    /// `X.weight_global_scale` (NVFP4).
+    Global,
+}

@@ -67,7 +67,14 @@ impl AnalyzeRequest {
     pub fn run(&self, progress: &dyn Progress) -> Result<Analyzed> {
         let c = self.caller;
         let (rules, file_to) = build_rules(&self.rules)?;
-        let target = single_target(self.to.as_deref(), file_to, c)?;
+        let fp4 = self
+            .to
+            .as_deref()
+            .and_then(crate::quant::fp4::Fp4Kind::parse);
+        let target = match fp4 {
+            Some(_) => DType::F4,
+            None => single_target(self.to.as_deref(), file_to, c)?,
+        };
         let scheme = match &self.scale {
             Some(scale) => {
                 use crate::quant::quantize::{Format, Scheme};
@@ -89,6 +96,9 @@ impl AnalyzeRequest {
         let mut plan = Plan::new(&cat, &rules, target);
         if let Some(scheme) = &scheme {
             crate::quant::quantize::plan_scaled(&mut cat, &mut plan, scheme)?;
+        }
+        if let Some(kind) = fp4 {
+            crate::quant::fp4::plan_fp4(&mut cat, &mut plan, kind)?;
         }
         plan.check_factors(&cat)?;
         warnings.extend(plan.warnings.iter().cloned());

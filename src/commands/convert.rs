@@ -204,6 +204,8 @@ impl ConvertRequest {
         let target = match candidates.first() {
             Some(&d) => d,
             None if auto_to => DType::F32, // decided from the tensors once they are read
+            // FP4 weights: planned as f4, the linear weights then packed with their scales
+            None if self.fp4().is_some() => DType::F4,
             // a GGUF output in Q8_0: planned as f32, the retyped tensors quantized from it
             None if self.gguf_q8() => DType::F32,
             None => single_target(self.to.as_deref(), file_to, c)?,
@@ -233,6 +235,13 @@ impl ConvertRequest {
         }
     }
 
+    /// `--to nvfp4|mxfp4`: FP4 weights in compressed-tensors' packed layout.
+    fn fp4(&self) -> Option<crate::quant::fp4::Fp4Kind> {
+        self.to
+            .as_deref()
+            .and_then(crate::quant::fp4::Fp4Kind::parse)
+    }
+
     /// `--to q8_0` with a `.gguf` output: llama.cpp's Q8_0 for the tensors it retypes.
     fn gguf_q8(&self) -> bool {
         is_gguf(&self.output)
@@ -258,6 +267,24 @@ impl ConvertRequest {
                 self.caller.given("scale-format", f),
                 self.flag("scale")
             )));
+        }
+        if let Some(kind) = self.fp4() {
+            let clash = if pt_out {
+                Some(format!("{}: a .pt output", self.output.display()))
+            } else if is_gguf(&self.output) {
+                Some(format!("{}: a .gguf output", self.output.display()))
+            } else if self.scale.is_some() {
+                Some(self.flag("scale"))
+            } else {
+                None
+            };
+            if let Some(what) = clash {
+                return Err(Error::usage(format!(
+                    "{} writes compressed-tensors' packed FP4 (a safetensors folder or file): \
+                     {what} does not apply",
+                    self.caller.given("to", kind.name())
+                )));
+            }
         }
         if pt_out && self.max_shard_size.is_some() {
             return Err(Error::usage(format!(
@@ -470,6 +497,16 @@ impl ConvertRequest {
             let format = self.scale_format.as_deref().unwrap_or("compressed-tensors");
             let scheme = Scheme::parse(scale, format.parse::<Format>()?)?;
             plan_scaled(cat, &mut plan, &scheme)?;
+            if cat.folder.is_none() {
+                warnings.push(
+                    "a single .safetensors file carries no quantization_config: loaders find the \
+                     scheme in a model folder's config.json (convert the folder)"
+                        .into(),
+                );
+            }
+        }
+        if let Some(kind) = self.fp4() {
+            crate::quant::fp4::plan_fp4(cat, &mut plan, kind)?;
             if cat.folder.is_none() {
                 warnings.push(
                     "a single .safetensors file carries no quantization_config: loaders find the \

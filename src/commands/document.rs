@@ -283,6 +283,22 @@ fn entry<I>(cat: &Catalogue, e: &TensorEntry, p: &TensorPlan<I>) -> PlanEntry {
             Some(ScaledOut::Scale { payload }) => {
                 Some(json!({"scale_of": cat.tensors[payload].name}))
             }
+            Some(ScaledOut::Fp4 {
+                weight,
+                part,
+                kind,
+                fused,
+            }) => {
+                use crate::quant::fp4::Fp4Part;
+                let w = &cat.tensors[weight].name;
+                Some(match part {
+                    Fp4Part::Packed => json!({"fp4": kind.name(), "weight": w,
+                                              "group_size": kind.group()}),
+                    Fp4Part::Scale => json!({"scale_of": w}),
+                    Fp4Part::Global => json!({"global_scale_of": w, "shared_with":
+                        fused.iter().flatten().map(|s| &cat.tensors[*s].name).collect::<Vec<_>>()}),
+                })
+            }
             None => None,
         },
         dequantize: p

@@ -96,6 +96,8 @@ pub enum How {
     Fill(Arc<Vec<u8>>),
     /// A GGUF tensor quantized to ggml's Q8_0 from its values as f32 (`to`).
     GgmlQ8,
+    /// A weight quantized to packed FP4 (two values per output byte) with its scales.
+    Fp4(Arc<crate::quant::fp4::Fp4Table>),
 }
 
 /// Where the executor's bytes go: pieces in order, each begun before its bytes (empty ones
@@ -325,6 +327,9 @@ impl Executor<'_> {
         if matches!(p.how, How::GgmlQ8) {
             return (n as usize) / (p.from.bitsize() / 8) / 32 * 34;
         }
+        if matches!(p.how, How::Fp4(_)) {
+            return (n as usize) / (p.from.bitsize() / 8) / 2;
+        }
         (n as usize) / (p.from.bitsize() / 8) * (p.to.bitsize() / 8)
     }
 
@@ -364,6 +369,10 @@ impl Executor<'_> {
         let isz = p.from.bitsize() / 8;
         if let How::Quantize(s) = &p.how {
             s.quantize(p.from, scratch, pos / isz as u64, out);
+            return Ok(0);
+        }
+        if let How::Fp4(s) = &p.how {
+            s.quantize(scratch, pos / isz as u64, out);
             return Ok(0);
         }
         let failed = |e: cast::CastError| {

@@ -4,6 +4,8 @@
 
 use super::executor::{FileSink, Nonzero};
 use super::*;
+use crate::catalogue::TensorId;
+use crate::quant::fp4::{Fp4Kind, Fp4Part, Fp4Table};
 
 pub(super) struct Job<'a> {
     pub(super) cat: &'a Catalogue,
@@ -13,6 +15,10 @@ pub(super) struct Job<'a> {
     pub(super) progress: &'a dyn Progress,
     /// Scales computed for a scaled FP8 output, by payload.
     pub(super) scales: Mutex<std::collections::HashMap<usize, Arc<ScaleTable>>>,
+    /// Scales computed for an FP4 output, by weight (dropped once its file is written).
+    pub(super) fp4: Mutex<std::collections::HashMap<usize, Arc<Fp4Table>>>,
+    /// Largest magnitudes of the weights of an FP4 output (NVFP4's fused global scales).
+    pub(super) amax: Mutex<std::collections::HashMap<usize, u32>>,
     /// Per cast tensor (by name): whether any input value and any output value was non-zero.
     pub(super) nonzero: Nonzero,
     /// A `.pt` output's writer plan, made once by [`plan_output`].
@@ -34,6 +40,8 @@ impl<'a> Job<'a> {
             opts,
             progress,
             scales: Mutex::new(Default::default()),
+            fp4: Mutex::new(Default::default()),
+            amax: Mutex::new(Default::default()),
             nonzero: Mutex::new(Default::default()),
             pt: None,
         }
@@ -172,6 +180,14 @@ impl<'a> Job<'a> {
         )?;
         self.check_cancel()?;
         self.finish(dst, dst_path)?;
+        // the FP4 scales of this file's weights are written: memory stays bounded by one file
+        let mut fp4 = self.fp4.lock().expect("fp4");
+        for &i in &of.tensors {
+            if let Some(ScaledOut::Fp4 { weight, .. }) = self.plan.tensors()[i].scaled {
+                fp4.remove(&weight.0);
+            }
+        }
+        drop(fp4);
         // Piece k is plan entry of.tensors[k].
         Ok(counts
             .into_iter()
@@ -182,6 +198,33 @@ impl<'a> Job<'a> {
     /// The piece that writes plan entry `p` (its scale loaded when it is dequantized).
     pub(super) fn piece(&self, p: &TensorPlan) -> Result<Piece<'_>> {
         let cat = self.cat;
+        if let Some(ScaledOut::Fp4 {
+            weight,
+            part,
+            kind,
+            fused,
+        }) = p.scaled
+        {
+            let table = self.fp4_of(weight, kind, fused)?;
+            let (entry, how) = match part {
+                Fp4Part::Packed => (&cat.tensors[weight], How::Fp4(table)),
+                Fp4Part::Scale => (
+                    &cat.tensors[p.tensor],
+                    How::Fill(Arc::new(table.scale_bytes())),
+                ),
+                Fp4Part::Global => (
+                    &cat.tensors[p.tensor],
+                    How::Fill(Arc::new(table.global_bytes())),
+                ),
+            };
+            return Ok(Piece {
+                entry,
+                from: p.from,
+                to: p.to,
+                how,
+                factor: None,
+            });
+        }
         let how = match (p.dequant, p.scaled) {
             _ if p.ggml.is_some() => How::GgmlQ8,
             (Some(d), _) => How::Dequantize(Arc::new(d.table(cat, self.sources, p.tensor.0)?)),
@@ -189,6 +232,7 @@ impl<'a> Job<'a> {
             (None, Some(ScaledOut::Scale { payload })) => {
                 How::Fill(Arc::new(self.scales_of(payload.0)?.bytes()))
             }
+            (None, Some(ScaledOut::Fp4 { .. })) => unreachable!("returned above"),
             (None, None) => How::Cast,
         };
         Ok(Piece {
@@ -211,7 +255,7 @@ impl<'a> Job<'a> {
                 match p.scaled {
                     Some(ScaledOut::Payload { .. }) => Some(p.tensor.0),
                     Some(ScaledOut::Scale { payload }) => Some(payload.0),
-                    None => None,
+                    Some(ScaledOut::Fp4 { .. }) | None => None,
                 }
             })
             .collect::<std::collections::BTreeSet<_>>()
@@ -219,7 +263,47 @@ impl<'a> Job<'a> {
             .filter(|i| !self.scales.lock().expect("scales").contains_key(i))
             .collect();
         todo.par_iter()
-            .try_for_each(|&i| self.scales_of(i).map(|_| ()))
+            .try_for_each(|&i| self.scales_of(i).map(|_| ()))?;
+        let fp4: Vec<_> = entries
+            .iter()
+            .filter_map(|&i| match self.plan.tensors()[i].scaled {
+                Some(ScaledOut::Fp4 {
+                    weight,
+                    part: Fp4Part::Packed,
+                    kind,
+                    fused,
+                }) => Some((weight, kind, fused)),
+                _ => None,
+            })
+            .collect();
+        fp4.par_iter()
+            .try_for_each(|&(w, k, f)| self.fp4_of(w, k, f).map(|_| ()))
+    }
+
+    /// The FP4 scales of weight `weight` (once per file: its packed values, scale and global
+    /// scale use the same).
+    pub(super) fn fp4_of(
+        &self,
+        weight: TensorId,
+        kind: Fp4Kind,
+        fused: [Option<TensorId>; 2],
+    ) -> Result<Arc<Fp4Table>> {
+        if let Some(t) = self.fp4.lock().expect("fp4").get(&weight.0) {
+            return Ok(t.clone());
+        }
+        let table = Arc::new(crate::quant::fp4::table(
+            self.cat,
+            self.sources,
+            weight,
+            kind,
+            fused,
+            &self.amax,
+        )?);
+        self.fp4
+            .lock()
+            .expect("fp4")
+            .insert(weight.0, table.clone());
+        Ok(table)
     }
 
     /// The scales computed from weight `payload` (once per conversion: its payload and its

@@ -7,6 +7,7 @@
 //! with the scheme's configuration.
 
 mod detect;
+pub mod fp4;
 mod packed;
 pub mod quantize;
 

@@ -394,7 +394,7 @@ fn max_bits<const W: usize>(bytes: &[u8], mask: u32) -> u32 {
 
 /// `x` rounded to `d` (f32, bf16 or f16) and widened back.
 #[inline]
-fn round_to(d: DType, x: f32) -> f32 {
+pub(super) fn round_to(d: DType, x: f32) -> f32 {
     match d {
         DType::BF16 => f32::from_bits((cast::f32_to_bf16_bits(x) as u32) << 16),
         DType::F16 => half::f16::from_f32(x).to_f32(),

@@ -33,3 +33,22 @@ def test_load_and_convert_dequantize_compressed_tensors(tmp_path):
     written = load_file(tmp_path / "out" / "model.safetensors")
     assert same(written["model.layers.0.mlp.up_proj.weight"],
                 ref["model.layers.0.mlp.up_proj.weight"].half())
+
+
+def test_convert_and_analyze_to_fp4(tmp_path):
+    """`convert(to="nvfp4")` writes the command line's bytes (checked there against
+    compressed-tensors), `analyze(to="mxfp4")` gives its figures."""
+    from test_lowbit_write import tiny_llama, tensors
+    from conftest import run
+    model = tiny_llama(torch.bfloat16)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    r = weightcast.convert(src, tmp_path / "api", to="nvfp4")
+    run("convert", src, "-o", tmp_path / "cli", "--to", "nvfp4")
+    api, cli = tensors(tmp_path / "api"), tensors(tmp_path / "cli")
+    assert sorted(api) == sorted(cli) and any(k.endswith("_global_scale") for k in api)
+    for k in api:
+        assert torch.equal(api[k].view(torch.uint8), cli[k].view(torch.uint8)), k
+    assert r is not None
+    a = weightcast.analyze(src, "mxfp4")
+    assert len(a.tensors) == 14 and all(t.name.endswith("_packed") for t in a.tensors)

@@ -700,3 +700,23 @@ def test_dequantized_pt_output_from_an_index(tmp_path):
     for k in range(2):
         w = f"model.layers.{k}.mlp.proj.weight"
         assert bits_equal(sd[w], weight_dequant(tensors[w], tensors[w + "_scale_inv"]))
+
+
+@pytest.mark.parametrize("label", ["tiny-llama", "all-MiniLM-L6-v2"])
+@pytest.mark.parametrize("preset", ["NVFP4A16", "MXFP4A16"])
+def test_fp4_is_llmcompressor_byte_for_byte(tmp_path, minilm, label, preset):
+    """`--to nvfp4|mxfp4` writes every packed weight, scale and global scale as llm-compressor
+    `oneshot` does with its NVFP4A16 / MXFP4A16 presets (digests made by
+    tests/fixtures/quantized/generate.py), and its config."""
+    ref = REFERENCE["models"][label][preset]
+    out = tmp_path / "out"
+    run("convert", model_dir(label, minilm), "-o", out, "--to", preset[:5].lower())
+    got = digests(out)
+    assert set(got) - set(ref["tensors"]) <= {"embeddings.position_ids"}
+    assert any(n.endswith("weight_packed") for n in ref["tensors"])
+    for name, want in ref["tensors"].items():
+        assert got.get(name) == want, name
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    want = dict(ref["quantization_config"])
+    want.pop("version")
+    assert config == want
