@@ -170,7 +170,11 @@ pub fn measure_fp4(
     let mut acc = ErrorStats::default();
     let mut first = 0u64;
     let (mut q, mut xs, mut ys) = (Vec::new(), Vec::new(), Vec::new());
-    sources.for_each_chunk(t, CHUNK, isz * 32, |chunk| {
+    let align = match table.expert_values() {
+        0 => 32,
+        n => n as usize,
+    };
+    sources.for_each_chunk(t, CHUNK, isz * align, |chunk| {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Interrupted);
         }

@@ -858,7 +858,7 @@ fn input_config(cat: &Catalogue) -> Option<serde_json::Map<String, serde_json::V
 }
 
 /// `config.json`'s `model_type` of a folder input.
-fn model_type(cat: &Catalogue) -> Option<String> {
+pub(crate) fn model_type(cat: &Catalogue) -> Option<String> {
     input_config(cat)?
         .get("model_type")?
         .as_str()

@@ -120,6 +120,9 @@ pub enum Fp4Kind {
     Nv,
     /// MXFP4: E8M0 exponents per 32 values.
     Mx,
+    /// MXFP4 in gpt-oss's MoE expert layout: `X` `[E, I, R]` stored as `X_blocks`
+    /// `[E, R, I/32, 16]` and `X_scales` `[E, R, I/32]`, groups of 32 along `I`.
+    GptOss,
 }
 
 /// One tensor of an FP4 output.

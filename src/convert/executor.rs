@@ -214,6 +214,13 @@ impl Executor<'_> {
             return CHUNK_BYTES as u64;
         }
         let (isz, osz) = (p.from.bitsize() / 8, p.to.bitsize() / 8);
+        if let How::Fp4(t) = &p.how {
+            // gpt-oss's experts are transposed on the way: whole experts per chunk
+            let expert = t.expert_values() * isz as u64;
+            if expert > 0 {
+                return expert * (CHUNK_BYTES as u64 / expert).max(1);
+            }
+        }
         let csz = match &p.how {
             How::Dequantize(s) => s.compute.bitsize() / 8,
             // scaled values are staged as f32

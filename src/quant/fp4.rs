@@ -28,6 +28,14 @@ use crate::source::Sources;
 /// FP4's largest magnitude.
 const FP4_MAX: f32 = 6.0;
 
+/// The modules gpt-oss's release leaves in bf16 (its `quantization_config`).
+const GPT_OSS_UNCONVERTED: [&str; 4] = [
+    "model.layers.*.self_attn",
+    "model.layers.*.mlp.router",
+    "model.embed_tokens",
+    "lm_head",
+];
+
 pub use crate::catalogue::quant::{Fp4Kind, Fp4Part};
 
 impl Fp4Kind {
@@ -44,7 +52,7 @@ impl Fp4Kind {
     pub fn name(self) -> &'static str {
         match self {
             Fp4Kind::Nv => "nvfp4",
-            Fp4Kind::Mx => "mxfp4",
+            Fp4Kind::Mx | Fp4Kind::GptOss => "mxfp4",
         }
     }
 
@@ -52,7 +60,7 @@ impl Fp4Kind {
     pub fn group(self) -> u64 {
         match self {
             Fp4Kind::Nv => 16,
-            Fp4Kind::Mx => 32,
+            Fp4Kind::Mx | Fp4Kind::GptOss => 32,
         }
     }
 
@@ -60,7 +68,7 @@ impl Fp4Kind {
     pub fn scale_dtype(self) -> DType {
         match self {
             Fp4Kind::Nv => DType::F8E4M3,
-            Fp4Kind::Mx => DType::U8,
+            Fp4Kind::Mx | Fp4Kind::GptOss => DType::U8,
         }
     }
 
@@ -68,7 +76,7 @@ impl Fp4Kind {
     fn format(self) -> &'static str {
         match self {
             Fp4Kind::Nv => "nvfp4-pack-quantized",
-            Fp4Kind::Mx => "mxfp4-pack-quantized",
+            Fp4Kind::Mx | Fp4Kind::GptOss => "mxfp4-pack-quantized",
         }
     }
 
@@ -78,6 +86,10 @@ impl Fp4Kind {
         let (strategy, scale_dtype) = match self {
             Fp4Kind::Nv => ("tensor_group", "torch.float8_e4m3fn"),
             Fp4Kind::Mx => ("group", "torch.uint8"),
+            Fp4Kind::GptOss => {
+                return json!({"modules_to_not_convert": GPT_OSS_UNCONVERTED,
+                              "quant_method": "mxfp4"})
+            }
         };
         json!({
             "config_groups": {"group_0": {
@@ -106,9 +118,12 @@ pub struct Amax {
     pub tensor: u32,
 }
 
-/// Reads weight `t` once and returns its largest magnitudes per group of `group` values;
-/// refuses a non-finite value (the references give no defined code for it).
-pub fn amax(sources: &Sources<'_>, t: &TensorEntry, group: u64) -> Result<Amax> {
+/// Reads weight `t` once and returns its largest magnitudes per group of `kind`'s layout
+/// (runs of consecutive values along a row; for gpt-oss's experts `[E, I, R]`, runs along `I`
+/// ordered as `[E, R, I/32]`); refuses a non-finite value (the references give no defined
+/// code for it).
+pub fn amax(sources: &Sources<'_>, t: &TensorEntry, kind: Fp4Kind) -> Result<Amax> {
+    let group = kind.group();
     let isz = t.dtype.bitsize() / 8;
     let (mask, inf) = match t.dtype {
         DType::F32 => (0x7FFF_FFFFu32, 0x7F80_0000u32),
@@ -116,26 +131,43 @@ pub fn amax(sources: &Sources<'_>, t: &TensorEntry, group: u64) -> Result<Amax> 
         DType::F16 => (0x7FFF, 0x7C00),
         d => unreachable!("planned only for f32/bf16/f16 weights, not {d}"),
     };
+    let word = |v: &[u8]| {
+        let mut b = [0u8; 4];
+        b[..isz].copy_from_slice(v);
+        u32::from_le_bytes(b) & mask
+    };
     let n_groups = (t.numel() / group) as usize;
     let mut groups = vec![0u32; n_groups];
     let mut e = 0u64;
     let mut bad = None;
-    sources.for_each_chunk(t, 8 << 20, isz * group as usize, |chunk| {
-        for (g, vals) in chunk.chunks_exact(isz * group as usize).enumerate() {
-            let mut m = 0u32;
-            for v in vals.chunks_exact(isz) {
-                let mut b = [0u8; 4];
-                b[..isz].copy_from_slice(v);
-                m = m.max(u32::from_le_bytes(b) & mask);
+    if kind == Fp4Kind::GptOss {
+        let (i_len, r_len) = (t.shape[1], t.shape[2]);
+        sources.for_each_chunk(t, 8 << 20, isz, |chunk| {
+            for v in chunk.chunks_exact(isz) {
+                let m = word(v);
+                if m >= inf && bad.is_none() {
+                    bad = Some(e);
+                }
+                let (x, i, r) = (e / (i_len * r_len), (e / r_len) % i_len, e % r_len);
+                let g = ((x * r_len + r) * (i_len / group) + i / group) as usize;
+                groups[g] = groups[g].max(m);
+                e += 1;
             }
-            if m >= inf && bad.is_none() {
-                bad = Some(e + g as u64 * group);
+            Ok(())
+        })?;
+    } else {
+        sources.for_each_chunk(t, 8 << 20, isz * group as usize, |chunk| {
+            for (g, vals) in chunk.chunks_exact(isz * group as usize).enumerate() {
+                let m = vals.chunks_exact(isz).map(word).max().unwrap_or(0);
+                if m >= inf && bad.is_none() {
+                    bad = Some(e + g as u64 * group);
+                }
+                groups[(e / group) as usize + g] = m;
             }
-            groups[(e / group) as usize + g] = m;
-        }
-        e += (chunk.len() / isz) as u64;
-        Ok(())
-    })?;
+            e += (chunk.len() / isz) as u64;
+            Ok(())
+        })?;
+    }
     if let Some(at) = bad {
         return Err(Error::invalid(
             sources.path_of(t),
@@ -190,13 +222,27 @@ pub struct Fp4Table {
     pub scales: Vec<u8>,
     /// The global scale (NVFP4; 1 for MXFP4).
     pub global: f32,
+    /// gpt-oss's experts: `I` and `R` of the weight `[E, I, R]` (zero otherwise).
+    pub experts: (u64, u64),
 }
 
 impl Fp4Table {
     /// The scales of a weight of dtype `d` with group magnitudes `amax` and, for NVFP4, the
     /// global scale `global` (its own or the smallest of its fused group).
-    pub fn new(kind: Fp4Kind, d: DType, amax: &Amax, global: f32) -> Result<Fp4Table> {
+    pub fn new(
+        kind: Fp4Kind,
+        d: DType,
+        shape: &[u64],
+        amax: &Amax,
+        global: f32,
+    ) -> Result<Fp4Table> {
         let scales = match kind {
+            // triton_kernels' downcast_to_mxfp: amax / 6 in f32, rounded up to a power of two
+            Fp4Kind::GptOss => amax
+                .groups
+                .iter()
+                .map(|&a| (gpt_oss_scale_bits(value(d, a)) >> 23) as u8)
+                .collect(),
             Fp4Kind::Nv => amax
                 .groups
                 .iter()
@@ -221,12 +267,22 @@ impl Fp4Table {
                     Error::usage("a group's magnitude reaches 2^127: beyond MXFP4's scales")
                 })?,
         };
+        let experts = match kind {
+            Fp4Kind::GptOss => (shape[1], shape[2]),
+            _ => (0, 0),
+        };
         Ok(Fp4Table {
             kind,
             dtype: d,
             scales,
             global,
+            experts,
         })
+    }
+
+    /// Bytes of the weight per expert (gpt-oss's layout: chunks are whole experts), else 0.
+    pub fn expert_values(&self) -> u64 {
+        self.experts.0 * self.experts.1
     }
 
     /// What the quotient of group `g` divides by: the E4M3 scale over the global scale in
@@ -235,7 +291,38 @@ impl Fp4Table {
     fn divisor(&self, g: usize) -> f32 {
         match self.kind {
             Fp4Kind::Nv => cast::fp8::e4m3_to_f32(self.scales[g]) / self.global,
-            Fp4Kind::Mx => exp2(self.scales[g] as i32 - 127),
+            Fp4Kind::Mx | Fp4Kind::GptOss => exp2(self.scales[g] as i32 - 127),
+        }
+    }
+
+    /// gpt-oss's layout: quantizes whole experts `[I, R]` (elements `first..`, `first` a
+    /// multiple of `I * R`) into `[R, I/2]` bytes each, every value times the reciprocal of its
+    /// group's power of two, rounded as triton_kernels' bit manipulation does.
+    fn quantize_experts(&self, vals: &[f32], first: u64, out: &mut [u8]) {
+        let (i_len, r_len) = (self.experts.0 as usize, self.experts.1 as usize);
+        let size = i_len * r_len;
+        let groups = i_len / 32;
+        for (x, (src, dst)) in vals
+            .chunks_exact(size)
+            .zip(out.chunks_exact_mut(size / 2))
+            .enumerate()
+        {
+            let e = first as usize / size + x;
+            for r in 0..r_len {
+                for g in 0..groups {
+                    let s = self.scales[(e * r_len + r) * groups + g];
+                    let qs = if s == 0 {
+                        0.0
+                    } else {
+                        1.0 / exp2(s as i32 - 127)
+                    };
+                    for j in 0..16 {
+                        let i = g * 32 + 2 * j;
+                        let (a, b) = (src[i * r_len + r] * qs, src[(i + 1) * r_len + r] * qs);
+                        dst[r * (i_len / 2) + i / 2] = e2m1_up(a) | (e2m1_up(b) << 4);
+                    }
+                }
+            }
         }
     }
 
@@ -248,6 +335,10 @@ impl Fp4Table {
             let vals = &mut scratch.borrow_mut().0;
             vals.resize(n, 0.0);
             cast::decode_f32_slice(self.dtype, x, vals);
+            if self.kind == Fp4Kind::GptOss {
+                self.quantize_experts(vals, first, out);
+                return;
+            }
             let mut k = 0;
             while k < n {
                 let e = first as usize + k;
@@ -258,7 +349,7 @@ impl Fp4Table {
                     let q = *v / div;
                     *v = match self.kind {
                         Fp4Kind::Nv => q,
-                        Fp4Kind::Mx => round_to(self.dtype, q),
+                        Fp4Kind::Mx | Fp4Kind::GptOss => round_to(self.dtype, q),
                     };
                 }
                 k += len;
@@ -274,12 +365,33 @@ impl Fp4Table {
     pub fn dequantize(&self, codes: &[u8], first: u64, out: &mut [f32]) {
         const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
         let group = self.kind.group();
+        let decode = |c: u8| {
+            let v = E2M1[(c & 7) as usize];
+            if c & 8 != 0 {
+                -v
+            } else {
+                v
+            }
+        };
+        if self.kind == Fp4Kind::GptOss {
+            // `out` in the weight's order [E, I, R], `codes` in [E, R, I/2]
+            let (i_len, r_len) = self.experts;
+            let size = i_len * r_len;
+            let base = first / size * size;
+            for (k, o) in out.iter_mut().enumerate() {
+                let k = first + k as u64;
+                let (e, i, r) = (k / size, (k / r_len) % i_len, k % r_len);
+                let b = ((e * r_len + r) * (i_len / 2) + i / 2 - base / 2) as usize;
+                let c = (codes[b] >> (4 * (i % 2))) & 0xF;
+                let g = ((e * r_len + r) * (i_len / group) + i / group) as usize;
+                *o = decode(c) * exp2(self.scales[g] as i32 - 127);
+            }
+            return;
+        }
         for (i, o) in out.iter_mut().enumerate() {
             let c = (codes[i / 2] >> (4 * (i % 2))) & 0xF;
-            let v = E2M1[(c & 7) as usize];
-            let v = if c & 8 != 0 { -v } else { v };
             let g = ((first + i as u64) / group) as usize;
-            *o = v * self.divisor(g);
+            *o = decode(c) * self.divisor(g);
         }
     }
 
@@ -292,6 +404,33 @@ impl Fp4Table {
     pub fn global_bytes(&self) -> Vec<u8> {
         self.global.to_le_bytes().to_vec()
     }
+}
+
+/// triton_kernels' `downcast_to_mxfp` (torch reference `downcast_to_mxfp_torch`,
+/// `DequantScaleRoundingMode.ROUND_UP`): the f32 bits of `amax / 6` rounded up to a power of
+/// two (0 for 0).
+fn gpt_oss_scale_bits(amax: f32) -> u32 {
+    ((amax / FP4_MAX).to_bits() + 0x007F_FFFF) & 0x7F80_0000
+}
+
+/// triton_kernels' E2M1 conversion of an f32 quotient: the exponent clamped to E2M1's, the
+/// mantissa shifted for values below 1, then rounded half up on the two kept bits and
+/// saturated to 6; the sign bit kept (so -0.0 is code 8).
+#[inline]
+fn e2m1_up(q: f32) -> u8 {
+    let b = q.to_bits();
+    let sign = ((b >> 28) & 0x8) as u8;
+    let exp = (b >> 23) & 0xFF;
+    let mut man = b & 0x7F_FFFF;
+    if exp < 127 {
+        // torch's `>>` of a shift past 31 gives 0
+        man = (0x40_0000 | (man >> 1))
+            .checked_shr(127 - exp - 1)
+            .unwrap_or(0);
+    }
+    let exp = exp.max(126) - 126;
+    let code = ((((exp << 2) | (man >> 21)) + 1) >> 1).min(7);
+    code as u8 | sign
 }
 
 /// 2^e in f32 (e in -127..=127).
@@ -360,8 +499,15 @@ fn e2m1(q: f32) -> u8 {
     code | (u8::from(q < 0.0) << 3)
 }
 
-/// `X.weight` -> `X.weight_packed` / `X.weight_scale` / `X.weight_global_scale`.
-fn part_name(weight: &str, part: Fp4Part) -> String {
+/// `X.weight` -> `X.weight_packed` / `X.weight_scale` / `X.weight_global_scale`; gpt-oss's
+/// `X` -> `X_blocks` / `X_scales`.
+fn part_name(weight: &str, part: Fp4Part, kind: Fp4Kind) -> String {
+    if kind == Fp4Kind::GptOss {
+        return match part {
+            Fp4Part::Packed => format!("{weight}_blocks"),
+            _ => format!("{weight}_scales"),
+        };
+    }
     match part {
         Fp4Part::Packed => format!("{weight}_packed"),
         Fp4Part::Scale => format!("{weight}_scale"),
@@ -419,13 +565,27 @@ pub fn plan_fp4(cat: &mut Catalogue, plan: &mut Plan, kind: Fp4Kind) -> Result<(
             q.scheme
         )));
     }
+    // gpt-oss: its MoE experts in its own layout, the rest as its release keeps it
+    let kind = match kind {
+        Fp4Kind::Mx if crate::plan::model_type(cat).as_deref() == Some("gpt_oss") => {
+            Fp4Kind::GptOss
+        }
+        k => k,
+    };
     let group = kind.group();
     let mut rows = Vec::with_capacity(plan.tensors().len());
     let mut ignore = Vec::new();
     let mut quantized = Vec::new();
     for mut p in plan.tensors().to_vec() {
         let t = cat.tensors[p.tensor].clone();
-        let linear = is_linear_weight(&t);
+        let linear = match kind {
+            Fp4Kind::GptOss => {
+                t.shape.len() == 3
+                    && (t.name.ends_with(".experts.gate_up_proj")
+                        || t.name.ends_with(".experts.down_proj"))
+            }
+            _ => is_linear_weight(&t),
+        };
         let module = t
             .name
             .strip_suffix(".weight")
@@ -438,7 +598,9 @@ pub fn plan_fp4(cat: &mut Catalogue, plan: &mut Plan, kind: Fp4Kind) -> Result<(
             rows.push(p);
             continue;
         }
-        let why = if !linear {
+        let why = if !linear && kind == Fp4Kind::GptOss {
+            Some("not a MoE expert: kept (gpt-oss's modules_to_not_convert)".to_string())
+        } else if !linear {
             Some("not a linear layer's weight: kept (as llm-compressor keeps it)".to_string())
         } else if !matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16) {
             Some(format!(
@@ -471,7 +633,7 @@ pub fn plan_fp4(cat: &mut Catalogue, plan: &mut Plan, kind: Fp4Kind) -> Result<(
     }
     let fused = match kind {
         Fp4Kind::Nv => fused_groups(cat, &quantized),
-        Fp4Kind::Mx => HashMap::new(),
+        Fp4Kind::Mx | Fp4Kind::GptOss => HashMap::new(),
     };
     let mut out = Vec::with_capacity(rows.len() + 2 * quantized.len());
     for p in rows {
@@ -504,16 +666,27 @@ fn push_parts(
 ) -> Result<()> {
     let group = kind.group();
     let t = cat.tensors[p.tensor].clone();
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let mut parts = vec![
-        (Fp4Part::Packed, DType::U8, vec![r, c / 2]),
-        (Fp4Part::Scale, kind.scale_dtype(), vec![r, c / group]),
-    ];
+    let mut parts = match kind {
+        Fp4Kind::GptOss => {
+            let (e, i, r) = (t.shape[0], t.shape[1], t.shape[2]);
+            vec![
+                (Fp4Part::Packed, DType::U8, vec![e, r, i / 32, 16]),
+                (Fp4Part::Scale, DType::U8, vec![e, r, i / 32]),
+            ]
+        }
+        _ => {
+            let (r, c) = (t.shape[0], t.shape[1]);
+            vec![
+                (Fp4Part::Packed, DType::U8, vec![r, c / 2]),
+                (Fp4Part::Scale, kind.scale_dtype(), vec![r, c / group]),
+            ]
+        }
+    };
     if kind == Fp4Kind::Nv {
         parts.push((Fp4Part::Global, DType::F32, vec![1]));
     }
     for (part, dtype, shape) in parts {
-        let name = part_name(&t.name, part);
+        let name = part_name(&t.name, part, kind);
         if cat.tensors.iter().any(|x| x.name == name) {
             return Err(Error::usage(format!(
                 "{}: a tensor is already named `{name}`",
@@ -592,7 +765,7 @@ pub fn table(
     tensor_amax: &std::sync::Mutex<HashMap<usize, u32>>,
 ) -> Result<Fp4Table> {
     let t = &cat.tensors[weight];
-    let a = amax(sources, t, kind.group())?;
+    let a = amax(sources, t, kind)?;
     tensor_amax.lock().expect("amax").insert(weight.0, a.tensor);
     let mut global = 1.0;
     if kind == Fp4Kind::Nv {
@@ -602,7 +775,7 @@ pub fn table(
             let m = match known {
                 Some(m) => m,
                 None => {
-                    let m = amax(sources, &cat.tensors[s], kind.group())?.tensor;
+                    let m = amax(sources, &cat.tensors[s], kind)?.tensor;
                     tensor_amax.lock().expect("amax").insert(s.0, m);
                     m
                 }
@@ -610,7 +783,7 @@ pub fn table(
             global = global.min(global_scale(cat.tensors[s].dtype, m));
         }
     }
-    Fp4Table::new(kind, t.dtype, &a, global).map_err(|e| match e {
+    Fp4Table::new(kind, t.dtype, &t.shape, &a, global).map_err(|e| match e {
         Error::Usage(m) => Error::invalid(sources.path_of(t), format!("tensor `{}`: {m}", t.name)),
         e => e,
     })

@@ -237,3 +237,96 @@ def test_analyze_reports_the_snr_of_the_written_file(tmp_path, preset):
         snr = 10 * torch.log10((x.double() ** 2).sum() / ((x - y).double() ** 2).sum()).item()
         assert abs(row["snr_db"] - snr) < 1e-6 * abs(snr), (w, row["snr_db"], snr)
         assert 12 < row["snr_db"] < 30
+
+
+def downcast_to_mxfp_torch(src, axis):
+    """triton_kernels' torch reference for `downcast_to_mxfp(w, torch.uint8, axis)` (what
+    transformers' mxfp4 integration calls to quantize gpt-oss's experts; triton_kernels needs a
+    GPU), transcribed from triton_kernels/numerics_details/mxfp.py with its default
+    DequantScaleRoundingMode.ROUND_UP; lengths along `axis` are multiples of 32 here."""
+    def shr(x, s):  # right_shift_unsigned
+        return (x >> s) & ((1 << (32 - s)) - 1)
+    src = src.transpose(axis, src.ndim - 1).to(torch.float32)
+    groups = src.reshape(*src.shape[:-1], src.shape[-1] // 32, 32)
+    max_val = groups.abs().max(dim=-1, keepdim=True).values
+    ds_int = (max_val / 6.0).view(torch.int32)
+    ds_rounded = (ds_int + 0x007FFFFF) & 0x7F800000
+    rounded = ds_rounded.view(torch.float32)
+    qs = torch.where(rounded == 0, torch.tensor(0.0), 1.0 / rounded)
+    q = (groups * qs).reshape(src.shape)
+    q_int = q.contiguous().view(torch.int32)
+    signs = q_int & 0x80000000
+    exponents = shr(q_int, 23) & 0xFF
+    mantissas = q_int & 0x7FFFFF
+    mantissas = torch.where(exponents < 127,
+                            (0x400000 | shr(mantissas, 1)) >> (127 - exponents - 1), mantissas)
+    exponents = torch.maximum(exponents, torch.tensor(126)) - 126
+    e2m1 = shr(((exponents << 2) | shr(mantissas, 21)) + 1, 1)
+    e2m1 = torch.minimum(e2m1, torch.tensor(7))
+    v = (shr(signs, 28) | e2m1).to(torch.uint8)
+    v = v.view(*v.shape[:-1], v.shape[-1] // 2, 2)
+    out = v[..., 0] | (v[..., 1] << 4)
+    scale = (ds_rounded >> 23).to(torch.uint8).squeeze(-1)
+    return out.transpose(axis, src.ndim - 1), scale.transpose(axis, src.ndim - 1)
+
+
+def test_gpt_oss_experts_take_gpt_oss_layout(tmp_path):
+    """A gpt-oss model's `--to mxfp4`: its MoE experts in gpt-oss's own `_blocks` / `_scales`
+    layout as triton_kernels quantizes them (blocks `[E, R, I/32, 16]`), everything else kept,
+    the config gpt-oss ships; transformers dequantizes the output to the values weightcast
+    reads back."""
+    from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       num_local_experts=4, num_experts_per_tok=2,
+                       layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        e = model.model.layers[0].mlp.experts
+        e.down_proj[1, :, 3] *= 1e-30   # a group of subnormal-range values
+        e.down_proj[2, :32, 5] = 0      # a zero group: scale byte 0
+        e.gate_up_proj[0, :, 7] *= 1e4
+    src, out, back = tmp_path / "src", tmp_path / "out", tmp_path / "back"
+    model.save_pretrained(src)
+    plan = json.loads(run("convert", src, "-o", out, "--to", "mxfp4", "--dry-run",
+                          "--json").stdout)
+    run("convert", src, "-o", out, "--to", "mxfp4")
+    got, orig = tensors(out), tensors(src)
+    experts = [k for k in orig if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 4
+    for k in experts:
+        # transformers quantizes the [E, R, I] transpose along I (axis 2 of it): our [E, I, R]
+        # along axis 1
+        blocks, scales = downcast_to_mxfp_torch(orig[k].transpose(1, 2).contiguous(), axis=2)
+        E, R, half = blocks.shape
+        assert torch.equal(got[k + "_blocks"], blocks.reshape(E, R, half // 16, 16)), k
+        assert torch.equal(got[k + "_scales"], scales), k
+    assert sorted(got) == sorted([k for k in orig if k not in experts]
+                                 + [k + s for k in experts for s in ("_blocks", "_scales")])
+    for k in orig:
+        if k not in experts:
+            assert torch.equal(got[k], orig[k]), k
+    rows = {r["name"]: r for r in plan["tensors"]}
+    assert sorted(rows) == sorted(got)
+    for k, r in rows.items():
+        assert r["shape"] == list(got[k].shape) and r["bytes_after"] == got[k].nbytes, k
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    ref = GptOssForCausalLM.from_pretrained(out, dtype=torch.bfloat16,
+                                            quantization_config=Mxfp4Config(dequantize=True))
+    run("convert", out, "-o", back, "--to", "bf16")
+    mine = tensors(back)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(mine[k], v), k
+    with torch.no_grad():
+        assert torch.isfinite(ref(torch.tensor([[1, 5, 9, 33]])).logits).all()
+    # analyze measures each expert against those values
+    rows = json.loads(run("analyze", src, "--to", "mxfp4", "--json").stdout)["tensors"]
+    assert sorted(r["name"] for r in rows) == sorted(k + "_blocks" for k in experts)
+    for r in rows:
+        w = r["name"].removesuffix("_blocks")
+        x, y = orig[w].double(), mine[w].double()
+        snr = 10 * torch.log10((x ** 2).sum() / ((x - y) ** 2).sum()).item()
+        assert abs(r["snr_db"] - snr) < 1e-3, (w, r["snr_db"], snr)
