@@ -11,6 +11,13 @@ with its peak RSS (`/usr/bin/time -f %M`):
 Outputs are checked bit-equal before the table is printed.
 
     .venv/bin/python bench/lowbit_bench.py [LAYERS]
+
+`big` instead of LAYERS runs on bench/bench.py's 1.6 GiB f32 Llama (6 layers) as a model
+folder, quantized each way that runs on a CPU here: NVFP4 and MXFP4 written by weightcast
+(`convert --to nvfp4|mxfp4`) against the same scales through compressed-tensors'
+`ModelCompressor` (what llm-compressor runs; outputs bit-equal), W4A16 group 128 packed by
+compressed-tensors, and bitsandbytes NF4 (double-quantized) packed by transformers; then each
+read back to bf16 by weightcast against transformers' dequantization (bit-equal).
 """
 
 import os
@@ -27,7 +34,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 BIN = os.environ.get("WEIGHTCAST_BIN", str(ROOT / "target" / "release" / "weightcast"))
-LAYERS = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+BIG = len(sys.argv) > 1 and sys.argv[1] == "big"
+LAYERS = 6 if BIG else int(sys.argv[1]) if len(sys.argv) > 1 else 4
 PY = sys.executable
 
 
@@ -151,5 +159,111 @@ def check_files(a, b):
         assert torch.equal(x[k].view(torch.int16), v.view(torch.int16)), k
 
 
+REF_FP4 = """
+import sys, copy, torch
+sys.path.insert(0, sys.argv[4])
+from test_lowbit_write import llm_compressor_weights_only
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme,
+                                             apply_quantization_config)
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+scheme = copy.deepcopy(PRESET_SCHEMES[sys.argv[3]])
+if sys.argv[3] == "W4A16":
+    scheme["weights"].group_size = 128
+apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+    targets=["Linear"], **scheme)}, ignore=["lm_head"]))
+llm_compressor_weights_only(model)
+comp = ModelCompressor.from_pretrained_model(model)
+comp.compress_model(model)
+model.save_pretrained(sys.argv[2])
+comp.update_config(sys.argv[2])
+"""
+
+REF_BNB_PACK = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, quantization_config=q,
+                                         device_map="cpu")
+m.save_pretrained(sys.argv[2])
+"""
+
+REF_BNB = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
+m = m.dequantize()
+m.save_pretrained(sys.argv[2])
+"""
+
+
+def main_big():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import json
+    from bench import LLAMA_CONFIG, generate
+    rows, writes = [], []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        tmp = pathlib.Path(tmp)
+        src = tmp / "f32"
+        src.mkdir()
+        generate(src / "model.safetensors", LAYERS)
+        (src / "config.json").write_text(json.dumps(dict(LLAMA_CONFIG, num_hidden_layers=LAYERS)))
+        tests = ROOT / "tests" / "python"
+        packed = {}
+        for to, preset in [("nvfp4", "NVFP4A16"), ("mxfp4", "MXFP4A16"), (None, "W4A16")]:
+            ref = tmp / f"{preset}-ref"
+            t_ref, m_ref = timed([PY, "-c", REF_FP4, src, ref, preset, tests])
+            if to:
+                wc = tmp / f"{preset}-wc"
+                t_wc, m_wc = timed([BIN, "convert", src, "-o", wc, "--to", to])
+                check_bytes(wc, ref)
+                writes.append((preset, size(src), size(wc), t_wc, m_wc, t_ref, m_ref))
+                shutil.rmtree(wc)
+            packed[f"compressed-tensors {preset}"] = ref
+        bnb = tmp / "bnb-nf4"
+        timed([PY, "-c", REF_BNB_PACK, src, bnb])
+        packed["bitsandbytes NF4 (double quant)"] = bnb
+        for name, folder in packed.items():
+            wc, ref, cp = tmp / "deq-wc", tmp / "deq-ref", tmp / "deq-cp"
+            t_cp, _ = timed(["cp", "-r", folder, cp])
+            t_wc, m_wc = timed([BIN, "convert", folder, "-o", wc, "--to", "bf16"])
+            script = REF_BNB if "bitsandbytes" in name else REF_CT
+            t_ref, m_ref = timed([PY, "-c", script, folder, ref])
+            check(wc, ref)
+            rows.append((name, size(folder), size(wc), t_wc, m_wc, t_ref, m_ref, t_cp))
+            for p in (wc, ref, cp):
+                shutil.rmtree(p)
+    print(f"the 1.6 GiB f32 Llama ({LAYERS} layers); weightcast {BIN}; seconds, peak RSS MiB\n")
+    print("writing FP4 from f32:\n")
+    print("| output | f32 in | packed out | weightcast s | RSS | compressed-tensors s | RSS | "
+          "speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, a, b, tw, mw, tr, mr in writes:
+        print(f"| {name} | {a / 2**20:.0f} MiB | {b / 2**20:.0f} MiB | {tw:.2f} | {mw:.0f} | "
+              f"{tr:.2f} | {mr:.0f} | {tr / tw:.1f}x |")
+    print("\nreading back to bf16:\n")
+    print("| input | packed | bf16 out | weightcast s | RSS | reference s | RSS | speed-up | "
+          "cp of the input s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, a, b, tw, mw, tr, mr, tc in rows:
+        print(f"| {name} | {a / 2**20:.0f} MiB | {b / 2**20:.0f} MiB | {tw:.2f} | {mw:.0f} | "
+              f"{tr:.2f} | {mr:.0f} | {tr / tw:.1f}x | {tc:.2f} |")
+
+
+def check_bytes(a, b):
+    from safetensors.torch import load_file
+    x, y = {}, {}
+    for f in pathlib.Path(a).glob("*.safetensors"):
+        x.update(load_file(f))
+    for f in pathlib.Path(b).glob("*.safetensors"):
+        y.update(load_file(f))
+    assert sorted(x) == sorted(y), set(x) ^ set(y)
+    for k, v in y.items():
+        assert torch.equal(x[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
 if __name__ == "__main__":
-    main()
+    main_big() if BIG else main()
