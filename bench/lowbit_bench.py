@@ -132,6 +132,10 @@ def main():
         check_files(wc, ref)
         rows.append(("gpt-oss MXFP4 experts", size(src), size(wc), t_wc, m_wc, t_ref, m_ref, t_cp))
     print(f"{LAYERS} layers; weightcast {BIN}; seconds, peak RSS in MiB\n")
+    print_read_rows(rows)
+
+
+def print_read_rows(rows):
     print("| input | packed | bf16 out | weightcast s | RSS | reference s | RSS | speed-up | "
           "cp of the input s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -140,13 +144,16 @@ def main():
               f"{tr:.2f} | {mr:.0f} | {tr / tw:.1f}x | {tc:.2f} |")
 
 
-def check(a, b):
+def load_folder(p):
     from safetensors.torch import load_file
-    x, y = {}, {}
-    for f in pathlib.Path(a).glob("*.safetensors"):
-        x.update(load_file(f))
-    for f in pathlib.Path(b).glob("*.safetensors"):
-        y.update(load_file(f))
+    out = {}
+    for f in pathlib.Path(p).glob("*.safetensors"):
+        out.update(load_file(f))
+    return out
+
+
+def check(a, b):
+    x, y = load_folder(a), load_folder(b)
     for k, v in y.items():
         assert torch.equal(x[k].view(torch.int16), v.view(torch.int16)), k
 
@@ -245,21 +252,11 @@ def main_big():
         print(f"| {name} | {a / 2**20:.0f} MiB | {b / 2**20:.0f} MiB | {tw:.2f} | {mw:.0f} | "
               f"{tr:.2f} | {mr:.0f} | {tr / tw:.1f}x |")
     print("\nreading back to bf16:\n")
-    print("| input | packed | bf16 out | weightcast s | RSS | reference s | RSS | speed-up | "
-          "cp of the input s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, a, b, tw, mw, tr, mr, tc in rows:
-        print(f"| {name} | {a / 2**20:.0f} MiB | {b / 2**20:.0f} MiB | {tw:.2f} | {mw:.0f} | "
-              f"{tr:.2f} | {mr:.0f} | {tr / tw:.1f}x | {tc:.2f} |")
+    print_read_rows(rows)
 
 
 def check_bytes(a, b):
-    from safetensors.torch import load_file
-    x, y = {}, {}
-    for f in pathlib.Path(a).glob("*.safetensors"):
-        x.update(load_file(f))
-    for f in pathlib.Path(b).glob("*.safetensors"):
-        y.update(load_file(f))
+    x, y = load_folder(a), load_folder(b)
     assert sorted(x) == sorted(y), set(x) ^ set(y)
     for k, v in y.items():
         assert torch.equal(x[k].view(torch.uint8), v.view(torch.uint8)), k
