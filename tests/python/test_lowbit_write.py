@@ -17,13 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run
-
-
-def tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from test_lowbit import tensors
 
 
 def llm_compressor_weights_only(model):
