@@ -29,6 +29,8 @@ pub enum InputKind {
     Memory,
     /// A llama.cpp GGUF file.
     Gguf,
+    /// An ONNX model (`.onnx`, with its external data files).
+    Onnx,
 }
 
 impl InputKind {
@@ -51,6 +53,7 @@ impl InputKind {
             InputKind::TorchScript => "TorchScript archive",
             InputKind::Memory => "tensors in memory",
             InputKind::Gguf => "GGUF (llama.cpp)",
+            InputKind::Onnx => "ONNX model",
         }
     }
 }
@@ -341,6 +344,64 @@ pub struct FolderInfo {
     pub keep: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
+/// What an ONNX model holds besides tensor data (read by [`crate::formats::onnx`]).
+#[derive(Debug, Clone, Default)]
+pub struct OnnxDoc {
+    /// `ModelProto.ir_version`.
+    pub ir_version: u64,
+    /// `producer_name` and `producer_version`, joined by a space.
+    pub producer: String,
+    /// The operator sets imported: (domain, version).
+    pub opsets: Vec<(String, u64)>,
+    /// One per weight, in the catalogue's order (`weights[i]` is `tensors[i]`).
+    pub weights: Vec<OnnxWeight>,
+}
+
+/// Where an ONNX weight is in the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnnxWeight {
+    /// Its `TensorProto.name` as stored (empty for an unnamed attribute tensor).
+    pub onnx_name: String,
+    /// The graph holding it: empty for the main graph, else the path of the subgraph
+    /// (`If_0.then_branch`), a function (`function:DOMAIN:NAME`) or training graph.
+    pub graph: String,
+    /// What holds it.
+    pub origin: OnnxOrigin,
+    /// Op context: the op types consuming it (an initializer, a `Constant`'s output) or
+    /// holding it (another node's tensor attribute), sorted, each once.
+    pub ops: Vec<String>,
+    /// `TensorProto.data_type`.
+    pub data_type: i32,
+    /// The `TensorProto` message's byte range in the model file (offset, length).
+    pub proto: (u64, u64),
+    /// Where its values are stored.
+    pub stored: OnnxStored,
+}
+
+/// What holds an ONNX weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnnxOrigin {
+    /// A graph initializer.
+    Initializer,
+    /// The `value` attribute of a `Constant` node.
+    Constant,
+    /// A tensor attribute of another node (the attribute's name).
+    Attribute(String),
+}
+
+/// Where an ONNX weight's values are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnnxStored {
+    /// `raw_data`, in the model file.
+    Raw,
+    /// Packed `float_data` / `double_data`, in the model file.
+    Packed,
+    /// Typed fields decoded into memory (`int32_data`, `int64_data`, ...).
+    Decoded,
+    /// An external data file (its location, relative to the model's folder).
+    External(String),
+}
+
 /// Everything weightcast knows about an input before touching any tensor data.
 #[derive(Debug, Clone)]
 pub struct Catalogue {
@@ -370,6 +431,8 @@ pub struct Catalogue {
     pub quant: Option<std::sync::Arc<quant::Quantization>>,
     /// For a GGUF input: its metadata and tensor table (ggml types).
     pub gguf: Option<std::sync::Arc<gguf::GgufDoc>>,
+    /// For an ONNX input: the model's header and where each weight comes from.
+    pub onnx: Option<std::sync::Arc<OnnxDoc>>,
 }
 
 impl Catalogue {
@@ -394,6 +457,7 @@ impl Catalogue {
             torch: None,
             quant: None,
             gguf: None,
+            onnx: None,
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod folder;
 pub mod gguf;
 pub mod memory;
+pub mod onnx;
 pub mod open;
 pub mod pickle;
 pub mod safetensors;

@@ -9,8 +9,8 @@ use super::folder::{open_file, open_folder, open_index, open_remote};
 use crate::catalogue::Catalogue;
 use crate::error::{Error, Result};
 
-/// Opens `path` (a `.safetensors` file, a `*.safetensors.index.json`, a model folder or a
-/// `torch.save` checkpoint) and reads every header. No tensor data is read.
+/// Opens `path` (a `.safetensors` file, a `*.safetensors.index.json`, a model folder, a
+/// `torch.save` checkpoint, a GGUF file or an ONNX model) and reads every header. No tensor data is read.
 pub fn open(path: &Path) -> Result<Catalogue> {
     open_with(path, None)
 }
@@ -31,6 +31,13 @@ fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
                 path.display()
             )));
         }
+        let bare = path.to_str().unwrap_or_default().split(['?', '#']).next();
+        if bare.is_some_and(|b| super::onnx::is_onnx_name(Path::new(b))) {
+            return Err(Error::usage(format!(
+                "{}: ONNX models are read from local files only (download it first)",
+                path.display()
+            )));
+        }
         return open_remote(path);
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -40,6 +47,18 @@ fn open_any(path: &Path, key: Option<&str>) -> Result<Catalogue> {
             Some(k) if k.is_torch() => return super::torch::open(path, key),
             Some(crate::formats::sniff::Kind::Gguf) if key.is_none_or(str::is_empty) => {
                 return super::gguf::open(path)
+            }
+            Some(crate::formats::sniff::Kind::Onnx) if key.is_none_or(str::is_empty) => {
+                return super::onnx::open(path)
+            }
+            // named `.onnx`: read as ONNX (its errors say what is wrong), unless it is in fact
+            // a safetensors file
+            None if super::onnx::is_onnx_name(path)
+                && key.is_none_or(str::is_empty)
+                && crate::formats::sniff::sniff_file(path, &file, meta.len())?
+                    != crate::formats::sniff::Kind::Safetensors =>
+            {
+                return super::onnx::open(path)
             }
             _ => {}
         }

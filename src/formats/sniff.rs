@@ -39,6 +39,8 @@ pub enum Kind {
     Gguf,
     /// A NumPy `.npy` array.
     Npy,
+    /// An ONNX model (a protobuf `ModelProto`: `ir_version` first).
+    Onnx,
     /// A JSON document.
     Json,
     /// A compressed stream joblib decompresses before unpickling.
@@ -62,6 +64,7 @@ impl Kind {
             Kind::Pickle => "a pickle (a legacy torch.save checkpoint is one)",
             Kind::Gguf => "a GGUF file",
             Kind::Npy => "a NumPy array file",
+            Kind::Onnx => "an ONNX model",
             Kind::Json => "a JSON file",
             Kind::Compressed(c) => c.describe(),
             Kind::NotPickle => {
@@ -85,6 +88,7 @@ impl Kind {
                 | Kind::Safetensors
                 | Kind::LfsPointer
                 | Kind::Gguf
+                | Kind::Onnx
                 | Kind::Json
                 | Kind::NotPickle
         )
@@ -123,7 +127,11 @@ pub fn foreign(path: &Path, file: &File, len: u64) -> Result<Option<Kind>> {
     file.read_exact_at(&mut head, 0)
         .map_err(|e| Error::io(path, e))?;
     let kind = by_magic(&head, len);
-    let named = kind.is_torch() || matches!(kind, Kind::Gguf | Kind::Npy | Kind::Compressed(_));
+    let named = kind.is_torch()
+        || matches!(
+            kind,
+            Kind::Gguf | Kind::Onnx | Kind::Npy | Kind::Compressed(_)
+        );
     if !named
         || is_safetensors(&head, len, |buf, pos| {
             file.read_exact_at(buf, pos).map_err(|e| Error::io(path, e))
@@ -188,6 +196,8 @@ pub fn by_magic(head: &[u8], len: u64) -> Kind {
         Kind::Json
     } else if let Some(c) = compression(head) {
         Kind::Compressed(c)
+    } else if crate::formats::onnx::looks_like_model(head) {
+        Kind::Onnx
     } else if !crate::formats::pickle::is_opcode(head[0]) {
         Kind::NotPickle
     } else {
@@ -268,5 +278,7 @@ mod tests {
         assert_eq!(kind_of(b""), Kind::Empty);
         assert_eq!(kind_of(b"GGUF\x03\0\0\0"), Kind::Gguf);
         assert_eq!(kind_of(b"  {\"a\": 1}"), Kind::Json);
+        // ir_version 8, then producer_name
+        assert_eq!(kind_of(b"\x08\x08\x12\x07pytorch"), Kind::Onnx);
     }
 }

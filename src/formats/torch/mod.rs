@@ -133,6 +133,7 @@ pub fn open(path: &Path, key: Option<&str>) -> Result<Catalogue> {
         torch: Some(std::sync::Arc::new(doc)),
         quant: None,
         gguf: None,
+        onnx: None,
     })
 }
 
