@@ -965,6 +965,12 @@ fn classes(cat: &Catalogue) -> Vec<Option<&str>> {
             .iter()
             .map(|t| (t.name.as_str(), t.shape.as_slice())),
     );
+    if let Some(doc) = cat.onnx.as_deref() {
+        // an ONNX weight's class is the op types that use it
+        return (0..cat.tensors.len())
+            .map(|i| doc.classes.get(i).map(String::as_str))
+            .collect();
+    }
     cat.tensors
         .iter()
         .zip(norms)

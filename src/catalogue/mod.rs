@@ -355,6 +355,9 @@ pub struct OnnxDoc {
     pub opsets: Vec<(String, u64)>,
     /// One per weight, in the catalogue's order (`weights[i]` is `tensors[i]`).
     pub weights: Vec<OnnxWeight>,
+    /// Per weight, what the rules see as its class: `onnx:` then its op types, comma-separated
+    /// (`op:Conv` and `kind:norm` select by them).
+    pub classes: Vec<String>,
 }
 
 /// Where an ONNX weight is in the model.

@@ -10,7 +10,9 @@
 //!   of tensor (by name and shape, and by module class where the input records it);
 //! - `class:NAME`, the tensors of modules of a class (`class:Linear`, `class:Conv2d`, or the
 //!   full path `class:torch.nn.modules.linear.Linear`), for PyTorch files that pickle whole
-//!   modules.
+//!   modules;
+//! - `op:NAME`, in an ONNX model the weights an operator of that type uses (`op:Conv`); there
+//!   `kind:norm` and `kind:conv` follow the graph (a `*Normalization` op, a `Conv*` op).
 //!
 //! A rules file's rule may also carry a `scale` (a [`Factor`]): the tensors it matches are
 //! multiplied by it on the way out. The last matching rule that has a `scale` decides a
@@ -115,7 +117,23 @@ pub const PATTERN_SYNTAX: &[(&str, &str)] = &[
         "the class of the module holding the tensor (Linear, torch.nn.Conv2d), where the \
          checkpoint names it",
     ),
+    (
+        "op:NAME",
+        "in an ONNX model, the weights an operator of that type uses (op:Conv, op:MatMul, \
+         op:LayerNormalization)",
+    ),
 ];
+
+/// How an ONNX weight's class begins: the op types using it follow, comma-separated.
+pub const ONNX_OPS: &str = "onnx:";
+
+/// The op types using an ONNX weight, from its class (none for other inputs).
+fn onnx_ops(class: Option<&str>) -> impl Iterator<Item = &str> {
+    class
+        .and_then(|c| c.strip_prefix(ONNX_OPS))
+        .into_iter()
+        .flat_map(|ops| ops.split(',').filter(|o| !o.is_empty()))
+}
 
 impl Kind {
     fn parse(s: &str) -> Option<Kind> {
@@ -134,6 +152,15 @@ impl Kind {
     /// [`NORM_BY_STRUCTURE`]), is of this kind.
     pub fn matches(self, name: &str, shape: &[u64], class: Option<&str>) -> bool {
         let comps: Vec<String> = name.split('.').map(|c| c.to_ascii_lowercase()).collect();
+        if class.is_some_and(|c| c.starts_with(ONNX_OPS)) {
+            // an ONNX weight: the graph says what uses it
+            let mut ops = onnx_ops(class);
+            match self {
+                Kind::Norm => return ops.any(|o| o.contains("Normalization")),
+                Kind::Conv => return ops.any(|o| o.starts_with("Conv")),
+                _ => {}
+            }
+        }
         let by_structure = class == Some(NORM_BY_STRUCTURE);
         let class = class.filter(|_| !by_structure);
         let class_name = class.map(|c| c.rsplit('.').next().unwrap_or(c));
@@ -177,6 +204,8 @@ pub enum Selector {
     Kind(Kind),
     /// The class of the module holding the tensor (`class:` prefix): its name or full path.
     Class(String),
+    /// An ONNX operator type using the weight (`op:` prefix).
+    Op(String),
     /// The modules transformers keeps in float32 for the input's model type (preset
     /// `transformers-fp32`): resolved by the plan from `config.json`, nothing until then.
     ModelFp32(Option<Regex>),
@@ -206,6 +235,14 @@ impl Selector {
                     "pattern `{pattern}`: unknown kind `{k}` (use norm, bias, embedding, 1d, 2d or conv)"
                 ))
             });
+        }
+        if let Some(op) = pattern.strip_prefix("op:") {
+            if op.is_empty() || !op.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(Error::usage(format!(
+                    "pattern `{pattern}`: give an ONNX operator type (op:Conv, op:MatMul)"
+                )));
+            }
+            return Ok(Selector::Op(op.to_string()));
         }
         if let Some(c) = pattern.strip_prefix("class:") {
             if !crate::audit::is_name_path(c) {
@@ -237,13 +274,16 @@ impl Selector {
             Selector::Regex(re) => re.is_match(name),
             Selector::ModelFp32(re) => re.as_ref().is_some_and(|re| re.is_match(name)),
             Selector::Kind(k) => k.matches(name, shape, class),
-            Selector::Class(want) => class.filter(|c| *c != NORM_BY_STRUCTURE).is_some_and(|c| {
-                c == want
+            Selector::Op(want) => onnx_ops(class).any(|o| o == want),
+            Selector::Class(want) => class
+                .filter(|c| *c != NORM_BY_STRUCTURE && !c.starts_with(ONNX_OPS))
+                .is_some_and(|c| {
+                    c == want
                     || c.rsplit('.').next() == Some(want.as_str())
                     // torch.nn.Linear is torch.nn.modules.linear.Linear
                     || (want.split('.').next() == c.split('.').next()
                         && want.rsplit('.').next() == c.rsplit('.').next())
-            }),
+                }),
             Selector::Glob(pat) => {
                 let comps: Vec<&str> = name.split('.').collect();
                 (0..comps.len()).any(|start| match_run(pat, &comps[start..]))
@@ -862,6 +902,32 @@ mod tests {
         let two = Selector::parse("kind:2d").unwrap();
         assert!(two.matches("w", &[4, 4], None) && !two.matches("w", &[4], None));
         assert!(Selector::parse("class:a b").is_err());
+    }
+
+    #[test]
+    fn onnx_weights_are_selected_by_the_ops_using_them() {
+        let conv = Some("onnx:Conv");
+        let ln = Some("onnx:LayerNormalization");
+        let mm = Some("onnx:Add,MatMul");
+        let op = Selector::parse("op:MatMul").unwrap();
+        assert!(op.matches("w", &[4, 4], mm) && !op.matches("w", &[4, 4], conv));
+        assert!(
+            !op.matches("w", &[4, 4], Some("MatMul")),
+            "a PyTorch class is not an op"
+        );
+        assert!(!Selector::parse("op:Mat").unwrap().matches("w", &[4, 4], mm));
+        let norm = Selector::parse("kind:norm").unwrap();
+        assert!(norm.matches("scale", &[8], ln));
+        // the graph decides, not the name: a `norm`-named MatMul weight is no norm
+        assert!(!norm.matches("layernorm.w", &[8, 8], mm));
+        let k = Selector::parse("kind:conv").unwrap();
+        assert!(k.matches("w", &[8, 3, 3, 3], conv) && !k.matches("w", &[8, 3, 3, 3], mm));
+        assert!(!Selector::parse("class:Conv")
+            .unwrap()
+            .matches("w", &[8, 3, 3, 3], conv));
+        for bad in ["op:", "op:a b", "op:x.y"] {
+            assert!(Selector::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -261,3 +261,36 @@ def test_real_model_magika(tmp_path):
     local = tmp_path / "model.onnx"
     local.write_bytes(path.read_bytes())
     check_reads(local, want)
+
+
+def test_rules_select_onnx_weights_by_the_ops_using_them(tmp_path):
+    """`op:NAME` keeps the weights an operator type uses; `kind:norm` and `kind:conv` come from
+    the graph (a normalisation op, a Conv), not from the names."""
+    rng = np.random.default_rng(1)
+    inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "a"),
+             nh.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             nh.from_array(rng.standard_normal(4).astype(np.float32), "c"),
+             nh.from_array(rng.standard_normal(4).astype(np.float32), "d"),
+             nh.from_array(rng.standard_normal((4, 4)).astype(np.float32), "norm_looking.w")]
+    nodes = [h.make_node("Conv", ["x", "a", "b"], ["y"]),
+             h.make_node("Transpose", ["y"], ["t"], perm=[0, 2, 3, 1]),
+             h.make_node("LayerNormalization", ["t", "c", "d"], ["n"], axis=-1),
+             h.make_node("MatMul", ["n", "norm_looking.w"], ["z"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                     [h.make_tensor_value_info("z", T.FLOAT, [1, 6, 6, 4])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), path)
+
+    def kept(*rule):
+        plan = json.loads(run("convert", path, "-o", tmp_path / "o.safetensors", "--to", "f16",
+                              *rule, "--dry-run", "--json").stdout)
+        return sorted(t["name"] for t in plan["tensors"] if not t["cast"])
+
+    assert kept("--keep", "op:Conv") == ["a", "b"]
+    assert kept("--keep", "op:LayerNormalization") == ["c", "d"]
+    assert kept("--keep", "kind:norm") == ["c", "d"]
+    assert kept("--keep", "kind:conv") == ["a", "b"]
+    assert kept("--keep", "op:MatMul", "--keep", "op:Conv") == ["a", "b", "norm_looking.w"]
+    r = run("convert", path, "-o", tmp_path / "o.safetensors", "--to", "f16", "--keep", "op:",
+            check=False)
+    assert r.returncode == 2 and "op:Conv" in r.stderr

@@ -148,6 +148,11 @@ fn catalogue(path: &Path, len: u64, mut s: Scanned) -> Result<Catalogue> {
         ir_version: s.ir_version,
         producer: s.producer,
         opsets: s.opsets,
+        classes: s
+            .found
+            .iter()
+            .map(|f| format!("{}{}", crate::rules::ONNX_OPS, f.weight.ops.join(",")))
+            .collect(),
         weights: s.found.into_iter().map(|f| f.weight).collect(),
     }));
     Ok(cat)
